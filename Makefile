@@ -1,0 +1,45 @@
+# tortie: `make demo` and `make test` are all a newcomer needs (as root, on Debian 12).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := etcd-server etcd-client bird2 frr nftables iproute2 iputils-ping \
+	containernetworking-plugins tcpdump procps psmisc
+
+.PHONY: install deps venv test test-fast bench lint demo clean
+
+install: deps venv
+
+# Debian packages: etcd, the top-of-rack routers (BIRD2, FRR), nftables, the reference CNI plugins.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+bench: install
+	@for b in bench/*/run.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+demo: install
+	$(PY) -m tortie.lab.demo
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis

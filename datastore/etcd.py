@@ -1,0 +1,253 @@
+"""The etcd adapter: the one place that imports the etcd client.
+
+Thin and synchronous (gRPC underneath); asyncio callers run it in a thread. Every
+write that can race goes through `transaction()`, guarded by mod_revisions
+(0 means "the key must not exist"), so callers build compare-and-swap on it and
+`update()` wraps the read-modify-write loop with bounded retries.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import etcd3
+import grpc
+from etcd3 import etcdrpc
+from etcd3 import exceptions as etcd_exc
+
+from tortie.errors import Conflict, DatastoreUnavailable, ValidationError
+from tortie.log import get_logger
+
+log = get_logger("datastore")
+
+DEFAULT_PREFIX = "/tortie/"
+_UNAVAILABLE = (
+    etcd_exc.ConnectionFailedError,
+    etcd_exc.ConnectionTimeoutError,
+    etcd_exc.InternalServerError,
+)
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Where etcd is and how to authenticate: endpoints plus optional TLS client cert."""
+
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    timeout: float = 5.0
+    prefix: str = DEFAULT_PREFIX
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> EtcdConfig:
+        """TORTIE_ETCD_ENDPOINTS (comma separated), TORTIE_ETCD_CA/_CERT/_KEY, TORTIE_ETCD_PREFIX."""
+        env = os.environ if env is None else env
+        kw: dict = {}
+        if env.get("TORTIE_ETCD_ENDPOINTS"):
+            kw["endpoints"] = tuple(e.strip() for e in env["TORTIE_ETCD_ENDPOINTS"].split(",") if e.strip())
+        for name in ("ca", "cert", "key"):
+            if env.get(f"TORTIE_ETCD_{name.upper()}"):
+                kw[name] = env[f"TORTIE_ETCD_{name.upper()}"]
+        if env.get("TORTIE_ETCD_PREFIX"):
+            kw["prefix"] = env["TORTIE_ETCD_PREFIX"]
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(kw.get("endpoints"), str):
+            kw["endpoints"] = tuple(e.strip() for e in kw["endpoints"].split(",") if e.strip())
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int = 0
+
+
+@dataclass
+class Txn:
+    """An atomic multi-key write: every guard must hold or nothing is written."""
+
+    guards: list[tuple[str, int]] = field(default_factory=list)  # (key, mod_revision; 0 = absent)
+    puts: list[tuple[str, bytes]] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+
+    def guard(self, key: str, mod_revision: int) -> Txn:
+        self.guards.append((key, mod_revision))
+        return self
+
+    def put(self, key: str, value: bytes) -> Txn:
+        self.puts.append((key, value))
+        return self
+
+    def delete(self, key: str) -> Txn:
+        self.deletes.append(key)
+        return self
+
+
+def _parse_endpoint(url: str) -> tuple[str, int, bool]:
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError(f"bad etcd endpoint {url!r} (want http[s]://host:port)", field="etcd-endpoints")
+    return parts.hostname, parts.port or 2379, parts.scheme == "https"
+
+
+class EtcdClient:
+    """Synchronous etcd v3 access with tortie's error mapping."""
+
+    def __init__(self, config: EtcdConfig) -> None:
+        self.config = config
+        creds = None
+        if config.ca or config.cert or config.key:
+            if not config.ca:
+                raise ValidationError("a client certificate needs the CA too", field="etcd-ca")
+            try:
+                creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(config.ca, config.key, config.cert)
+            except OSError as exc:
+                raise ValidationError(f"cannot read TLS file: {exc}", field="etcd-ca") from exc
+        endpoints = []
+        for url in config.endpoints:
+            host, port, secure = _parse_endpoint(url)
+            if secure and creds is None:
+                creds = grpc.ssl_channel_credentials()
+            endpoints.append(
+                etcd3.Endpoint(host, port, secure=secure, creds=creds if secure else None, time_retry=1.0)
+            )
+        if not endpoints:
+            raise ValidationError("no etcd endpoints given", field="etcd-endpoints")
+        self.raw = etcd3.MultiEndpointEtcd3Client(
+            endpoints=endpoints, timeout=config.timeout, failover=len(endpoints) > 1
+        )
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self) -> EtcdClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- error mapping -------------------------------------------------------------
+
+    def _call(self, fn: Callable, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            raise DatastoreUnavailable(
+                f"etcd unreachable at {','.join(self.config.endpoints)}: {type(exc).__name__}"
+            ) from exc
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise DatastoreUnavailable(
+                    f"etcd unreachable at {','.join(self.config.endpoints)}: {code.name}"
+                ) from exc
+            raise
+
+    # --- reads ----------------------------------------------------------------------
+
+    def get(self, key: str) -> KV | None:
+        value, meta = self._call(self.raw.get, key)
+        if value is None:
+            return None
+        return KV(key, value, meta.mod_revision, meta.create_revision)
+
+    def get_prefix(self, prefix: str) -> tuple[list[KV], int]:
+        """All keys under prefix and the store revision they were read at (for a watch)."""
+        req = etcdrpc.RangeRequest(key=prefix.encode(), range_end=etcd3.utils.prefix_range_end(prefix.encode()))
+        resp = self._call(self.raw.kvstub.Range, req, self.raw.timeout,
+                          credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+        kvs = [KV(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision) for kv in resp.kvs]
+        return kvs, resp.header.revision
+
+    def revision(self) -> int:
+        return self.get_prefix("\0\0nothing")[1]
+
+    # --- writes ---------------------------------------------------------------------
+
+    def put(self, key: str, value: bytes) -> int:
+        resp = self._call(self.raw.put, key, value)
+        return resp.header.revision
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call(self.raw.delete, key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        resp = self._call(self.raw.delete_prefix, prefix)
+        return resp.deleted
+
+    def transaction(self, txn: Txn) -> tuple[bool, int]:
+        """Apply txn atomically; (succeeded, revision after). Failed guards write nothing."""
+        compare = []
+        for key, rev in txn.guards:
+            compare.append(etcdrpc.Compare(
+                result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.MOD,
+                key=key.encode(), mod_revision=rev,
+            ))
+        ops = [etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=k.encode(), value=v)) for k, v in txn.puts]
+        ops += [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=k.encode()))
+                for k in txn.deletes]
+        req = etcdrpc.TxnRequest(compare=compare, success=ops, failure=[])
+        resp = self._call(self.raw.kvstub.Txn, req, self.raw.timeout,
+                          credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+        return resp.succeeded, resp.header.revision
+
+    def cas(self, key: str, mod_revision: int, value: bytes | None) -> tuple[bool, int]:
+        """Put (or delete, value None) key only if its mod_revision is still mod_revision."""
+        txn = Txn().guard(key, mod_revision)
+        if value is None:
+            txn.delete(key)
+        else:
+            txn.put(key, value)
+        return self.transaction(txn)
+
+    def update(
+        self,
+        key: str,
+        fn: Callable[[KV | None], bytes | None],
+        retries: int = 50,
+    ) -> bytes | None:
+        """Read-modify-write under compare-and-swap, retried on conflict.
+
+        fn gets the current KV (or None) and returns the new value, None to delete,
+        or raises to abort (nothing written). Returns what was written.
+        """
+        for attempt in range(retries):
+            cur = self.get(key)
+            new = fn(cur)
+            if cur is None and new is None:
+                return None
+            ok, _ = self.cas(key, cur.mod_revision if cur else 0, new)
+            if ok:
+                return new
+            time.sleep(min(0.001 * (2 ** min(attempt, 6)), 0.05))
+        raise Conflict(f"gave up on {key} after {retries} conflicting writes")
+
+    def lease(self, ttl: int):
+        return self._call(self.raw.lease, ttl)
+
+    def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
+        """Unguarded bulk put in transactions of up to 100 ops (etcd's default limit is 128)."""
+        batch: list[tuple[str, bytes]] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == 100:
+                self.transaction(Txn(puts=batch))
+                batch = []
+        if batch:
+            self.transaction(Txn(puts=batch))
+
+
+def connect(config: EtcdConfig | None = None) -> EtcdClient:
+    return EtcdClient(config or EtcdConfig.from_env())
+
+
+__all__: Sequence[str] = ("KV", "EtcdClient", "EtcdConfig", "Txn", "connect")

@@ -1,0 +1,82 @@
+"""Shared fixtures: one real etcd per test session, a fresh key prefix per test,
+and network namespaces that are always removed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+import pytest
+
+from tortie.datastore.etcd import EtcdClient, EtcdConfig
+from tortie.lab.etcd_server import EtcdServer
+
+RUN_ID = uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def etcd_prefix(request) -> str:
+    """A key prefix of this test's own, so tests share one etcd without seeing each other."""
+    return f"/t-{RUN_ID}-{uuid.uuid4().hex[:8]}/"
+
+
+@pytest.fixture
+def etcd_config(etcd_server, etcd_prefix) -> EtcdConfig:
+    return EtcdConfig(endpoints=(etcd_server.endpoint,), prefix=etcd_prefix)
+
+
+@pytest.fixture
+def etcd(etcd_config):
+    client = EtcdClient(etcd_config)
+    yield client
+    try:
+        client.delete_prefix(etcd_config.prefix)
+    finally:
+        client.close()
+
+
+class Netns:
+    """Creates uniquely named network namespaces and deletes them all at teardown."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def new(self, tag: str = "ns") -> str:
+        name = f"tt-{RUN_ID}-{tag}-{uuid.uuid4().hex[:6]}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        self.names.append(name)
+        return name
+
+    def run(self, name: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", name, *cmd], check=check, capture_output=True, text=True)
+
+    def cleanup(self) -> None:
+        for name in reversed(self.names):
+            subprocess.run(["ip", "netns", "pids", name], capture_output=True)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self.names.clear()
+
+
+@pytest.fixture
+def netns():
+    ns = Netns()
+    try:
+        yield ns
+    finally:
+        ns.cleanup()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root for network namespaces")
+        for item in items:
+            if "netns" in getattr(item, "fixturenames", ()):
+                item.add_marker(skip)

@@ -1,0 +1,36 @@
+from tortie.datastore.etcd import EtcdClient, EtcdConfig, Txn
+from tortie.errors import DatastoreUnavailable
+
+import pytest
+
+
+def test_cas_guards_on_mod_revision(etcd, etcd_prefix):
+    key = etcd_prefix + "k"
+    ok, rev = etcd.cas(key, 0, b"one")
+    assert ok
+    assert not etcd.cas(key, 0, b"two")[0]  # exists now: create-only guard fails
+    cur = etcd.get(key)
+    assert cur.value == b"one" and cur.mod_revision == rev
+    assert etcd.cas(key, rev, b"two")[0]
+    assert not etcd.cas(key, rev, b"three")[0]  # stale revision
+    assert etcd.get(key).value == b"two"
+
+
+def test_transaction_is_all_or_nothing(etcd, etcd_prefix):
+    a, b = etcd_prefix + "a", etcd_prefix + "b"
+    etcd.put(a, b"x")
+    ok, _ = etcd.transaction(Txn().guard(a, 0).put(b, b"y"))
+    assert not ok and etcd.get(b) is None
+
+
+def test_update_retries_and_returns_written(etcd, etcd_prefix):
+    key = etcd_prefix + "counter"
+    for _ in range(5):
+        etcd.update(key, lambda kv: str(int(kv.value) + 1 if kv else 1).encode())
+    assert etcd.get(key).value == b"5"
+
+
+def test_unreachable_etcd_is_a_clear_error():
+    client = EtcdClient(EtcdConfig(endpoints=("http://127.0.0.1:1",), timeout=0.5))
+    with pytest.raises(DatastoreUnavailable, match="etcd unreachable"):
+        client.get("/x")
