@@ -1,7 +1,7 @@
+import pytest
+
 from tortie.datastore.etcd import EtcdClient, EtcdConfig, Txn
 from tortie.errors import DatastoreUnavailable
-
-import pytest
 
 
 def test_cas_guards_on_mod_revision(etcd, etcd_prefix):

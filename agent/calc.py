@@ -1,0 +1,161 @@
+"""The calculation: datastore state in, desired dataplane state out. Pure.
+
+`ClusterState` is what the syncer has seen, parsed into typed views; `desired()`
+turns it (plus the routes BGP learned) into what the managers should hold for this
+node. No I/O here, so every rule of the routing contract is unit tested in isolation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tortie.datastore import resources as res
+from tortie.log import get_logger
+from tortie.routing.model import Route
+
+log = get_logger("calc")
+
+IPAM_AFFINITY = "ipam/affinity/"
+
+
+@dataclass
+class ClusterState:
+    """Everything the agent knows from the datastore, keyed like the datastore."""
+
+    prefix: str = "/tortie/"
+    pools: dict[str, res.IPPool] = field(default_factory=dict)
+    nodes: dict[str, res.Node] = field(default_factory=dict)
+    bgp_peers: dict[str, res.BGPPeer] = field(default_factory=dict)
+    bgp_configs: dict[str, res.BGPConfiguration] = field(default_factory=dict)
+    weps: dict[tuple[str, str], res.WorkloadEndpoint] = field(default_factory=dict)
+    # (node, block cidr) -> confirmed? A pending claim is never routed or exported.
+    affinities: dict[tuple[str, str], bool] = field(default_factory=dict)
+
+    _KINDS = {
+        "ippool": ("pools", res.IPPool),
+        "node": ("nodes", res.Node),
+        "bgppeer": ("bgp_peers", res.BGPPeer),
+        "bgpconfiguration": ("bgp_configs", res.BGPConfiguration),
+    }
+
+    def clear(self) -> None:
+        for name in ("pools", "nodes", "bgp_peers", "bgp_configs", "weps", "affinities"):
+            getattr(self, name).clear()
+
+    def apply(self, key: str, value: bytes | None) -> bool:
+        """Fold one datastore key into the state; True if it matters to the calculation."""
+        if not key.startswith(self.prefix):
+            return False
+        rel = key[len(self.prefix):]
+        try:
+            if rel.startswith("resources/"):
+                return self._apply_resource(rel.split("/")[1:], value)
+            if rel.startswith(IPAM_AFFINITY):
+                node, cidr = rel[len(IPAM_AFFINITY):].split("/", 1)
+                cidr = cidr.replace("-", "/")
+                if value is None:
+                    self.affinities.pop((node, cidr), None)
+                else:
+                    self.affinities[(node, cidr)] = json.loads(value).get("state") == "confirmed"
+                return True
+        except (ValueError, KeyError, TypeError) as exc:
+            # A value the calculation cannot read is skipped, not fatal: one bad
+            # resource must not stop the node's dataplane.
+            log.warning("skipping unreadable datastore value", key=key, error=str(exc))
+        return False
+
+    def _apply_resource(self, parts: list[str], value: bytes | None) -> bool:
+        kind = parts[0]
+        if kind == "workloadendpoint" and len(parts) == 3:
+            k = (parts[1], parts[2])
+            if value is None:
+                self.weps.pop(k, None)
+            else:
+                self.weps[k] = res.WorkloadEndpoint.from_resource(json.loads(value))
+            return True
+        if kind in self._KINDS and len(parts) == 2:
+            attr, typ = self._KINDS[kind]
+            table = getattr(self, attr)
+            if value is None:
+                table.pop(parts[1], None)
+            else:
+                table[parts[1]] = typ.from_resource(json.loads(value))
+            return True
+        return False
+
+    def bgp_config(self, node: str) -> res.BGPConfiguration:
+        """The cluster default overridden by this node's `node.<name>` configuration."""
+        return res.effective_bgp_config(self.bgp_configs.get("default"),
+                                        self.bgp_configs.get(f"node.{node}"))
+
+
+@dataclass(frozen=True)
+class Desired:
+    block_routes: frozenset[Route]
+    workload_routes: frozenset[Route]
+    bgp_routes: frozenset[Route]
+    exports: frozenset[str]
+
+
+def _pool_of(net: ipaddress._BaseNetwork, pools: Mapping[str, res.IPPool]) -> res.IPPool | None:
+    for pool in pools.values():
+        pnet = ipaddress.ip_network(pool.cidr)
+        if pnet.version == net.version and net.subnet_of(pnet):
+            return pool
+    return None
+
+
+def own_blocks(state: ClusterState, node: str) -> list[str]:
+    """This node's confirmed blocks."""
+    return sorted(c for (n, c), confirmed in state.affinities.items() if n == node and confirmed)
+
+
+def desired(
+    state: ClusterState,
+    node: str,
+    learned: Mapping[str, tuple[str, ...]] = (),
+    own_addresses: frozenset[str] = frozenset(),
+) -> Desired:
+    """What this node's managers should hold.
+
+    - blackhole per confirmed block, so traffic to an unused address in it stops here
+      instead of leaking to the default route;
+    - a /32 (/128) link route per local workload address;
+    - exports: confirmed blocks in pools that allow export, plus local addresses that sit
+      in no block of ours (borrowed from another node's block);
+    - routes learned over BGP, except our own blocks coming back to us.
+    """
+    blocks = own_blocks(state, node)
+    block_nets = [ipaddress.ip_network(c) for c in blocks]
+    block_routes = frozenset(Route(dst=c, type="blackhole") for c in blocks)
+
+    workload_routes: set[Route] = set()
+    exports: set[str] = set()
+    for c, net in zip(blocks, block_nets, strict=True):
+        pool = _pool_of(net, state.pools)
+        if pool is not None and not pool.disable_bgp_export:
+            exports.add(c)
+    for wep in state.weps.values():
+        if wep.node != node or not wep.interface_name:
+            continue
+        for cidr in wep.ip_networks:
+            net = ipaddress.ip_network(cidr, strict=False)
+            workload_routes.add(Route(dst=str(net), dev=wep.interface_name, scope="link"))
+            if any(net.version == b.version and net.subnet_of(b) for b in block_nets):
+                continue
+            pool = _pool_of(net, state.pools)
+            if pool is not None and not pool.disable_bgp_export:
+                exports.add(str(net))  # borrowed: the owner's block route is less specific
+
+    own = set(blocks)
+    bgp_routes = set()
+    for prefix, hops in dict(learned).items():
+        hops = tuple(sorted(h for h in hops if h not in own_addresses))
+        if prefix in own or not hops:
+            continue
+        bgp_routes.add(Route(dst=prefix, gateways=hops))
+    return Desired(frozenset(block_routes), frozenset(workload_routes), frozenset(bgp_routes),
+                   frozenset(exports))

@@ -1,0 +1,111 @@
+"""The agent's settings: environment variables (TORTIE_*) or a YAML/JSON file
+(TORTIE_CONFIG_FILE) whose keys are the same names without the prefix, lower case."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+from dataclasses import dataclass, field, replace
+
+from tortie.datastore.etcd import EtcdConfig
+from tortie.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    nodename: str
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    node_ip: str | None = None  # IPv4 interface address with prefix, e.g. 10.99.0.11/24
+    node_ip6: str | None = None
+    as_number: int | None = None
+    cni_socket: str = "/run/tortie/cni.sock"
+    state_dir: str = "/run/tortie"
+    health_host: str = "0.0.0.0"
+    health_port: int = 9099
+    metrics_port: int = 9091
+    resync_interval: float = 90.0  # Felix's route refresh interval
+    bgp_enabled: bool = True
+    log_format: str | None = None
+
+    @property
+    def node_address(self) -> str | None:
+        return self.node_ip.split("/")[0] if self.node_ip else None
+
+
+_INT_FIELDS = {"as_number", "health_port", "metrics_port"}
+_FLOAT_FIELDS = {"resync_interval"}
+_BOOL_FIELDS = {"bgp_enabled"}
+_KEYS = (
+    "nodename", "node_ip", "node_ip6", "as_number", "cni_socket", "state_dir", "health_host",
+    "health_port", "metrics_port", "resync_interval", "bgp_enabled", "log_format",
+)
+
+
+def _coerce(key: str, value: str):
+    try:
+        if key in _INT_FIELDS:
+            return int(value)
+        if key in _FLOAT_FIELDS:
+            return float(value)
+    except ValueError:
+        raise ValidationError(f"not a number: {value!r}", field=key) from None
+    if key in _BOOL_FIELDS:
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValidationError(f"not a boolean: {value!r}", field=key)
+    return value
+
+
+def _autodetect_ipv4() -> str | None:
+    """First global IPv4 address on an interface that is up (Calico's first-found)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        up = {link["index"] for link in ipr.get_links() if link["flags"] & 1}
+        for addr in ipr.get_addr(family=socket.AF_INET):
+            ip = addr.get_attr("IFA_ADDRESS")
+            if addr["index"] in up and not ipaddress.ip_address(ip).is_loopback and addr["scope"] == 0:
+                return f"{ip}/{addr['prefixlen']}"
+    return None
+
+
+def load(env: dict[str, str] | None = None) -> AgentConfig:
+    env = dict(os.environ if env is None else env)
+    values: dict = {}
+    path = env.get("TORTIE_CONFIG_FILE")
+    if path:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as exc:
+            raise ValidationError(f"cannot read config file: {exc}", field="TORTIE_CONFIG_FILE") from exc
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        for k, v in data.items():
+            if k.startswith("etcd_"):
+                env.setdefault("TORTIE_" + k.upper(), str(v))
+            elif k in _KEYS:
+                values[k] = _coerce(k, v) if isinstance(v, str) else v
+            else:
+                raise ValidationError(f"unknown setting {k!r}", field=path)
+    for k in _KEYS:
+        if f"TORTIE_{k.upper()}" in env:
+            values[k] = _coerce(k, env[f"TORTIE_{k.upper()}"])
+    values.setdefault("nodename", socket.gethostname())
+    cfg = AgentConfig(etcd=EtcdConfig.from_env(env), **values)
+    if cfg.node_ip:
+        try:
+            ipaddress.ip_interface(cfg.node_ip)
+        except ValueError:
+            raise ValidationError(f"not an address: {cfg.node_ip!r}", field="TORTIE_NODE_IP") from None
+    elif cfg.bgp_enabled:
+        cfg = replace(cfg, node_ip=_autodetect_ipv4())
+    return cfg

@@ -1,0 +1,100 @@
+"""Health and metrics over HTTP.
+
+Liveness: every component has reported a successful round within its deadline (a wedged
+apply loop fails it). Readiness: additionally, the first full sync has been applied.
+Heartbeats are only recorded after the work succeeded, never before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+from tortie.agent.metrics import Registry
+from tortie.log import get_logger
+
+log = get_logger("health")
+
+
+@dataclass
+class _Component:
+    deadline: float
+    last_ok: float = 0.0
+    last_error: str | None = None
+
+
+class Health:
+    def __init__(self) -> None:
+        self.components: dict[str, _Component] = {}
+        self.ready = False
+
+    def register(self, name: str, deadline: float) -> None:
+        self.components[name] = _Component(deadline=deadline, last_ok=time.monotonic())
+
+    def ok(self, name: str) -> None:
+        c = self.components[name]
+        c.last_ok, c.last_error = time.monotonic(), None
+
+    def failed(self, name: str, error: str) -> None:
+        self.components[name].last_error = error
+
+    def report(self) -> tuple[bool, bool, dict]:
+        now = time.monotonic()
+        detail = {}
+        live = True
+        for name, c in self.components.items():
+            fresh = now - c.last_ok <= c.deadline
+            live &= fresh
+            detail[name] = {"live": fresh, "sinceOk": round(now - c.last_ok, 3), "lastError": c.last_error}
+        return live, live and self.ready, detail
+
+
+async def _serve(host: str, port: int, handler) -> asyncio.AbstractServer:
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
+            status, ctype, body = handler(path)
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(on_conn, host, port, reuse_address=True)
+
+
+async def start_http(health: Health, registry: Registry, host: str, health_port: int,
+                     metrics_port: int) -> list[asyncio.AbstractServer]:
+    def health_handler(path: str):
+        live, ready, detail = health.report()
+        if path == "/liveness":
+            ok = live
+        elif path == "/readiness":
+            ok = ready
+        else:
+            return 404, "text/plain", b"not found\n"
+        body = json.dumps({"ok": ok, "ready": ready, "components": detail}).encode() + b"\n"
+        return (200 if ok else 503), "application/json", body
+
+    def metrics_handler(path: str):
+        if path != "/metrics":
+            return 404, "text/plain", b"not found\n"
+        return 200, "text/plain; version=0.0.4", registry.render().encode()
+
+    servers = [await _serve(host, health_port, health_handler)]
+    if metrics_port != health_port:
+        servers.append(await _serve(host, metrics_port, metrics_handler))
+    else:
+        log.warning("metrics share the health port; /metrics not served")
+    return servers

@@ -1,0 +1,101 @@
+"""The calculation, from datastore keys to desired routes and exports: no kernel, no etcd."""
+
+import json
+
+from tortie.agent.calc import ClusterState, desired
+from tortie.routing.model import Route
+
+P = "/tortie/"
+
+
+def put(state: ClusterState, key: str, obj) -> None:
+    state.apply(P + key, json.dumps(obj).encode())
+
+
+def pool(state, name, cidr, **spec):
+    put(state, f"resources/ippool/{name}", {
+        "apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": name},
+        "spec": {"cidr": cidr, **spec}})
+
+
+def wep(state, ns, name, node, ip, iface):
+    put(state, f"resources/workloadendpoint/{ns}/{name}", {
+        "apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"node": node, "pod": name, "containerID": "c-" + name, "endpoint": "eth0",
+                 "interfaceName": iface, "ipNetworks": [ip], "orchestrator": "k8s"}})
+
+
+def affinity(state, node, cidr, status="confirmed"):
+    put(state, f"ipam/affinity/{node}/{cidr.replace('/', '-')}", {"state": status})
+
+
+def make_state():
+    s = ClusterState(prefix=P)
+    pool(s, "default", "10.65.0.0/16")
+    return s
+
+
+def test_confirmed_blocks_get_blackholes_and_are_exported_pending_ones_not():
+    s = make_state()
+    affinity(s, "n1", "10.65.1.0/26")
+    affinity(s, "n1", "10.65.2.0/26", "pending")
+    affinity(s, "n2", "10.65.3.0/26")
+    d = desired(s, "n1")
+    assert d.block_routes == {Route(dst="10.65.1.0/26", type="blackhole")}
+    assert d.exports == {"10.65.1.0/26"}
+
+
+def test_local_workloads_get_link_routes_and_borrowed_addresses_are_exported():
+    s = make_state()
+    affinity(s, "n1", "10.65.1.0/26")
+    affinity(s, "n2", "10.65.3.0/26")
+    wep(s, "default", "own", "n1", "10.65.1.5/32", "tor1")
+    wep(s, "default", "borrowed", "n1", "10.65.3.9/32", "tor2")
+    wep(s, "default", "remote", "n2", "10.65.3.4/32", "tor3")
+    d = desired(s, "n1")
+    assert d.workload_routes == {
+        Route(dst="10.65.1.5/32", dev="tor1", scope="link"),
+        Route(dst="10.65.3.9/32", dev="tor2", scope="link"),
+    }
+    assert d.exports == {"10.65.1.0/26", "10.65.3.9/32"}
+
+
+def test_pool_with_bgp_export_disabled_is_not_announced():
+    s = ClusterState(prefix=P)
+    pool(s, "quiet", "10.70.0.0/16", disableBGPExport=True)
+    affinity(s, "n1", "10.70.1.0/26")
+    d = desired(s, "n1")
+    assert d.block_routes and not d.exports
+
+
+def test_learned_routes_skip_own_blocks_and_own_next_hops_and_keep_ecmp():
+    s = make_state()
+    affinity(s, "n1", "10.65.1.0/26")
+    learned = {
+        "10.65.1.0/26": ("10.0.0.2",),  # our own block reflected back
+        "10.65.3.0/26": ("10.0.0.3", "10.0.0.2"),  # ECMP
+        "10.65.4.0/26": ("10.0.0.1",),  # next hop is us
+        "10.65.1.7/32": ("10.0.0.3",),  # someone borrowed from our block: /32 beats our blackhole
+    }
+    d = desired(s, "n1", learned, frozenset({"10.0.0.1"}))
+    assert d.bgp_routes == {
+        Route(dst="10.65.3.0/26", gateways=("10.0.0.2", "10.0.0.3")),
+        Route(dst="10.65.1.7/32", gateways=("10.0.0.3",)),
+    }
+
+
+def test_deletions_and_resync_clear_state():
+    s = make_state()
+    affinity(s, "n1", "10.65.1.0/26")
+    s.apply(P + "ipam/affinity/n1/10.65.1.0-26", None)
+    assert not desired(s, "n1").block_routes
+    wep(s, "default", "a", "n1", "10.65.1.5/32", "tor1")
+    s.clear()
+    assert not desired(s, "n1").workload_routes
+
+
+def test_unreadable_values_are_skipped_not_fatal():
+    s = make_state()
+    assert not s.apply(P + "resources/ippool/bad", b"{not json")
+    assert "default" in s.pools
