@@ -1,0 +1,265 @@
+import threading
+
+import pytest
+
+from tortie.datastore import resources as r
+from tortie.datastore.resources import ResourceStore
+from tortie.errors import AlreadyExists, Conflict, NotFound, ValidationError
+
+
+def pool(name="p1", cidr="10.10.0.0/16", **spec):
+    return {"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": name},
+            "spec": {"cidr": cidr, **spec}}
+
+
+def netpol(spec, name="np"):
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": "ns1"}, "spec": spec}
+
+
+# --- validation -----------------------------------------------------------------------
+
+def test_pool_defaults_and_normalization():
+    res = r.validate(pool(cidr="10.10.3.7/16"))
+    assert res["spec"] == {"cidr": "10.10.0.0/16", "blockSize": 26, "natOutgoing": False,
+                           "disabled": False, "disableBGPExport": False, "nodeSelector": "all()"}
+    v6 = r.validate(pool(cidr="fd00:10::/48"))
+    assert v6["spec"]["blockSize"] == 122
+
+
+@pytest.mark.parametrize(
+    ("resource", "field"),
+    [
+        (pool(cidr="10.10.0.0/33"), "spec.cidr"),
+        (pool(cidr=None), "spec.cidr"),
+        (pool(blockSize=33), "spec.blockSize"),
+        (pool(cidr="10.0.0.0/28", blockSize=26), "spec.blockSize"),
+        (pool(blockSize="26"), "spec.blockSize"),
+        (pool(natOutgoing="yes"), "spec.natOutgoing"),
+        (pool(nodeSelector="zone =="), "spec.nodeSelector"),
+        (pool(ipipMode="Always"), "spec.ipipMode"),
+        (pool(blocksize=26), "spec.blocksize"),  # typo: unknown field
+        (pool(egress={"table": 254, "nextHop": "10.0.0.1"}), "spec.egress.table"),
+        (pool(egress={"table": 100, "nextHop": "fd00::1"}), "spec.egress.nextHop"),
+        (pool(egress={"table": 100}), "spec.egress.nextHop"),
+        (pool(name="Bad_Name"), "metadata.name"),
+        ({**pool(), "metadata": {"name": "p", "labels": {"a": "b c"}}}, "metadata.labels[a]"),
+        ({**pool(), "metadata": {"name": "p", "labels": {"a": 1}}}, "metadata.labels[a]"),
+        ({**pool(), "metadata": {"name": "p", "namespace": "x"}}, "metadata.namespace"),
+        ({**pool(), "apiVersion": "projectcalico.org/v3"}, "apiVersion"),
+        ({**pool(), "kind": "ippool"}, "kind"),
+        ({**pool(), "kind": "Gadget"}, "kind"),
+        ({**pool(), "extra": 1}, "extra"),
+        ({"apiVersion": "tortie.io/v1", "kind": "IPAMConfig", "metadata": {"name": "x"}, "spec": {}},
+         "metadata.name"),
+        ({"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "x"},
+          "spec": {"peerIP": "10.0.0.1"}}, "spec.asNumber"),
+        ({"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "x"},
+          "spec": {"peerIP": "10.0.0.1:99999", "asNumber": 1}}, "spec.peerIP"),
+        ({"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "x"},
+          "spec": {"asNumber": 1}}, "spec.peerIP"),
+        ({"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "x"},
+          "spec": {"peerIP": "10.0.0.1", "asNumber": 1, "node": "a", "nodeSelector": "all()"}},
+         "spec.nodeSelector"),
+        ({"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n"},
+          "spec": {"bgp": {"ipv4Address": "fd00::1/64"}}}, "spec.bgp.ipv4Address"),
+        ({"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n"},
+          "spec": {"bgp": {"asNumber": 0}}}, "spec.bgp.asNumber"),
+        ({"apiVersion": "tortie.io/v1", "kind": "BGPConfiguration", "metadata": {"name": "other"},
+          "spec": {}}, "metadata.name"),
+        ({"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint", "metadata": {"name": "w"},
+          "spec": {"ipNetworks": ["10.0.0.1/32"]}}, "spec.node"),
+        ({"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint", "metadata": {"name": "w"},
+          "spec": {"node": "n", "ipNetworks": ["10.0.0.300/32"]}}, "spec.ipNetworks[0]"),
+        ({"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint", "metadata": {"name": "w"},
+          "spec": {"node": "n", "interfaceName": "a-very-long-interface-name"}}, "spec.interfaceName"),
+        (netpol({}), "spec.podSelector"),
+        (netpol({"podSelector": {}, "policyTypes": ["Inbound"]}), "spec.policyTypes"),
+        (netpol({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Is"}]}}),
+         "spec.podSelector.matchExpressions[0].operator"),
+        (netpol({"podSelector": {}, "ingress": [{"from": [{}]}]}), "spec.ingress[0].from[0]"),
+        (netpol({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"},
+                                                            "podSelector": {}}]}]}),
+         "spec.ingress[0].from[0].ipBlock"),
+        (netpol({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8",
+                                                                     "except": ["11.0.0.0/16"]}}]}]}),
+         "spec.egress[0].to[0].ipBlock.except[0]"),
+        (netpol({"podSelector": {}, "ingress": [{"ports": [{"port": 70000}]}]}), "spec.ingress[0].ports[0].port"),
+        (netpol({"podSelector": {}, "ingress": [{"ports": [{"port": "http", "endPort": 90}]}]}),
+         "spec.ingress[0].ports[0].endPort"),
+        (netpol({"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP"}]}]}),
+         "spec.ingress[0].ports[0].protocol"),
+    ],
+)
+def test_validation_names_the_field(resource, field):
+    with pytest.raises(ValidationError) as err:
+        r.validate(resource)
+    assert err.value.field == field, str(err.value)
+    assert str(err.value).startswith(field)
+
+
+def test_kubernetes_kinds_are_accepted_as_written():
+    res = r.validate(netpol({
+        "podSelector": {"matchLabels": {"app": "db"}},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "a"}},
+                               "podSelector": {}}],
+                     "ports": [{"port": 5432}, {"port": "metrics", "protocol": "UDP"}]}],
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]}],
+    }))
+    assert res["spec"]["policyTypes"] == ["Ingress", "Egress"]  # the API server's defaulting
+    assert res["spec"]["ingress"][0]["ports"][0] == {"port": 5432, "protocol": "TCP"}
+    ns = r.validate({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": "team-a", "labels": {"team": "a"},
+                                  "managedFields": [{"manager": "kubectl"}]},
+                     "status": {"phase": "Active"}})
+    assert ns["metadata"] == {"name": "team-a", "labels": {"team": "a"}}
+    assert netpol({"podSelector": {}})["metadata"]["namespace"] == "ns1"
+
+
+def test_kind_aliases():
+    for alias in ("IPPool", "ippools", "pool", "POOLS"):
+        assert r.kind_for(alias).name == "IPPool"
+    assert r.kind_for("netpol").name == "NetworkPolicy"
+    assert r.kind_for("wep").namespaced
+
+
+# --- views ----------------------------------------------------------------------------
+
+def test_views():
+    p = r.IPPool.from_resource(pool(egress={"table": 100, "nextHop": "192.168.5.1"},
+                                    nodeSelector="rack == 'a'"))
+    assert p.block_size == 26 and p.version == 4 and p.egress == r.Egress(100, "192.168.5.1")
+    assert p.selects({"rack": "a"}) and not p.selects({"rack": "b"})
+    node = r.Node.from_resource({"apiVersion": "tortie.io/v1", "kind": "Node",
+                                 "metadata": {"name": "n1", "labels": {"rack": "a"}},
+                                 "spec": {"bgp": {"ipv4Address": "10.0.0.1/24", "asNumber": "1.10"}}})
+    assert node.ipv4 == "10.0.0.1" and node.as_number == 65546 and node.ipv6 is None
+    peer = r.BGPPeer.from_resource({"apiVersion": "tortie.io/v1", "kind": "BGPPeer",
+                                    "metadata": {"name": "tor"},
+                                    "spec": {"peerIP": "[fd00::1]:1179", "asNumber": 65000,
+                                             "nodeSelector": "rack == 'a'"}})
+    assert (peer.peer_ip, peer.port) == ("fd00::1", 1179)
+    assert peer.applies_to(node)
+    assert not peer.applies_to(r.Node(name="n2", labels={"rack": "b"}, resource_version=0))
+    mesh = r.BGPPeer.from_resource({"apiVersion": "tortie.io/v1", "kind": "BGPPeer",
+                                    "metadata": {"name": "rr"},
+                                    "spec": {"peerSelector": "has(rr)"}})
+    rr = r.Node(name="rr1", labels={"rr": ""}, resource_version=0)
+    assert mesh.applies_to(node) and mesh.peer_nodes([node, rr]) == [rr]
+    with pytest.raises(ValidationError, match="expected a Node"):
+        r.Node.from_resource(pool())
+
+
+def test_effective_bgp_config_layers():
+    default = r.BGPConfiguration.from_resource({
+        "apiVersion": "tortie.io/v1", "kind": "BGPConfiguration", "metadata": {"name": "default"},
+        "spec": {"asNumber": 65001, "nodeToNodeMeshEnabled": False}})
+    node = r.BGPConfiguration.from_resource({
+        "apiVersion": "tortie.io/v1", "kind": "BGPConfiguration", "metadata": {"name": "node.n1"},
+        "spec": {"listenPort": 1179}})
+    eff = r.effective_bgp_config(default, node)
+    assert (eff.as_number, eff.node_to_node_mesh, eff.listen_port) == (65001, False, 1179)
+    assert r.effective_bgp_config(None).as_number == r.DEFAULT_AS
+
+
+def test_keys():
+    assert r.key_for(r.kind_for("IPPool"), "p1") == "resources/ippool/p1"
+    assert r.key_for(r.kind_for("NetworkPolicy"), "np", "ns1") == "resources/networkpolicy/ns1/np"
+    kind, ns, name = r.parse_key("resources/workloadendpoint/ns1/w1")
+    assert (kind.name, ns, name) == ("WorkloadEndpoint", "ns1", "w1")
+    assert r.parse_key("resources/ippool/a/b") is None
+    assert r.parse_key("ipam/blocks/10.0.0.0-26") is None
+
+
+# --- the store against real etcd -------------------------------------------------------
+
+@pytest.fixture
+def store(etcd):
+    return ResourceStore(etcd)
+
+
+def test_crud_round_trip(store, etcd, etcd_prefix):
+    created = store.create(pool())
+    rv = created["metadata"]["resourceVersion"]
+    assert created["metadata"]["uid"] and created["metadata"]["creationTimestamp"]
+    raw = etcd.get(etcd_prefix + "resources/ippool/p1")
+    assert raw.mod_revision == int(rv) and b"resourceVersion" not in raw.value
+    assert store.get("ippool", "p1") == created
+    with pytest.raises(AlreadyExists):
+        store.create(pool())
+    updated = store.apply(pool(natOutgoing=True))
+    assert updated["spec"]["natOutgoing"] and updated["metadata"]["uid"] == created["metadata"]["uid"]
+    assert int(updated["metadata"]["resourceVersion"]) > int(rv)
+    assert [p["metadata"]["name"] for p in store.list("pools")] == ["p1"]
+    assert store.views("ippool")[0].nat_outgoing
+    assert store.delete("ippool", "p1")["spec"]["natOutgoing"]
+    with pytest.raises(NotFound):
+        store.get("ippool", "p1")
+    with pytest.raises(NotFound):
+        store.delete("ippool", "p1")
+    with pytest.raises(NotFound):
+        store.replace(pool())
+
+
+def test_resource_version_guards_writes(store):
+    first = store.create(pool())
+    store.apply(pool(disabled=True))
+    stale = {**pool(natOutgoing=True), "metadata": dict(first["metadata"])}
+    with pytest.raises(Conflict, match="changed"):
+        store.apply(stale)
+    with pytest.raises(Conflict):
+        store.delete("ippool", "p1", resource_version=first["metadata"]["resourceVersion"])
+    fresh = store.get("ippool", "p1")
+    assert store.replace({**pool(natOutgoing=True), "metadata": fresh["metadata"]})["spec"]["natOutgoing"]
+
+
+def test_namespaced_list(store):
+    for ns, name in (("a", "x"), ("b", "x"), ("a", "y")):
+        store.create({**netpol({"podSelector": {}}, name), "metadata": {"name": name, "namespace": ns}})
+    assert [(p["metadata"]["namespace"], p["metadata"]["name"]) for p in store.list("netpol")] == [
+        ("a", "x"), ("a", "y"), ("b", "x")]
+    assert len(store.list("netpol", namespace="b")) == 1
+    assert store.get("netpol", "x", "b")["metadata"]["namespace"] == "b"
+    with pytest.raises(NotFound, match="namespace c"):
+        store.get("netpol", "x", "c")
+
+
+def test_pools_may_not_overlap_and_keep_their_shape(store):
+    store.create(pool("a", "10.10.0.0/16"))
+    with pytest.raises(ValidationError, match="overlaps IPPool 'a'") as err:
+        store.create(pool("b", "10.10.128.0/17"))
+    assert err.value.field == "spec.cidr"
+    store.create(pool("c", "fd00::/48"))  # other family: no overlap
+    with pytest.raises(ValidationError) as err:
+        store.apply(pool("a", "10.10.0.0/16", blockSize=28))
+    assert err.value.field == "spec.blockSize"
+    store.delete("ippool", "a")
+    store.create(pool("b", "10.10.128.0/17"))
+
+
+def test_concurrent_overlapping_pool_creates_admit_exactly_one(etcd_config):
+    # Each thread has its own client, so the serial key is what stops the race.
+    from tortie.datastore.etcd import EtcdClient
+    results: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def create(i: int) -> None:
+        with EtcdClient(etcd_config) as client:
+            barrier.wait()
+            try:
+                ResourceStore(client).create(pool(f"p{i}", f"10.20.{i}.0/24" if i % 2 else "10.20.0.0/16"))
+                results.append(f"p{i}")
+            except (ValidationError, Conflict):
+                pass
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with EtcdClient(etcd_config) as client:
+        pools = ResourceStore(client).views("ippool")
+        client.delete_prefix(etcd_config.prefix)
+    nets = [p.network for p in pools]
+    assert all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1:]), nets
+    assert sorted(p.name for p in pools) == sorted(results) and results
