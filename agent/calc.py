@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from tortie.datastore import resources as res
 from tortie.log import get_logger
-from tortie.routing.model import Route
+from tortie.routing.model import MAIN_TABLE, Route, Rule
 
 log = get_logger("calc")
 
@@ -92,12 +92,20 @@ class ClusterState:
                                         self.bgp_configs.get(f"node.{node}"))
 
 
+# Policy routing priorities (inside the range the rule manager owns). Pool destinations
+# come first so pod-to-pod traffic keeps the cluster routes; then per-pool egress.
+PRIO_TO_POOLS = 100
+PRIO_EGRESS = 110
+
+
 @dataclass(frozen=True)
 class Desired:
     block_routes: frozenset[Route]
     workload_routes: frozenset[Route]
     bgp_routes: frozenset[Route]
     exports: frozenset[str]
+    rules: frozenset[Rule] = frozenset()
+    egress_routes: frozenset[Route] = frozenset()
 
 
 def _pool_of(net: ipaddress._BaseNetwork, pools: Mapping[str, res.IPPool]) -> res.IPPool | None:
@@ -157,5 +165,33 @@ def desired(
         if prefix in own or not hops:
             continue
         bgp_routes.add(Route(dst=prefix, gateways=hops))
+    rules, egress_routes = policy_routing(state)
     return Desired(frozenset(block_routes), frozenset(workload_routes), frozenset(bgp_routes),
-                   frozenset(exports))
+                   frozenset(exports), rules, egress_routes)
+
+
+def policy_routing(state: ClusterState) -> tuple[frozenset[Rule], frozenset[Route]]:
+    """Per-pool egress: `from <pool> lookup <table>`, the table's default via the pool's next hop.
+
+    Only while some pool has egress routing; then every pool's range is first sent to the
+    main table, so traffic between pods (any pool) never takes an egress uplink.
+    """
+    egress_pools = sorted((p for p in state.pools.values() if p.egress), key=lambda p: p.name)
+    if not egress_pools:
+        return frozenset(), frozenset()
+    rules = {Rule(priority=PRIO_TO_POOLS, dst=p.cidr, table=MAIN_TABLE) for p in state.pools.values()}
+    routes: dict[tuple[int, int], Route] = {}
+    for p in egress_pools:
+        rules.add(Rule(priority=PRIO_EGRESS, src=p.cidr, table=p.egress.table))
+        version = ipaddress.ip_network(p.cidr).version
+        if ipaddress.ip_address(p.egress.next_hop).version != version:
+            log.warning("egress next hop of another family; skipped", pool=p.name)
+            continue
+        key = (p.egress.table, version)
+        if key in routes and routes[key].gateways != (p.egress.next_hop,):
+            log.warning("pools share an egress table with different next hops; first one wins",
+                        pool=p.name, table=p.egress.table)
+            continue
+        routes[key] = Route(dst="0.0.0.0/0" if version == 4 else "::/0", table=p.egress.table,
+                            gateways=(p.egress.next_hop,))
+    return frozenset(rules), frozenset(routes.values())

@@ -40,7 +40,9 @@ class Agent:
         from tortie.agent.cni_server import CNIServer
         from tortie.datastore.ipam import IPAM
         from tortie.datastore.resources import ResourceStore
+        from tortie.policy.nat_mgr import NatManager
         from tortie.routing.route_mgr import RouteManager
+        from tortie.routing.rule_mgr import RuleManager
 
         self.cfg = cfg
         self.node = cfg.nodename
@@ -49,6 +51,8 @@ class Agent:
         self.ipam = IPAM(self.client)
         self.state = ClusterState(prefix=cfg.etcd.prefix)
         self.routes = RouteManager()
+        self.rules = RuleManager()
+        self.nat = NatManager()
         self.learned: dict[str, tuple[str, ...]] = {}
         self.in_sync = False
         self.dirty = asyncio.Event()
@@ -134,7 +138,18 @@ class Agent:
         self.routes.set_routes("blocks", want.block_routes)
         self.routes.set_routes("workloads", want.workload_routes)
         self.routes.set_routes("bgp", want.bgp_routes)
+        self.routes.set_routes("egress", want.egress_routes)
         self.routes.apply()
+        # Rules after routes: a rule must never point at an egress table not yet filled.
+        self.rules.set_rules("egress", want.rules)
+        self.rules.apply()
+        pools = self.state.pools.values()
+        self.nat.on_update(
+            nat_pools=[p.cidr for p in pools if p.nat_outgoing],
+            all_pools=[p.cidr for p in pools],
+            node_addresses=[ip for n in self.state.nodes.values() for ip in (n.ipv4, n.ipv6) if ip],
+        )
+        self.nat.apply()
         for cls, n in (("blocks", len(want.block_routes)), ("workloads", len(want.workload_routes)),
                        ("bgp", len(want.bgp_routes))):
             self.m_routes.set(n, **{"class": cls})
@@ -218,6 +233,7 @@ class Agent:
             asyncio.create_task(self._timers(), name="resync-timer"),
             asyncio.create_task(self._publish_status(), name="bgp-status"),
         ]
+        self._watch_nftables()
         monitor = getattr(self.routes, "run_monitor", None)
         if monitor is not None:
             self._tasks.append(asyncio.create_task(monitor(self.mark_dirty), name="netlink-monitor"))
@@ -230,6 +246,24 @@ class Agent:
         await self.shutdown()
         if stop not in done:
             raise errors.TortieError("a component of the agent died; see the log")
+
+    def _watch_nftables(self) -> None:
+        """Any nftables change in this namespace: compare our table with what we wrote."""
+        from tortie.policy.nftables import open_monitor_socket
+
+        sock = open_monitor_socket()
+        self._nft_sock = sock
+
+        def readable() -> None:
+            try:
+                while sock.recv(65536):
+                    pass
+            except BlockingIOError:
+                pass
+            if self.nat.check():
+                self.mark_dirty()
+
+        asyncio.get_running_loop().add_reader(sock.fileno(), readable)
 
     async def shutdown(self) -> None:
         """Stop serving; leave the kernel as it is so pods keep working (the next agent adopts it)."""

@@ -99,3 +99,24 @@ def test_unreadable_values_are_skipped_not_fatal():
     s = make_state()
     assert not s.apply(P + "resources/ippool/bad", b"{not json")
     assert "default" in s.pools
+
+
+def test_policy_routing_only_while_a_pool_has_egress():
+    from tortie.agent.calc import PRIO_EGRESS, PRIO_TO_POOLS
+    from tortie.routing.model import Rule
+
+    s = make_state()
+    pool(s, "b", "10.66.0.0/16")
+    assert not desired(s, "n1").rules
+    pool(s, "a", "10.67.0.0/16", egress={"table": 101, "nextHop": "192.0.2.1"})
+    d = desired(s, "n1")
+    assert d.rules == {
+        Rule(priority=PRIO_TO_POOLS, dst="10.65.0.0/16", table=254),
+        Rule(priority=PRIO_TO_POOLS, dst="10.66.0.0/16", table=254),
+        Rule(priority=PRIO_TO_POOLS, dst="10.67.0.0/16", table=254),
+        Rule(priority=PRIO_EGRESS, src="10.67.0.0/16", table=101),
+    }
+    assert d.egress_routes == {Route(dst="0.0.0.0/0", table=101, gateways=("192.0.2.1",))}
+    pool(s, "a", "10.67.0.0/16")  # egress removed
+    d = desired(s, "n1")
+    assert not d.rules and not d.egress_routes
