@@ -1,8 +1,8 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tortie.datastore import selector as sel
 
+from tortie.datastore import selector as sel
 from tortie.errors import ValidationError
 
 LABELS = {"role": "web", "tier": "front-end", "example.com/zone": "z1"}
