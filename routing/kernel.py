@@ -1,0 +1,236 @@
+"""The narrow kernel interface the managers reconcile against, its netlink implementation,
+and an in-memory fake for unit tests of the reconcile logic.
+
+The interface is deliberately small: read our routes, read rules, write batches of
+operations, resolve link names. Everything about *what* to write lives in the managers.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tortie.log import get_logger
+
+from . import netlink as nl
+from .model import AF_INET, AF_INET6, Route, Rule
+
+log = get_logger("routes")
+
+# Route operations: "add" fails with EEXIST if any route (ours or not) holds the key, so
+# a foreign route is never overwritten; "replace" is used only for keys we hold.
+ADD, REPLACE, DELETE = "add", "replace", "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteError:
+    op: str
+    item: Route | Rule | bytes
+    errno: int
+    message: str = ""
+
+    def __str__(self) -> str:
+        extra = f" ({self.message})" if self.message else ""
+        return f"{self.op} {self.item}: {nl.errno_name(self.errno)}{extra}"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelRule:
+    """A rule as read from the kernel: ``rule`` is None when it has selectors tortie does
+    not model; ``raw`` is its message body, enough to delete it exactly."""
+
+    rule: Rule | None
+    raw: bytes
+    priority: int
+
+
+class Kernel(Protocol):
+    def links(self, refresh: bool = False) -> Mapping[str, int]: ...
+    def dump_routes(self, proto: int) -> list[Route]: ...
+    def write_routes(self, ops: Sequence[tuple[str, Route]], proto: int) -> list[WriteError]: ...
+    def dump_rules(self) -> list[KernelRule]: ...
+    def write_rules(self, adds: Sequence[Rule], deletes: Sequence[KernelRule],
+                    proto: int) -> list[WriteError]: ...
+    def note_link(self, index: int, name: str | None, present: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+class NetlinkKernel:
+    """The real kernel of one network namespace (the current one when ``netns`` is None)."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self.sock = nl.NetlinkSocket(netns)
+        self._index: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self.refresh_links()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    # -- links ----------------------------------------------------------------------------
+    def refresh_links(self) -> None:
+        index: dict[str, int] = {}
+        for buf in self.sock.dump(nl.RTM_GETLINK, nl.link_request()):
+            for off, length, mtype in nl.iter_messages(buf):
+                if mtype == nl.RTM_NEWLINK:
+                    i, name = nl.parse_link(buf, off, length)
+                    if name:
+                        index[name] = i
+        self._index = index
+        self._names = {i: n for n, i in index.items()}
+
+    def links(self, refresh: bool = False) -> Mapping[str, int]:
+        if refresh:
+            self.refresh_links()
+        return self._index
+
+    def note_link(self, index: int, name: str | None, present: bool) -> None:
+        """Keep the name cache current from the monitor's link notifications."""
+        old = self._names.pop(index, None)
+        if old is not None:
+            self._index.pop(old, None)
+        if present and name:
+            self._index[name] = index
+            self._names[index] = name
+
+    # -- routes ---------------------------------------------------------------------------
+    def dump_routes(self, proto: int) -> list[Route]:
+        self.refresh_links()
+        out: list[tuple[int, int, Route]] = []
+        for fam in (AF_INET, AF_INET6):
+            for buf in self.sock.dump(nl.RTM_GETROUTE, nl.route_request(fam, proto)):
+                nl.parse_routes(buf, self._names, proto, out)
+        return [r for _t, _p, r in out]
+
+    def write_routes(self, ops: Sequence[tuple[str, Route]], proto: int) -> list[WriteError]:
+        index = self._index
+        flags = {ADD: nl.NLM_F_CREATE | nl.NLM_F_EXCL, REPLACE: nl.NLM_F_CREATE | nl.NLM_F_REPLACE,
+                 DELETE: 0}
+        mtypes = {ADD: nl.RTM_NEWROUTE, REPLACE: nl.RTM_NEWROUTE, DELETE: nl.RTM_DELROUTE}
+        first = self.sock.next_seq(len(ops))
+        msgs = []
+        errors: list[WriteError] = []
+        encode = nl.encode_route
+        for i, (op, r) in enumerate(ops):
+            oif = 0
+            if r.dev and op != DELETE:
+                oif = index.get(r.dev, 0)
+                if not oif:
+                    errors.append(WriteError(op, r, errno.ENODEV, f"no device {r.dev}"))
+                    continue
+            msgs.append((first + i, encode(mtypes[op], flags[op], first + i, r, proto, oif)))
+        for seq, (err, msg) in self.sock.transact(msgs).items():
+            op, r = ops[seq - first]
+            errors.append(WriteError(op, r, err, msg))
+        return errors
+
+    # -- rules ----------------------------------------------------------------------------
+    def dump_rules(self) -> list[KernelRule]:
+        out: list[tuple[int, Rule | None, bytes]] = []
+        for fam in (AF_INET, AF_INET6):
+            for buf in self.sock.dump(nl.RTM_GETRULE, nl.rule_request(fam)):
+                nl.parse_rules(buf, out)
+        return [KernelRule(rule, raw, nl.rule_priority(raw)) for _t, rule, raw in out]
+
+    def write_rules(self, adds: Sequence[Rule], deletes: Sequence[KernelRule],
+                    proto: int) -> list[WriteError]:
+        items: list[tuple[str, Rule | bytes]] = [(DELETE, k.raw) for k in deletes]
+        items += [(ADD, r) for r in adds]
+        first = self.sock.next_seq(len(items))
+        msgs = []
+        for i, (op, item) in enumerate(items):
+            seq = first + i
+            if op == DELETE:
+                body = item  # the kernel's own description of the rule: deletes exactly it
+                msgs.append((seq, nl._HDR.pack(16 + len(body), nl.RTM_DELRULE, nl.NLM_F_REQUEST,
+                                               seq, 0) + body))
+            else:
+                msgs.append((seq, nl.encode_rule(nl.RTM_NEWRULE, nl.NLM_F_CREATE | nl.NLM_F_EXCL,
+                                                 seq, item, proto)))
+        return [WriteError(items[s - first][0], items[s - first][1], e, m)
+                for s, (e, m) in self.sock.transact(msgs).items()]
+
+
+class FakeKernel:
+    """An in-memory kernel with the same interface, for unit tests of the managers.
+
+    It keeps one route per (family, table, dst) like the managers' key, tracks foreign
+    routes (other protocols) separately, and counts writes so tests can assert "no
+    writes". ``fail`` maps a route key to an errno to inject failures.
+    """
+
+    def __init__(self, links: Iterable[str] = ()) -> None:
+        self._links = {name: i + 2 for i, name in enumerate(links)}
+        self.routes: dict[tuple, Route] = {}  # ours
+        self.foreign: dict[tuple, Route] = {}
+        self.rules: list[KernelRule] = []
+        self.fail: dict[tuple, int] = {}
+        self.writes = 0
+        self.dumps = 0
+
+    def add_link(self, name: str) -> None:
+        self._links[name] = max(self._links.values(), default=1) + 1
+
+    def del_link(self, name: str) -> None:
+        self._links.pop(name, None)
+        for k in [k for k, r in self.routes.items() if r.dev == name]:
+            del self.routes[k]
+
+    def links(self, refresh: bool = False) -> Mapping[str, int]:
+        return self._links
+
+    def note_link(self, index: int, name: str | None, present: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def dump_routes(self, proto: int) -> list[Route]:
+        self.dumps += 1
+        return list(self.routes.values())
+
+    def write_routes(self, ops: Sequence[tuple[str, Route]], proto: int) -> list[WriteError]:
+        errors = []
+        for op, r in ops:
+            self.writes += 1
+            k = r.key
+            err = self.fail.get(k)
+            if err is None:
+                if op == ADD and (k in self.routes or k in self.foreign):
+                    err = errno.EEXIST
+                elif op != DELETE and r.dev and r.dev not in self._links:
+                    err = errno.ENODEV
+                elif op == DELETE and k not in self.routes:
+                    err = errno.ESRCH
+            if err:
+                errors.append(WriteError(op, r, err))
+            elif op == DELETE:
+                del self.routes[k]
+            else:
+                self.routes[k] = r
+        return errors
+
+    def dump_rules(self) -> list[KernelRule]:
+        self.dumps += 1
+        return list(self.rules)
+
+    def write_rules(self, adds: Sequence[Rule], deletes: Sequence[KernelRule],
+                    proto: int) -> list[WriteError]:
+        errors = []
+        for k in deletes:
+            self.writes += 1
+            if k in self.rules:
+                self.rules.remove(k)
+            else:
+                errors.append(WriteError(DELETE, k.raw, errno.ENOENT))
+        for r in adds:
+            self.writes += 1
+            if any(k.rule == r for k in self.rules):
+                errors.append(WriteError(ADD, r, errno.EEXIST))
+            else:
+                self.rules.append(KernelRule(r, repr(r).encode(), r.priority))
+        return errors
+

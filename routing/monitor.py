@@ -1,0 +1,112 @@
+"""Netlink notifications to the managers: drift repair without polling.
+
+One non-blocking socket joined to the link, IPv4/IPv6 route and IPv4/IPv6 rule groups.
+The agent's event loop watches its fd (``attach(loop, on_change)`` or ``await run(...)``);
+each readable event drains the socket, feeds every message to the managers, and calls
+``on_change()`` when one of them became dirty, so the agent schedules an apply.
+
+A route deleted or changed by hand marks its key dirty and the next apply puts it back;
+the echo of our own writes finds nothing to do. If the kernel drops notifications
+(ENOBUFS: the socket buffer overflowed) the managers are told to resync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from tortie.log import get_logger
+
+from . import netlink as nl
+from .kernel import NetlinkKernel
+
+log = get_logger("routes")
+
+GROUPS = (nl.RTNLGRP_LINK, nl.RTNLGRP_IPV4_ROUTE, nl.RTNLGRP_IPV6_ROUTE,
+          nl.RTNLGRP_IPV4_RULE, nl.RTNLGRP_IPV6_RULE)
+_IFF_UP = 0x1
+
+
+class Monitor:
+    def __init__(self, netns: str | None = None, *, route_mgr=None, rule_mgr=None) -> None:
+        self.route_mgr = route_mgr
+        self.rule_mgr = rule_mgr
+        self.sock = nl.NetlinkSocket(netns, groups=GROUPS)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.events = 0  # messages seen (for tests and metrics)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.detach()
+        self.sock.close()
+
+    def _dirty(self) -> bool:
+        return any(m is not None and m.dirty for m in (self.route_mgr, self.rule_mgr))
+
+    def process(self) -> bool:
+        """Drain and dispatch everything queued; True if a manager is dirty afterwards."""
+        try:
+            bufs = self.sock.recv_nowait()
+        except OverflowError:
+            log.warning("netlink notifications lost, resyncing")
+            for m in (self.route_mgr, self.rule_mgr):
+                if m is not None:
+                    m.request_resync()
+            return True
+        for buf in bufs:
+            self._dispatch(buf)
+        return self._dirty()
+
+    def _dispatch(self, buf: bytes) -> None:
+        rm, rl = self.route_mgr, self.rule_mgr
+        kernel = getattr(rm, "kernel", None)
+        for off, length, mtype in nl.iter_messages(buf):
+            self.events += 1
+            if mtype in (nl.RTM_NEWROUTE, nl.RTM_DELROUTE):
+                if rm is None:
+                    continue
+                out: list = []
+                names = kernel._names if isinstance(kernel, NetlinkKernel) else {}
+                nl.parse_routes(buf[off:off + length], names, None, out)
+                for t, proto, route in out:
+                    rm.on_route_event(t == nl.RTM_DELROUTE, proto, route)
+            elif mtype in (nl.RTM_NEWLINK, nl.RTM_DELLINK):
+                index, name = nl.parse_link(buf, off, length)
+                flags = nl._U32.unpack_from(buf, off + 24)[0]
+                present = mtype == nl.RTM_NEWLINK
+                if kernel is not None:
+                    kernel.note_link(index, name, present)
+                if rm is not None and name:
+                    rm.on_link_event(name, present, bool(flags & _IFF_UP))
+            elif mtype in (nl.RTM_NEWRULE, nl.RTM_DELRULE) and rl is not None:
+                out = []
+                nl.parse_rules(buf[off:off + length], out)
+                for t, rule, raw in out:
+                    rl.on_rule_event(t == nl.RTM_DELRULE, rule, nl.rule_priority(raw))
+
+    # -- asyncio --------------------------------------------------------------------------
+    def attach(self, loop: asyncio.AbstractEventLoop, on_change: Callable[[], object]) -> None:
+        """Watch the socket on ``loop``; call ``on_change()`` when a manager became dirty."""
+        def readable() -> None:
+            try:
+                if self.process():
+                    on_change()
+            except Exception:  # one bad message must not kill the agent's loop
+                log.exception("netlink monitor")
+        self._loop = loop
+        loop.add_reader(self.fileno(), readable)
+
+    def detach(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.fileno())
+            self._loop = None
+
+    async def run(self, on_change: Callable[[], object]) -> None:
+        """attach() to the running loop and wait until cancelled."""
+        self.attach(asyncio.get_running_loop(), on_change)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.detach()
