@@ -115,6 +115,16 @@ class Fields:
             self.obj = {**self.obj, name: int(value)}
         return self.int(name, 1, 0xFFFFFFFF, required=required, default=default)
 
+    def seconds(self, name: str, lo: int, hi: int) -> int | None:
+        """A duration: seconds as an integer, or Go-style "90s", "1m30s", "1h"; stored in seconds."""
+        value = self.raw(name)
+        if isinstance(value, str):
+            m = _DURATION.fullmatch(value)
+            if not m or not value:
+                raise ValidationError(f"{value!r} is not a duration like 90s or 1m30s", field=self.at(name))
+            self.obj = {**self.obj, name: sum(int(n or 0) * k for n, k in zip(m.groups(), (3600, 60, 1), strict=True))}
+        return self.int(name, lo, hi)
+
     def cidr(self, name: str, *, required: bool = False, strict_host: bool = False) -> IPNetwork | None:
         value = self.str(name, required=required)
         if value is None:
@@ -191,6 +201,9 @@ def _ip_interface(value: Any, field: str, version: int) -> str:
         raise ValidationError(f"{value!r} is not an IPv{version} address", field=field)
     return str(iface)
 
+
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_COMMUNITY = re.compile(r"\d{1,10}:\d{1,10}(:\d{1,10})?")  # standard a:b or large a:b:c
 
 # --- metadata ----------------------------------------------------------------------
 
@@ -346,7 +359,10 @@ def _bgp_peer_spec(f: Fields, meta: dict) -> None:
     f.selector("peerSelector")
     f.bool("keepOriginalNextHop")
     f.bool("passive")
-    f.int("holdTime", 3, 65535)
+    f.seconds("holdTime", 3, 65535)
+    f.seconds("keepAliveTime", 1, 21845)
+    f.str("password", max_len=80)  # TCP MD5 (RFC 2385) key
+    f.list("acceptPrefixes", lambda v, where: str(parse_cidr(_string(v, where), where)))
     if f.raw("node") and f.raw("nodeSelector"):
         raise ValidationError("give node or nodeSelector, not both", field="spec.nodeSelector")
     if (peer_ip is None) == (f.raw("peerSelector") is None):
@@ -371,6 +387,13 @@ def _bgp_config_spec(f: Fields, meta: dict) -> None:
 
     for name in ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs"):
         f.list(name, cidr_item)
+
+    def community(v: Any, where: str) -> str:
+        if not isinstance(v, str) or not _COMMUNITY.fullmatch(v):
+            raise ValidationError(f"{v!r} is not a community (a:b) or large community (a:b:c)", field=where)
+        return v
+
+    f.list("communities", community)  # attached to every prefix this node exports
 
 
 def _wep_spec(f: Fields, meta: dict) -> None:
@@ -676,7 +699,10 @@ class BGPPeer(View):
     peer_selector: str | None = None
     keep_original_next_hop: bool = False
     passive: bool = False
-    hold_time: int | None = None
+    hold_time: int | None = None  # seconds
+    keepalive_time: int | None = None
+    password: str | None = None
+    accept_prefixes: tuple[str, ...] = ()  # what may be imported from an external peer
 
     @staticmethod
     def _spec(meta: dict, spec: dict) -> dict:
@@ -684,7 +710,9 @@ class BGPPeer(View):
         return dict(peer_ip=ip, port=port, as_number=spec.get("asNumber"), node=spec.get("node"),
                     node_selector=spec.get("nodeSelector"), peer_selector=spec.get("peerSelector"),
                     keep_original_next_hop=spec.get("keepOriginalNextHop", False),
-                    passive=spec.get("passive", False), hold_time=spec.get("holdTime"))
+                    passive=spec.get("passive", False), hold_time=spec.get("holdTime"),
+                    keepalive_time=spec.get("keepAliveTime"), password=spec.get("password"),
+                    accept_prefixes=tuple(spec.get("acceptPrefixes", ())))
 
     def applies_to(self, node: Node) -> bool:
         """Whether `node` is one of the nodes that open this peering."""
@@ -710,6 +738,7 @@ class BGPConfiguration(View):
     service_cluster_ips: tuple[str, ...] = ()
     service_external_ips: tuple[str, ...] = ()
     service_load_balancer_ips: tuple[str, ...] = ()
+    communities: tuple[str, ...] = ()
 
     @staticmethod
     def _spec(meta: dict, spec: dict) -> dict:
@@ -719,7 +748,8 @@ class BGPConfiguration(View):
                     listen_port=spec.get("listenPort"), log_severity=spec.get("logSeverityScreen"),
                     service_cluster_ips=cidrs("serviceClusterIPs"),
                     service_external_ips=cidrs("serviceExternalIPs"),
-                    service_load_balancer_ips=cidrs("serviceLoadBalancerIPs"))
+                    service_load_balancer_ips=cidrs("serviceLoadBalancerIPs"),
+                    communities=tuple(spec.get("communities", ())))
 
 
 DEFAULT_AS = 64512

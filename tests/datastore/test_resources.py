@@ -61,6 +61,12 @@ def test_pool_defaults_and_normalization():
         ({"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "x"},
           "spec": {"peerIP": "10.0.0.1", "asNumber": 1, "node": "a", "nodeSelector": "all()"}},
          "spec.nodeSelector"),
+        ({"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "x"},
+          "spec": {"peerIP": "10.0.0.1", "asNumber": 1, "holdTime": "90 seconds"}}, "spec.holdTime"),
+        ({"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "x"},
+          "spec": {"peerIP": "10.0.0.1", "asNumber": 1, "holdTime": "2s"}}, "spec.holdTime"),
+        ({"apiVersion": "tortie.io/v1", "kind": "BGPConfiguration", "metadata": {"name": "default"},
+          "spec": {"communities": ["65000:100", "no-export"]}}, "spec.communities[1]"),
         ({"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n"},
           "spec": {"bgp": {"ipv4Address": "fd00::1/64"}}}, "spec.bgp.ipv4Address"),
         ({"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n"},
@@ -139,6 +145,12 @@ def test_views():
                                     "spec": {"peerIP": "[fd00::1]:1179", "asNumber": 65000,
                                              "nodeSelector": "rack == 'a'"}})
     assert (peer.peer_ip, peer.port) == ("fd00::1", 1179)
+    timed = r.BGPPeer.from_resource({"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "t"},
+                                     "spec": {"peerIP": "10.0.0.9", "asNumber": 1, "holdTime": "1m30s",
+                                              "keepAliveTime": 20, "password": "s3cret",
+                                              "acceptPrefixes": ["0.0.0.0/0", "10.9.1.7/16"]}})
+    assert (timed.hold_time, timed.keepalive_time, timed.password) == (90, 20, "s3cret")
+    assert timed.accept_prefixes == ("0.0.0.0/0", "10.9.0.0/16")
     assert peer.applies_to(node)
     assert not peer.applies_to(r.Node(name="n2", labels={"rack": "b"}, resource_version=0))
     mesh = r.BGPPeer.from_resource({"apiVersion": "tortie.io/v1", "kind": "BGPPeer",
