@@ -1,0 +1,318 @@
+"""IPAM against real etcd: pools, blocks, affinities, borrowing, handles, check/release."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+
+import pytest
+from ipam_helpers import by_handle, handle_for, held, make_node, make_pool, make_wep
+
+from tortie.datastore.etcd import Txn
+from tortie.datastore.ipam import IPAM
+from tortie.datastore.ipam_blocks import AFFINITY, BLOCKS, PENDING, Block, affinity_value, cidr_part
+from tortie.datastore.resources import ResourceStore
+from tortie.errors import AlreadyExists, IPAMError, PoolExhausted, ValidationError
+
+
+@pytest.fixture
+def store(etcd):
+    return ResourceStore(etcd)
+
+
+@pytest.fixture
+def ipam(etcd):
+    return IPAM(etcd)
+
+
+def in_net(ip: str, cidr: str) -> bool:
+    return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
+
+
+def test_v4_and_v6_from_default_block_sizes(ipam, store, etcd):
+    make_pool(store, "v4", "10.20.0.0/16")
+    make_pool(store, "v6", "fd00:20::/64")
+    make_node(store, "n1")
+    ips = ipam.auto_assign("net.c1", "n1", num_v4=2, num_v6=1, attrs={"namespace": "ns", "pod": "p"})
+    assert len(ips) == 3
+    v4 = [ip for ip in ips if ":" not in ip]
+    v6 = [ip for ip in ips if ":" in ip]
+    assert len(v4) == 2 and len(v6) == 1
+    blocks = ipam.node_blocks("n1")
+    assert sorted(ipaddress.ip_network(b.cidr).prefixlen for b in blocks) == [26, 122]
+    assert all(b.confirmed and b.node == "n1" for b in blocks)
+    assert {b.allocated for b in blocks} == {2, 1}
+    assert sorted(ipam.ips_by_handle("net.c1")) == sorted(ips)
+    assert held(etcd) == {ip: "net.c1" for ip in ips}
+    raw = json.loads(etcd.get(etcd.config.prefix + BLOCKS + cidr_part(blocks[0].cidr)).value)
+    assert raw["attributes"] == [{"handle": "net.c1", "namespace": "ns", "pod": "p", "node": "n1"}]
+
+
+def test_release_handle_frees_everything_and_gives_back_empty_blocks(ipam, store, etcd):
+    make_pool(store, "v4", "10.21.0.0/24", blockSize=28)
+    make_pool(store, "v6", "fd00:21::/120", blockSize=124)
+    a = ipam.auto_assign("net.a", "n1", num_v4=3, num_v6=2)
+    b = ipam.auto_assign("net.b", "n1", num_v4=1)
+    assert not set(a) & set(b)
+    assert sorted(ipam.release_handle("net.a")) == sorted(a)
+    assert ipam.ips_by_handle("net.a") == []
+    assert ipam.release_handle("net.a") == []
+    assert held(etcd) == {b[0]: "net.b"}
+    # the v6 block became empty: it and its affinity are gone; the v4 block still holds b
+    assert [x.cidr for x in ipam.node_blocks("n1")] == [str(ipaddress.ip_network(f"{b[0]}/28", strict=False))]
+    affs, _ = etcd.get_prefix(etcd.config.prefix + AFFINITY)
+    assert len(affs) == 1
+    ipam.release_handle("net.b")
+    assert ipam.all_blocks() == []
+    assert etcd.get_prefix(etcd.config.prefix + "ipam/")[0] == []
+
+
+def test_release_ips_frees_only_those(ipam, store, etcd):
+    make_pool(store, "v4", "10.22.0.0/24", blockSize=28)
+    a = ipam.auto_assign("net.a", "n1", num_v4=3)
+    assert ipam.release_ips([a[1], "10.22.0.250", "192.0.2.1"]) == [a[1]]
+    assert sorted(ipam.ips_by_handle("net.a")) == sorted([a[0], a[2]])
+    assert ipam.release_ips([a[1]]) == []
+    with pytest.raises(ValidationError):
+        ipam.release_ips(["not-an-ip"])
+
+
+def test_handles_persist_across_instances_and_cache_goes_stale_safely(etcd, store):
+    make_pool(store, "v4", "10.23.0.0/24", blockSize=28)
+    one, two = IPAM(etcd), IPAM(etcd)
+    a = one.auto_assign("net.a", "n1", num_v4=2)
+    b = two.auto_assign("net.a", "n1", num_v4=1)  # same handle and node from another process
+    assert two.release_handle("net.a") and held(etcd) == {}
+    c = one.auto_assign("net.c", "n1")  # one's cached block and handle are stale now
+    assert len(set(a + b)) == 3 and held(etcd) == {c[0]: "net.c"}
+
+
+def test_disabled_pool_gives_no_new_addresses(etcd, store, ipam):
+    make_pool(store, "v4", "10.24.0.0/24", blockSize=28)
+    ipam.auto_assign("net.a", "n1")
+    pool = store.get("IPPool", "v4")
+    pool["spec"]["disabled"] = True
+    store.apply(pool)
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("net.b", "n1")  # even from the block this instance has cached
+    with pytest.raises(ValidationError):
+        ipam.assign_ip("10.24.0.200", "net.c", "n1")
+    assert by_handle(etcd).keys() == {"net.a"}
+    make_pool(store, "v4b", "10.25.0.0/24", blockSize=28)
+    assert in_net(ipam.auto_assign("net.b", "n1")[0], "10.25.0.0/24")
+
+
+def test_node_selector_picks_pools(etcd, store, ipam):
+    make_pool(store, "zone-a", "10.26.0.0/24", blockSize=28, nodeSelector="zone == 'a'")
+    make_pool(store, "zone-b", "10.27.0.0/24", blockSize=28, nodeSelector="zone in {'b', 'c'}")
+    make_node(store, "na", {"zone": "a"})
+    make_node(store, "nb", {"zone": "c"})
+    make_node(store, "nx", {"other": "x"})
+    assert in_net(ipam.auto_assign("net.a", "na")[0], "10.26.0.0/24")
+    assert in_net(ipam.auto_assign("net.b", "nb")[0], "10.27.0.0/24")
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("net.x", "nx")
+    # an explicitly requested pool overrides its nodeSelector (as in Calico)
+    assert in_net(ipam.auto_assign("net.x", "nx", pools=["zone-b"])[0], "10.27.0.0/24")
+    # relabelling the node moves it to the other pool, through this instance's cache
+    make_node(store, "na", {"zone": "b"})
+    assert in_net(ipam.auto_assign("net.a2", "na")[0], "10.27.0.0/24")
+
+
+def test_requested_pool_by_cidr_and_family(ipam, store):
+    make_pool(store, "p1", "10.28.0.0/24", blockSize=28)
+    make_pool(store, "p2", "10.29.0.0/24", blockSize=28)
+    assert in_net(ipam.auto_assign("net.a", "n1", pools=["10.29.0.0/24"])[0], "10.29.0.0/24")
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("net.b", "n1", num_v4=0, num_v6=1)  # no IPv6 pool
+
+
+def test_max_blocks_per_host_then_borrow_then_strict(etcd, store, ipam):
+    make_pool(store, "v4", "10.30.0.0/29", blockSize=30)  # two blocks of four
+    ipam.configure(max_blocks_per_host=1)
+    a = ipam.auto_assign("net.a", "n1", num_v4=4)
+    b = ipam.auto_assign("net.b", "n2", num_v4=1)
+    own_n1 = ipam.node_blocks("n1")[0].cidr
+    own_n2 = ipam.node_blocks("n2")[0].cidr
+    assert all(in_net(ip, own_n1) for ip in a) and in_net(b[0], own_n2)
+    # n1 may claim no second block: it borrows from n2's block
+    c = ipam.auto_assign("net.c", "n1", num_v4=2)
+    assert all(in_net(ip, own_n2) for ip in c)
+    assert sorted(ipam.borrowed_ips("n1")) == sorted(c)
+    assert ipam.borrowed_ips("n2") == []
+    assert len(ipam.node_blocks("n1")) == 1
+    ipam.release_handle("net.c")
+    ipam.configure(strict_affinity=True)
+    with pytest.raises(PoolExhausted, match="strictAffinity"):
+        ipam.auto_assign("net.d", "n1")
+    assert "net.d" not in by_handle(etcd)
+    with pytest.raises(IPAMError, match="strictAffinity"):
+        ipam.assign_ip(str(ipaddress.ip_network(own_n2)[3]), "net.d", "n1")
+
+
+def test_pool_exhausted_rolls_back_the_other_family(etcd, store, ipam):
+    make_pool(store, "v4", "10.31.0.0/30", blockSize=30)
+    make_pool(store, "v6", "fd00:31::/126", blockSize=126)
+    ipam.auto_assign("net.a", "n1", num_v4=0, num_v6=4)
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("net.b", "n1", num_v4=1, num_v6=1)
+    assert ipam.ips_by_handle("net.b") == []
+    assert set(by_handle(etcd)) == {"net.a"}
+
+
+def test_assign_specific_ip(etcd, store, ipam):
+    make_pool(store, "v4", "10.32.0.0/24", blockSize=28)
+    make_pool(store, "v6", "fd00:32::/120", blockSize=124)
+    assert ipam.assign_ip("10.32.0.77", "net.a", "n1", {"pod": "p"}) == "10.32.0.77"
+    assert ipam.assign_ip("fd00:32::0005", "net.a", "n1") == "fd00:32::5"
+    assert [b.cidr for b in ipam.node_blocks("n1")] == ["10.32.0.64/28", "fd00:32::/124"]
+    with pytest.raises(AlreadyExists):
+        ipam.assign_ip("10.32.0.77", "net.b", "n2")
+    with pytest.raises(ValidationError):
+        ipam.assign_ip("10.33.0.1", "net.b", "n1")
+    with pytest.raises(ValidationError):
+        ipam.assign_ip("nonsense", "net.b", "n1")
+    # another node may take an address in n1's block (a borrow) unless strict
+    assert ipam.assign_ip("10.32.0.78", "net.b", "n2") == "10.32.0.78"
+    assert ipam.borrowed_ips("n2") == ["10.32.0.78"]
+    # auto-assign on n1 skips what is taken
+    got = ipam.auto_assign("net.c", "n1", pools=["v4"])
+    assert got[0] not in ("10.32.0.77", "10.32.0.78")
+    assert sorted(ipam.ips_by_handle("net.a")) == ["10.32.0.77", "fd00:32::5"]
+
+
+def test_bad_arguments(ipam, store):
+    make_pool(store, "v4", "10.34.0.0/24")
+    for handle in ("", "a/b", " x"):
+        with pytest.raises(ValidationError):
+            ipam.auto_assign(handle, "n1")
+    with pytest.raises(ValidationError):
+        ipam.auto_assign("net.a", "")
+    with pytest.raises(ValidationError):
+        ipam.configure(max_blocks_per_host=-1)
+
+
+def test_pending_claim_is_never_used_and_is_adopted_or_reported(etcd, store, ipam):
+    make_pool(store, "v4", "10.35.0.0/29", blockSize=30)
+    make_node(store, "n1")
+    make_node(store, "n2")
+    p = etcd.config.prefix
+    # a claim of n1 that died after its first step, a moment ago
+    stale = Block.new("10.35.0.0/30", "v4", "n1", now=time.time())
+    etcd.transaction(Txn().put(p + BLOCKS + "10.35.0.0-30", stale.to_json())
+                     .put(p + AFFINITY + "n1/10.35.0.0-30", affinity_value(PENDING)))
+    assert ipam.node_blocks("n1")[0].confirmed is False
+    # n2 takes the other block, and may not borrow from the pending one
+    got = ipam.auto_assign("net.x", "n2", num_v4=4)
+    assert all(in_net(ip, "10.35.0.4/30") for ip in got)
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("net.y", "n2")
+    report = ipam.check(wep_handles={"net.x"}, pending_grace=0)
+    assert [x["block"] for x in report["stale_pending"]] == ["10.35.0.0/30"]
+    assert not report["clean"]
+    assert ipam.check(wep_handles={"net.x"})["clean"]  # within the grace period it is a claim in progress
+    # n1's next claim adopts (confirms) its own pending block
+    assert in_net(ipam.auto_assign("net.z", "n1")[0], "10.35.0.0/30")
+    assert ipam.node_blocks("n1")[0].confirmed
+
+
+def test_stale_pending_released_from_report(etcd, store, ipam):
+    make_pool(store, "v4", "10.36.0.0/29", blockSize=30)
+    make_node(store, "n1")
+    p = etcd.config.prefix
+    stale = Block.new("10.36.0.4/30", "v4", "n1", now=0.0)
+    etcd.transaction(Txn().put(p + BLOCKS + "10.36.0.4-30", stale.to_json())
+                     .put(p + AFFINITY + "n1/10.36.0.4-30", affinity_value(PENDING)))
+    out = ipam.release_from_report(ipam.check(wep_handles=set(), pending_grace=0))
+    assert out["removed_pending"] == ["10.36.0.4/30"]
+    assert ipam.all_blocks() == [] and ipam.check(wep_handles=set(), pending_grace=0)["clean"]
+
+
+def test_release_node(etcd, store, ipam):
+    make_pool(store, "v4", "10.37.0.0/28", blockSize=30)
+    a = ipam.auto_assign("net.a", "n1", num_v4=2)
+    ipam.auto_assign("net.tmp", "n1", num_v4=3)
+    ipam.release_ips(ipam.ips_by_handle("net.tmp")[-1:])  # n1 now has a full and a partly used block
+    ipam.configure(max_blocks_per_host=1)
+    b = ipam.auto_assign("net.b", "n2", num_v4=1)
+    n1_blocks = {x.cidr for x in ipam.node_blocks("n1")}
+    assert len(n1_blocks) == 2
+    ipam.release_handle("net.tmp")  # frees the rest; one n1 block holds only a[...] now
+    before = {x.cidr: x for x in ipam.node_blocks("n1")}
+    ipam.release_node("n1")
+    assert ipam.node_blocks("n1") == []
+    assert etcd.get_prefix(etcd.config.prefix + AFFINITY + "n1/")[0] == []
+    left = {x.cidr: x for x in ipam.all_blocks() if x.cidr in before}
+    assert all(x.node is None and x.allocated for x in left.values())
+    assert sorted(held(etcd)) == sorted(a + b)
+    # an unaffined block is borrowable by anyone, and freed entirely once empty
+    ipam.release_handle("net.a")
+    assert {x.cidr for x in ipam.all_blocks()} == {x.cidr for x in ipam.node_blocks("n2")}
+
+
+def test_check_and_release_leaks(etcd, store, ipam):
+    make_pool(store, "v4", "10.38.0.0/24", blockSize=28)
+    make_node(store, "n1")
+    make_node(store, "gone")
+    make_wep(store, "n1", "c1")
+    ok = ipam.auto_assign(handle_for("c1"), "n1")
+    leak = ipam.auto_assign(handle_for("c2"), "n1")  # no WorkloadEndpoint
+    dead = ipam.auto_assign(handle_for("c3"), "gone")
+    make_wep(store, "gone", "c3")
+    store.delete("Node", "gone")
+    report = ipam.check()
+    assert not report["clean"]
+    leaked = {x["ip"]: x for x in report["leaked_allocations"]}
+    assert set(leaked) == {leak[0], dead[0]}
+    assert leaked[leak[0]]["reasons"] == ["no-workloadendpoint"]
+    assert leaked[dead[0]]["reasons"] == ["node-gone"]
+    assert {x["node"] for x in report["orphan_blocks"]} == {"gone"}
+    assert {x["node"] for x in report["orphan_affinities"]} == {"gone"}
+    assert report["handle_mismatches"] == []
+    json.dumps(report)  # it is saved as a file by the CLI
+    out = ipam.release_from_report(report)
+    assert sorted(out["released_ips"]) == sorted(leak + dead) and out["released_nodes"] == ["gone"]
+    assert held(etcd) == {ok[0]: handle_for("c1")}
+    assert ipam.check()["clean"]
+
+
+def test_old_report_never_frees_a_reallocated_address(etcd, store, ipam):
+    make_pool(store, "v4", "10.39.0.0/24", blockSize=28)
+    make_node(store, "n1")
+    leak = ipam.auto_assign("net.leak", "n1", num_v4=2)
+    report = ipam.check()
+    assert len(report["leaked_allocations"]) == 2
+    ipam.release_ips([leak[0]])
+    again = ipam.assign_ip(leak[0], handle_for("new"), "n1")
+    make_wep(store, "n1", "new")
+    out = ipam.release_from_report(report)
+    assert out["released_ips"] == [leak[1]]
+    assert held(etcd) == {again: handle_for("new")}
+
+
+def test_wep_ipam_handle_field_and_usage(etcd, store, ipam):
+    make_pool(store, "v4", "10.40.0.0/24", blockSize=28)
+    make_pool(store, "v6", "fd00:40::/64")
+    make_node(store, "n1")
+    ipam.auto_assign("custom-handle", "n1", num_v4=3, num_v6=1)
+    key = etcd.config.prefix + "resources/workloadendpoint/default/p1"
+    etcd.put(key, json.dumps({"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
+                              "metadata": {"name": "p1", "namespace": "default"},
+                              "spec": {"node": "n1", "ipamHandle": "custom-handle"}}).encode())
+    assert ipam.check()["clean"]
+    use = ipam.usage()
+    pools = {p["name"]: p for p in use["pools"]}
+    assert (pools["v4"]["total"], pools["v4"]["in_use"], pools["v4"]["free"]) == (256, 3, 253)
+    assert pools["v6"]["total"] == 2 ** 64 and pools["v6"]["in_use"] == 1
+    assert [(b["total"], b["in_use"], b["free"]) for b in use["blocks"]] == [(16, 3, 13), (64, 1, 63)]
+
+
+def test_configure_persists(etcd, ipam, store):
+    assert ipam.config().strict_affinity is False
+    ipam.configure(strict_affinity=True, max_blocks_per_host=3)
+    cfg = IPAM(etcd).config()
+    assert (cfg.strict_affinity, cfg.max_blocks_per_host) == (True, 3)
+    ipam.configure(max_blocks_per_host=0)
+    res = store.get("IPAMConfig", "default")["spec"]
+    assert res["strictAffinity"] is True and res["maxBlocksPerHost"] == 0
