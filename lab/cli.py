@@ -1,0 +1,206 @@
+"""`tortie-lab`: a whole tortie cluster on one machine, in network namespaces.
+
+    tortie-lab up [--nodes N] [--tor none] [--name LAB]
+    tortie-lab pod add NODE NS/NAME [--label k=v ...] [--pool P]
+    tortie-lab pod del NS/NAME
+    tortie-lab pod label NS/NAME k=v ... [k- ...]
+    tortie-lab exec NS/NAME -- CMD ...
+    tortie-lab probe SRC DST_POD|IP PORT [--udp]
+    tortie-lab matrix [--port P]
+    tortie-lab ctl -- TORTIECTL_ARGS ...
+    tortie-lab status [-o json]
+    tortie-lab down
+    tortie-lab demo
+
+The lab name comes from --name (before or after the command), else $TORTIE_LAB_NAME,
+else "tortie". Errors print one line and exit with the tortie error's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+from tortie.errors import TortieError, ValidationError
+from tortie.lab import topology
+from tortie.lab.cluster import AGENT_MODES, CNI_MODES, Lab, teardown
+
+
+def _kv(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ValidationError(f"{what} {item!r}: want key=value", field=what)
+        out[k] = v
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", default=argparse.SUPPRESS, help="lab name (default: tortie)")
+    ap = argparse.ArgumentParser(prog="tortie-lab", parents=[common],
+                                 description="a tortie cluster on one machine, in network namespaces")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", parents=[common], help="build the lab; prints when ready")
+    up.add_argument("--nodes", type=int, default=1)
+    up.add_argument("--tor", default="none", choices=topology.TOR_KINDS)
+    up.add_argument("--cni", default="tortie", choices=CNI_MODES,
+                    help="tortie, or ptp: the reference plugins as a baseline (no agent)")
+    up.add_argument("--agent", default="auto", choices=AGENT_MODES,
+                    help="per-node daemon: the agent, the stand-alone CNI server, or none")
+    up.add_argument("--agent-env", action="append", default=[], metavar="K=V",
+                    help="extra environment for every node's agent")
+    up.add_argument("--pool", default=topology.DEFAULT_POOL_CIDR, help="the default IPPool's CIDR")
+    up.add_argument("--block-size", type=int, default=topology.DEFAULT_BLOCK_SIZE)
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds until everything is ready")
+
+    pod = sub.add_parser("pod", parents=[common], help="add, delete, label pods")
+    psub = pod.add_subparsers(dest="pod_cmd", required=True)
+    add = psub.add_parser("add", parents=[common])
+    add.add_argument("node")
+    add.add_argument("pod", metavar="NAMESPACE/NAME")
+    add.add_argument("--label", action="append", default=[], metavar="K=V")
+    add.add_argument("--pool")
+    dele = psub.add_parser("del", parents=[common])
+    dele.add_argument("pod", metavar="NAMESPACE/NAME")
+    lab = psub.add_parser("label", parents=[common])
+    lab.add_argument("pod", metavar="NAMESPACE/NAME")
+    lab.add_argument("labels", nargs="+", metavar="k=v|k-")
+
+    ex = sub.add_parser("exec", parents=[common], help="run a command in a pod (or node) namespace")
+    ex.add_argument("pod", metavar="NAMESPACE/NAME|NODE")
+
+    pr = sub.add_parser("probe", parents=[common], help="exit 0 iff SRC reaches DST:PORT")
+    pr.add_argument("src", metavar="SRC_POD|NODE")
+    pr.add_argument("dst", metavar="DST_POD|IP")
+    pr.add_argument("port", type=int)
+    pr.add_argument("--udp", action="store_true")
+    pr.add_argument("--timeout", type=float, default=1.0)
+
+    mx = sub.add_parser("matrix", parents=[common], help="every node and pod to every pod")
+    mx.add_argument("--port", type=int, default=80)
+    mx.add_argument("--no-nodes", action="store_true", help="pods as sources only")
+    mx.add_argument("-o", "--output", choices=("grid", "json"), default="grid")
+
+    sub.add_parser("ctl", parents=[common], help="tortiectl against the lab's etcd: ctl -- ARGS")
+
+    stt = sub.add_parser("status", parents=[common], help="the lab's map")
+    stt.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
+    sub.add_parser("down", parents=[common], help="remove everything of the lab")
+    sub.add_parser("demo", parents=[common], help="a 2-node lab, pods, the matrix, then down")
+    return ap
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _print_status(s: dict) -> None:
+    print(f"lab {s['name']} ({s['phase']}), tor {s['tor_kind']}, cni {s['cni']}, state {s['state_dir']}")
+    print(f"etcd        {', '.join(s['etcd_endpoints'])} in {s['etcd']['namespace']}")
+    u = s["underlay"]
+    print(f"underlay    {u['subnet']} on {u['bridge']} in {u['namespace']}")
+    for n in s["nodes"]:
+        agent = n["agent"]
+        health = "" if not agent else f"  {agent['kind']} pid {agent['pid']} {'up' if agent['alive'] else 'DOWN'}"
+        print(f"node        {n['name']:<10} {n['namespace']:<20} {n['address']:<16} AS {n['as_number']}{health}")
+    for p in s["pods"]:
+        print(f"pod         {p['name']:<24} {p['node']:<8} {p['address'] or '-':<15} {p['netns']}")
+
+
+def run(argv: list[str]) -> int:
+    rest: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, rest = argv[:i], argv[i + 1:]
+    args = _parser().parse_args(argv)
+    name = getattr(args, "name", None) or os.environ.get("TORTIE_LAB_NAME") or topology.DEFAULT_LAB
+    if rest and args.cmd not in ("exec", "ctl"):
+        raise ValidationError(f"'--' is only for exec and ctl, not {args.cmd}", field="--")
+
+    if args.cmd == "up":
+        # Ctrl-C or a TERM while building still tears down what was made.
+        signal.signal(signal.SIGTERM, _interrupt)
+        Lab.up(name, args.nodes, args.tor, cni=args.cni, agent=args.agent,
+               agent_env=_kv(args.agent_env, "agent-env"), pool=args.pool, block_size=args.block_size,
+               timeout=args.timeout, echo=print)
+        print(f"next: tortie-lab pod add node1 default/a   (then: tortie-lab matrix; tortie-lab down"
+              f"{'' if name == topology.DEFAULT_LAB else ' --name ' + name})")
+        return 0
+    if args.cmd == "down":
+        problems = teardown(name, echo=print)
+        for p in problems:
+            print(f"left behind: {p}", file=sys.stderr)
+        print(f"lab {name} is down" if not problems else f"lab {name}: teardown incomplete")
+        return 1 if problems else 0
+    if args.cmd == "demo":
+        from tortie.lab import demo
+        return demo.main(name)
+
+    lab = Lab(name)
+    if args.cmd == "pod":
+        if args.pod_cmd == "add":
+            print(lab.pod_add(args.node, args.pod, labels=_kv(args.label, "label"), pool=args.pool))
+        elif args.pod_cmd == "del":
+            lab.pod_del(args.pod)
+        else:
+            remove = [x[:-1] for x in args.labels if x.endswith("-") and "=" not in x]
+            labels = lab.pod_label(args.pod, _kv([x for x in args.labels if "=" in x], "label"), remove)
+            print(json.dumps(labels, sort_keys=True))
+        return 0
+    if args.cmd == "exec":
+        if not rest:
+            raise ValidationError("exec NAMESPACE/NAME -- CMD ...: no command given", field="cmd")
+        return lab.exec(args.pod, rest).returncode
+    if args.cmd == "probe":
+        r = lab.probe(args.src, args.dst, args.port, udp=args.udp, timeout=args.timeout)
+        detail = f"answered {r.reply!r}" if r.ok else (r.error or "no answer")
+        print(f"{r.src} -> {r.dst} ({r.addr}) {r.proto}/{r.port}: {'ok' if r.ok else 'FAIL'}, "
+              f"{detail}, {r.ms} ms")
+        return 0 if r.ok else 1
+    if args.cmd == "matrix":
+        m = lab.matrix(args.port, nodes=not args.no_nodes)
+        if args.output == "json":
+            print(json.dumps({"port": m.port, "ok": m.ok, "results": [r.__dict__ for r in m.results]}, indent=2))
+        else:
+            print(m.render())
+            for r in m.failures:
+                print(f"  {r.src} -> {r.dst} {r.proto}: {r.error or 'no answer'}")
+        return 0 if m.ok else 1
+    if args.cmd == "ctl":
+        # Only `-f -` reads stdin: an inherited pipe that never closes must not hang other commands.
+        wants_stdin = any(a == "-" and i > 0 and rest[i - 1] in ("-f", "--filename")
+                          for i, a in enumerate(rest))
+        r = lab.ctl(*rest, input=sys.stdin.read() if wants_stdin else None, check=False)
+        sys.stdout.write(r.stdout)
+        sys.stderr.write(r.stderr)
+        return r.returncode
+    if args.cmd == "status":
+        s = lab.status()
+        if args.output == "json":
+            print(json.dumps(s, indent=2))
+        else:
+            _print_status(s)
+        return 0
+    raise ValidationError(f"unknown command {args.cmd}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except TortieError as exc:
+        print(f"tortie-lab: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tortie-lab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,622 @@
+"""The Lab API: a whole tortie cluster on one machine, in network namespaces.
+
+    lab = Lab.up(name="t1", nodes=2)      # etcd, the underlay, agents; waits until ready
+    ip = lab.pod_add("node1", "default/a")
+    lab.probe("default/a", "default/b", 80, udp=True).ok
+    lab.down()                            # or teardown("t1") from any process
+
+The CLI (`tortie-lab`), the demo, the pytest fixture and the benchmarks all use this.
+What runs where:
+    <lab>-net    the underlay bridge br0 (nodes and ctl attach with veths)
+    <lab>-ctl    etcd; the pod server; tortiectl and datastore helpers run here
+    <lab>-nodeN  one agent each (tortie-agent, or the CNI server standing in for it)
+    <lab>-pod-*  pods, wired by the real CNI plugin exec'd inside their node
+Everything the lab makes is written to /run/tortie-lab/<lab>/state.json before it is
+made, so `teardown()` can always finish the job, also after a crash part way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, replace
+
+from tortie.errors import AlreadyExists, DataplaneError, NotFound, TortieError, ValidationError
+from tortie.lab import nsutil, podserver, state, topology
+from tortie.lab.etcd_server import EtcdServer
+from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
+from tortie.lab.state import LabState, Pod, Proc
+from tortie.lab.topology import NodePlan, Plan
+from tortie.log import get_logger
+
+log = get_logger("lab")
+
+AGENT_MODES = ("auto", "agent", "cni-server", "none")
+CNI_MODES = ("tortie", "ptp")
+HEALTH_PORT = 9099
+METRICS_PORT = 9091
+REF_CNI_DIR = "/usr/lib/cni"
+PTP_SUBNET = "10.66.{i}.0/24"  # the reference plugins' host-local range for node i
+
+Echo = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def _plan_from(st: LabState) -> Plan:
+    p = dict(st.plan)
+    p["nodes"] = tuple(NodePlan(**n) for n in p["nodes"])
+    return Plan(**p)
+
+
+def resolve_agent(mode: str) -> str:
+    """Which per-node daemon to run: the agent once agent/main.py exists, else the CNI server."""
+    if mode not in AGENT_MODES:
+        raise ValidationError(f"--agent {mode!r}: want one of {', '.join(AGENT_MODES)}", field="agent")
+    if mode != "auto":
+        return mode
+    if importlib.util.find_spec("tortie.agent.main") is not None:
+        return "agent"
+    if importlib.util.find_spec("tortie.agent.cni_server") is not None:
+        return "cni-server"
+    return "none"
+
+
+class Lab:
+    """A handle on a running lab; every method re-reads its state file."""
+
+    def __init__(self, name: str = topology.DEFAULT_LAB) -> None:
+        self.name = topology.check_lab_name(name)
+
+    # --- life cycle -----------------------------------------------------------------
+
+    @classmethod
+    def up(cls, name: str = topology.DEFAULT_LAB, nodes: int = 1, tor: str = "none", *,
+           cni: str = "tortie", agent: str = "auto", agent_env: Mapping[str, str] | None = None,
+           pool: str = topology.DEFAULT_POOL_CIDR, block_size: int = topology.DEFAULT_BLOCK_SIZE,
+           timeout: float = 60.0, echo: Echo = _quiet) -> Lab:
+        """Build the lab and wait until it is ready; on any failure tear down what was made."""
+        plan = topology.make_plan(name, nodes, tor)
+        if cni not in CNI_MODES:
+            raise ValidationError(f"--cni {cni!r}: want one of {', '.join(CNI_MODES)}", field="cni")
+        agent_mode = resolve_agent(agent) if cni == "tortie" else "none"
+        lab = cls(name)
+        with state.lock(name):
+            if os.path.exists(state.state_path(name)):
+                raise AlreadyExists(f"lab {name!r} exists; `tortie-lab down --name {name}` first")
+            leftovers = [n for n in nsutil.netns_list() if topology.is_lab_netns(name, n)]
+            if leftovers:
+                raise AlreadyExists(f"namespaces of lab {name!r} exist ({', '.join(leftovers[:3])}...); "
+                                    f"`tortie-lab down --name {name}` first")
+            st = LabState(name=name, dir=state.lab_dir(name), tor=tor, cni=cni, agent=agent_mode,
+                          plan=asdict(plan))
+            os.makedirs(os.path.join(st.dir, "logs"), exist_ok=True)
+            state.save(st)
+        try:
+            lab._build(plan, agent_env or {}, pool, block_size, timeout, echo)
+        except BaseException:
+            echo(f"lab {name}: up failed, tearing down")
+            teardown(name)
+            raise
+        return lab
+
+    def _record(self, fn: Callable[[LabState], None]) -> LabState:
+        with state.modify(self.name) as st:
+            fn(st)
+        return st
+
+    def _build(self, plan: Plan, agent_env: Mapping[str, str], pool: str, block_size: int,
+               timeout: float, echo: Echo) -> None:
+        deadline = time.monotonic() + timeout
+        st = self.state()
+        t0 = time.monotonic()
+        self._build_underlay(plan)
+        echo(f"underlay {plan.subnet} on {plan.bridge} in {plan.net_netns}; "
+             f"{len(plan.nodes)} node namespace(s)")
+
+        etcd_dir = os.path.join(st.dir, "etcd")
+        self._record(lambda s: s.data_dirs.append(etcd_dir))
+        os.makedirs(etcd_dir, mode=0o700, exist_ok=True)
+        etcd = EtcdServer(host=plan.ctl_address.split("/")[0], client_port=topology.ETCD_PORT,
+                          peer_port=topology.ETCD_PORT + 1, data_dir=etcd_dir, netns=plan.ctl_netns)
+        try:
+            etcd.start(timeout=max(deadline - time.monotonic(), 5.0))
+        except RuntimeError as exc:
+            raise DataplaneError(str(exc)) from exc
+        assert etcd.proc is not None
+        state._children[etcd.proc.pid] = etcd.proc
+        proc = Proc(role="etcd", pid=etcd.proc.pid, start=state.start_time(etcd.proc.pid),
+                    netns=plan.ctl_netns, log=os.path.join(st.dir, "etcd.log"), cmd=("etcd",))
+        self._record(lambda s: s.procs.append(proc))
+        echo(f"etcd healthy at {plan.etcd_endpoint} (in {plan.ctl_netns})")
+
+        if st.cni == "tortie":
+            created = self._dsops("bootstrap", "--cidr", pool, "--block-size", str(block_size))
+            echo(f"IPPool default-ipv4 {pool} blockSize {block_size} "
+                 f"({'created' if created.get('ippool') else 'exists'}); IPAMConfig default")
+            self._install_cni(st)
+
+        if st.cni == "ptp":
+            self._ptp_routes(plan)
+        self._start_podserver(st)
+        for node in plan.nodes:
+            nsutil.sysctl(node.netns, "net.ipv4.ip_forward", "1")
+            if st.agent != "none":
+                self._start_agent(st, plan, node, agent_env)
+        self._wait_ready(plan, st.agent, deadline)
+        if st.agent != "none":
+            echo(f"{st.agent} ready on {', '.join(n.name for n in plan.nodes)}")
+        self._record(lambda s: setattr(s, "phase", "ready"))
+        echo(f"lab {self.name} ready in {time.monotonic() - t0:.1f}s")
+
+    def _build_underlay(self, plan: Plan) -> None:
+        names = plan.netns_names()
+        self._record(lambda s: s.netns.extend(names))  # recorded first: teardown finds them
+        for ns in names:
+            nsutil.netns_add(ns)
+        nsutil.ip_batch(plan.net_netns, [
+            f"link add {plan.bridge} type bridge forward_delay 0 stp_state 0",
+            f"link set {plan.bridge} up",
+        ])
+        attach = [(plan.ctl_netns, "ctl", plan.ctl_address)] + [
+            (n.netns, n.bridge_port, n.address) for n in plan.nodes]
+        lines = []
+        for ns, port, _ in attach:
+            lines += [f"link add {port} type veth peer name eth0 netns {ns}",
+                      f"link set {port} master {plan.bridge} up"]
+        nsutil.ip_batch(plan.net_netns, lines)
+        for ns, _, addr in attach:
+            nsutil.ip_batch(ns, [f"addr add {addr} dev eth0", "link set eth0 up"])
+
+    def _ptp_routes(self, plan: Plan) -> None:
+        """The reference-plugin baseline routes node i's pod range via node i (static, no BGP)."""
+        for i, node in enumerate(plan.nodes, 1):
+            nsutil.ip_batch(node.netns, [
+                f"route add {PTP_SUBNET.format(i=j)} via {other.ip}"
+                for j, other in enumerate(plan.nodes, 1) if j != i])
+
+    def _install_cni(self, st: LabState) -> None:
+        bin_dir = os.path.join(st.dir, "bin")
+        if importlib.util.find_spec("tortie.cni.install") is None:
+            log.warning("CNI plugin not installed: tortie.cni.install missing", lab=self.name)
+            return
+        nsutil.run([_python(), "-m", "tortie.cni.install", "--bin-dir", bin_dir])
+        self._record(lambda s: setattr(s, "bin_dir", bin_dir))
+
+    def _start_podserver(self, st: LabState) -> None:
+        control = os.path.join(st.dir, "podserver.sock")
+        proc = state.spawn(
+            "podserver",
+            [_python(), "-m", "tortie.lab.podserver", "--control", control,
+             "--state", state.state_path(self.name)],
+            log_path=os.path.join(st.dir, "logs", "podserver.log"),
+            netns=_plan_from(st).ctl_netns, env=self._env())
+        self._record(lambda s: s.procs.append(proc))
+        for _ in range(200):
+            with contextlib.suppress(OSError, DataplaneError, ValueError):
+                podserver.request(control, {"op": "list"}, timeout=1.0)
+                return
+            if state.exited(proc) is not None:
+                raise DataplaneError(f"pod server exited; log: {proc.log}")
+            time.sleep(0.05)
+        raise DataplaneError(f"pod server not answering on {control}; log: {proc.log}")
+
+    def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra or {})
+        return env
+
+    def node_dir(self, node: str) -> str:
+        return os.path.join(state.lab_dir(self.name), node)
+
+    def cni_socket(self, node: str) -> str:
+        return os.path.join(self.node_dir(node), "cni.sock")
+
+    def _start_agent(self, st: LabState, plan: Plan, node: NodePlan, agent_env: Mapping[str, str]) -> None:
+        ndir = self.node_dir(node.name)
+        os.makedirs(ndir, exist_ok=True)
+        sock = self.cni_socket(node.name)
+        env = {
+            "TORTIE_NODENAME": node.name,
+            "TORTIE_ETCD_ENDPOINTS": plan.etcd_endpoint,
+            "TORTIE_ETCD_PREFIX": st.etcd_prefix,
+            "TORTIE_NODE_IP": node.address,
+            "TORTIE_AS_NUMBER": str(node.as_number),
+            "TORTIE_CNI_SOCKET": sock,
+            "TORTIE_STATE_DIR": ndir,
+            "TORTIE_HEALTH_PORT": str(HEALTH_PORT),
+            "TORTIE_METRICS_PORT": str(METRICS_PORT),
+            "TORTIE_LOG_FORMAT": "json",
+            **agent_env,
+        }
+        if st.agent == "agent":
+            cmd = [_python(), "-m", "tortie.agent.main"]
+        else:
+            cmd = [_python(), "-m", "tortie.agent.cni_server", "--socket", sock, "--node", node.name]
+        proc = state.spawn(f"agent:{node.name}", cmd, netns=node.netns, env=self._env(env),
+                           log_path=os.path.join(st.dir, "logs", f"agent-{node.name}.log"))
+        self._record(lambda s: (s.procs.append(proc), s.data_dirs.append(ndir)))
+
+    def _wait_ready(self, plan: Plan, agent: str, deadline: float) -> None:
+        if agent == "none":
+            return
+        pending = {n.name: n for n in plan.nodes}
+        while pending:
+            st = self.state()
+            for name, node in list(pending.items()):
+                proc = st.proc(f"agent:{name}")
+                if proc is None:
+                    raise DataplaneError(f"no agent recorded for {name}")
+                code = state.exited(proc)
+                if code is not None:
+                    raise DataplaneError(f"{agent} on {name} exited ({code}); log: {proc.log}\n"
+                                         + _tail(proc.log))
+                if self._agent_ready(node, agent):
+                    del pending[name]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                logs = "; ".join(f"{n}: {st.proc('agent:' + n).log}" for n in pending)
+                raise DataplaneError(f"{agent} not ready on {', '.join(sorted(pending))} in time ({logs})")
+            time.sleep(0.1)
+
+    def _agent_ready(self, node: NodePlan, agent: str) -> bool:
+        if agent == "cni-server":
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(0.5)
+                    s.connect(self.cni_socket(node.name))
+                return True
+            except OSError:
+                return False
+        return self.http_get(node.name, HEALTH_PORT, "/readiness")[0] == 200
+
+    def http_get(self, node: str, port: int, path: str, timeout: float = 1.0) -> tuple[int, str]:
+        """GET http://<node ip>:port/path from inside the node's namespace: (status, body); 0 if no answer."""
+        n = self.node(node)
+        try:
+            with nsutil.socket_in(n.netns) as s:
+                s.settimeout(timeout)
+                s.connect((n.ip, port))
+                s.sendall(f"GET {path} HTTP/1.0\r\nHost: {n.ip}\r\n\r\n".encode())
+                buf = b""
+                while chunk := s.recv(65536):
+                    buf += chunk
+        except OSError:
+            return 0, ""
+        head, _, body = buf.partition(b"\r\n\r\n")
+        try:
+            code = int(head.split()[1])
+        except (IndexError, ValueError):
+            return 0, ""
+        return code, body.decode(errors="replace")
+
+    def down(self) -> None:
+        teardown(self.name)
+
+    # --- lookups --------------------------------------------------------------------
+
+    def state(self) -> LabState:
+        return state.load(self.name)
+
+    def plan(self) -> Plan:
+        return _plan_from(self.state())
+
+    def node(self, name: str) -> NodePlan:
+        for n in self.plan().nodes:
+            if name in (n.name, n.netns):
+                return n
+        raise NotFound(f"lab {self.name} has no node {name!r}")
+
+    def pod(self, ref: str) -> Pod:
+        ns, name = topology.split_pod(ref)
+        pod = self.state().pods.get(f"{ns}/{name}")
+        if pod is None:
+            raise NotFound(f"lab {self.name} has no pod {ns}/{name}")
+        return pod
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        return [self.plan().etcd_endpoint]
+
+    def status(self) -> dict:
+        """The lab's map (design.md, "The lab"): the document `status -o json` prints."""
+        st = self.state()
+        plan = _plan_from(st)
+        procs = {p.role: p for p in st.procs}
+        nodes = []
+        for n in plan.nodes:
+            agent = procs.get(f"agent:{n.name}")
+            nodes.append({
+                "name": n.name, "namespace": n.netns, "address": n.address, "ip": n.ip,
+                "as_number": n.as_number, "cni_socket": self.cni_socket(n.name),
+                "agent": {"kind": st.agent, "pid": agent.pid, "alive": state.alive(agent), "log": agent.log}
+                if agent else None,
+            })
+        return {
+            "name": st.name,
+            "phase": st.phase,
+            "tor_kind": st.tor,
+            "cni": st.cni,
+            "state_dir": st.dir,
+            "etcd": {"namespace": plan.ctl_netns, "endpoints": [plan.etcd_endpoint], "prefix": st.etcd_prefix},
+            "etcd_endpoints": [plan.etcd_endpoint],
+            "underlay": {"namespace": plan.net_netns, "bridge": plan.bridge, "subnet": plan.subnet},
+            "nodes": nodes,
+            "tors": [],
+            "outside": None,
+            "pods": [
+                {"name": p.ref, "namespace": p.namespace, "pod": p.name, "node": p.node, "netns": p.netns,
+                 "netns_path": nsutil.netns_path(p.netns), "address": p.address, "labels": p.labels}
+                for p in sorted(st.pods.values(), key=lambda p: p.ref)
+            ],
+        }
+
+    # --- pods -----------------------------------------------------------------------
+
+    def pod_add(self, node: str, ref: str, labels: Mapping[str, str] | None = None,
+                pool: str | None = None) -> str:
+        """Create a pod namespace, wire it with the CNI plugin inside its node, serve 80/81; its IP."""
+        ns, name = topology.split_pod(ref)
+        n = self.node(node)
+        netns = topology.pod_netns(self.name, ns, name)
+        pod = Pod(namespace=ns, name=name, node=n.name, netns=netns,
+                  container_id=uuid.uuid4().hex, labels=dict(labels or {}), pool=pool)
+
+        def claim(s: LabState) -> None:
+            if s.phase != "ready":
+                raise TortieError(f"lab {self.name} is {s.phase}, not ready")
+            if pod.ref in s.pods or nsutil.netns_exists(netns):
+                raise AlreadyExists(f"pod {pod.ref} exists in lab {self.name}")
+            s.pods[pod.ref] = pod  # recorded before it exists, so teardown finds it
+
+        st = self._record(claim)
+        try:
+            nsutil.netns_add(netns)
+            result = self._cni(st, pod, "ADD")
+            ips = result.get("ips") or []
+            if not ips:
+                raise DataplaneError(f"CNI ADD for {pod.ref} returned no address: {result}")
+            cidr = ips[0]["address"]
+            host_if = next((i.get("name") for i in result.get("interfaces", [])
+                            if not i.get("sandbox")), None)
+            podserver.request(self._podserver_sock(), {"op": "add", "pod": pod.ref, "netns": netns})
+            done = replace(pod, address=cidr.split("/")[0], address_cidr=cidr, host_ifname=host_if)
+            self._record(lambda s: s.pods.__setitem__(pod.ref, done))
+        except BaseException:
+            self._remove_pod(pod, st)
+            raise
+        return done.address or ""
+
+    def pod_del(self, ref: str) -> None:
+        pod = self.pod(ref)
+        err = self._remove_pod(pod, self.state())
+        if err:
+            raise err
+
+    def _remove_pod(self, pod: Pod, st: LabState) -> TortieError | None:
+        """Undo a pod step by step, going on past failures; the first error is returned."""
+        first: TortieError | None = None
+        with contextlib.suppress(OSError, TortieError):
+            podserver.request(self._podserver_sock(), {"op": "del", "pod": pod.ref})
+        if nsutil.netns_exists(pod.netns):
+            try:
+                self._cni(st, pod, "DEL")
+            except TortieError as exc:
+                first = exc
+        nsutil.netns_del(pod.netns)
+        self._record(lambda s: s.pods.pop(pod.ref, None))
+        return first
+
+    def pod_label(self, ref: str, set_labels: Mapping[str, str] | None = None,
+                  remove: Sequence[str] = ()) -> dict[str, str]:
+        """Set / remove labels on the pod's WorkloadEndpoint (and in the lab's record)."""
+        pod = self.pod(ref)
+        args = ["label", pod.namespace, pod.name]
+        for k, v in (set_labels or {}).items():
+            args += ["--set", f"{k}={v}"]
+        for k in remove:
+            args += ["--remove", k]
+        labels = self._dsops(*args)
+        self._record(lambda s: s.pods.__setitem__(pod.ref, replace(s.pods[pod.ref], labels=labels))
+                     if pod.ref in s.pods else None)
+        return labels
+
+    def wep(self, ref: str) -> dict | None:
+        """The pod's WorkloadEndpoint resource from etcd, or None."""
+        ns, name = topology.split_pod(ref)
+        return self._dsops("wep", ns, name)
+
+    def _podserver_sock(self) -> str:
+        return os.path.join(state.lab_dir(self.name), "podserver.sock")
+
+    def _cni(self, st: LabState, pod: Pod, command: str) -> dict:
+        """Exec the CNI plugin inside the pod's node namespace, as a container runtime does."""
+        plan = _plan_from(st)
+        node = next(n for n in plan.nodes if n.name == pod.node)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": pod.container_id,
+            "CNI_NETNS": nsutil.netns_path(pod.netns),
+            "CNI_IFNAME": "eth0",
+            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
+                        f"K8S_POD_INFRA_CONTAINER_ID={pod.container_id}",
+        }
+        if st.cni == "ptp":
+            index = plan.nodes.index(node) + 1
+            config = {
+                "cniVersion": "1.0.0", "name": "lab-ptp", "type": "ptp", "ipMasq": False,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": PTP_SUBNET.format(i=index)}]],
+                         "routes": [{"dst": "0.0.0.0/0"}],
+                         "dataDir": os.path.join(st.dir, node.name, "host-local")},
+            }
+            plugin = os.path.join(REF_CNI_DIR, "ptp")
+            env["CNI_PATH"] = REF_CNI_DIR
+        else:
+            if not st.bin_dir or not os.path.exists(os.path.join(st.bin_dir, "tortie")):
+                raise NotFound("the tortie CNI plugin is not installed in this lab "
+                               "(tortie.cni.install was missing at `up`)")
+            config = {
+                "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "tortie",
+                "agentSocket": self.cni_socket(node.name),
+                "args": {"cni": {"labels": pod.labels}},
+            }
+            if pod.pool:
+                config["ipam"] = {"type": "tortie-ipam", "ipv4_pools": [pod.pool]}
+            plugin = os.path.join(st.bin_dir, "tortie")
+            env["CNI_PATH"] = f"{st.bin_dir}:{REF_CNI_DIR}"
+        r = nsutil.run(["ip", "netns", "exec", node.netns, plugin], check=False,
+                       input=json.dumps(config), env=env, timeout=60)
+        out = r.stdout.strip()
+        try:
+            result = json.loads(out) if out else {}
+        except ValueError:
+            result = {"msg": out}
+        if r.returncode != 0:
+            msg = result.get("msg") or r.stderr.strip() or out
+            raise DataplaneError(f"CNI {command} {pod.ref} on {node.name} failed "
+                                 f"(exit {r.returncode}, code {result.get('code')}): {msg} {result.get('details', '')}")
+        return result
+
+    # --- using the lab --------------------------------------------------------------
+
+    def netns_of(self, who: str) -> str:
+        """The namespace of a node (node1), a pod (ns/name) or a lab role (ctl, net)."""
+        plan = self.plan()
+        if who in ("ctl", plan.ctl_netns):
+            return plan.ctl_netns
+        if who in ("net", plan.net_netns):
+            return plan.net_netns
+        for n in plan.nodes:
+            if who in (n.name, n.netns):
+                return n.netns
+        return self.pod(who).netns
+
+    def probe(self, src: str, dst: str, port: int = 80, *, udp: bool = False,
+              timeout: float = DEFAULT_TIMEOUT) -> ProbeResult:
+        """From node or pod src to pod dst (or an IP address); .ok iff it answered."""
+        src_ns = self.netns_of(src)
+        expect = None
+        try:
+            socket.inet_aton(dst)
+            addr = dst
+        except OSError:
+            p = self.pod(dst)
+            if not p.address:
+                raise NotFound(f"pod {p.ref} has no address") from None
+            addr, expect, dst = p.address, p.ref, p.ref
+        return probe(src_ns, addr, port, udp=udp, timeout=timeout, expect=expect, src=src, dst=dst)
+
+    def matrix(self, port: int = 80, *, nodes: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Matrix:
+        """Every node and pod to every pod, TCP and UDP, in parallel."""
+        st = self.state()
+        pods = [Endpoint(p.ref, p.netns, p.address) for p in sorted(st.pods.values(), key=lambda p: p.ref)
+                if p.address]
+        sources = [Endpoint(n.name, n.netns, None) for n in _plan_from(st).nodes] if nodes else []
+        return run_matrix(sources + pods, pods, port=port, timeout=timeout)
+
+    def exec(self, who: str, cmd: Sequence[str], **kw) -> subprocess.CompletedProcess:
+        """Run cmd inside a pod's (or node's) namespace; kwargs go to subprocess.run."""
+        return subprocess.run(["ip", "netns", "exec", self.netns_of(who), *cmd], **kw)
+
+    def ctl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """tortiectl ARGS inside the control namespace, against the lab's etcd."""
+        st = self.state()
+        plan = _plan_from(st)
+        env = self._env({"TORTIE_ETCD_ENDPOINTS": plan.etcd_endpoint, "TORTIE_ETCD_PREFIX": st.etcd_prefix})
+        r = subprocess.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-c",
+                            "import sys; from tortie.ctl.main import main; sys.exit(main())", *args],
+                           input=input, capture_output=True, text=True, env=env)
+        if check and r.returncode != 0:
+            raise TortieError(f"tortiectl {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
+        return r
+
+    def _dsops(self, *args: str):
+        st = self.state()
+        plan = _plan_from(st)
+        r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-m", "tortie.lab.dsops",
+                        "--endpoints", plan.etcd_endpoint, "--prefix", st.etcd_prefix, *args],
+                       check=False, env=self._env())
+        if r.returncode != 0:
+            try:
+                err = json.loads(r.stderr.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                err = {"error": r.stderr.strip()}
+            cls = NotFound if err.get("type") == "NotFound" else TortieError
+            raise cls(f"datastore {args[0]}: {err.get('error')}")
+        return json.loads(r.stdout)
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def teardown(name: str, echo: Echo = _quiet) -> list[str]:
+    """Remove everything of lab `name`: processes, namespaces, data dirs, the state dir.
+
+    Works from the record when there is one and from the naming scheme when there is
+    not, and goes on past every failure. Returns what it could not remove (empty = clean).
+    """
+    topology.check_lab_name(name)
+    problems: list[str] = []
+    st: LabState | None = None
+    with contextlib.suppress(NotFound, ValueError, TypeError, OSError):
+        st = state.load(name)
+    if st is not None:
+        with contextlib.suppress(OSError):
+            st.phase = "tearing-down"
+            state.save(st)
+        # Processes first (agents before etcd, so they do not spin on a vanished datastore).
+        for proc in sorted(st.procs, key=lambda p: p.role == "etcd"):
+            try:
+                state.stop(proc)
+            except OSError as exc:
+                problems.append(f"stop {proc.role} pid {proc.pid}: {exc}")
+            else:
+                echo(f"stopped {proc.role} (pid {proc.pid})")
+    recorded = set(st.netns) if st else set()
+    recorded |= {p.netns for p in st.pods.values()} if st else set()
+    found = {n for n in nsutil.netns_list() if topology.is_lab_netns(name, n)}
+    # Pods before nodes before the underlay: the reverse of building it.
+    order = sorted(recorded | found, key=lambda n: (0 if "-pod-" in n else 1 if "-node" in n else 2, n))
+    for ns in order:
+        if not nsutil.netns_exists(ns):
+            continue
+        # Anything still running inside a lab namespace was started by the lab (or its agents).
+        for pid in nsutil.netns_pids(ns):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, 9)
+        nsutil.netns_del(ns)
+        if nsutil.netns_exists(ns):
+            problems.append(f"namespace {ns} still exists")
+    if found or recorded:
+        echo(f"deleted {len(order)} namespace(s)")
+    for d in (st.data_dirs if st else []):
+        shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(state.lab_dir(name), ignore_errors=True)
+    if os.path.exists(state.lab_dir(name)):
+        problems.append(f"{state.lab_dir(name)} still exists")
+    for p in problems:
+        log.warning("teardown incomplete", lab=name, problem=p)
+    return problems

@@ -1,0 +1,112 @@
+"""Network-namespace plumbing for the lab: `ip` commands and per-thread setns.
+
+Everything here acts inside named namespaces; nothing touches the root namespace.
+A socket stays in the namespace it was created in, so `socket_in()` switches only the
+calling thread into a namespace for the `socket()` call and straight back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
+
+from tortie.errors import DataplaneError
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = "/run/netns"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run(cmd: Sequence[str], *, check: bool = True, input: str | None = None,
+        env: dict[str, str] | None = None, timeout: float | None = 60) -> subprocess.CompletedProcess:
+    """Run a command, capturing output; raise DataplaneError with its stderr on failure."""
+    r = subprocess.run(list(cmd), capture_output=True, text=True, input=input, env=env, timeout=timeout)
+    if check and r.returncode != 0:
+        raise DataplaneError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+def ip(netns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(["ip", "-n", netns, *args], check=check)
+
+
+def ip_batch(netns: str, lines: Sequence[str]) -> None:
+    """Several `ip` commands in one exec (`ip -batch`), stopping at the first failure."""
+    if lines:
+        run(["ip", "-n", netns, "-batch", "-"], input="\n".join(lines) + "\n")
+
+
+def netns_path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(netns_path(name))
+
+
+def netns_list() -> list[str]:
+    try:
+        return sorted(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def netns_add(name: str) -> None:
+    """Create a namespace with loopback up."""
+    run(["ip", "netns", "add", name])
+    ip(name, "link", "set", "lo", "up")
+
+
+def netns_pids(name: str) -> list[int]:
+    r = run(["ip", "netns", "pids", name], check=False)
+    return [int(p) for p in r.stdout.split() if p.isdigit()]
+
+
+def netns_del(name: str) -> None:
+    """Delete a namespace if it exists (its links go with it)."""
+    if netns_exists(name):
+        run(["ip", "netns", "del", name], check=False)
+
+
+def sysctl(netns: str, key: str, value: str) -> None:
+    run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{key}={value}"])
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise DataplaneError(f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Switch the calling thread into namespace `name` for the block, then back.
+
+    Only for short synchronous work (creating sockets): other threads are unaffected,
+    and threads started inside the block would inherit the namespace.
+    """
+    try:
+        target = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise DataplaneError(f"no network namespace {name!r}") from exc
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def socket_in(netns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket that lives in namespace `netns` (usable from any thread afterwards)."""
+    with in_netns(netns):
+        return socket.socket(family, type)
