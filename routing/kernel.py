@@ -65,6 +65,7 @@ class NetlinkKernel:
         self.sock = nl.NetlinkSocket(netns)
         self._index: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        self._parsed: dict[bytes, Route] = {}  # raw route message -> Route, from the last dump
         self.refresh_links()
 
     def close(self) -> None:
@@ -98,11 +99,16 @@ class NetlinkKernel:
 
     # -- routes ---------------------------------------------------------------------------
     def dump_routes(self, proto: int) -> list[Route]:
+        names = self._names
         self.refresh_links()
+        if self._names != names:  # a cached Route may carry an old interface name
+            self._parsed = {}
         out: list[tuple[int, int, Route]] = []
+        cache: tuple[dict[bytes, Route], dict[bytes, Route]] = (self._parsed, {})
         for fam in (AF_INET, AF_INET6):
             for buf in self.sock.dump(nl.RTM_GETROUTE, nl.route_request(fam, proto)):
-                nl.parse_routes(buf, self._names, proto, out)
+                nl.parse_routes(buf, self._names, proto, out, cache)
+        self._parsed = cache[1]
         return [r for _t, _p, r in out]
 
     def write_routes(self, ops: Sequence[tuple[str, Route]], proto: int) -> list[WriteError]:
