@@ -261,7 +261,7 @@ class IPAM:
             try:
                 for version, n in ((4, num_v4), (6, num_v6)):
                     if n:
-                        got += self._assign_family(attr, node, version, n, pools)
+                        self._assign_family(attr, node, version, n, pools, got)
             except Exception:
                 if got:
                     try:
@@ -273,12 +273,14 @@ class IPAM:
         return got
 
     def _assign_family(self, attr: Attr, node: str, version: int, n: int,
-                       requested: list[str] | None) -> list[str]:
+                       requested: list[str] | None, out: list[str]) -> None:
+        """Append n addresses of this family to out (as they are taken, so that a
+        failure part way rolls back what was taken)."""
         got: list[str] = []
         fresh = False  # read everything from etcd during this call
         for attempt in range(_ATTEMPTS):
             if len(got) == n:
-                return got
+                return
             ctx = self._context(node)
             usable = self._usable(ctx, version, requested)
             names = {p.name for p in usable}
@@ -296,6 +298,7 @@ class IPAM:
                     _backoff(attempt)
                 else:
                     got += ips
+                    out += ips
                 continue
             if not fresh:
                 self._refresh(node, attr.handle)
@@ -322,6 +325,7 @@ class IPAM:
                     continue
                 if ips:
                     got += ips
+                    out += ips
                     continue
             why = "strictAffinity forbids borrowing" if ctx.config.strict_affinity else "no free address"
             raise PoolExhausted(f"IPv{version} pools {sorted(names)} exhausted for node {node}"

@@ -231,24 +231,25 @@ def test_stale_pending_released_from_report(etcd, store, ipam):
 
 def test_release_node(etcd, store, ipam):
     make_pool(store, "v4", "10.37.0.0/28", blockSize=30)
-    a = ipam.auto_assign("net.a", "n1", num_v4=2)
-    ipam.auto_assign("net.tmp", "n1", num_v4=3)
-    ipam.release_ips(ipam.ips_by_handle("net.tmp")[-1:])  # n1 now has a full and a partly used block
-    ipam.configure(max_blocks_per_host=1)
-    b = ipam.auto_assign("net.b", "n2", num_v4=1)
-    n1_blocks = {x.cidr for x in ipam.node_blocks("n1")}
-    assert len(n1_blocks) == 2
-    ipam.release_handle("net.tmp")  # frees the rest; one n1 block holds only a[...] now
-    before = {x.cidr: x for x in ipam.node_blocks("n1")}
-    ipam.release_node("n1")
+    a = ipam.auto_assign("net.a", "n1", num_v4=5)  # one full block and one with one address
+    used = {x.cidr for x in ipam.node_blocks("n1")}
+    assert len(used) == 2
+    # a third block claimed but not used yet (confirmed and empty)
+    p = etcd.config.prefix
+    free = next(c for c in ("10.37.0.0/30", "10.37.0.4/30", "10.37.0.8/30", "10.37.0.12/30") if c not in used)
+    empty = Block.new(free, "v4", "n1", now=time.time()).confirm()
+    etcd.transaction(Txn().put(p + BLOCKS + cidr_part(free), empty.to_json())
+                     .put(p + AFFINITY + "n1/" + cidr_part(free), affinity_value("confirmed")))
+    assert len(ipam.node_blocks("n1")) == 3
+    out = ipam.release_node("n1")
+    assert out["deleted_blocks"] == [free] and sorted(out["unaffined_blocks"]) == sorted(used)
     assert ipam.node_blocks("n1") == []
-    assert etcd.get_prefix(etcd.config.prefix + AFFINITY + "n1/")[0] == []
-    left = {x.cidr: x for x in ipam.all_blocks() if x.cidr in before}
-    assert all(x.node is None and x.allocated for x in left.values())
-    assert sorted(held(etcd)) == sorted(a + b)
-    # an unaffined block is borrowable by anyone, and freed entirely once empty
+    assert etcd.get_prefix(p + AFFINITY)[0] == []
+    assert all(x.node is None for x in ipam.all_blocks())
+    assert sorted(held(etcd)) == sorted(a)
+    # the unaffined blocks are given back once empty
     ipam.release_handle("net.a")
-    assert {x.cidr for x in ipam.all_blocks()} == {x.cidr for x in ipam.node_blocks("n2")}
+    assert ipam.all_blocks() == []
 
 
 def test_check_and_release_leaks(etcd, store, ipam):
