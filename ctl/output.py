@@ -1,0 +1,153 @@
+"""How `tortiectl get` prints resources: a table per kind, or YAML/JSON/names.
+
+The YAML and JSON of several resources is a `kind: List`, which `tortiectl apply`
+reads back, so `get -o yaml > f && apply -f f` round-trips.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+import yaml
+
+FORMATS = ("table", "wide", "yaml", "json", "name")
+
+Row = Callable[[dict], tuple[str, ...]]
+
+
+def _labels(res: dict) -> str:
+    labels = res["metadata"].get("labels") or {}
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "<none>"
+
+
+def _yn(value) -> str:
+    return "true" if value else "false"
+
+
+def _pool(res: dict) -> tuple[str, ...]:
+    s = res["spec"]
+    return (res["metadata"]["name"], s["cidr"], str(s["blockSize"]), _yn(s.get("natOutgoing")),
+            _yn(s.get("disabled")), s.get("nodeSelector", "all()"))
+
+
+def _pool_wide(res: dict) -> tuple[str, ...]:
+    e = res["spec"].get("egress")
+    egress = f"table {e['table']} via {e['nextHop']}" if e else "-"
+    return (*_pool(res), _yn(not res["spec"].get("disableBGPExport")), egress)
+
+
+def _ipam_config(res: dict) -> tuple[str, ...]:
+    s = res["spec"]
+    return (res["metadata"]["name"], _yn(s.get("strictAffinity")), _yn(s.get("autoAllocateBlocks", True)),
+            str(s.get("maxBlocksPerHost") or "unlimited"))
+
+
+def _node(res: dict) -> tuple[str, ...]:
+    bgp = res.get("spec", {}).get("bgp", {})
+    return (res["metadata"]["name"], bgp.get("ipv4Address", "-"), bgp.get("ipv6Address", "-"),
+            str(bgp.get("asNumber", "(default)")))
+
+
+def _node_wide(res: dict) -> tuple[str, ...]:
+    return (*_node(res), res.get("spec", {}).get("bgp", {}).get("routeReflectorClusterID", "-"), _labels(res))
+
+
+def _peer_scope(s: dict) -> str:
+    if s.get("node"):
+        return f"node {s['node']}"
+    return s.get("nodeSelector") or "all nodes"
+
+
+def _bgp_peer(res: dict) -> tuple[str, ...]:
+    s = res["spec"]
+    return (res["metadata"]["name"], s.get("peerIP") or f"selector: {s.get('peerSelector')}",
+            str(s.get("asNumber", "(node's)")), _peer_scope(s))
+
+
+def _bgp_config(res: dict) -> tuple[str, ...]:
+    s = res["spec"]
+    mesh = s.get("nodeToNodeMeshEnabled")
+    return (res["metadata"]["name"], str(s.get("asNumber", "-")), "-" if mesh is None else _yn(mesh),
+            str(s.get("listenPort", "-")))
+
+
+def _wep(res: dict) -> tuple[str, ...]:
+    s = res["spec"]
+    return (res["metadata"]["name"], s["node"], s.get("pod") or s.get("workload") or "-",
+            ",".join(s.get("ipNetworks", ())) or "-", s.get("interfaceName") or "-")
+
+
+def _wep_wide(res: dict) -> tuple[str, ...]:
+    return (*_wep(res), (res["spec"].get("containerID") or "-")[:12], _labels(res))
+
+
+def _netpol(res: dict) -> tuple[str, ...]:
+    from tortie.datastore.selector import from_k8s
+
+    s = res["spec"]
+    return (res["metadata"]["name"], str(from_k8s(s.get("podSelector"))), ",".join(s.get("policyTypes", ())))
+
+
+def _namespace(res: dict) -> tuple[str, ...]:
+    return (res["metadata"]["name"], _labels(res))
+
+
+# kind -> (headers, row, wide headers, wide row)
+TABLES: dict[str, tuple[tuple[str, ...], Row, tuple[str, ...], Row]] = {
+    "ippool": (("NAME", "CIDR", "BLOCKSIZE", "NAT", "DISABLED", "SELECTOR"), _pool,
+               ("BGP-EXPORT", "EGRESS"), _pool_wide),
+    "ipamconfig": (("NAME", "STRICT-AFFINITY", "AUTO-ALLOCATE", "MAX-BLOCKS-PER-HOST"), _ipam_config,
+                   (), _ipam_config),
+    "node": (("NAME", "IPV4", "IPV6", "ASN"), _node, ("RR-CLUSTER-ID", "LABELS"), _node_wide),
+    "bgppeer": (("NAME", "PEER", "ASN", "NODES"), _bgp_peer, (), _bgp_peer),
+    "bgpconfiguration": (("NAME", "ASN", "MESH", "LISTEN-PORT"), _bgp_config, (), _bgp_config),
+    "workloadendpoint": (("NAME", "NODE", "POD", "NETWORKS", "INTERFACE"), _wep,
+                         ("CONTAINER", "LABELS"), _wep_wide),
+    "networkpolicy": (("NAME", "POD-SELECTOR", "POLICY-TYPES"), _netpol, (), _netpol),
+    "namespace": (("NAME", "LABELS"), _namespace, (), _namespace),
+}
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, two spaces apart."""
+    if not rows:
+        return ""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def as_list(resources: Sequence[dict]) -> dict:
+    return {"apiVersion": "v1", "kind": "List", "items": list(resources)}
+
+
+def render(kind_key: str, resources: Sequence[dict], fmt: str, *, single: bool = False,
+           namespaces: bool = False) -> str:
+    """The text `get` prints. `single`: one named resource (not wrapped in a List)."""
+    if fmt in ("yaml", "json"):
+        doc = resources[0] if single and len(resources) == 1 else as_list(resources)
+        if fmt == "json":
+            return json.dumps(doc, indent=2, sort_keys=False)
+        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False).rstrip("\n")
+    if fmt == "name":
+        return "\n".join(_name(r) for r in resources)
+    headers, row, wide_headers, wide_row = TABLES[kind_key]
+    if fmt == "wide":
+        headers, row = headers + wide_headers, wide_row
+    if namespaces:
+        headers = ("NAMESPACE", *headers)
+        rows = [headers, *((r["metadata"].get("namespace", ""), *row(r)) for r in resources)]
+    else:
+        rows = [headers, *(row(r) for r in resources)]
+    return table(rows)
+
+
+def _name(res: dict) -> str:
+    return f"{res['kind'].lower()}/{res['metadata']['name']}"
+
+
+def describe(res: dict) -> str:
+    """`ippool/default` or `networkpolicy/ns1/deny-all`: how apply/delete name what they did."""
+    ns = res["metadata"].get("namespace")
+    return f"{res['kind'].lower()}/{ns}/{res['metadata']['name']}" if ns else _name(res)
+
