@@ -1,0 +1,155 @@
+"""Reconcile logic of RouteManager against the in-memory kernel (no root needed)."""
+
+from __future__ import annotations
+
+import errno
+
+from tortie.routing.kernel import FakeKernel
+from tortie.routing.model import Route, route_key
+from tortie.routing.route_mgr import RouteManager
+
+
+def mgr(*links: str) -> tuple[RouteManager, FakeKernel]:
+    k = FakeKernel(links or ("vA", "vB"))
+    return RouteManager(k), k
+
+
+def test_install_noop_change_remove():
+    m, k = mgr()
+    pods = [Route(f"10.1.0.{i}/32", dev="vA") for i in range(10)]
+    m.set_routes("workloads", pods)
+    assert m.dirty
+    st = m.apply()
+    assert (st.added, st.replaced, st.deleted) == (10, 0, 0)
+    assert set(k.routes.values()) == set(pods)
+    assert not m.dirty
+    writes = k.writes
+    assert m.apply().added == 0 and k.writes == writes  # nothing dirty, nothing written
+    m.set_route("workloads", Route("10.1.0.3/32", dev="vB"))
+    st = m.apply()
+    assert (st.added, st.replaced, st.deleted) == (0, 1, 0)
+    assert k.routes[route_key("10.1.0.3")].dev == "vB"
+    m.set_routes("workloads", [r for r in pods if r.dst != "10.1.0.5/32"])  # and 10.1.0.3 back
+    m.remove_route("workloads", "10.1.0.4/32")
+    st = m.apply()
+    assert (st.added, st.replaced, st.deleted) == (0, 1, 2)
+    assert route_key("10.1.0.5") not in k.routes and route_key("10.1.0.4") not in k.routes
+
+
+def test_class_priority_on_the_same_key():
+    m, k = mgr()
+    m.set_routes("bgp", [Route("10.1.0.5/32", gateways=("10.9.0.9",))])
+    m.set_routes("workloads", [Route("10.1.0.5/32", dev="vA")])
+    m.apply()
+    assert k.routes[route_key("10.1.0.5")].dev == "vA"  # workloads beat bgp
+    m.set_routes("workloads", [])
+    m.apply()
+    assert k.routes[route_key("10.1.0.5")].gateways == ("10.9.0.9",)  # bgp's comes back
+    m.set_routes("bgp", [])
+    assert m.apply().deleted == 1 and not k.routes
+
+
+def test_adoption_writes_nothing():
+    k = FakeKernel(("vA",))
+    routes = [Route("10.1.0.5/32", dev="vA"), Route("10.1.0.0/26", type="blackhole"),
+              Route("10.2.0.0/26", gateways=("10.9.0.2", "10.9.0.3"))]
+    for r in routes:
+        k.routes[r.key] = r
+    k.routes[route_key("10.7.0.0/24")] = Route("10.7.0.0/24", dev="vA")  # no longer wanted
+    m = RouteManager(k)
+    m.set_routes("workloads", routes[:1])
+    m.set_routes("blocks", routes[1:2])
+    m.set_routes("bgp", routes[2:])
+    st = m.apply()
+    assert st.resynced and (st.added, st.replaced, st.deleted) == (0, 0, 1)
+    assert k.writes == 1
+
+
+def test_pending_until_the_device_appears():
+    m, k = mgr("vA")
+    m.set_routes("workloads", [Route("10.1.0.5/32", dev="cali9"), Route("10.1.0.6/32", dev="vA")])
+    st = m.apply()
+    assert st.added == 1 and st.pending == 1 and m.pending == {route_key("10.1.0.5")}
+    assert not m.dirty  # waiting is not busy-looping
+    k.add_link("cali9")
+    m.on_link_event("cali9", present=True, up=True)
+    assert m.dirty
+    st = m.apply()
+    assert st.added == 1 and st.pending == 0 and route_key("10.1.0.5") in k.routes
+
+
+def test_pending_route_dropped_when_no_longer_wanted():
+    m, _ = mgr("vA")
+    m.set_route("workloads", Route("10.1.0.5/32", dev="cali9"))
+    assert m.apply().pending == 1
+    m.remove_route("workloads", "10.1.0.5/32")
+    assert m.apply().pending == 0
+
+
+def test_drift_events_mark_dirty_and_repair():
+    m, k = mgr()
+    r = Route("10.1.0.5/32", dev="vA")
+    m.set_route("workloads", r)
+    m.apply()
+    del k.routes[r.key]  # deleted by hand...
+    m.on_route_event(True, m.proto, r)  # ...and the monitor saw it
+    assert m.dirty
+    assert m.apply().added == 1 and k.routes[r.key] == r
+    changed = Route("10.1.0.5/32", dev="vB")
+    k.routes[r.key] = changed
+    m.on_route_event(False, m.proto, changed)
+    assert m.apply().replaced == 1 and k.routes[r.key] == r
+    m.on_route_event(False, m.proto, r)  # the echo of our own write
+    assert not m.dirty
+
+
+def test_foreign_route_is_not_overwritten():
+    m, k = mgr()
+    foreign = Route("10.1.0.5/32", dev="vB")
+    k.foreign[foreign.key] = foreign
+    m.set_route("workloads", Route("10.1.0.5/32", dev="vA"))
+    st = m.apply()
+    assert st.added == 0 and [e.errno for e in st.errors] == [errno.EEXIST]
+    assert k.foreign[foreign.key] == foreign and foreign.key in m.failed
+    # A foreign event on one of our keys asks for a resync (an IPv4 replace may take ours).
+    m.on_route_event(False, 4, foreign)
+    assert m.dirty
+
+
+def test_link_gone_forgets_its_routes_and_waits():
+    m, k = mgr()
+    m.set_route("workloads", Route("10.1.0.5/32", dev="vB"))
+    m.apply()
+    k.del_link("vB")
+    m.on_link_event("vB", present=False, up=False)
+    st = m.apply()
+    assert st.pending == 1 and not k.routes
+
+
+def test_metric_change_deletes_then_adds():
+    m, k = mgr()
+    m.set_route("bgp", Route("10.2.0.0/24", gateways=("10.9.0.2",)))
+    m.apply()
+    m.set_route("bgp", Route("10.2.0.0/24", gateways=("10.9.0.2",), metric=50))
+    st = m.apply()
+    assert (st.added, st.deleted) == (1, 1) and k.routes[route_key("10.2.0.0/24")].metric == 50
+
+
+def test_gateway_route_without_dev_matches_the_kernels_resolved_dev():
+    m, k = mgr()
+    want = Route("10.2.0.0/24", gateways=("10.9.0.2",))
+    k.routes[want.key] = Route("10.2.0.0/24", gateways=("10.9.0.2",), dev="vA")
+    m.set_route("bgp", want)
+    st = m.apply()
+    assert (st.added, st.replaced, st.deleted) == (0, 0, 0)
+
+
+def test_failed_write_is_retried_on_resync():
+    m, k = mgr()
+    r = Route("10.1.0.5/32", dev="vA")
+    k.fail[r.key] = errno.EINVAL
+    m.set_route("workloads", r)
+    assert m.apply().errors and r.key in m.failed
+    del k.fail[r.key]
+    m.resync()
+    assert m.apply().added == 1 and not m.failed
