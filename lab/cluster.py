@@ -70,9 +70,10 @@ def resolve_agent(mode: str) -> str:
         raise ValidationError(f"--agent {mode!r}: want one of {', '.join(AGENT_MODES)}", field="agent")
     if mode != "auto":
         return mode
-    if importlib.util.find_spec("tortie.agent.main") is not None:
+    has = {m: importlib.util.find_spec(f"tortie.agent.{m}") is not None for m in ("main", "cni_server")}
+    if has["main"] and has["cni_server"]:  # the agent serves CNI through agent.cni_server
         return "agent"
-    if importlib.util.find_spec("tortie.agent.cni_server") is not None:
+    if has["cni_server"]:
         return "cni-server"
     return "none"
 

@@ -1,0 +1,78 @@
+"""The lab's address plan, naming and record: pure functions, no kernel."""
+
+from __future__ import annotations
+
+import pytest
+
+from tortie.errors import ValidationError
+from tortie.lab import state, topology
+from tortie.lab.probe import Matrix, ProbeResult
+
+
+def test_plan_addresses_and_names():
+    plan = topology.make_plan("lab1", 3)
+    assert [n.name for n in plan.nodes] == ["node1", "node2", "node3"]
+    assert [n.netns for n in plan.nodes] == ["lab1-node1", "lab1-node2", "lab1-node3"]
+    assert [n.address for n in plan.nodes] == ["10.99.0.11/24", "10.99.0.12/24", "10.99.0.13/24"]
+    assert plan.ctl_netns == "lab1-ctl" and plan.net_netns == "lab1-net"
+    assert plan.etcd_endpoint == "http://10.99.0.2:2379"
+    assert len({n.ip for n in plan.nodes} | {plan.ctl_address.split("/")[0]}) == 4
+    assert plan.netns_names() == ["lab1-net", "lab1-ctl", "lab1-node1", "lab1-node2", "lab1-node3"]
+
+
+@pytest.mark.parametrize("name", ["", "Tortie", "my-lab", "1lab", "a" * 17, "x/y"])
+def test_bad_lab_names(name):
+    with pytest.raises(ValidationError):
+        topology.make_plan(name, 1)
+
+
+@pytest.mark.parametrize("nodes,tor", [(0, "none"), (topology.MAX_NODES + 1, "none"), (1, "cisco")])
+def test_bad_plans(nodes, tor):
+    with pytest.raises(ValidationError):
+        topology.make_plan("lab", nodes, tor)
+
+
+def test_pod_names():
+    assert topology.split_pod("default/a") == ("default", "a")
+    assert topology.split_pod("web") == ("default", "web")
+    for bad in ("Default/a", "ns/", "ns/a_b", "a/b/c"):
+        with pytest.raises(ValidationError):
+            topology.split_pod(bad)
+    assert topology.pod_netns("lab", "default", "a") == "lab-pod-default-a"
+    long = topology.pod_netns("lab", "kube-system", "x" * 50)
+    assert long.startswith("lab-pod-") and len(long) <= 48
+    assert long != topology.pod_netns("lab", "kube-system", "x" * 49)
+
+
+def test_lab_namespace_matching_never_takes_another_labs():
+    for ns in ("lab-ctl", "lab-net", "lab-node12", "lab-pod-default-a", "lab-tor", "lab-ext"):
+        assert topology.is_lab_netns("lab", ns)
+    for ns in ("lab2-ctl", "labx-node1", "lab-nodes", "lab", "other-lab-ctl", "tt-lab-ctl"):
+        assert not topology.is_lab_netns("lab", ns)
+
+
+def test_state_round_trip():
+    st = state.LabState(name="lab", dir="/run/x/lab", plan={"a": 1}, netns=["lab-net"])
+    st.procs.append(state.Proc(role="etcd", pid=10, start=99, netns="lab-ctl", log="/l", cmd=("etcd",)))
+    st.pods["default/a"] = state.Pod("default", "a", "node1", "lab-pod-default-a", "c1",
+                                     address="10.65.0.1", labels={"app": "web"})
+    back = state.LabState.from_json(st.to_json())
+    assert back == st
+    assert back.proc("etcd").pid == 10 and back.proc("nope") is None
+
+
+def test_matrix_cells_and_verdict():
+    def r(src, dst, proto, ok):
+        return ProbeResult(src=src, dst=dst, addr="10.0.0.1", port=80, proto=proto, ok=ok)
+    m = Matrix(("node1", "a"), ("a", "b"), 80, (
+        r("node1", "a", "tcp", True), r("node1", "a", "udp", True),
+        r("node1", "b", "tcp", True), r("node1", "b", "udp", False),
+        r("a", "a", "tcp", True), r("a", "a", "udp", True),
+        r("a", "b", "tcp", False), r("a", "b", "udp", False),
+    ))
+    assert not m.ok and len(m.failures) == 3
+    assert m.cell("node1", "a") == "ok" and m.cell("node1", "b") == "tcp only"
+    assert m.cell("a", "b") == "FAIL"
+    text = m.render()
+    assert "5/8 probes answered, 3 failed" in text
+    assert text.splitlines()[2].split() == ["node1", "ok", "tcp", "only"]
