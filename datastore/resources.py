@@ -446,10 +446,14 @@ def _netpol_spec(f: Fields, meta: dict) -> None:
 
         def ip_block(b: Fields) -> None:
             net = b.cidr("cidr", required=True)
-            for i, exc in enumerate(b.list("except", _string) or []):
-                ex = parse_cidr(exc, f"{b.at('except')}[{i}]")
+
+            def inside(v: Any, where: str) -> str:
+                ex = parse_cidr(_string(v, where), where)
                 if ex.version != net.version or not ex.subnet_of(net):
-                    raise ValidationError(f"{exc} is not inside {net}", field=f"{b.at('except')}[{i}]")
+                    raise ValidationError(f"{ex} is not inside {net}", field=where)
+                return str(ex)
+
+            b.list("except", inside)
 
         p.obj_field("ipBlock", ip_block)
         if p.raw("ipBlock") is not None and (p.raw("podSelector") is not None or p.raw("namespaceSelector") is not None):
@@ -793,8 +797,99 @@ class WorkloadEndpoint(View):
                     profiles=tuple(spec.get("profiles", ())))
 
 
+@dataclass(frozen=True)
+class Namespace(View):
+    KIND: ClassVar[str] = "Namespace"
+
+    @staticmethod
+    def _spec(meta: dict, spec: dict) -> dict:
+        return {}
+
+
+@dataclass(frozen=True)
+class PolicyPort:
+    protocol: str = "TCP"
+    port: int | str | None = None  # None: every port; a string is a named container port
+    end_port: int | None = None  # with port: the range port..end_port
+
+
+@dataclass(frozen=True)
+class PolicyPeer:
+    """One `from`/`to` entry: selectors (None: not given) or an ipBlock."""
+
+    pod_selector: selector.Selector | None = None
+    namespace_selector: selector.Selector | None = None
+    cidr: str | None = None
+    except_cidrs: tuple[str, ...] = ()
+
+    def matches_pod(self, pod_labels: Mapping[str, str], pod_namespace: str,
+                    namespace_labels: Mapping[str, str], policy_namespace: str) -> bool:
+        """Kubernetes' rule: podSelector alone means pods of the policy's namespace;
+        namespaceSelector alone, every pod of the matching namespaces; both, both."""
+        if self.cidr is not None:
+            return False  # ipBlock is about addresses, see `matches_address`
+        if self.namespace_selector is None:
+            if pod_namespace != policy_namespace:
+                return False
+        elif not self.namespace_selector.matches(namespace_labels):
+            return False
+        return self.pod_selector is None or self.pod_selector.matches(pod_labels)
+
+    def matches_address(self, address: str) -> bool:
+        if self.cidr is None:
+            return False
+        ip = ipaddress.ip_address(address)
+        net = ipaddress.ip_network(self.cidr)
+        return ip.version == net.version and ip in net and not any(
+            ip in ipaddress.ip_network(c) for c in self.except_cidrs)
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    peers: tuple[PolicyPeer, ...] = ()  # empty: from/to anywhere
+    ports: tuple[PolicyPort, ...] = ()  # empty: every port and protocol
+
+
+@dataclass(frozen=True)
+class NetworkPolicy(View):
+    """A networking.k8s.io/v1 NetworkPolicy with its selectors parsed."""
+
+    KIND: ClassVar[str] = "NetworkPolicy"
+    namespace: str = "default"
+    pod_selector: selector.Selector = selector.ALL
+    policy_types: tuple[str, ...] = ("Ingress",)
+    ingress: tuple[PolicyRule, ...] = ()
+    egress: tuple[PolicyRule, ...] = ()
+
+    @staticmethod
+    def _spec(meta: dict, spec: dict) -> dict:
+        def rules(items: list, peers: str) -> tuple[PolicyRule, ...]:
+            return tuple(PolicyRule(
+                peers=tuple(_policy_peer(p) for p in r.get(peers) or ()),
+                ports=tuple(PolicyPort(p["protocol"], p.get("port"), p.get("endPort")) for p in r.get("ports") or ()),
+            ) for r in items)
+        return dict(namespace=meta["namespace"], pod_selector=selector.from_k8s(spec["podSelector"]),
+                    policy_types=tuple(spec["policyTypes"]), ingress=rules(spec.get("ingress") or [], "from"),
+                    egress=rules(spec.get("egress") or [], "to"))
+
+    def selects(self, pod_labels: Mapping[str, str], pod_namespace: str) -> bool:
+        """Whether the policy applies to this pod (then only what its rules allow gets in/out)."""
+        return pod_namespace == self.namespace and self.pod_selector.matches(pod_labels)
+
+
+def _policy_peer(p: dict) -> PolicyPeer:
+    block = p.get("ipBlock")
+    return PolicyPeer(
+        pod_selector=selector.from_k8s(p["podSelector"]) if "podSelector" in p else None,
+        namespace_selector=selector.from_k8s(p["namespaceSelector"]) if "namespaceSelector" in p else None,
+        cidr=block["cidr"] if block else None,
+        except_cidrs=tuple(block.get("except", ())) if block else (),
+    )
+
+
 VIEWS: dict[str, type[View]] = {
-    v.KIND.lower(): v for v in (IPPool, IPAMConfig, Node, BGPPeer, BGPConfiguration, WorkloadEndpoint)
+    v.KIND.lower(): v for v in (IPPool, IPAMConfig, Node, BGPPeer, BGPConfiguration, WorkloadEndpoint,
+                                 NetworkPolicy, Namespace)
 }
 
 
@@ -952,7 +1047,8 @@ CHECKS: dict[str, Callable[[dict, dict | None, list[dict]], None]] = {"ippool": 
 
 
 __all__ = [
-    "API_VERSION", "KINDS", "BGPConfiguration", "BGPPeer", "Egress", "IPAMConfig", "IPPool", "Kind", "Node",
+    "API_VERSION", "KINDS", "BGPConfiguration", "BGPPeer", "Egress", "IPAMConfig", "IPPool", "Kind", "Namespace",
+    "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort", "PolicyRule",
     "ResourceStore", "View", "WorkloadEndpoint", "decode", "effective_bgp_config", "key_for", "kind_for",
     "parse_key", "split_peer_ip", "validate",
 ]

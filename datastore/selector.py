@@ -50,6 +50,9 @@ class All(Selector):
         return "all()"
 
 
+ALL = All()
+
+
 @dataclass(frozen=True)
 class Has(Selector):
     key: str

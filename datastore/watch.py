@@ -247,6 +247,7 @@ class Syncer:
             raise
         finally:
             ended.set()
+            call.cancel()  # etcd keeps a half-closed watch stream open; end it for sure
             with self._lock:
                 self._call = None
 

@@ -275,3 +275,34 @@ def test_concurrent_overlapping_pool_creates_admit_exactly_one(etcd_config):
     nets = [p.network for p in pools]
     assert all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1:]), nets
     assert sorted(p.name for p in pools) == sorted(results) and results
+
+
+def test_network_policy_view_follows_kubernetes_peer_rules():
+    pol = r.NetworkPolicy.from_resource(netpol({
+        "podSelector": {"matchLabels": {"app": "db"}},
+        "ingress": [
+            {"from": [{"podSelector": {"matchLabels": {"role": "api"}}},  # same namespace only
+                      {"namespaceSelector": {"matchLabels": {"team": "ops"}}},  # any pod there
+                      {"namespaceSelector": {"matchLabels": {"team": "a"}},
+                       "podSelector": {"matchLabels": {"role": "batch"}}}],  # both must hold
+             "ports": [{"port": 5432}, {"protocol": "UDP", "port": 5000, "endPort": 5010}]},
+        ],
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.2.3/16"]}}]}],
+    }))
+    assert pol.policy_types == ("Ingress", "Egress")
+    assert pol.selects({"app": "db"}, "ns1") and not pol.selects({"app": "db"}, "other")
+    api, ops, both = pol.ingress[0].peers
+    assert api.matches_pod({"role": "api"}, "ns1", {}, "ns1")
+    assert not api.matches_pod({"role": "api"}, "ns2", {}, "ns1")
+    assert ops.matches_pod({}, "ops-ns", {"team": "ops"}, "ns1")
+    assert not ops.matches_pod({}, "ns1", {}, "ns1")
+    assert both.matches_pod({"role": "batch"}, "a-ns", {"team": "a"}, "ns1")
+    assert not both.matches_pod({"role": "web"}, "a-ns", {"team": "a"}, "ns1")
+    assert pol.ingress[0].ports == (r.PolicyPort("TCP", 5432), r.PolicyPort("UDP", 5000, 5010))
+    (block,) = pol.egress[0].peers
+    assert block.except_cidrs == ("10.1.0.0/16",)
+    assert block.matches_address("10.9.9.9") and not block.matches_address("10.1.9.9")
+    assert not block.matches_address("11.0.0.1") and not block.matches_address("fd00::1")
+    assert not block.matches_pod({}, "ns1", {}, "ns1")
+    deny_all = r.NetworkPolicy.from_resource(netpol({"podSelector": {}, "policyTypes": ["Ingress"]}))
+    assert deny_all.selects({"any": "pod"}, "ns1") and deny_all.ingress == ()
