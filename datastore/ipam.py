@@ -554,6 +554,10 @@ class IPAM:
     def _info(block: Block) -> BlockInfo:
         return BlockInfo(block.cidr, block.pool, block.node, block.confirmed, block.in_use, block.total)
 
+    def blocks(self) -> list[Block]:
+        """Every block with its allocations, in address order."""
+        return sorted((b for b, _ in self._all_blocks()), key=lambda b: _net_key(b.cidr))
+
     def all_blocks(self) -> list[BlockInfo]:
         return sorted((self._info(b) for b, _ in self._all_blocks()), key=lambda i: _net_key(i.cidr))
 
