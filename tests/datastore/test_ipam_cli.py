@@ -105,7 +105,7 @@ def test_configure(run, etcd):
 ])
 def test_errors_are_one_line_and_change_nothing(run, setup, etcd, argv, rc):
     before = snapshot(etcd)
-    code, out, err = run(*argv)
+    code, _, err = run(*argv)
     assert code == rc
     assert len(err.strip().splitlines()) == 1 and err.startswith("tortiectl: ") and "Traceback" not in err
     assert snapshot(etcd) == before
