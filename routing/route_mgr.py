@@ -289,7 +289,8 @@ class RouteManager:
         if present and up:
             for k in self._pending:
                 d = self._desired.get(k)
-                if d is not None and d.dev == name:
+                # A gateway route without a device may wait for any link (its uplink).
+                if d is not None and (d.dev == name or d.dev is None):
                     self._dirty.add(k)
             return
         # Down or gone: the kernel dropped routes through it without telling anyone. Forget
