@@ -150,7 +150,7 @@ class Lab:
             created = self._dsops("bootstrap", "--cidr", pool, "--block-size", str(block_size))
             echo(f"IPPool default-ipv4 {pool} blockSize {block_size} "
                  f"({'created' if created.get('ippool') else 'exists'}); IPAMConfig default")
-            self._install_cni(st)
+            self._install_cni(st, echo)
 
         if st.cni == "ptp":
             self._ptp_routes(plan)
@@ -191,10 +191,10 @@ class Lab:
                 f"route add {PTP_SUBNET.format(i=j)} via {other.ip}"
                 for j, other in enumerate(plan.nodes, 1) if j != i])
 
-    def _install_cni(self, st: LabState) -> None:
+    def _install_cni(self, st: LabState, echo: Echo) -> None:
         bin_dir = os.path.join(st.dir, "bin")
         if importlib.util.find_spec("tortie.cni.install") is None:
-            log.warning("CNI plugin not installed: tortie.cni.install missing", lab=self.name)
+            echo("CNI plugin not installed (tortie.cni.install missing): pods cannot be added")
             return
         nsutil.run([_python(), "-m", "tortie.cni.install", "--bin-dir", bin_dir])
         self._record(lambda s: setattr(s, "bin_dir", bin_dir))
@@ -554,7 +554,7 @@ class Lab:
         plan = _plan_from(st)
         r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-m", "tortie.lab.dsops",
                         "--endpoints", plan.etcd_endpoint, "--prefix", st.etcd_prefix, *args],
-                       check=False, env=self._env())
+                       check=False, env=self._env({"TORTIE_LOG_LEVEL": "warning"}))
         if r.returncode != 0:
             try:
                 err = json.loads(r.stderr.strip().splitlines()[-1])

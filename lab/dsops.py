@@ -5,8 +5,7 @@ reach (by design: nothing of the lab lives there), so the lab runs these as a sh
 child process in `<lab>-ctl`: `ip netns exec <lab>-ctl python -m tortie.lab.dsops ...`.
 Each prints one JSON document on stdout.
 
-Keys follow docs/architecture.md: `<prefix>resources/<kind>/<name>`, namespaced kinds
-`<prefix>resources/<kind>/<namespace>/<name>`.
+Writes go through `datastore.resources.ResourceStore` (validation, compare-and-swap).
 """
 
 from __future__ import annotations
@@ -15,70 +14,57 @@ import argparse
 import json
 import sys
 
-from tortie.datastore.etcd import KV, EtcdClient, EtcdConfig
-from tortie.errors import NotFound, TortieError, ValidationError
+from tortie.datastore.etcd import EtcdClient, EtcdConfig
+from tortie.datastore.resources import ResourceStore
+from tortie.errors import AlreadyExists, Conflict, NotFound, TortieError, ValidationError
 
 API_VERSION = "tortie.io/v1"
 
 
-def _resource(kind: str, name: str, spec: dict) -> dict:
-    return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+def _create_if_absent(store: ResourceStore, resource: dict) -> bool:
+    try:
+        store.create(resource)
+    except AlreadyExists:
+        return False
+    return True
 
 
-def _create_if_absent(client: EtcdClient, key: str, resource: dict) -> bool:
-    ok, _ = client.cas(key, 0, json.dumps(resource).encode())
-    return ok
-
-
-def bootstrap(client: EtcdClient, prefix: str, cidr: str, block_size: int) -> dict:
+def bootstrap(store: ResourceStore, cidr: str, block_size: int) -> dict:
     """The default IPPool and IPAMConfig, unless they exist already."""
-    pool = _resource("IPPool", "default-ipv4", {
-        "cidr": cidr, "blockSize": block_size, "natOutgoing": False, "disabled": False,
-    })
-    ipam = _resource("IPAMConfig", "default", {"strictAffinity": False, "autoAllocateBlocks": True})
-    return {
-        "ippool": _create_if_absent(client, f"{prefix}resources/ippool/default-ipv4", pool),
-        "ipamconfig": _create_if_absent(client, f"{prefix}resources/ipamconfig/default", ipam),
-    }
+    pool = {"apiVersion": API_VERSION, "kind": "IPPool", "metadata": {"name": "default-ipv4"},
+            "spec": {"cidr": cidr, "blockSize": block_size, "natOutgoing": False, "disabled": False}}
+    ipam = {"apiVersion": API_VERSION, "kind": "IPAMConfig", "metadata": {"name": "default"},
+            "spec": {"strictAffinity": False, "autoAllocateBlocks": True}}
+    return {"ippool": _create_if_absent(store, pool), "ipamconfig": _create_if_absent(store, ipam)}
 
 
-def find_wep(client: EtcdClient, prefix: str, namespace: str, pod: str) -> KV | None:
-    """The WorkloadEndpoint of pod namespace/pod (its key name need not be the pod name)."""
-    kvs, _ = client.get_prefix(f"{prefix}resources/workloadendpoint/{namespace}/")
-    for kv in kvs:
-        try:
-            res = json.loads(kv.value)
-        except ValueError:
-            continue
+def find_wep(store: ResourceStore, namespace: str, pod: str) -> dict | None:
+    """The WorkloadEndpoint of pod namespace/pod (its resource name need not be the pod name)."""
+    for res in store.list("WorkloadEndpoint", namespace):
         spec = res.get("spec", {})
-        if spec.get("pod") == pod or (not spec.get("pod") and res.get("metadata", {}).get("name") == pod):
-            return kv
+        if spec.get("pod") == pod or (not spec.get("pod") and res["metadata"].get("name") == pod):
+            return res
     return None
 
 
-def set_labels(client: EtcdClient, prefix: str, namespace: str, pod: str,
-               add: dict[str, str], remove: list[str]) -> dict[str, str]:
-    """Set and remove labels on the pod's WorkloadEndpoint under compare-and-swap."""
-    kv = find_wep(client, prefix, namespace, pod)
-    if kv is None:
-        raise NotFound(f"no WorkloadEndpoint for pod {namespace}/{pod}")
-    result: dict[str, str] = {}
-
-    def change(cur: KV | None) -> bytes:
-        if cur is None:
-            raise NotFound(f"WorkloadEndpoint of {namespace}/{pod} vanished")
-        res = json.loads(cur.value)
-        labels = dict(res.setdefault("metadata", {}).get("labels") or {})
+def set_labels(store: ResourceStore, namespace: str, pod: str,
+               add: dict[str, str], remove: list[str], retries: int = 20) -> dict[str, str]:
+    """Set and remove labels on the pod's WorkloadEndpoint, guarded by its resourceVersion."""
+    for _ in range(retries):
+        res = find_wep(store, namespace, pod)
+        if res is None:
+            raise NotFound(f"no WorkloadEndpoint for pod {namespace}/{pod}")
+        labels = dict(res["metadata"].get("labels") or {})
         labels.update(add)
         for k in remove:
             labels.pop(k, None)
         res["metadata"]["labels"] = labels
-        result.clear()
-        result.update(labels)
-        return json.dumps(res).encode()
-
-    client.update(kv.key, change)
-    return result
+        try:
+            store.replace(res)  # carries resourceVersion: a concurrent change is a Conflict
+        except Conflict:
+            continue
+        return labels
+    raise Conflict(f"gave up labelling {namespace}/{pod} after {retries} conflicting writes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     config = EtcdConfig.from_env({}, endpoints=args.endpoints, prefix=args.prefix)
     try:
         with EtcdClient(config) as client:
+            store = ResourceStore(client)
             if args.op == "bootstrap":
-                out = bootstrap(client, args.prefix, args.cidr, args.block_size)
+                out = bootstrap(store, args.cidr, args.block_size)
             elif args.op == "wep":
-                kv = find_wep(client, args.prefix, args.namespace, args.pod)
-                out = json.loads(kv.value) if kv else None
+                out = find_wep(store, args.namespace, args.pod)
             else:
                 add = {}
                 for item in args.set:
@@ -113,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                     if not sep or not k:
                         raise ValidationError(f"label {item!r}: want k=v", field="label")
                     add[k] = v
-                out = set_labels(client, args.prefix, args.namespace, args.pod, add, args.remove)
+                out = set_labels(store, args.namespace, args.pod, add, args.remove)
     except TortieError as exc:
         print(json.dumps({"error": str(exc), "type": type(exc).__name__}), file=sys.stderr)
         return exc.exit_code
