@@ -176,3 +176,14 @@ def test_unreachable_datastore_waits_and_stops_cleanly(collect):
     assert syncer.status is Status.WAIT_FOR_DATASTORE and c.events.empty()
     c.stop()
     client.close()
+
+
+def test_snapshot_larger_than_one_grpc_message(etcd, etcd_prefix, collect):
+    # 6 MB under the prefix: more than gRPC's 4 MB default for one response, so only a
+    # paged read gets it all.
+    big = b"x" * 120_000
+    etcd.put_many((f"{etcd_prefix}big/{i:03d}", big) for i in range(50))
+    c = collect(Syncer(etcd, page_size=10))
+    snap = c.next(timeout=30)
+    assert isinstance(snap, Snapshot) and len(snap.items) == 50
+    assert all(v == big for v in snap.items.values())
