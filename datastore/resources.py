@@ -211,8 +211,7 @@ DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _IFNAME = re.compile(r"[^\s/:]{1,15}")
-# Fields the store manages, and Kubernetes bookkeeping a user may paste from a cluster.
-_SERVER_FIELDS = ("resourceVersion", "uid", "creationTimestamp")
+# Kubernetes bookkeeping a user may paste from a cluster: dropped, not refused.
 _K8S_IGNORED = ("generation", "managedFields", "selfLink", "ownerReferences", "finalizers",
                 "generateName", "deletionTimestamp", "deletionGracePeriodSeconds")
 
@@ -236,6 +235,8 @@ def _labels(value: Any, field: str, values_too: bool = True) -> dict[str, str]:
 
 
 def _metadata(kind: Kind, meta: Any) -> dict:
+    if isinstance(meta, Mapping):
+        meta = {k: v for k, v in meta.items() if k not in _K8S_IGNORED}
     f = Fields(meta, "metadata", strict=kind.api_version == API_VERSION)
     f.str("name", required=True, pattern=kind.name_pattern, max_len=253)
     if kind.namespaced:
@@ -249,12 +250,7 @@ def _metadata(kind: Kind, meta: Any) -> dict:
     f.str("resourceVersion", pattern=re.compile(r"\d+"))
     f.str("uid")
     f.str("creationTimestamp")
-    for name in _K8S_IGNORED:
-        f.out.pop(name, None)
-        if name in f.obj:
-            f.out[name] = None  # seen: not "unknown", dropped below
-    out = f.done()
-    return {k: v for k, v in out.items() if v is not None}
+    return f.done()
 
 
 # --- kinds -------------------------------------------------------------------------
@@ -591,6 +587,18 @@ def _encode(res: dict) -> bytes:
 # --- typed views --------------------------------------------------------------------
 
 
+class FrozenLabels(dict):
+    """Labels of a view: read-only and hashable, so views can live in sets and dict keys."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("the labels of a view are read-only")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
+
+
 @dataclass(frozen=True)
 class View:
     """Common metadata of every typed view."""
@@ -600,13 +608,17 @@ class View:
     labels: Mapping[str, str]
     resource_version: int
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.labels, FrozenLabels):
+            object.__setattr__(self, "labels", FrozenLabels(self.labels))
+
     @classmethod
     def from_resource(cls, resource: Mapping):
         res = validate(resource)
         if res["kind"] != cls.KIND:
             raise ValidationError(f"expected a {cls.KIND}, got {res['kind']}", field="kind")
         meta, spec = res["metadata"], res["spec"]
-        return cls(name=meta["name"], labels=dict(meta.get("labels", {})),
+        return cls(name=meta["name"], labels=FrozenLabels(meta.get("labels", {})),
                    resource_version=int(meta.get("resourceVersion", 0)), **cls._spec(meta, spec))
 
     @staticmethod

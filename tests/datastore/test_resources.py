@@ -158,6 +158,12 @@ def test_views():
                                     "spec": {"peerSelector": "has(rr)"}})
     rr = r.Node(name="rr1", labels={"rr": ""}, resource_version=0)
     assert mesh.applies_to(node) and mesh.peer_nodes([node, rr]) == [rr]
+    assert len({node, r.Node.from_resource({"apiVersion": "tortie.io/v1", "kind": "Node",
+                                             "metadata": {"name": "n1", "labels": {"rack": "a"}},
+                                             "spec": {"bgp": {"ipv4Address": "10.0.0.1/24",
+                                                              "asNumber": 65546}}})}) == 1
+    with pytest.raises(TypeError):
+        node.labels["rack"] = "b"  # views are values
     with pytest.raises(ValidationError, match="expected a Node"):
         r.Node.from_resource(pool())
 
