@@ -131,7 +131,7 @@ class Block:
 
     @cached_property
     def in_use(self) -> int:
-        return sum(1 for a in self.allocations if a is not None)
+        return len(self.allocations) - self.allocations.count(None)
 
     @property
     def free(self) -> int:
@@ -178,7 +178,15 @@ class Block:
 
     def allocate(self, count: int, attr: Attr) -> tuple[Block, list[str]]:
         """Take up to count free addresses, lowest first."""
-        free = [i for i, a in enumerate(self.allocations) if a is None][:count]
+        free: list[int] = []
+        i = 0
+        try:
+            while len(free) < count:  # tuple.index runs in C: blocks hold up to 4096 addresses
+                i = self.allocations.index(None, i)
+                free.append(i)
+                i += 1
+        except ValueError:
+            pass
         return self.assign(free, attr), [self.ip_at(i) for i in free]
 
     def release(self, pred: Callable[[int, Attr], bool]) -> tuple[Block, list[Held]]:

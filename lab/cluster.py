@@ -31,11 +31,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 
 from tortie.errors import AlreadyExists, DataplaneError, NotFound, TortieError, ValidationError
-from tortie.lab import nsutil, podserver, state, topology
+from tortie.lab import nsutil, podserver, routers, state, topology
 from tortie.lab.etcd_server import EtcdServer
 from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
 from tortie.lab.state import LabState, Pod, Proc
-from tortie.lab.topology import NodePlan, Plan
+from tortie.lab.topology import NodePlan, Plan, TorPlan
 from tortie.log import get_logger
 
 log = get_logger("lab")
@@ -61,6 +61,7 @@ def _python() -> str:
 def _plan_from(st: LabState) -> Plan:
     p = dict(st.plan)
     p["nodes"] = tuple(NodePlan(**n) for n in p["nodes"])
+    p["tors"] = tuple(TorPlan(**t) for t in p.get("tors", ()))
     return Plan(**p)
 
 
@@ -127,8 +128,12 @@ class Lab:
         st = self.state()
         t0 = time.monotonic()
         self._build_underlay(plan)
-        echo(f"underlay {plan.subnet} on {plan.bridge} in {plan.net_netns}; "
-             f"{len(plan.nodes)} node namespace(s)")
+        if plan.tors:
+            echo(f"core segment {plan.subnet} on {plan.bridge} in {plan.net_netns}; router {plan.tors[0].netns}, "
+                 f"outside host {plan.ext_netns}; {len(plan.nodes)} node(s), each on its own link")
+        else:
+            echo(f"underlay {plan.subnet} on {plan.bridge} in {plan.net_netns}; "
+                 f"{len(plan.nodes)} node namespace(s)")
 
         etcd_dir = os.path.join(st.dir, "etcd")
         self._record(lambda s: s.data_dirs.append(etcd_dir))
@@ -147,13 +152,18 @@ class Lab:
         echo(f"etcd healthy at {plan.etcd_endpoint} (in {plan.ctl_netns})")
 
         if st.cni == "tortie":
-            created = self._dsops("bootstrap", "--cidr", pool, "--block-size", str(block_size))
+            extra = [a for r in routers.bgp_resources(plan) for a in ("--resource", json.dumps(r))]
+            created = self._dsops("bootstrap", "--cidr", pool, "--block-size", str(block_size), *extra)
             echo(f"IPPool default-ipv4 {pool} blockSize {block_size} "
                  f"({'created' if created.get('ippool') else 'exists'}); IPAMConfig default")
             self._install_cni(st, echo)
 
         if st.cni == "ptp":
             self._ptp_routes(plan)
+        for tor in plan.tors:
+            self._start_router(st, plan, tor, deadline)
+            echo(f"{tor.kind} running in {tor.netns}, AS {tor.as_number}, "
+                 f"{len(plan.nodes)} BGP neighbor(s); node-to-node mesh off")
         self._start_podserver(st)
         for node in plan.nodes:
             nsutil.sysctl(node.netns, "net.ipv4.ip_forward", "1")
@@ -174,18 +184,68 @@ class Lab:
             f"link add {plan.bridge} type bridge forward_delay 0 stp_state 0",
             f"link set {plan.bridge} up",
         ])
-        attach = [(plan.ctl_netns, "ctl", plan.ctl_address)] + [
-            (n.netns, n.bridge_port, n.address) for n in plan.nodes]
+        # (namespace, port on the bridge, address) of everything on the core segment
+        attach = [(plan.ctl_netns, "ctl", plan.ctl_address)]
+        attach += [(t.netns, t.name, t.address) for t in plan.tors]
+        if plan.ext_netns and plan.ext_address:
+            attach.append((plan.ext_netns, "ext", plan.ext_address))
+        if not plan.tors:
+            attach += [(n.netns, n.bridge_port, n.address) for n in plan.nodes]
         lines = []
         for ns, port, _ in attach:
             lines += [f"link add {port} type veth peer name eth0 netns {ns}",
                       f"link set {port} master {plan.bridge} up"]
         nsutil.ip_batch(plan.net_netns, lines)
         for ns, _, addr in attach:
-            nsutil.ip_batch(ns, [f"addr add {addr} dev eth0", "link set eth0 up"])
+            gw = [f"route add default via {plan.core_gateway}"] if plan.core_gateway and \
+                ns not in {t.netns for t in plan.tors} else []
+            nsutil.ip_batch(ns, [f"addr add {addr} dev eth0", "link set eth0 up", *gw])
+        for tor in plan.tors:
+            # Each node on its own link to the router.
+            lines = []
+            for n in plan.nodes:
+                port = routers.router_node_link(n)
+                lines += [f"link add {port} type veth peer name eth0 netns {n.netns}",
+                          f"addr add {topology.node_link_router_address(n)} dev {port}",
+                          f"link set {port} up"]
+            nsutil.ip_batch(tor.netns, lines)
+            nsutil.sysctl(tor.netns, "net.ipv4.ip_forward", "1")
+            for n in plan.nodes:
+                nsutil.ip_batch(n.netns, [f"addr add {n.address} dev eth0", "link set eth0 up",
+                                          f"route add default via {n.gateway}"])
+
+    def _start_router(self, st: LabState, plan: Plan, tor: TorPlan, deadline: float) -> None:
+        rdir = os.path.join(st.dir, tor.name)
+        os.makedirs(rdir, exist_ok=True)
+        if tor.kind != "bird":
+            raise ValidationError(f"router kind {tor.kind} is not built yet", field="tor")
+        conf, control = os.path.join(rdir, "bird.conf"), os.path.join(rdir, "bird.ctl")
+        with open(conf, "w") as f:
+            f.write(routers.bird_config(plan, tor, os.path.join(st.dir, "logs", f"{tor.name}-bird.log")))
+        proc = state.spawn(tor.name, routers.bird_command(conf, control), netns=tor.netns,
+                           log_path=os.path.join(st.dir, "logs", f"{tor.name}.log"))
+        self._record(lambda s: s.procs.append(proc))
+        while not routers.bird_ready(tor.netns, control):
+            if state.exited(proc) is not None:
+                raise DataplaneError(f"bird in {tor.netns} exited; log: {proc.log}\n" + _tail(proc.log))
+            if time.monotonic() > deadline:
+                raise DataplaneError(f"bird in {tor.netns} not up in time; log: {proc.log}")
+            time.sleep(0.05)
+
+    def router_control(self, tor: TorPlan) -> str:
+        return os.path.join(state.lab_dir(self.name), tor.name, "bird.ctl")
+
+    def bgp_sessions(self) -> dict[str, dict[str, str]]:
+        """Per router: its BGP sessions' states by node name (Established, Active, ...)."""
+        return {t.name: routers.bird_sessions(t.netns, self.router_control(t)) for t in self.plan().tors}
 
     def _ptp_routes(self, plan: Plan) -> None:
         """The reference-plugin baseline routes node i's pod range via node i (static, no BGP)."""
+        for tor in plan.tors:  # nodes reach each other through the router's static routes
+            nsutil.ip_batch(tor.netns, [f"route add {PTP_SUBNET.format(i=i)} via {n.ip}"
+                                        for i, n in enumerate(plan.nodes, 1)])
+        if plan.tors:
+            return
         for i, node in enumerate(plan.nodes, 1):
             nsutil.ip_batch(node.netns, [
                 f"route add {PTP_SUBNET.format(i=j)} via {other.ip}"
@@ -346,7 +406,7 @@ class Lab:
             agent = procs.get(f"agent:{n.name}")
             nodes.append({
                 "name": n.name, "namespace": n.netns, "address": n.address, "ip": n.ip,
-                "as_number": n.as_number, "cni_socket": self.cni_socket(n.name),
+                "as_number": n.as_number, "gateway": n.gateway, "cni_socket": self.cni_socket(n.name),
                 "agent": {"kind": st.agent, "pid": agent.pid, "alive": state.alive(agent), "log": agent.log}
                 if agent else None,
             })
@@ -360,8 +420,12 @@ class Lab:
             "etcd_endpoints": [plan.etcd_endpoint],
             "underlay": {"namespace": plan.net_netns, "bridge": plan.bridge, "subnet": plan.subnet},
             "nodes": nodes,
-            "tors": [],
-            "outside": None,
+            "tors": [{"kind": t.kind, "name": t.name, "namespace": t.netns, "address": t.address,
+                      "ip": t.ip, "as_number": t.as_number,
+                      "node_links": {n.name: topology.node_link_router_address(n) for n in plan.nodes}}
+                     for t in plan.tors],
+            "outside": {"namespace": plan.ext_netns, "address": plan.ext_address,
+                        "ip": plan.ext_address.split("/")[0]} if plan.ext_netns and plan.ext_address else None,
             "pods": [
                 {"name": p.ref, "namespace": p.namespace, "pod": p.name, "node": p.node, "netns": p.netns,
                  "netns_path": nsutil.netns_path(p.netns), "address": p.address, "labels": p.labels}
@@ -505,6 +569,11 @@ class Lab:
             return plan.ctl_netns
         if who in ("net", plan.net_netns):
             return plan.net_netns
+        if plan.ext_netns and who in ("ext", plan.ext_netns):
+            return plan.ext_netns
+        for t in plan.tors:
+            if who in (t.name, t.netns):
+                return t.netns
         for n in plan.nodes:
             if who in (n.name, n.netns):
                 return n.netns
@@ -530,7 +599,10 @@ class Lab:
         st = self.state()
         pods = [Endpoint(p.ref, p.netns, p.address) for p in sorted(st.pods.values(), key=lambda p: p.ref)
                 if p.address]
-        sources = [Endpoint(n.name, n.netns, None) for n in _plan_from(st).nodes] if nodes else []
+        plan = _plan_from(st)
+        sources = [Endpoint(n.name, n.netns, None) for n in plan.nodes] if nodes else []
+        if nodes and plan.ext_netns:
+            sources.append(Endpoint("ext", plan.ext_netns, None))
         return run_matrix(sources + pods, pods, port=port, timeout=timeout)
 
     def exec(self, who: str, cmd: Sequence[str], **kw) -> subprocess.CompletedProcess:

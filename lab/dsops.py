@@ -29,13 +29,16 @@ def _create_if_absent(store: ResourceStore, resource: dict) -> bool:
     return True
 
 
-def bootstrap(store: ResourceStore, cidr: str, block_size: int) -> dict:
-    """The default IPPool and IPAMConfig, unless they exist already."""
+def bootstrap(store: ResourceStore, cidr: str, block_size: int, extra: list[dict] = ()) -> dict:
+    """The default IPPool and IPAMConfig (and `extra` resources), unless they exist already."""
     pool = {"apiVersion": API_VERSION, "kind": "IPPool", "metadata": {"name": "default-ipv4"},
             "spec": {"cidr": cidr, "blockSize": block_size, "natOutgoing": False, "disabled": False}}
     ipam = {"apiVersion": API_VERSION, "kind": "IPAMConfig", "metadata": {"name": "default"},
             "spec": {"strictAffinity": False, "autoAllocateBlocks": True}}
-    return {"ippool": _create_if_absent(store, pool), "ipamconfig": _create_if_absent(store, ipam)}
+    out = {"ippool": _create_if_absent(store, pool), "ipamconfig": _create_if_absent(store, ipam)}
+    for res in extra:
+        out[f"{res['kind'].lower()}/{res['metadata']['name']}"] = _create_if_absent(store, res)
+    return out
 
 
 def find_wep(store: ResourceStore, namespace: str, pod: str) -> dict | None:
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bootstrap")
     b.add_argument("--cidr", required=True)
     b.add_argument("--block-size", type=int, required=True)
+    b.add_argument("--resource", action="append", default=[], type=json.loads, metavar="JSON",
+                   help="another resource to create if absent")
     w = sub.add_parser("wep")
     w.add_argument("namespace")
     w.add_argument("pod")
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         with EtcdClient(config) as client:
             store = ResourceStore(client)
             if args.op == "bootstrap":
-                out = bootstrap(store, args.cidr, args.block_size)
+                out = bootstrap(store, args.cidr, args.block_size, args.resource)
             elif args.op == "wep":
                 out = find_wep(store, args.namespace, args.pod)
             else:

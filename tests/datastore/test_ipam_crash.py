@@ -2,8 +2,8 @@
 
 Each round starts two allocator processes (CNI-like: allocate then write the
 WorkloadEndpoint; release then delete it) and kills both with SIGKILL at a random
-moment. Blocks of four addresses make block claims frequent, so kills also land
-inside claims. Afterwards: no address was held by two handles at once, everything a
+moment. Tiny blocks make block claims frequent, so kills also land
+inside claims (blocks of two addresses). Afterwards: no address was held by two handles at once, everything a
 process logged as held is still held by its handle, the leaks `check` reports are
 allocations without a WorkloadEndpoint (at most one per killed process), abandoned
 claims are reported, and releasing the report leaves `check` clean.
@@ -41,7 +41,7 @@ def _wait_ready(path: str, timeout: float = 20.0) -> None:
 def test_sigkill_never_double_allocates(etcd, etcd_server, tmp_path):
     store = ResourceStore(etcd)
     ipam = IPAM(etcd)
-    make_pool(store, "v4", "10.60.0.0/22", blockSize=30)
+    make_pool(store, "v4", "10.60.0.0/21", blockSize=31)
     make_pool(store, "v6", "fd00:60::/116", blockSize=126)
     for node in ("n0", "n1", "n2"):
         make_node(store, node)

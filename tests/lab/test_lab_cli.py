@@ -178,6 +178,30 @@ def test_down_after_up_was_killed(lab_name):
 def test_commands_on_a_missing_lab_fail_cleanly(lab_name):
     r = lab_cli(lab_name, "status", check=False)
     assert r.returncode == 3 and "no lab" in r.stderr and "Traceback" not in r.stderr
-    r = lab_cli(lab_name, "up", "--nodes", "1", "--tor", "bird", check=False)
-    assert r.returncode == 2 and "issue 4" in r.stderr
+    r = lab_cli(lab_name, "up", "--nodes", "0", check=False)
+    assert r.returncode == 2 and "--nodes 0" in r.stderr
     assert not os.path.exists(state.lab_dir(lab_name))
+
+
+def test_bird_router_outside_host_and_node_links(lab_name):
+    """--tor bird: nodes on their own links, BIRD configured for each, the outside host behind it."""
+    veths = root_veths()
+    out = lab_cli(lab_name, "up", "--nodes", "2", "--tor", "bird", "--cni", "ptp").stdout
+    assert "bird running" in out
+    status = json.loads(lab_cli(lab_name, "status", "-o", "json").stdout)
+    assert [(t["kind"], t["namespace"]) for t in status["tors"]] == [("bird", f"{lab_name}-tor")]
+    assert status["outside"]["namespace"] == f"{lab_name}-ext"
+    assert [n["address"] for n in status["nodes"]] == ["10.99.1.2/24", "10.99.2.2/24"]
+    lab_cli(lab_name, "pod", "add", "node1", "default/a")
+    lab_cli(lab_name, "pod", "add", "node2", "default/b")
+    out = lab_cli(lab_name, "matrix").stdout
+    assert "ext" in out and "20/20 probes answered" in out
+    lab = Lab(lab_name)
+    sessions = lab.bgp_sessions()["tor"]
+    assert set(sessions) == {"node1", "node2"}
+    # Nodes are not on one segment any more: node2's link does not see node1's address.
+    assert nsutil.run(["ip", "-n", f"{lab_name}-node2", "route", "get", "10.99.1.2"]).stdout.split()[2] == "10.99.2.1"
+    procs = recorded_procs(lab_name)
+    assert "tor" in {p.role for p in procs}
+    lab_cli(lab_name, "down")
+    assert_nothing_left(lab_name, procs, veths)

@@ -76,3 +76,34 @@ def test_matrix_cells_and_verdict():
     text = m.render()
     assert "5/8 probes answered, 3 failed" in text
     assert text.splitlines()[2].split() == ["node1", "ok", "tcp", "only"]
+
+
+def test_plan_with_a_router():
+    plan = topology.make_plan("lab1", 2, "bird")
+    tor = plan.tors[0]
+    assert (tor.kind, tor.netns, tor.address, tor.as_number) == ("bird", "lab1-tor", "10.99.0.1/24", 65000)
+    assert (plan.ext_netns, plan.ext_address, plan.core_gateway) == ("lab1-ext", "10.99.0.3/24", "10.99.0.1")
+    n1, n2 = plan.nodes
+    assert (n1.address, n1.gateway, n1.as_number) == ("10.99.1.2/24", "10.99.1.1", 64513)
+    assert (n2.address, n2.gateway, n2.as_number) == ("10.99.2.2/24", "10.99.2.1", 64514)
+    assert topology.node_link_router_address(n2) == "10.99.2.1/24"
+    assert set(plan.netns_names()) == {"lab1-net", "lab1-ctl", "lab1-tor", "lab1-ext", "lab1-node1", "lab1-node2"}
+    with pytest.raises(ValidationError, match="issue 4"):
+        topology.make_plan("lab1", 2, "frr")
+
+
+def test_router_config_and_bgp_resources():
+    from tortie.datastore.resources import validate
+    from tortie.lab import routers
+
+    plan = topology.make_plan("lab1", 2, "bird")
+    conf = routers.bird_config(plan, plan.tors[0], "/x.log")
+    assert "protocol bgp node2 from node {\n  local 10.99.2.1 as 65000;\n  neighbor 10.99.2.2 as 64514;" in conf
+    res = routers.bgp_resources(plan)
+    for r in res:
+        validate(r)  # the datastore accepts every one
+    peers = {r["spec"]["node"]: r["spec"] for r in res if r["kind"] == "BGPPeer"}
+    assert peers["node1"]["peerIP"] == "10.99.1.1" and peers["node2"]["asNumber"] == 65000
+    default = next(r for r in res if r["metadata"]["name"] == "default")
+    assert default["spec"]["nodeToNodeMeshEnabled"] is False
+    assert routers.bgp_resources(topology.make_plan("lab1", 2)) == []
