@@ -19,6 +19,7 @@ from tortie.errors import DataplaneError
 from tortie.lab import nsutil
 
 DEFAULT_TIMEOUT = 1.0
+RETRY = 0.25  # seconds between SYNs / datagrams within one probe
 
 
 @dataclass(frozen=True)
@@ -39,52 +40,63 @@ def probe(src_netns: str, addr: str, port: int, *, udp: bool = False, timeout: f
     """Connect from namespace src_netns to addr:port; ok iff a reply (== expect, if given) arrives."""
     proto = "udp" if udp else "tcp"
     t0 = time.monotonic()
+    deadline = t0 + timeout
     reply, error = "", ""
     try:
-        sock = nsutil.socket_in(src_netns, socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+        reply = _udp(src_netns, addr, port, deadline) if udp else _tcp(src_netns, addr, port, deadline)
     except DataplaneError as exc:
-        sock, error = None, str(exc)
-    if sock is not None:
-        with sock:
-            try:
-                reply = _udp(sock, addr, port, timeout) if udp else _tcp(sock, addr, port, timeout)
-            except OSError as exc:
-                error = (exc.strerror or type(exc).__name__) if not isinstance(exc, TimeoutError) else "timeout"
+        error = str(exc)
+    except TimeoutError:
+        error = "timeout"
+    except OSError as exc:
+        error = exc.strerror or type(exc).__name__
     ok = bool(reply) and not error
     if ok and expect is not None and reply != expect:
         ok, error = False, f"answered by {reply!r}, expected {expect!r}"
+    elif not ok and not error:
+        error = "no reply"
     return ProbeResult(src=src or src_netns, dst=dst or addr, addr=addr, port=port, proto=proto, ok=ok,
                        reply=reply, error=error, ms=round((time.monotonic() - t0) * 1000, 1))
 
 
-def _tcp(sock: socket.socket, addr: str, port: int, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    sock.settimeout(timeout)
-    sock.connect((addr, port))
-    buf = b""
-    while not buf.endswith(b"\n"):
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        chunk = sock.recv(256)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode(errors="replace").strip()
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
 
 
-def _udp(sock: socket.socket, addr: str, port: int, timeout: float) -> str:
-    # Resend a few times inside the timeout: a first datagram can be lost while ARP resolves.
-    deadline = time.monotonic() + timeout
-    sock.connect((addr, port))
+def _tcp(netns: str, addr: str, port: int, deadline: float) -> str:
+    # A new SYN every RETRY seconds rather than the kernel's 1 s first retransmission: a
+    # first packet lost while a fresh veth's carrier or ARP settles must not fail the probe.
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        sock.send(b"probe\n")
-        sock.settimeout(min(left, 0.3))
-        try:
-            return sock.recv(256).decode(errors="replace").strip()
-        except TimeoutError:
-            continue
+        with nsutil.socket_in(netns, socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(min(_left(deadline), RETRY))
+            try:
+                sock.connect((addr, port))
+            except TimeoutError:
+                continue
+            buf = b""
+            while not buf.endswith(b"\n"):
+                sock.settimeout(_left(deadline))
+                chunk = sock.recv(256)
+                if not chunk:
+                    break
+                buf += chunk
+            return buf.decode(errors="replace").strip()
+
+
+def _udp(netns: str, addr: str, port: int, deadline: float) -> str:
+    # Resend every RETRY seconds inside the timeout, for the same reason.
+    with nsutil.socket_in(netns, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((addr, port))
+        while True:
+            sock.send(b"probe\n")
+            sock.settimeout(min(_left(deadline), RETRY))
+            try:
+                return sock.recv(256).decode(errors="replace").strip()
+            except TimeoutError:
+                continue
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -20,11 +19,13 @@ def server(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "tortie.lab.podserver", "--control", control],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        for _ in range(200):
-            if os.path.exists(control):
+        for _ in range(200):  # the socket file appears at bind(), a moment before listen()
+            try:
+                podserver.request(control, {"op": "list"})
                 break
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.02)
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.02)
         yield control
     finally:
         proc.terminate()
