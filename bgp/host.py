@@ -1,0 +1,70 @@
+"""A BGPSpeaker in a process of its own, driven by JSON lines on stdin.
+
+ExaBGP must live in the node's network namespace, so tests and benchmarks run
+`ip netns exec NS python -m tortie.bgp.host` and talk to it:
+
+    stdin  {"op": "start", "node_name": ..., "router_id": ..., ...}   (BGPSpeaker kwargs)
+           {"op": "peers", "peers": [{Peer fields}, ...]}             set_peers + apply
+           {"op": "exports", "prefixes": [...], "communities": [...]} set_exports + apply
+           {"op": "status"} | {"op": "stop"}
+    stdout {"event": "ready"} | {"event": "routes", "routes": {prefix: [next hops]}, "t": ...}
+           {"event": "status", "peers": [...], ...} | {"event": "ok", "op": ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+from tortie.bgp.peers import Peer
+from tortie.bgp.speaker import BGPSpeaker
+
+
+def _emit(doc: dict) -> None:
+    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
+
+
+async def main() -> int:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    speaker: BGPSpeaker | None = None
+    _emit({"event": "ready"})
+    while line := await reader.readline():
+        cmd = json.loads(line)
+        op = cmd.pop("op")
+        if op == "start":
+            speaker = BGPSpeaker(on_routes=lambda r: _emit(
+                {"event": "routes", "t": time.time(), "routes": {p: list(n) for p, n in r.items()}}), **cmd)
+            await speaker.start()
+        elif op == "peers":
+            assert speaker
+            speaker.set_peers(Peer(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
+                              for p in cmd["peers"])
+            await speaker.apply()
+        elif op == "exports":
+            assert speaker
+            speaker.set_exports(cmd["prefixes"], cmd.get("communities", ()))
+            await speaker.apply()
+        elif op == "status":
+            assert speaker
+            doc = json.loads(speaker.status_json())
+            doc.update(event="status", synced=speaker.synced, rib_ready=speaker.rib_ready)
+            _emit(doc)
+            continue
+        elif op == "stop":
+            if speaker:
+                await speaker.stop()
+            _emit({"event": "ok", "op": op})
+            return 0
+        _emit({"event": "ok", "op": op, "t": time.time()})
+    if speaker:
+        await speaker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,160 @@
+"""The BGP peers of one node, computed from the datastore (pure).
+
+Calico's rules, as tortie applies them:
+
+- Node-to-node mesh (`BGPConfiguration.nodeToNodeMeshEnabled`, default on): every node
+  that is not a route reflector peers with every other such node, per address family.
+  Of each pair, the side whose *peer* has the higher address is passive, so exactly one
+  side dials and the two never collide (Calico's BIRD template does the same).
+- Route reflectors: a node with `routeReflectorClusterID` leaves the mesh. Reflectors
+  peer with each other (kind "reflector") and with every non-reflector node, which they
+  treat as route-reflector clients ("rr-client"); non-reflectors peer with every
+  reflector ("reflector"). The same passive rule applies between nodes.
+- BGPPeer resources: `node` (one node), `nodeSelector` (the nodes it matches), or
+  neither (global: every node). The far end is `peerIP` (external, kind "global"/"node")
+  or, with `peerSelector`, the matching nodes (kind "node"/"global", same as above but
+  between nodes, so the passive rule applies). External peers only import the prefixes
+  listed in their `acceptPrefixes`.
+
+A peer reached by several rules is kept once; the first rule in the order mesh,
+reflector, BGPPeer wins, because a mesh session already carries everything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tortie.datastore import selector
+
+DEFAULT_AS = 64512
+KINDS = ("mesh", "global", "node", "reflector", "rr-client")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One BGP session as the speaker configures it."""
+
+    address: str
+    as_number: int
+    port: int = 179
+    password: str | None = None
+    hold_time: int | None = None
+    keepalive: int | None = None
+    kind: str = "mesh"  # one of KINDS
+    passive: bool = False
+    route_reflector_client: bool = False
+    accept_prefixes: tuple[str, ...] = ()  # import filter; only for external peers
+    name: str = ""  # the Node or BGPPeer it comes from, for status
+
+    @property
+    def external(self) -> bool:
+        """Not another tortie node: imports are filtered by accept_prefixes."""
+        return self.kind in ("global", "node") and not self.name.startswith("node:")
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_address(self.address).version
+
+    def accepts(self, prefix: str) -> bool:
+        """Whether a prefix learned from this peer may be imported."""
+        if not self.external:
+            return True
+        net = ipaddress.ip_network(prefix, strict=False)
+        for allowed in self.accept_prefixes:
+            ok = ipaddress.ip_network(allowed, strict=False)
+            if ok.version == net.version and net.subnet_of(ok):
+                return True
+        return False
+
+
+def _addresses(node: Any) -> dict[int, str]:
+    """The bare BGP addresses of a node, by IP version."""
+    out: dict[int, str] = {}
+    for cidr in (getattr(node, "ipv4_address", None), getattr(node, "ipv6_address", None)):
+        if cidr:
+            addr = ipaddress.ip_interface(cidr).ip
+            out[addr.version] = str(addr)
+    return out
+
+
+def _higher(a: str, b: str) -> bool:
+    return ipaddress.ip_address(a) > ipaddress.ip_address(b)
+
+
+def _as_of(node: Any, default_as: int) -> int:
+    return getattr(node, "as_number", None) or default_as
+
+
+def compute_peers(node: Any, nodes: Sequence[Any], bgp_peers: Iterable[Any], config: Any) -> list[Peer]:
+    """The peers `node` should have, sorted by address.
+
+    `node`/`nodes` are `datastore.resources.Node` views, `bgp_peers` BGPPeer views and
+    `config` the effective BGPConfiguration (any objects with those attribute names).
+    """
+    default_as = getattr(config, "as_number", None) or DEFAULT_AS
+    mesh_on = getattr(config, "node_to_node_mesh", None)
+    if mesh_on is None:
+        mesh_on = getattr(config, "node_to_node_mesh_enabled", True)
+    mine = _addresses(node)
+    others = [n for n in nodes if n.name != node.name]
+    is_rr = bool(getattr(node, "route_reflector_cluster_id", None))
+    found: dict[tuple[str, int], Peer] = {}
+
+    def add_node_peer(other: Any, kind: str, *, rr_client: bool = False, **extra: Any) -> None:
+        for version, addr in _addresses(other).items():
+            local = mine.get(version)
+            if local is None or addr == local or (addr, 179) in found:
+                continue
+            found[(addr, 179)] = Peer(
+                address=addr, as_number=_as_of(other, default_as), kind=kind,
+                passive=_higher(addr, local), route_reflector_client=rr_client,
+                name=f"node:{other.name}", **extra)
+
+    if mesh_on and not is_rr:
+        for other in others:
+            if not getattr(other, "route_reflector_cluster_id", None):
+                add_node_peer(other, "mesh")
+    for other in others:
+        other_rr = bool(getattr(other, "route_reflector_cluster_id", None))
+        if is_rr and other_rr:
+            add_node_peer(other, "reflector")
+        elif is_rr:
+            add_node_peer(other, "rr-client", rr_client=True)
+        elif other_rr:
+            add_node_peer(other, "reflector")
+
+    for bp in sorted(bgp_peers, key=lambda p: p.name):
+        if not _applies(bp, node):
+            continue
+        kind = "global" if bp.node is None and bp.node_selector is None else "node"
+        hold = getattr(bp, "hold_time", None)
+        timers = dict(password=getattr(bp, "password", None) or None, hold_time=hold,
+                      keepalive=getattr(bp, "keepalive_time", None))
+        if bp.peer_ip:
+            addr = str(ipaddress.ip_address(bp.peer_ip))
+            version = ipaddress.ip_address(addr).version
+            port = getattr(bp, "port", 179) or 179
+            if version not in mine or (addr, port) in found:
+                continue
+            found[(addr, port)] = Peer(
+                address=addr, as_number=bp.as_number or default_as, port=port, kind=kind,
+                passive=bool(getattr(bp, "passive", False)),
+                accept_prefixes=tuple(getattr(bp, "accept_prefixes", ()) or ()),
+                name=bp.name, **timers)
+        elif bp.peer_selector is not None:
+            sel = selector.parse(bp.peer_selector)
+            for other in others:
+                if sel.matches(other.labels):
+                    add_node_peer(other, kind, **timers)
+    return sorted(found.values(), key=lambda p: (ipaddress.ip_address(p.address).version,
+                                                 ipaddress.ip_address(p.address), p.port))
+
+
+def _applies(bp: Any, node: Any) -> bool:
+    """Whether `node` is one of the nodes that open this BGPPeer's sessions."""
+    if bp.node is not None:
+        return bp.node == node.name
+    return selector.parse(bp.node_selector).matches(node.labels)

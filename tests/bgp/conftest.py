@@ -1,0 +1,3 @@
+"""BGP test fixtures (the helpers themselves live in bgphelpers.py)."""
+
+from bgphelpers import lab, workdir  # noqa: F401

@@ -1,0 +1,146 @@
+"""BGPSpeaker end to end: real ExaBGP, real BIRD, real kernel namespaces."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from bgphelpers import bird_bgp, lan, veth, wait_for
+
+pytestmark = pytest.mark.slow
+
+AS = 64512
+A, R = "10.91.0.1", "10.91.0.2"  # the speaker's node, the BIRD router
+
+
+def start_speaker(lab, ns: str, name: str, address: str, **extra):
+    sp = lab.speaker(ns, name)
+    sp.start(node_name=name, router_id=address, local_as=AS, local_address=address, **extra)
+    return sp
+
+
+def bird_peer(address: str, *, password=None, kind="global", accept=("10.50.0.0/16",), passive=False) -> dict:
+    return {"address": address, "as_number": AS, "kind": kind, "password": password, "name": "tor",
+            "accept_prefixes": list(accept), "passive": passive}
+
+
+@pytest.fixture
+def pair(netns):
+    """Two namespaces on one veth: the node (A) and a router (R)."""
+    node, router = netns.new("node"), netns.new("tor")
+    veth(netns, node, f"{A}/24", router, f"{R}/24")
+    return node, router
+
+
+def tor(lab, router: str, *, password=None, statics=("10.50.0.0/24", "10.60.0.0/24")):
+    body = "protocol static s4 { ipv4; " + "".join(f"route {s} blackhole; " for s in statics) + "}\n"
+    return lab.bird(router, "bird", R, body + bird_bgp("n1", R, AS, A, AS, password=password))
+
+
+def test_exchange_with_bird(lab, pair):
+    node, router = pair
+    bird = tor(lab, router)
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([bird_peer(R)])
+    sp.exports(["10.244.1.0/26", "10.244.9.7/32"], ["64512:100"])
+    sp.wait_state(R)
+    wait_for(lambda: {"10.244.1.0/26", "10.244.9.7/32"} <= bird.kernel_routes(), what="exports in BIRD's kernel")
+    # community and next hop arrive as sent
+    detail = bird.birdc("show", "route", "10.244.1.0/26", "all")
+    assert "(64512,100)" in detail and A in detail
+    # imports: only what the peer's acceptPrefixes allows
+    wait_for(lambda: sp.routes == {"10.50.0.0/24": [R]}, what="accepted import reaches on_routes")
+    st = sp.peer(R)
+    assert st["kind"] == "global" and st["prefixes_sent"] == 2 and st["prefixes_received"] == 2
+    # the diff: one withdrawn, one added, the unchanged one untouched
+    sp.exports(["10.244.1.0/26", "10.244.2.0/26"], ["64512:100"])
+    wait_for(lambda: bird.kernel_routes() >= {"10.244.1.0/26", "10.244.2.0/26"}
+             and "10.244.9.7/32" not in bird.kernel_routes(), what="diff applied")
+    assert sp.status()["peers"][0]["prefixes_sent"] == 2
+
+
+def test_md5_wrong_then_right(lab, pair):
+    node, router = pair
+    bird = tor(lab, router, password="s3cret")
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([bird_peer(R, password="wrong")])
+    sp.exports(["10.244.1.0/26"])
+    st = wait_for(lambda: (p := sp.peer(R))["last_error"].startswith(("MD5", "no answer to MD5")) and p,
+                  timeout=25, what="status explains the MD5 failure")
+    assert st["state"] != "established" and not bird.established("n1")
+    sp.peers([bird_peer(R, password="s3cret")])
+    sp.wait_state(R)
+    assert sp.peer(R)["last_error"] == ""
+    wait_for(lambda: "10.244.1.0/26" in bird.kernel_routes(), what="route over the MD5 session")
+
+
+def test_connect_refused_is_reported(lab, pair):
+    node, _router = pair
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([bird_peer(R)])  # nothing listens on R:179
+    wait_for(lambda: sp.peer(R)["last_error"] == "connect refused", timeout=20, what="connect refused")
+
+
+def _watch(bird, prefix: str, stop: threading.Event, missing: list[float]) -> None:
+    while not stop.is_set():
+        if prefix not in bird.kernel_routes():
+            missing.append(time.monotonic())
+        time.sleep(0.05)
+
+
+def test_exabgp_killed_restarts_and_peer_keeps_routes(lab, pair):
+    node, router = pair
+    bird = tor(lab, router)
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([bird_peer(R)])
+    prefixes = [f"10.244.{i}.0/26" for i in range(20)]
+    sp.exports(prefixes)
+    sp.wait_state(R)
+    wait_for(lambda: set(prefixes) <= bird.kernel_routes(), what="exports in BIRD")
+    pid = sp.status()["exabgp_pid"]
+    stop, missing = threading.Event(), []
+    watcher = threading.Thread(target=_watch, args=(bird, prefixes[0], stop, missing))
+    watcher.start()
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: (s := sp.status())["restarts"] == 1 and s["exabgp_pid"] not in (None, pid), 20,
+                 what="exabgp restarted")
+        sp.wait_state(R, timeout=30)
+        time.sleep(1.5)  # BIRD has our end-of-RIB by now: nothing may have been flushed
+    finally:
+        stop.set()
+        watcher.join()
+    assert not missing, "BIRD dropped a route during graceful restart"
+    assert set(prefixes) <= bird.kernel_routes()
+    assert sp.peer(R)["prefixes_sent"] == 20
+
+
+def test_peer_change_keeps_other_sessions(lab, netns):
+    node, r1, r2 = netns.new("node"), netns.new("tor1"), netns.new("tor2")
+    R2 = "10.91.0.3"
+    lan(node, f"{A}/24", [(r1, f"{R}/24"), (r2, f"{R2}/24")])
+    static = "protocol static s4 { ipv4; route 10.50.0.0/24 blackhole; }\n"
+    b1 = lab.bird(r1, "bird1", R, static + bird_bgp("n1", R, AS, A, AS))
+    b2 = lab.bird(r2, "bird2", R2, static + bird_bgp("n1", R2, AS, A, AS))
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([bird_peer(R)])
+    sp.exports(["10.244.1.0/26"])
+    sp.wait_state(R)
+    since = sp.peer(R)["since"]
+    bird_since = b1.protocol("n1")[4:6]
+    # add a second peer: the first session stays
+    sp.peers([bird_peer(R), bird_peer(R2)])
+    sp.wait_state(R2)
+    wait_for(lambda: "10.244.1.0/26" in b2.kernel_routes(), what="new peer gets the existing exports")
+    # remove it again, and change nothing about the first
+    sp.peers([bird_peer(R)])
+    wait_for(lambda: not b2.established("n1"), what="removed peer's session closed")
+    time.sleep(1)
+    assert sp.peer(R)["since"] == since and sp.peer(R)["state"] == "established"
+    assert b1.protocol("n1")[4:6] == bird_since, "BIRD saw the unchanged session restart"
+    # announcements still flow to the unchanged peer after the reloads
+    sp.exports(["10.244.1.0/26", "10.244.3.0/26"])
+    wait_for(lambda: "10.244.3.0/26" in b1.kernel_routes(), what="export after reload")
