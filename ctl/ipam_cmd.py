@@ -12,7 +12,6 @@ datastore changes.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from tortie.ctl.output import table
@@ -34,7 +33,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("check", help="report leaked addresses, blocks and affinities (changes nothing)")
     p.add_argument("-o", "--output", metavar="FILE", help="also write the report as JSON to FILE "
                    "(for `ipam release --from-report`)")
-    p.add_argument("--pending-grace", type=float, default=PENDING_GRACE, metavar="SECONDS",
+    p.add_argument("--pending-grace", default=str(PENDING_GRACE), metavar="SECONDS",
                    help=f"a block claim pending longer than this is abandoned (default {PENDING_GRACE:g})")
     p.set_defaults(func=cmd_check)
 
@@ -45,28 +44,32 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_release)
 
     p = sub.add_parser("configure", help="set IPAM options (the IPAMConfig named default)")
-    p.add_argument("--strict-affinity", type=_bool, metavar="true|false",
-                   help="never borrow addresses from other nodes' blocks")
-    p.add_argument("--max-blocks-per-host", type=_count, metavar="N", help="blocks one node may claim (0: no limit)")
+    # values are parsed by the handler, so a bad one is one ValidationError line, not argparse usage
+    p.add_argument("--strict-affinity", metavar="true|false", help="never borrow addresses from other nodes' blocks")
+    p.add_argument("--max-blocks-per-host", metavar="N", help="blocks one node may claim (0: no limit)")
     p.set_defaults(func=cmd_configure)
 
 
-def _bool(text: str) -> bool:
+def _bool(text: str | None, flag: str) -> bool | None:
+    if text is None:
+        return None
     value = text.strip().lower()
     if value in ("true", "yes", "1", "on"):
         return True
     if value in ("false", "no", "0", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"want true or false, not {text!r}")
+    raise ValidationError(f"want true or false, not {text!r}", field=flag)
 
 
-def _count(text: str) -> int:
+def _number(text: str | None, flag: str, kind: type = int) -> int | float | None:
+    if text is None:
+        return None
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
         value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"want a whole number >= 0, not {text!r}")
+        raise ValidationError(f"want a {'whole ' if kind is int else ''}number >= 0, not {text!r}", field=flag)
     return value
 
 
@@ -104,9 +107,8 @@ def cmd_show(ctx, args) -> int:
 
 
 def cmd_check(ctx, args) -> int:
-    if args.pending_grace < 0:
-        raise ValidationError("must be >= 0", field="--pending-grace")
-    report = IPAM(ctx.client).check(pending_grace=args.pending_grace)
+    grace = _number(args.pending_grace, "--pending-grace", float)
+    report = IPAM(ctx.client).check(pending_grace=grace)
     if args.output:
         try:
             with open(args.output, "w") as f:
@@ -197,10 +199,11 @@ def cmd_release(ctx, args) -> int:
 
 
 def cmd_configure(ctx, args) -> int:
-    if args.strict_affinity is None and args.max_blocks_per_host is None:
+    strict = _bool(args.strict_affinity, "--strict-affinity")
+    max_blocks = _number(args.max_blocks_per_host, "--max-blocks-per-host")
+    if strict is None and max_blocks is None:
         raise ValidationError("give --strict-affinity and/or --max-blocks-per-host", field="ipam configure")
-    cfg = IPAM(ctx.client).configure(strict_affinity=args.strict_affinity,
-                                     max_blocks_per_host=args.max_blocks_per_host)
+    cfg = IPAM(ctx.client).configure(strict_affinity=strict, max_blocks_per_host=max_blocks)
     print(f"strictAffinity: {str(cfg.strict_affinity).lower()}, maxBlocksPerHost: "
           f"{cfg.max_blocks_per_host or 'unlimited'}", file=ctx.out)
     return 0

@@ -101,7 +101,12 @@ def test_configure(run, etcd):
     (("release", "--ip", "bogus"), 2),
     (("release", "--from-report", "/nonexistent/report.json"), 2),
     (("configure",), 2),
+    (("configure", "--strict-affinity", "maybe"), 2),
+    (("configure", "--strict-affinity", "true", "--max-blocks-per-host", "-3"), 2),
+    (("configure", "--max-blocks-per-host", "many"), 2),
     (("check", "--pending-grace", "-1"), 2),
+    (("check", "--pending-grace", "soon"), 2),
+    (("check", "-o", "/nonexistent/dir/report.json"), 2),
 ])
 def test_errors_are_one_line_and_change_nothing(run, setup, etcd, argv, rc):
     before = snapshot(etcd)

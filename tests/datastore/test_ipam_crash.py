@@ -11,15 +11,18 @@ claims are reported, and releasing the report leaves `check` clean.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import random
+import re
 import signal
 import time
 
 import pytest
 from ipam_helpers import by_handle, crash_child, make_node, make_pool, overlaps
 
+from tortie.ctl.main import main
 from tortie.datastore.ipam import IPAM
 from tortie.datastore.resources import ResourceStore
 
@@ -99,9 +102,14 @@ def test_sigkill_never_double_allocates(etcd, etcd_server, tmp_path):
     assert len(report["stale_pending"]) <= killed
     assert report["orphan_blocks"] == [] and report["orphan_affinities"] == []
 
-    print(f"events={len(events)} killed={killed} leaked={len(leaked)} pending={len(report['stale_pending'])}")
-    out = ipam.release_from_report(report)
-    assert {ip for h in leaked for ip in actual[h]} == set(out["released_ips"])
+    # the operator's way: tortiectl ipam check -o FILE; tortiectl ipam release --from-report FILE
+    flags = ["--etcd-endpoints", etcd_server.endpoint, "--etcd-prefix", etcd.config.prefix, "ipam"]
+    path = str(tmp_path / "report.json")
+    assert main([*flags, "check", "--pending-grace", "0", "-o", path], out=io.StringIO()) == 0
+    out = io.StringIO()
+    assert main([*flags, "release", "--from-report", path], out=out) == 0
+    released = {m[1] for m in re.finditer(r"^released ([0-9a-f.:]+)$", out.getvalue(), re.M)}
+    assert released == {ip for h in leaked for ip in actual[h]}
     after = ipam.check(pending_grace=0)
     assert after["clean"], after
     assert set(by_handle(etcd)) == set(actual) - leaked
