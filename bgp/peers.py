@@ -137,8 +137,8 @@ def compute_peers(node: Any, nodes: Sequence[Any], bgp_peers: Iterable[Any], con
             addr = str(ipaddress.ip_address(bp.peer_ip))
             version = ipaddress.ip_address(addr).version
             port = getattr(bp, "port", 179) or 179
-            if version not in mine or (addr, port) in found:
-                continue
+            if mine.get(version) in (None, addr) or (addr, port) in found:
+                continue  # no address of that family here, or it names this node itself
             found[(addr, port)] = Peer(
                 address=addr, as_number=bp.as_number or default_as, port=port, kind=kind,
                 passive=bool(getattr(bp, "passive", False)),

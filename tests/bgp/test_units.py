@@ -1,0 +1,105 @@
+"""Pure parts of bgp/: config rendering (checked by ExaBGP's own parser), the learned
+RIB with graceful-restart semantics, status formatting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tortie.bgp import config as cfg
+from tortie.bgp.peers import Peer
+from tortie.bgp.rib import LearnedRoutes
+from tortie.bgp.status import PeerStatus, notification_text, parse, table, to_json
+from tortie.errors import ValidationError
+
+LOCAL = cfg.LocalSettings(router_id="10.0.0.1", local_as=64512, local_address="10.0.0.1",
+                          local_address6="fd00::1")
+PEERS = [Peer("10.0.0.2", 64512, passive=True, name="node:b"),
+         Peer("10.0.0.254", 65000, port=1179, password="s3 cret", hold_time=30, kind="global", name="tor"),
+         Peer("10.0.0.253", 65000, keepalive=5, kind="node", name="tor2"),
+         Peer("fd00::2", 64512)]
+
+
+def exabgp_validate(path: str) -> subprocess.CompletedProcess:
+    exe = os.path.join(os.path.dirname(sys.executable), "exabgp")
+    env = dict(os.environ, **{"exabgp.daemon.user": "root", "exabgp.api.cli": "false"})
+    return subprocess.run([exe, "validate", path], capture_output=True, text=True, env=env)
+
+
+def test_render_is_valid_exabgp_and_deterministic(tmp_path):
+    text = cfg.render(PEERS, LOCAL, "/run/x/api.sock")
+    assert text == cfg.render(list(reversed(PEERS)), LOCAL, "/run/x/api.sock")
+    path = tmp_path / "exabgp.conf"
+    path.write_text(text)
+    result = exabgp_validate(str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    block = text.split("neighbor 10.0.0.254 {")[1].split("\n}")[0]
+    assert "connect 1179;" in block and 'md5-password "s3 cret";' in block and "hold-time 30;" in block
+    assert "hold-time 15;" in text.split("neighbor 10.0.0.253 {")[1]  # 3 x keepalive
+    assert "passive true;" in text.split("neighbor 10.0.0.2 {")[1].split("}")[0]
+    assert "local-address fd00::1;" in text.split("neighbor fd00::2 {")[1]
+    assert text.count("manual-eor true;") == 4
+
+
+def test_invalid_exabgp_config_is_caught_by_validate(tmp_path):
+    # the check above can fail: ExaBGP's parser rejects a broken neighbor
+    path = tmp_path / "bad.conf"
+    path.write_text(cfg.render(PEERS, LOCAL, "/x").replace("peer-as 65000;", "peer-as banana;"))
+    assert exabgp_validate(str(path)).returncode != 0
+
+
+def test_render_refuses_what_exabgp_cannot_hold():
+    with pytest.raises(ValidationError):
+        cfg.render([Peer("10.0.0.9", 1, password='a"b')], LOCAL, "/x")
+    with pytest.raises(ValidationError):
+        cfg.render([Peer("fd00::9", 1)], cfg.LocalSettings("10.0.0.1", 1, "10.0.0.1"), "/x")
+
+
+def test_environment_settings():
+    env = cfg.environment(LOCAL, "/s/exabgp.log", "/s/exabgp.pid")
+    assert env["exabgp.daemon.user"] == "root" and env["exabgp.api.cli"] == "false"
+    assert env["exabgp.tcp.bind"] == "10.0.0.1 fd00::1" and env["exabgp.api.ack"] == "true"
+    assert env["exabgp.log.destination"] == "/s/exabgp.log"
+
+
+def test_rib_ecmp_and_filter():
+    rib = LearnedRoutes()
+    rib.update("10.0.0.2", {"10.244.1.0/26": "10.0.0.2", "10.244.9.9/32": "10.0.0.2"}, [])
+    rib.update("10.0.0.3", {"10.244.1.0/26": "10.0.0.3"}, [])
+    rib.update("10.0.0.254", {"10.50.0.0/24": "10.0.0.254", "0.0.0.0/0": "10.0.0.254"}, [])
+    table_ = rib.table(lambda peer, prefix: peer != "10.0.0.254" or prefix.startswith("10.50."))
+    assert table_ == {"10.244.1.0/26": ("10.0.0.2", "10.0.0.3"), "10.244.9.9/32": ("10.0.0.2",),
+                      "10.50.0.0/24": ("10.0.0.254",)}
+    assert rib.update("10.0.0.3", {}, ["10.244.1.0/26"])
+    assert not rib.update("10.0.0.3", {}, ["10.244.1.0/26"])  # nothing left to change
+    assert rib.table(lambda *_: True)["10.244.1.0/26"] == ("10.0.0.2",)
+
+
+def test_rib_graceful_restart_keeps_then_sweeps():
+    rib = LearnedRoutes()
+    rib.update("p", {"10.1.0.0/26": "10.9.9.9", "10.2.0.0/26": "10.9.9.9", "fd00:1::/64": "fd00::9"}, [])
+    assert not rib.peer_down("p", graceful=True)  # kept: nothing changes for the agent
+    assert rib.is_stale("p") and rib.count("p") == 3
+    rib.update("p", {"10.1.0.0/26": "10.9.9.9"}, [])  # re-announced after the restart: fresh
+    assert rib.end_of_rib("p", "ipv4 unicast")  # 10.2.0.0/26 was not: gone
+    assert set(rib.table(lambda *_: True)) == {"10.1.0.0/26", "fd00:1::/64"}
+    assert rib.is_stale("p")  # the IPv6 route waits for its own end-of-RIB
+    assert rib.expire("p") and set(rib.table(lambda *_: True)) == {"10.1.0.0/26"}
+    assert rib.peer_down("p", graceful=False) and rib.table(lambda *_: True) == {}
+
+
+def test_status_round_trip_and_table():
+    peers = [PeerStatus("10.0.0.2", "mesh", "established", 1000.0, 3, 2),
+             PeerStatus("10.0.0.254", "global", "down", 990.0, 0, 0, "MD5 mismatch", port=1179)]
+    doc, back = parse(to_json("n1", peers, {"router_id": "10.0.0.1"}))
+    assert back == peers and doc["node"] == "n1" and doc["router_id"] == "10.0.0.1"
+    text = table(back, now=1100.0)
+    lines = text.splitlines()
+    assert lines[0].split()[:6] == ["PEER", "TYPE", "STATE", "SINCE", "RECEIVED", "SENT"]
+    assert lines[1].split() == ["10.0.0.2", "mesh", "established", "100s", "3", "2"]
+    assert lines[2].startswith("10.0.0.254:1179") and lines[2].endswith("MD5 mismatch")
+    assert notification_text(4, 0) == "hold timer expired (4/0)"
+    assert notification_text(6, 99) == "cease (6/99)"
