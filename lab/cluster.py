@@ -214,30 +214,29 @@ class Lab:
                 nsutil.ip_batch(n.netns, [f"addr add {n.address} dev eth0", "link set eth0 up",
                                           f"route add default via {n.gateway}"])
 
+    def _router(self, tor: TorPlan) -> routers.RouterRun:
+        lab_dir = state.lab_dir(self.name)
+        return routers.RouterRun(tor, os.path.join(lab_dir, tor.name), os.path.join(lab_dir, "logs"))
+
     def _start_router(self, st: LabState, plan: Plan, tor: TorPlan, deadline: float) -> None:
-        rdir = os.path.join(st.dir, tor.name)
-        os.makedirs(rdir, exist_ok=True)
-        if tor.kind != "bird":
-            raise ValidationError(f"router kind {tor.kind} is not built yet", field="tor")
-        conf, control = os.path.join(rdir, "bird.conf"), os.path.join(rdir, "bird.ctl")
-        with open(conf, "w") as f:
-            f.write(routers.bird_config(plan, tor, os.path.join(st.dir, "logs", f"{tor.name}-bird.log")))
-        proc = state.spawn(tor.name, routers.bird_command(conf, control), netns=tor.netns,
+        run = self._router(tor)
+        os.makedirs(run.rdir, exist_ok=True)
+        self._record(lambda s: s.data_dirs.extend(run.leftovers()))
+        cmd = run.prepare(plan)
+        proc = state.spawn(tor.name, cmd, netns=tor.netns,
                            log_path=os.path.join(st.dir, "logs", f"{tor.name}.log"))
         self._record(lambda s: s.procs.append(proc))
-        while not routers.bird_ready(tor.netns, control):
+        while not run.ready():
             if state.exited(proc) is not None:
-                raise DataplaneError(f"bird in {tor.netns} exited; log: {proc.log}\n" + _tail(proc.log))
+                raise DataplaneError(f"{tor.kind} in {tor.netns} exited; log: {proc.log}\n" + _tail(proc.log))
             if time.monotonic() > deadline:
-                raise DataplaneError(f"bird in {tor.netns} not up in time; log: {proc.log}")
+                raise DataplaneError(f"{tor.kind} in {tor.netns} not up in time; log: {proc.log}")
             time.sleep(0.05)
-
-    def router_control(self, tor: TorPlan) -> str:
-        return os.path.join(state.lab_dir(self.name), tor.name, "bird.ctl")
 
     def bgp_sessions(self) -> dict[str, dict[str, str]]:
         """Per router: its BGP sessions' states by node name (Established, Active, ...)."""
-        return {t.name: routers.bird_sessions(t.netns, self.router_control(t)) for t in self.plan().tors}
+        plan = self.plan()
+        return {t.name: self._router(t).sessions(plan) for t in plan.tors}
 
     def _ptp_routes(self, plan: Plan) -> None:
         """The reference-plugin baseline routes node i's pod range via node i (static, no BGP)."""

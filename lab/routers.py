@@ -1,4 +1,4 @@
-"""The lab's top-of-rack router: BIRD2 (issue 4; FRR to follow) in `<lab>-tor`.
+"""The lab's top-of-rack router in `<lab>-tor`: BIRD2 or FRR (bgpd + zebra) from Debian.
 
 The router peers over eBGP with every node on that node's own link, installs what it
 learns (the nodes' pod blocks) in its kernel so the outside host behind it reaches the
@@ -8,9 +8,13 @@ one BGPPeer per node pointing at the router -- is `bgp_resources()`.
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import re
+import shlex
 import subprocess
+from dataclasses import dataclass
 
 from tortie.lab import nsutil
 from tortie.lab.topology import NodePlan, Plan, TorPlan
@@ -75,6 +79,117 @@ def bird_ready(netns: str, control: str) -> bool:
     r = subprocess.run(["ip", "netns", "exec", netns, "birdc", "-s", control, "show", "status"],
                        capture_output=True, text=True, timeout=10)
     return r.returncode == 0 and bool(re.search(r"Daemon is up and running", r.stdout))
+
+
+FRR_DIR = "/usr/lib/frr"
+
+
+def frr_config(plan: Plan, tor: TorPlan, log_path: str) -> str:
+    """FRR configuration: one eBGP session per node; zebra puts the learned routes in the kernel."""
+    lines = [
+        "frr defaults datacenter",
+        f"hostname {tor.netns}",
+        f"log file {log_path}",
+        f"router bgp {tor.as_number}",
+        f" bgp router-id {tor.ip}",
+        " no bgp ebgp-requires-policy",
+        " bgp bestpath as-path multipath-relax",
+    ]
+    for node in plan.nodes:
+        lines += [f" neighbor {node.ip} remote-as {node.as_number}",
+                  f" neighbor {node.ip} update-source {node.gateway}",
+                  f" neighbor {node.ip} timers 3 {HOLD_TIME}",
+                  f" neighbor {node.ip} timers connect 1"]
+    lines += [" address-family ipv4 unicast", "  maximum-paths 16", " exit-address-family"]
+    return "\n".join(lines) + "\n"
+
+
+def frr_command(rdir: str, conf: str, name: str) -> list[str]:
+    """zebra and bgpd in one process group (a shell that execs bgpd once zebra listens).
+
+    Every path is in the lab's dir; the daemons run as Debian's `frr` user, which owns it.
+    """
+    common = (f"-N {shlex.quote(name)} --vty_socket {shlex.quote(rdir)} -z {shlex.quote(rdir)}/zserv.api "
+              f"-f {shlex.quote(conf)} -A 127.0.0.1 -P 0")
+    zserv = shlex.quote(os.path.join(rdir, "zserv.api"))
+    script = (f"{FRR_DIR}/zebra {common} -i {shlex.quote(rdir)}/zebra.pid & "
+              f"for i in $(seq 100); do [ -S {zserv} ] && break; sleep 0.05; done; "
+              f"exec {FRR_DIR}/bgpd {common} -i {shlex.quote(rdir)}/bgpd.pid -p 179")
+    return ["sh", "-c", script]
+
+
+def frr_prepare_dir(rdir: str) -> None:
+    """FRR's daemons drop to the `frr` user: let them write their sockets and pid files."""
+    try:
+        user = pwd.getpwnam("frr")
+    except KeyError:
+        return
+    os.chown(rdir, user.pw_uid, user.pw_gid)
+
+
+def vtysh(netns: str, rdir: str, command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", netns, "vtysh", "--vty_socket", rdir, "-c", command],
+                          capture_output=True, text=True, timeout=10)
+
+
+def frr_ready(netns: str, rdir: str) -> bool:
+    r = vtysh(netns, rdir, "show bgp summary json")
+    return r.returncode == 0 and r.stdout.lstrip().startswith("{")
+
+
+def frr_sessions(netns: str, rdir: str, plan: Plan) -> dict[str, str]:
+    r = vtysh(netns, rdir, "show bgp summary json")
+    try:
+        peers = json.loads(r.stdout).get("ipv4Unicast", {}).get("peers", {})
+    except ValueError:
+        return {}
+    by_ip = {n.ip: n.name for n in plan.nodes}
+    return {by_ip.get(ip, ip): p.get("state", "?") for ip, p in peers.items()}
+
+
+@dataclass(frozen=True)
+class RouterRun:
+    """How the lab runs one router: its command, readiness check and session view."""
+    tor: TorPlan
+    rdir: str
+    log_dir: str
+
+    @property
+    def conf(self) -> str:
+        return os.path.join(self.rdir, "bird.conf" if self.tor.kind == "bird" else "frr.conf")
+
+    @property
+    def control(self) -> str:
+        return os.path.join(self.rdir, "bird.ctl") if self.tor.kind == "bird" else self.rdir
+
+    def prepare(self, plan: Plan) -> list[str]:
+        """Write the configuration; the command that runs the router in the foreground."""
+        log_path = os.path.join(self.log_dir, f"{self.tor.name}-{self.tor.kind}.log")
+        if self.tor.kind == "bird":
+            text, cmd = bird_config(plan, self.tor, log_path), bird_command(self.conf, self.control)
+        else:
+            frr_prepare_dir(self.rdir)
+            text, cmd = frr_config(plan, self.tor, log_path), frr_command(self.rdir, self.conf, self.tor.netns)
+        with open(self.conf, "w") as f:
+            f.write(text)
+        if self.tor.kind == "frr":
+            open(log_path, "a").close()
+            frr_prepare_dir(log_path)
+        return cmd
+
+    def leftovers(self) -> list[str]:
+        """Directories the router makes outside the lab dir (FRR's per-pathspace run dir)."""
+        return [os.path.join("/var/run/frr", self.tor.netns)] if self.tor.kind == "frr" else []
+
+    def ready(self) -> bool:
+        if self.tor.kind == "bird":
+            return bird_ready(self.tor.netns, self.control)
+        return frr_ready(self.tor.netns, self.rdir)
+
+    def sessions(self, plan: Plan) -> dict[str, str]:
+        if self.tor.kind == "bird":
+            return bird_sessions(self.tor.netns, self.control)
+        return frr_sessions(self.tor.netns, self.rdir, plan)
 
 
 def bgp_resources(plan: Plan) -> list[dict]:

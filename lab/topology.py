@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from tortie.errors import ValidationError
 
 TOR_KINDS = ("none", "bird", "frr")
-IMPLEMENTED_TORS = ("none", "bird")
+IMPLEMENTED_TORS = ("none", "bird", "frr")
 DEFAULT_LAB = "tortie"
 UNDERLAY_SUBNET = "10.99.0.0/24"
 DEFAULT_POOL_CIDR = "10.65.0.0/16"
@@ -108,7 +108,7 @@ def make_plan(lab: str, nodes: int, tor: str = "none") -> Plan:
     if tor not in TOR_KINDS:
         raise ValidationError(f"unknown tor {tor!r} (want one of {', '.join(TOR_KINDS)})", field="tor")
     if tor not in IMPLEMENTED_TORS:
-        raise ValidationError(f"--tor {tor} is not built yet (issue 4); use --tor none or bird", field="tor")
+        raise ValidationError(f"--tor {tor} is not built yet", field="tor")
     if not 1 <= nodes <= MAX_NODES:
         raise ValidationError(f"--nodes {nodes}: want 1..{MAX_NODES}", field="nodes")
     net = ipaddress.ip_network(UNDERLAY_SUBNET)

@@ -183,13 +183,14 @@ def test_commands_on_a_missing_lab_fail_cleanly(lab_name):
     assert not os.path.exists(state.lab_dir(lab_name))
 
 
-def test_bird_router_outside_host_and_node_links(lab_name):
-    """--tor bird: nodes on their own links, BIRD configured for each, the outside host behind it."""
+@pytest.mark.parametrize("tor", ["bird", "frr"])
+def test_router_outside_host_and_node_links(lab_name, tor):
+    """--tor bird|frr: nodes on their own links, a session configured for each, the outside host."""
     veths = root_veths()
-    out = lab_cli(lab_name, "up", "--nodes", "2", "--tor", "bird", "--cni", "ptp").stdout
-    assert "bird running" in out
+    out = lab_cli(lab_name, "up", "--nodes", "2", "--tor", tor, "--cni", "ptp").stdout
+    assert f"{tor} running" in out
     status = json.loads(lab_cli(lab_name, "status", "-o", "json").stdout)
-    assert [(t["kind"], t["namespace"]) for t in status["tors"]] == [("bird", f"{lab_name}-tor")]
+    assert [(t["kind"], t["namespace"]) for t in status["tors"]] == [(tor, f"{lab_name}-tor")]
     assert status["outside"]["namespace"] == f"{lab_name}-ext"
     assert [n["address"] for n in status["nodes"]] == ["10.99.1.2/24", "10.99.2.2/24"]
     lab_cli(lab_name, "pod", "add", "node1", "default/a")
@@ -205,3 +206,4 @@ def test_bird_router_outside_host_and_node_links(lab_name):
     assert "tor" in {p.role for p in procs}
     lab_cli(lab_name, "down")
     assert_nothing_left(lab_name, procs, veths)
+    assert not os.path.exists(f"/var/run/frr/{lab_name}-tor")

@@ -88,8 +88,7 @@ def test_plan_with_a_router():
     assert (n2.address, n2.gateway, n2.as_number) == ("10.99.2.2/24", "10.99.2.1", 64514)
     assert topology.node_link_router_address(n2) == "10.99.2.1/24"
     assert set(plan.netns_names()) == {"lab1-net", "lab1-ctl", "lab1-tor", "lab1-ext", "lab1-node1", "lab1-node2"}
-    with pytest.raises(ValidationError, match="issue 4"):
-        topology.make_plan("lab1", 2, "frr")
+    assert topology.make_plan("lab1", 2, "frr").tors[0].kind == "frr"
 
 
 def test_router_config_and_bgp_resources():
@@ -99,6 +98,9 @@ def test_router_config_and_bgp_resources():
     plan = topology.make_plan("lab1", 2, "bird")
     conf = routers.bird_config(plan, plan.tors[0], "/x.log")
     assert "protocol bgp node2 from node {\n  local 10.99.2.1 as 65000;\n  neighbor 10.99.2.2 as 64514;" in conf
+    frr = routers.frr_config(topology.make_plan("lab1", 2, "frr"), plan.tors[0], "/x.log")
+    assert " neighbor 10.99.2.2 remote-as 64514\n neighbor 10.99.2.2 update-source 10.99.2.1" in frr
+    assert "router bgp 65000" in frr and "no bgp ebgp-requires-policy" in frr
     res = routers.bgp_resources(plan)
     for r in res:
         validate(r)  # the datastore accepts every one
