@@ -85,6 +85,7 @@ class BlockInfo:
 class Config:
     strict_affinity: bool = False
     max_blocks_per_host: int = 0  # 0: no limit
+    auto_allocate_blocks: bool = True  # False: only blocks claimed otherwise (assign_ip) and borrowing
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class IPAM:
         if cfg_kv is not None:
             try:
                 view = res.IPAMConfig.from_resource(res.decode(cfg_kv.value, cfg_kv.mod_revision))
-                config = Config(view.strict_affinity, view.max_blocks_per_host)
+                config = Config(view.strict_affinity, view.max_blocks_per_host, view.auto_allocate_blocks)
             except (TortieError, ValueError, KeyError, TypeError) as exc:
                 log.warning("invalid IPAMConfig ignored", error=str(exc))
         node_kv = self.client.get(self._node_key(node)) if node else None
@@ -307,9 +308,17 @@ class IPAM:
             if not usable:
                 raise PoolExhausted(f"no enabled IPv{version} pool selects node {node}"
                                     + (f" among {requested}" if requested else ""))
+            # our own claim that a dead process left half done: finish it (before the
+            # limit check, since it already counts against maxBlocksPerHost)
+            pending = [b for b in own.values() if b[0].state == PENDING and b[0].pool in names]
+            if pending:
+                if not self._confirm(*pending[0], node):
+                    self._refresh(node, attr.handle)
+                    _backoff(attempt)
+                continue
             limit = ctx.config.max_blocks_per_host
             held = sum(1 for b, _ in own.values() if b.network.version == version)
-            if not limit or held < limit:
+            if ctx.config.auto_allocate_blocks and (not limit or held < limit):
                 outcome = self._claim_any(node, ctx, usable)
                 if outcome == "claimed":
                     continue
@@ -368,10 +377,6 @@ class IPAM:
     def _claim_any(self, node: str, ctx: _Ctx, pools: list[res.IPPool]) -> str:
         """Claim a block of the first usable pool with room: 'claimed', 'conflict' or 'none'."""
         blocks = self._all_blocks()
-        names = {p.name for p in pools}
-        for block, rev in blocks:  # our own claim that a dead process left half done
-            if block.state == PENDING and block.node == node and block.pool in names:
-                return "claimed" if self._confirm(block, rev, node) else "conflict"
         taken = {b.cidr for b, _ in blocks}
         for pool in pools:
             count, nth = candidate_blocks(pool.cidr, pool.block_size, 0)

@@ -217,6 +217,29 @@ def test_pending_claim_is_never_used_and_is_adopted_or_reported(etcd, store, ipa
     assert ipam.node_blocks("n1")[0].confirmed
 
 
+def test_own_pending_claim_is_finished_even_at_the_block_limit(etcd, store, ipam):
+    make_pool(store, "v4", "10.41.0.0/29", blockSize=30)
+    ipam.configure(max_blocks_per_host=1)
+    p = etcd.config.prefix
+    stale = Block.new("10.41.0.4/30", "v4", "n1", now=0.0)
+    etcd.transaction(Txn().put(p + BLOCKS + "10.41.0.4-30", stale.to_json())
+                     .put(p + AFFINITY + "n1/10.41.0.4-30", affinity_value(PENDING)))
+    assert in_net(ipam.auto_assign("net.a", "n1")[0], "10.41.0.4/30")
+    assert [(b.cidr, b.confirmed) for b in ipam.node_blocks("n1")] == [("10.41.0.4/30", True)]
+
+
+def test_no_auto_allocated_blocks(etcd, store, ipam):
+    make_pool(store, "v4", "10.42.0.0/29", blockSize=30)
+    etcd.put(etcd.config.prefix + "resources/ipamconfig/default", json.dumps(
+        {"apiVersion": "tortie.io/v1", "kind": "IPAMConfig", "metadata": {"name": "default"},
+         "spec": {"autoAllocateBlocks": False}}).encode())
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("net.a", "n1")
+    ipam.assign_ip("10.42.0.1", "net.b", "n2")  # claims its block for n2
+    assert in_net(ipam.auto_assign("net.a", "n1")[0], "10.42.0.0/30")  # borrowed
+    assert ipam.borrowed_ips("n1") and len(ipam.all_blocks()) == 1
+
+
 def test_stale_pending_released_from_report(etcd, store, ipam):
     make_pool(store, "v4", "10.36.0.0/29", blockSize=30)
     make_node(store, "n1")
