@@ -38,14 +38,15 @@ def _show_ctl(lab: Lab, *args: str) -> None:
     print((r.stdout + r.stderr).rstrip() or "(no output)")
 
 
-def run(name: str, keep: bool = False) -> int:
+def run(name: str, keep: bool = False, tor: str = "none") -> int:
     t0 = time.monotonic()
-    print(f"tortie lab demo: {NODES} nodes on one L2 segment, each a network namespace,\n"
+    where = "on one L2 segment" if tor == "none" else f"each on its own link to a {tor} router"
+    print(f"tortie lab demo: {NODES} nodes {where}, each a network namespace,\n"
           f"etcd in its own namespace, pods wired by the tortie CNI plugin. Lab name: {name}.")
     lab: Lab | None = None
     try:
-        _step(1, f"tortie-lab up --nodes {NODES} --tor none --name {name}")
-        lab = Lab.up(name, NODES, "none", echo=lambda s: print(f"  {s}", flush=True))
+        _step(1, f"tortie-lab up --nodes {NODES} --tor {tor} --name {name}")
+        lab = Lab.up(name, NODES, tor, echo=lambda s: print(f"  {s}", flush=True))
 
         _step(2, "tortie-lab pod add NODE NAMESPACE/NAME  (every pod serves TCP+UDP on 80 and 81)")
         for node, pod in PODS:
@@ -58,6 +59,11 @@ def run(name: str, keep: bool = False) -> int:
 
         _step(5, "tortie-lab matrix: every node and pod to every pod, TCP and UDP on port 80")
         m = lab.matrix(80)
+        for _ in range(20):  # routes between nodes arrive over BGP a moment after the pods
+            if m.ok:
+                break
+            time.sleep(0.5)
+            m = lab.matrix(80)
         print(m.render())
         for r in m.failures[:8]:
             print(f"  {r.src} -> {r.dst} {r.proto}: {r.error or 'no answer'}")
@@ -88,10 +94,11 @@ def main(name: str | None = None, argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tortie-lab demo")
     ap.add_argument("--name", default=name or DEMO_LAB)
     ap.add_argument("--keep", action="store_true", help="leave the lab running at the end")
+    ap.add_argument("--tor", default="none", choices=topology.TOR_KINDS)
     args = ap.parse_args([] if argv is None and name is not None else argv)
     topology.check_lab_name(args.name)
     signal.signal(signal.SIGTERM, _interrupt)
-    return run(args.name, keep=args.keep)
+    return run(args.name, keep=args.keep, tor=args.tor)
 
 
 if __name__ == "__main__":

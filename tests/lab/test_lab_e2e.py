@@ -1,0 +1,54 @@
+"""tortie itself in the lab: agents, the CNI plugin and BGP between two nodes.
+
+These need the agent (with its CNI server and BGP speaker) and the CNI plugin; until
+those packages exist the tests are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+
+from tortie.lab.cluster import resolve_agent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(resolve_agent("auto") != "agent" or importlib.util.find_spec("tortie.cni.install") is None
+                       or importlib.util.find_spec("tortie.bgp.speaker") is None,
+                       reason="needs tortie-agent with its CNI server, the CNI plugin and the BGP speaker"),
+]
+
+
+def _wait_matrix(lab, seconds: float = 15.0):
+    deadline = time.monotonic() + seconds
+    while True:
+        m = lab.matrix(80)
+        if m.ok or time.monotonic() > deadline:
+            return m
+        time.sleep(0.5)
+
+
+def test_two_nodes_full_mesh(lab_factory):
+    lab = lab_factory(nodes=2, tor="none")
+    for node, pod in (("node1", "default/a"), ("node1", "default/b"), ("node2", "default/c")):
+        lab.pod_add(node, pod)
+    m = _wait_matrix(lab)
+    assert m.ok, m.render()
+    lab.down()
+
+
+@pytest.mark.parametrize("tor", ["bird", "frr"])
+def test_two_nodes_behind_a_router_and_the_outside_host(lab_factory, tor):
+    lab = lab_factory(nodes=2, tor=tor)
+    lab.pod_add("node1", "default/a")
+    lab.pod_add("node2", "default/b")
+    deadline = time.monotonic() + 15
+    while set(lab.bgp_sessions()["tor"].values()) != {"Established"}:
+        assert time.monotonic() < deadline, lab.bgp_sessions()
+        time.sleep(0.2)
+    m = _wait_matrix(lab)
+    assert m.ok, m.render()
+    assert "ext" in m.sources
+    lab.down()
