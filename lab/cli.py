@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     stt.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
     sub.add_parser("down", parents=[common], help="remove everything of the lab")
-    sub.add_parser("demo", parents=[common], help="a 2-node lab, pods, the matrix, then down")
+    demo = sub.add_parser("demo", parents=[common], help="a 2-node lab, pods, the matrix, then down")
+    demo.add_argument("--tor", default="none", choices=topology.TOR_KINDS)
     return ap
 
 
@@ -145,7 +146,8 @@ def run(argv: list[str]) -> int:
         return 1 if problems else 0
     if args.cmd == "demo":
         from tortie.lab import demo
-        return demo.main(name)
+        explicit = getattr(args, "name", None) or os.environ.get("TORTIE_LAB_NAME")
+        return demo.main(explicit, argv=["--tor", args.tor])
 
     lab = Lab(name)
     if args.cmd == "pod":

@@ -95,7 +95,7 @@ def main(name: str | None = None, argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=name or DEMO_LAB)
     ap.add_argument("--keep", action="store_true", help="leave the lab running at the end")
     ap.add_argument("--tor", default="none", choices=topology.TOR_KINDS)
-    args = ap.parse_args([] if argv is None and name is not None else argv)
+    args = ap.parse_args(argv)
     topology.check_lab_name(args.name)
     signal.signal(signal.SIGTERM, _interrupt)
     return run(args.name, keep=args.keep, tor=args.tor)
