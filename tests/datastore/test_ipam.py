@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
 import time
 
 import pytest
@@ -340,3 +341,33 @@ def test_configure_persists(etcd, ipam, store):
     ipam.configure(max_blocks_per_host=0)
     res = store.get("IPAMConfig", "default")["spec"]
     assert res["strictAffinity"] is True and res["maxBlocksPerHost"] == 0
+
+
+def test_threads_and_instances_racing_on_one_node(etcd, store):
+    make_pool(store, "v4", "10.43.0.0/26", blockSize=29)  # 64 addresses, 8 blocks
+    instances = [IPAM(etcd), IPAM(etcd)]  # two processes' worth of caches, each shared by threads
+    got: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(8):
+                handle = f"net.t{t}-{i}"
+                got[handle] = instances[t % 2].auto_assign(handle, f"n{t % 3}")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    ips = [ip for v in got.values() for ip in v]
+    assert len(ips) == 64 and len(set(ips)) == 64  # the pool exactly filled, nothing twice
+    assert by_handle(etcd) == {h: set(v) for h, v in got.items()}
+    with pytest.raises(PoolExhausted):
+        instances[0].auto_assign("net.more", "n0")
+    for n in ("n0", "n1", "n2"):
+        make_node(store, n)
+    assert IPAM(etcd).check(wep_handles=set(got), pending_grace=0)["clean"]
