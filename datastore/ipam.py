@@ -381,7 +381,8 @@ class IPAM:
         for pool in pools:
             count, nth = candidate_blocks(pool.cidr, pool.block_size, 0)
             start = random.randrange(count)
-            in_pool = sum(1 for b, _ in blocks if b.pool == pool.name)
+            net = ipaddress.ip_network(pool.cidr)
+            in_pool = sum(1 for b, _ in blocks if b.network.version == net.version and b.network.subnet_of(net))
             # among len(in_pool)+1 distinct candidates at least one is free
             for i in range(min(count, in_pool + 1)):
                 cidr = nth(start + i)
