@@ -131,12 +131,15 @@ class BGPSpeaker:
         self._spawn_gen = 0  # the generation on disk when ExaBGP was started
         self._started_at = 0.0
         self.restarts = 0
+        self._trace = None  # TORTIE_BGP_TRACE=1: API events but updates go to state_dir/api.trace
         self.errors = 0  # commands ExaBGP answered with `error`
 
     # --- contract with the agent -----------------------------------------------------
 
     async def start(self) -> None:
         os.makedirs(self.state_dir, exist_ok=True)
+        if os.environ.get("TORTIE_BGP_TRACE"):
+            self._trace = open(os.path.join(self.state_dir, "api.trace"), "ab")
         await self._kill_leftover()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock_path)
@@ -435,6 +438,9 @@ class BGPSpeaker:
             log.warning("unparsable api line", line=line[:200])
             return
         kind = msg.get("type")
+        if self._trace and kind != "update":
+            self._trace.write(line + b"\n")
+            self._trace.flush()
         neighbor = msg.get("neighbor") or {}
         peer = (neighbor.get("address") or {}).get("peer")
         if peer is None or peer not in self._peers:
@@ -445,8 +451,8 @@ class BGPSpeaker:
             self._on_state(peer, neighbor.get("state"), neighbor.get("reason", ""))
         elif kind == "open" and neighbor.get("direction") == "receive":
             caps = (neighbor.get("open") or {}).get("capabilities") or {}
-            gr = caps.get("64") or {}
-            self._peer_state(peer).gr_time = int(gr.get("time", 0)) if gr else 0
+            gr = [c for c in caps.values() if isinstance(c, dict) and c.get("name") == "graceful restart"]
+            self._peer_state(peer).gr_time = int(gr[0].get("time", 0)) if gr else 0
         elif kind == "notification":
             note = neighbor.get("notification") or {}
             text = notification_text(int(note.get("code", 0)), int(note.get("subcode", 0)))
@@ -488,11 +494,12 @@ class BGPSpeaker:
             explained = _reason_text(reason)
             if explained and not (st.last_error.startswith("peer sent") and "closed" in explained):
                 st.last_error = explained
-            self._peer_gone(peer, st, was_up)
-            log.info("bgp session down", peer=peer, reason=reason)
+            if was_up:  # later failed attempts leave the (stale) routes alone
+                self._peer_gone(peer, st)
+                log.info("bgp session down", peer=peer, reason=reason)
 
-    def _peer_gone(self, peer: str, st: _PeerState, graceful_ok: bool = True) -> None:
-        graceful = graceful_ok and st.gr_time > 0
+    def _peer_gone(self, peer: str, st: _PeerState) -> None:
+        graceful = st.gr_time > 0
         if self._rib.peer_down(peer, graceful):
             self._routes_changed()
         if graceful and self._rib.is_stale(peer):

@@ -1,0 +1,116 @@
+"""Speakers peering with each other (the node-to-node mesh), peers from compute_peers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import pytest
+from bgphelpers import lan, wait_for
+
+from tortie.bgp.peers import compute_peers
+from tortie.datastore.resources import BGPConfiguration, Node
+
+pytestmark = pytest.mark.slow
+
+ADDR = {"a": "10.93.0.1", "b": "10.93.0.2", "c": "10.93.0.3"}
+
+
+def nodes(names) -> list[Node]:
+    return [Node.from_resource({"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": n},
+                                "spec": {"bgp": {"ipv4Address": f"{ADDR[n]}/24"}}}) for n in names]
+
+
+CONFIG = BGPConfiguration.from_resource({"apiVersion": "tortie.io/v1", "kind": "BGPConfiguration",
+                                         "metadata": {"name": "default"}, "spec": {}})
+
+
+@pytest.fixture
+def mesh(lab, netns):
+    """Speakers for nodes a, b, c on one segment, peered by compute_peers."""
+    hub = netns.new("sw")
+    ns = {n: netns.new(n) for n in ADDR}
+    lan(hub, "10.93.0.254/24", [(ns[n], f"{a}/24") for n, a in ADDR.items()])
+    all_nodes = nodes(ADDR)
+    speakers = {}
+
+    def start(name: str):
+        sp = lab.speaker(ns[name], name)
+        sp.start(node_name=name, router_id=ADDR[name], local_as=64512, local_address=ADDR[name])
+        me = next(n for n in all_nodes if n.name == name)
+        sp.peers([dataclasses.asdict(p) for p in compute_peers(me, all_nodes, [], CONFIG)])
+        speakers[name] = sp
+        return sp
+
+    for name in ADDR:
+        start(name)
+    return speakers, start
+
+
+def test_mesh_exchange_and_ecmp(mesh):
+    sp, _ = mesh
+    sp["a"].exports(["10.244.1.0/26"])
+    sp["b"].exports(["10.244.2.0/26", "10.245.0.0/24"])
+    sp["c"].exports(["10.245.0.0/24"])
+    for name in ADDR:
+        for other, addr in ADDR.items():
+            if other != name:
+                st = sp[name].wait_state(addr)
+                assert st["kind"] == "mesh"
+    want_a = {"10.244.2.0/26": [ADDR["b"]], "10.245.0.0/24": [ADDR["b"], ADDR["c"]]}
+    wait_for(lambda: sp["a"].routes == want_a, what="a learns b's block and the ECMP anycast")
+    wait_for(lambda: (sp["b"].routes or {}).get("10.244.1.0/26") == [ADDR["a"]], what="b learns a's block")
+    # withdraw on one side removes one ECMP leg
+    sp["c"].exports([])
+    wait_for(lambda: sp["a"].routes.get("10.245.0.0/24") == [ADDR["b"]], what="ECMP leg withdrawn")
+    st = {p["peer"]: p for p in sp["a"].status()["peers"]}
+    assert st[ADDR["b"]]["prefixes_received"] == 2 and st[ADDR["b"]]["prefixes_sent"] == 1
+    # exactly one side of each pair is passive
+    assert st[ADDR["b"]]["passive"] and st[ADDR["c"]]["passive"]
+    assert not {p["peer"]: p for p in sp["c"].status()["peers"]}[ADDR["a"]]["passive"]
+
+
+def test_agent_killed_peer_keeps_routes_until_reannounced(mesh):
+    sp, start = mesh
+    sp["a"].exports(["10.244.1.0/26", "10.244.7.8/32"])
+    sp["b"].exports(["10.244.2.0/26"])
+    want = {"10.244.1.0/26": [ADDR["a"]], "10.244.7.8/32": [ADDR["a"]]}
+    wait_for(lambda: all((sp["b"].routes or {}).get(p) == nh for p, nh in want.items()), what="b has a's routes")
+    exabgp_pid = sp["a"].status()["exabgp_pid"]
+    killed_at = time.time()
+    sp["a"].kill()  # kill -9 of the agent: its ExaBGP must go with it
+    wait_for(lambda: not os.path.exists(f"/proc/{exabgp_pid}"), 5, what="ExaBGP dies with its agent")
+    wait_for(lambda: sp["b"].peer(ADDR["a"])["state"] != "established", what="b sees a go down")
+    assert sp["b"].peer(ADDR["a"])["stale"], "b keeps a's routes as stale"
+    time.sleep(1)
+    new_a = start("a")  # the restarted agent, same state dir
+    new_a.exports(["10.244.1.0/26", "10.244.7.8/32"])
+    sp["b"].wait_state(ADDR["a"], timeout=30)
+    wait_for(lambda: not sp["b"].peer(ADDR["a"])["stale"], what="a's end-of-RIB clears the stale mark")
+    # b never lost a route from the kill to the end: every table it gave its agent had them
+    for t, routes in sp["b"].route_history:
+        if t >= killed_at - 1:
+            assert all(routes.get(p) == nh for p, nh in want.items()), f"route lost at {t}: {routes}"
+    assert all(sp["b"].routes.get(p) == nh for p, nh in want.items())
+    # the restarted a learned b's block and released it once b's end-of-RIB came
+    wait_for(lambda: (new_a.routes or {}).get("10.244.2.0/26") == [ADDR["b"]], what="new a learns b's block")
+    assert new_a.status()["rib_ready"]
+
+
+def test_withdrawn_while_down_is_not_replayed(mesh):
+    """A prefix withdrawn while a session was down must not come back when it returns."""
+    sp, _ = mesh
+    sp["a"].exports(["10.244.1.0/26", "10.244.3.0/26"])
+    wait_for(lambda: "10.244.3.0/26" in (sp["b"].routes or {}), what="b has both")
+    # take b's side down by removing a from its peers, change a's exports, then restore
+    b_node = next(n for n in nodes(ADDR) if n.name == "b")
+    peers_b = [dataclasses.asdict(p) for p in compute_peers(b_node, nodes(ADDR), [], CONFIG)]
+    sp["b"].peers([p for p in peers_b if p["address"] != ADDR["a"]])
+    wait_for(lambda: sp["a"].peer(ADDR["b"])["state"] != "established", what="a sees b go")
+    sp["a"].exports(["10.244.1.0/26"])
+    sp["b"].peers(peers_b)
+    sp["b"].wait_state(ADDR["a"], timeout=30)
+    wait_for(lambda: (sp["b"].routes or {}).get("10.244.1.0/26") == [ADDR["a"]], what="b relearns")
+    time.sleep(1)
+    assert "10.244.3.0/26" not in sp["b"].routes
