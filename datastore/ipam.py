@@ -382,12 +382,17 @@ class IPAM:
             count, nth = candidate_blocks(pool.cidr, pool.block_size, 0)
             start = random.randrange(count)
             net = ipaddress.ip_network(pool.cidr)
-            in_pool = sum(1 for b, _ in blocks if b.network.version == net.version and b.network.subnet_of(net))
-            # among len(in_pool)+1 distinct candidates at least one is free
-            for i in range(min(count, in_pool + 1)):
+            inside = [b.network for b, _ in blocks if b.network.version == net.version and b.network.overlaps(net)]
+            # blocks of another size (left from an earlier pool on this range) may cover
+            # candidates under other names; without them, among len(inside)+1 distinct
+            # candidates at least one is free
+            odd = [n for n in inside if n.prefixlen != max(pool.block_size, net.prefixlen)]
+            tries = min(count, len(inside) + 1 + (1 << 16 if odd else 0))
+            for i in range(tries):
                 cidr = nth(start + i)
-                if cidr not in taken:
-                    return "claimed" if self._claim(node, ctx, pool, cidr) else "conflict"
+                if cidr in taken or (odd and any(ipaddress.ip_network(cidr).overlaps(o) for o in odd)):
+                    continue
+                return "claimed" if self._claim(node, ctx, pool, cidr) else "conflict"
         return "none"
 
     def _claim(self, node: str, ctx: _Ctx, pool: res.IPPool, cidr: str) -> bool:

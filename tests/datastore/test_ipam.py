@@ -371,3 +371,15 @@ def test_threads_and_instances_racing_on_one_node(etcd, store):
     for n in ("n0", "n1", "n2"):
         make_node(store, n)
     assert IPAM(etcd).check(wep_handles=set(got), pending_grace=0)["clean"]
+
+
+def test_blocks_left_by_an_earlier_pool_are_not_overlapped(etcd, store, ipam):
+    make_pool(store, "old", "10.44.0.0/28", blockSize=29)
+    kept = ipam.auto_assign("net.kept", "n1")  # one /29 stays after its pool goes
+    store.delete("IPPool", "old")
+    make_pool(store, "new", "10.44.0.0/28", blockSize=30)
+    got = ipam.auto_assign("net.new", "n2", num_v4=4)
+    old_block = ipaddress.ip_network(f"{kept[0]}/29", strict=False)
+    assert not any(ipaddress.ip_address(ip) in old_block for ip in got)
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("net.more", "n2", num_v4=5)
