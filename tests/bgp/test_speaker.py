@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import threading
@@ -9,6 +11,8 @@ import time
 
 import pytest
 from bgphelpers import bird_bgp, lan, veth, wait_for
+
+from tortie.ctl.main import main as ctl_main
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +66,17 @@ def test_exchange_with_bird(lab, pair):
     assert sp.status()["peers"][0]["prefixes_sent"] == 2
 
 
-def test_md5_wrong_then_right(lab, pair):
+def node_status(etcd, etcd_config, doc: dict, *args: str) -> tuple[int, str]:
+    """Publish a speaker's status as the agent does, and read it back with tortiectl."""
+    doc = {k: v for k, v in doc.items() if k not in ("event", "synced", "rib_ready")}
+    etcd.put(f"{etcd_config.prefix}status/bgp/{doc['node']}", json.dumps(doc))
+    out = io.StringIO()
+    rc = ctl_main(["--etcd-endpoints", ",".join(etcd_config.endpoints), "--etcd-prefix", etcd_config.prefix,
+                   "node", "status", *args], out=out, err=out)
+    return rc, out.getvalue()
+
+
+def test_md5_wrong_then_right(lab, pair, etcd, etcd_config):
     node, router = pair
     bird = tor(lab, router, password="s3cret")
     sp = start_speaker(lab, node, "n1", A)
@@ -71,10 +85,15 @@ def test_md5_wrong_then_right(lab, pair):
     st = wait_for(lambda: (p := sp.peer(R))["last_error"].startswith(("MD5", "no answer to MD5")) and p,
                   timeout=25, what="status explains the MD5 failure")
     assert st["state"] != "established" and not bird.established("n1")
+    rc, text = node_status(etcd, etcd_config, sp.status(), "n1")
+    assert rc == 0 and "MD5" in text and "global" in text, text
     sp.peers([bird_peer(R, password="s3cret")])
     sp.wait_state(R)
     assert sp.peer(R)["last_error"] == ""
     wait_for(lambda: "10.244.1.0/26" in bird.kernel_routes(), what="route over the MD5 session")
+    rc, text = node_status(etcd, etcd_config, sp.status(), "n1", "-o", "json")
+    peer = json.loads(text)[0]["peers"][0]
+    assert rc == 0 and peer["state"] == "established" and peer["prefixes_sent"] == 1
 
 
 def test_connect_refused_is_reported(lab, pair):
