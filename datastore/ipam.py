@@ -439,15 +439,20 @@ class IPAM:
                 if pool.disabled:
                     raise ValidationError(f"{addr} is in disabled IPPool {pool.name}", field="ip")
                 cidr = block_of(addr, pool.cidr, pool.block_size)
-                kv = self.client.get(self._bkey(cidr))
-                if kv is None:
+                found = [(b, r) for b, r in self._all_blocks()
+                         if b.network.version == addr.version and b.network.overlaps(ipaddress.ip_network(cidr))]
+                holder_block = next(((b, r) for b, r in found if addr in b.network), None)
+                if holder_block is None:
+                    if found:  # a block of another size, left by an earlier pool, is in the way
+                        raise IPAMError(f"block {cidr} for {addr} would overlap block {found[0][0].cidr}")
                     self._claim(node, ctx, pool, cidr)
                     continue
-                block = Block.from_json(kv.value)
+                block, rev = holder_block
+                cidr = block.cidr
                 if not block.confirmed:
                     if block.node != node:
                         raise IPAMError(f"block {cidr} of {addr} is being claimed by node {block.node}")
-                    self._confirm(block, kv.mod_revision, node)
+                    self._confirm(block, rev, node)
                     continue
                 if block.node != node and ctx.config.strict_affinity:
                     raise IPAMError(f"{addr} is in block {cidr} of node {block.node}; "
@@ -459,7 +464,7 @@ class IPAM:
                 hrec, hrev = self._read_handle(handle)
                 new = block.assign([index], attr)
                 hnew = hrec.changed(cidr, 1)
-                txn = Txn().guard(self._bkey(cidr), kv.mod_revision).guard(self._hkey(handle), hrev)
+                txn = Txn().guard(self._bkey(cidr), rev).guard(self._hkey(handle), hrev)
                 self._guards(txn, ctx, node, pool.name, config=True)
                 txn.put(self._bkey(cidr), new.to_json()).put(self._hkey(handle), hnew.to_json())
                 ok, revision = self.client.transaction(txn)

@@ -383,3 +383,7 @@ def test_blocks_left_by_an_earlier_pool_are_not_overlapped(etcd, store, ipam):
     assert not any(ipaddress.ip_address(ip) in old_block for ip in got)
     with pytest.raises(PoolExhausted):
         ipam.auto_assign("net.more", "n2", num_v4=5)
+    # a specific address inside the old block comes from that block, not from a new overlapping one
+    spare = next(str(ip) for ip in old_block if str(ip) != kept[0])
+    assert ipam.assign_ip(spare, "net.spare", "n1") == spare
+    assert sum(1 for b in ipam.all_blocks() if ipaddress.ip_network(b.cidr).overlaps(old_block)) == 1
