@@ -106,7 +106,10 @@ def release_report(ipam: IPAM, report: dict) -> dict:
 
     released: list[str] = []
     by_block: dict[str, dict[int, str]] = {}
+    live_weps, live = ipam.wep_handles(), ipam.nodes()
     for item in report.get("leaked_allocations", ()):
+        if item["handle"] in live_weps and item.get("node") in live:
+            continue  # its endpoint appeared since the check: the pod was still being set up
         ip = parse_ip(item["ip"])
         kv = ipam.client.get(ipam._bkey(item["block"]))
         if kv is None:
@@ -120,7 +123,6 @@ def release_report(ipam: IPAM, report: dict) -> dict:
 
     gone = {x["node"] for x in report.get("orphan_blocks", ())}
     gone |= {x["node"] for x in report.get("orphan_affinities", ()) if x.get("reason") == "node-gone"}
-    live = ipam.nodes()
     released_nodes = []
     for node in sorted(gone - live):
         ipam.release_node(node)

@@ -316,6 +316,17 @@ def test_old_report_never_frees_a_reallocated_address(etcd, store, ipam):
     assert held(etcd) == {again: handle_for("new")}
 
 
+def test_report_item_whose_endpoint_appeared_since_is_kept(etcd, store, ipam):
+    make_pool(store, "v4", "10.45.0.0/24", blockSize=28)
+    make_node(store, "n1")
+    ips = ipam.auto_assign(handle_for("slow"), "n1")  # CNI ADD: allocated, endpoint not written yet
+    report = ipam.check()
+    assert [x["ip"] for x in report["leaked_allocations"]] == ips
+    make_wep(store, "n1", "slow")
+    assert ipam.release_from_report(report)["released_ips"] == []
+    assert held(etcd) == {ips[0]: handle_for("slow")}
+
+
 def test_wep_ipam_handle_field_and_usage(etcd, store, ipam):
     make_pool(store, "v4", "10.40.0.0/24", blockSize=28)
     make_pool(store, "v6", "fd00:40::/64")
