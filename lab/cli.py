@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="build the lab; prints when ready")
     up.add_argument("--nodes", type=int, default=1)
     up.add_argument("--tor", default="none", choices=topology.TOR_KINDS)
+    up.add_argument("--uplinks", type=int, default=1, help="uplink segments per node, each with its router")
     up.add_argument("--cni", default="tortie", choices=CNI_MODES,
                     help="tortie, or ptp: the reference plugins as a baseline (no agent)")
     up.add_argument("--agent", default="auto", choices=AGENT_MODES,
@@ -132,7 +133,7 @@ def run(argv: list[str]) -> int:
     if args.cmd == "up":
         # Ctrl-C or a TERM while building still tears down what was made.
         signal.signal(signal.SIGTERM, _interrupt)
-        Lab.up(name, args.nodes, args.tor, cni=args.cni, agent=args.agent,
+        Lab.up(name, args.nodes, args.tor, uplinks=args.uplinks, cni=args.cni, agent=args.agent,
                agent_env=_kv(args.agent_env, "agent-env"), pool=args.pool, block_size=args.block_size,
                timeout=args.timeout, echo=print)
         print(f"next: tortie-lab pod add node1 default/a   (then: tortie-lab matrix; tortie-lab down"

@@ -59,10 +59,7 @@ def _python() -> str:
 
 
 def _plan_from(st: LabState) -> Plan:
-    p = dict(st.plan)
-    p["nodes"] = tuple(NodePlan(**n) for n in p["nodes"])
-    p["tors"] = tuple(TorPlan(**t) for t in p.get("tors", ()))
-    return Plan(**p)
+    return topology.plan_from_dict(st.plan)
 
 
 def resolve_agent(mode: str) -> str:
@@ -89,11 +86,11 @@ class Lab:
 
     @classmethod
     def up(cls, name: str = topology.DEFAULT_LAB, nodes: int = 1, tor: str = "none", *,
-           cni: str = "tortie", agent: str = "auto", agent_env: Mapping[str, str] | None = None,
+           uplinks: int = 1, cni: str = "tortie", agent: str = "auto", agent_env: Mapping[str, str] | None = None,
            pool: str = topology.DEFAULT_POOL_CIDR, block_size: int = topology.DEFAULT_BLOCK_SIZE,
            timeout: float = 60.0, echo: Echo = _quiet) -> Lab:
         """Build the lab and wait until it is ready; on any failure tear down what was made."""
-        plan = topology.make_plan(name, nodes, tor)
+        plan = topology.make_plan(name, nodes, tor, uplinks)
         if cni not in CNI_MODES:
             raise ValidationError(f"--cni {cni!r}: want one of {', '.join(CNI_MODES)}", field="cni")
         agent_mode = resolve_agent(agent) if cni == "tortie" else "none"
@@ -128,7 +125,11 @@ class Lab:
         st = self.state()
         t0 = time.monotonic()
         self._build_underlay(plan)
-        if plan.tors:
+        if plan.segments:
+            echo(f"core segment {plan.subnet} on {plan.bridge} in {plan.net_netns}; outside host {plan.ext_netns}; "
+                 f"{len(plan.nodes)} node(s) on {len(plan.segments)} uplink segments "
+                 f"({', '.join(f'{seg.subnet} via {t.netns}' for t in plan.tors if (seg := t.segment))})")
+        elif plan.tors:
             echo(f"core segment {plan.subnet} on {plan.bridge} in {plan.net_netns}; router {plan.tors[0].netns}, "
                  f"outside host {plan.ext_netns}; {len(plan.nodes)} node(s), each on its own link")
         else:
@@ -180,39 +181,47 @@ class Lab:
         self._record(lambda s: s.netns.extend(names))  # recorded first: teardown finds them
         for ns in names:
             nsutil.netns_add(ns)
+        bridges = [plan.bridge, *(seg.bridge for seg in plan.segments)]
         nsutil.ip_batch(plan.net_netns, [
-            f"link add {plan.bridge} type bridge forward_delay 0 stp_state 0",
-            f"link set {plan.bridge} up",
-        ])
-        # (namespace, port on the bridge, address) of everything on the core segment
-        attach = [(plan.ctl_netns, "ctl", plan.ctl_address)]
-        attach += [(t.netns, t.name, t.address) for t in plan.tors]
+            line for br in bridges for line in (f"link add {br} type bridge forward_delay 0 stp_state 0",
+                                                f"link set {br} up")])
+        # The core segment: etcd, the routers' core side, the outside host.
+        core = [(plan.ctl_netns, "ctl", "eth0", plan.ctl_address, plan.bridge)]
+        core += [(t.netns, t.name, "eth0", t.address, plan.bridge) for t in plan.tors]
         if plan.ext_netns and plan.ext_address:
-            attach.append((plan.ext_netns, "ext", plan.ext_address))
-        if not plan.tors:
-            attach += [(n.netns, n.bridge_port, n.address) for n in plan.nodes]
+            core.append((plan.ext_netns, "ext", "eth0", plan.ext_address, plan.bridge))
+        # Routers on their shared uplink segments (--uplinks 2).
+        core += [(t.netns, f"{t.name}s", "eth1", t.segment_address, t.segment.bridge)
+                 for t in plan.tors if t.segment and t.segment_address]
         lines = []
-        for ns, port, _ in attach:
-            lines += [f"link add {port} type veth peer name eth0 netns {ns}",
-                      f"link set {port} master {plan.bridge} up"]
+        for ns, port, ifname, _, bridge in core:
+            lines += [f"link add {port} type veth peer name {ifname} netns {ns}",
+                      f"link set {port} master {bridge} up"]
         nsutil.ip_batch(plan.net_netns, lines)
-        for ns, _, addr in attach:
-            gw = [f"route add default via {plan.core_gateway}"] if plan.core_gateway and \
-                ns not in {t.netns for t in plan.tors} else []
-            nsutil.ip_batch(ns, [f"addr add {addr} dev eth0", "link set eth0 up", *gw])
-        for tor in plan.tors:
-            # Each node on its own link to the router.
-            lines = []
-            for n in plan.nodes:
-                port = routers.router_node_link(n)
-                lines += [f"link add {port} type veth peer name eth0 netns {n.netns}",
-                          f"addr add {topology.node_link_router_address(n)} dev {port}",
-                          f"link set {port} up"]
-            nsutil.ip_batch(tor.netns, lines)
-            nsutil.sysctl(tor.netns, "net.ipv4.ip_forward", "1")
-            for n in plan.nodes:
-                nsutil.ip_batch(n.netns, [f"addr add {n.address} dev eth0", "link set eth0 up",
-                                          f"route add default via {n.gateway}"])
+        router_ns = {t.netns for t in plan.tors}
+        for ns, _, ifname, addr, _ in core:
+            default = [] if ns in router_ns or not plan.core_gateways else [_default_route(plan.core_gateways)]
+            nsutil.ip_batch(ns, [f"addr add {addr} dev {ifname}", f"link set {ifname} up", *default])
+        for ns in router_ns:
+            nsutil.sysctl(ns, "net.ipv4.ip_forward", "1")
+        # The nodes' uplinks: onto a bridge, or point to point into a router.
+        far: dict[str, list[str]] = {}
+        for n in plan.nodes:
+            for u in n.uplinks:
+                cmds = far.setdefault(u.far_netns, [])
+                cmds.append(f"link add {u.far_ifname} type veth peer name {u.ifname} netns {n.netns}")
+                if u.bridge:
+                    cmds.append(f"link set {u.far_ifname} master {u.bridge}")
+                if u.far_address:
+                    cmds.append(f"addr add {u.far_address} dev {u.far_ifname}")
+                cmds.append(f"link set {u.far_ifname} up")
+        for ns, cmds in far.items():
+            nsutil.ip_batch(ns, cmds)
+        for n in plan.nodes:
+            cmds = [c for u in n.uplinks for c in (f"addr add {u.address} dev {u.ifname}", f"link set {u.ifname} up")]
+            if n.gateways:
+                cmds.append(_default_route(n.gateways))
+            nsutil.ip_batch(n.netns, cmds)
 
     def _router(self, tor: TorPlan) -> routers.RouterRun:
         lab_dir = state.lab_dir(self.name)
@@ -240,9 +249,10 @@ class Lab:
 
     def _ptp_routes(self, plan: Plan) -> None:
         """The reference-plugin baseline routes node i's pod range via node i (static, no BGP)."""
-        for tor in plan.tors:  # nodes reach each other through the router's static routes
-            nsutil.ip_batch(tor.netns, [f"route add {PTP_SUBNET.format(i=i)} via {n.ip}"
-                                        for i, n in enumerate(plan.nodes, 1)])
+        index = {n.name: i for i, n in enumerate(plan.nodes, 1)}
+        for tor in plan.tors:  # nodes reach each other through the routers' static routes
+            nsutil.ip_batch(tor.netns, [f"route add {PTP_SUBNET.format(i=index[n.name])} via {u.ip}"
+                                        for n, u in plan.links_of(tor.name)])
         if plan.tors:
             return
         for i, node in enumerate(plan.nodes, 1):
@@ -405,7 +415,9 @@ class Lab:
             agent = procs.get(f"agent:{n.name}")
             nodes.append({
                 "name": n.name, "namespace": n.netns, "address": n.address, "ip": n.ip,
-                "as_number": n.as_number, "gateway": n.gateway, "cni_socket": self.cni_socket(n.name),
+                "as_number": n.as_number, "cni_socket": self.cni_socket(n.name),
+                "uplinks": [{"ifname": u.ifname, "address": u.address, "gateway": u.gateway, "router": u.router}
+                            for u in n.uplinks],
                 "agent": {"kind": st.agent, "pid": agent.pid, "alive": state.alive(agent), "log": agent.log}
                 if agent else None,
             })
@@ -421,8 +433,11 @@ class Lab:
             "nodes": nodes,
             "tors": [{"kind": t.kind, "name": t.name, "namespace": t.netns, "address": t.address,
                       "ip": t.ip, "as_number": t.as_number,
-                      "node_links": {n.name: topology.node_link_router_address(n) for n in plan.nodes}}
+                      "segment": asdict(t.segment) if t.segment else None,
+                      "peers": {n.name: {"address": u.address, "local": u.gateway, "as_number": n.as_number}
+                                for n, u in plan.links_of(t.name)}}
                      for t in plan.tors],
+            "uplink_segments": [{"namespace": plan.net_netns, **asdict(seg)} for seg in plan.segments],
             "outside": {"namespace": plan.ext_netns, "address": plan.ext_address,
                         "ip": plan.ext_address.split("/")[0]} if plan.ext_netns and plan.ext_address else None,
             "pods": [
@@ -634,6 +649,12 @@ class Lab:
             cls = NotFound if err.get("type") == "NotFound" else TortieError
             raise cls(f"datastore {args[0]}: {err.get('error')}")
         return json.loads(r.stdout)
+
+
+def _default_route(gateways: Sequence[str]) -> str:
+    if len(gateways) == 1:
+        return f"route add default via {gateways[0]}"
+    return "route add default " + " ".join(f"nexthop via {g}" for g in gateways)
 
 
 def _tail(path: str, lines: int = 15) -> str:

@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass
 
 from tortie.lab import nsutil
-from tortie.lab.topology import NodePlan, Plan, TorPlan
+from tortie.lab.topology import Plan, TorPlan
 
 API_VERSION = "tortie.io/v1"
 HOLD_TIME = 9  # seconds: a lab wants quick failure detection
@@ -42,11 +42,11 @@ def bird_config(plan: Plan, tor: TorPlan, log_path: str) -> str:
         "  ipv4 { import all; export where source = RTS_BGP; next hop self; };",
         "}",
     ]
-    for node in plan.nodes:
+    for node, link in plan.links_of(tor.name):
         lines += [
             f"protocol bgp {node.name} from node {{",
-            f"  local {node.gateway} as {tor.as_number};",
-            f"  neighbor {node.ip} as {node.as_number};",
+            f"  local {link.gateway} as {tor.as_number};",
+            f"  neighbor {link.ip} as {node.as_number};",
             "}",
         ]
     return "\n".join(lines) + "\n"
@@ -95,11 +95,11 @@ def frr_config(plan: Plan, tor: TorPlan, log_path: str) -> str:
         " no bgp ebgp-requires-policy",
         " bgp bestpath as-path multipath-relax",
     ]
-    for node in plan.nodes:
-        lines += [f" neighbor {node.ip} remote-as {node.as_number}",
-                  f" neighbor {node.ip} update-source {node.gateway}",
-                  f" neighbor {node.ip} timers 3 {HOLD_TIME}",
-                  f" neighbor {node.ip} timers connect 1"]
+    for node, link in plan.links_of(tor.name):
+        lines += [f" neighbor {link.ip} remote-as {node.as_number}",
+                  f" neighbor {link.ip} update-source {link.gateway}",
+                  f" neighbor {link.ip} timers 3 {HOLD_TIME}",
+                  f" neighbor {link.ip} timers connect 1"]
     lines += [" address-family ipv4 unicast", "  maximum-paths 16", " exit-address-family"]
     return "\n".join(lines) + "\n"
 
@@ -137,13 +137,13 @@ def frr_ready(netns: str, rdir: str) -> bool:
     return r.returncode == 0 and r.stdout.lstrip().startswith("{")
 
 
-def frr_sessions(netns: str, rdir: str, plan: Plan) -> dict[str, str]:
+def frr_sessions(netns: str, rdir: str, plan: Plan, tor_name: str) -> dict[str, str]:
     r = vtysh(netns, rdir, "show bgp summary json")
     try:
         peers = json.loads(r.stdout).get("ipv4Unicast", {}).get("peers", {})
     except ValueError:
         return {}
-    by_ip = {n.ip: n.name for n in plan.nodes}
+    by_ip = {link.ip: n.name for n, link in plan.links_of(tor_name)}
     return {by_ip.get(ip, ip): p.get("state", "?") for ip, p in peers.items()}
 
 
@@ -189,29 +189,22 @@ class RouterRun:
     def sessions(self, plan: Plan) -> dict[str, str]:
         if self.tor.kind == "bird":
             return bird_sessions(self.tor.netns, self.control)
-        return frr_sessions(self.tor.netns, self.rdir, plan)
+        return frr_sessions(self.tor.netns, self.rdir, plan, self.tor.name)
 
 
 def bgp_resources(plan: Plan) -> list[dict]:
-    """Mesh off; each node peers with the router on its link (and keeps its own AS)."""
+    """Mesh off; each node peers with each router on its link to it, and keeps its own AS."""
     if not plan.tors:
         return []
-    tor = plan.tors[0]
     res: list[dict] = [{
         "apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": "default"},
         "spec": {"nodeToNodeMeshEnabled": False, "asNumber": plan.nodes[0].as_number - 1},
     }]
-    for node in plan.nodes:
-        res += [
-            {"apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": f"node.{node.name}"},
-             "spec": {"asNumber": node.as_number}},
-            {"apiVersion": API_VERSION, "kind": "BGPPeer", "metadata": {"name": f"{tor.name}-{node.name}"},
-             "spec": {"node": node.name, "peerIP": node.gateway, "asNumber": tor.as_number,
-                      "holdTime": f"{HOLD_TIME}s"}},
-        ]
+    res += [{"apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": f"node.{n.name}"},
+             "spec": {"asNumber": n.as_number}} for n in plan.nodes]
+    for tor in plan.tors:
+        res += [{"apiVersion": API_VERSION, "kind": "BGPPeer", "metadata": {"name": f"{tor.name}-{n.name}"},
+                 "spec": {"node": n.name, "peerIP": link.gateway, "asNumber": tor.as_number,
+                          "holdTime": f"{HOLD_TIME}s"}}
+                for n, link in plan.links_of(tor.name)]
     return res
-
-
-def router_node_link(node: NodePlan) -> str:
-    """The router's interface name for a node's link."""
-    return node.bridge_port

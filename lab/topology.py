@@ -1,4 +1,5 @@
-"""The lab's address plan: pure functions from (name, nodes, tor) to namespaces and addresses.
+"""The lab's address plan: pure functions from (name, nodes, tor, uplinks) to namespaces,
+links and addresses. The builder (cluster.py) only walks the plan.
 
 `--tor none` (issue 3): one L2 segment, the nodes peer in a full mesh.
 
@@ -7,13 +8,17 @@
     <lab>-nodeN eth0 10.99.0.(10+N)/24 ────┘
 
 `--tor bird|frr` (issue 4): each node on its own link to the router, which also sits on
-the core segment with etcd and the outside host; the nodes peer with the router only.
+the core segment (br0) with etcd and the outside host; the nodes peer with the router only.
 
     <lab>-nodeI eth0 10.99.I.2/24 ── nI 10.99.I.1/24 ┐
                                           <lab>-tor  ├ eth0 10.99.0.1/24 ── br0 in <lab>-net
-    <lab>-ctl eth0 10.99.0.2/24, <lab>-ext eth0 10.99.0.3/24 (default via 10.99.0.1) ──┘
+    <lab>-ctl eth0 10.99.0.2/24, <lab>-ext eth0 10.99.0.3/24 (default via the router) ──┘
 
-Node I has AS 64512+I behind a router with AS 65000 (one AS per node, so the router's
+`--uplinks 2` (issue 5): K segments shared by all nodes (bridge upK in <lab>-net,
+10.99.(100+K).0/24), each with its own router <lab>-torK (.1 there, 10.99.0.(3+K) on the
+core, tor1 keeps 10.99.0.1); node I is .(10+I) on each, eth(K-1), default route over all.
+
+Node I has AS 64512+I behind routers with AS 65000+K (one AS per node, so a router's
 re-announcements never carry the receiving node's own AS).
 """
 
@@ -27,15 +32,15 @@ from dataclasses import dataclass
 from tortie.errors import ValidationError
 
 TOR_KINDS = ("none", "bird", "frr")
-IMPLEMENTED_TORS = ("none", "bird", "frr")
 DEFAULT_LAB = "tortie"
 UNDERLAY_SUBNET = "10.99.0.0/24"
 DEFAULT_POOL_CIDR = "10.65.0.0/16"
 DEFAULT_BLOCK_SIZE = 26
-NODE_AS = 64512   # the mesh's one AS; with a router, node I has NODE_AS + I
-TOR_AS = 65000
+NODE_AS = 64512   # the mesh's one AS; with routers, node I has NODE_AS + I
+TOR_AS = 65000    # router K has TOR_AS + K - 1
 ETCD_PORT = 2379
 MAX_NODES = 200
+MAX_UPLINKS = 2
 
 # Lab names carry no '-' so `<lab>-<role>` can never be mistaken for another lab's namespace.
 _LAB_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
@@ -44,17 +49,49 @@ _MAX_NETNS_NAME = 48
 
 
 @dataclass(frozen=True)
-class NodePlan:
-    name: str          # node1 (TORTIE_NODENAME)
-    netns: str         # <lab>-node1
-    address: str       # underlay address with prefix length, 10.99.0.11/24
-    as_number: int
-    bridge_port: str   # its veth peer's name: on the bridge (no router) or in the router
-    gateway: str | None = None   # default route (the router's address on the node's link)
+class Uplink:
+    """One veth from a node to the network: the node's end and the far end."""
+    ifname: str            # in the node: eth0, eth1
+    address: str           # the node's address on it, with prefix length
+    gateway: str | None    # the router's address on it (None on the flat segment)
+    router: str | None     # the router's name (tor, tor1, ...)
+    far_netns: str         # where the other end lives: the router, or the bridge's namespace
+    far_ifname: str
+    far_address: str | None = None  # the router's address on a point-to-point link
+    bridge: str | None = None       # the bridge the far end joins (in far_netns)
 
     @property
     def ip(self) -> str:
         return self.address.split("/")[0]
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str          # node1 (TORTIE_NODENAME)
+    netns: str         # <lab>-node1
+    as_number: int
+    uplinks: tuple[Uplink, ...]
+
+    @property
+    def address(self) -> str:
+        """The node's underlay address (first uplink) with prefix length: TORTIE_NODE_IP."""
+        return self.uplinks[0].address
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        return tuple(u.gateway for u in self.uplinks if u.gateway)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A bridge in <lab>-net: the core (br0), or an uplink segment shared by all nodes."""
+    name: str
+    bridge: str
+    subnet: str
 
 
 @dataclass(frozen=True)
@@ -64,6 +101,8 @@ class TorPlan:
     netns: str
     address: str       # on the core segment, with prefix length
     as_number: int
+    segment: Segment | None = None     # its shared uplink segment (--uplinks 2)
+    segment_address: str | None = None  # its address there
 
     @property
     def ip(self) -> str:
@@ -83,16 +122,25 @@ class Plan:
     tors: tuple[TorPlan, ...] = ()
     ext_netns: str | None = None
     ext_address: str | None = None
-    core_gateway: str | None = None  # default route of ctl and ext (the router)
+    core_gateways: tuple[str, ...] = ()  # default route of ctl and ext (the routers)
+    uplinks: int = 1
 
     @property
     def etcd_endpoint(self) -> str:
         return f"http://{self.ctl_address.split('/')[0]}:{ETCD_PORT}"
 
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return tuple(t.segment for t in self.tors if t.segment)
+
     def netns_names(self) -> list[str]:
         """Every namespace of the plan, in build order (teardown goes in reverse)."""
         extra = [t.netns for t in self.tors] + ([self.ext_netns] if self.ext_netns else [])
         return [self.net_netns, self.ctl_netns, *extra, *(n.netns for n in self.nodes)]
+
+    def links_of(self, router: str) -> list[tuple[NodePlan, Uplink]]:
+        """The (node, uplink) pairs a router talks BGP over."""
+        return [(n, u) for n in self.nodes for u in n.uplinks if u.router == router]
 
 
 def check_lab_name(name: str) -> str:
@@ -103,38 +151,62 @@ def check_lab_name(name: str) -> str:
     return name
 
 
-def make_plan(lab: str, nodes: int, tor: str = "none") -> Plan:
+def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1) -> Plan:
     check_lab_name(lab)
     if tor not in TOR_KINDS:
         raise ValidationError(f"unknown tor {tor!r} (want one of {', '.join(TOR_KINDS)})", field="tor")
-    if tor not in IMPLEMENTED_TORS:
-        raise ValidationError(f"--tor {tor} is not built yet", field="tor")
     if not 1 <= nodes <= MAX_NODES:
         raise ValidationError(f"--nodes {nodes}: want 1..{MAX_NODES}", field="nodes")
+    if not 1 <= uplinks <= MAX_UPLINKS:
+        raise ValidationError(f"--uplinks {uplinks}: want 1..{MAX_UPLINKS}", field="uplinks")
+    if uplinks > 1 and tor == "none":
+        raise ValidationError("--uplinks 2 needs routers (--tor bird or frr)", field="uplinks")
     net = ipaddress.ip_network(UNDERLAY_SUBNET)
     base, plen = net.network_address, net.prefixlen
+    net_netns = f"{lab}-net"
     common = dict(lab=lab, tor=tor, ctl_netns=f"{lab}-ctl", ctl_address=f"{base + 2}/{plen}",
-                  net_netns=f"{lab}-net", bridge="br0", subnet=str(net))
+                  net_netns=net_netns, bridge="br0", subnet=str(net), uplinks=uplinks)
     if tor == "none":
         return Plan(**common, nodes=tuple(
-            NodePlan(name=f"node{i}", netns=f"{lab}-node{i}", address=f"{base + 10 + i}/{plen}",
-                     as_number=NODE_AS, bridge_port=f"n{i}")
+            NodePlan(name=f"node{i}", netns=f"{lab}-node{i}", as_number=NODE_AS, uplinks=(
+                Uplink("eth0", f"{base + 10 + i}/{plen}", None, None, net_netns, f"n{i}", bridge="br0"),))
             for i in range(1, nodes + 1)))
-    # With a router: node I's link is 10.99.I.0/24, the router .1, the node .2.
-    node_plans = tuple(
-        NodePlan(name=f"node{i}", netns=f"{lab}-node{i}", address=f"{base + 256 * i + 2}/{plen}",
-                 as_number=NODE_AS + i, bridge_port=f"n{i}", gateway=str(base + 256 * i + 1))
-        for i in range(1, nodes + 1))
-    return Plan(**common, nodes=node_plans,
-                tors=(TorPlan(kind=tor, name="tor", netns=f"{lab}-tor", address=f"{base + 1}/{plen}",
-                              as_number=TOR_AS),),
-                ext_netns=f"{lab}-ext", ext_address=f"{base + 3}/{plen}", core_gateway=str(base + 1))
+    if uplinks == 1:
+        # Node I's own link 10.99.I.0/24: the router .1, the node .2.
+        tors = (TorPlan(kind=tor, name="tor", netns=f"{lab}-tor", address=f"{base + 1}/{plen}",
+                        as_number=TOR_AS),)
+        node_plans = tuple(
+            NodePlan(name=f"node{i}", netns=f"{lab}-node{i}", as_number=NODE_AS + i, uplinks=(
+                Uplink("eth0", f"{base + 256 * i + 2}/{plen}", str(base + 256 * i + 1), "tor",
+                       tors[0].netns, f"n{i}", far_address=f"{base + 256 * i + 1}/{plen}"),))
+            for i in range(1, nodes + 1))
+    else:
+        # Segment K 10.99.(100+K).0/24 shared by all nodes: router K .1, node I .(10+I).
+        tors = tuple(
+            TorPlan(kind=tor, name=f"tor{k}", netns=f"{lab}-tor{k}",
+                    address=f"{base + (1 if k == 1 else 3 + k)}/{plen}", as_number=TOR_AS + k - 1,
+                    segment=Segment(f"up{k}", f"up{k}", f"{base + 256 * (100 + k)}/{plen}"),
+                    segment_address=f"{base + 256 * (100 + k) + 1}/{plen}")
+            for k in range(1, uplinks + 1))
+        node_plans = tuple(
+            NodePlan(name=f"node{i}", netns=f"{lab}-node{i}", as_number=NODE_AS + i, uplinks=tuple(
+                Uplink(f"eth{k - 1}", f"{base + 256 * (100 + k) + 10 + i}/{plen}",
+                       str(base + 256 * (100 + k) + 1), t.name, net_netns, f"n{i}u{k}", bridge=f"up{k}")
+                for k, t in enumerate(tors, 1)))
+            for i in range(1, nodes + 1))
+    return Plan(**common, nodes=node_plans, tors=tors, ext_netns=f"{lab}-ext",
+                ext_address=f"{base + 3}/{plen}", core_gateways=tuple(t.ip for t in tors))
 
 
-def node_link_router_address(node: NodePlan) -> str:
-    """The router's side of a node's own link (with prefix length)."""
-    assert node.gateway is not None
-    return f"{node.gateway}/{node.address.split('/')[1]}"
+def plan_from_dict(d: dict) -> Plan:
+    """The plan back from its JSON form (dataclasses.asdict) in the lab's record."""
+    p = dict(d)
+    p["nodes"] = tuple(NodePlan(**{**n, "uplinks": tuple(Uplink(**u) for u in n["uplinks"])})
+                       for n in p["nodes"])
+    p["tors"] = tuple(TorPlan(**{**t, "segment": Segment(**t["segment"]) if t.get("segment") else None})
+                      for t in p.get("tors", ()))
+    p["core_gateways"] = tuple(p.get("core_gateways", ()))
+    return Plan(**p)
 
 
 def split_pod(ref: str) -> tuple[str, str]:

@@ -183,27 +183,32 @@ def test_commands_on_a_missing_lab_fail_cleanly(lab_name):
     assert not os.path.exists(state.lab_dir(lab_name))
 
 
-@pytest.mark.parametrize("tor", ["bird", "frr"])
-def test_router_outside_host_and_node_links(lab_name, tor):
-    """--tor bird|frr: nodes on their own links, a session configured for each, the outside host."""
+@pytest.mark.parametrize("tor,uplinks", [("bird", 1), ("frr", 1), ("frr", 2)])
+def test_routers_outside_host_and_uplinks(lab_name, tor, uplinks):
+    """--tor bird|frr: nodes on their own links (or 2 shared segments), sessions, the outside host."""
     veths = root_veths()
-    out = lab_cli(lab_name, "up", "--nodes", "2", "--tor", tor, "--cni", "ptp").stdout
+    out = lab_cli(lab_name, "up", "--nodes", "2", "--tor", tor, "--uplinks", str(uplinks), "--cni", "ptp").stdout
     assert f"{tor} running" in out
     status = json.loads(lab_cli(lab_name, "status", "-o", "json").stdout)
-    assert [(t["kind"], t["namespace"]) for t in status["tors"]] == [(tor, f"{lab_name}-tor")]
+    names = ["tor"] if uplinks == 1 else ["tor1", "tor2"]
+    assert [(t["kind"], t["namespace"]) for t in status["tors"]] == [(tor, f"{lab_name}-{n}") for n in names]
     assert status["outside"]["namespace"] == f"{lab_name}-ext"
-    assert [n["address"] for n in status["nodes"]] == ["10.99.1.2/24", "10.99.2.2/24"]
+    want = ["10.99.1.2/24", "10.99.2.2/24"] if uplinks == 1 else ["10.99.101.11/24", "10.99.101.12/24"]
+    assert [n["address"] for n in status["nodes"]] == want
+    assert [len(n["uplinks"]) for n in status["nodes"]] == [uplinks] * 2
     lab_cli(lab_name, "pod", "add", "node1", "default/a")
     lab_cli(lab_name, "pod", "add", "node2", "default/b")
     out = lab_cli(lab_name, "matrix").stdout
     assert "ext" in out and "20/20 probes answered" in out
     lab = Lab(lab_name)
-    sessions = lab.bgp_sessions()["tor"]
-    assert set(sessions) == {"node1", "node2"}
-    # Nodes are not on one segment any more: node2's link does not see node1's address.
-    assert nsutil.run(["ip", "-n", f"{lab_name}-node2", "route", "get", "10.99.1.2"]).stdout.split()[2] == "10.99.2.1"
+    sessions = lab.bgp_sessions()
+    assert {t: set(v) for t, v in sessions.items()} == {n: {"node1", "node2"} for n in names}
+    # Not one segment any more: node2 reaches node1's address through a router.
+    hop = nsutil.run(["ip", "-n", f"{lab_name}-node2", "route", "get", "10.99.0.2"]).stdout.split()[2]
+    assert hop in {u["gateway"] for u in status["nodes"][1]["uplinks"]}
     procs = recorded_procs(lab_name)
-    assert "tor" in {p.role for p in procs}
+    assert set(names) <= {p.role for p in procs}
     lab_cli(lab_name, "down")
     assert_nothing_left(lab_name, procs, veths)
-    assert not os.path.exists(f"/var/run/frr/{lab_name}-tor")
+    for n in names:
+        assert not os.path.exists(f"/var/run/frr/{lab_name}-{n}")

@@ -39,13 +39,13 @@ def test_two_nodes_full_mesh(lab_factory):
     lab.down()
 
 
-@pytest.mark.parametrize("tor", ["bird", "frr"])
-def test_two_nodes_behind_a_router_and_the_outside_host(lab_factory, tor):
-    lab = lab_factory(nodes=2, tor=tor)
+@pytest.mark.parametrize("tor,uplinks", [("bird", 1), ("frr", 1), ("bird", 2)])
+def test_two_nodes_behind_routers_and_the_outside_host(lab_factory, tor, uplinks):
+    lab = lab_factory(nodes=2, tor=tor, uplinks=uplinks)
     lab.pod_add("node1", "default/a")
     lab.pod_add("node2", "default/b")
     deadline = time.monotonic() + 15
-    while set(lab.bgp_sessions()["tor"].values()) != {"Established"}:
+    while {st for sessions in lab.bgp_sessions().values() for st in sessions.values()} != {"Established"}:
         assert time.monotonic() < deadline, lab.bgp_sessions()
         time.sleep(0.2)
     m = _wait_matrix(lab)

@@ -26,10 +26,32 @@ def test_bad_lab_names(name):
         topology.make_plan(name, 1)
 
 
-@pytest.mark.parametrize("nodes,tor", [(0, "none"), (topology.MAX_NODES + 1, "none"), (1, "cisco")])
-def test_bad_plans(nodes, tor):
+@pytest.mark.parametrize("nodes,tor,uplinks", [
+    (0, "none", 1), (topology.MAX_NODES + 1, "none", 1), (1, "cisco", 1), (1, "none", 2), (1, "bird", 3)])
+def test_bad_plans(nodes, tor, uplinks):
     with pytest.raises(ValidationError):
-        topology.make_plan("lab", nodes, tor)
+        topology.make_plan("lab", nodes, tor, uplinks)
+
+
+def test_plan_with_two_uplinks():
+    plan = topology.make_plan("lab1", 3, "frr", uplinks=2)
+    assert [(t.name, t.netns, t.address, t.as_number) for t in plan.tors] == [
+        ("tor1", "lab1-tor1", "10.99.0.1/24", 65000), ("tor2", "lab1-tor2", "10.99.0.5/24", 65001)]
+    assert [s.subnet for s in plan.segments] == ["10.99.101.0/24", "10.99.102.0/24"]
+    n3 = plan.nodes[2]
+    assert [(u.ifname, u.address, u.gateway, u.bridge) for u in n3.uplinks] == [
+        ("eth0", "10.99.101.13/24", "10.99.101.1", "up1"), ("eth1", "10.99.102.13/24", "10.99.102.1", "up2")]
+    assert n3.address == "10.99.101.13/24" and n3.gateways == ("10.99.101.1", "10.99.102.1")
+    assert plan.core_gateways == ("10.99.0.1", "10.99.0.5")
+    assert [u.ip for _, u in plan.links_of("tor2")] == ["10.99.102.11", "10.99.102.12", "10.99.102.13"]
+    addrs = [u.address for n in plan.nodes for u in n.uplinks] + [t.address for t in plan.tors]
+    addrs += [plan.ctl_address, plan.ext_address, *(t.segment_address for t in plan.tors)]
+    assert len(set(addrs)) == len(addrs)
+    # The record's JSON form gives the same plan back.
+    from dataclasses import asdict
+    assert topology.plan_from_dict(asdict(plan)) == plan
+    flat = topology.make_plan("lab1", 2)
+    assert topology.plan_from_dict(asdict(flat)) == flat
 
 
 def test_pod_names():
@@ -82,11 +104,12 @@ def test_plan_with_a_router():
     plan = topology.make_plan("lab1", 2, "bird")
     tor = plan.tors[0]
     assert (tor.kind, tor.netns, tor.address, tor.as_number) == ("bird", "lab1-tor", "10.99.0.1/24", 65000)
-    assert (plan.ext_netns, plan.ext_address, plan.core_gateway) == ("lab1-ext", "10.99.0.3/24", "10.99.0.1")
+    assert (plan.ext_netns, plan.ext_address, plan.core_gateways) == ("lab1-ext", "10.99.0.3/24", ("10.99.0.1",))
     n1, n2 = plan.nodes
-    assert (n1.address, n1.gateway, n1.as_number) == ("10.99.1.2/24", "10.99.1.1", 64513)
-    assert (n2.address, n2.gateway, n2.as_number) == ("10.99.2.2/24", "10.99.2.1", 64514)
-    assert topology.node_link_router_address(n2) == "10.99.2.1/24"
+    assert (n1.address, n1.gateways, n1.as_number) == ("10.99.1.2/24", ("10.99.1.1",), 64513)
+    assert (n2.address, n2.gateways, n2.as_number) == ("10.99.2.2/24", ("10.99.2.1",), 64514)
+    assert (n2.uplinks[0].far_netns, n2.uplinks[0].far_address) == ("lab1-tor", "10.99.2.1/24")
+    assert [n.name for n, _ in plan.links_of("tor")] == ["node1", "node2"]
     assert set(plan.netns_names()) == {"lab1-net", "lab1-ctl", "lab1-tor", "lab1-ext", "lab1-node1", "lab1-node2"}
     assert topology.make_plan("lab1", 2, "frr").tors[0].kind == "frr"
 
