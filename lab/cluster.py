@@ -173,6 +173,8 @@ class Lab:
         self._wait_ready(plan, st.agent, deadline)
         if st.agent != "none":
             echo(f"{st.agent} ready on {', '.join(n.name for n in plan.nodes)}")
+            if plan.tors:
+                echo(self._wait_sessions(min(10.0, max(deadline - time.monotonic(), 1.0))))
         self._record(lambda s: setattr(s, "phase", "ready"))
         echo(f"lab {self.name} ready in {time.monotonic() - t0:.1f}s")
 
@@ -241,6 +243,20 @@ class Lab:
             if time.monotonic() > deadline:
                 raise DataplaneError(f"{tor.kind} in {tor.netns} not up in time; log: {proc.log}")
             time.sleep(0.05)
+
+    def _wait_sessions(self, seconds: float) -> str:
+        """Wait a while for every router session to be Established; a line saying how they are."""
+        deadline = time.monotonic() + seconds
+        while True:
+            sessions = self.bgp_sessions()
+            states = [st for per in sessions.values() for st in per.values()]
+            if (states and all(st == "Established" for st in states)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        up = sum(st == "Established" for st in states)
+        detail = "; ".join(f"{t}: " + ", ".join(f"{n} {st}" for n, st in sorted(per.items()))
+                           for t, per in sessions.items())
+        return f"BGP sessions established {up}/{len(states)} ({detail})"
 
     def bgp_sessions(self) -> dict[str, dict[str, str]]:
         """Per router: its BGP sessions' states by node name (Established, Active, ...)."""
