@@ -12,7 +12,7 @@ from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.datastore.ipam import DEFAULT_NETWORK, IPAM
 from tortie.datastore.ipam_blocks import BLOCKS, Block
 from tortie.datastore.resources import ResourceStore
-from tortie.errors import PoolExhausted
+from tortie.errors import AlreadyExists, IPAMError, PoolExhausted
 
 API = "tortie.io/v1"
 
@@ -107,6 +107,15 @@ def run_plan(endpoint: str, prefix: str, node: str, tag: str, ops: list, start_a
                     events.append(("hold", t, ip, handle))
                 if len(ips) != n4 + n6:
                     errors.append(f"asked {n4}+{n6}, got {ips}")
+            elif kind == "assign":
+                try:
+                    ip = ipam.assign_ip(n4, handle, node)
+                except (AlreadyExists, IPAMError):
+                    continue
+                events.append(("hold", time.monotonic(), ip, handle))
+                if ip in live[handle]:
+                    errors.append(f"{ip} given twice to {handle}")
+                live[handle].add(ip)
             elif kind == "release_handle":
                 t = time.monotonic()
                 got = ipam.release_handle(handle)

@@ -1,6 +1,7 @@
 """Property test: random allocate/release interleavings from concurrent OS processes.
 
-Five spawned processes act as four nodes (two of them share node n0, so one node's
+Five spawned processes act as four nodes, allocating, asking for specific addresses
+and releasing by handle or by address (two of them share node n0, so one node's
 blocks are also contended). Hypothesis draws each process's plan, the IPAM config
 and the pool shapes; small pools force block claims, exhaustion and borrowing. After
 each run: no address was ever held by two handles at once (from the processes'
@@ -40,6 +41,9 @@ ops = st.one_of(
     st.tuples(st.just("alloc"), st.integers(0, 4), st.integers(0, 3), st.integers(0, 2)),
     st.tuples(st.just("release_handle"), st.integers(0, 4), st.just(0), st.just(0)),
     st.tuples(st.just("release_ip"), st.integers(0, 4), st.just(0), st.just(0)),
+    st.tuples(st.just("assign"), st.integers(0, 4),
+              st.one_of(st.integers(0, 31).map(lambda i: f"10.50.0.{i}"),
+                        st.integers(0, 31).map(lambda i: f"fd00:50::{i:x}")), st.just(0)),
 )
 
 
