@@ -212,3 +212,17 @@ def test_routers_outside_host_and_uplinks(lab_name, tor, uplinks):
     assert_nothing_left(lab_name, procs, veths)
     for n in names:
         assert not os.path.exists(f"/var/run/frr/{lab_name}-{n}")
+
+
+def test_down_when_half_of_the_lab_is_gone(lab_name):
+    """No state file and a node namespace already deleted: down still removes the rest."""
+    veths = root_veths()
+    lab_cli(lab_name, "up", "--nodes", "2", "--cni", "ptp")
+    lab_cli(lab_name, "pod", "add", "node2", "default/a")
+    procs = recorded_procs(lab_name)
+    assert len(procs) == 2  # etcd and the pod server (ptp: no agents)
+    nsutil.netns_del(f"{lab_name}-node1")
+    os.unlink(state.state_path(lab_name))
+    out = lab_cli(lab_name, "down").stdout
+    assert "is down" in out
+    assert_nothing_left(lab_name, procs, veths)
