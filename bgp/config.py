@@ -130,7 +130,7 @@ def environment(local: LocalSettings, log_file: str, pid_file: str) -> dict[str,
         "exabgp.log.level": "INFO",
         "exabgp.log.network": "true",
         "exabgp.log.reactor": "true",
-        "exabgp.log.processes": "true",
+        "exabgp.log.processes": "false",  # else one line per announced route
         "exabgp.log.statistics": "false",
         "exabgp.log.short": "false",
     }

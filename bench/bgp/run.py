@@ -1,0 +1,308 @@
+"""BGP benchmarks: tortie's speaker next to BIRD, measured in the same run.
+
+(b) receive: a BIRD peer announces N prefixes; time from starting that BIRD until all N
+    are routes in the receiver's kernel. Receiver: tortie (BGPSpeaker -> on_routes ->
+    RouteManager) vs BIRD (kernel protocol). Target: tortie <= 1.5 x BIRD.
+(c) announce: with the session established, the receiver BIRD's kernel must hold N
+    prefixes; time from the moment the sender is told to export them. Sender: tortie
+    (set_exports + apply) vs BIRD (`birdc enable` of a static protocol). No target in the
+    issue; shown for reference.
+
+Each measurement gets fresh namespaces (a veth pair), removed afterwards, also on error.
+Run as root: `python bench/bgp/run.py [--prefixes 10000] [--runs 3]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+SENDER, RECEIVER = "10.97.0.2", "10.97.0.1"
+AS = 64512
+RUN = uuid.uuid4().hex[:6]
+
+
+def prefixes(n: int) -> list[str]:
+    base = int(ipaddress.ip_address("10.200.0.0"))
+    return [f"{ipaddress.ip_address(base + i)}/32" for i in range(n)]
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True)
+
+
+class Pair:
+    """Two namespaces joined by a veth: the receiver and the sender."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.rx, self.tx = f"tt-{RUN}-brx-{tag}", f"tt-{RUN}-btx-{tag}"
+        self.dir = tempfile.mkdtemp(prefix="tortie-bench-bgp-")
+        self.procs: list[subprocess.Popen] = []
+        self.logs: dict[str, str] = {}
+
+    def __enter__(self) -> Pair:
+        for ns in (self.rx, self.tx):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", "brx0", "netns", self.rx, "type", "veth", "peer", "name", "btx0", "netns", self.tx)
+        sh("ip", "-n", self.rx, "addr", "add", f"{RECEIVER}/24", "dev", "brx0")
+        sh("ip", "-n", self.tx, "addr", "add", f"{SENDER}/24", "dev", "btx0")
+        sh("ip", "-n", self.rx, "link", "set", "brx0", "up")
+        sh("ip", "-n", self.tx, "link", "set", "btx0", "up")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+        for ns in (self.rx, self.tx):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def popen(self, ns: str, cmd: list[str], **kw) -> subprocess.Popen:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def bird(self, ns: str, name: str, body: str) -> str:
+        d = os.path.join(self.dir, name)
+        os.makedirs(d)
+        conf, sock = os.path.join(d, "bird.conf"), os.path.join(d, "bird.ctl")
+        rid = RECEIVER if ns == self.rx else SENDER
+        self.logs[name] = os.path.join(d, "bird.log")
+        with open(conf, "w") as f:
+            f.write(f"router id {rid};\ntimeformat log \"%s.%6f\";\nlog \"{d}/bird.log\" all;\n"
+                    "protocol device {}\n"
+                    "protocol kernel { ipv4 { import none; export all; }; learn off; }\n" + body)
+        self.popen(ns, ["bird", "-f", "-c", conf, "-s", sock], stdout=subprocess.DEVNULL,
+                   stderr=open(os.path.join(d, "err"), "w"))
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bird did not start: {open(os.path.join(d, 'err')).read()}")
+            time.sleep(0.01)
+        return sock
+
+
+def bgp_block(local: str, peer: str, *, disabled_static: bool = False) -> str:
+    return (f"protocol bgp peer1 {{\n  local {local} as {AS};\n  neighbor {peer} as {AS};\n  direct;\n"
+            "  debug { states };\n"
+            "  connect retry time 1;\n  graceful restart on;\n"
+            "  ipv4 { import all; export where source = RTS_STATIC; next hop self; gateway direct; };\n}\n")
+
+
+def static_block(pfx: list[str], *, disabled: bool = False) -> str:
+    routes = "".join(f"  route {p} blackhole;\n" for p in pfx)
+    return f"protocol static s4 {{\n  {'disabled;' if disabled else ''}\n  ipv4;\n{routes}}}\n"
+
+
+def count_routes(ns: str, proto: str) -> int:
+    out = subprocess.run(["ip", "-n", ns, "-4", "route", "show", "proto", proto],
+                         capture_output=True, text=True).stdout
+    return out.count("\n")
+
+
+def wait_count(ns: str, proto: str, n: int, timeout: float = 120.0) -> float:
+    """Wall-clock time when `ns` first holds n routes of `proto`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if count_routes(ns, proto) >= n:
+            return time.time()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {count_routes(ns, proto)}/{n} routes in {ns} after {timeout}s")
+        time.sleep(0.005)
+
+
+def established_at(log_path: str) -> float:
+    """Wall-clock time the sender BIRD logged its session up (its log has microseconds)."""
+    for line in open(log_path):
+        if "peer1" in line and "State changed to up" in line:
+            return float(line.split()[0])
+    raise RuntimeError(f"no session-up line in {log_path}")
+
+
+def birdc(sock: str, *args: str) -> str:
+    return subprocess.run(["birdc", "-s", sock, *args], capture_output=True, text=True).stdout
+
+
+def bird_established(sock: str) -> bool:
+    return "Established" in birdc(sock, "show", "protocols", "peer1")
+
+
+# --- the tortie node: a BGPSpeaker feeding the real RouteManager --------------------------
+
+def node_main(local: str, peer: str, state_dir: str) -> int:
+    """Runs inside the receiver namespace: speaker + route manager, commands on stdin."""
+    from tortie.bgp.peers import Peer
+    from tortie.bgp.speaker import BGPSpeaker
+    from tortie.log import configure
+    from tortie.routing.model import Route
+    from tortie.routing.route_mgr import RouteManager
+
+    configure(level="warning", stream=open(os.path.join(state_dir, "node.log"), "w"))
+
+    def out(doc: dict) -> None:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+
+    async def run() -> None:
+        routes = RouteManager()
+
+        def on_routes(table: dict[str, tuple[str, ...]]) -> None:
+            routes.set_routes("bgp", [Route(dst=p, gateways=nh) for p, nh in table.items()])
+            stats = routes.apply()
+            out({"event": "installed", "routes": len(table), "added": stats.added, "t": time.monotonic()})
+
+        sp = BGPSpeaker(node_name="bench", router_id=local, local_as=AS, local_address=local,
+                        state_dir=state_dir, on_routes=on_routes, settle_time=0.5)
+        sp.set_peers([Peer(address=peer, as_number=AS, kind="global", name="bird",
+                           accept_prefixes=("10.200.0.0/16",))])
+        sp.set_exports([])
+        await sp.start()
+        await sp.apply()
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        await asyncio.sleep(0.6)  # past the settle time: a running agent
+        out({"event": "ready"})
+        while line := await reader.readline():
+            cmd = json.loads(line)
+            if cmd["op"] == "exports":
+                t0 = time.monotonic()
+                sp.set_exports(cmd["prefixes"])
+                await sp.apply()
+                out({"event": "exported", "t0": t0, "t": time.monotonic()})
+            elif cmd["op"] == "status":
+                out({"event": "status", "peers": [p.to_dict() for p in sp.status()]})
+        await sp.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+class Node:
+    def __init__(self, pair: Pair) -> None:
+        self.state = os.path.join(pair.dir, "tortie")
+        os.makedirs(self.state)
+        here = os.path.abspath(__file__)
+        self.p = pair.popen(pair.rx, [sys.executable, here, "--node", RECEIVER, SENDER, self.state],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.expect("ready")
+
+    def expect(self, event: str) -> dict:
+        while True:
+            line = self.p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"tortie node exited; see {self.state}")
+            doc = json.loads(line)
+            if doc["event"] == event:
+                return doc
+
+    def send(self, doc: dict) -> None:
+        self.p.stdin.write(json.dumps(doc) + "\n")
+        self.p.stdin.flush()
+
+    def established(self) -> bool:
+        self.send({"op": "status"})
+        return any(p["state"] == "established" for p in self.expect("status")["peers"])
+
+
+def wait(check, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out")
+        time.sleep(0.02)
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+# (b) is timed from the session coming up (the sender BIRD's log) to the last route in
+# the receiver's kernel: how soon a session comes up depends on each side's connect
+# timers, which is not what is measured here.
+
+def receive_bird(n: int) -> float:
+    with Pair() as pair:
+        pair.bird(pair.rx, "rx", bgp_block(RECEIVER, SENDER))
+        pair.bird(pair.tx, "tx", static_block(prefixes(n)) + bgp_block(SENDER, RECEIVER))
+        return wait_count(pair.rx, "bird", n) - established_at(pair.logs["tx"])
+
+
+def receive_tortie(n: int) -> float:
+    with Pair() as pair:
+        Node(pair)
+        pair.bird(pair.tx, "tx", static_block(prefixes(n)) + bgp_block(SENDER, RECEIVER))
+        return wait_count(pair.rx, "77", n) - established_at(pair.logs["tx"])
+
+
+def announce_bird(n: int) -> float:
+    with Pair() as pair:
+        pair.bird(pair.rx, "rx", bgp_block(RECEIVER, SENDER))
+        tx = pair.bird(pair.tx, "tx", static_block(prefixes(n), disabled=True) + bgp_block(SENDER, RECEIVER))
+        wait(lambda: bird_established(tx))
+        t0 = time.time()
+        birdc(tx, "enable", "s4")
+        return wait_count(pair.rx, "bird", n) - t0
+
+
+def announce_tortie(n: int) -> float:
+    with Pair() as pair:
+        # the roles swap: tortie sends from the "rx" namespace, BIRD receives in "tx"
+        node = Node(pair)
+        bird = pair.bird(pair.tx, "tx", bgp_block(SENDER, RECEIVER))
+        wait(lambda: bird_established(bird) and node.established())
+        pfx = prefixes(n)
+        t0 = time.time()
+        node.send({"op": "exports", "prefixes": pfx})
+        return wait_count(pair.tx, "bird", n) - t0
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--node":
+        return node_main(*sys.argv[2:5])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prefixes", type=int, default=10_000)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)")
+        return 1
+    n, results = args.prefixes, {}
+    for name, fn in (("receive_bird", receive_bird), ("receive_tortie", receive_tortie),
+                     ("announce_bird", announce_bird), ("announce_tortie", announce_tortie)):
+        times = []
+        for _ in range(args.runs):
+            times.append(fn(n))
+        results[name] = statistics.median(times)
+        print(f"  {name:16s} runs: {', '.join(f'{t:.3f}s' for t in times)}", flush=True)
+    rb, rt = results["receive_bird"], results["receive_tortie"]
+    ab, at = results["announce_bird"], results["announce_tortie"]
+    print(f"\nBGP, {n} prefixes, median of {args.runs} runs (same machine, same run)")
+    print(f"{'measurement':52s} {'tortie':>9s} {'BIRD':>9s} {'ratio':>7s}")
+    print(f"{'(b) BIRD peer -> receiver kernel routes':52s} {rt:8.3f}s {rb:8.3f}s {rt / rb:6.1f}x")
+    print(f"{'(c) sender told to export -> BIRD peer kernel routes':52s} {at:8.3f}s {ab:8.3f}s {at / ab:6.1f}x")
+    verdict = "PASS" if rt <= 1.5 * rb else "MISS"
+    print(f"\ntarget (b): tortie <= 1.5 x BIRD = {1.5 * rb:.3f}s: {verdict} ({rt:.3f}s)")
+    print("target (c): none set; reference only")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
