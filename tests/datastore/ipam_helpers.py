@@ -163,3 +163,40 @@ def crash_child(endpoint: str, prefix: str, node: str, log_path: str, seed: int)
                 logf.write(f"unhold {time.monotonic()} {handle_for(cid)}\n")
                 ipam.release_handle(handle_for(cid))
                 store.delete("WorkloadEndpoint", f"pod-{cid}", "default")
+
+
+def die_at(endpoint: str, prefix: str, node: str, point: str) -> None:
+    """Child that SIGKILLs itself at one chosen point of an IPAM operation:
+    'claim' (a block claimed but not yet confirmed), 'allocated' (the allocation
+    written, the caller never told), 'release' (a two-block handle half released)."""
+    import signal
+
+    client = EtcdClient(EtcdConfig(endpoints=(endpoint,), prefix=prefix))
+    ipam = IPAM(client)
+
+    def die(*_a, **_k):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if point == "claim":
+        ipam._confirm = die
+        ipam.auto_assign("net.claim", node)
+    elif point == "allocated":
+        real = ipam._allocate_in
+
+        def then_die(*a, **k):
+            real(*a, **k)
+            die()
+
+        ipam._allocate_in = then_die
+        ipam.auto_assign("net.allocated", node)
+    elif point == "release":
+        ipam.auto_assign("net.release", node, num_v4=3)  # blocks of two: spans two blocks
+        real = ipam._release_where
+
+        def once_then_die(*a, **k):
+            real(*a, **k)
+            die()
+
+        ipam._release_where = once_then_die
+        ipam.release_handle("net.release")
+    raise AssertionError(f"{point}: still alive")

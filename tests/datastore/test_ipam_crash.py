@@ -12,6 +12,7 @@ claims are reported, and releasing the report leaves `check` clean.
 from __future__ import annotations
 
 import io
+import ipaddress
 import multiprocessing
 import os
 import random
@@ -20,11 +21,12 @@ import signal
 import time
 
 import pytest
-from ipam_helpers import by_handle, crash_child, make_node, make_pool, overlaps
+from ipam_helpers import by_handle, crash_child, die_at, make_node, make_pool, overlaps
 
 from tortie.ctl.main import main
 from tortie.datastore.ipam import IPAM
 from tortie.datastore.resources import ResourceStore
+from tortie.errors import PoolExhausted
 
 ROUNDS = 12
 
@@ -113,3 +115,56 @@ def test_sigkill_never_double_allocates(etcd, etcd_server, tmp_path):
     after = ipam.check(pending_grace=0)
     assert after["clean"], after
     assert set(by_handle(etcd)) == set(actual) - leaked
+
+
+def _die(etcd_server, etcd, node: str, point: str) -> None:
+    p = multiprocessing.get_context("spawn").Process(
+        target=die_at, args=(etcd_server.endpoint, etcd.config.prefix, node, point))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+
+
+def test_sigkill_at_chosen_points(etcd, etcd_server):
+    store = ResourceStore(etcd)
+    ipam = IPAM(etcd)
+    make_pool(store, "v4", "10.61.0.0/28", blockSize=31)
+    make_node(store, "n1")
+    make_node(store, "n2")
+
+    # killed between the two steps of a block claim: a pending block nobody uses
+    _die(etcd_server, etcd, "n1", "claim")
+    [pending] = ipam.all_blocks()
+    assert pending.node == "n1" and not pending.confirmed and pending.allocated == 0
+    for i in range(7):  # n2 fills the other seven blocks and cannot touch the pending one
+        ipam.auto_assign(f"net.n2-{i}", "n2", num_v4=2)
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("net.n2-more", "n2")
+    report = ipam.check(wep_handles=set(by_handle(etcd)), pending_grace=0)
+    assert [x["block"] for x in report["stale_pending"]] == [pending.cidr]
+    assert ipam.check(wep_handles=set(by_handle(etcd)))["clean"]  # young: maybe still in progress
+    # n1's next allocation finishes its own claim and uses it
+    ip = ipam.auto_assign("net.n1", "n1")[0]
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(pending.cidr)
+    for handle in list(by_handle(etcd)):
+        ipam.release_handle(handle)
+    assert ipam.all_blocks() == []
+
+    # killed after its allocation was written: a leak that check reports and release frees
+    _die(etcd_server, etcd, "n1", "allocated")
+    report = ipam.check(pending_grace=0)
+    assert [x["handle"] for x in report["leaked_allocations"]] == ["net.allocated"]
+    assert report["handle_mismatches"] == [] and report["stale_pending"] == []
+    ipam.release_from_report(report)
+    assert ipam.check(pending_grace=0)["clean"] and by_handle(etcd) == {}
+
+    # killed half way through releasing a handle that spans two blocks: the handle record
+    # still names exactly what is left, and releasing again finishes the job
+    _die(etcd_server, etcd, "n1", "release")
+    left = by_handle(etcd)["net.release"]
+    assert 0 < len(left) < 3
+    report = ipam.check(pending_grace=0)
+    assert report["handle_mismatches"] == []
+    assert set(ipam.ips_by_handle("net.release")) == left
+    assert set(ipam.release_handle("net.release")) == left
+    assert ipam.check(pending_grace=0)["clean"] and ipam.all_blocks() == []
