@@ -123,6 +123,7 @@ def environment(local: LocalSettings, log_file: str, pid_file: str) -> dict[str,
         "exabgp.api.cli": "false",  # else it wants named pipes in /run/exabgp
         "exabgp.api.ack": "true",
         "exabgp.api.encoder": "json",
+        "exabgp.api.compact": "true",  # NLRIs as bare strings: less to write and to parse
         "exabgp.api.respawn": "true",
         "exabgp.tcp.bind": binds,
         "exabgp.tcp.port": str(local.listen_port),

@@ -12,17 +12,24 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 
+# A path: (next hop, originator id or "", cluster list). Reflection needs the last two.
+Path = tuple[str, str, tuple[str, ...]]
+
 
 def family_of(prefix: str) -> str:
     return "ipv6 unicast" if ":" in prefix else "ipv4 unicast"
 
 
+def _path(value: str | Path) -> Path:
+    return (value, "", ()) if isinstance(value, str) else value
+
+
 class LearnedRoutes:
     def __init__(self) -> None:
-        self._routes: dict[str, dict[str, str]] = {}  # peer -> prefix -> next hop
+        self._routes: dict[str, dict[str, Path]] = {}  # peer -> prefix -> path
         self._stale: dict[str, set[str]] = {}  # peer -> prefixes kept over its restart
 
-    def update(self, peer: str, announce: Mapping[str, str], withdraw: Iterable[str]) -> bool:
+    def update(self, peer: str, announce: Mapping[str, str | Path], withdraw: Iterable[str]) -> bool:
         """Apply one update; returns whether anything changed."""
         routes = self._routes.setdefault(peer, {})
         stale = self._stale.get(peer)
@@ -32,9 +39,10 @@ class LearnedRoutes:
                 changed = True
             if stale:
                 stale.discard(prefix)
-        for prefix, next_hop in announce.items():
-            if routes.get(prefix) != next_hop:
-                routes[prefix] = next_hop
+        for prefix, value in announce.items():
+            path = _path(value)
+            if routes.get(prefix) != path:
+                routes[prefix] = path
                 changed = True
             if stale:
                 stale.discard(prefix)
@@ -90,7 +98,11 @@ class LearnedRoutes:
         """prefix -> next hops (ECMP, sorted) over every peer whose route `accepts(peer, prefix)`."""
         out: dict[str, set[str]] = {}
         for peer, routes in self._routes.items():
-            for prefix, next_hop in routes.items():
+            for prefix, path in routes.items():
                 if accepts(peer, prefix):
-                    out.setdefault(prefix, set()).add(next_hop)
-        return {p: tuple(sorted(nhs, key=ipaddress.ip_address)) for p, nhs in out.items()}
+                    out.setdefault(prefix, set()).add(path[0])
+        return {p: tuple(sorted(nhs, key=ipaddress.ip_address)) if len(nhs) > 1 else tuple(nhs)
+                for p, nhs in out.items()}
+
+    def paths(self, peer: str) -> Mapping[str, Path]:
+        return self._routes.get(peer, {})

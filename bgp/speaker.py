@@ -70,6 +70,7 @@ class _PeerState:
     gr_time: int = 0  # the restart time the peer offered in its OPEN (0: no graceful restart)
     eor: set[str] = field(default_factory=set)  # families the peer sent end-of-RIB for
     needs_full: bool = False  # came up; owed the full export set and our end-of-RIB
+    router_id: str = ""  # from its OPEN: the originator id of what we reflect for it
     expiry: asyncio.TimerHandle | None = None
 
 
@@ -90,13 +91,14 @@ class BGPSpeaker:
                  state_dir: str, listen_port: int = 179, on_routes: RoutesCallback,
                  local_address6: str | None = None, graceful_restart: int = cfg.GRACEFUL_RESTART_TIME,
                  batch: int = 500, settle_time: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
-                 exabgp: str | None = None) -> None:
+                 exabgp: str | None = None, cluster_id: str | None = None) -> None:
         self.node_name = node_name
         self.local = cfg.LocalSettings(router_id=router_id, local_as=local_as, local_address=local_address,
                                        local_address6=local_address6, listen_port=listen_port,
                                        graceful_restart=graceful_restart)
         self.state_dir = os.path.abspath(state_dir)
         self.on_routes = on_routes
+        self.cluster_id = cluster_id  # routeReflectorClusterID; router id when None
         self.batch = batch
         self.settle_time = settle_time
         self.backoff = backoff
@@ -112,7 +114,9 @@ class BGPSpeaker:
         self._announced: dict[str, str] = {}  # what ExaBGP holds for all neighbors
         self._state: dict[str, _PeerState] = {}
         self._rib = LearnedRoutes()
+        self._reflected: dict[str, dict[str, str]] = {}  # what ExaBGP was told to reflect, per peer
         self._routes_pending = False
+        self._reflect_pending = False
         self._routes_released = False  # first on_routes sent (see settle)
         self._synced = False  # export set complete in this ExaBGP
 
@@ -260,6 +264,8 @@ class BGPSpeaker:
         if not self._synced:
             self._synced = True
             log.info("export set complete; end-of-RIB may go out", prefixes=len(self._announced))
+        # reflected routes go out before the end-of-RIB of a session that just came up
+        await self._reconcile_reflection()
         await self._send_owed()
 
     def _established(self, family: str) -> str:
@@ -452,7 +458,9 @@ class BGPSpeaker:
         elif kind == "open" and neighbor.get("direction") == "receive":
             caps = (neighbor.get("open") or {}).get("capabilities") or {}
             gr = [c for c in caps.values() if isinstance(c, dict) and c.get("name") == "graceful restart"]
-            self._peer_state(peer).gr_time = int(gr[0].get("time", 0)) if gr else 0
+            st = self._peer_state(peer)
+            st.gr_time = int(gr[0].get("time", 0)) if gr else 0
+            st.router_id = str((neighbor.get("open") or {}).get("router_id") or "")
         elif kind == "notification":
             note = neighbor.get("notification") or {}
             text = notification_text(int(note.get("code", 0)), int(note.get("subcode", 0)))
@@ -479,6 +487,7 @@ class BGPSpeaker:
             st.state, st.since, st.eor = "established", now, set()
             st.last_error = ""
             st.needs_full = True
+            self._reflected.pop(peer, None)
             if st.expiry:
                 st.expiry.cancel()
                 st.expiry = None
@@ -526,15 +535,21 @@ class BGPSpeaker:
             self._maybe_release()
             return
         update = message.get("update") or {}
-        announce: dict[str, str] = {}
+        attrs = update.get("attribute") or {}
+        originator = attrs.get("originator-id") or ""
+        clusters = tuple(attrs.get("cluster-list") or ())
+        if originator == self.local.router_id or (self._cluster_id in clusters):
+            return  # our own route reflected back to us (RFC 4456 loop prevention)
+        announce: dict[str, tuple[str, str, tuple[str, ...]]] = {}
         for family, by_nh in (update.get("announce") or {}).items():
             if not family.endswith("unicast"):
                 continue
             for next_hop, nlris in by_nh.items():
+                path = (next_hop, originator, clusters)
                 for nlri in nlris:
                     prefix = nlri.get("nlri") if isinstance(nlri, dict) else nlri
                     if prefix:
-                        announce[prefix] = next_hop
+                        announce[prefix] = path
         withdraw: list[str] = []
         for nlris in (update.get("withdraw") or {}).values():
             for nlri in nlris:
@@ -544,13 +559,81 @@ class BGPSpeaker:
         if self._rib.update(peer, announce, withdraw):
             self._routes_changed()
 
+    # --- route reflection ----------------------------------------------------------------
+
+    @property
+    def _cluster_id(self) -> str | None:
+        """Set when this node reflects (it has route-reflector clients)."""
+        if not any(p.route_reflector_client for p in self._peers.values()):
+            return None
+        return self.cluster_id or self.local.router_id
+
+    def _reflection(self) -> dict[str, dict[str, str]]:
+        """For each established node peer, the routes this reflector should pass it:
+        {peer: {prefix: attribute text}} (RFC 4456: from a client to every other node
+        peer, from a non-client to clients only; one path per prefix, next hop kept)."""
+        cluster = self._cluster_id
+        if cluster is None:
+            return {}
+        node_peers = {a: p for a, p in self._peers.items() if p.kind in ("mesh", "reflector", "rr-client")
+                      and (st := self._state.get(a)) is not None and st.state == "established"}
+        best: dict[str, tuple[str, tuple[str, str, tuple[str, ...]]]] = {}  # prefix -> (source, path)
+        for source in sorted(self._rib.peers(), key=ipaddress.ip_address):
+            if source not in self._peers or self._peers[source].kind not in ("mesh", "reflector", "rr-client"):
+                continue
+            for prefix, path in self._rib.paths(source).items():
+                best.setdefault(prefix, (source, path))
+        out: dict[str, dict[str, str]] = {t: {} for t in node_peers}
+        for prefix, (source, (next_hop, originator, clusters)) in best.items():
+            from_client = self._peers[source].route_reflector_client
+            originator = originator or self._state[source].router_id or source
+            attrs = (f"next-hop {next_hop} originator-id {originator} "
+                     f"cluster-list [ {' '.join((cluster, *clusters))} ]")
+            for target, peer in node_peers.items():
+                if target == source or _family(target) != family_of(prefix):
+                    continue
+                if from_client or peer.route_reflector_client:
+                    out[target][prefix] = attrs
+        return out
+
+    async def _reconcile_reflection(self) -> None:
+        want = self._reflection()
+        lines: list[str] = []
+        for target in list(self._reflected):
+            if target not in want:
+                del self._reflected[target]  # gone or down: its session starts from nothing
+        for target, routes in want.items():
+            have = self._reflected.setdefault(target, {})
+            gone = [p for p in have if p not in routes]
+            lines += [f"neighbor {target} withdraw attributes next-hop self nlri {' '.join(c)}"
+                      for c in _chunks(gone, self.batch)]
+            by_attrs: dict[str, list[str]] = {}
+            for prefix, attrs in routes.items():
+                if have.get(prefix) != attrs:
+                    by_attrs.setdefault(attrs, []).append(prefix)
+            for attrs, prefixes in by_attrs.items():
+                lines += [f"neighbor {target} announce attributes {attrs} nlri {' '.join(c)}"
+                          for c in _chunks(prefixes, self.batch)]
+            self._reflected[target] = dict(routes)
+        if lines:
+            await self._send(lines)
+            log.info("reflected routes sent", lines=len(lines))
+
     # --- routes to the agent -----------------------------------------------------------
 
     def _routes_changed(self) -> None:
+        if self._cluster_id is not None and not self._reflect_pending:
+            self._reflect_pending = True
+            asyncio.get_running_loop().call_soon(self._reflect_soon)
         if self._routes_pending or not self._routes_released:
             return
         self._routes_pending = True
         asyncio.get_running_loop().call_soon(self._emit_routes)
+
+    def _reflect_soon(self) -> None:
+        self._reflect_pending = False
+        if self._synced:
+            self._spawn(self._apply_quietly())
 
     def _accepts(self, peer: str, prefix: str) -> bool:
         p = self._peers.get(peer)
@@ -616,6 +699,7 @@ class BGPSpeaker:
     def _exabgp_gone(self, rc: int | None) -> None:
         self._synced = False
         self._announced = {}
+        self._reflected = {}
         self._api_pid = None
         if self._writer:
             self._writer.close()

@@ -168,7 +168,8 @@ def node_main(local: str, peer: str, state_dir: str) -> int:
         def on_routes(table: dict[str, tuple[str, ...]]) -> None:
             routes.set_routes("bgp", [Route(dst=p, gateways=nh) for p, nh in table.items()])
             stats = routes.apply()
-            out({"event": "installed", "routes": len(table), "added": stats.added, "t": time.monotonic()})
+            out({"event": "installed", "routes": len(table), "added": stats.added, "t": time.time(),
+                 "apply": stats.seconds})
 
         sp = BGPSpeaker(node_name="bench", router_id=local, local_as=AS, local_address=local,
                         state_dir=state_dir, on_routes=on_routes, settle_time=0.5)
@@ -247,9 +248,15 @@ def receive_bird(n: int) -> float:
 
 def receive_tortie(n: int) -> float:
     with Pair() as pair:
-        Node(pair)
+        node = Node(pair)
         pair.bird(pair.tx, "tx", static_block(prefixes(n)) + bgp_block(SENDER, RECEIVER))
-        return wait_count(pair.rx, "77", n) - established_at(pair.logs["tx"])
+        took = wait_count(pair.rx, "77", n) - established_at(pair.logs["tx"])
+        if os.environ.get("BENCH_VERBOSE"):
+            t0 = established_at(pair.logs["tx"])
+            node.send({"op": "status"})
+            while (doc := json.loads(node.p.stdout.readline()))["event"] != "status":
+                print(f"    on_routes +{doc['t'] - t0:.3f}s {doc['routes']} routes, apply {doc['apply']:.3f}s")
+        return took
 
 
 def announce_bird(n: int) -> float:

@@ -114,3 +114,37 @@ def test_withdrawn_while_down_is_not_replayed(mesh):
     wait_for(lambda: (sp["b"].routes or {}).get("10.244.1.0/26") == [ADDR["a"]], what="b relearns")
     time.sleep(1)
     assert "10.244.3.0/26" not in sp["b"].routes
+
+
+def test_route_reflector_passes_routes_between_clients(lab, netns):
+    """Mesh off; r reflects: a and b only peer with r, yet learn each other's blocks with
+    the originating node as next hop."""
+    addrs = {"a": "10.94.0.1", "b": "10.94.0.2", "r": "10.94.0.9"}
+    hub = netns.new("sw")
+    ns = {n: netns.new(n) for n in addrs}
+    lan(hub, "10.94.0.254/24", [(ns[n], f"{a}/24") for n, a in addrs.items()])
+    all_nodes = [Node.from_resource({
+        "apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": n},
+        "spec": {"bgp": {"ipv4Address": f"{a}/24", **({"routeReflectorClusterID": "1.0.0.1"} if n == "r" else {})}}})
+        for n, a in addrs.items()]
+    no_mesh = BGPConfiguration.from_resource({"apiVersion": "tortie.io/v1", "kind": "BGPConfiguration",
+                                              "metadata": {"name": "default"},
+                                              "spec": {"nodeToNodeMeshEnabled": False}})
+    sp = {}
+    for me in all_nodes:
+        s = lab.speaker(ns[me.name], me.name)
+        s.start(node_name=me.name, router_id=addrs[me.name], local_as=64512, local_address=addrs[me.name],
+                cluster_id=me.route_reflector_cluster_id)
+        s.peers([dataclasses.asdict(p) for p in compute_peers(me, all_nodes, [], no_mesh)])
+        sp[me.name] = s
+    assert {p["peer"] for p in sp["a"].status()["peers"]} == {addrs["r"]}
+    sp["a"].exports(["10.244.1.0/26"])
+    sp["b"].exports(["10.244.2.0/26"])
+    sp["r"].exports([])
+    wait_for(lambda: sp["a"].routes == {"10.244.2.0/26": [addrs["b"]]}, what="a learns b's block via r")
+    wait_for(lambda: sp["b"].routes == {"10.244.1.0/26": [addrs["a"]]}, what="b learns a's block via r")
+    assert sp["r"].routes == {"10.244.1.0/26": [addrs["a"]], "10.244.2.0/26": [addrs["b"]]}
+    kinds = {p["peer"]: p["kind"] for p in sp["r"].status()["peers"]}
+    assert kinds == {addrs["a"]: "rr-client", addrs["b"]: "rr-client"}
+    sp["b"].exports(["10.244.3.0/26"])  # a change travels through the reflector too
+    wait_for(lambda: sp["a"].routes == {"10.244.3.0/26": [addrs["b"]]}, what="reflected withdraw + announce")
