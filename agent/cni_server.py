@@ -1,0 +1,553 @@
+"""The agent's CNI server: the other end of the `tortie` / `tortie-ipam` shims.
+
+One unix stream socket (mode 0600); one request per connection in the shim's framing
+(`tortie.cni.protocol`). Runs in the agent's event loop; every blocking step (etcd,
+netlink) runs on a worker pool so the loop stays responsive and a burst of pods is
+served in parallel. Requests for the same container id are serialized; different
+containers only meet inside IPAM (which orders its own block writes).
+
+ADD (type tortie):  IPAM (handle `<network>.<containerID>`) -> veth + pod wiring and the
+                    WorkloadEndpoint write in parallel -> host route known to the route
+                    manager -> result. Any failure after IPAM undoes all three.
+DEL:                veth, allocation and endpoint removed; each may already be gone.
+CHECK:              veth, pod address, pod routes and host route must all be in place.
+STATUS / GC:        etcd reachable and a usable pool / release what the runtime no
+                    longer knows about (this node's allocations of this network only).
+tortie-ipam:        addresses only, for other main plugins (bridge, ptp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tortie import errors
+from tortie.cni import protocol as p
+from tortie.cni import wiring
+from tortie.log import get_logger
+
+try:
+    from tortie.routing.model import TORTIE_PROTO, Route
+except ImportError:  # pragma: no cover - routing is part of the same package
+    TORTIE_PROTO, Route = 77, None
+
+MAX_REQUEST = 4 << 20
+ROUTE_CLASS = "cni"  # see CNIServer.__init__
+
+
+def wep_name(node: str, orchestrator: str, workload: str, endpoint: str) -> str:
+    """Calico's endpoint naming: parts joined by '-', dashes inside a part doubled."""
+    return "-".join(part.replace("-", "--") for part in (node, orchestrator, workload, endpoint))
+
+
+def _host_cidr(ip: str) -> str:
+    addr = ipaddress.ip_address(ip.split("/")[0])
+    return f"{addr}/{addr.max_prefixlen}"
+
+
+class CNIServer:
+    """Serve CNI requests for one node on a unix socket."""
+
+    def __init__(self, socket_path: str, *, node_name: str, ipam: Any, store: Any,
+                 route_manager: Any = None, network_name_default: str = "k8s-pod-network",
+                 log: Any = None, on_change: Callable[[], None] | None = None,
+                 route_class: str = ROUTE_CLASS, route_proto: int = TORTIE_PROTO,
+                 set_forwarding: bool = True, workers: int = 32) -> None:
+        self.socket_path = socket_path
+        self.node = node_name
+        self.ipam = ipam
+        self.store = store
+        self.routes = route_manager
+        # Host routes go into a class of their own: the agent's "workloads" class is
+        # recomputed from the endpoints it has seen, which can lag a fresh ADD; a class
+        # only the CNI server writes never loses a live pod's route in that window.
+        self.route_class = route_class
+        self.route_proto = route_proto
+        self.network_default = network_name_default
+        self.on_change = on_change
+        self.set_forwarding = set_forwarding
+        self.log = log or get_logger("cni")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tortie-cni")
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+        self._wep_handle_field = _wep_accepts("ipamHandle")
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.set_forwarding:
+            await self._run(wiring.enable_forwarding)
+        sock = self._bind()
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
+        self.log.info("cni server listening", socket=self.socket_path, node=self.node)
+
+    def _bind(self) -> socket.socket:
+        """Bind at a temporary name, chmod 0600, then rename over the path: no window
+        in which the socket exists with a looser mode, and a stale socket is replaced."""
+        directory = os.path.dirname(self.socket_path) or "."
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        tmp = f"{self.socket_path}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old = os.umask(0o177)
+            try:
+                sock.bind(tmp)
+            finally:
+                os.umask(old)
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, self.socket_path)
+            sock.listen(256)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._inode = os.stat(self.socket_path).st_ino
+        return sock
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(self.socket_path)
+            if stat.S_ISSOCK(st.st_mode) and st.st_ino == self._inode:  # not a successor's
+                os.unlink(self.socket_path)
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    # ---- plumbing -----------------------------------------------------------------------
+
+    async def _run(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    @contextlib.asynccontextmanager
+    async def _container_lock(self, cid: str):
+        lock, users = self._locks.get(cid, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[cid] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[cid]
+            if users <= 1:
+                del self._locks[cid]
+            else:
+                self._locks[cid] = (lock, users - 1)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            data = await reader.read(MAX_REQUEST + 1)
+            while True:  # the shim half-closes after its request
+                more = await reader.read(MAX_REQUEST + 1 - len(data))
+                if not more:
+                    break
+                data += more
+            status, body = await self.handle(data)
+            writer.write(p.encode_response(status, body))
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            self.log.warning("cni client went away", error=str(exc))
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def handle(self, data: bytes) -> tuple[int, bytes]:
+        """One framed request -> (exit status, stdout bytes). Never raises."""
+        version = p.SUPPORTED_VERSIONS[-1]
+        req = None
+        try:
+            if len(data) > MAX_REQUEST:
+                raise p.CNIError(p.IO_FAILURE, "request too large")
+            env, stdin = p.decode_request(data)
+            version = p.version_of(stdin)
+            req = p.parse_request(env, stdin)
+            version = req.cni_version
+            out = await self.dispatch(req)
+            return 0, out
+        except Exception as exc:
+            err = p.CNIError.from_exception(exc)
+            fields = {"code": err.code, "error": err.msg}
+            if req is not None:
+                fields.update(command=req.command, container=req.container_id, plugin=req.plugin)
+            if err.code in (p.GENERIC, p.TRY_AGAIN_LATER) and not isinstance(exc, p.CNIError | errors.TortieError):
+                self.log.error("cni request failed", exc_info=exc, **fields)
+            else:
+                self.log.warning("cni request failed", **fields)
+            return 1, err.to_json(version)
+
+    async def dispatch(self, req: p.CNIRequest) -> bytes:
+        if req.command == "VERSION":
+            return p.version_result(req.cni_version)
+        if req.command == "STATUS":
+            await self._run(self._status, req)
+            return b""
+        if req.command == "GC":
+            await self._gc(req)
+            return b""
+        async with self._container_lock(req.container_id):
+            if req.is_ipam:
+                handler = {"ADD": self._ipam_add, "DEL": self._ipam_del, "CHECK": self._ipam_check}
+            else:
+                handler = {"ADD": self._add, "DEL": self._del, "CHECK": self._check}
+            return await handler[req.command](req)
+
+    # ---- request details ----------------------------------------------------------------
+
+    def _counts(self, req: p.CNIRequest) -> tuple[int, int, list[str] | None]:
+        ipam = req.ipam_config
+
+        def flag(name: str, default: bool) -> bool:
+            v = ipam.get(name, default)
+            return v if isinstance(v, bool) else str(v).lower() == "true"
+
+        v4, v6 = int(flag("assign_ipv4", True)), int(flag("assign_ipv6", False))
+        if not v4 and not v6:
+            raise p.CNIError(p.INVALID_CONFIG, "ipam: assign_ipv4 and assign_ipv6 are both off")
+        pools = [*(ipam.get("ipv4_pools") or []), *(ipam.get("ipv6_pools") or [])] or None
+        return v4, v6, pools
+
+    async def _allocate(self, req: p.CNIRequest) -> tuple[list[str], bool]:
+        """(addresses, newly allocated): the handle's existing addresses make ADD idempotent."""
+        held = await self._run(self.ipam.ips_by_handle, req.handle)
+        if held:
+            return sorted(held, key=_ip_sort), False
+        v4, v6, pools = self._counts(req)
+        attrs = {"namespace": req.pod_namespace, "pod": req.pod_name or req.container_id, "node": self.node}
+        ips = await self._run(self.ipam.auto_assign, req.handle, self.node, num_v4=v4, num_v6=v6,
+                              pools=pools, attrs=attrs)
+        return sorted(ips, key=_ip_sort), True
+
+    def _wep(self, req: p.CNIRequest, host_if: str, mac: str, ips: list[str]) -> dict:
+        k8s = bool(req.pod_name)
+        namespace = req.pod_namespace or "default"
+        workload = req.pod_name or req.container_id
+        spec = {
+            "node": self.node, "orchestrator": "k8s" if k8s else "cni", "pod": workload,
+            "containerID": req.container_id, "endpoint": req.ifname, "interfaceName": host_if,
+            "ipNetworks": [_host_cidr(ip) for ip in ips],
+        }
+        if mac:
+            spec["mac"] = mac
+        if self._wep_handle_field:
+            spec["ipamHandle"] = req.handle
+        return {
+            "apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
+            "metadata": {"name": wep_name(self.node, spec["orchestrator"], workload, req.ifname),
+                         "namespace": namespace, "labels": dict(req.labels)},
+            "spec": spec,
+        }
+
+    def _delete_wep(self, req: p.CNIRequest) -> None:
+        if req.pod_name:
+            names = [(req.pod_namespace or "default", wep_name(self.node, "k8s", req.pod_name, req.ifname))]
+        else:  # no pod identity on DEL: find the endpoint by container id
+            names = [
+                (w["metadata"].get("namespace"), w["metadata"]["name"])
+                for w in self.store.list("WorkloadEndpoint")
+                if (w.get("spec") or {}).get("containerID") == req.container_id
+                and (w.get("spec") or {}).get("endpoint", "eth0") == req.ifname
+                and (w.get("spec") or {}).get("node") == self.node
+            ]
+            if not names:
+                names = [("default", wep_name(self.node, "cni", req.container_id, req.ifname))]
+        for namespace, name in names:
+            with contextlib.suppress(errors.NotFound):
+                self.store.delete("WorkloadEndpoint", name, namespace)
+
+    def _result(self, req: p.CNIRequest, link: wiring.PodLink, ips: list[str]) -> p.Result:
+        families = {ipaddress.ip_address(ip).version for ip in ips}
+        routes = tuple(
+            p.RouteSpec("0.0.0.0/0" if v == 4 else "::/0", wiring.GATEWAY_V4 if v == 4 else wiring.GATEWAY_V6)
+            for v in sorted(families)
+        )
+        res = p.Result(
+            interfaces=(p.Interface(link.host_ifname, link.host_mac),
+                        p.Interface(req.ifname, link.pod_mac, req.netns)),
+            ips=tuple(
+                p.IPConfig(_host_cidr(ip), wiring.GATEWAY_V4 if ":" not in ip else wiring.GATEWAY_V6, 1)
+                for ip in ips
+            ),
+            routes=routes,
+            dns=dict(req.config.get("dns") or {}),
+        )
+        return res.chained_after(req.prev_result)
+
+    def _publish_routes(self, host_if: str, ips: list[str], add: bool) -> None:
+        if self.routes is None or Route is None:
+            return
+        for ip in ips:
+            if add:
+                self.routes.set_route(self.route_class, Route(dst=_host_cidr(ip), dev=host_if, scope="link"))
+            else:
+                self.routes.remove_route(self.route_class, _host_cidr(ip))
+        if self.on_change is not None:
+            self.on_change()
+        else:
+            self.routes.apply()
+
+    # ---- tortie: ADD / DEL / CHECK --------------------------------------------------------
+
+    async def _add(self, req: p.CNIRequest) -> bytes:
+        host_if = wiring.host_veth_name(req.container_id, req.ifname)
+        if not os.path.exists(req.netns):
+            raise p.CNIError(p.INVALID_ENV, f"CNI_NETNS {req.netns} does not exist")
+        ips, fresh = await self._allocate(req)
+        try:
+            link = None
+            if not fresh:  # a repeated ADD: keep working wiring as it is
+                found = await self._run(wiring.inspect_pod, req.netns, req.ifname, host_if)
+                if found and {_host_cidr(ip) for ip in ips} <= found[1]:
+                    link = found[0]
+            if link is None:
+                link = await self._wire(req, host_if, ips)
+            await self._run(self.store.apply, self._wep(req, host_if, link.pod_mac, ips))
+        except BaseException as exc:
+            await self._undo_add(req, host_if, exc)
+            raise
+        self._publish_routes(host_if, ips, add=True)
+        self.log.info("pod added", container=req.container_id, pod=f"{req.pod_namespace}/{req.pod_name}",
+                      ips=ips, veth=host_if)
+        return self._result(req, link, ips).to_json(req.cni_version)
+
+    async def _wire(self, req: p.CNIRequest, host_if: str, ips: list[str]) -> wiring.PodLink:
+        mtu = int(req.config.get("mtu") or 0)
+        setup = functools.partial(wiring.setup_pod, req.netns, req.ifname, host_if,
+                                  [_host_cidr(ip) for ip in ips], route_proto=self.route_proto, mtu=mtu)
+        try:
+            return await self._run(setup)
+        except wiring.NetlinkError as exc:
+            if exc.errno != 17:  # EEXIST: a half-done earlier ADD of this container
+                raise
+        await self._run(wiring.delete_link, host_if)
+        return await self._run(setup)
+
+    async def _undo_add(self, req: p.CNIRequest, host_if: str, cause: BaseException) -> None:
+        self.log.warning("add failed; undoing", container=req.container_id, error=str(cause))
+        steps = (
+            functools.partial(wiring.delete_link, host_if),
+            functools.partial(self.ipam.release_handle, req.handle),
+            functools.partial(self._delete_wep, req),
+        )
+        for step in steps:
+            try:
+                await self._run(step)
+            except Exception as exc:  # keep undoing; DEL or GC catches what is left
+                self.log.error("undo step failed", container=req.container_id, error=str(exc))
+
+    async def _del(self, req: p.CNIRequest) -> bytes:
+        host_if = wiring.host_veth_name(req.container_id, req.ifname)
+        await self._run(wiring.delete_link, host_if)
+        released = await self._run(self.ipam.release_handle, req.handle)
+        await self._run(self._delete_wep, req)
+        self._publish_routes(host_if, released, add=False)
+        self.log.info("pod deleted", container=req.container_id, released=released)
+        return b""
+
+    async def _check(self, req: p.CNIRequest) -> bytes:
+        host_if = wiring.host_veth_name(req.container_id, req.ifname)
+        ips = await self._run(self.ipam.ips_by_handle, req.handle)
+        if not ips:
+            raise p.CNIError(p.UNKNOWN_CONTAINER, f"no addresses allocated for {req.handle}")
+        cidrs = [_host_cidr(ip) for ip in ips]
+        problems = await self._run(wiring.check_pod, req.netns, req.ifname, host_if, cidrs,
+                                   route_proto=self.route_proto)
+        prev = req.prev_result
+        if prev is not None:
+            mine = {ip.address for ip in prev.ips}
+            for c in cidrs:
+                if c not in mine:
+                    problems.append(f"prevResult does not list {c}")
+        if problems:
+            raise p.CNIError(p.GENERIC, "; ".join(problems), req.container_id)
+        return b""
+
+    # ---- tortie-ipam ------------------------------------------------------------------------
+
+    async def _ipam_add(self, req: p.CNIRequest) -> bytes:
+        ips, _fresh = await self._allocate(req)
+        ipam = req.ipam_config
+        try:
+            # Main plugins such as ptp and bridge expect an on-link subnet, not a /32:
+            # give each address its block's prefix length unless asked for host routes.
+            host = str(ipam.get("prefix", "block")) == "host"
+            plens = {} if host else await self._run(self._block_prefixes, ips)
+            res = p.Result(
+                ips=tuple(
+                    p.IPConfig(f"{ip}/{plens[ip]}" if ip in plens else _host_cidr(ip), _ipam_gateway(ipam, ip))
+                    for ip in ips
+                ),
+                routes=tuple(p.RouteSpec(r["dst"], r.get("gw", "")) for r in ipam.get("routes") or ()),
+                dns=dict(ipam.get("dns") or req.config.get("dns") or {}),
+            )
+            return res.to_json(req.cni_version)
+        except (KeyError, TypeError, AttributeError) as exc:
+            await self._run(self.ipam.release_handle, req.handle)
+            raise p.CNIError(p.INVALID_CONFIG, f"ipam.routes: {exc}") from None
+
+    def _block_prefixes(self, ips: list[str]) -> dict[str, int]:
+        nets = [ipaddress.ip_network(b.cidr) for b in self.ipam.all_blocks()]
+        out = {}
+        for ip in ips:
+            addr = ipaddress.ip_address(ip)
+            for net in nets:
+                if addr in net:
+                    out[ip] = net.prefixlen
+        return out
+
+    async def _ipam_del(self, req: p.CNIRequest) -> bytes:
+        await self._run(self.ipam.release_handle, req.handle)
+        return b""
+
+    async def _ipam_check(self, req: p.CNIRequest) -> bytes:
+        ips = await self._run(self.ipam.ips_by_handle, req.handle)
+        if not ips:
+            raise p.CNIError(p.UNKNOWN_CONTAINER, f"no addresses allocated for {req.handle}")
+        prev = req.prev_result
+        if prev is not None:
+            missing = {_host_cidr(ip) for ip in ips} - {_host_cidr(i.address) for i in prev.ips}
+            if missing:
+                raise p.CNIError(p.GENERIC, f"prevResult does not list {', '.join(sorted(missing))}")
+        return b""
+
+    # ---- STATUS / GC ------------------------------------------------------------------------
+
+    def _status(self, req: p.CNIRequest) -> None:
+        try:
+            pools = self.store.list("IPPool")
+        except errors.DatastoreUnavailable as exc:
+            raise p.CNIError(p.NOT_AVAILABLE, "plugin not available: datastore unreachable", str(exc)) from None
+        usable = [x for x in pools if not (x.get("spec") or {}).get("disabled")]
+        if not usable:
+            raise p.CNIError(p.NOT_AVAILABLE, "plugin not available: no usable IP pool")
+
+    async def _gc(self, req: p.CNIRequest) -> None:
+        valid_raw = req.config.get("cni.dev/valid-attachments")
+        if valid_raw is None:
+            valid_raw = req.config.get("cni.dev/attachments") or []
+        if not isinstance(valid_raw, list):
+            raise p.CNIError(p.INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+        valid = {f"{req.network_name}.{a.get('containerID')}" for a in valid_raw if isinstance(a, dict)}
+        prefix = f"{req.network_name}."
+        stale = await self._run(self._stale_handles, prefix, valid)
+        for handle, weps in stale.items():
+            cid = handle[len(prefix):]
+            async with self._container_lock(cid):
+                for wep in weps:
+                    spec = wep.get("spec") or {}
+                    if spec.get("interfaceName"):
+                        await self._run(wiring.delete_link, spec["interfaceName"])
+                    with contextlib.suppress(errors.NotFound):
+                        await self._run(self.store.delete, "WorkloadEndpoint", wep["metadata"]["name"],
+                                        wep["metadata"].get("namespace"))
+                released = await self._run(self.ipam.release_handle, handle)
+                for wep in weps:
+                    self._publish_routes((wep.get("spec") or {}).get("interfaceName", ""), released, add=False)
+            self.log.info("gc released", handle=handle)
+
+    def _stale_handles(self, prefix: str, valid: set[str]) -> dict[str, list[dict]]:
+        """Handles of this network and node that the runtime no longer lists, with their endpoints."""
+        stale: dict[str, list[dict]] = {}
+        for block in self.ipam.blocks():
+            for held in block.held():
+                h = held.attr.handle
+                if held.attr.node == self.node and h.startswith(prefix) and h not in valid:
+                    stale.setdefault(h, [])
+        for wep in self.store.list("WorkloadEndpoint"):
+            spec = wep.get("spec") or {}
+            if spec.get("node") != self.node:
+                continue
+            h = spec.get("ipamHandle") or f"{self.network_default}.{spec.get('containerID')}"
+            if h.startswith(prefix) and h not in valid:
+                stale.setdefault(h, []).append(wep)
+        return stale
+
+
+def _ipam_gateway(ipam: dict, ip: str) -> str:
+    """ipam.gateway (ipam.gateway6) if set, else Calico's link-local 169.254.1.1 for IPv4:
+    never an address of the pool, so it cannot collide with a pod (ptp puts it on every
+    host veth)."""
+    if ":" in ip:
+        return str(ipam.get("gateway6", ""))
+    return str(ipam.get("gateway", wiring.GATEWAY_V4))
+
+
+def _ip_sort(ip: str) -> tuple[int, int]:
+    a = ipaddress.ip_address(ip.split("/")[0])
+    return a.version, int(a)
+
+
+def _wep_accepts(field: str) -> bool:
+    """Whether the WorkloadEndpoint schema knows a spec field (it is strict)."""
+    try:
+        from tortie.datastore.resources import validate
+    except ImportError:
+        return True
+    sample = {"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
+              "metadata": {"name": "probe", "namespace": "default"},
+              "spec": {"node": "probe", field: "x.y"}}
+    try:
+        validate(sample)
+    except errors.ValidationError:
+        return False
+    return True
+
+
+# ---- standalone entry (tests, benchmarks, the lab until the agent embeds it) -------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tortie.agent.cni_server",
+                                 description="Serve tortie CNI requests (run inside the node namespace).")
+    ap.add_argument("--socket", default=os.environ.get("TORTIE_CNI_SOCKET", "/run/tortie/cni.sock"))
+    ap.add_argument("--node", default=os.environ.get("TORTIE_NODENAME") or socket.gethostname())
+    ap.add_argument("--no-forwarding", action="store_true", help="do not set ip_forward (already set)")
+    args = ap.parse_args(argv)
+
+    from tortie.datastore.etcd import EtcdClient, EtcdConfig
+    from tortie.datastore.ipam import IPAM
+    from tortie.datastore.resources import ResourceStore
+
+    client = EtcdClient(EtcdConfig.from_env())
+
+    async def serve() -> None:
+        server = CNIServer(args.socket, node_name=args.node, ipam=IPAM(client), store=ResourceStore(client),
+                           set_forwarding=not args.no_forwarding)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        print(f"ready {args.socket}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""The `tortie` and `tortie-ipam` CNI plugin executables: a thin forwarder.
+
+The container runtime execs this file once per CNI call, so its start-up is the
+latency budget. It is one self-contained file that imports nothing beyond the
+interpreter's built-in modules (`posix`, `_socket`): no `os`, `json` or `socket`
+(those imports alone cost more than the rest of the call). `tortie.cni.install`
+copies it into a CNI bin dir with an `-IS` interpreter line.
+
+Wire format to the agent's CNI server (unix stream socket):
+
+    request  = b"TCNI1" + u32 len + env block + u32 len + stdin bytes
+               env block = b"KEY=VALUE" items joined by NUL: the CNI_* variables
+               plus _TORTIE_PLUGIN=<the name this file was run as>
+    response = one byte exit status + the bytes to print on stdout (until EOF)
+
+VERSION is answered here. When the agent cannot be reached, the shim prints a CNI
+error itself: code 11 ("try again later"; 50 for STATUS), exit status 1.
+"""
+
+import _socket
+import posix
+import sys
+
+MAGIC = b"TCNI1"
+DEFAULT_SOCKET = b"/run/tortie/cni.sock"
+SUPPORTED = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+TIMEOUT = 120.0  # the runtime has its own deadline; this only stops a hung agent pinning us
+
+
+def _read_stdin():
+    chunks = []
+    while True:
+        try:
+            chunk = posix.read(0, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _write(fd, data):
+    view = memoryview(data)
+    while view:
+        n = posix.write(fd, view)
+        view = view[n:]
+
+
+def _json_str(text):
+    """A JSON string literal, escaped by hand (json is too slow to import here)."""
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch == '"' or ch == "\\":
+            out.append("\\" + ch)
+        elif code < 0x20 or code == 0x7F or 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _string_value(config, key):
+    """The string value of `"key": "..."` found by a byte search, or None.
+
+    Good enough for the two fields the shim needs (agentSocket, cniVersion); the
+    agent does the real parsing. JSON escapes other than \\" \\\\ \\/ are rejected.
+    """
+    at = config.find(b'"' + key + b'"')
+    if at < 0:
+        return None
+    i = at + len(key) + 2
+    n = len(config)
+    while i < n and config[i] in b" \t\r\n":
+        i += 1
+    if i >= n or config[i] != 0x3A:  # ':'
+        return None
+    i += 1
+    while i < n and config[i] in b" \t\r\n":
+        i += 1
+    if i >= n or config[i] != 0x22:  # '"'
+        return None
+    i += 1
+    out = bytearray()
+    while i < n:
+        c = config[i]
+        if c == 0x22:
+            return bytes(out)
+        if c == 0x5C:  # backslash
+            i += 1
+            if i >= n or config[i] not in b'"\\/':
+                return None
+            c = config[i]
+        out.append(c)
+        i += 1
+    return None
+
+
+def _version_of(config):
+    v = _string_value(config, b"cniVersion")
+    if v is not None:
+        v = v.decode("ascii", "replace")
+        if v in SUPPORTED:
+            return v
+    return "1.1.0"
+
+
+def _error(version, code, msg, details):
+    body = (f'{{"cniVersion":{_json_str(version)},"code":{code:d},'
+            f'"msg":{_json_str(msg)},"details":{_json_str(details)}}}\n')
+    return body.encode("utf-8", "replace")
+
+
+def _exchange(path, request):
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(TIMEOUT)
+        sock.connect(path)
+        sock.sendall(request)
+        sock.shutdown(_socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        sock.close()
+
+
+def run(argv0, environ, stdin):
+    """One CNI call: returns (exit status, stdout bytes). Pure but for the socket."""
+    command = environ.get(b"CNI_COMMAND", b"")
+    if command == b"VERSION":
+        versions = '","'.join(SUPPORTED)
+        body = f'{{"cniVersion":"{_version_of(stdin)}","supportedVersions":["{versions}"]}}\n'
+        return 0, body.encode()
+    plugin = argv0.rsplit("/", 1)[-1] or "tortie"
+    items = [k + b"=" + v for k, v in environ.items() if k.startswith(b"CNI_")]
+    items.append(b"_TORTIE_PLUGIN=" + plugin.encode("utf-8", "replace"))
+    env_block = b"\0".join(items)
+    request = b"".join((
+        MAGIC, len(env_block).to_bytes(4, "big"), env_block,
+        len(stdin).to_bytes(4, "big"), stdin,
+    ))
+    path = _string_value(stdin, b"agentSocket") or DEFAULT_SOCKET
+    code = 50 if command == b"STATUS" else 11
+    try:
+        reply = _exchange(path, request)
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        return 1, _error(_version_of(stdin), code, "try again later: tortie agent not reachable",
+                         f"{path.decode('utf-8', 'replace')}: {reason}")
+    if not reply:
+        return 1, _error(_version_of(stdin), code, "try again later: tortie agent closed the connection",
+                         path.decode("utf-8", "replace"))
+    return reply[0], reply[1:]
+
+
+def main():
+    status, out = run(sys.argv[0] if sys.argv else "tortie", posix.environ, _read_stdin())
+    if out:
+        _write(1, out)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
