@@ -148,17 +148,34 @@ def run(argv0, environ, stdin):
         len(stdin).to_bytes(4, "big"), stdin,
     ))
     path = _string_value(stdin, b"agentSocket") or DEFAULT_SOCKET
-    code = 50 if command == b"STATUS" else 11
     try:
         reply = _exchange(path, request)
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
-        return 1, _error(_version_of(stdin), code, "try again later: tortie agent not reachable",
-                         f"{path.decode('utf-8', 'replace')}: {reason}")
+        return 1, _unreachable(stdin, command, "try again later: tortie agent not reachable",
+                               f"{path.decode('utf-8', 'replace')}: {reason}")
     if not reply:
-        return 1, _error(_version_of(stdin), code, "try again later: tortie agent closed the connection",
-                         path.decode("utf-8", "replace"))
+        return 1, _unreachable(stdin, command, "try again later: tortie agent closed the connection",
+                               path.decode("utf-8", "replace"))
     return reply[0], reply[1:]
+
+
+def _unreachable(stdin, command, msg, details):
+    """The error when the agent cannot answer. Off the hot path, so the config is parsed
+    properly here: a config that is not JSON, or of a version nobody speaks, is the
+    caller's error (6, 1) rather than ours (11; 50 for STATUS)."""
+    import json
+
+    try:
+        config = json.loads(stdin)
+    except ValueError as exc:
+        return _error("1.1.0", 6, "network config on stdin is not JSON", str(exc))
+    if not isinstance(config, dict):
+        return _error("1.1.0", 6, "network config on stdin is not a JSON object", "")
+    if config.get("cniVersion") not in SUPPORTED:
+        return _error("1.1.0", 1, f"incompatible CNI version {config.get('cniVersion')!r}",
+                      "supported: " + ", ".join(SUPPORTED))
+    return _error(config["cniVersion"], 50 if command == b"STATUS" else 11, msg, details)
 
 
 def main():

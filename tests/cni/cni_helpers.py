@@ -127,12 +127,16 @@ class Node:
         return self.store.list("WorkloadEndpoint")
 
 
-def tcp_reachable(src_ns: str, dst_ip: str, dst_ns: str, port: int = 8080, timeout: float = 3.0) -> bool:
-    """A real TCP connect from src_ns to a listener in dst_ns on dst_ip:port."""
+def tcp_reachable(src_ns: str, dst_ip: str, dst_ns: str, port: int = 8080, timeout: float = 3.0, *,
+                  dst_port: int | None = None, bind_ip: str | None = None) -> bool:
+    """A real TCP connect from src_ns to dst_ip:dst_port, answered by a listener in dst_ns
+    on bind_ip:port (defaults: the same address and port; they differ through a DNAT)."""
+    dst_port = dst_port or port
+    bind_ip = bind_ip or dst_ip
     listener = subprocess.Popen(
         ["ip", "netns", "exec", dst_ns, sys.executable, "-c",
          "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
-         f"s.bind(('{dst_ip}', {port})); s.listen(); print('up', flush=True); s.settimeout({timeout});"
+         f"s.bind(('{bind_ip}', {port})); s.listen(); print('up', flush=True); s.settimeout({timeout});"
          "c,_=s.accept(); c.sendall(b'hi'); c.close()"],
         stdout=subprocess.PIPE, start_new_session=True,
     )
@@ -140,7 +144,7 @@ def tcp_reachable(src_ns: str, dst_ip: str, dst_ns: str, port: int = 8080, timeo
         assert listener.stdout.readline().startswith(b"up")
         r = subprocess.run(
             ["ip", "netns", "exec", src_ns, sys.executable, "-c",
-             f"import socket; s=socket.create_connection(('{dst_ip}', {port}), timeout={timeout});"
+             f"import socket; s=socket.create_connection(('{dst_ip}', {dst_port}), timeout={timeout});"
              "assert s.recv(2) == b'hi'"],
             capture_output=True, timeout=timeout + 5,
         )
