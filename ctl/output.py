@@ -134,12 +134,24 @@ def render(kind_key: str, resources: Sequence[dict], fmt: str, *, single: bool =
     headers, row, wide_headers, wide_row = TABLES[kind_key]
     if fmt == "wide":
         headers, row = headers + wide_headers, wide_row
+    row = _tolerant(row, len(headers))
     if namespaces:
         headers = ("NAMESPACE", *headers)
         rows = [headers, *((r["metadata"].get("namespace", ""), *row(r)) for r in resources)]
     else:
         rows = [headers, *(row(r) for r in resources)]
     return table(rows)
+
+
+def _tolerant(row: Row, width: int) -> Row:
+    """A resource written behind the store's back (etcdctl) may lack fields: show, don't crash."""
+    def safe(res: dict) -> tuple[str, ...]:
+        try:
+            return row(res)
+        except (KeyError, TypeError, AttributeError):
+            name = (res.get("metadata") or {}).get("name", "?") if isinstance(res, dict) else "?"
+            return (str(name), "<invalid: see -o yaml>", *([""] * (width - 2)))
+    return safe
 
 
 def _name(res: dict) -> str:

@@ -150,3 +150,11 @@ def test_console_script_uses_env_and_exit_codes(etcd, etcd_config, tmp_path):
     assert r.returncode == 6 and "etcd unreachable" in r.stderr
     r = subprocess.run([str(exe), "version"], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "revision" in r.stdout
+
+
+def test_get_shows_a_resource_written_behind_the_stores_back(ctl, etcd, etcd_config):
+    etcd.put(etcd_config.prefix + "resources/ippool/raw",
+             json.dumps({"kind": "IPPool", "metadata": {"name": "raw"}, "spec": {}}).encode())
+    rows = ctl.ok("get", "ippool").splitlines()
+    assert rows[1].split()[:2] == ["raw", "<invalid:"]
+    assert ctl.json("get", "ippool", "raw")["spec"] == {}
