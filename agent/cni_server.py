@@ -355,9 +355,18 @@ class CNIServer:
 
     async def _del(self, req: p.CNIRequest) -> bytes:
         host_if = wiring.host_veth_name(req.container_id, req.ifname)
-        await self._run(wiring.delete_link, host_if)
-        released = await self._run(self.ipam.release_handle, req.handle)
-        await self._run(self._delete_wep, req)
+        # Independent steps, run together: deleting a veth waits for the kernel's RCU
+        # grace periods (tens of ms), the etcd writes need not wait behind it.
+        outcome = await asyncio.gather(
+            self._run(wiring.delete_link, host_if),
+            self._run(self.ipam.release_handle, req.handle),
+            self._run(self._delete_wep, req),
+            return_exceptions=True,
+        )
+        for item in outcome:
+            if isinstance(item, BaseException):
+                raise item
+        released = outcome[1]
         self._publish_routes(host_if, released, add=False)
         self.log.info("pod deleted", container=req.container_id, released=released)
         return b""
