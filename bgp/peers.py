@@ -23,8 +23,10 @@ reflector, BGPPeer wins, because a mesh session already carries everything.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from tortie.datastore import selector
@@ -62,12 +64,33 @@ class Peer:
         """Whether a prefix learned from this peer may be imported."""
         if not self.external:
             return True
-        net = ipaddress.ip_network(prefix, strict=False)
-        for allowed in self.accept_prefixes:
-            ok = ipaddress.ip_network(allowed, strict=False)
-            if ok.version == net.version and net.subnet_of(ok):
-                return True
+        return _within(prefix, self.accept_prefixes)
+
+
+def _within(prefix: str, allowed: tuple[str, ...]) -> bool:
+    # integer arithmetic, no ipaddress objects: this runs once per learned route
+    addr, _, length = prefix.partition("/")
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    bits = 128 if family == socket.AF_INET6 else 32
+    try:
+        value = int.from_bytes(socket.inet_pton(family, addr), "big")
+        plen = int(length) if length else bits
+    except (OSError, ValueError):
         return False
+    for fam, net, nlen in _networks(allowed):
+        if fam == family and plen >= nlen and value >> (bits - nlen) == net >> (bits - nlen):
+            return True
+    return False
+
+
+@lru_cache(maxsize=1024)
+def _networks(allowed: tuple[str, ...]) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for cidr in allowed:
+        net = ipaddress.ip_network(cidr, strict=False)
+        out.append((socket.AF_INET6 if net.version == 6 else socket.AF_INET,
+                    int(net.network_address), net.prefixlen))
+    return tuple(out)
 
 
 def _addresses(node: Any) -> dict[int, str]:

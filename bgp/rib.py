@@ -1,10 +1,14 @@
 """Routes learned from peers, with graceful-restart helper semantics (RFC 4724).
 
 ExaBGP hands the API every received update but keeps no RIB the agent can use, and it
-knows nothing of stale routes. So the bridge keeps one here: per peer, prefix -> next
-hop. When a peer that negotiated graceful restart goes down, its routes stay, marked
-stale, for its restart time; when it comes back, what it re-announces is fresh again and
-its end-of-RIB (or the timer) drops whatever is still stale.
+knows nothing of stale routes. So the bridge keeps one here: per peer, prefix -> path.
+When a peer that negotiated graceful restart goes down, its routes stay, marked stale,
+for its restart time; when it comes back, what it re-announces is fresh again and its
+end-of-RIB (or the timer) drops whatever is still stale.
+
+The table handed to the agent (prefix -> next hops, accepted routes only) is kept up to
+date route by route, so building it is a copy, not a pass over every peer's routes with
+an import filter: a 10,000-route table arrives in bursts and is handed over many times.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 # A path: (next hop, originator id or "", cluster list). Reflection needs the last two.
 Path = tuple[str, str, tuple[str, ...]]
+Accepts = Callable[[str, str], bool]  # (peer, prefix) -> may it be imported
 
 
 def family_of(prefix: str) -> str:
@@ -24,29 +29,67 @@ def _path(value: str | Path) -> Path:
     return (value, "", ()) if isinstance(value, str) else value
 
 
+def _hops(by_peer: dict[str, str]) -> tuple[str, ...]:
+    hops = set(by_peer.values())
+    if len(hops) == 1:
+        return tuple(hops)
+    return tuple(sorted(hops, key=ipaddress.ip_address))
+
+
 class LearnedRoutes:
-    def __init__(self) -> None:
+    def __init__(self, accepts: Accepts | None = None) -> None:
+        self._accepts = accepts or (lambda peer, prefix: True)
         self._routes: dict[str, dict[str, Path]] = {}  # peer -> prefix -> path
         self._stale: dict[str, set[str]] = {}  # peer -> prefixes kept over its restart
+        self._table: dict[str, dict[str, str]] = {}  # prefix -> peer -> next hop (accepted only)
+        self._touched: set[str] = set()  # prefixes whose table entry may differ since take_changes()
 
+    # -- the accepted table, kept in step with _routes -------------------------------------
+    def _put(self, peer: str, prefix: str, next_hop: str) -> None:
+        if self._accepts(peer, prefix):
+            self._table.setdefault(prefix, {})[peer] = next_hop
+            self._touched.add(prefix)
+
+    def _drop(self, peer: str, prefix: str) -> None:
+        by_peer = self._table.get(prefix)
+        if by_peer is not None and by_peer.pop(peer, None) is not None:
+            self._touched.add(prefix)
+            if not by_peer:
+                del self._table[prefix]
+
+    def set_filter(self, accepts: Accepts) -> None:
+        """A new import filter (peers changed): rebuild the accepted table."""
+        self._accepts = accepts
+        self._touched.update(self._table)
+        self._table = {}
+        for peer, routes in self._routes.items():
+            for prefix, path in routes.items():
+                self._put(peer, prefix, path[0])
+
+    # -- changes ---------------------------------------------------------------------------
     def update(self, peer: str, announce: Mapping[str, str | Path], withdraw: Iterable[str]) -> bool:
-        """Apply one update; returns whether anything changed."""
+        """Apply one update; returns whether the accepted table changed."""
         routes = self._routes.setdefault(peer, {})
         stale = self._stale.get(peer)
+        before = len(self._table)
         changed = False
         for prefix in withdraw:
             if routes.pop(prefix, None) is not None:
                 changed = True
+                self._drop(peer, prefix)
             if stale:
                 stale.discard(prefix)
         for prefix, value in announce.items():
             path = _path(value)
-            if routes.get(prefix) != path:
+            old = routes.get(prefix)
+            if old != path:
                 routes[prefix] = path
-                changed = True
+                if old is None or old[0] != path[0]:
+                    changed = True
+                    self._put(peer, prefix, path[0])
             if stale:
                 stale.discard(prefix)
-        return changed
+        return changed or before != len(self._table)
 
     def peer_down(self, peer: str, graceful: bool) -> bool:
         """The session closed: keep its routes as stale (graceful) or drop them."""
@@ -66,9 +109,7 @@ class LearnedRoutes:
             return False
         gone = {p for p in stale if family_of(p) == family}
         stale -= gone
-        routes = self._routes.get(peer, {})
-        for prefix in gone:
-            routes.pop(prefix, None)
+        self._forget(peer, gone)
         if not stale:
             self._stale.pop(peer, None)
         return bool(gone)
@@ -76,15 +117,21 @@ class LearnedRoutes:
     def expire(self, peer: str) -> bool:
         """The restart timer ran out: drop everything still stale."""
         stale = self._stale.pop(peer, set())
-        routes = self._routes.get(peer, {})
-        for prefix in stale:
-            routes.pop(prefix, None)
+        self._forget(peer, stale)
         return bool(stale)
 
+    def _forget(self, peer: str, prefixes: Iterable[str]) -> None:
+        routes = self._routes.get(peer, {})
+        for prefix in prefixes:
+            if routes.pop(prefix, None) is not None:
+                self._drop(peer, prefix)
+
     def drop(self, peer: str) -> None:
-        self._routes.pop(peer, None)
+        for prefix in self._routes.pop(peer, {}):
+            self._drop(peer, prefix)
         self._stale.pop(peer, None)
 
+    # -- reading ---------------------------------------------------------------------------
     def is_stale(self, peer: str) -> bool:
         return bool(self._stale.get(peer))
 
@@ -94,15 +141,17 @@ class LearnedRoutes:
     def peers(self) -> list[str]:
         return list(self._routes)
 
-    def table(self, accepts: Callable[[str, str], bool]) -> dict[str, tuple[str, ...]]:
-        """prefix -> next hops (ECMP, sorted) over every peer whose route `accepts(peer, prefix)`."""
-        out: dict[str, set[str]] = {}
-        for peer, routes in self._routes.items():
-            for prefix, path in routes.items():
-                if accepts(peer, prefix):
-                    out.setdefault(prefix, set()).add(path[0])
-        return {p: tuple(sorted(nhs, key=ipaddress.ip_address)) if len(nhs) > 1 else tuple(nhs)
-                for p, nhs in out.items()}
-
     def paths(self, peer: str) -> Mapping[str, Path]:
         return self._routes.get(peer, {})
+
+    def take_changes(self) -> tuple[dict[str, tuple[str, ...]], frozenset[str]]:
+        """What changed in table() since the last call: (prefix -> next hops, removed prefixes).
+        May include prefixes whose next hops ended up as they were."""
+        touched, self._touched = self._touched, set()
+        table = self._table
+        changed = {p: _hops(table[p]) for p in touched if p in table}
+        return changed, frozenset(p for p in touched if p not in table)
+
+    def table(self) -> dict[str, tuple[str, ...]]:
+        """prefix -> next hops (ECMP, sorted) over every accepted route."""
+        return {prefix: _hops(by_peer) for prefix, by_peer in self._table.items()}

@@ -60,6 +60,7 @@ from tortie.log import get_logger
 log = get_logger("bgp")
 
 RoutesCallback = Callable[[dict[str, tuple[str, ...]]], None]
+ChangesCallback = Callable[[dict[str, tuple[str, ...]], frozenset[str]], None]
 
 
 @dataclass
@@ -91,13 +92,18 @@ class BGPSpeaker:
                  state_dir: str, listen_port: int = 179, on_routes: RoutesCallback,
                  local_address6: str | None = None, graceful_restart: int = cfg.GRACEFUL_RESTART_TIME,
                  batch: int = 500, settle_time: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
-                 exabgp: str | None = None, cluster_id: str | None = None) -> None:
+                 exabgp: str | None = None, cluster_id: str | None = None,
+                 on_route_changes: ChangesCallback | None = None) -> None:
         self.node_name = node_name
         self.local = cfg.LocalSettings(router_id=router_id, local_as=local_as, local_address=local_address,
                                        local_address6=local_address6, listen_port=listen_port,
                                        graceful_restart=graceful_restart)
         self.state_dir = os.path.abspath(state_dir)
         self.on_routes = on_routes
+        # optional: after the first full table, only what changed (prefix -> hops, removed):
+        # a 10,000-route table arrives in bursts, and rebuilding it per burst is the cost
+        self.on_route_changes = on_route_changes
+        self._full_sent = False
         self.cluster_id = cluster_id  # routeReflectorClusterID; router id when None
         self.batch = batch
         self.settle_time = settle_time
@@ -113,7 +119,7 @@ class BGPSpeaker:
         self._exports: dict[str, str] | None = None  # desired prefix -> attribute text
         self._announced: dict[str, str] = {}  # what ExaBGP holds for all neighbors
         self._state: dict[str, _PeerState] = {}
-        self._rib = LearnedRoutes()
+        self._rib = LearnedRoutes(self._accepts)
         self._reflected: dict[str, dict[str, str]] = {}  # what ExaBGP was told to reflect, per peer
         self._routes_pending = False
         self._reflect_pending = False
@@ -296,6 +302,9 @@ class BGPSpeaker:
     def _reload_peers(self) -> None:
         old = self._loaded or {}
         self._write_config()
+        if any(old.get(a) != p for a, p in self._peers.items()):
+            self._rib.set_filter(self._accepts)  # import filters may have changed
+            self._routes_changed()
         for addr in set(old) - set(self._peers):
             st = self._state.pop(addr, None)
             if st and st.expiry:
@@ -642,7 +651,14 @@ class BGPSpeaker:
     def _emit_routes(self) -> None:
         self._routes_pending = False
         try:
-            self.on_routes(self._rib.table(self._accepts))
+            if self.on_route_changes is not None and self._full_sent:
+                changed, removed = self._rib.take_changes()
+                if changed or removed:
+                    self.on_route_changes(changed, removed)
+                return
+            self._rib.take_changes()
+            self._full_sent = True
+            self.on_routes(self._rib.table())
         except Exception:
             log.exception("on_routes failed")
 

@@ -66,16 +66,20 @@ def test_environment_settings():
 
 
 def test_rib_ecmp_and_filter():
-    rib = LearnedRoutes()
+    rib = LearnedRoutes(lambda peer, prefix: peer != "10.0.0.254" or prefix.startswith("10.50."))
     rib.update("10.0.0.2", {"10.244.1.0/26": "10.0.0.2", "10.244.9.9/32": "10.0.0.2"}, [])
     rib.update("10.0.0.3", {"10.244.1.0/26": "10.0.0.3"}, [])
     rib.update("10.0.0.254", {"10.50.0.0/24": "10.0.0.254", "0.0.0.0/0": "10.0.0.254"}, [])
-    table_ = rib.table(lambda peer, prefix: peer != "10.0.0.254" or prefix.startswith("10.50."))
-    assert table_ == {"10.244.1.0/26": ("10.0.0.2", "10.0.0.3"), "10.244.9.9/32": ("10.0.0.2",),
-                      "10.50.0.0/24": ("10.0.0.254",)}
+    assert rib.table() == {"10.244.1.0/26": ("10.0.0.2", "10.0.0.3"), "10.244.9.9/32": ("10.0.0.2",),
+                           "10.50.0.0/24": ("10.0.0.254",)}
+    assert rib.count("10.0.0.254") == 2  # received, though one is filtered out
     assert rib.update("10.0.0.3", {}, ["10.244.1.0/26"])
     assert not rib.update("10.0.0.3", {}, ["10.244.1.0/26"])  # nothing left to change
-    assert rib.table(lambda *_: True)["10.244.1.0/26"] == ("10.0.0.2",)
+    assert rib.table()["10.244.1.0/26"] == ("10.0.0.2",)
+    rib.set_filter(lambda *_: True)  # the filter changed: the default route is now accepted
+    assert rib.table()["0.0.0.0/0"] == ("10.0.0.254",)
+    rib.drop("10.0.0.254")
+    assert set(rib.table()) == {"10.244.1.0/26", "10.244.9.9/32"}
 
 
 def test_rib_graceful_restart_keeps_then_sweeps():
@@ -85,10 +89,10 @@ def test_rib_graceful_restart_keeps_then_sweeps():
     assert rib.is_stale("p") and rib.count("p") == 3
     rib.update("p", {"10.1.0.0/26": "10.9.9.9"}, [])  # re-announced after the restart: fresh
     assert rib.end_of_rib("p", "ipv4 unicast")  # 10.2.0.0/26 was not: gone
-    assert set(rib.table(lambda *_: True)) == {"10.1.0.0/26", "fd00:1::/64"}
+    assert set(rib.table()) == {"10.1.0.0/26", "fd00:1::/64"}
     assert rib.is_stale("p")  # the IPv6 route waits for its own end-of-RIB
-    assert rib.expire("p") and set(rib.table(lambda *_: True)) == {"10.1.0.0/26"}
-    assert rib.peer_down("p", graceful=False) and rib.table(lambda *_: True) == {}
+    assert rib.expire("p") and set(rib.table()) == {"10.1.0.0/26"}
+    assert rib.peer_down("p", graceful=False) and rib.table() == {}
 
 
 def test_status_round_trip_and_table():
@@ -103,3 +107,21 @@ def test_status_round_trip_and_table():
     assert lines[2].startswith("10.0.0.254:1179") and lines[2].endswith("MD5 mismatch")
     assert notification_text(4, 0) == "hold timer expired (4/0)"
     assert notification_text(6, 99) == "cease (6/99)"
+
+
+def test_rib_take_changes_is_the_delta():
+    rib = LearnedRoutes()
+    rib.update("10.0.0.2", {"10.1.0.0/26": "10.0.0.2", "10.2.0.0/26": "10.0.0.2"}, [])
+    rib.take_changes()
+    assert rib.take_changes() == ({}, frozenset())
+    rib.update("10.0.0.3", {"10.1.0.0/26": "10.0.0.3"}, [])  # a second ECMP leg
+    rib.update("10.0.0.2", {}, ["10.2.0.0/26"])
+    assert rib.take_changes() == ({"10.1.0.0/26": ("10.0.0.2", "10.0.0.3")}, frozenset({"10.2.0.0/26"}))
+    # applying every delta to a copy gives table()
+    copy = rib.table()
+    rib.update("10.0.0.3", {"10.3.0.0/26": "10.0.0.3"}, ["10.1.0.0/26"])
+    changed, removed = rib.take_changes()
+    copy.update(changed)
+    for p in removed:
+        copy.pop(p)
+    assert copy == rib.table()
