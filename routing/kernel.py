@@ -103,13 +103,20 @@ class NetlinkKernel:
         self.refresh_links()
         if self._names != names:  # a cached Route may carry an old interface name
             self._parsed = {}
-        out: list[tuple[int, int, Route]] = []
-        cache: tuple[dict[bytes, Route], dict[bytes, Route]] = (self._parsed, {})
-        for fam in (AF_INET, AF_INET6):
-            for buf in self.sock.dump(nl.RTM_GETROUTE, nl.route_request(fam, proto)):
-                nl.parse_routes(buf, self._names, proto, out, cache)
-        self._parsed = cache[1]
-        return [r for _t, _p, r in out]
+        for attempt in range(3):
+            out: list[tuple[int, int, Route]] = []
+            cache: tuple[dict[bytes, Route], dict[bytes, Route]] = (self._parsed, {})
+            try:
+                for fam in (AF_INET, AF_INET6):
+                    for buf in self.sock.dump(nl.RTM_GETROUTE, nl.route_request(fam, proto)):
+                        nl.parse_routes(buf, self._names, proto, out, cache)
+            except nl.DumpInterrupted:
+                if attempt == 2:
+                    raise
+                continue
+            self._parsed = cache[1]
+            return [r for _t, _p, r in out]
+        raise AssertionError("unreachable")
 
     def write_routes(self, ops: Sequence[tuple[str, Route]], proto: int) -> list[WriteError]:
         index = self._index

@@ -200,11 +200,52 @@ class RouteManager:
         resynced = self._need_resync
         if resynced:
             self.resync()
+        actual, pending = self._actual, self._pending
+        try:
+            ops, keys = self._plan()
+            errors = self.kernel.write_routes(ops, self.proto) if ops else []
+        except Exception:
+            self._need_resync = True  # the dirty keys are gone; a resync finds them again
+            raise
+        counts = {ADD: 0, REPLACE: 0, DELETE: 0}
+        failed = {id(e.item): e for e in errors}
+        retried = self._failed
+        for (op, r), k in zip(ops, keys, strict=True):
+            e = failed.get(id(r)) if failed else None
+            if e is None or (op == DELETE and e.errno == errno.ESRCH):
+                counts[op] += 1
+                if op == DELETE:
+                    if actual.get(k) is r:
+                        del actual[k]
+                else:
+                    actual[k] = r
+                if retried:
+                    retried.pop(k, None)
+            elif op != DELETE and e.errno in _WAIT_FOR_LINK:
+                pending.add(k)
+            elif op == ADD and e.errno == errno.EEXIST and not resynced:
+                # Our view was stale (a missed or reordered notification): look again.
+                self._need_resync = True
+            else:
+                retried[k] = e
+        if errors:
+            log.warning("route writes failed", count=len(errors),
+                        first=[str(e) for e in errors[:5]])
+        self.last_apply = time.monotonic()
+        return ApplyStats(added=counts[ADD], replaced=counts[REPLACE], deleted=counts[DELETE],
+                          pending=len(pending), errors=tuple(errors), resynced=resynced,
+                          seconds=time.perf_counter() - t0)
+
+    def _plan(self) -> tuple[list[tuple[str, Route]], list[RouteKey]]:
+        """The operations for the dirty keys (deletes first, so a metric change can delete
+        then add), with the key of each."""
         desired, actual, pending = self._desired, self._actual, self._pending
         links = self.kernel.links()
         refreshed = False
         deletes: list[tuple[str, Route]] = [(DELETE, r) for r in self._strays]
+        del_keys: list[RouteKey] = [r.key for r in self._strays]
         writes: list[tuple[str, Route]] = []
+        write_keys: list[RouteKey] = []
         for k in self._dirty:
             d = desired.get(k)
             a = actual.get(k)
@@ -212,8 +253,9 @@ class RouteManager:
                 pending.discard(k)
                 if a is not None:
                     deletes.append((DELETE, a))
+                    del_keys.append(k)
                 continue
-            if a is not None and _same(d, a):
+            if a is not None and (d is a or _same(d, a)):
                 pending.discard(k)
                 continue
             if d.dev is not None and d.dev not in links:
@@ -227,42 +269,14 @@ class RouteManager:
                 writes.append((ADD, d))
             elif a.metric != d.metric:
                 deletes.append((DELETE, a))
+                del_keys.append(k)
                 writes.append((ADD, d))
             else:
                 writes.append((REPLACE, d))
+            write_keys.append(k)
         self._dirty = set()
         self._strays = []
-        ops = deletes + writes
-        errors = self.kernel.write_routes(ops, self.proto) if ops else []
-        failed: dict[int, WriteError] = {}
-        for e in errors:
-            failed[id(e.item)] = e
-        counts = {ADD: 0, REPLACE: 0, DELETE: 0}
-        for op, r in ops:
-            e = failed.get(id(r))
-            k = r.key
-            if e is None or (op == DELETE and e.errno == errno.ESRCH):
-                counts[op] += 1
-                if op == DELETE:
-                    if actual.get(k) is r:
-                        del actual[k]
-                else:
-                    actual[k] = r
-                self._failed.pop(k, None)
-            elif op != DELETE and e.errno in _WAIT_FOR_LINK:
-                pending.add(k)
-            elif op == ADD and e.errno == errno.EEXIST and not resynced:
-                # Our view was stale (a missed or reordered notification): look again.
-                self._need_resync = True
-            else:
-                self._failed[k] = e
-        if errors:
-            log.warning("route writes failed", count=len(errors),
-                        first=[str(e) for e in errors[:5]])
-        self.last_apply = time.monotonic()
-        return ApplyStats(added=counts[ADD], replaced=counts[REPLACE], deleted=counts[DELETE],
-                          pending=len(pending), errors=tuple(errors), resynced=resynced,
-                          seconds=time.perf_counter() - t0)
+        return deletes + writes, del_keys + write_keys
 
     # -- notifications (from routing.monitor.Monitor) --------------------------------------
     def on_route_event(self, deleted: bool, proto: int, route: Route) -> None:

@@ -17,6 +17,8 @@ from tortie.routing.model import TORTIE_PROTO, Route
 from tortie.routing.monitor import Monitor
 from tortie.routing.route_mgr import RouteManager
 
+pytestmark = pytest.mark.timeout(60)  # a lost netlink reply must fail, not hang
+
 # One pod /32 and /128, the node's blocks as blackholes, a learned block over two peers.
 ROUTES = [
     Route("10.1.0.5/32", dev="vA"),

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
 from routing_helpers import async_wait_until
 
 from tortie.routing.model import Route, Rule
 from tortie.routing.monitor import Monitor
 from tortie.routing.route_mgr import RouteManager
 from tortie.routing.rule_mgr import RuleManager
+
+pytestmark = pytest.mark.timeout(60)  # a lost netlink reply must fail, not hang
 
 POOL, POOL6 = "10.1.0.0/16", "fd00:1::/64"
 EGRESS = [
