@@ -4,8 +4,6 @@ client pointed at it, and a controller running in a thread (stopped at teardown)
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
 from kubernetes import client as k8s
@@ -25,18 +23,6 @@ def kube_client(fake_api) -> k8s.ApiClient:
     api = k8s.ApiClient(k8s.Configuration(host=fake_api.url))
     yield api
     api.close()
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
-    """Poll cond until it returns something truthy; fail the test after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class RunningController:

@@ -1,0 +1,543 @@
+"""tortie-controller: Kubernetes -> datastore mirroring and IPAM garbage collection.
+
+One reflector thread per Kubernetes kind (Nodes, Namespaces, NetworkPolicies, Pods)
+lists, then watches from the list's resourceVersion, and hands raw objects to the main
+loop through one queue. A dropped stream is re-watched from the last resourceVersion
+seen; `410 Gone` (history compacted) means a fresh list. A datastore Syncer thread does
+the same for WorkloadEndpoints, which the CNI server creates and the controller labels.
+
+The main loop is level-triggered: events only update the in-memory view of Kubernetes
+and mark keys dirty; `_reconcile` then computes each dirty key's desired datastore
+state (`mirror.py`), compares it with what is stored and writes only the difference,
+each write a compare-and-swap on the revision it read. A failed write leaves the key
+dirty for a retry. A full list of a kind also scans the datastore for copies of that
+kind the controller once wrote and Kubernetes no longer has. A slow timer repeats
+that scan (drift repair); another runs the IPAM garbage collector (`gc.py`).
+
+Environment: TORTIE_ETCD_* (the datastore); TORTIE_K8S_API (a plain http URL, for
+tests), else KUBECONFIG, else the in-cluster service account; TORTIE_CONTROLLER_RESYNC,
+TORTIE_CONTROLLER_GC_INTERVAL and TORTIE_CONTROLLER_GC_GRACE in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes import watch as k8s_watch
+
+from tortie.datastore import resources as res
+from tortie.datastore.etcd import EtcdClient, EtcdConfig
+from tortie.datastore.ipam import IPAM
+from tortie.datastore.watch import Snapshot, Syncer, Update
+from tortie.errors import Conflict, DatastoreUnavailable, NotFound, TortieError, ValidationError
+from tortie.kube import mirror
+from tortie.kube.gc import IPAMGarbageCollector
+from tortie.log import get_logger
+
+log = get_logger("controller")
+
+KINDS = ("Node", "Namespace", "NetworkPolicy", "Pod")
+MIRRORED = ("Namespace", "NetworkPolicy")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    k8s_api: str | None = None  # plain http(s) URL without auth; else kubeconfig / in-cluster
+    kubeconfig: str | None = None
+    resync_interval: float = 300.0  # full datastore scan (drift repair)
+    gc_interval: float = 300.0  # IPAM leak check
+    gc_grace: float = 300.0  # a leaked pod address is released after this long
+    watch_timeout: int = 300  # server-side watch timeout; the stream is renewed after it
+    retry_interval: float = 1.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ControllerConfig:
+        env = os.environ if env is None else env
+        kw: dict[str, Any] = {"etcd": EtcdConfig.from_env(dict(env)),
+                              "k8s_api": env.get("TORTIE_K8S_API") or None,
+                              "kubeconfig": env.get("KUBECONFIG") or None}
+        for name, var in (("resync_interval", "TORTIE_CONTROLLER_RESYNC"),
+                          ("gc_interval", "TORTIE_CONTROLLER_GC_INTERVAL"),
+                          ("gc_grace", "TORTIE_CONTROLLER_GC_GRACE")):
+            if env.get(var):
+                try:
+                    kw[name] = float(env[var])
+                except ValueError:
+                    raise ValidationError(f"{env[var]!r} is not a number of seconds", field=var) from None
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+def kube_api_client(config: ControllerConfig) -> k8s.ApiClient:
+    """An ApiClient from TORTIE_K8S_API, else the kubeconfig, else in-cluster config."""
+    if config.k8s_api:
+        return k8s.ApiClient(k8s.Configuration(host=config.k8s_api.rstrip("/")))
+    if config.kubeconfig:
+        return k8s_config.new_client_from_config(config_file=config.kubeconfig)
+    conf = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=conf)
+    except k8s_config.ConfigException as exc:
+        raise ValidationError(f"no Kubernetes API: set TORTIE_K8S_API or KUBECONFIG, or run in a pod ({exc})",
+                              field="TORTIE_K8S_API") from None
+    return k8s.ApiClient(conf)
+
+
+# --- events from the reflectors to the main loop ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A full list of one kind: replaces everything known of it."""
+
+    kind: str
+    items: list[dict]
+    resource_version: str
+
+
+@dataclass(frozen=True)
+class Changed:
+    kind: str
+    type: str  # ADDED, MODIFIED, DELETED
+    obj: dict
+
+
+@dataclass(frozen=True)
+class WepChange:
+    event: Snapshot | Update
+
+
+class _RawWatch(k8s_watch.Watch):
+    """A Watch that hands over events' objects as plain dicts: the controller mirrors
+    objects as they are, including fields this client version has no model for."""
+
+    def get_return_type(self, func):
+        return None
+
+
+class Reflector:
+    """List, then watch from the list's resourceVersion, one kind, in a thread of its own."""
+
+    def __init__(self, kind: str, list_fn: Callable, out: queue.Queue, *, watch_timeout: int,
+                 retry_interval: float) -> None:
+        self.kind = kind
+        self.list_fn = list_fn
+        self.out = out
+        self.watch_timeout = watch_timeout
+        self.retry_interval = retry_interval
+        self.lists = 0  # full lists made: 1 + one per 410 Gone
+        self.reconnects = 0  # watches resumed after a broken stream or API error
+        self._stop = threading.Event()
+        self._watch: _RawWatch | None = None
+        self._thread = threading.Thread(target=self._run, name=f"reflector {kind}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        w = self._watch
+        if w is not None:
+            w.stop()  # shuts the socket down, so a blocked read returns now
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        rv: str | None = None
+        delay = self.retry_interval
+        while not self._stop.is_set():
+            try:
+                if rv is None:
+                    rv = self._list()
+                rv = self._watch_from(rv)
+                delay = self.retry_interval
+            except k8s.ApiException as exc:
+                if exc.status == 410:
+                    log.info("watch history expired; relisting", kind=self.kind, resource_version=rv)
+                    rv = None
+                    continue
+                self._pause(exc, rv, delay)
+                delay = min(delay * 2, 30.0)
+            except Exception as exc:  # urllib3/socket errors: a broken stream or connection
+                if self._stop.is_set():
+                    break
+                self._pause(exc, rv, delay)
+                delay = min(delay * 2, 30.0)
+
+    def _pause(self, exc: BaseException, rv: str | None, delay: float) -> None:
+        self.reconnects += 1
+        log.warning("kubernetes watch lost; reconnecting", kind=self.kind, resource_version=rv,
+                    retry_in=delay, error=f"{type(exc).__name__}: {exc}"[:300])
+        self._stop.wait(delay)
+
+    def _list(self) -> str:
+        resp = self.list_fn(_preload_content=False, _request_timeout=(10, 60))
+        if not 200 <= resp.status <= 299:
+            raise k8s.ApiException(status=resp.status, reason=resp.reason)
+        data = json.loads(resp.data)
+        rv = str(data["metadata"]["resourceVersion"])
+        self.lists += 1
+        self.out.put(Listed(self.kind, list(data.get("items") or ()), rv))
+        log.info("listed", kind=self.kind, items=len(data.get("items") or ()), resource_version=rv)
+        return rv
+
+    def _watch_from(self, rv: str) -> str:
+        """Deliver changes after rv until the server ends the stream; the last rv seen."""
+        w = _RawWatch()
+        self._watch = w
+        try:
+            for ev in w.stream(self.list_fn, resource_version=rv, timeout_seconds=self.watch_timeout,
+                               allow_watch_bookmarks=True, _request_timeout=(10, self.watch_timeout + 30)):
+                obj = ev.get("raw_object") or {}
+                rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
+                if ev["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    self.out.put(Changed(self.kind, ev["type"], obj))
+                if self._stop.is_set():
+                    break
+        finally:
+            self._watch = None
+        return rv
+
+
+# --- the controller ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WepInfo:
+    namespace: str
+    name: str
+    pod: str
+    labels: Mapping[str, str]
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig, *, etcd: EtcdClient | None = None,
+                 api: k8s.ApiClient | None = None) -> None:
+        self.config = config
+        self.etcd = etcd or EtcdClient(config.etcd)
+        self._own_etcd = etcd is None
+        self.store = res.ResourceStore(self.etcd)
+        self.gc = IPAMGarbageCollector(IPAM(self.etcd), config.gc_grace)
+        self.api = api or kube_api_client(config)
+        self.queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self.synced = threading.Event()  # every kind listed and reconciled once
+        core, net = k8s.CoreV1Api(self.api), k8s.NetworkingV1Api(self.api)
+        list_fns = {"Node": core.list_node, "Namespace": core.list_namespace,
+                    "NetworkPolicy": net.list_network_policy_for_all_namespaces,
+                    "Pod": core.list_pod_for_all_namespaces}
+        self.reflectors = {kind: Reflector(kind, list_fns[kind], self.queue, watch_timeout=config.watch_timeout,
+                                           retry_interval=config.retry_interval) for kind in KINDS}
+        self._wep_syncer = Syncer(self.etcd, self.etcd.config.prefix + res.kind_for("workloadendpoint").prefix())
+        # Kubernetes as last heard: raw objects (mirrored kinds), labels (nodes), pods.
+        self.objects: dict[str, dict[tuple[str | None, str], dict]] = {k: {} for k in MIRRORED}
+        self.nodes: dict[str, dict[str, str]] = {}
+        self.pods: dict[tuple[str, str], mirror.PodInfo] = {}
+        self.listed: set[str] = set()
+        self.weps: dict[str, WepInfo] = {}  # full etcd key -> endpoint
+        self.weps_by_pod: dict[tuple[str, str], set[str]] = {}
+        self.weps_synced = False
+        self.dirty: dict[str, set] = {k: set() for k in KINDS}
+        self.scan: set[str] = set()  # kinds whose datastore copies to check for stale ones
+        self.writes = 0
+        self.gc_rounds = 0
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask run() to return; safe from a signal handler or another thread."""
+        self._stop.set()
+
+    def run(self) -> None:
+        log.info("controller starting", etcd=",".join(self.etcd.config.endpoints), prefix=self.etcd.config.prefix,
+                 kubernetes=self.api.configuration.host)
+        for r in self.reflectors.values():
+            r.start()
+        wep_thread = threading.Thread(target=self._pump_weps, name="wep syncer", daemon=True)
+        wep_thread.start()
+        now = time.monotonic()
+        next_resync, next_gc, retry_at = now + self.config.resync_interval, now, None
+        try:
+            while not self._stop.is_set():
+                self._drain(timeout=0.2)
+                now = time.monotonic()
+                if now >= next_resync:
+                    self.scan |= set(KINDS)
+                    self.dirty["Pod"] |= set(self.pods)
+                    next_resync = now + self.config.resync_interval
+                if retry_at is None or now >= retry_at:
+                    retry_at = None if self._reconcile() else now + self.config.retry_interval
+                if self._ready() and retry_at is None and not self.synced.is_set():
+                    self.synced.set()
+                    log.info("in sync", nodes=len(self.nodes), pods=len(self.pods), endpoints=len(self.weps),
+                             **{k.lower() + "s": len(v) for k, v in self.objects.items()})
+                if self._ready() and now >= next_gc:
+                    self._collect()
+                    next_gc = now + self.config.gc_interval
+        finally:
+            for r in self.reflectors.values():
+                r.stop()
+            self._wep_syncer.stop()
+            wep_thread.join(5)
+            if self._own_etcd:
+                self.etcd.close()
+            log.info("controller stopped")
+
+    def _ready(self) -> bool:
+        return self.listed >= set(KINDS) and self.weps_synced
+
+    def _pump_weps(self) -> None:
+        for event in self._wep_syncer.iter_events():
+            self.queue.put(WepChange(event))
+
+    # --- events -> view + dirty keys ----------------------------------------------------
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            item = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return
+        batch = [item]
+        while len(batch) < 10_000:
+            try:
+                batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        for item in batch:
+            if isinstance(item, Listed):
+                self._on_listed(item)
+            elif isinstance(item, Changed):
+                self._on_changed(item.kind, item.type, item.obj)
+            elif isinstance(item, WepChange):
+                self._on_wep(item.event)
+
+    def _on_listed(self, ev: Listed) -> None:
+        kind = ev.kind
+        before = set(self._view_keys(kind))
+        if kind in MIRRORED:
+            self.objects[kind] = {mirror.object_key(o): o for o in ev.items}
+        elif kind == "Node":
+            self.nodes = {o["metadata"]["name"]: mirror.labels_of(o) for o in ev.items}
+        else:
+            self.pods = {p.key: p for p in map(mirror.pod_info, ev.items)}
+        self.dirty[kind] |= before | set(self._view_keys(kind))
+        self.listed.add(kind)
+        self.scan.add(kind)
+
+    def _view_keys(self, kind: str):
+        if kind in MIRRORED:
+            return self.objects[kind].keys()
+        return self.nodes.keys() if kind == "Node" else self.pods.keys()
+
+    def _on_changed(self, kind: str, type_: str, obj: dict) -> None:
+        deleted = type_ == "DELETED"
+        if kind in MIRRORED:
+            key = mirror.object_key(obj)
+            if deleted:
+                self.objects[kind].pop(key, None)
+            else:
+                self.objects[kind][key] = obj
+        elif kind == "Node":
+            key = obj["metadata"]["name"]
+            if deleted:
+                self.nodes.pop(key, None)
+            else:
+                self.nodes[key] = mirror.labels_of(obj)
+        else:
+            info = mirror.pod_info(obj)
+            key = info.key
+            if deleted:
+                self.pods.pop(key, None)
+            else:
+                self.pods[key] = info
+        self.dirty[kind].add(key)
+
+    def _on_wep(self, event: Snapshot | Update) -> None:
+        if isinstance(event, Snapshot):
+            for key in list(self.weps):
+                self._index_wep(key, None)
+            for key, value in event.items.items():
+                self._index_wep(key, value)
+            self.weps_synced = True
+        else:
+            self._index_wep(event.key, event.value)
+
+    def _index_wep(self, key: str, value: bytes | None) -> None:
+        old = self.weps.pop(key, None)
+        if old is not None:
+            pod_key = (old.namespace, old.pod)
+            self.weps_by_pod.get(pod_key, set()).discard(key)
+            self.dirty["Pod"].add(pod_key)
+        if value is None:
+            return
+        try:
+            doc = json.loads(value)
+            meta, spec = doc["metadata"], doc.get("spec") or {}
+            info = WepInfo(meta.get("namespace") or "default", meta["name"], spec.get("pod") or "",
+                           mirror.labels_of(doc))
+        except (ValueError, KeyError, TypeError):
+            log.warning("undecodable workload endpoint skipped", key=key)
+            return
+        if not info.pod:
+            return  # not a Kubernetes pod's endpoint
+        self.weps[key] = info
+        self.weps_by_pod.setdefault((info.namespace, info.pod), set()).add(key)
+        self.dirty["Pod"].add((info.namespace, info.pod))
+
+    # --- reconcile ------------------------------------------------------------------------
+
+    def _reconcile(self) -> bool:
+        """Write the difference for every dirty key of the kinds listed so far; False if
+        something must be retried (its key stays dirty)."""
+        ok = True
+        for kind in KINDS:
+            if kind not in self.listed or (kind == "Pod" and not self.weps_synced):
+                continue
+            try:
+                if kind in self.scan:
+                    self._scan_store(kind)
+                    self.scan.discard(kind)
+                for key in sorted(self.dirty[kind], key=str):
+                    try:
+                        self._sync(kind, key)
+                        self.dirty[kind].discard(key)
+                    except Conflict as exc:
+                        log.info("write conflict; will retry", kind=kind, key=str(key), error=str(exc))
+                        ok = False
+                    except ValidationError as exc:  # Kubernetes accepted what tortie cannot: skip it
+                        log.warning("object not mirrored", kind=kind, key=str(key), error=str(exc))
+                        self.dirty[kind].discard(key)
+            except DatastoreUnavailable as exc:
+                log.warning("datastore unavailable; will retry", kind=kind, error=str(exc))
+                return False
+        return ok
+
+    def _scan_store(self, kind: str) -> None:
+        """Mark dirty every datastore copy of this kind Kubernetes no longer has."""
+        if kind in MIRRORED:
+            for r in self.store.list(kind):
+                key = (r["metadata"].get("namespace"), r["metadata"]["name"])
+                if mirror.is_mirrored(r) and key not in self.objects[kind]:
+                    self.dirty[kind].add(key)
+        elif kind == "Node":
+            self.dirty[kind] |= {r["metadata"]["name"] for r in self.store.list("Node")} - set(self.nodes)
+        else:
+            self.dirty[kind] |= set(self.weps_by_pod) & set(self.pods)
+
+    def _stored(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        try:
+            return self.store.get(kind, name, namespace)
+        except NotFound:
+            return None
+
+    def _sync(self, kind: str, key) -> None:
+        if kind in MIRRORED:
+            self._sync_mirrored(kind, key)
+        elif kind == "Node":
+            self._sync_node(key)
+        else:
+            self._sync_pod(key)
+
+    def _sync_mirrored(self, kind: str, key: tuple[str | None, str]) -> None:
+        namespace, name = key
+        obj = self.objects[kind].get(key)
+        stored = self._stored(kind, name, namespace)
+        if obj is None:
+            if stored is not None and mirror.is_mirrored(stored):
+                self._delete(kind, stored)
+            return
+        desired = res.validate(mirror.mirrored(obj, kind))
+        if mirror.same(stored, desired):
+            return
+        if stored is not None:  # replace exactly what was read
+            desired["metadata"]["resourceVersion"] = stored["metadata"]["resourceVersion"]
+        self.store.apply(desired)
+        self.writes += 1
+
+    def _delete(self, kind: str, stored: dict) -> None:
+        meta = stored["metadata"]
+        try:
+            self.store.delete(kind, meta["name"], meta.get("namespace"), resource_version=meta["resourceVersion"])
+            self.writes += 1
+        except NotFound:
+            pass
+
+    def _sync_node(self, name: str) -> None:
+        labels = self.nodes.get(name)
+        stored = self._stored("Node", name)
+        if labels is None:  # deleted from Kubernetes: its addresses and its record go
+            self.gc.release_node(name)
+            if stored is not None:
+                self._delete("Node", stored)
+            log.info("node removed", node=name)
+            return
+        if stored is not None and mirror.labels_of(stored) == labels:
+            return
+        self.store.apply(mirror.node_resource(name, labels, stored))
+        self.writes += 1
+
+    def _sync_pod(self, key: tuple[str, str]) -> None:
+        pod = self.pods.get(key)
+        if pod is None:
+            return  # the CNI DEL removes its endpoints; the GC catches what it misses
+        for wep_key in sorted(self.weps_by_pod.get(key, ())):
+            wep = self.weps[wep_key]
+            want = mirror.wep_labels(wep.labels, pod.labels)
+            if want == dict(wep.labels):
+                continue
+            stored = self._stored("WorkloadEndpoint", wep.name, wep.namespace)
+            if stored is None:
+                continue
+            want = mirror.wep_labels(mirror.labels_of(stored), pod.labels)
+            if want != mirror.labels_of(stored):
+                self.store.apply(mirror.with_labels(stored, want))  # guarded by its resourceVersion
+                self.writes += 1
+            # The syncer will report the write; until then the index holds what was written.
+            self.weps[wep_key] = replace(wep, labels=want)
+
+    def _collect(self) -> None:
+        try:
+            self.gc.collect(set(self.pods), set(self.nodes))
+            self.gc_rounds += 1
+        except TortieError as exc:
+            log.warning("IPAM garbage collection failed; next round will retry", error=str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tortie-controller", description=__doc__.split("\n")[0])
+    parser.add_argument("--k8s-api", help="Kubernetes API URL (plain http, no auth); default TORTIE_K8S_API")
+    parser.add_argument("--kubeconfig", help="default KUBECONFIG, else the in-cluster service account")
+    parser.add_argument("--gc-interval", type=float, help="seconds between IPAM leak checks")
+    parser.add_argument("--gc-grace", type=float, help="seconds a leaked pod address waits before release")
+    args = parser.parse_args(argv)
+    try:
+        config = ControllerConfig.from_env(k8s_api=args.k8s_api, kubeconfig=args.kubeconfig,
+                                           gc_interval=args.gc_interval, gc_grace=args.gc_grace)
+        controller = Controller(config)
+    except TortieError as exc:
+        print(f"tortie-controller: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: controller.stop())
+    try:
+        controller.run()
+    except TortieError as exc:
+        log.error("controller failed", error=str(exc))
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

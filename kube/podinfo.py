@@ -1,0 +1,93 @@
+"""Which IP pools a pod asks for, from Calico-style annotations.
+
+`tortie.io/ipv4pools` / `tortie.io/ipv6pools`: a JSON list of pool names or CIDRs, on
+the pod, else on its namespace (each family looked up on its own). The CNI server calls
+`pod_pools` when the agent has a Kubernetes API; it is synchronous and makes at most two
+GETs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from tortie.errors import DatastoreUnavailable, NotFound, ValidationError
+
+IPV4_POOLS = "tortie.io/ipv4pools"
+IPV6_POOLS = "tortie.io/ipv6pools"
+_FAMILIES = ((IPV4_POOLS, 4), (IPV6_POOLS, 6))
+
+
+def pod_pools(namespace: str, name: str, api: Any,
+              pools: Iterable[Any] | None = None) -> tuple[list[str], list[str]]:
+    """(IPv4 pools, IPv6 pools) the pod asks for; empty lists mean "no preference".
+
+    `api` is a `kubernetes.client.CoreV1Api`. Entries are returned as written, CIDRs in
+    canonical form; with `pools` (IPPool views, or anything with `.name` and `.cidr`),
+    a CIDR entry is resolved to the name of the pool with that CIDR. Errors: NotFound
+    (no such pod), ValidationError (a malformed annotation; names it), and
+    DatastoreUnavailable (the API server cannot be reached: retry later)."""
+    pod_ann = _annotations(lambda: api.read_namespaced_pod(name, namespace), f"pod {namespace}/{name}")
+    ns_ann: Mapping[str, str] | None = None
+    by_cidr = {str(ipaddress.ip_network(p.cidr)): p.name for p in pools} if pools is not None else None
+    out: list[list[str]] = []
+    for key, version in _FAMILIES:
+        text = pod_ann.get(key)
+        if text is None:
+            if ns_ann is None:
+                ns_ann = _annotations(lambda: api.read_namespace(namespace), f"namespace {namespace}")
+            text = ns_ann.get(key)
+        out.append(parse_pools(text, key, version, by_cidr))
+    return out[0], out[1]
+
+
+def parse_pools(text: str | None, key: str, version: int,
+                by_cidr: Mapping[str, str] | None = None) -> list[str]:
+    """The entries of one annotation's JSON list (see pod_pools)."""
+    if text is None or not text.strip():
+        return []
+    try:
+        items = json.loads(text)
+    except ValueError:
+        raise ValidationError(f"{text!r} is not a JSON list", field=key) from None
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise ValidationError("must be a JSON list of pool names or CIDRs", field=key)
+    out = []
+    for item in items:
+        if "/" not in item:
+            out.append(item)
+            continue
+        try:
+            net = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValidationError(f"{item!r} is neither a pool name nor a CIDR", field=key) from None
+        if net.version != version:
+            raise ValidationError(f"{item} is not an IPv{version} CIDR", field=key)
+        if by_cidr is None:
+            out.append(str(net))
+        elif str(net) in by_cidr:
+            out.append(by_cidr[str(net)])
+        else:
+            raise ValidationError(f"no IPPool has CIDR {net}", field=key)
+    return out
+
+
+def _annotations(read, what: str) -> Mapping[str, str]:
+    # Imported late: only an agent configured with a Kubernetes API needs them.
+    from kubernetes.client import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        obj = read()
+    except ApiException as exc:
+        if exc.status == 404:
+            raise NotFound(f"{what} not found in Kubernetes") from None
+        raise DatastoreUnavailable(f"kubernetes API: reading {what}: {exc.status} {exc.reason}") from exc
+    except (OSError, HTTPError) as exc:
+        raise DatastoreUnavailable(f"kubernetes API unreachable reading {what}: {exc}") from exc
+    return (obj.metadata.annotations if obj.metadata else None) or {}
+
+
+__all__ = ["IPV4_POOLS", "IPV6_POOLS", "parse_pools", "pod_pools"]
