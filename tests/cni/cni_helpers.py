@@ -135,7 +135,7 @@ def tcp_reachable(src_ns: str, dst_ip: str, dst_ns: str, port: int = 8080, timeo
     bind_ip = bind_ip or dst_ip
     listener = subprocess.Popen(
         ["ip", "netns", "exec", dst_ns, sys.executable, "-c",
-         "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
+         f"import socket,sys; s=socket.socket(socket.AF_INET6 if ':' in '{bind_ip}' else socket.AF_INET); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
          f"s.bind(('{bind_ip}', {port})); s.listen(); print('up', flush=True); s.settimeout({timeout});"
          "c,_=s.accept(); c.sendall(b'hi'); c.close()"],
         stdout=subprocess.PIPE, start_new_session=True,

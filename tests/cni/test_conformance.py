@@ -266,3 +266,31 @@ def test_tortie_ipam_verbs_directly(cni_node):
     assert chk.rc == 0, chk.stdout
     assert cni_node.exec_plugin("DEL", conf, cid=cid, plugin="tortie-ipam").rc == 0
     assert cni_node.allocations() == []
+
+
+def test_dual_stack(cni_node):
+    """IPv6 by the same code path: a /128 in the pod, default via the host veth's fixed
+    link-local address, the host /128 route; real TCP over IPv6 node->pod and pod->pod."""
+    cni_node.store.apply({"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": "pool6"},
+                          "spec": {"cidr": "fd00:10::/64"}})
+    subprocess.run(["ip", "-n", cni_node.ns, "addr", "add", "fd00:99::1/128", "dev", "lo"], check=True)
+    pods = []
+    for name in ("v6a", "v6b"):
+        pod_ns = cni_node.pod_ns()
+        r = _add(cni_node, pod_ns, _cid(), "0.4.0", pod=name, ipam={"assign_ipv6": "true"})
+        assert r.rc == 0, r.stdout
+        pods.append((pod_ns, r.json))
+    for pod_ns, res in pods:
+        v6 = res["ips"][1]["address"]
+        assert [i["version"] for i in res["ips"]] == ["4", "6"]
+        assert v6.endswith("/128") and ipaddress.ip_interface(v6).ip in ipaddress.ip_network("fd00:10::/64")
+        assert {"dst": "::/0", "gw": "fe80::ecee:eeff:feee:eeee"} in res["routes"]
+        routes6 = subprocess.run(["ip", "-n", pod_ns, "-6", "route"], capture_output=True, text=True).stdout
+        assert "default via fe80::ecee:eeff:feee:eeee dev eth0" in routes6
+        host_if = res["interfaces"][0]["name"]
+        host6 = subprocess.run(["ip", "-n", cni_node.ns, "-6", "route", "show", "proto", "77"],
+                               capture_output=True, text=True).stdout
+        assert f"{ipaddress.ip_interface(v6).ip} dev {host_if}" in host6
+        assert tcp_reachable(cni_node.ns, str(ipaddress.ip_interface(v6).ip), pod_ns)
+    (a_ns, _), (b_ns, b) = pods
+    assert tcp_reachable(a_ns, b["ips"][1]["address"].split("/")[0], b_ns)
