@@ -25,6 +25,7 @@ log = get_logger("routes")
 GROUPS = (nl.RTNLGRP_LINK, nl.RTNLGRP_IPV4_ROUTE, nl.RTNLGRP_IPV6_ROUTE,
           nl.RTNLGRP_IPV4_RULE, nl.RTNLGRP_IPV6_RULE)
 _IFF_UP = 0x1
+BATCH = 2000  # notifications handled per loop callback
 
 
 class Monitor:
@@ -45,10 +46,11 @@ class Monitor:
     def _dirty(self) -> bool:
         return any(m is not None and m.dirty for m in (self.route_mgr, self.rule_mgr))
 
-    def process(self) -> bool:
-        """Drain and dispatch everything queued; True if a manager is dirty afterwards."""
+    def process(self, limit: int = 0) -> bool:
+        """Read and dispatch what is queued (at most ``limit`` notifications, 0 = all);
+        True if a manager is dirty afterwards."""
         try:
-            bufs = self.sock.recv_nowait()
+            bufs = self.sock.recv_nowait(limit)
         except OverflowError:
             log.warning("netlink notifications lost, resyncing")
             for m in (self.route_mgr, self.rule_mgr):
@@ -69,7 +71,9 @@ class Monitor:
                     continue
                 out: list = []
                 names = kernel._names if isinstance(kernel, NetlinkKernel) else {}
-                nl.parse_routes(buf[off:off + length], names, None, out)
+                # A notification is one datagram of one message: no copy needed then.
+                one = buf if off == 0 and length >= len(buf) - 3 else buf[off:off + length]
+                nl.parse_routes(one, names, None, out)
                 for t, proto, route in out:
                     rm.on_route_event(t == nl.RTM_DELROUTE, proto, route)
             elif mtype in (nl.RTM_NEWLINK, nl.RTM_DELLINK):
@@ -91,7 +95,9 @@ class Monitor:
         """Watch the socket on ``loop``; call ``on_change()`` when a manager became dirty."""
         def readable() -> None:
             try:
-                if self.process():
+                # Bounded, so a flood (the echo of a 50k-route batch) does not stall the
+                # loop: the fd stays readable and the loop calls again after other work.
+                if self.process(BATCH):
                     on_change()
             except Exception:  # one bad message must not kill the agent's loop
                 log.exception("netlink monitor")

@@ -243,11 +243,12 @@ class NetlinkSocket:
                         errors[mseq] = (err, _extack_msg(buf, off, length, flags))
                 off += (length + 3) & ~3
 
-    def recv_nowait(self) -> list[bytes]:
-        """Everything queued on a (non-blocking) monitor socket. Raises OverflowError when
-        the kernel dropped notifications (ENOBUFS): the caller must resync."""
-        out = []
-        while True:
+    def recv_nowait(self, limit: int = 0) -> list[bytes]:
+        """What is queued on a (non-blocking) monitor socket, at most ``limit`` datagrams
+        (0: all). Raises OverflowError when the kernel dropped notifications (ENOBUFS):
+        the caller must resync."""
+        out: list[bytes] = []
+        while not limit or len(out) < limit:
             try:
                 out.append(self.sock.recv(_RECV))
             except BlockingIOError:
@@ -256,6 +257,7 @@ class NetlinkSocket:
                 if exc.errno == errno_mod.ENOBUFS:
                     raise OverflowError("netlink notifications lost") from exc
                 raise
+        return out
 
 
 def _extack_msg(buf: bytes, off: int, length: int, flags: int) -> str:

@@ -76,6 +76,7 @@ def _same(d: Route, a: Route) -> bool:
 class RouteManager:
     def __init__(self, kernel: Kernel | None = None, *, netns: str | None = None,
                  proto: int = TORTIE_PROTO) -> None:
+        self._own_kernel = kernel is None
         self.kernel: Kernel = kernel if kernel is not None else NetlinkKernel(netns)
         self.netns = netns
         self.proto = proto
@@ -164,6 +165,11 @@ class RouteManager:
 
     def actual(self) -> dict[RouteKey, Route]:
         return dict(self._actual)
+
+    def close(self) -> None:
+        """Close the kernel connection (when this manager opened it)."""
+        if self._own_kernel:
+            self.kernel.close()
 
     def request_resync(self) -> None:
         """Make the next apply() start with a full dump (the monitor lost events)."""

@@ -39,6 +39,7 @@ class RuleApplyStats:
 class RuleManager:
     def __init__(self, kernel: Kernel | None = None, *, netns: str | None = None,
                  proto: int = TORTIE_PROTO, priorities: range = OWNED_PRIORITIES) -> None:
+        self._own_kernel = kernel is None
         self.kernel: Kernel = kernel if kernel is not None else NetlinkKernel(netns)
         self.netns = netns
         self.proto = proto
@@ -67,6 +68,11 @@ class RuleManager:
     @property
     def dirty(self) -> bool:
         return self._dirty
+
+    def close(self) -> None:
+        """Close the kernel connection (when this manager opened it)."""
+        if self._own_kernel:
+            self.kernel.close()
 
     def request_resync(self) -> None:
         self._dirty = True
