@@ -72,6 +72,7 @@ class _PeerState:
     eor: set[str] = field(default_factory=set)  # families the peer sent end-of-RIB for
     needs_full: bool = False  # came up; owed the full export set and our end-of-RIB
     router_id: str = ""  # from its OPEN: the originator id of what we reflect for it
+    probe_error: str = ""  # what dialing it ourselves shows (see _diagnose_loop)
     expiry: asyncio.TimerHandle | None = None
 
 
@@ -203,7 +204,7 @@ class BGPSpeaker:
             st = self._state.get(addr) or _PeerState()
             up = st.state == "established"
             sent = sum(1 for p in self._announced if family_of(p) == _family(addr)) if up and self._synced else 0
-            error = st.last_error
+            error = "" if up else "; ".join(e for e in (st.last_error, st.probe_error) if e)
             if not up and not error and peer.passive:
                 error = "waiting for the peer to connect (this side is passive)"
             out.append(PeerStatus(peer=addr, kind=peer.kind, state=st.state, since=st.since,
@@ -494,7 +495,7 @@ class BGPSpeaker:
         now = time.time()
         if state == "up":
             st.state, st.since, st.eor = "established", now, set()
-            st.last_error = ""
+            st.last_error = st.probe_error = ""
             st.needs_full = True
             self._reflected.pop(peer, None)
             if st.expiry:
@@ -767,22 +768,22 @@ class BGPSpeaker:
     # --- why is a peer down ------------------------------------------------------------
 
     async def _diagnose_loop(self, every: float = 5.0) -> None:
+        """ExaBGP does not say why it cannot connect (only its debug log does), so dial
+        the peers that are down ourselves, the way it would, and say what happens."""
         while True:
             await asyncio.sleep(every)
-            for addr, peer in list(self._peers.items()):
+            now = time.time()
+            due = [(addr, peer) for addr, peer in self._peers.items()
+                   if (st := self._state.get(addr)) is not None and not peer.passive
+                   and st.state != "established" and now - st.since >= 3]
+            results = await asyncio.gather(*(self._probe(peer) for _, peer in due), return_exceptions=True)
+            for (addr, _), reason in zip(due, results, strict=True):
                 st = self._state.get(addr)
-                if st is None or peer.passive or st.state == "established" or time.time() - st.since < 3:
-                    continue
-                try:
-                    reason = await self._probe(peer)
-                except OSError as exc:
-                    reason = f"cannot dial: {exc}"
-                if st.state == "established":
-                    continue  # it came up meanwhile
-                if reason and not st.last_error.startswith("peer sent"):
-                    st.last_error = reason
-                elif reason is None and st.last_error.startswith(_PROBE_REASONS):
-                    st.last_error = "TCP connects, BGP session not established yet"
+                if st is None or st.state == "established":
+                    continue  # gone, or it came up meanwhile
+                if isinstance(reason, BaseException):
+                    reason = f"cannot dial: {reason}"
+                st.probe_error = reason or "TCP connects, but no BGP session yet"
 
     async def _probe(self, peer: Peer, timeout: float = 2.0) -> str | None:
         """Dial the peer the way ExaBGP does; None when TCP gets through."""
@@ -842,7 +843,6 @@ def _reason_text(reason: str) -> str:
 
 
 _TCP_MD5SIG = 14
-_PROBE_REASONS = ("connect refused", "no answer", "MD5 mismatch", "cannot dial")
 
 
 def _md5sig(peer: str, key: str) -> bytes:
