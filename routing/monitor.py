@@ -74,8 +74,9 @@ class Monitor:
                 # A notification is one datagram of one message: no copy needed then.
                 one = buf if off == 0 and length >= len(buf) - 3 else buf[off:off + length]
                 nl.parse_routes(one, names, None, out)
+                replaced = bool(nl._HDR.unpack_from(buf, off)[2] & nl.NLM_F_REPLACE)
                 for t, proto, route in out:
-                    rm.on_route_event(t == nl.RTM_DELROUTE, proto, route)
+                    rm.on_route_event(t == nl.RTM_DELROUTE, proto, route, replaced)
             elif mtype in (nl.RTM_NEWLINK, nl.RTM_DELLINK):
                 index, name = nl.parse_link(buf, off, length)
                 flags = nl._U32.unpack_from(buf, off + 24)[0]

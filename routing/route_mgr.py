@@ -13,7 +13,9 @@ desired route for a key (family, table, dst) is the one from the first class in
 
 Only routes with ``proto`` (TORTIE_PROTO) are read, changed or deleted, so routes made by
 the kernel, the admin, BIRD or a CNI plugin are never touched. A new key is written with
-NLM_F_EXCL, so a foreign route holding it is reported (EEXIST), not overwritten.
+NLM_F_EXCL, so a foreign route holding it is reported (EEXIST), not overwritten. One
+exception, seen live by the monitor: ``ip route change/replace`` on one of our routes
+stamps it with another protocol; that is our route changed by hand, and it is put back.
 
 Work is proportional to what changed: every change marks its key dirty and ``apply()``
 looks at dirty keys only. A full resync (a dump of our routes in every table) runs on the
@@ -88,6 +90,7 @@ class RouteManager:
         self._dirty: set[RouteKey] = set()
         self._pending: set[RouteKey] = set()
         self._failed: dict[RouteKey, WriteError] = {}
+        self._reclaim: set[RouteKey] = set()  # ours, replaced by hand with another protocol
         self._need_resync = True
         self.last_apply: float | None = None  # monotonic time of the last successful apply
 
@@ -272,7 +275,7 @@ class RouteManager:
                     continue
             pending.discard(k)
             if a is None:
-                writes.append((ADD, d))
+                writes.append((REPLACE if k in self._reclaim else ADD, d))
             elif a.metric != d.metric:
                 deletes.append((DELETE, a))
                 del_keys.append(k)
@@ -282,17 +285,25 @@ class RouteManager:
             write_keys.append(k)
         self._dirty = set()
         self._strays = []
+        self._reclaim.clear()
         return deletes + writes, del_keys + write_keys
 
     # -- notifications (from routing.monitor.Monitor) --------------------------------------
-    def on_route_event(self, deleted: bool, proto: int, route: Route) -> None:
+    def on_route_event(self, deleted: bool, proto: int, route: Route,
+                       replaced: bool = False) -> None:
+        """A route notification. ``replaced``: the message carried NLM_F_REPLACE (it took
+        the place of an existing route with the same dst and metric)."""
         k = route.key
-        if proto != self.proto:
-            # Another owner wrote one of our keys: an IPv4 replace may have taken our route.
-            if not deleted and (k in self._desired or k in self._actual):
-                self._need_resync = True
-            return
         a = self._actual.get(k)
+        if proto != self.proto:
+            # `ip route change/replace` by hand rewrites our route and stamps it with the
+            # default protocol. It is still the route we made, changed: take it back (with
+            # a replace). A foreign route that never replaced ours is left alone.
+            if replaced and not deleted and a is not None and a.metric == route.metric:
+                del self._actual[k]
+                self._reclaim.add(k)
+                self._dirty.add(k)
+            return
         if deleted:
             if a is not None and a.metric == route.metric:
                 del self._actual[k]

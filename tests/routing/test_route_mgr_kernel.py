@@ -29,6 +29,11 @@ ROUTES = [
     Route("fd00:2::/122", gateways=("fd00:9::2", "fd00:9::3"), dev="vA"),
     Route("10.3.0.0/26", gateways=("10.9.0.4",)),
     Route("10.4.0.0/24", gateways=("10.9.0.7",), table=1000),
+    # Every other shape the encoder knows, so adoption is checked for each of them.
+    Route("10.5.0.0/24", gateways=("192.0.2.1",), dev="vA", onlink=True),
+    Route("10.6.0.0/24", dev="vA", src="10.9.0.1"),
+    Route("10.7.0.0/24", gateways=("10.9.0.2",), metric=100),
+    Route("fd00:3::/64", gateways=("fd00:9::2",)),
 ]
 
 
@@ -45,7 +50,11 @@ def test_install_diff_remove(node):
     assert (st.added, st.replaced, st.deleted, st.errors) == (len(ROUTES), 0, 0, ())
     shown = {r["dst"]: r for r in node.routes()}
     assert set(shown) == {"10.1.0.5", "fd00:1::5", "10.1.0.0/26", "fd00:1::/122",
-                          "10.2.0.0/26", "fd00:2::/122", "10.3.0.0/26", "10.4.0.0/24"}
+                          "10.2.0.0/26", "fd00:2::/122", "10.3.0.0/26", "10.4.0.0/24",
+                          "10.5.0.0/24", "10.6.0.0/24", "10.7.0.0/24", "fd00:3::/64"}
+    assert shown["10.5.0.0/24"]["flags"] == ["onlink"]
+    assert shown["10.6.0.0/24"]["prefsrc"] == "10.9.0.1"
+    assert shown["10.7.0.0/24"]["metric"] == 100
     assert shown["10.1.0.5"]["dev"] == "vA" and shown["10.1.0.5"]["scope"] == "link"
     assert shown["10.1.0.0/26"]["type"] == "blackhole"
     assert shown["fd00:1::/122"]["type"] == "blackhole"
@@ -181,11 +190,15 @@ def test_drift_is_repaired_within_2s(node):
                 lambda d=dst: d.removesuffix("/32").removesuffix("/128") in node.route_dsts(),
                 2.0)
             assert gone_then_back < 2.0
-        # Changed by hand (keeping tortie's protocol): put back as it was.
-        await sh("ip", "-n", node.ns, "route", "change", "10.1.0.5/32", "dev", "vC", "proto",
-                 str(TORTIE_PROTO))
-        await async_wait_until(
-            lambda: {r["dst"]: r for r in node.routes()}["10.1.0.5"]["dev"] == "vA", 2.0)
+        # Changed by hand, keeping tortie's protocol or not (`ip route change` stamps
+        # proto boot by default): put back as it was.
+        for proto in ([], ["proto", str(TORTIE_PROTO)]):
+            await sh("ip", "-n", node.ns, "route", "change", "10.1.0.5/32", "dev", "vC", *proto)
+            await async_wait_until(lambda: any(
+                r["dst"] == "10.1.0.5" and r["dev"] == "vA" for r in node.routes()), 2.0)
+        await sh("ip", "-n", node.ns, "-6", "route", "replace", "fd00:1::5/128", "dev", "vC")
+        await async_wait_until(lambda: any(
+            r["dst"] == "fd00:1::5" and r["dev"] == "vA" for r in node.routes()), 2.0)
 
     run_with_monitor(m, body)
     m.resync()

@@ -111,9 +111,24 @@ def test_foreign_route_is_not_overwritten():
     st = m.apply()
     assert st.added == 0 and [e.errno for e in st.errors] == [errno.EEXIST]
     assert k.foreign[foreign.key] == foreign and foreign.key in m.failed
-    # A foreign event on one of our keys asks for a resync (an IPv4 replace may take ours).
-    m.on_route_event(False, 4, foreign)
+    m.on_route_event(False, 4, foreign)  # a foreign route's notification changes nothing
+    assert not m.dirty
+
+
+def test_our_route_replaced_by_hand_is_taken_back():
+    m, k = mgr()
+    r = Route("10.1.0.5/32", dev="vA")
+    m.set_route("workloads", r)
+    m.apply()
+    by_hand = Route("10.1.0.5/32", dev="vB")
+    m.on_route_event(False, 3, by_hand, replaced=False)  # appended, not ours: ignored
+    assert not m.dirty
+    del k.routes[r.key]
+    k.foreign[r.key] = by_hand  # `ip route change` made it proto boot
+    m.on_route_event(False, 3, by_hand, replaced=True)
     assert m.dirty
+    st = m.apply()
+    assert st.replaced == 1 and k.routes[r.key] == r
 
 
 def test_link_gone_forgets_its_routes_and_waits():
