@@ -317,9 +317,16 @@ class CNIServer:
                 found = await self._run(wiring.inspect_pod, req.netns, req.ifname, host_if)
                 if found and {_host_cidr(ip) for ip in ips} <= found[1]:
                     link = found[0]
-            if link is None:
-                link = await self._wire(req, host_if, ips)
-            await self._run(self.store.apply, self._wep(req, host_if, link.pod_mac, ips))
+            mac = link.pod_mac if link else wiring.pod_mac(req.container_id, req.ifname)
+            wep = self._run(self.store.apply, self._wep(req, host_if, mac, ips))
+            if link is None:  # wire the pod while etcd writes its endpoint
+                outcome = await asyncio.gather(self._wire(req, host_if, ips, mac), wep, return_exceptions=True)
+                for item in outcome:
+                    if isinstance(item, BaseException):
+                        raise item
+                link = outcome[0]
+            else:
+                await wep
         except BaseException as exc:
             await self._undo_add(req, host_if, exc)
             raise
@@ -328,10 +335,11 @@ class CNIServer:
                       ips=ips, veth=host_if)
         return self._result(req, link, ips).to_json(req.cni_version)
 
-    async def _wire(self, req: p.CNIRequest, host_if: str, ips: list[str]) -> wiring.PodLink:
+    async def _wire(self, req: p.CNIRequest, host_if: str, ips: list[str], mac: str) -> wiring.PodLink:
         mtu = int(req.config.get("mtu") or 0)
         setup = functools.partial(wiring.setup_pod, req.netns, req.ifname, host_if,
-                                  [_host_cidr(ip) for ip in ips], route_proto=self.route_proto, mtu=mtu)
+                                  [_host_cidr(ip) for ip in ips], route_proto=self.route_proto, mtu=mtu,
+                                  mac=mac)
         try:
             return await self._run(setup)
         except wiring.NetlinkError as exc:

@@ -70,6 +70,14 @@ def host_veth_name(container_id: str, ifname: str = "eth0") -> str:
     return HOST_PREFIX + hashlib.sha1(key.encode()).hexdigest()[:11]
 
 
+def pod_mac(container_id: str, ifname: str = "eth0") -> str:
+    """A stable, locally administered unicast MAC for the pod side: known before the
+    veth exists (so the endpoint can be written in parallel) and the same on a repeated ADD."""
+    raw = bytearray(hashlib.sha1(f"{container_id}/{ifname}".encode()).digest()[:6])
+    raw[0] = (raw[0] & 0xFC) | 0x02
+    return _mac(bytes(raw))
+
+
 def _attr(kind: int, payload: bytes) -> bytes:
     n = 4 + len(payload)
     return struct.pack("=HH", n, kind) + payload + b"\0" * (-n % 4)
@@ -343,7 +351,7 @@ def _host_sysctls(host_ifname: str, ipv6: bool) -> None:
 
 
 def setup_pod(netns: str, pod_ifname: str, host_ifname: str, addresses: Sequence[str], *,
-              route_proto: int, mtu: int = 0) -> PodLink:
+              route_proto: int, mtu: int = 0, mac: str = "") -> PodLink:
     """Create and address the veth pair; host route `<ip>/32 dev host scope link proto P`.
 
     Raises NetlinkError (EEXIST when the names are taken: the caller tears down first).
@@ -356,6 +364,8 @@ def setup_pod(netns: str, pod_ifname: str, host_ifname: str, addresses: Sequence
             # up below: the pod end in its batch, the host end after accept_dad is off.
             peer = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _cstr(pod_ifname))
             peer += _attr(IFLA_NET_NS_FD, struct.pack("=I", nsfd))
+            if mac:
+                peer += _attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
             if mtu:
                 peer += _attr(IFLA_MTU, struct.pack("=I", mtu))
             info = _attr(IFLA_INFO_KIND, b"veth") + _attr(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer))
