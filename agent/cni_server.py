@@ -184,7 +184,7 @@ class CNIServer:
             out = await self.dispatch(req)
             return 0, out
         except Exception as exc:
-            err = p.CNIError.from_exception(exc)
+            err = p.CNIError.from_exception(_datastore_error(exc))
             fields = {"code": err.code, "error": err.msg}
             if req is not None:
                 fields.update(command=req.command, container=req.container_id, plugin=req.plugin)
@@ -450,7 +450,9 @@ class CNIServer:
     def _status(self, req: p.CNIRequest) -> None:
         try:
             pools = self.store.list("IPPool")
-        except errors.DatastoreUnavailable as exc:
+        except Exception as exc:
+            if not isinstance(_datastore_error(exc), errors.DatastoreUnavailable):
+                raise
             raise p.CNIError(p.NOT_AVAILABLE, "plugin not available: datastore unreachable", str(exc)) from None
         usable = [x for x in pools if not (x.get("spec") or {}).get("disabled")]
         if not usable:
@@ -505,6 +507,15 @@ def _ipam_gateway(ipam: dict, ip: str) -> str:
     if ":" in ip:
         return str(ipam.get("gateway6", ""))
     return str(ipam.get("gateway", wiring.GATEWAY_V4))
+
+
+def _datastore_error(exc: Exception) -> Exception:
+    """The etcd client refuses an endpoint for a moment after a failure with a bare
+    ValueError that the datastore adapter does not map yet: that is etcd being
+    unreachable (CNI 11, try again later), not an internal error."""
+    if type(exc) is ValueError and "failed node" in str(exc):
+        return errors.DatastoreUnavailable(f"etcd unreachable: {exc}")
+    return exc
 
 
 def _ip_sort(ip: str) -> tuple[int, int]:

@@ -56,6 +56,7 @@ class Node:
     proc: subprocess.Popen | None = None
     log_path: str = ""
     pods: list = field(default_factory=list)
+    relay: NsRelay | None = None
 
     def start_server(self) -> None:
         env = {**os.environ, **self.etcd_env, "TORTIE_LOG_FORMAT": "json"}

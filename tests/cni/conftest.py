@@ -43,6 +43,7 @@ def cni_node(netns, etcd, etcd_config, cni_bin):
         etcd_env={"TORTIE_ETCD_ENDPOINTS": relay.endpoint, "TORTIE_ETCD_PREFIX": etcd_config.prefix},
         store=store, ipam=IPAM(etcd), netns_factory=netns, log_path=os.path.join(rundir, "server.log"),
     )
+    node.relay = relay
     node.start_server()
     try:
         yield node
