@@ -54,7 +54,7 @@ from tortie.bgp import config as cfg
 from tortie.bgp.peers import Peer
 from tortie.bgp.rib import LearnedRoutes, family_of
 from tortie.bgp.status import PeerStatus, notification_text, to_json
-from tortie.errors import DataplaneError
+from tortie.errors import DataplaneError, ValidationError
 from tortie.log import get_logger
 
 log = get_logger("bgp")
@@ -188,10 +188,18 @@ class BGPSpeaker:
         self._peers = {p.address: p for p in peers}
 
     def set_exports(self, prefixes: Iterable[str], communities: Iterable[str] = ()) -> None:
+        """The prefixes this node announces (next hop: its own address), with the
+        BGPConfiguration's communities: `AS:VALUE`, or `A:B:C` for large communities."""
         attrs = "next-hop self"
         comms = sorted(set(communities))
-        if comms:
-            attrs += " community [ " + " ".join(comms) + " ]"
+        standard = [c for c in comms if c.count(":") == 1]
+        large = [c for c in comms if c.count(":") == 2]
+        if len(standard) + len(large) != len(comms):
+            raise ValidationError(f"communities must be AS:VALUE or A:B:C, got {comms}", field="communities")
+        if standard:
+            attrs += " community [ " + " ".join(standard) + " ]"
+        if large:
+            attrs += " large-community [ " + " ".join(large) + " ]"
         self._exports = {str(ipaddress.ip_network(p, strict=False)): attrs for p in prefixes}
 
     async def apply(self) -> None:
@@ -312,9 +320,14 @@ class BGPSpeaker:
                 st.expiry.cancel()
             self._rib.drop(addr)
             self._routes_changed()
+        now = time.time()
         for addr, peer in self._peers.items():
-            if addr in old and old[addr] != peer:
-                self._state[addr] = _PeerState(state="idle", last_error="reconfigured")
+            if addr in old and old[addr] != peer and (st := self._state.get(addr)) is not None:
+                # ExaBGP re-establishes a redefined session: as if it went down
+                if st.state == "established":
+                    self._peer_gone(addr, st)
+                st.state, st.since, st.needs_full = "idle", now, False
+                st.last_error, st.probe_error = "reconfigured", ""
         if self._api_ready():
             # only once its API runs: before that SIGUSR1 kills it, and it has not read the file yet
             log.info("exabgp reload", peers=len(self._peers),
@@ -365,6 +378,7 @@ class BGPSpeaker:
 
     def _write_config(self) -> None:
         text = cfg.render(self._peers.values(), self.local, self.sock_path)
+        os.makedirs(self.state_dir, exist_ok=True)
         tmp = self.conf_path + ".tmp"
         with open(tmp, "w") as f:
             f.write(text)

@@ -49,12 +49,12 @@ def test_exchange_with_bird(lab, pair):
     bird = tor(lab, router)
     sp = start_speaker(lab, node, "n1", A)
     sp.peers([bird_peer(R)])
-    sp.exports(["10.244.1.0/26", "10.244.9.7/32"], ["64512:100"])
+    sp.exports(["10.244.1.0/26", "10.244.9.7/32"], ["64512:100", "64512:7:9"])
     sp.wait_state(R)
     wait_for(lambda: {"10.244.1.0/26", "10.244.9.7/32"} <= bird.kernel_routes(), what="exports in BIRD's kernel")
     # community and next hop arrive as sent
     detail = bird.birdc("show", "route", "10.244.1.0/26", "all")
-    assert "(64512,100)" in detail and A in detail
+    assert "(64512,100)" in detail and "(64512, 7, 9)" in detail and A in detail, detail
     # imports: only what the peer's acceptPrefixes allows
     wait_for(lambda: sp.routes == {"10.50.0.0/24": [R]}, what="accepted import reaches on_routes")
     st = sp.peer(R)
