@@ -120,6 +120,11 @@ class WepChange:
     event: Snapshot | Update
 
 
+@dataclass(frozen=True)
+class Resync:
+    """Compare everything with the datastore now (the slow timer's work, on demand)."""
+
+
 class _RawWatch(k8s_watch.Watch):
     """A Watch that hands over events' objects as plain dicts: the controller mirrors
     objects as they are, including fields this client version has no model for."""
@@ -252,6 +257,7 @@ class Controller:
         self.dirty: dict[str, set] = {k: set() for k in KINDS}
         self.scan: set[str] = set()  # kinds whose datastore copies to check for stale ones
         self.writes = 0
+        self.resyncs = 0  # completed passes that compared every kind with the datastore
         self.gc_rounds = 0
 
     # --- lifecycle --------------------------------------------------------------------
@@ -259,6 +265,10 @@ class Controller:
     def stop(self) -> None:
         """Ask run() to return; safe from a signal handler or another thread."""
         self._stop.set()
+
+    def request_resync(self) -> None:
+        """Compare all mirrored state with the datastore on the next pass (any thread)."""
+        self.queue.put(Resync())
 
     def run(self) -> None:
         log.info("controller starting", etcd=",".join(self.etcd.config.endpoints), prefix=self.etcd.config.prefix,
@@ -275,10 +285,12 @@ class Controller:
                 now = time.monotonic()
                 if now >= next_resync:
                     self.scan |= set(KINDS)
-                    self.dirty["Pod"] |= set(self.pods)
                     next_resync = now + self.config.resync_interval
                 if retry_at is None or now >= retry_at:
+                    scanning = bool(self.scan)
                     retry_at = None if self._reconcile() else now + self.config.retry_interval
+                    if scanning and not self.scan and retry_at is None:
+                        self.resyncs += 1
                 if self._ready() and retry_at is None and not self.synced.is_set():
                     self.synced.set()
                     log.info("in sync", nodes=len(self.nodes), pods=len(self.pods), endpoints=len(self.weps),
@@ -322,6 +334,8 @@ class Controller:
                 self._on_changed(item.kind, item.type, item.obj)
             elif isinstance(item, WepChange):
                 self._on_wep(item.event)
+            elif isinstance(item, Resync):
+                self.scan |= set(KINDS)
 
     def _on_listed(self, ev: Listed) -> None:
         kind = ev.kind
@@ -406,12 +420,12 @@ class Controller:
             if kind not in self.listed or (kind == "Pod" and not self.weps_synced):
                 continue
             try:
-                if kind in self.scan:
-                    self._scan_store(kind)
-                    self.scan.discard(kind)
+                # After a list (or on the resync timer) one datastore read serves the whole pass.
+                stored = self._scan_store(kind) if kind in self.scan else None
+                self.scan.discard(kind)
                 for key in sorted(self.dirty[kind], key=str):
                     try:
-                        self._sync(kind, key)
+                        self._sync(kind, key, stored)
                         self.dirty[kind].discard(key)
                     except Conflict as exc:
                         log.info("write conflict; will retry", kind=kind, key=str(key), error=str(exc))
@@ -424,17 +438,30 @@ class Controller:
                 return False
         return ok
 
-    def _scan_store(self, kind: str) -> None:
-        """Mark dirty every datastore copy of this kind Kubernetes no longer has."""
-        if kind in MIRRORED:
-            for r in self.store.list(kind):
-                key = (r["metadata"].get("namespace"), r["metadata"]["name"])
-                if mirror.is_mirrored(r) and key not in self.objects[kind]:
-                    self.dirty[kind].add(key)
-        elif kind == "Node":
-            self.dirty[kind] |= {r["metadata"]["name"] for r in self.store.list("Node")} - set(self.nodes)
-        else:
+    def _scan_store(self, kind: str) -> dict | None:
+        """Read the datastore's copies of a kind at once; mark dirty every key whose copy
+        differs from what Kubernetes says (drift) or that Kubernetes no longer has.
+        Returns the copies by key, for the pass that follows (None for pods)."""
+        if kind == "Pod":  # endpoints are in memory, kept current by the syncer
             self.dirty[kind] |= set(self.weps_by_pod) & set(self.pods)
+            return None
+        if kind == "Node":
+            stored = {r["metadata"]["name"]: r for r in self.store.list("Node")}
+            self.dirty[kind] |= {name for name, r in stored.items()
+                                 if self.nodes.get(name) != mirror.labels_of(r)}
+            self.dirty[kind] |= set(self.nodes) - set(stored)
+            return stored
+        stored = {(r["metadata"].get("namespace"), r["metadata"]["name"]): r for r in self.store.list(kind)}
+        for key, r in stored.items():
+            if mirror.is_mirrored(r) and key not in self.objects[kind]:
+                self.dirty[kind].add(key)
+        for key, obj in self.objects[kind].items():
+            try:
+                if not mirror.same(stored.get(key), res.validate(mirror.mirrored(obj, kind))):
+                    self.dirty[kind].add(key)
+            except ValidationError:
+                self.dirty[kind].add(key)  # the sync logs it
+        return stored
 
     def _stored(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
         try:
@@ -442,18 +469,21 @@ class Controller:
         except NotFound:
             return None
 
-    def _sync(self, kind: str, key) -> None:
-        if kind in MIRRORED:
-            self._sync_mirrored(kind, key)
-        elif kind == "Node":
-            self._sync_node(key)
-        else:
+    def _sync(self, kind: str, key, listing: dict | None) -> None:
+        if kind == "Pod":
             self._sync_pod(key)
+            return
+        if listing is not None:
+            stored = listing.get(key)
+        else:
+            stored = self._stored(kind, key[1], key[0]) if kind in MIRRORED else self._stored(kind, key)
+        if kind in MIRRORED:
+            self._sync_mirrored(kind, key, stored)
+        else:
+            self._sync_node(key, stored)
 
-    def _sync_mirrored(self, kind: str, key: tuple[str | None, str]) -> None:
-        namespace, name = key
+    def _sync_mirrored(self, kind: str, key: tuple[str | None, str], stored: dict | None) -> None:
         obj = self.objects[kind].get(key)
-        stored = self._stored(kind, name, namespace)
         if obj is None:
             if stored is not None and mirror.is_mirrored(stored):
                 self._delete(kind, stored)
@@ -474,9 +504,8 @@ class Controller:
         except NotFound:
             pass
 
-    def _sync_node(self, name: str) -> None:
+    def _sync_node(self, name: str, stored: dict | None) -> None:
         labels = self.nodes.get(name)
-        stored = self._stored("Node", name)
         if labels is None:  # deleted from Kubernetes: its addresses and its record go
             self.gc.release_node(name)
             if stored is not None:

@@ -67,14 +67,19 @@ def test_namespaces_and_policies_mirrored_updated_and_removed(etcd, fake_api, ru
     wait_for(lambda: store.get("NetworkPolicy", "db-ingress", "prod")["spec"]["ingress"]
              == [{"ports": [{"protocol": "UDP", "port": 53}]}], what="policy change")
 
-    # Nothing rewritten when nothing changed: a resync is quiet.
-    writes = ctl.writes
+    # A resync with nothing changed writes nothing...
+    writes, resyncs = ctl.writes, ctl.resyncs
     rv = store.get("Namespace", "prod")["metadata"]["resourceVersion"]
-    ctl.scan.add("Namespace")  # as the slow resync timer would
-    ctl.dirty["Namespace"] |= set(ctl.objects["Namespace"])
-    wait_for(lambda: not ctl.dirty["Namespace"], what="resync")
+    ctl.request_resync()
+    wait_for(lambda: ctl.resyncs > resyncs, what="resync")
     assert store.get("Namespace", "prod")["metadata"]["resourceVersion"] == rv
     assert ctl.writes == writes
+    # ...and repairs a copy edited behind its back.
+    edited = store.get("Namespace", "prod")
+    edited["metadata"]["labels"] = {"env": "tampered"}
+    store.apply(edited)
+    ctl.request_resync()
+    wait_for(lambda: _labels(store, "Namespace", "prod") == {"env": "production"}, what="drift repaired")
 
     fake_api.delete("NetworkPolicy", "db-ingress", "prod")
     fake_api.delete("Namespace", "dev")
