@@ -51,7 +51,7 @@ async def main() -> int:
             await speaker.apply()
         elif op == "status":
             assert speaker
-            doc = json.loads(speaker.status_json())
+            doc = speaker.status_json()
             doc.update(event="status", synced=speaker.synced, rib_ready=speaker.rib_ready)
             _emit(doc)
             continue

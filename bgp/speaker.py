@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from tortie.bgp import config as cfg
 from tortie.bgp.peers import Peer
 from tortie.bgp.rib import LearnedRoutes, family_of
-from tortie.bgp.status import PeerStatus, notification_text, to_json
+from tortie.bgp.status import PeerStatus, document, notification_text
 from tortie.errors import DataplaneError, ValidationError
 from tortie.log import get_logger
 
@@ -185,7 +185,13 @@ class BGPSpeaker:
             os.unlink(self.sock_path)
 
     def set_peers(self, peers: Iterable[Peer]) -> None:
-        self._peers = {p.address: p for p in peers}
+        wanted = {}
+        for p in peers:
+            if (self.local.local_address6 if ":" in p.address else self.local.local_address) is None:
+                log.warning("peer skipped: no local address of its family", peer=p.address)
+                continue
+            wanted[p.address] = p
+        self._peers = wanted
 
     def set_exports(self, prefixes: Iterable[str], communities: Iterable[str] = ()) -> None:
         """The prefixes this node announces (next hop: its own address), with the
@@ -221,8 +227,9 @@ class BGPSpeaker:
                                   stale=self._rib.is_stale(addr)))
         return out
 
-    def status_json(self) -> str:
-        return to_json(self.node_name, self.status(), {
+    def status_json(self) -> dict:
+        """The status document to publish (JSON-ready dict: `json.dumps` it)."""
+        return document(self.node_name, self.status(), {
             "router_id": self.local.router_id, "as_number": self.local.local_as,
             "address": self.local.local_address, "exabgp_pid": self.pid, "restarts": self.restarts})
 

@@ -1,7 +1,8 @@
 """Peer status: what `tortiectl node status` shows, and why a down peer is down.
 
-The speaker publishes a list of PeerStatus; the agent stores `status_json()` in etcd at
-`<prefix>status/bgp/<node>`; the CLI reads it back with `parse()` and prints `table()`.
+The speaker publishes a list of PeerStatus; the agent stores `json.dumps(status_json())`
+(a `document()`) in etcd at `<prefix>status/bgp/<node>`; the CLI reads it back with
+`parse()` and prints `table()`.
 """
 
 from __future__ import annotations
@@ -61,10 +62,15 @@ class PeerStatus:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def to_json(node: str, peers: Iterable[PeerStatus], extra: Mapping[str, Any] | None = None) -> str:
+def document(node: str, peers: Iterable[PeerStatus], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The status document an agent publishes (JSON-ready)."""
     doc = {"node": node, "updated": time.time(), "peers": [p.to_dict() for p in peers]}
     doc.update(extra or {})
-    return json.dumps(doc, sort_keys=True)
+    return doc
+
+
+def to_json(node: str, peers: Iterable[PeerStatus], extra: Mapping[str, Any] | None = None) -> str:
+    return json.dumps(document(node, peers, extra), sort_keys=True)
 
 
 def parse(text: str | bytes) -> tuple[dict[str, Any], list[PeerStatus]]:
