@@ -237,6 +237,8 @@ class RouteManager:
                 self._need_resync = True
             else:
                 retried[k] = e
+        # A delete of a route that is already gone did what it should.
+        errors = [e for e in errors if not (e.op == DELETE and e.errno == errno.ESRCH)]
         if errors:
             log.warning("route writes failed", count=len(errors),
                         first=[str(e) for e in errors[:5]])
@@ -272,6 +274,9 @@ class RouteManager:
                     links, refreshed = self.kernel.links(refresh=True), True
                 if d.dev not in links:
                     pending.add(k)
+                    if a is not None:  # what is there now is wrong: better no route
+                        deletes.append((DELETE, a))
+                        del_keys.append(k)
                     continue
             pending.discard(k)
             if a is None:
@@ -308,13 +313,15 @@ class RouteManager:
             if a is not None and a.metric == route.metric:
                 del self._actual[k]
                 self._dirty.add(k)
-        elif a is None or not _same(a, route):
-            # Ours but not what we hold: changed by hand, or the echo of our own write
-            # (then the diff finds nothing to do).
+        elif a is None or a != route:
+            # Keep the kernel's version (with the device it resolved for a gateway, so a
+            # link event finds it). Changed by hand: dirty. The echo of our own write, or
+            # the same route with its resolved device: nothing to do.
             if a is not None and a.metric != route.metric:
                 self._need_resync = True  # a second tortie route on this key
             self._actual[k] = route
-            self._dirty.add(k)
+            if a is None or not _same(a, route):
+                self._dirty.add(k)
 
     def on_link_event(self, name: str, present: bool, up: bool) -> None:
         if present and up:
