@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from kubehelpers import wait_for
 
@@ -203,13 +204,11 @@ def test_leaked_address_of_deleted_pod_is_reaped_after_grace(etcd, fake_api, run
     wait_for(lambda: ctl.gc_rounds >= rounds + 3, what="gc rounds")
     assert ipam.ips_by_handle("k8s-pod-network.d") == doomed  # its pod exists
 
+    deleted_at = time.monotonic()
     fake_api.delete("Pod", "doomed", "default")
-    wait_for(lambda: ("default", "doomed") not in ctl.pods, what="pod deletion seen")
-    wait_for(lambda: ctl.gc.first_seen, what="leak candidate")
-    # Not before the grace period...
-    assert ipam.ips_by_handle("k8s-pod-network.d") == doomed
-    # ...but after it.
-    wait_for(lambda: not ipam.ips_by_handle("k8s-pod-network.d"), timeout=6, what="leak reaped")
+    wait_for(lambda: not ipam.ips_by_handle("k8s-pod-network.d"), timeout=10, what="leak reaped")
+    # Released, but not before the grace period had passed (a stall only makes this later).
+    assert time.monotonic() - deleted_at >= 1.5
     assert ipam.ips_by_handle("k8s-pod-network.a") == alive
     assert ipam.ips_by_handle("k8s-pod-network.x") == other
     assert ctl.gc.released_total == 1
