@@ -46,10 +46,13 @@ def run_controller(etcd, etcd_config, fake_api):
         kw = dict(gc_interval=0.3, gc_grace=1.0, resync_interval=3600, retry_interval=0.2, watch_timeout=30)
         kw.update(overrides)
         config = ControllerConfig(etcd=etcd_config, k8s_api=fake_api.url, **kw)
+        watches = fake_api.watch_requests
         rc = RunningController(Controller(config, etcd=etcd))
         running.append(rc)
         if wait_synced:
             assert rc.controller.synced.wait(15), "controller never got in sync"
+            # Every reflector's first watch is open, so a test that cuts them cuts all four.
+            assert fake_api.wait_for_watches(watches + 4)
         return rc.controller
 
     yield start

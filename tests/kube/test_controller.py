@@ -96,7 +96,7 @@ def test_resync_after_410_removes_stale_and_keeps_user_resources(etcd, fake_api,
                  "metadata": {"name": "by-hand", "namespace": "prod"}, "spec": {"podSelector": {}}})
     fake_api.add(namespace("keep"))
     fake_api.add(namespace("gone"))
-    ctl = run_controller(watch_timeout=1)
+    ctl = run_controller(retry_interval=1.0)  # the changes below land while it waits to reconnect
     assert _get(store, "Namespace", "gone") is not None
     lists = ctl.reflectors["Namespace"].lists
 
