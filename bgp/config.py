@@ -61,7 +61,7 @@ def hold_time(peer: Peer) -> int:
 
 def neighbor_block(peer: Peer, local: LocalSettings) -> str:
     version = ipaddress.ip_address(peer.address).version
-    local_addr = local.local_address if version == 4 else local.local_address6
+    local_addr = peer.local_address or (local.local_address if version == 4 else local.local_address6)
     if not local_addr:
         raise ValidationError(f"no local IPv{version} address for peer {peer.address}",
                               field="localAddress")
@@ -113,9 +113,12 @@ def render(peers: Iterable[Peer], local: LocalSettings, api_socket: str,
     return "\n".join(parts) + "\n"
 
 
-def environment(local: LocalSettings, log_file: str, pid_file: str) -> dict[str, str]:
-    """ExaBGP's settings as environment variables (see `exabgp env`)."""
-    binds = " ".join(a for a in (local.local_address, local.local_address6) if a)
+def environment(local: LocalSettings, log_file: str, pid_file: str,
+                peers: Iterable[Peer] = ()) -> dict[str, str]:
+    """ExaBGP's settings as environment variables (see `exabgp env`). It listens on the
+    node's addresses and on every other address a peer is spoken to from."""
+    addresses = [local.local_address, local.local_address6, *(p.local_address for p in peers)]
+    binds = " ".join(dict.fromkeys(a for a in addresses if a))
     return {
         "exabgp.daemon.user": "root",  # else it drops to nobody and cannot run the API program
         "exabgp.daemon.daemonize": "false",

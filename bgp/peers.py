@@ -50,6 +50,7 @@ class Peer:
     route_reflector_client: bool = False
     accept_prefixes: tuple[str, ...] = ()  # import filter; only for external peers
     name: str = ""  # the Node or BGPPeer it comes from, for status
+    local_address: str | None = None  # speak from this address (None: the node's BGP address)
 
     @property
     def external(self) -> bool:

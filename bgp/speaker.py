@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import ipaddress
 import json
@@ -187,7 +188,14 @@ class BGPSpeaker:
     def set_peers(self, peers: Iterable[Peer]) -> None:
         wanted = {}
         for p in peers:
-            if (self.local.local_address6 if ":" in p.address else self.local.local_address) is None:
+            default = self.local.local_address6 if ":" in p.address else self.local.local_address
+            if p.external and p.local_address is None:
+                # a router on another uplink expects us from our address on its segment:
+                # speak from the source the kernel picks for it (no packet is sent)
+                source = _source_for(p.address)
+                if source and source != default:
+                    p = dataclasses.replace(p, local_address=source)
+            if (p.local_address or default) is None:
                 log.warning("peer skipped: no local address of its family", peer=p.address)
                 continue
             wanted[p.address] = p
@@ -714,7 +722,7 @@ class BGPSpeaker:
         out_path = os.path.join(self.state_dir, "exabgp.out")
         while not self._stopping:
             env = dict(os.environ)
-            env.update(cfg.environment(self.local, self.log_path, self.pid_path))
+            env.update(cfg.environment(self.local, self.log_path, self.pid_path, self._peers.values()))
             started = time.monotonic()
             self._spawn_gen = self._config_gen
             with open(out_path, "ab") as out:
@@ -808,7 +816,8 @@ class BGPSpeaker:
 
     async def _probe(self, peer: Peer, timeout: float = 2.0) -> str | None:
         """Dial the peer the way ExaBGP does; None when TCP gets through."""
-        local = self.local.local_address if _family(peer.address) == "ipv4 unicast" else self.local.local_address6
+        local = peer.local_address or (
+            self.local.local_address if _family(peer.address) == "ipv4 unicast" else self.local.local_address6)
         signed = await _tcp_probe(local, peer.address, peer.port, peer.password, timeout)
         if signed is None:
             return None
@@ -820,6 +829,17 @@ class BGPSpeaker:
                 return "MD5 mismatch: the peer answers unsigned connections, not ours (no or another password)"
             return "no answer to MD5-signed connection: wrong MD5 password, or the peer is unreachable"
         return "no answer: the peer is unreachable, or expects an MD5 password"
+
+
+def _source_for(address: str) -> str | None:
+    """The source address the kernel would use towards `address` (a UDP connect sends nothing)."""
+    fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.connect((address, 179))
+            return s.getsockname()[0]
+    except OSError:
+        return None
 
 
 def _size(path: str) -> int:

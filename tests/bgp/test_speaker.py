@@ -181,3 +181,22 @@ def test_hold_timer_expiry_is_reported(lab, pair, netns):
     st = wait_for(lambda: (p := sp.peer(R))["state"] != "established" and p, timeout=20,
                   what="session dropped by the hold timer")
     assert "hold timer expired" in st["last_error"], st
+
+
+def test_second_uplink_speaks_from_its_own_address(lab, netns):
+    """A router on another segment expects the node's address on that segment."""
+    node, r1, r2 = netns.new("node"), netns.new("tor1"), netns.new("tor2")
+    veth(netns, node, f"{A}/24", r1, f"{R}/24")
+    veth(netns, node, "10.95.0.1/24", r2, "10.95.0.2/24")
+    b1 = lab.bird(r1, "bird1", R, bird_bgp("n1", R, AS, A, AS))
+    b2 = lab.bird(r2, "bird2", "10.95.0.2", bird_bgp("n1", "10.95.0.2", AS, "10.95.0.1", AS))
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([bird_peer(R), bird_peer("10.95.0.2")])
+    sp.exports(["10.244.1.0/26"])
+    sp.wait_state(R)
+    sp.wait_state("10.95.0.2")
+    wait_for(lambda: "10.244.1.0/26" in b1.kernel_routes() and "10.244.1.0/26" in b2.kernel_routes(),
+             what="both routers have the export")
+    # next hop self is the node's address on each segment
+    assert "via 10.95.0.1" in b2.birdc("show", "route", "10.244.1.0/26")
+    assert f"via {A}" in b1.birdc("show", "route", "10.244.1.0/26")
