@@ -28,6 +28,8 @@ from tortie.agent.calc import ClusterState, desired
 from tortie.agent.health import Health, start_http
 from tortie.agent.metrics import Registry
 from tortie.datastore.etcd import EtcdClient
+from tortie.routing.model import MAIN_TABLE
+from tortie.routing.monitor import Monitor
 
 log = tlog.get_logger("agent")
 
@@ -68,14 +70,11 @@ class Agent:
             cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
             route_manager=self.routes, on_change=self.mark_dirty,
         )
-        self.bgp = None
-        if cfg.bgp_enabled and cfg.node_address:
-            from tortie.bgp.speaker import BGPSpeaker
-
-            self.bgp = BGPSpeaker(
-                node_name=self.node, router_id=cfg.node_address, local_as=cfg.as_number or 64512,
-                local_address=cfg.node_address, state_dir=cfg.state_dir, on_routes=self._on_learned,
-            )
+        self.bgp = None  # made after the first snapshot: its AS and cluster id come from there
+        self._bgp_identity: tuple | None = None
+        # Routes learned over BGP as the kernel had them at start: kept until the speaker
+        # has the peers' full tables, so a restarted agent never withdraws live paths.
+        self._adopted_bgp: frozenset = frozenset()
         self._tasks: list[asyncio.Task] = []
         self._last_status: bytes | None = None
 
@@ -86,7 +85,35 @@ class Agent:
 
     def _on_learned(self, rib: dict[str, tuple[str, ...]]) -> None:
         self.learned = dict(rib)
+        self._adopted_bgp = frozenset()
         self.mark_dirty()
+
+    async def _ensure_speaker(self) -> None:
+        """Start (or, when the node's AS or reflector cluster changed, restart) ExaBGP."""
+        from tortie.bgp.speaker import BGPSpeaker
+
+        if not (self.cfg.bgp_enabled and self.cfg.node_address):
+            return
+        me = self.state.nodes.get(self.node)
+        conf = self.state.bgp_config(self.node)
+        local_as = (me.as_number if me else None) or self.cfg.as_number or conf.as_number
+        cluster_id = me.route_reflector_cluster_id if me else None
+        identity = (local_as, cluster_id, conf.listen_port or 179)
+        if self.bgp is not None and identity == self._bgp_identity:
+            return
+        if self.bgp is not None:
+            log.info("BGP identity changed; restarting the speaker", was=self._bgp_identity, now=identity)
+            await self.bgp.stop()
+        self.bgp = BGPSpeaker(
+            node_name=self.node, router_id=self.cfg.node_address, local_as=local_as,
+            local_address=self.cfg.node_address, state_dir=self.cfg.state_dir,
+            listen_port=identity[2], on_routes=self._on_learned, cluster_id=cluster_id,
+            local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
+        )
+        self._bgp_identity = identity
+        if "bgp" not in self.health.components:
+            self.health.register("bgp", deadline=max(3 * self.cfg.resync_interval, 30))
+        await self.bgp.start()
 
     async def _follow_datastore(self) -> None:
         from tortie.datastore.watch import Snapshot, Syncer
@@ -112,14 +139,17 @@ class Agent:
         """Slow full resync: re-read the kernel so drift the monitor missed is repaired."""
         while True:
             await asyncio.sleep(self.cfg.resync_interval)
-            await asyncio.to_thread(self.routes.resync)
+            # The managers re-read the kernel in their next apply, on this loop.
+            self.routes.request_resync()
+            self.rules.request_resync()
+            self.nat.check()
             self.mark_dirty()
 
     async def _publish_status(self) -> None:
         key = f"{self.cfg.etcd.prefix}status/bgp/{self.node}"
         while True:
             await asyncio.sleep(STATUS_PUBLISH_INTERVAL)
-            if self.bgp is None:
+            if self.bgp is None or not self.in_sync:
                 continue
             body = json.dumps(self.bgp.status_json(), sort_keys=True).encode()
             if body != self._last_status:
@@ -134,10 +164,11 @@ class Agent:
 
     async def apply_round(self) -> None:
         t0 = time.perf_counter()
+        await self._ensure_speaker()
         want = desired(self.state, self.node, self.learned, self._own_addresses())
         self.routes.set_routes("blocks", want.block_routes)
         self.routes.set_routes("workloads", want.workload_routes)
-        self.routes.set_routes("bgp", want.bgp_routes)
+        self.routes.set_routes("bgp", want.bgp_routes | self._adopted_bgp)
         self.routes.set_routes("egress", want.egress_routes)
         self.routes.apply()
         # Rules after routes: a rule must never point at an egress table not yet filled.
@@ -221,12 +252,12 @@ class Agent:
                 await asyncio.sleep(RETRY_DELAY)
         # Adopt what a previous agent left in the kernel before anything is applied.
         await asyncio.to_thread(self.routes.resync)
+        await asyncio.to_thread(self.rules.resync)
+        self._adopted_bgp = frozenset(
+            r for r in self.routes.actual.values() if r.gateways and r.table == MAIN_TABLE)
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
                          self.cfg.metrics_port)
         await self.cni.start()
-        if self.bgp is not None:
-            self.health.register("bgp", deadline=max(3 * self.cfg.resync_interval, 30))
-            await self.bgp.start()
         self._tasks = [
             asyncio.create_task(self._follow_datastore(), name="syncer"),
             asyncio.create_task(self._reconcile_loop(), name="reconcile"),
@@ -234,9 +265,8 @@ class Agent:
             asyncio.create_task(self._publish_status(), name="bgp-status"),
         ]
         self._watch_nftables()
-        monitor = getattr(self.routes, "run_monitor", None)
-        if monitor is not None:
-            self._tasks.append(asyncio.create_task(monitor(self.mark_dirty), name="netlink-monitor"))
+        self.monitor = Monitor(route_mgr=self.routes, rule_mgr=self.rules)
+        self.monitor.attach(loop, self.mark_dirty)
         log.info("agent started", node=self.node, node_ip=self.cfg.node_ip, cni_socket=self.cfg.cni_socket)
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -270,6 +300,8 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if getattr(self, "monitor", None) is not None:
+            self.monitor.close()
         await self.cni.stop()
         if self.bgp is not None:
             await self.bgp.stop()
