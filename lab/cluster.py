@@ -204,8 +204,12 @@ class Lab:
         for ns, _, ifname, addr, _ in core:
             default = [] if ns in router_ns or not plan.core_gateways else [_default_route(plan.core_gateways)]
             nsutil.ip_batch(ns, [f"addr add {addr} dev {ifname}", f"link set {ifname} up", *default])
-        for ns in router_ns:
-            nsutil.sysctl(ns, "net.ipv4.ip_forward", "1")
+        for t in plan.tors:
+            nsutil.sysctl(t.netns, "net.ipv4.ip_forward", "1")
+            # Each router reaches the other routers' uplink segments over the core, so a reply
+            # that the ECMP hash sends through the other router still finds its way back.
+            nsutil.ip_batch(t.netns, [f"route add {o.segment.subnet} via {o.ip}"
+                                      for o in plan.tors if o is not t and o.segment])
         # The nodes' uplinks: onto a bridge, or point to point into a router.
         far: dict[str, list[str]] = {}
         for n in plan.nodes:
