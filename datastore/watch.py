@@ -1,6 +1,7 @@
 """The syncer: a consistent snapshot of a key prefix, then every change after it.
 
-    syncer = Syncer(client)                 # the whole datastore prefix by default
+    syncer = Syncer(client)                 # the whole datastore prefix by default, or
+    syncer = Syncer(client, [p + "resources/", p + "ipam/affinity/"])  # only what you need
     async for event in syncer.events():     # or: for event in syncer.iter_events()
         Snapshot -> replace everything you hold with event.items
         Update   -> one key changed (value None: deleted)
@@ -12,7 +13,8 @@ sees only the Updates it missed. When etcd has compacted that revision away, res
 is impossible, and the syncer reads a fresh snapshot and delivers it as a new Snapshot
 (level-triggered: the consumer rebuilds from it, as on start).
 
-The watch runs in a thread of its own on its own gRPC stream (the etcd client is
+Several prefixes are read at one revision and watched on one stream, each resuming
+from its own last revision. The watch runs in a thread of its own on its own gRPC stream (the etcd client is
 synchronous); events reach asyncio consumers through the loop's thread-safe call.
 """
 
@@ -24,7 +26,7 @@ import enum
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -73,12 +75,18 @@ _RETRYABLE = (DatastoreUnavailable, grpc.RpcError)
 
 
 class Syncer:
-    """Snapshot + watch of one prefix, with resume and resync; see the module docstring."""
+    """Snapshot + watch of key prefixes, with resume and resync; see the module docstring."""
 
-    def __init__(self, client: EtcdClient, prefix: str | None = None, *, page_size: int = 1000,
-                 retry_interval: float = 0.5, max_retry_interval: float = 5.0) -> None:
+    def __init__(self, client: EtcdClient, prefix: str | Sequence[str] | None = None, *,
+                 page_size: int = 1000, retry_interval: float = 0.5, max_retry_interval: float = 5.0) -> None:
         self.client = client
-        self.prefix = client.config.prefix if prefix is None else prefix
+        if prefix is None:
+            prefix = client.config.prefix
+        self.prefixes: tuple[str, ...] = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+        if not self.prefixes or any(a != b and b.startswith(a) for a in self.prefixes for b in self.prefixes):
+            raise ValueError(f"want one or more prefixes, none inside another: {self.prefixes}")
+        self.prefix = ",".join(self.prefixes)  # for logs
+        self._revs = dict.fromkeys(self.prefixes, 0)  # per prefix: the last revision delivered
         self.page_size = page_size
         self.retry_interval = retry_interval
         self.max_retry_interval = max_retry_interval
@@ -155,6 +163,7 @@ class Syncer:
                         if self.revision:
                             self.resyncs += 1
                         self.revision = snap.revision
+                        self._revs = dict.fromkeys(self.prefixes, snap.revision)
                         deliver(snap)
                         need_snapshot = False
                         log.info("snapshot delivered", prefix=self.prefix, revision=snap.revision,
@@ -185,20 +194,22 @@ class Syncer:
         self.status = Status.IN_SYNC
 
     def _snapshot(self) -> Snapshot:
-        """Every key under the prefix at one revision, read in pages."""
-        start = self.prefix.encode()
-        end = prefix_range_end(start)
+        """Every key under the prefixes at one revision, read in pages."""
         items: dict[str, bytes] = {}
-        revision = 0
-        while True:
-            req = etcdrpc.RangeRequest(key=start, range_end=end, limit=self.page_size, revision=revision)
-            resp = self._rpc(self.client.raw.kvstub.Range, req)
-            revision = revision or resp.header.revision
-            for kv in resp.kvs:
-                items[kv.key.decode()] = kv.value
-            if not resp.more or not resp.kvs:
-                return Snapshot(revision, items)
-            start = resp.kvs[-1].key + b"\0"
+        revision = 0  # the first page fixes the revision every later page is read at
+        for prefix in self.prefixes:
+            start = prefix.encode()
+            end = prefix_range_end(start)
+            while True:
+                req = etcdrpc.RangeRequest(key=start, range_end=end, limit=self.page_size, revision=revision)
+                resp = self._rpc(self.client.raw.kvstub.Range, req)
+                revision = revision or resp.header.revision
+                for kv in resp.kvs:
+                    items[kv.key.decode()] = kv.value
+                if not resp.more or not resp.kvs:
+                    break
+                start = resp.kvs[-1].key + b"\0"
+        return Snapshot(revision, items)
 
     def _rpc(self, method, req):
         raw = self.client.raw
@@ -206,15 +217,20 @@ class Syncer:
                                  metadata=raw.metadata)
 
     def _watch(self, deliver: Callable[[Event | None], None], on_live: Callable[[], None]) -> None:
-        """Deliver changes after self.revision until the stream ends or stop()."""
-        create = etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
-            key=self.prefix.encode(), range_end=prefix_range_end(self.prefix.encode()),
-            start_revision=self.revision + 1, progress_notify=True))
-        ended = threading.Event()
+        """Deliver changes after each prefix's revision until the stream ends or stop()."""
+        creates = [etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+            key=p.encode(), range_end=prefix_range_end(p.encode()),
+            start_revision=self._revs[p] + 1, progress_notify=True)) for p in self.prefixes]
+        # One create in flight at a time: etcd answers them in order, and that order is
+        # the only way to learn which watch id belongs to which prefix.
+        sends: queue.Queue = queue.Queue()
+        sends.put(creates[0])
+        watch_prefix: dict[int, str] = {}
 
         def requests():
-            yield create
-            ended.wait()  # keep the send side open; a half-closed stream may be torn down
+            # Stays open after the creates: a half-closed stream may be torn down.
+            while (req := sends.get()) is not None:
+                yield req
 
         raw = self.client.raw
         call = etcdrpc.WatchStub(raw.channel).Watch(requests(), credentials=raw.call_credentials,
@@ -227,26 +243,34 @@ class Syncer:
             for resp in call:
                 if resp.compact_revision:
                     raise _Compacted(f"compacted up to {resp.compact_revision}")
-                if resp.created:
-                    on_live()
                 if resp.canceled:
                     raise DatastoreUnavailable(f"watch cancelled by etcd: {resp.cancel_reason or 'no reason'}")
+                if resp.created:
+                    watch_prefix[resp.watch_id] = self.prefixes[len(watch_prefix)]
+                    if len(watch_prefix) < len(creates):
+                        sends.put(creates[len(watch_prefix)])
+                    else:
+                        on_live()
+                prefix = watch_prefix.get(resp.watch_id)
+                if prefix is None:
+                    continue
                 for ev in resp.events:
                     deleted = ev.type == kv_pb2.Event.DELETE
                     deliver(Update(ev.kv.key.decode(), None if deleted else ev.kv.value, ev.kv.mod_revision))
-                    self.revision = ev.kv.mod_revision
+                    self._revs[prefix] = ev.kv.mod_revision
+                    self.revision = max(self.revision, ev.kv.mod_revision)
                 # A progress notification (etcd sends one only to a watcher that has caught
                 # up) moves the revision on too, so a quiet prefix resumes from near the
                 # present rather than from a long-compacted past.
-                if not resp.events and not resp.created and resp.header.revision > self.revision:
-                    self.revision = resp.header.revision
+                if not resp.events and not resp.created and resp.header.revision > self._revs[prefix]:
+                    self._revs[prefix] = resp.header.revision
             raise DatastoreUnavailable("watch stream ended")
         except grpc.RpcError as exc:
             if self._stop.is_set() and exc.code() == grpc.StatusCode.CANCELLED:
                 return
             raise
         finally:
-            ended.set()
+            sends.put(None)
             call.cancel()  # etcd keeps a half-closed watch stream open; end it for sure
             with self._lock:
                 self._call = None

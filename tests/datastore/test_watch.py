@@ -188,3 +188,34 @@ def test_snapshot_larger_than_one_grpc_message(etcd, etcd_prefix, collect):
     snap = c.next(timeout=30)
     assert isinstance(snap, Snapshot) and len(snap.items) == 50
     assert all(v == big for v in snap.items.values())
+
+
+def test_several_prefixes_one_revision_each_resumes_on_its_own(proxied, collect):
+    proxy, via, direct = proxied
+    direct.put("/tortie/resources/ippool/p", b"pool")
+    direct.put("/tortie/ipam/affinity/n1/10.0.0.0-26", b"aff")
+    direct.put("/tortie/ipam/blocks/10.0.0.0-26", b"block churn nobody here wants")
+    c = collect(Syncer(via, ["/tortie/resources/", "/tortie/ipam/affinity/"], retry_interval=0.1,
+                       max_retry_interval=0.5))
+    snap = c.next()
+    assert set(snap.items) == {"/tortie/resources/ippool/p", "/tortie/ipam/affinity/n1/10.0.0.0-26"}
+    assert wait_in_sync(c.syncer)
+    r1 = direct.put("/tortie/resources/node/n1", b"n1")
+    direct.put("/tortie/ipam/blocks/10.0.0.0-26", b"more churn")
+    assert c.next() == Update("/tortie/resources/node/n1", b"n1", r1)
+    # The resources watch has now seen a later revision than the affinity watch; after the
+    # cut each must resume from its own, or a change would be lost or repeated.
+    proxy.cut()
+    r2 = direct.put("/tortie/ipam/affinity/n2/10.0.0.64-26", b"aff2")
+    r3 = direct.put("/tortie/resources/node/n2", b"n2")
+    proxy.restore()
+    got = sorted(c.take(2, timeout=20), key=lambda u: u.revision)
+    assert got == [Update("/tortie/ipam/affinity/n2/10.0.0.64-26", b"aff2", r2),
+                   Update("/tortie/resources/node/n2", b"n2", r3)]
+    time.sleep(0.2)
+    assert c.events.empty() and c.syncer.resyncs == 0
+
+
+def test_overlapping_prefixes_are_refused(etcd):
+    with pytest.raises(ValueError, match="none inside another"):
+        Syncer(etcd, ["/a/", "/a/b/"])
