@@ -34,7 +34,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 
 from tortie.datastore import resources as res
@@ -44,6 +43,7 @@ from tortie.datastore.watch import Snapshot, Syncer, Update
 from tortie.errors import Conflict, DatastoreUnavailable, NotFound, TortieError, ValidationError
 from tortie.kube import mirror
 from tortie.kube.gc import IPAMGarbageCollector
+from tortie.kube.podinfo import api_client
 from tortie.log import get_logger
 
 log = get_logger("controller")
@@ -83,17 +83,7 @@ class ControllerConfig:
 
 def kube_api_client(config: ControllerConfig) -> k8s.ApiClient:
     """An ApiClient from TORTIE_K8S_API, else the kubeconfig, else in-cluster config."""
-    if config.k8s_api:
-        return k8s.ApiClient(k8s.Configuration(host=config.k8s_api.rstrip("/")))
-    if config.kubeconfig:
-        return k8s_config.new_client_from_config(config_file=config.kubeconfig)
-    conf = k8s.Configuration()
-    try:
-        k8s_config.load_incluster_config(client_configuration=conf)
-    except k8s_config.ConfigException as exc:
-        raise ValidationError(f"no Kubernetes API: set TORTIE_K8S_API or KUBECONFIG, or run in a pod ({exc})",
-                              field="TORTIE_K8S_API") from None
-    return k8s.ApiClient(conf)
+    return api_client(config.k8s_api, config.kubeconfig)
 
 
 # --- events from the reflectors to the main loop ------------------------------------------

@@ -3,13 +3,14 @@
 `tortie.io/ipv4pools` / `tortie.io/ipv6pools`: a JSON list of pool names or CIDRs, on
 the pod, else on its namespace (each family looked up on its own). The CNI server calls
 `pod_pools` when the agent has a Kubernetes API; it is synchronous and makes at most two
-GETs.
+GETs. `core_api_from_env()` gives it the API client the agent's environment names.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,6 +19,35 @@ from tortie.errors import DatastoreUnavailable, NotFound, ValidationError
 IPV4_POOLS = "tortie.io/ipv4pools"
 IPV6_POOLS = "tortie.io/ipv6pools"
 _FAMILIES = ((IPV4_POOLS, 4), (IPV6_POOLS, 6))
+
+
+def api_client(k8s_api: str | None = None, kubeconfig: str | None = None):
+    """A `kubernetes.client.ApiClient`: a plain URL (tests, the lab), else a kubeconfig,
+    else the in-cluster service account. ValidationError when none of them is there."""
+    from kubernetes import client, config
+
+    if k8s_api:
+        return client.ApiClient(client.Configuration(host=k8s_api.rstrip("/")))
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    conf = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=conf)
+    except config.ConfigException as exc:
+        raise ValidationError(f"no Kubernetes API: set TORTIE_K8S_API or KUBECONFIG, or run in a pod ({exc})",
+                              field="TORTIE_K8S_API") from None
+    return client.ApiClient(conf)
+
+
+def core_api_from_env(env: Mapping[str, str] | None = None):
+    """A CoreV1Api from TORTIE_K8S_API, KUBECONFIG or the in-cluster environment, or None
+    when the process has no Kubernetes API configured (the agent then ignores pod pools)."""
+    from kubernetes import client
+
+    env = os.environ if env is None else env
+    if not (env.get("TORTIE_K8S_API") or env.get("KUBECONFIG") or env.get("KUBERNETES_SERVICE_HOST")):
+        return None
+    return client.CoreV1Api(api_client(env.get("TORTIE_K8S_API"), env.get("KUBECONFIG")))
 
 
 def pod_pools(namespace: str, name: str, api: Any,
@@ -90,4 +120,4 @@ def _annotations(read, what: str) -> Mapping[str, str]:
     return (obj.metadata.annotations if obj.metadata else None) or {}
 
 
-__all__ = ["IPV4_POOLS", "IPV6_POOLS", "parse_pools", "pod_pools"]
+__all__ = ["IPV4_POOLS", "IPV6_POOLS", "api_client", "core_api_from_env", "parse_pools", "pod_pools"]

@@ -10,7 +10,7 @@ from kubernetes import client as k8s
 
 from tortie.errors import DatastoreUnavailable, NotFound, ValidationError
 from tortie.kube.apiserver_fake import namespace, pod
-from tortie.kube.podinfo import IPV4_POOLS, IPV6_POOLS, pod_pools
+from tortie.kube.podinfo import IPV4_POOLS, IPV6_POOLS, core_api_from_env, pod_pools
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,14 @@ def test_missing_pod_and_unreachable_api(fake_api, core):
     cfg.retries = 0
     with pytest.raises(DatastoreUnavailable):
         pod_pools("dev", "p", k8s.CoreV1Api(k8s.ApiClient(cfg)))
+
+
+def test_core_api_from_env(fake_api):
+    assert core_api_from_env({}) is None
+    api = core_api_from_env({"TORTIE_K8S_API": fake_api.url + "/"})
+    fake_api.add(namespace("dev"))
+    fake_api.add(pod("dev", "p", annotations={IPV6_POOLS: '["v6"]'}))
+    assert pod_pools("dev", "p", api) == ([], ["v6"])
+    with pytest.raises(ValidationError) as exc:  # in-cluster claimed, but no service account files
+        core_api_from_env({"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    assert exc.value.field == "TORTIE_K8S_API"
