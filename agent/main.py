@@ -254,7 +254,7 @@ class Agent:
         await asyncio.to_thread(self.routes.resync)
         await asyncio.to_thread(self.rules.resync)
         self._adopted_bgp = frozenset(
-            r for r in self.routes.actual.values() if r.gateways and r.table == MAIN_TABLE)
+            r for r in self.routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
                          self.cfg.metrics_port)
         await self.cni.start()
