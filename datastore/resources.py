@@ -125,11 +125,11 @@ class Fields:
             self.obj = {**self.obj, name: sum(int(n or 0) * k for n, k in zip(m.groups(), (3600, 60, 1), strict=True))}
         return self.int(name, lo, hi)
 
-    def cidr(self, name: str, *, required: bool = False, strict_host: bool = False) -> IPNetwork | None:
+    def cidr(self, name: str, *, required: bool = False) -> IPNetwork | None:
         value = self.str(name, required=required)
         if value is None:
             return None
-        net = parse_cidr(value, self.at(name), strict_host=strict_host)
+        net = parse_cidr(value, self.at(name))
         self.out[name] = str(net)
         return net
 
@@ -155,12 +155,11 @@ class Fields:
             raise ValidationError("must be a list", field=self.at(name))
         return self.keep(name, [item(v, f"{self.at(name)}[{i}]") for i, v in enumerate(value)])
 
-    def obj_field(self, name: str, fn: Callable[[Fields], None], *, required: bool = False,
-                  strict: bool = True) -> dict | None:
+    def obj_field(self, name: str, fn: Callable[[Fields], None], *, required: bool = False) -> dict | None:
         value = self.raw(name, required)
         if value is None:
             return None
-        sub = Fields(value, self.at(name), strict=strict)
+        sub = Fields(value, self.at(name))
         fn(sub)
         return self.keep(name, sub.done())
 
@@ -172,9 +171,10 @@ class Fields:
         return self.out
 
 
-def parse_cidr(value: str, field: str, *, strict_host: bool = False) -> IPNetwork:
+def parse_cidr(value: str, field: str) -> IPNetwork:
+    """A network; host bits are cleared (10.0.0.5/16 -> 10.0.0.0/16), as Calico does."""
     try:
-        return ipaddress.ip_network(value, strict=strict_host)
+        return ipaddress.ip_network(value, strict=False)
     except ValueError as exc:
         raise ValidationError(f"{value!r} is not a CIDR: {exc}", field=field) from None
 
