@@ -312,3 +312,32 @@ def test_network_policy_view_follows_kubernetes_peer_rules():
     assert not block.matches_pod({}, "ns1", {}, "ns1")
     deny_all = r.NetworkPolicy.from_resource(netpol({"podSelector": {}, "policyTypes": ["Ingress"]}))
     assert deny_all.selects({"any": "pod"}, "ns1") and deny_all.ingress == ()
+
+
+SAMPLES = [
+    pool(cidr="10.1.2.3/16", egress={"table": 100, "nextHop": "10.1.0.1", "interface": "eth1"}, ipipMode="Never"),
+    {"apiVersion": "tortie.io/v1", "kind": "IPAMConfig", "metadata": {"name": "default"}, "spec": {}},
+    {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n1", "labels": {"example.com/rack": "r1"}},
+     "spec": {"bgp": {"ipv4Address": "10.0.0.1", "ipv6Address": "fd00::1/64", "asNumber": "1.10",
+                      "routeReflectorClusterID": "224.0.0.1"},
+              "addresses": [{"address": "10.0.0.1", "type": "InternalIP"}]}},
+    {"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "tor"},
+     "spec": {"peerIP": "[fd00::1]:179", "asNumber": 65001, "holdTime": "1m", "acceptPrefixes": ["0.0.0.0/0"]}},
+    {"apiVersion": "tortie.io/v1", "kind": "BGPConfiguration", "metadata": {"name": "node.n1"},
+     "spec": {"communities": ["65000:1", "1:2:3"], "serviceClusterIPs": [{"cidr": "10.96.0.1/12"}]}},
+    {"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
+     "metadata": {"name": "n1-k8s-web-eth0", "namespace": "ns1", "annotations": {"note": "any text at all"}},
+     "spec": {"node": "n1", "pod": "web", "ipNetworks": ["10.65.0.7/32"], "mac": "02:00:00:00:00:01",
+              "ports": [{"name": "http", "port": 80}]}},
+    netpol({"podSelector": {}, "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}),
+    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns1"}},
+]
+
+
+@pytest.mark.parametrize("resource", SAMPLES, ids=lambda s: s["kind"])
+def test_validation_is_idempotent_and_every_kind_has_a_view(resource):
+    once = r.validate(resource)
+    assert r.validate(once) == once  # what the store keeps re-validates unchanged
+    view = r.VIEWS[once["kind"].lower()].from_resource(once)
+    assert view.name == once["metadata"]["name"]
+    hash(view)
