@@ -142,11 +142,14 @@ class Reflector:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self) -> None:
+        """Ask the thread to end (join() waits for it)."""
         self._stop.set()
         w = self._watch
         if w is not None:
             w.stop()  # shuts the socket down, so a blocked read returns now
+
+    def join(self, timeout: float = 5.0) -> None:
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -292,6 +295,8 @@ class Controller:
             for r in self.reflectors.values():
                 r.stop()
             self._wep_syncer.stop()
+            for r in self.reflectors.values():
+                r.join()
             wep_thread.join(5)
             if self._own_etcd:
                 self.etcd.close()
@@ -423,6 +428,11 @@ class Controller:
                     except ValidationError as exc:  # Kubernetes accepted what tortie cannot: skip it
                         log.warning("object not mirrored", kind=kind, key=str(key), error=str(exc))
                         self.dirty[kind].discard(key)
+                    except (DatastoreUnavailable, KeyboardInterrupt):
+                        raise
+                    except Exception:  # one odd object must not stop the others: retried later
+                        log.exception("sync failed; will retry", kind=kind, key=str(key))
+                        ok = False
             except DatastoreUnavailable as exc:
                 log.warning("datastore unavailable; will retry", kind=kind, error=str(exc))
                 return False

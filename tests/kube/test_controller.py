@@ -236,3 +236,15 @@ def test_controller_survives_watches_cut_repeatedly(etcd, fake_api, run_controll
         fake_api.drop_watches()
     wait_for(lambda: all(_get(store, "Namespace", f"ns{i}") for i in range(10)), timeout=30,
              what="all namespaces")
+
+
+def test_an_object_tortie_rejects_is_skipped_not_fatal(etcd, fake_api, run_controller):
+    store = ResourceStore(etcd)
+    fake_api.add(network_policy("prod", "bad", {"podSelector": {}, "policyTypes": ["Sideways"]}))
+    fake_api.add(network_policy("prod", "good"))
+    ctl = run_controller()
+    assert _get(store, "NetworkPolicy", "bad", "prod") is None
+    assert _get(store, "NetworkPolicy", "good", "prod") is not None
+    assert not ctl.dirty["NetworkPolicy"]  # not retried forever
+    fake_api.modify(network_policy("prod", "bad"))  # fixed: now it goes through
+    wait_for(lambda: _get(store, "NetworkPolicy", "bad", "prod"), what="fixed policy mirrored")
