@@ -8,7 +8,7 @@
     tortiectl ipam ...          (ctl/ipam.py)
     tortiectl version
 
-The datastore comes from --etcd-* flags, else TORTIE_ETCD_ENDPOINTS / _CA / _CERT / _KEY /
+The datastore comes from --etcd-* flags (anywhere on the line), else TORTIE_ETCD_ENDPOINTS / _CA / _CERT / _KEY /
 _PREFIX. Errors print one line on stderr; the exit code is the tortie error's
 (2 invalid input, 3 not found, 4 already exists, 5 conflict, 6 datastore unavailable).
 
@@ -63,9 +63,10 @@ def _namespace(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--namespace", default="default", help="namespace of namespaced kinds (default: default)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tortiectl", description="manage tortie resources in etcd")
-    g = ap.add_argument_group("datastore")
+def global_parser() -> argparse.ArgumentParser:
+    """The flags every command takes, before or after the command's name."""
+    ap = argparse.ArgumentParser(add_help=False)
+    g = ap.add_argument_group("datastore (before or after the command)")
     g.add_argument("--etcd-endpoints", metavar="URLS", help="comma-separated (env TORTIE_ETCD_ENDPOINTS)")
     g.add_argument("--etcd-ca", metavar="FILE")
     g.add_argument("--etcd-cert", metavar="FILE")
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--etcd-prefix", metavar="PREFIX", help="key prefix (default /tortie/)")
     g.add_argument("--timeout", type=float, help="seconds per etcd request")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="log what happens (-vv: debug)")
+    return ap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tortiectl", description="manage tortie resources in etcd",
+                                 parents=[global_parser()])
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, fn, text in (("apply", commands.cmd_apply, "create or update resources from files"),
@@ -145,7 +152,12 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
 
 def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     err = err or sys.stderr
-    args = build_parser().parse_args(argv)
+    # Global flags may stand anywhere (`tortiectl get pools --etcd-endpoints ...`): take
+    # them out first, then parse the command from what is left.
+    flags, rest = global_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(rest)
+    for name, value in vars(flags).items():
+        setattr(args, name, value)
     level = {0: os.environ.get("TORTIE_LOG_LEVEL", "warning"), 1: "info"}.get(args.verbose, "debug")
     tlog.configure(level=level, stream=err)
     ctx = None

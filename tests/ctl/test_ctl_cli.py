@@ -148,6 +148,9 @@ def test_console_script_uses_env_and_exit_codes(etcd, etcd_config, tmp_path):
     r = subprocess.run([str(exe), "--etcd-endpoints", "http://127.0.0.1:1", "--timeout", "0.5", "get", "pools"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 6 and "etcd unreachable" in r.stderr
+    r = subprocess.run([str(exe), "get", "pools", "-o", "name", "--etcd-endpoints", "http://127.0.0.1:1",
+                        "--timeout", "0.5"], env=env, capture_output=True, text=True)
+    assert r.returncode == 6  # global flags after the command count too
     r = subprocess.run([str(exe), "version"], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "revision" in r.stdout
 
