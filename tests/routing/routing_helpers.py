@@ -7,9 +7,14 @@ import asyncio
 import json
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from hypothesis import strategies as st
 
 from tortie.routing import netlink as nl
-from tortie.routing.model import TORTIE_PROTO
+from tortie.routing.model import TORTIE_PROTO, Route
 
 
 class Node:
@@ -81,3 +86,36 @@ async def async_wait_until(pred, timeout: float, step: float = 0.01) -> float:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(step)
     return time.monotonic() - t0
+
+
+@contextmanager
+def scratch_netns(tag: str) -> Iterator[str]:
+    """A namespace for one hypothesis example (function fixtures do not reset per example)."""
+    name = f"tt-{uuid.uuid4().hex[:8]}-{tag}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def without_dev(r: Route) -> Route:
+    """The route with the device left to the kernel (how a gateway route is desired)."""
+    return Route(r.dst, table=r.table, type=r.type, gateways=r.gateways, scope=r.scope,
+                 onlink=r.onlink, src=r.src, metric=r.metric)
+
+
+def route_strategy(links: tuple[str, ...]):
+    """Routes on a few keys of both families: to a device, via one or two gateways
+    (10.9.0.2/.3, fd00:9::2/3), blackhole; main table or table 1000."""
+    def make(v6: bool, i: int, how: str, dev: str, ecmp: bool, table: int) -> Route:
+        dst = f"fd00:1::{i}/128" if v6 else f"10.1.0.{i}/32"
+        gws = ("fd00:9::2", "fd00:9::3") if v6 else ("10.9.0.2", "10.9.0.3")
+        if how == "dev":
+            return Route(dst, dev=dev, table=table)
+        if how == "gw":
+            return Route(dst, gateways=gws if ecmp else gws[:1], table=table)
+        return Route(dst, type="blackhole", table=table)
+
+    return st.builds(make, st.booleans(), st.integers(0, 5), st.sampled_from(["dev", "gw", "bh"]),
+                     st.sampled_from(links), st.booleans(), st.sampled_from([254, 1000]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from routing_helpers import route_strategy, without_dev
 
 from tortie.routing.kernel import FakeKernel
 from tortie.routing.model import TORTIE_PROTO, Route
@@ -14,14 +15,7 @@ from tortie.routing.route_mgr import RouteManager
 LINKS = ("vA", "vB", "vC")
 CLASSES = ("workloads", "bgp", "egress")
 
-routes = st.builds(
-    lambda i, how, dev, gw, table: (
-        Route(f"10.1.0.{i}/32", dev=dev, table=table) if how == "dev"
-        else Route(f"10.1.0.{i}/32", gateways=gw, table=table) if how == "gw"
-        else Route(f"10.1.0.{i}/32", type="blackhole", table=table)),
-    st.integers(0, 5), st.sampled_from(["dev", "gw", "bh"]), st.sampled_from(LINKS),
-    st.sampled_from([("10.9.0.2",), ("10.9.0.2", "10.9.0.3")]), st.sampled_from([254, 1000]),
-)
+routes = route_strategy(LINKS)
 ops = st.one_of(
     st.tuples(st.just("set_routes"), st.sampled_from(CLASSES), st.lists(routes, max_size=6)),
     st.tuples(st.just("set_route"), st.sampled_from(CLASSES), routes),
@@ -32,11 +26,6 @@ ops = st.one_of(
     st.tuples(st.just("link_add"), st.sampled_from(LINKS)),
     st.tuples(st.just("apply")),
 )
-
-
-def without_dev(r: Route) -> Route:
-    return Route(r.dst, table=r.table, type=r.type, gateways=r.gateways, scope=r.scope,
-                 onlink=r.onlink, src=r.src, metric=r.metric)
 
 
 @settings(max_examples=300, deadline=None)
