@@ -449,14 +449,17 @@ class CNIServer:
 
     def _status(self, req: p.CNIRequest) -> None:
         try:
-            pools = self.store.list("IPPool")
+            pools = self.store.views("IPPool")
+            try:
+                labels = self.store.get("Node", self.node)["metadata"].get("labels") or {}
+            except errors.NotFound:
+                labels = {}
         except Exception as exc:
             if not isinstance(_datastore_error(exc), errors.DatastoreUnavailable):
                 raise
             raise p.CNIError(p.NOT_AVAILABLE, "plugin not available: datastore unreachable", str(exc)) from None
-        usable = [x for x in pools if not (x.get("spec") or {}).get("disabled")]
-        if not usable:
-            raise p.CNIError(p.NOT_AVAILABLE, "plugin not available: no usable IP pool")
+        if not any(not pool.disabled and pool.selects(labels) for pool in pools):
+            raise p.CNIError(p.NOT_AVAILABLE, f"plugin not available: no usable IP pool for node {self.node}")
 
     async def _gc(self, req: p.CNIRequest) -> None:
         valid_raw = req.config.get("cni.dev/valid-attachments")

@@ -200,6 +200,14 @@ def test_version(cni_node):
 def test_status(cni_node):
     ok = cni_node.exec_plugin("STATUS", cni_node.config("1.1.0"))
     assert ok.rc == 0 and ok.stdout == ""
+    # a pool whose node selector leaves this node out is no use to it
+    cni_node.store.apply({"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": "pool1"},
+                          "spec": {"cidr": POOL_CIDR, "blockSize": 26, "nodeSelector": "zone == 'b'"}})
+    bad = cni_node.exec_plugin("STATUS", cni_node.config("1.1.0"))
+    assert bad.rc != 0 and bad.json["code"] == 50
+    cni_node.store.apply({"apiVersion": "tortie.io/v1", "kind": "Node",
+                          "metadata": {"name": cni_node.name, "labels": {"zone": "b"}}})
+    assert cni_node.exec_plugin("STATUS", cni_node.config("1.1.0")).rc == 0
     cni_node.store.apply({"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": "pool1"},
                           "spec": {"cidr": POOL_CIDR, "blockSize": 26, "disabled": True}})
     bad = cni_node.exec_plugin("STATUS", cni_node.config("1.1.0"))
