@@ -224,6 +224,7 @@ class FakeKernel:
                 del self.routes[k]
             else:
                 self.routes[k] = r
+                self.foreign.pop(k, None)  # a replace takes the place of whatever was there
         return errors
 
     def dump_rules(self) -> list[KernelRule]:

@@ -119,3 +119,43 @@ def route_strategy(links: tuple[str, ...]):
 
     return st.builds(make, st.booleans(), st.integers(0, 5), st.sampled_from(["dev", "gw", "bh"]),
                      st.sampled_from(links), st.booleans(), st.sampled_from([254, 1000]))
+
+
+def step_strategy(classes: tuple[str, ...], links: tuple[str, ...]):
+    """One step of a property test: a desired-state change, a hand edit (delete; change of
+    device, keeping tortie's protocol or not), a link deleted or added, or an apply."""
+    routes = route_strategy(links)
+    return st.one_of(
+        st.tuples(st.just("set_routes"), st.sampled_from(classes), st.lists(routes, max_size=6)),
+        st.tuples(st.just("set_route"), st.sampled_from(classes), routes),
+        st.tuples(st.just("remove_route"), st.sampled_from(classes), routes),
+        st.tuples(st.just("hand_delete"), routes),
+        st.tuples(st.just("hand_change"), routes, st.sampled_from(links), st.booleans()),
+        st.tuples(st.just("link_del"), st.sampled_from(links)),
+        st.tuples(st.just("link_add"), st.sampled_from(links)),
+        st.tuples(st.just("apply")),
+    )
+
+
+def desired_step(m, step: tuple) -> bool:
+    """Apply a desired-state step to RouteManager ``m``; False if it is another kind."""
+    kind = step[0]
+    if kind == "set_routes":
+        m.set_routes(step[1], {r.key: r for r in step[2]}.values())
+    elif kind == "set_route":
+        m.set_route(step[1], step[2])
+    elif kind == "remove_route":
+        m.remove_route(step[1], step[2].key)
+    else:
+        return False
+    return True
+
+
+def assert_converged(m, have: dict, links) -> None:
+    """The kernel (``have``: key -> Route of ours) holds exactly the desired routes whose
+    devices exist, and the rest are pending. A route that names no device leaves the choice
+    to the kernel (the gateway's): which device it has is not a difference."""
+    want = {k: r for k, r in m.desired().items() if r.dev is None or r.dev in links}
+    assert {k: without_dev(r) if k in want and want[k].dev is None else r
+            for k, r in have.items()} == want
+    assert m.pending == {k for k in m.desired() if k not in want}

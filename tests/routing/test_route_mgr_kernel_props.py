@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from routing_helpers import route_strategy, scratch_netns, without_dev
+from routing_helpers import assert_converged, desired_step, scratch_netns, step_strategy
 
 from tortie.routing.kernel import NetlinkKernel
 from tortie.routing.model import TORTIE_PROTO, Route
@@ -20,22 +20,10 @@ from tortie.routing.route_mgr import RouteManager
 pytestmark = pytest.mark.timeout(300)
 
 LINKS = ("vA", "vB", "vC")
-CLASSES = ("workloads", "bgp")
-routes = route_strategy(LINKS)
-ops = st.one_of(
-    st.tuples(st.just("set_routes"), st.sampled_from(CLASSES), st.lists(routes, max_size=6)),
-    st.tuples(st.just("set_route"), st.sampled_from(CLASSES), routes),
-    st.tuples(st.just("remove_route"), st.sampled_from(CLASSES), routes),
-    st.tuples(st.just("hand_delete"), routes),
-    st.tuples(st.just("hand_change"), routes, st.sampled_from(LINKS), st.booleans()),
-    st.tuples(st.just("link_del"), st.sampled_from(LINKS)),
-    st.tuples(st.just("link_add"), st.sampled_from(LINKS)),
-    st.tuples(st.just("apply")),
-)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(ops, max_size=15))
+@given(st.lists(step_strategy(("workloads", "bgp"), LINKS), max_size=15))
 # Always covered: `ip route change` by hand without tortie's protocol, both families.
 @example([("set_routes", "workloads", [Route("10.1.0.1/32", dev="vA"),
                                        Route("fd00:1::1/128", dev="vA", table=1000)]),
@@ -63,12 +51,8 @@ def test_real_kernel_converges_to_desired(steps):
         try:
             for step in steps:
                 kind = step[0]
-                if kind == "set_routes":
-                    m.set_routes(step[1], {r.key: r for r in step[2]}.values())
-                elif kind == "set_route":
-                    m.set_route(step[1], step[2])
-                elif kind == "remove_route":
-                    m.remove_route(step[1], step[2].key)
+                if desired_step(m, step):
+                    pass
                 elif kind == "hand_delete":
                     ip("route", "del", step[1].dst, "table", str(step[1].table), "proto",
                        str(TORTIE_PROTO), check=False)  # `ip` picks the family from dst
@@ -93,12 +77,9 @@ def test_real_kernel_converges_to_desired(steps):
         finally:
             mon.close()
             m.close()
-        want = {k: r for k, r in m.desired().items() if r.dev is None or r.dev in links}
         k = NetlinkKernel(ns)
         try:
             have = {r.key: r for r in k.dump_routes(TORTIE_PROTO)}
         finally:
             k.close()
-        assert {key: without_dev(r) if key in want and want[key].dev is None else r
-                for key, r in have.items()} == want
-        assert m.pending == {key for key in m.desired() if key not in want}
+        assert_converged(m, have, links)
