@@ -16,7 +16,8 @@ that scan (drift repair); another runs the IPAM garbage collector (`gc.py`).
 
 Environment: TORTIE_ETCD_* (the datastore); TORTIE_K8S_API (a plain http URL, for
 tests), else KUBECONFIG, else the in-cluster service account; TORTIE_CONTROLLER_RESYNC,
-TORTIE_CONTROLLER_GC_INTERVAL and TORTIE_CONTROLLER_GC_GRACE in seconds.
+TORTIE_CONTROLLER_GC_INTERVAL and TORTIE_CONTROLLER_GC_GRACE in seconds;
+TORTIE_CONTROLLER_HEALTH=host:port serves /liveness and /readiness (ready once in sync).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
+from tortie.agent.health import Health
 from tortie.datastore import resources as res
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.datastore.ipam import IPAM
@@ -62,13 +65,15 @@ class ControllerConfig:
     gc_grace: float = 300.0  # a leaked pod address is released after this long
     watch_timeout: int = 300  # server-side watch timeout; the stream is renewed after it
     retry_interval: float = 1.0
+    health: str | None = None  # "host:port" for /liveness and /readiness; None: not served
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ControllerConfig:
         env = os.environ if env is None else env
         kw: dict[str, Any] = {"etcd": EtcdConfig.from_env(dict(env)),
                               "k8s_api": env.get("TORTIE_K8S_API") or None,
-                              "kubeconfig": env.get("KUBECONFIG") or None}
+                              "kubeconfig": env.get("KUBECONFIG") or None,
+                              "health": env.get("TORTIE_CONTROLLER_HEALTH") or None}
         for name, var in (("resync_interval", "TORTIE_CONTROLLER_RESYNC"),
                           ("gc_interval", "TORTIE_CONTROLLER_GC_INTERVAL"),
                           ("gc_grace", "TORTIE_CONTROLLER_GC_GRACE")):
@@ -127,8 +132,12 @@ class Reflector:
     """List, then watch from the list's resourceVersion, one kind, in a thread of its own."""
 
     def __init__(self, kind: str, list_fn: Callable, out: queue.Queue, *, watch_timeout: int,
-                 retry_interval: float) -> None:
+                 retry_interval: float, health: Health | None = None) -> None:
         self.kind = kind
+        self.health = health
+        self.component = f"watch-{kind.lower()}"
+        if health is not None:
+            health.register(self.component, deadline=watch_timeout + 60.0)
         self.list_fn = list_fn
         self.out = out
         self.watch_timeout = watch_timeout
@@ -161,6 +170,7 @@ class Reflector:
                     rv = self._list()
                 rv = self._watch_from(rv)
                 delay = self.retry_interval
+                self._ok()
             except k8s.ApiException as exc:
                 if exc.status == 410:
                     log.info("watch history expired; relisting", kind=self.kind, resource_version=rv)
@@ -174,8 +184,14 @@ class Reflector:
                 self._pause(exc, rv, delay)
                 delay = min(delay * 2, 30.0)
 
+    def _ok(self) -> None:
+        if self.health is not None:
+            self.health.ok(self.component)
+
     def _pause(self, exc: BaseException, rv: str | None, delay: float) -> None:
         self.reconnects += 1
+        if self.health is not None:
+            self.health.failed(self.component, f"{type(exc).__name__}: {exc}"[:200])
         log.warning("kubernetes watch lost; reconnecting", kind=self.kind, resource_version=rv,
                     retry_in=delay, error=f"{type(exc).__name__}: {exc}"[:300])
         self._stop.wait(delay)
@@ -188,6 +204,7 @@ class Reflector:
         rv = str(data["metadata"]["resourceVersion"])
         self.lists += 1
         self.out.put(Listed(self.kind, list(data.get("items") or ()), rv))
+        self._ok()
         log.info("listed", kind=self.kind, items=len(data.get("items") or ()), resource_version=rv)
         return rv
 
@@ -202,6 +219,7 @@ class Reflector:
                 rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
                 if ev["type"] in ("ADDED", "MODIFIED", "DELETED"):
                     self.out.put(Changed(self.kind, ev["type"], obj))
+                self._ok()
                 if self._stop.is_set():
                     break
         finally:
@@ -230,6 +248,10 @@ class Controller:
         self.gc = IPAMGarbageCollector(IPAM(self.etcd), config.gc_grace)
         self.api = api or kube_api_client(config)
         self.queue: queue.Queue = queue.Queue()
+        self.health = Health()
+        self.health.register("loop", deadline=30.0)
+        self.health.register("datastore", deadline=max(120.0, 4 * config.retry_interval))
+        self._health_server: ThreadingHTTPServer | None = None
         self._stop = threading.Event()
         self.synced = threading.Event()  # every kind listed and reconciled once
         core, net = k8s.CoreV1Api(self.api), k8s.NetworkingV1Api(self.api)
@@ -237,7 +259,8 @@ class Controller:
                     "NetworkPolicy": net.list_network_policy_for_all_namespaces,
                     "Pod": core.list_pod_for_all_namespaces}
         self.reflectors = {kind: Reflector(kind, list_fns[kind], self.queue, watch_timeout=config.watch_timeout,
-                                           retry_interval=config.retry_interval) for kind in KINDS}
+                                           retry_interval=config.retry_interval, health=self.health)
+                           for kind in KINDS}
         self._wep_syncer = Syncer(self.etcd, self.etcd.config.prefix + res.kind_for("workloadendpoint").prefix())
         # Kubernetes as last heard: raw objects (mirrored kinds), labels (nodes), pods.
         self.objects: dict[str, dict[tuple[str | None, str], dict]] = {k: {} for k in MIRRORED}
@@ -266,6 +289,8 @@ class Controller:
     def run(self) -> None:
         log.info("controller starting", etcd=",".join(self.etcd.config.endpoints), prefix=self.etcd.config.prefix,
                  kubernetes=self.api.configuration.host)
+        if self.config.health:
+            self._serve_health(self.config.health)
         for r in self.reflectors.values():
             r.start()
         wep_thread = threading.Thread(target=self._pump_weps, name="wep syncer", daemon=True)
@@ -275,6 +300,7 @@ class Controller:
         try:
             while not self._stop.is_set():
                 self._drain(timeout=0.2)
+                self.health.ok("loop")
                 now = time.monotonic()
                 if now >= next_resync:
                     self.scan |= set(KINDS)
@@ -282,10 +308,13 @@ class Controller:
                 if retry_at is None or now >= retry_at:
                     scanning = bool(self.scan)
                     retry_at = None if self._reconcile() else now + self.config.retry_interval
+                    if retry_at is None:
+                        self.health.ok("datastore")
                     if scanning and not self.scan and retry_at is None:
                         self.resyncs += 1
                 if self._ready() and retry_at is None and not self.synced.is_set():
                     self.synced.set()
+                    self.health.ready = True
                     log.info("in sync", nodes=len(self.nodes), pods=len(self.pods), endpoints=len(self.weps),
                              **{k.lower() + "s": len(v) for k, v in self.objects.items()})
                 if self._ready() and now >= next_gc:
@@ -298,9 +327,44 @@ class Controller:
             for r in self.reflectors.values():
                 r.join()
             wep_thread.join(5)
+            if self._health_server is not None:
+                self._health_server.shutdown()
+                self._health_server.server_close()
             if self._own_etcd:
                 self.etcd.close()
             log.info("controller stopped")
+
+    @property
+    def health_port(self) -> int | None:
+        return self._health_server.server_address[1] if self._health_server else None
+
+    def _serve_health(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        health = self.health
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                live, ready, detail = health.report()
+                ok = {"/liveness": live, "/readiness": ready}.get(self.path.split("?")[0])
+                body = json.dumps({"ok": ok, "ready": ready, "components": detail}).encode() + b"\n"
+                self.send_response(404 if ok is None else 200 if ok else 503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format, *args) -> None:
+                pass
+
+        try:
+            server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
+        except (OSError, ValueError) as exc:
+            raise ValidationError(f"cannot serve health on {listen!r}: {exc}", field="TORTIE_CONTROLLER_HEALTH") from exc
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="health",
+                         daemon=True).start()
+        self._health_server = server
+        log.info("health served", listen=f"{host or '0.0.0.0'}:{server.server_address[1]}")
 
     def _ready(self) -> bool:
         return self.listed >= set(KINDS) and self.weps_synced
@@ -435,6 +499,7 @@ class Controller:
                         ok = False
             except DatastoreUnavailable as exc:
                 log.warning("datastore unavailable; will retry", kind=kind, error=str(exc))
+                self.health.failed("datastore", str(exc))
                 return False
         return ok
 

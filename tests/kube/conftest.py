@@ -43,9 +43,10 @@ def run_controller(etcd, etcd_config, fake_api):
     running: list[RunningController] = []
 
     def start(wait_synced: bool = True, **overrides) -> Controller:
-        kw = dict(gc_interval=0.3, gc_grace=1.0, resync_interval=3600, retry_interval=0.2, watch_timeout=30)
+        kw = dict(k8s_api=fake_api.url, gc_interval=0.3, gc_grace=1.0, resync_interval=3600, retry_interval=0.2,
+                  watch_timeout=30)
         kw.update(overrides)
-        config = ControllerConfig(etcd=etcd_config, k8s_api=fake_api.url, **kw)
+        config = ControllerConfig(etcd=etcd_config, **kw)
         watches = fake_api.watch_requests
         rc = RunningController(Controller(config, etcd=etcd))
         running.append(rc)

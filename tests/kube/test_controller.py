@@ -248,3 +248,30 @@ def test_an_object_tortie_rejects_is_skipped_not_fatal(etcd, fake_api, run_contr
     assert not ctl.dirty["NetworkPolicy"]  # not retried forever
     fake_api.modify(network_policy("prod", "bad"))  # fixed: now it goes through
     wait_for(lambda: _get(store, "NetworkPolicy", "bad", "prod"), what="fixed policy mirrored")
+
+
+def _http_get(port: int, path: str) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_health_ready_only_once_in_sync(etcd, fake_api, run_controller):
+    # No API server behind this address: alive, never ready, the watches report the error.
+    lost = run_controller(wait_synced=False, k8s_api="http://127.0.0.1:9", health="127.0.0.1:0")
+    port = wait_for(lambda: lost.health_port, what="health port")
+    wait_for(lambda: lost.reflectors["Node"].reconnects, what="a failed list")
+    assert _http_get(port, "/liveness")[0] == 200
+    code, body = _http_get(port, "/readiness")
+    assert code == 503 and body["ready"] is False
+    assert body["components"]["watch-node"]["lastError"]
+
+    ctl = run_controller(health="127.0.0.1:0")
+    code, body = _http_get(ctl.health_port, "/readiness")
+    assert code == 200 and body["components"]["datastore"]["live"]
+    assert _http_get(ctl.health_port, "/nope")[0] == 404
