@@ -5,6 +5,8 @@ desired route for a key (family, table, dst) is the one from the first class in
 ``CLASS_PRIORITY`` that has it:
 
     workloads      a local pod's /32 (/128) to its veth: the most specific truth there is
+    cni            the same routes, set one at a time by the CNI server before the
+                   calculation catches up
     blocks         blackholes for the node's own blocks
     bgp-borrowed   /32s learned for addresses borrowed from our blocks by other nodes
     bgp            routes learned from peers
@@ -47,7 +49,7 @@ from .model import TORTIE_PROTO, Route, route_key
 
 log = get_logger("routes")
 
-CLASS_PRIORITY = ("workloads", "blocks", "bgp-borrowed", "bgp", "egress")
+CLASS_PRIORITY = ("workloads", "cni", "blocks", "bgp-borrowed", "bgp", "egress")
 
 RouteKey = tuple[int, int, str]
 # Errors that mean "the device is not there (or not up) yet": wait for a link event.
