@@ -39,12 +39,7 @@ def test_two_nodes_full_mesh(lab_factory):
     lab.down()
 
 
-@pytest.mark.parametrize("tor,uplinks", [
-    ("bird", 1), ("frr", 1),
-    pytest.param("bird", 2, marks=pytest.mark.xfail(
-        reason="issue 5: the agent's ExaBGP peers use the node's first address as local-address for "
-               "every peer, so the second router sees the session come from the wrong segment")),
-])
+@pytest.mark.parametrize("tor,uplinks", [("bird", 1), ("frr", 1), ("bird", 2), ("frr", 2)])
 def test_two_nodes_behind_routers_and_the_outside_host(lab_factory, tor, uplinks):
     lab = lab_factory(nodes=2, tor=tor, uplinks=uplinks)
     lab.pod_add("node1", "default/a")
