@@ -25,6 +25,9 @@ first apply, on ``resync()`` (the agent's slow timer), and when the monitor lost
 A restarted agent adopts: after the resync, a kernel route equal to the desired one is
 left alone, so no route of a live pod is deleted and re-added.
 
+A write the kernel refuses is reported in ApplyStats.errors and kept in ``failed``; it is
+tried again on the next resync (the agent's slow timer), not in a hot loop.
+
 Races handled:
 - a route's device does not exist yet (CNI creates the veth after asking for the route,
   or the reverse): the route waits in ``pending`` and is written when the monitor sees

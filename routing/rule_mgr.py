@@ -82,7 +82,15 @@ class RuleManager:
 
     def apply(self) -> RuleApplyStats:
         t0 = time.perf_counter()
+        # Cleared first: a notification arriving while we work marks it again.
         self._dirty = False
+        try:
+            return self._apply(t0)
+        except Exception:
+            self._dirty = True  # an error only means: try again later
+            raise
+
+    def _apply(self, t0: float) -> RuleApplyStats:
         ours = [k for k in self.kernel.dump_rules() if k.priority in self.priorities]
         seen: set[Rule] = set()
         deletes: list[KernelRule] = []
