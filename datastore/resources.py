@@ -125,11 +125,11 @@ class Fields:
             self.obj = {**self.obj, name: sum(int(n or 0) * k for n, k in zip(m.groups(), (3600, 60, 1), strict=True))}
         return self.int(name, lo, hi)
 
-    def cidr(self, name: str, *, required: bool = False) -> IPNetwork | None:
+    def cidr(self, name: str, *, required: bool = False, masked: bool = True) -> IPNetwork | None:
         value = self.str(name, required=required)
         if value is None:
             return None
-        net = parse_cidr(value, self.at(name))
+        net = parse_cidr(value, self.at(name), masked=masked)
         self.out[name] = str(net)
         return net
 
@@ -171,12 +171,17 @@ class Fields:
         return self.out
 
 
-def parse_cidr(value: str, field: str) -> IPNetwork:
-    """A network; host bits are cleared (10.0.0.5/16 -> 10.0.0.0/16), as Calico does."""
+def parse_cidr(value: str, field: str, *, masked: bool = True) -> IPNetwork:
+    """A network. tortie's own resources must name it masked: "10.0.0.5/16" is refused
+    rather than silently read as 10.0.0.0/16, since the user may have meant another
+    prefix length. Kubernetes objects (masked=False) keep the API server's leniency."""
     try:
-        return ipaddress.ip_network(value, strict=False)
+        net = ipaddress.ip_network(value, strict=False)
     except ValueError as exc:
         raise ValidationError(f"{value!r} is not a CIDR: {exc}", field=field) from None
+    if masked and ipaddress.ip_address(value.split("/")[0]) != net.network_address:
+        raise ValidationError(f"{value!r} has host bits set (did you mean {net}?)", field=field)
+    return net
 
 
 def parse_ip(value: str, field: str, version: int | None = None):
@@ -441,10 +446,10 @@ def _netpol_spec(f: Fields, meta: dict) -> None:
         label_selector("namespaceSelector", p)
 
         def ip_block(b: Fields) -> None:
-            net = b.cidr("cidr", required=True)
+            net = b.cidr("cidr", required=True, masked=False)
 
             def inside(v: Any, where: str) -> str:
-                ex = parse_cidr(_string(v, where), where)
+                ex = parse_cidr(_string(v, where), where, masked=False)
                 if ex.version != net.version or not ex.subnet_of(net):
                     raise ValidationError(f"{ex} is not inside {net}", field=where)
                 return str(ex)

@@ -1,4 +1,9 @@
-"""The label-selector language (Calico's syntax), parsed once into a matcher.
+"""The label-selector languages, parsed once into a matcher.
+
+Two syntaxes are accepted wherever a selector string is: Kubernetes' (`env=prod,tier!=web,
+zone in (a,b),!legacy,gpu`, what `kubectl -l` takes) and Calico's, below. A text that is
+a well-formed Kubernetes selector is read as one (the two grammars do not overlap: Calico
+quotes its values and spells presence `has(k)`); anything else is parsed as Calico's.
 
 Used by IPPool.nodeSelector, BGPPeer.nodeSelector/peerSelector and anything else that
 picks resources by their labels. Grammar, loosest binding first::
@@ -298,10 +303,54 @@ def _flatten(cls: type[And] | type[Or], parts: list[Selector]) -> Selector:
     return cls(tuple(flat))
 
 
+_K8S_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?"
+_K8S_KEY = rf"(?:{_K8S_NAME}(?:\.{_K8S_NAME})*/)?{_K8S_NAME}"
+_K8S_VALUE = rf"(?:{_K8S_NAME})?"
+_K8S_REQ = re.compile(
+    rf"""\s*(?:
+        (?P<not>!)\s*(?P<nkey>{_K8S_KEY})
+      | (?P<key>{_K8S_KEY})\s*(?:
+            (?P<op>==|=|!=)\s*(?P<value>{_K8S_VALUE})
+          | (?P<set>in|notin)\s*\(\s*(?P<values>{_K8S_VALUE}(?:\s*,\s*{_K8S_VALUE})*)\s*\)
+        )?
+    )\s*""",
+    re.VERBOSE,
+)
+
+
+def _k8s_to_calico(text: str) -> str | None:
+    """Kubernetes selector syntax translated to Calico's, or None if it is not that syntax."""
+    out, pos = [], 0
+    while True:
+        m = _K8S_REQ.match(text, pos)
+        if not m or m.end() == m.start():
+            return None
+        if m["not"]:
+            out.append(f"!has({m['nkey']})")
+        elif m["op"]:
+            out.append(f'{m["key"]} {"!=" if m["op"] == "!=" else "=="} "{m["value"]}"')
+        elif m["set"]:
+            values = ", ".join(f'"{v.strip()}"' for v in m["values"].split(","))
+            out.append(f'{m["key"]} {"in" if m["set"] == "in" else "not in"} {{{values}}}')
+        else:
+            out.append(f"has({m['key']})")
+        pos = m.end()
+        if pos == len(text):
+            return " && ".join(out)
+        if text[pos] != ",":
+            return None
+        pos += 1
+
+
 @lru_cache(maxsize=4096)
 def parse(text: str | None) -> Selector:
-    """Parse a selector; raises ValidationError saying where it went wrong."""
-    return _Parser(text or "").parse()
+    """Parse a selector in either syntax; raises ValidationError saying where it went wrong."""
+    text = text or ""
+    if text.strip():
+        translated = _k8s_to_calico(text)
+        if translated is not None:
+            return _Parser(translated).parse()
+    return _Parser(text).parse()
 
 
 def validate(text: str | None, field: str) -> str:

@@ -20,11 +20,18 @@ def netpol(spec, name="np"):
 # --- validation -----------------------------------------------------------------------
 
 def test_pool_defaults_and_normalization():
-    res = r.validate(pool(cidr="10.10.3.7/16"))
+    res = r.validate(pool(cidr="10.10.0.0/16"))
     assert res["spec"] == {"cidr": "10.10.0.0/16", "blockSize": 26, "natOutgoing": False,
                            "disabled": False, "disableBGPExport": False, "nodeSelector": "all()"}
-    v6 = r.validate(pool(cidr="fd00:10::/48"))
-    assert v6["spec"]["blockSize"] == 122
+    v6 = r.validate(pool(cidr="fd00:10:0::/48"))
+    assert v6["spec"]["blockSize"] == 122 and v6["spec"]["cidr"] == "fd00:10::/48"
+
+
+@pytest.mark.parametrize("cidr", ["10.10.3.7/16", "fd00:10::1/48"])
+def test_unmasked_pool_cidr_is_rejected_with_the_masked_form(cidr):
+    with pytest.raises(ValidationError, match="host bits set") as exc:
+        r.validate(pool(cidr=cidr))
+    assert exc.value.field == "spec.cidr"
 
 
 @pytest.mark.parametrize(
@@ -148,7 +155,7 @@ def test_views():
     timed = r.BGPPeer.from_resource({"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "t"},
                                      "spec": {"peerIP": "10.0.0.9", "asNumber": 1, "holdTime": "1m30s",
                                               "keepAliveTime": 20, "password": "s3cret",
-                                              "acceptPrefixes": ["0.0.0.0/0", "10.9.1.7/16"]}})
+                                              "acceptPrefixes": ["0.0.0.0/0", "10.9.0.0/16"]}})
     assert (timed.hold_time, timed.keepalive_time, timed.password) == (90, 20, "s3cret")
     assert timed.accept_prefixes == ("0.0.0.0/0", "10.9.0.0/16")
     assert peer.applies_to(node)
@@ -293,7 +300,7 @@ def test_network_policy_view_follows_kubernetes_peer_rules():
                        "podSelector": {"matchLabels": {"role": "batch"}}}],  # both must hold
              "ports": [{"port": 5432}, {"protocol": "UDP", "port": 5000, "endPort": 5010}]},
         ],
-        "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.2.3/16"]}}]}],
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]}],
     }))
     assert pol.policy_types == ("Ingress", "Egress")
     assert pol.selects({"app": "db"}, "ns1") and not pol.selects({"app": "db"}, "other")
@@ -315,7 +322,7 @@ def test_network_policy_view_follows_kubernetes_peer_rules():
 
 
 SAMPLES = [
-    pool(cidr="10.1.2.3/16", egress={"table": 100, "nextHop": "10.1.0.1", "interface": "eth1"}, ipipMode="Never"),
+    pool(cidr="10.1.0.0/16", egress={"table": 100, "nextHop": "10.1.0.1", "interface": "eth1"}, ipipMode="Never"),
     {"apiVersion": "tortie.io/v1", "kind": "IPAMConfig", "metadata": {"name": "default"}, "spec": {}},
     {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n1", "labels": {"example.com/rack": "r1"}},
      "spec": {"bgp": {"ipv4Address": "10.0.0.1", "ipv6Address": "fd00::1/64", "asNumber": "1.10",
@@ -324,7 +331,7 @@ SAMPLES = [
     {"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "tor"},
      "spec": {"peerIP": "[fd00::1]:179", "asNumber": 65001, "holdTime": "1m", "acceptPrefixes": ["0.0.0.0/0"]}},
     {"apiVersion": "tortie.io/v1", "kind": "BGPConfiguration", "metadata": {"name": "node.n1"},
-     "spec": {"communities": ["65000:1", "1:2:3"], "serviceClusterIPs": [{"cidr": "10.96.0.1/12"}]}},
+     "spec": {"communities": ["65000:1", "1:2:3"], "serviceClusterIPs": [{"cidr": "10.96.0.0/12"}]}},
     {"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
      "metadata": {"name": "n1-k8s-web-eth0", "namespace": "ns1", "annotations": {"note": "any text at all"}},
      "spec": {"node": "n1", "pod": "web", "ipNetworks": ["10.65.0.7/32"], "mac": "02:00:00:00:00:01",

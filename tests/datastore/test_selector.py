@@ -128,3 +128,25 @@ def test_print_parse_round_trip(tree, samples):
     assert str(sel.parse(str(parsed))) == str(parsed)  # canonical: printing is a fixed point
     for labels in samples:
         assert parsed.matches(labels) == tree.matches(labels), (text, labels)
+
+
+@pytest.mark.parametrize(
+    ("k8s", "labels", "expected"),
+    [
+        ("env=prod", {"env": "prod"}, True),
+        ("env==prod,zone in (a, b)", {"env": "prod", "zone": "b"}, True),
+        ("env==prod,zone in (a, b)", {"env": "prod", "zone": "c"}, False),
+        ("env!=prod", {}, True),  # as in Kubernetes: a missing label is "not equal"
+        ("zone notin (a)", {"zone": "a"}, False),
+        ("gpu", {"gpu": ""}, True),
+        ("!gpu", {"gpu": "x"}, False),
+        ("example.com/rack=r1,!legacy", {"example.com/rack": "r1"}, True),
+    ],
+)
+def test_kubernetes_label_selector_syntax(k8s, labels, expected):
+    assert sel.parse(k8s).matches(labels) is expected
+
+
+def test_kubernetes_syntax_means_the_same_as_calico_syntax():
+    assert sel.parse("env=prod,zone in (a,b),!legacy") == sel.parse(
+        'env == "prod" && zone in {"a", "b"} && !has(legacy)')
