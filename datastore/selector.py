@@ -305,7 +305,9 @@ def _flatten(cls: type[And] | type[Or], parts: list[Selector]) -> Selector:
 
 _K8S_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?"
 _K8S_KEY = rf"(?:{_K8S_NAME}(?:\.{_K8S_NAME})*/)?{_K8S_NAME}"
-_K8S_VALUE = rf"(?:{_K8S_NAME})?"
+# Empty values (`role=`), legal in Kubernetes, are left to Calico's parser, which refuses
+# them: a dangling operator is far more often a typo than a test for an empty label.
+_K8S_VALUE = _K8S_NAME
 _K8S_REQ = re.compile(
     rf"""\s*(?:
         (?P<not>!)\s*(?P<nkey>{_K8S_KEY})
