@@ -160,13 +160,23 @@ class EtcdClient:
             return None
         return KV(key, value, meta.mod_revision, meta.create_revision)
 
-    def get_prefix(self, prefix: str) -> tuple[list[KV], int]:
-        """All keys under prefix and the store revision they were read at (for a watch)."""
-        req = etcdrpc.RangeRequest(key=prefix.encode(), range_end=etcd3.utils.prefix_range_end(prefix.encode()))
-        resp = self._call(self.raw.kvstub.Range, req, self.raw.timeout,
-                          credentials=self.raw.call_credentials, metadata=self.raw.metadata)
-        kvs = [KV(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision) for kv in resp.kvs]
-        return kvs, resp.header.revision
+    def get_prefix(self, prefix: str, page: int = 500) -> tuple[list[KV], int]:
+        """All keys under prefix and the store revision they were read at (for a watch).
+
+        Read in pages at one revision: a single Range reply is capped at gRPC's 4 MB.
+        """
+        start, end = prefix.encode(), etcd3.utils.prefix_range_end(prefix.encode())
+        kvs: list[KV] = []
+        revision = 0
+        while True:
+            req = etcdrpc.RangeRequest(key=start, range_end=end, limit=page, revision=revision)
+            resp = self._call(self.raw.kvstub.Range, req, self.raw.timeout,
+                              credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+            revision = revision or resp.header.revision
+            kvs.extend(KV(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision) for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                return kvs, revision
+            start = resp.kvs[-1].key + b"\0"
 
     def revision(self) -> int:
         return self.get_prefix("\0\0nothing")[1]
@@ -235,13 +245,15 @@ class EtcdClient:
         return self._call(self.raw.lease, ttl)
 
     def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
-        """Unguarded bulk put in transactions of up to 100 ops (etcd's default limit is 128)."""
+        """Unguarded bulk put, in transactions under etcd's limits (128 ops, 1.5 MiB a request)."""
         batch: list[tuple[str, bytes]] = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == 100:
+        size = 0
+        for key, value in items:
+            if batch and (len(batch) == 100 or size + len(key) + len(value) > 1_000_000):
                 self.transaction(Txn(puts=batch))
-                batch = []
+                batch, size = [], 0
+            batch.append((key, value))
+            size += len(key) + len(value)
         if batch:
             self.transaction(Txn(puts=batch))
 

@@ -34,3 +34,13 @@ def test_unreachable_etcd_is_a_clear_error():
     client = EtcdClient(EtcdConfig(endpoints=("http://127.0.0.1:1",), timeout=0.5))
     with pytest.raises(DatastoreUnavailable, match="etcd unreachable"):
         client.get("/x")
+
+
+def test_get_prefix_pages_past_the_grpc_message_limit(etcd, etcd_prefix):
+    # 6 MB under one prefix: one unpaged Range would exceed gRPC's 4 MB reply limit.
+    value = b"x" * 60_000
+    etcd.put_many((f"{etcd_prefix}big/{i:04d}", value) for i in range(100))
+    kvs, rev = etcd.get_prefix(etcd_prefix + "big/", page=7)
+    assert [kv.key for kv in kvs] == [f"{etcd_prefix}big/{i:04d}" for i in range(100)]
+    assert all(kv.value == value for kv in kvs) and rev >= max(kv.mod_revision for kv in kvs)
+    assert len(etcd.get_prefix(etcd_prefix + "big/")[0]) == 100
