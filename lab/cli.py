@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("down", parents=[common], help="remove everything of the lab")
     demo = sub.add_parser("demo", parents=[common], help="a 2-node lab, pods, the matrix, then down")
-    demo.add_argument("--tor", default="none", choices=topology.TOR_KINDS)
+    demo.add_argument("--tor", default="bird", choices=topology.TOR_KINDS)
     return ap
 
 

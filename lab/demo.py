@@ -1,6 +1,7 @@
-"""`make demo`: a two-node tortie lab, four pods, who reaches whom, then everything removed.
+"""`make demo`: a two-node tortie lab behind a BIRD router, four pods, who reaches whom
+(nodes, pods and an outside host), then everything removed.
 
-Run as root: python -m tortie.lab.demo [--name LAB] [--keep]
+Run as root: python -m tortie.lab.demo [--name LAB] [--tor bird|frr|none] [--keep]
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import time
 
 from tortie.errors import TortieError
-from tortie.lab import topology
+from tortie.lab import nsutil, routers, topology
 from tortie.lab.cluster import Lab, teardown
 
 DEMO_LAB = "demo"
@@ -38,7 +39,7 @@ def _show_ctl(lab: Lab, *args: str) -> None:
     print((r.stdout + r.stderr).rstrip() or "(no output)")
 
 
-def run(name: str, keep: bool = False, tor: str = "none") -> int:
+def run(name: str, keep: bool = False, tor: str = "bird") -> int:
     t0 = time.monotonic()
     where = "on one L2 segment" if tor == "none" else f"each on its own link to a {tor} router"
     print(f"tortie lab demo: {NODES} nodes {where}, each a network namespace,\n"
@@ -57,7 +58,13 @@ def run(name: str, keep: bool = False, tor: str = "none") -> int:
         _step(4, "address blocks claimed by the nodes")
         _show_ctl(lab, "ipam", "show", "--show-blocks")
 
-        _step(5, "tortie-lab matrix: every node and pod to every pod, TCP and UDP on port 80")
+        for t in lab.status()["tors"]:
+            _step(5, f"routes the {t['kind']} router learned over BGP (each node announces its blocks)")
+            r = nsutil.run(["ip", "-n", t["namespace"], "-4", "route", "show", "proto",
+                             routers.KERNEL_PROTO[t["kind"]]], check=False)
+            print("\n".join(f"  {line}" for line in r.stdout.splitlines()) or "  (none yet)")
+
+        _step(6, "tortie-lab matrix: every node and pod to every pod, TCP and UDP on port 80")
         m = lab.matrix(80)
         for _ in range(20):  # routes between nodes arrive over BGP a moment after the pods
             if m.ok:
@@ -84,7 +91,7 @@ def run(name: str, keep: bool = False, tor: str = "none") -> int:
             # A second Ctrl-C must not cut the teardown short.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            _step(6, f"tortie-lab down --name {name}")
+            _step(7, f"tortie-lab down --name {name}")
             left = teardown(name)
             print("  everything removed" if not left else f"  left behind: {left}")
             print(f"\ndemo took {time.monotonic() - t0:.1f}s")
@@ -94,7 +101,7 @@ def main(name: str | None = None, argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tortie-lab demo")
     ap.add_argument("--name", default=name or DEMO_LAB)
     ap.add_argument("--keep", action="store_true", help="leave the lab running at the end")
-    ap.add_argument("--tor", default="none", choices=topology.TOR_KINDS)
+    ap.add_argument("--tor", default="bird", choices=topology.TOR_KINDS)
     args = ap.parse_args(argv)
     topology.check_lab_name(args.name)
     signal.signal(signal.SIGTERM, _interrupt)

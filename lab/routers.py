@@ -21,6 +21,7 @@ from tortie.lab.topology import Plan, TorPlan
 
 API_VERSION = "tortie.io/v1"
 HOLD_TIME = 9  # seconds: a lab wants quick failure detection
+KERNEL_PROTO = {"bird": "bird", "frr": "bgp"}  # the route protocol each puts on learned routes
 
 
 def bird_config(plan: Plan, tor: TorPlan, log_path: str) -> str:

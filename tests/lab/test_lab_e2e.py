@@ -52,3 +52,20 @@ def test_two_nodes_behind_routers_and_the_outside_host(lab_factory, tor, uplinks
     assert m.ok, m.render()
     assert "ext" in m.sources
     lab.down()
+
+
+def test_make_demo_runs_and_cleans_up(new_lab_name):
+    import os
+    import subprocess
+    import sys
+
+    from tortie.lab import nsutil, state, topology
+
+    name = new_lab_name("d")
+    r = subprocess.run([sys.executable, "-m", "tortie.lab.demo", "--name", name], capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "56/56 probes answered" in r.stdout and "everything removed" in r.stdout
+    assert "10.65." in r.stdout.split("== 5.")[1].split("== 6.")[0]  # the router learned the blocks
+    assert not [n for n in nsutil.netns_list() if topology.is_lab_netns(name, n)]
+    assert not os.path.exists(state.lab_dir(name))
