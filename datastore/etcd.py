@@ -163,15 +163,22 @@ class EtcdClient:
     def get_prefix(self, prefix: str, page: int = 500) -> tuple[list[KV], int]:
         """All keys under prefix and the store revision they were read at (for a watch).
 
-        Read in pages at one revision: a single Range reply is capped at gRPC's 4 MB.
+        Read in pages at one revision: a single Range reply is capped at gRPC's 4 MB, so a
+        page that comes back too large is asked for again in smaller pieces.
         """
         start, end = prefix.encode(), etcd3.utils.prefix_range_end(prefix.encode())
         kvs: list[KV] = []
         revision = 0
         while True:
             req = etcdrpc.RangeRequest(key=start, range_end=end, limit=page, revision=revision)
-            resp = self._call(self.raw.kvstub.Range, req, self.raw.timeout,
-                              credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+            try:
+                resp = self._call(self.raw.kvstub.Range, req, self.raw.timeout,
+                                  credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or page == 1:
+                    raise
+                page = max(1, page // 4)
+                continue
             revision = revision or resp.header.revision
             kvs.extend(KV(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision) for kv in resp.kvs)
             if not resp.more or not resp.kvs:

@@ -7,10 +7,14 @@ those packages exist the tests are skipped with the reason.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
+from tortie.lab import nsutil, state, topology
 from tortie.lab.cluster import resolve_agent
 
 pytestmark = [
@@ -55,12 +59,6 @@ def test_two_nodes_behind_routers_and_the_outside_host(lab_factory, tor, uplinks
 
 
 def test_make_demo_runs_and_cleans_up(new_lab_name):
-    import os
-    import subprocess
-    import sys
-
-    from tortie.lab import nsutil, state, topology
-
     name = new_lab_name("d")
     r = subprocess.run([sys.executable, "-m", "tortie.lab.demo", "--name", name], capture_output=True,
                        text=True, timeout=300, stdin=subprocess.DEVNULL)
