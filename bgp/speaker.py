@@ -152,7 +152,6 @@ class BGPSpeaker:
         os.makedirs(self.state_dir, exist_ok=True)
         if os.environ.get("TORTIE_BGP_TRACE"):
             self._trace = open(os.path.join(self.state_dir, "api.trace"), "ab")
-        await self._kill_leftover()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock_path)
         self._server = await asyncio.start_unix_server(self._on_relay, path=self.sock_path,
@@ -723,6 +722,11 @@ class BGPSpeaker:
         while not self._stopping:
             env = dict(os.environ)
             env.update(cfg.environment(self.local, self.log_path, self.pid_path, self._peers.values()))
+            # ExaBGP refuses to start while its pid file names a live process: a killed
+            # predecessor not yet reaped, or an unrelated process that reused the pid
+            await self._kill_leftover()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.pid_path)
             started = time.monotonic()
             self._spawn_gen = self._config_gen
             with open(out_path, "ab") as out:
