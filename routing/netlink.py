@@ -146,6 +146,9 @@ class NetlinkSocket:
                 sock.setsockopt(SOL_NETLINK, opt, 1)
             except OSError:
                 pass
+        # A sendmsg larger than the send buffer fails (EMSGSIZE): chunk below it.
+        self._chunk = min(CHUNK_BYTES,
+                          sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 - 4096)
         sock.bind((0, 0))
         for g in groups:
             sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, g)
@@ -212,7 +215,7 @@ class NetlinkSocket:
         while i < n:
             parts: list[bytes] = []
             size = 0
-            while i < n and (size < CHUNK_BYTES or not parts):
+            while i < n and (size < self._chunk or not parts):
                 m = msgs[i][1]
                 parts.append(m)
                 size += len(m)
