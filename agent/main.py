@@ -118,7 +118,10 @@ class Agent:
     async def _follow_datastore(self) -> None:
         from tortie.datastore.watch import Snapshot, Syncer
 
-        syncer = Syncer(self.client, self.cfg.etcd.prefix)
+        # Only what the calculation reads: not the IPAM blocks' churn on every allocation,
+        # nor the BGP status every node rewrites.
+        prefix = self.cfg.etcd.prefix
+        syncer = Syncer(self.client, [prefix + "resources/", prefix + "ipam/affinity/"])
         try:
             async for event in syncer.events():
                 if isinstance(event, Snapshot):
