@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - routing is part of the same package
     TORTIE_PROTO, Route = 77, None
 
 MAX_REQUEST = 4 << 20
+READ_TIMEOUT = 30.0  # a client that never finishes its request is dropped
 ROUTE_CLASS = "cni"  # see CNIServer.__init__
 
 
@@ -154,21 +155,26 @@ class CNIServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            data = await reader.read(MAX_REQUEST + 1)
-            while True:  # the shim half-closes after its request
-                more = await reader.read(MAX_REQUEST + 1 - len(data))
-                if not more:
-                    break
-                data += more
+            data = await asyncio.wait_for(self._read_request(reader), READ_TIMEOUT)
             status, body = await self.handle(data)
             writer.write(p.encode_response(status, body))
             await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            self.log.warning("cni client went away", error=str(exc))
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            self.log.warning("cni client went away", error=str(exc) or type(exc).__name__)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    @staticmethod
+    async def _read_request(reader: asyncio.StreamReader) -> bytes:
+        data = b""
+        while len(data) <= MAX_REQUEST:  # until the shim half-closes after its request
+            more = await reader.read(MAX_REQUEST + 1 - len(data))
+            if not more:
+                break
+            data += more
+        return data
 
     async def handle(self, data: bytes) -> tuple[int, bytes]:
         """One framed request -> (exit status, stdout bytes). Never raises."""

@@ -24,6 +24,7 @@ import sys
 
 MAGIC = b"TCNI1"
 DEFAULT_SOCKET = b"/run/tortie/cni.sock"
+COMPLEX = object()  # a value the byte search will not decode (see _string_value)
 SUPPORTED = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 TIMEOUT = 120.0  # the runtime has its own deadline; this only stops a hung agent pinning us
 
@@ -67,7 +68,8 @@ def _string_value(config, key):
     """The string value of `"key": "..."` found by a byte search, or None.
 
     Good enough for the two fields the shim needs (agentSocket, cniVersion); the
-    agent does the real parsing. JSON escapes other than \\" \\\\ \\/ are rejected.
+    agent does the real parsing. A value with JSON escapes other than \\" \\\\ \\/
+    gives COMPLEX: the caller then parses the config properly.
     """
     at = config.find(b'"' + key + b'"')
     if at < 0:
@@ -92,16 +94,39 @@ def _string_value(config, key):
         if c == 0x5C:  # backslash
             i += 1
             if i >= n or config[i] not in b'"\\/':
-                return None
+                return COMPLEX
             c = config[i]
         out.append(c)
         i += 1
     return None
 
 
+def _agent_socket(config):
+    """agentSocket from the network config (top level or ipam), else the default."""
+    path = _string_value(config, b"agentSocket")
+    if path is COMPLEX:  # rare: decode it properly, off the hot path
+        import json
+
+        def find(obj):
+            if isinstance(obj, dict):
+                if isinstance(obj.get("agentSocket"), str):
+                    return obj["agentSocket"]
+                for value in obj.values():
+                    found = find(value)
+                    if found:
+                        return found
+            return None
+
+        try:
+            path = (find(json.loads(config)) or "").encode("utf-8", "surrogatepass")
+        except (ValueError, UnicodeError):
+            path = None
+    return path or DEFAULT_SOCKET
+
+
 def _version_of(config):
     v = _string_value(config, b"cniVersion")
-    if v is not None:
+    if isinstance(v, bytes):
         v = v.decode("ascii", "replace")
         if v in SUPPORTED:
             return v
@@ -147,7 +172,7 @@ def run(argv0, environ, stdin):
         MAGIC, len(env_block).to_bytes(4, "big"), env_block,
         len(stdin).to_bytes(4, "big"), stdin,
     ))
-    path = _string_value(stdin, b"agentSocket") or DEFAULT_SOCKET
+    path = _agent_socket(stdin)
     try:
         reply = _exchange(path, request)
     except OSError as exc:
