@@ -167,6 +167,15 @@ def cmd_delete(ctx, args) -> int:
             if not args.ignore_not_found:
                 raise
             return f"{kind.key}/{name} not found (ignored)"
+        if kind.name == "Node":
+            # As calicoctl does: a node that is gone gives back its address blocks.
+            from tortie.datastore.cleanup import release_node
+            from tortie.datastore.ipam import IPAM
+
+            freed = release_node(ctx.store, IPAM(ctx.client), name)
+            return (f"{output.describe(gone)} deleted; released {freed['workload_endpoints']} workload "
+                    f"endpoint(s), {len(freed['addresses'])} address(es), "
+                    f"{len(freed['blocks'])} block(s)")
         return f"{output.describe(gone)} deleted"
     return _each(ctx, targets, delete)
 
