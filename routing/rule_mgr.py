@@ -115,7 +115,8 @@ class RuleManager:
         if priority not in self.priorities:
             return
         if deleted:
-            if rule is None or rule in self._desired:
+            if rule is not None and rule in self._desired:
+                self._actual.discard(rule)
                 self._dirty = True
         elif rule is None or rule not in self._desired or rule not in self._actual:
             self._dirty = True
