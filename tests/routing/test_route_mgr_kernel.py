@@ -243,3 +243,18 @@ def test_bulk_batches_and_reports_which_route_failed(node, n):
     assert st.added == n and len(st.errors) == 1 and st.errors[0].item == bad
     assert st.errors[0].errno == 101  # ENETUNREACH
     assert len(node.routes()) == n
+
+
+def test_netns_sockets_leave_the_thread_where_it_was(node):
+    from tortie.errors import DataplaneError
+
+    own = os.readlink("/proc/thread-self/ns/net")
+    m = RouteManager(netns=node.ns)
+    m.set_route("workloads", Route("10.1.0.5/32", dev="vA"))
+    m.apply()
+    assert os.readlink("/proc/thread-self/ns/net") == own
+    assert node.route_dsts() == {"10.1.0.5"}
+    with pytest.raises(DataplaneError):
+        RouteManager(netns=node.ns + "-missing")
+    assert os.readlink("/proc/thread-self/ns/net") == own
+    m.close()
