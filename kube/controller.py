@@ -370,8 +370,15 @@ class Controller:
         return self.listed >= set(KINDS) and self.weps_synced
 
     def _pump_weps(self) -> None:
-        for event in self._wep_syncer.iter_events():
-            self.queue.put(WepChange(event))
+        """Forward the endpoint syncer's events; should the syncer itself die (an error it
+        does not retry), start a fresh one, whose first event is a full snapshot."""
+        while True:
+            for event in self._wep_syncer.iter_events():
+                self.queue.put(WepChange(event))
+            if self._stop.wait(self.config.retry_interval):
+                return
+            log.warning("workload endpoint syncer ended; starting a new one")
+            self._wep_syncer = Syncer(self.etcd, self._wep_syncer.prefix)
 
     # --- events -> view + dirty keys ----------------------------------------------------
 
@@ -482,6 +489,7 @@ class Controller:
                 # After a list (or on the resync timer) one datastore read serves the whole pass.
                 stored = self._scan_store(kind) if kind in self.scan else None
                 self.scan.discard(kind)
+                failures = 0
                 for key in sorted(self.dirty[kind], key=str):
                     try:
                         self._sync(kind, key, stored)
@@ -492,14 +500,22 @@ class Controller:
                     except ValidationError as exc:  # Kubernetes accepted what tortie cannot: skip it
                         log.warning("object not mirrored", kind=kind, key=str(key), error=str(exc))
                         self.dirty[kind].discard(key)
-                    except (DatastoreUnavailable, KeyboardInterrupt):
+                    except DatastoreUnavailable:
                         raise
-                    except Exception:  # one odd object must not stop the others: retried later
-                        log.exception("sync failed; will retry", kind=kind, key=str(key))
+                    except Exception as exc:
+                        # One odd object must not hold up the others; several in a row are
+                        # not about the objects: give up this pass and retry it.
+                        failures += 1
+                        if failures >= 3:
+                            raise
+                        log.warning("sync failed; will retry", kind=kind, key=str(key),
+                                    error=f"{type(exc).__name__}: {exc}")
                         ok = False
-            except DatastoreUnavailable as exc:
-                log.warning("datastore unavailable; will retry", kind=kind, error=str(exc))
-                self.health.failed("datastore", str(exc))
+            except Exception as exc:  # DatastoreUnavailable, or an error the adapter does not map
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("datastore write pass failed; will retry", kind=kind, error=error)
+                log.debug("datastore write pass failed", exc_info=True)
+                self.health.failed("datastore", error)
                 return False
         return ok
 
@@ -605,8 +621,9 @@ class Controller:
         try:
             self.gc.collect(set(self.pods), set(self.nodes))
             self.gc_rounds += 1
-        except TortieError as exc:
-            log.warning("IPAM garbage collection failed; next round will retry", error=str(exc))
+        except Exception as exc:  # next round retries; the controller keeps running
+            log.warning("IPAM garbage collection failed; next round will retry",
+                        error=f"{type(exc).__name__}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
