@@ -314,8 +314,8 @@ class CNIServer:
 
     async def _add(self, req: p.CNIRequest) -> bytes:
         host_if = wiring.host_veth_name(req.container_id, req.ifname)
-        if not os.path.exists(req.netns):
-            raise p.CNIError(p.INVALID_ENV, f"CNI_NETNS {req.netns} does not exist")
+        if not wiring.is_netns(req.netns):
+            raise p.CNIError(p.INVALID_ENV, f"CNI_NETNS {req.netns} is not a network namespace")
         ips, fresh = await self._allocate(req)
         try:
             link = None

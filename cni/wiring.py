@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import ipaddress
 import os
@@ -317,6 +318,23 @@ def _pod_messages(index: int, addresses: Sequence[str]) -> list[tuple[int, int, 
                      _route_msg(default, index, gateway=gw, scope=RT_SCOPE_UNIVERSE, proto=RTPROT_STATIC),
                      f"pod default route via {gw}"))
     return msgs
+
+
+NS_GET_NSTYPE = 0xB703  # linux/nsfs.h: _IO(0xb7, 0x3)
+
+
+def is_netns(path: str) -> bool:
+    """Whether path is a network namespace (a bind mount or /proc/<pid>/ns/net)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _write_sysctl(path: str, value: str) -> None:

@@ -56,6 +56,8 @@ def test_missing_cni_variables(cni_node, missing):
     ({"CNI_ARGS": "K8S_POD_NAME=web;SURPRISE=1"}, 4),
     ({"CNI_ARGS": "garbage"}, 4),
     ({"CNI_NETNS": "/run/netns/does-not-exist-" + uuid.uuid4().hex[:6]}, 4),
+    ({"CNI_NETNS": "/dev/null"}, 4),
+    ({"CNI_NETNS": "/proc/self/ns/uts"}, 4),
 ])
 def test_invalid_environment(cni_node, env, code):
     pod_ns = cni_node.pod_ns()
