@@ -159,3 +159,15 @@ def test_dropped_watch_breaks_the_clients_stream(fake_api, kube_client):
             seen.append(e["object"].metadata.name)
     t.join()
     assert seen == ["n1"]
+
+
+def test_namespaced_watch_sees_only_its_namespace(fake_api, kube_client):
+    net = k8s.NetworkingV1Api(kube_client)
+    rv = str(fake_api.resource_version)
+    t = _later(lambda: (fake_api.add(network_policy("a", "p1")), fake_api.add(network_policy("b", "p2")),
+                        fake_api.add(pod("a", "not-a-policy"))))
+    events = list(k8s_watch.Watch().stream(net.list_namespaced_network_policy, "a", resource_version=rv,
+                                           timeout_seconds=1))
+    t.join()
+    assert [(e["type"], e["object"].metadata.namespace, e["object"].metadata.name) for e in events] == [
+        ("ADDED", "a", "p1")]
