@@ -261,7 +261,8 @@ class Controller:
         self.reflectors = {kind: Reflector(kind, list_fns[kind], self.queue, watch_timeout=config.watch_timeout,
                                            retry_interval=config.retry_interval, health=self.health)
                            for kind in KINDS}
-        self._wep_syncer = Syncer(self.etcd, self.etcd.config.prefix + res.kind_for("workloadendpoint").prefix())
+        self._wep_prefix = self.etcd.config.prefix + res.kind_for("workloadendpoint").prefix()
+        self._wep_syncer = Syncer(self.etcd, self._wep_prefix)
         # Kubernetes as last heard: raw objects (mirrored kinds), labels (nodes), pods.
         self.objects: dict[str, dict[tuple[str | None, str], dict]] = {k: {} for k in MIRRORED}
         self.nodes: dict[str, dict[str, str]] = {}
@@ -378,7 +379,7 @@ class Controller:
             if self._stop.wait(self.config.retry_interval):
                 return
             log.warning("workload endpoint syncer ended; starting a new one")
-            self._wep_syncer = Syncer(self.etcd, self._wep_syncer.prefix)
+            self._wep_syncer = Syncer(self.etcd, self._wep_prefix)
 
     # --- events -> view + dirty keys ----------------------------------------------------
 
