@@ -80,8 +80,15 @@ class NetlinkKernel:
                     i, name = nl.parse_link(buf, off, length)
                     if name:
                         index[name] = i
+        if index != self._index:
+            self._parsed = {}  # a cached Route may carry a name that changed
         self._index = index
         self._names = {i: n for n, i in index.items()}
+
+    @property
+    def link_names(self) -> Mapping[int, str]:
+        """ifindex -> name, as of the last dump or notification."""
+        return self._names
 
     def links(self, refresh: bool = False) -> Mapping[str, int]:
         if refresh:
@@ -96,13 +103,12 @@ class NetlinkKernel:
         if present and name:
             self._index[name] = index
             self._names[index] = name
+        if old != (name if present else None):
+            self._parsed = {}
 
     # -- routes ---------------------------------------------------------------------------
     def dump_routes(self, proto: int) -> list[Route]:
-        names = self._names
         self.refresh_links()
-        if self._names != names:  # a cached Route may carry an old interface name
-            self._parsed = {}
         for attempt in range(3):
             out: list[tuple[int, int, Route]] = []
             cache: tuple[dict[bytes, Route], dict[bytes, Route]] = (self._parsed, {})
@@ -157,9 +163,8 @@ class NetlinkKernel:
         for i, (op, item) in enumerate(items):
             seq = first + i
             if op == DELETE:
-                body = item  # the kernel's own description of the rule: deletes exactly it
-                msgs.append((seq, nl._HDR.pack(16 + len(body), nl.RTM_DELRULE, nl.NLM_F_REQUEST,
-                                               seq, 0) + body))
+                # The kernel's own description of the rule: deletes exactly it.
+                msgs.append((seq, nl.encode_raw(nl.RTM_DELRULE, 0, seq, item)))
             else:
                 msgs.append((seq, nl.encode_rule(nl.RTM_NEWRULE, nl.NLM_F_CREATE | nl.NLM_F_EXCL,
                                                  seq, item, proto)))

@@ -70,16 +70,16 @@ class Monitor:
                 if rm is None:
                     continue
                 out: list = []
-                names = kernel._names if isinstance(kernel, NetlinkKernel) else {}
+                names = kernel.link_names if isinstance(kernel, NetlinkKernel) else {}
                 # A notification is one datagram of one message: no copy needed then.
                 one = buf if off == 0 and length >= len(buf) - 3 else buf[off:off + length]
                 nl.parse_routes(one, names, None, out)
-                replaced = bool(nl._HDR.unpack_from(buf, off)[2] & nl.NLM_F_REPLACE)
+                replaced = bool(nl.header_flags(buf, off) & nl.NLM_F_REPLACE)
                 for t, proto, route in out:
                     rm.on_route_event(t == nl.RTM_DELROUTE, proto, route, replaced)
             elif mtype in (nl.RTM_NEWLINK, nl.RTM_DELLINK):
                 index, name = nl.parse_link(buf, off, length)
-                flags = nl._U32.unpack_from(buf, off + 24)[0]
+                flags = nl.link_flags(buf, off)
                 present = mtype == nl.RTM_NEWLINK
                 if kernel is not None:
                     kernel.note_link(index, name, present)

@@ -547,5 +547,20 @@ def rule_priority(raw: bytes) -> int:
     return 0
 
 
+def header_flags(buf: bytes, off: int) -> int:
+    """nlmsg_flags of the message at ``off`` (NLM_F_REPLACE on a notification, ...)."""
+    return _HDR.unpack_from(buf, off)[2]
+
+
+def link_flags(buf: bytes, off: int) -> int:
+    """ifi_flags (IFF_UP, ...) of the RTM_NEWLINK/RTM_DELLINK message at ``off``."""
+    return _U32.unpack_from(buf, off + 24)[0]
+
+
+def encode_raw(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
+    """A request whose body (everything after the nlmsghdr) is given as it is."""
+    return _HDR.pack(16 + len(body), msg_type, NLM_F_REQUEST | flags, seq, 0) + body
+
+
 def errno_name(err: int) -> str:
     return errno_mod.errorcode.get(err, str(err))

@@ -258,3 +258,19 @@ def test_netns_sockets_leave_the_thread_where_it_was(node):
         RouteManager(netns=node.ns + "-missing")
     assert os.readlink("/proc/thread-self/ns/net") == own
     m.close()
+
+
+def test_renamed_device_is_seen_on_resync(node):
+    m = RouteManager(netns=node.ns)
+    m.set_route("workloads", Route("10.1.0.5/32", dev="vC"))
+    m.apply()
+    m.resync()  # the parse cache now knows this route's message
+    assert m.apply().replaced == 0
+    node.ip("link", "set", "vC", "down")
+    node.ip("link", "set", "vC", "name", "vE")
+    node.ip("link", "set", "vE", "up")
+    node.ip("route", "replace", "10.1.0.5/32", "dev", "vE", "proto", str(TORTIE_PROTO))
+    m.resync()
+    st = m.apply()
+    # The route is on vE now, not on the vC it should use, and vC is gone: it waits.
+    assert st.deleted == 1 and st.pending == 1 and node.routes() == []
