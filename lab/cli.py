@@ -4,6 +4,7 @@
     tortie-lab pod add NODE NS/NAME [--label k=v ...] [--pool P]
     tortie-lab pod del NS/NAME
     tortie-lab pod label NS/NAME k=v ... [k- ...]
+    tortie-lab agent stop|start|restart NODE [--kill]
     tortie-lab exec NS/NAME -- CMD ...
     tortie-lab probe SRC DST_POD|IP PORT [--udp]
     tortie-lab matrix [--port P]
@@ -72,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     lab = psub.add_parser("label", parents=[common])
     lab.add_argument("pod", metavar="NAMESPACE/NAME")
     lab.add_argument("labels", nargs="+", metavar="k=v|k-")
+
+    ag = sub.add_parser("agent", parents=[common], help="stop, start or restart a node's agent")
+    ag.add_argument("action", choices=("stop", "start", "restart"))
+    ag.add_argument("node")
+    ag.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
 
     ex = sub.add_parser("exec", parents=[common], help="run a command in a pod (or node) namespace")
     ex.add_argument("pod", metavar="NAMESPACE/NAME|NODE")
@@ -160,6 +166,13 @@ def run(argv: list[str]) -> int:
             remove = [x[:-1] for x in args.labels if x.endswith("-") and "=" not in x]
             labels = lab.pod_label(args.pod, _kv([x for x in args.labels if "=" in x], "label"), remove)
             print(json.dumps(labels, sort_keys=True))
+        return 0
+    if args.cmd == "agent":
+        if args.action in ("stop", "restart"):
+            lab.agent_stop(args.node, signal.SIGKILL if args.kill else signal.SIGTERM)
+        if args.action in ("start", "restart"):
+            lab.agent_start(args.node)
+        print(f"agent on {args.node}: {'running' if args.action != 'stop' else 'stopped'}")
         return 0
     if args.cmd == "exec":
         if not rest:

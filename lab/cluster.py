@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -103,11 +104,11 @@ class Lab:
                 raise AlreadyExists(f"namespaces of lab {name!r} exist ({', '.join(leftovers[:3])}...); "
                                     f"`tortie-lab down --name {name}` first")
             st = LabState(name=name, dir=state.lab_dir(name), tor=tor, cni=cni, agent=agent_mode,
-                          plan=asdict(plan))
+                          plan=asdict(plan), agent_env=dict(agent_env or {}))
             os.makedirs(os.path.join(st.dir, "logs"), exist_ok=True)
             state.save(st)
         try:
-            lab._build(plan, agent_env or {}, pool, block_size, timeout, echo)
+            lab._build(plan, pool, block_size, timeout, echo)
         except BaseException:
             echo(f"lab {name}: up failed, tearing down")
             teardown(name)
@@ -119,8 +120,7 @@ class Lab:
             fn(st)
         return st
 
-    def _build(self, plan: Plan, agent_env: Mapping[str, str], pool: str, block_size: int,
-               timeout: float, echo: Echo) -> None:
+    def _build(self, plan: Plan, pool: str, block_size: int, timeout: float, echo: Echo) -> None:
         deadline = time.monotonic() + timeout
         st = self.state()
         t0 = time.monotonic()
@@ -169,7 +169,7 @@ class Lab:
         for node in plan.nodes:
             nsutil.sysctl(node.netns, "net.ipv4.ip_forward", "1")
             if st.agent != "none":
-                self._start_agent(st, plan, node, agent_env)
+                self._start_agent(st, plan, node)
         self._wait_ready(plan, st.agent, deadline)
         if st.agent != "none":
             echo(f"{st.agent} ready on {', '.join(n.name for n in plan.nodes)}")
@@ -318,7 +318,7 @@ class Lab:
     def cni_socket(self, node: str) -> str:
         return os.path.join(self.node_dir(node), "cni.sock")
 
-    def _start_agent(self, st: LabState, plan: Plan, node: NodePlan, agent_env: Mapping[str, str]) -> None:
+    def _start_agent(self, st: LabState, plan: Plan, node: NodePlan) -> None:
         ndir = self.node_dir(node.name)
         os.makedirs(ndir, exist_ok=True)
         sock = self.cni_socket(node.name)
@@ -333,7 +333,7 @@ class Lab:
             "TORTIE_HEALTH_PORT": str(HEALTH_PORT),
             "TORTIE_METRICS_PORT": str(METRICS_PORT),
             "TORTIE_LOG_FORMAT": "json",
-            **agent_env,
+            **st.agent_env,
         }
         if st.agent == "agent":
             cmd = [_python(), "-m", "tortie.agent.main"]
@@ -341,12 +341,13 @@ class Lab:
             cmd = [_python(), "-m", "tortie.agent.cni_server", "--socket", sock, "--node", node.name]
         proc = state.spawn(f"agent:{node.name}", cmd, netns=node.netns, env=self._env(env),
                            log_path=os.path.join(st.dir, "logs", f"agent-{node.name}.log"))
-        self._record(lambda s: (s.procs.append(proc), s.data_dirs.append(ndir)))
+        self._record(lambda s: (s.procs.append(proc),
+                                None if ndir in s.data_dirs else s.data_dirs.append(ndir)))
 
-    def _wait_ready(self, plan: Plan, agent: str, deadline: float) -> None:
+    def _wait_ready(self, plan: Plan, agent: str, deadline: float, only: Sequence[str] | None = None) -> None:
         if agent == "none":
             return
-        pending = {n.name: n for n in plan.nodes}
+        pending = {n.name: n for n in plan.nodes if only is None or n.name in only}
         while pending:
             st = self.state()
             for name, node in list(pending.items()):
@@ -376,6 +377,28 @@ class Lab:
             except OSError:
                 return False
         return self.http_get(node.name, HEALTH_PORT, "/readiness")[0] == 200
+
+    # --- a node's agent: kill it, start it again (it must adopt what it left in the kernel) ---
+
+    def agent_stop(self, node: str, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the node's agent (its whole process group) with sig; SIGKILL after 5 s."""
+        n = self.node(node)
+        proc = self.state().proc(f"agent:{n.name}")
+        if proc is None:
+            raise NotFound(f"no agent running on {n.name}")
+        state.stop(proc, first=sig)
+        self._record(lambda s: s.procs.remove(proc) if proc in s.procs else None)
+
+    def agent_start(self, node: str, timeout: float = 30.0) -> None:
+        """Start the node's agent again with the environment of `up`; wait until it is ready."""
+        n = self.node(node)
+        st = self.state()
+        if st.agent == "none":
+            raise ValidationError(f"lab {self.name} runs no agents (cni {st.cni})", field="agent")
+        if st.proc(f"agent:{n.name}") is not None:
+            raise AlreadyExists(f"the agent on {n.name} is running; stop it first")
+        self._start_agent(st, _plan_from(st), n)
+        self._wait_ready(_plan_from(st), st.agent, time.monotonic() + timeout, only=[n.name])
 
     def http_get(self, node: str, port: int, path: str, timeout: float = 1.0) -> tuple[int, str]:
         """GET http://<node ip>:port/path from inside the node's namespace: (status, body); 0 if no answer."""

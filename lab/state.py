@@ -79,6 +79,7 @@ class LabState:
     procs: list[Proc] = field(default_factory=list)
     data_dirs: list[str] = field(default_factory=list)
     pods: dict[str, Pod] = field(default_factory=dict)
+    agent_env: dict[str, str] = field(default_factory=dict)  # extra agent environment (--agent-env)
     etcd_prefix: str = "/tortie/"
     bin_dir: str = ""
     created: float = field(default_factory=time.time)
@@ -204,9 +205,9 @@ def exited(proc: Proc) -> int | None:
     return None if alive(proc) else -1
 
 
-def stop(proc: Proc, grace: float = 5.0) -> None:
-    """SIGTERM the process group, SIGKILL whatever is left after `grace` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+def stop(proc: Proc, grace: float = 5.0, first: signal.Signals = signal.SIGTERM) -> None:
+    """Signal the process group (SIGTERM), SIGKILL whatever is left after `grace` seconds."""
+    for sig, wait in ((first, grace), (signal.SIGKILL, 2.0)):
         members = group_members(proc.pid, proc.start) if proc.start else []
         if not members:
             break

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -67,3 +68,22 @@ def test_make_demo_runs_and_cleans_up(new_lab_name):
     assert "10.65." in r.stdout.split("== 5.")[1].split("== 6.")[0]  # the router learned the blocks
     assert not [n for n in nsutil.netns_list() if topology.is_lab_netns(name, n)]
     assert not os.path.exists(state.lab_dir(name))
+
+
+def test_agent_killed_and_restarted_keeps_pods_working(lab_factory):
+    """kill -9 of a node's agent leaves its pods reachable; the restarted agent adopts them."""
+    lab = lab_factory(nodes=2, tor="bird")
+    ip_a = lab.pod_add("node1", "default/a")
+    lab.pod_add("node2", "default/b")
+    assert _wait_matrix(lab).ok
+    old = lab.state().proc("agent:node1")
+    lab.agent_stop("node1", signal.SIGKILL)
+    assert not state.alive(old) and lab.state().proc("agent:node1") is None
+    assert lab.probe("default/b", "default/a", 80).ok  # the kernel keeps what the agent set up
+    lab.agent_start("node1")
+    assert lab.state().proc("agent:node1").pid != old.pid
+    lab.pod_add("node1", "default/c")
+    m = _wait_matrix(lab)
+    assert m.ok, m.render()
+    assert lab.pod("default/a").address == ip_a
+    lab.down()
