@@ -380,6 +380,8 @@ class Controller:
                 return
             log.warning("workload endpoint syncer ended; starting a new one")
             self._wep_syncer = Syncer(self.etcd, self._wep_prefix)
+            if self._stop.is_set():  # stop() came in between: run() may have stopped the old one
+                return
 
     # --- events -> view + dirty keys ----------------------------------------------------
 
