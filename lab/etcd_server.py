@@ -59,7 +59,7 @@ class EtcdServer:
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         log_path = os.path.join(self.data_dir, "..", f"{os.path.basename(self.data_dir)}.log")
-        self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
