@@ -6,6 +6,7 @@ which makes ExaBGP respawn it (and the agent sees a fresh connection).
 """
 
 import _socket
+import fcntl
 import os
 import select
 import sys
@@ -26,8 +27,24 @@ def _connect(path: str, wait: float = 10.0) -> _socket.socket:
             time.sleep(0.05)
 
 
+def _deepen(sock: _socket.socket) -> None:
+    # ExaBGP writes to us synchronously: while the agent is busy (installing a burst of
+    # routes) deep buffers let ExaBGP keep reading BGP instead of blocking on the pipe
+    try:
+        fcntl.fcntl(0, 1031, 1 << 20)  # F_SETPIPE_SZ on stdin: 1 MiB
+    except OSError:
+        pass
+    for opt in (32, _socket.SO_SNDBUF):  # SO_SNDBUFFORCE (root), else capped by wmem_max
+        try:
+            sock.setsockopt(_socket.SOL_SOCKET, opt, 8 << 20)
+            break
+        except OSError:
+            continue
+
+
 def main() -> int:
     sock = _connect(sys.argv[1])
+    _deepen(sock)
     # first line tells the agent which ExaBGP this relay belongs to
     sock.sendall(b"#relay %d\n" % os.getppid())
     sfd = sock.fileno()
