@@ -179,9 +179,11 @@ def test_shim_unreachable_error_is_valid_json():
 # ---- installation -------------------------------------------------------------------------------
 
 
-def test_install_writes_standalone_executables(tmp_path):
-    paths = install(str(tmp_path))
+@pytest.mark.parametrize("compiled", [True, False])
+def test_install_writes_standalone_executables(tmp_path, compiled):
+    paths = install(str(tmp_path), compiled=compiled)
     assert [os.path.basename(x) for x in paths] == ["tortie", "tortie-ipam"]
+    assert ("marshal.loads" in open(paths[0]).read()) == compiled
     for path in paths:
         first = open(path).readline()
         interp, flags = first[2:].split()
