@@ -119,7 +119,9 @@ def _print_status(s: dict) -> None:
         health = "" if not agent else f"  {agent['kind']} pid {agent['pid']} {'up' if agent['alive'] else 'DOWN'}"
         print(f"node        {n['name']:<10} {n['namespace']:<20} {n['address']:<16} AS {n['as_number']}{health}")
     for t in s["tors"]:
-        print(f"router      {t['name']:<10} {t['namespace']:<20} {t['address']:<16} AS {t['as_number']} ({t['kind']})")
+        bgp = ", ".join(f"{n} {st}" for n, st in sorted(t["sessions"].items()))
+        print(f"router      {t['name']:<10} {t['namespace']:<20} {t['address']:<16} AS {t['as_number']} "
+              f"({t['kind']}){'  BGP: ' + bgp if bgp else ''}")
     if s["outside"]:
         print(f"outside     {'ext':<10} {s['outside']['namespace']:<20} {s['outside']['address']}")
     for p in s["pods"]:

@@ -477,6 +477,7 @@ class Lab:
             "tors": [{"kind": t.kind, "name": t.name, "namespace": t.netns, "address": t.address,
                       "ip": t.ip, "as_number": t.as_number,
                       "segment": asdict(t.segment) if t.segment else None,
+                      "sessions": self._router(t).sessions(plan) if st.phase == "ready" else {},
                       "peers": {n.name: {"address": u.address, "local": u.gateway, "as_number": n.as_number}
                                 for n, u in plan.links_of(t.name)}}
                      for t in plan.tors],

@@ -56,6 +56,7 @@ def test_two_nodes_behind_routers_and_the_outside_host(lab_factory, tor, uplinks
     m = _wait_matrix(lab)
     assert m.ok, m.render()
     assert "ext" in m.sources
+    assert {st for t in lab.status()["tors"] for st in t["sessions"].values()} == {"Established"}
     lab.down()
 
 
