@@ -470,10 +470,11 @@ class Controller:
             meta, spec = doc["metadata"], doc.get("spec") or {}
             info = WepInfo(meta.get("namespace") or "default", meta["name"], spec.get("pod") or "",
                            mirror.labels_of(doc))
+            orchestrator = spec.get("orchestrator") or "k8s"
         except (ValueError, KeyError, TypeError):
             log.warning("undecodable workload endpoint skipped", key=key)
             return
-        if not info.pod:
+        if not info.pod or orchestrator != "k8s":
             return  # not a Kubernetes pod's endpoint
         self.weps[key] = info
         self.weps_by_pod.setdefault((info.namespace, info.pod), set()).add(key)
@@ -622,11 +623,28 @@ class Controller:
 
     def _collect(self) -> None:
         try:
+            self._delete_stale_endpoints()
             self.gc.collect(set(self.pods), set(self.nodes))
             self.gc_rounds += 1
         except Exception as exc:  # next round retries; the controller keeps running
             log.warning("IPAM garbage collection failed; next round will retry",
                         error=f"{type(exc).__name__}: {exc}")
+
+
+    def _delete_stale_endpoints(self) -> None:
+        orphans = [key for key, w in self.weps.items() if (w.namespace, w.pod) not in self.pods]
+        for key in self.gc.stale_endpoints(orphans):
+            wep = self.weps.get(key)
+            if wep is None:
+                continue
+            stored = self._stored("WorkloadEndpoint", wep.name, wep.namespace)
+            if stored is None or (stored.get("spec") or {}).get("pod") != wep.pod:
+                continue
+            try:
+                self._delete("WorkloadEndpoint", stored)  # guarded by the revision just read
+            except Conflict:
+                continue  # rewritten meanwhile: someone still cares; the next round decides
+            log.info("endpoint of a deleted pod removed", namespace=wep.namespace, endpoint=wep.name, pod=wep.pod)
 
 
 def main(argv: list[str] | None = None) -> int:

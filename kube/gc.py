@@ -15,13 +15,16 @@ Two kinds of garbage:
   the controller hears of it. Allocations that name no pod (not made for a Kubernetes
   pod) are left alone. Release goes through `IPAM.release_from_report`, which frees an
   address only if the same handle still holds it.
+- A WorkloadEndpoint whose pod is gone (its node died before CNI DEL ran): after the
+  same grace period the controller deletes it; its addresses are then leaks as above.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tortie.datastore.ipam import IPAM
 from tortie.log import get_logger
@@ -29,6 +32,22 @@ from tortie.log import get_logger
 log = get_logger("controller")
 
 Leak = tuple[str, str]  # (handle, ip): one allocation
+K = TypeVar("K", bound=Hashable)
+
+
+def past_grace(candidates: Iterable[K], first_seen: Mapping[K, float], now: float,
+               grace: float) -> tuple[list[K], dict[K, float]]:
+    """Pure: (the candidates that have been candidates for `grace` seconds, the first-seen
+    times of the others). A key that is no longer a candidate is forgotten, so one that
+    comes back starts its grace period over."""
+    due, seen = [], {}
+    for key in candidates:
+        since = first_seen.get(key, now)
+        if now - since >= grace:
+            due.append(key)
+        else:
+            seen[key] = since
+    return due, seen
 
 
 @dataclass(frozen=True)
@@ -39,24 +58,12 @@ class Selection:
 
 def select_leaks(report: Mapping, live_pods: Collection[tuple[str, str]], first_seen: Mapping[Leak, float],
                  now: float, grace: float) -> Selection:
-    """Pure: which of a check report's leaked allocations to release now.
-
-    A candidate names a pod (namespace, name) that is not in live_pods; it is released
-    once it has been a candidate for `grace` seconds. Candidates that are no longer
-    candidates (the pod appeared, the allocation went) are forgotten."""
-    release, seen = [], {}
-    for item in report.get("leaked_allocations", ()):
-        if not item.get("pod"):
-            continue
-        if (item.get("namespace") or "default", item["pod"]) in live_pods:
-            continue
-        leak = (item["handle"], item["ip"])
-        since = first_seen.get(leak, now)
-        if now - since >= grace:
-            release.append(item)
-        else:
-            seen[leak] = since
-    return Selection(release, seen)
+    """Pure: which of a check report's leaked allocations to release now: those naming a
+    pod (namespace, name) not in live_pods for `grace` seconds (see past_grace)."""
+    items = {(i["handle"], i["ip"]): i for i in report.get("leaked_allocations", ())
+             if i.get("pod") and ((i.get("namespace") or "default"), i["pod"]) not in live_pods}
+    due, seen = past_grace(items, first_seen, now, grace)
+    return Selection([items[k] for k in due], seen)
 
 
 class IPAMGarbageCollector:
@@ -67,7 +74,15 @@ class IPAMGarbageCollector:
         self.grace = grace
         self.clock = clock
         self.first_seen: dict[Leak, float] = {}
+        self.endpoints_first_seen: dict[str, float] = {}
         self.released_total = 0
+
+    def stale_endpoints(self, orphans: Iterable[str]) -> list[str]:
+        """Of the endpoints (keys) whose pod Kubernetes does not have, those that have
+        been so for the grace period: the controller deletes them, and their addresses
+        become leaks the next rounds release (a node that died never ran CNI DEL)."""
+        due, self.endpoints_first_seen = past_grace(orphans, self.endpoints_first_seen, self.clock(), self.grace)
+        return due
 
     def collect(self, live_pods: Collection[tuple[str, str]], live_nodes: Collection[str] | None = None) -> list[str]:
         """One round: check, release the candidates past their grace; the IPs released.
@@ -97,4 +112,4 @@ class IPAMGarbageCollector:
         return self.ipam.release_node(node)
 
 
-__all__ = ["IPAMGarbageCollector", "Selection", "select_leaks"]
+__all__ = ["IPAMGarbageCollector", "Selection", "past_grace", "select_leaks"]

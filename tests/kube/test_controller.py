@@ -146,7 +146,7 @@ def test_pod_labels_reach_existing_workload_endpoint(etcd, fake_api, run_control
     _wep(store, "prod", "node1-k8s-web-eth0", "web", labels={"tortie.io/namespace": "prod", "stale": "x"})
     _wep(store, "prod", "node1-k8s-other-eth0", "other", container="c2")
     fake_api.add(pod("prod", "web", {"app": "web", "tier": "front"}))
-    ctl = run_controller()
+    ctl = run_controller(gc_grace=3600)  # the endpoint without a pod stays for this test
 
     assert _labels(store, "WorkloadEndpoint", "node1-k8s-web-eth0", "prod") == {
         "app": "web", "tier": "front", "tortie.io/namespace": "prod"}
@@ -275,3 +275,31 @@ def test_health_ready_only_once_in_sync(etcd, fake_api, run_controller):
     code, body = _http_get(ctl.health_port, "/readiness")
     assert code == 200 and body["components"]["datastore"]["live"]
     assert _http_get(ctl.health_port, "/nope")[0] == 404
+
+
+def test_endpoint_of_a_vanished_pod_is_removed_then_its_address(etcd, fake_api, run_controller):
+    """A node died before CNI DEL ran: the pod is gone from Kubernetes but its endpoint and
+    address are still in the datastore. Both go, the endpoint first, each after the grace."""
+    store = ResourceStore(etcd)
+    ipam = IPAM(etcd)
+    _pool(store)
+    fake_api.add(node("node1"))
+    fake_api.add(pod("default", "live"))
+    fake_api.add(pod("default", "ghost"))
+    for name, cid in (("live", "c-live"), ("ghost", "c-ghost")):
+        ipam.auto_assign(f"k8s-pod-network.{cid}", "node1", attrs={"namespace": "default", "pod": name})
+        _wep(store, "default", f"node1-k8s-{name}-eth0", name, container=cid)
+    store.create({"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",  # not Kubernetes': kept
+                  "metadata": {"name": "vm1", "namespace": "default"},
+                  "spec": {"node": "node1", "orchestrator": "openstack", "workload": "vm1", "pod": "vm1"}})
+    ctl = run_controller(gc_interval=0.2, gc_grace=1.0)
+    deleted_at = time.monotonic()
+    fake_api.delete("Pod", "ghost", "default")
+    wait_for(lambda: _get(store, "WorkloadEndpoint", "node1-k8s-ghost-eth0", "default") is None,
+             what="endpoint of the vanished pod removed")
+    wait_for(lambda: not ipam.ips_by_handle("k8s-pod-network.c-ghost"), timeout=10, what="its address released")
+    assert time.monotonic() - deleted_at >= 2.0  # two grace periods: endpoint, then address
+    assert _get(store, "WorkloadEndpoint", "node1-k8s-live-eth0", "default") is not None
+    assert ipam.ips_by_handle("k8s-pod-network.c-live")
+    assert _get(store, "WorkloadEndpoint", "vm1", "default") is not None
+    assert ctl.gc.released_total == 1
