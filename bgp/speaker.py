@@ -28,7 +28,11 @@ ExaBGP has an empty RIB; the bridge re-sends everything when its relay connects.
 learned from a peer that restarts stay (stale) for its restart time, see `rib.py`. The
 first on_routes() call after start waits until the peers have sent their end-of-RIB (or
 `settle_time` passed), so the agent never replaces good kernel routes with a half-learned
-table.
+table. ExaBGP dies with the agent (PR_SET_PDEATHSIG), so a restarted agent can bind 179.
+
+Also here, because ExaBGP does neither: route reflection for a node with
+route-reflector clients (`_reflection`), and why a session is down (`_diagnose_loop`
+dials the peer the way ExaBGP would: refused, no answer, MD5 mismatch).
 """
 
 from __future__ import annotations

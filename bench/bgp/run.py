@@ -186,7 +186,7 @@ def node_main(local: str, peer: str, state_dir: str) -> int:
 
         sp = BGPSpeaker(node_name="bench", router_id=local, local_as=AS, local_address=local,
                         state_dir=state_dir, on_routes=on_routes, on_route_changes=on_route_changes,
-                        settle_time=0.5)
+                        settle_time=0.5, batch=int(os.environ.get("BENCH_BGP_BATCH", "500")))
         sp.set_peers([Peer(address=peer, as_number=AS, kind="global", name="bird",
                            accept_prefixes=("10.200.0.0/16",))])
         sp.set_exports([])
