@@ -35,6 +35,16 @@ def _pool(store: ResourceStore, name: str = "pool1", cidr: str = "10.244.0.0/16"
                   "spec": {"cidr": cidr, "blockSize": 26}})
 
 
+def _cluster(etcd, fake_api, *pods: str) -> tuple[ResourceStore, IPAM]:
+    """A pool, Kubernetes node1 and these pods of namespace default on it."""
+    store, ipam = ResourceStore(etcd), IPAM(etcd)
+    _pool(store)
+    fake_api.add(node("node1"))
+    for name in pods:
+        fake_api.add(pod("default", name))
+    return store, ipam
+
+
 def _wep(store: ResourceStore, ns: str, name: str, pod_name: str, node_name: str = "node1",
          labels: dict | None = None, container: str = "c1") -> dict:
     return store.create({"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
@@ -189,13 +199,7 @@ def test_node_deletion_releases_its_blocks(etcd, fake_api, run_controller):
 
 
 def test_leaked_address_of_deleted_pod_is_reaped_after_grace(etcd, fake_api, run_controller):
-    store = ResourceStore(etcd)
-    ipam = IPAM(etcd)
-    _pool(store)
-    fake_api.add(node("node1"))
-    fake_api.add(pod("default", "alive"))
-    fake_api.add(pod("default", "doomed"))
-    fake_api.add(pod("default", "with-wep"))
+    _, ipam = _cluster(etcd, fake_api, "alive", "doomed")
     ctl = run_controller(gc_interval=0.2, gc_grace=1.5)
     alive = ipam.auto_assign("k8s-pod-network.a", "node1", attrs={"namespace": "default", "pod": "alive"})
     doomed = ipam.auto_assign("k8s-pod-network.d", "node1", attrs={"namespace": "default", "pod": "doomed"})
@@ -280,12 +284,7 @@ def test_health_ready_only_once_in_sync(etcd, fake_api, run_controller):
 def test_endpoint_of_a_vanished_pod_is_removed_then_its_address(etcd, fake_api, run_controller):
     """A node died before CNI DEL ran: the pod is gone from Kubernetes but its endpoint and
     address are still in the datastore. Both go, the endpoint first, each after the grace."""
-    store = ResourceStore(etcd)
-    ipam = IPAM(etcd)
-    _pool(store)
-    fake_api.add(node("node1"))
-    fake_api.add(pod("default", "live"))
-    fake_api.add(pod("default", "ghost"))
+    store, ipam = _cluster(etcd, fake_api, "live", "ghost")
     for name, cid in (("live", "c-live"), ("ghost", "c-ghost")):
         ipam.auto_assign(f"k8s-pod-network.{cid}", "node1", attrs={"namespace": "default", "pod": name})
         _wep(store, "default", f"node1-k8s-{name}-eth0", name, container=cid)
