@@ -42,8 +42,9 @@ def veth(netns, ns_a: str, addr_a: str, ns_b: str, addr_b: str) -> None:
         subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
 
 
-def lan(hub: str, hub_addr: str, members: list[tuple[str, str]]) -> None:
-    """One L2 segment: a bridge in `hub` (addressed), and a veth from each member onto it."""
+def lan(hub: str, hub_addr: str, members: list[tuple[str, str]], extra: dict[str, str] | None = None) -> None:
+    """One L2 segment: a bridge in `hub` (addressed), and a veth from each member onto it;
+    `extra` gives a member namespace a second (e.g. IPv6) address."""
     subprocess.run(["ip", "-n", hub, "link", "add", "br0", "type", "bridge"], check=True)
     subprocess.run(["ip", "-n", hub, "addr", "add", hub_addr, "dev", "br0"], check=True)
     subprocess.run(["ip", "-n", hub, "link", "set", "br0", "up"], check=True)
@@ -53,6 +54,8 @@ def lan(hub: str, hub_addr: str, members: list[tuple[str, str]]) -> None:
                        check=True)
         subprocess.run(["ip", "-n", hub, "link", "set", a, "master", "br0", "up"], check=True)
         subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", b], check=True)
+        if extra and ns in extra:
+            subprocess.run(["ip", "-n", ns, "addr", "add", extra[ns], "dev", b, "nodad"], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", b, "up"], check=True)
 
 

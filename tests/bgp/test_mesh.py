@@ -148,3 +148,31 @@ def test_route_reflector_passes_routes_between_clients(lab, netns):
     assert kinds == {addrs["a"]: "rr-client", addrs["b"]: "rr-client"}
     sp["b"].exports(["10.244.3.0/26"])  # a change travels through the reflector too
     wait_for(lambda: sp["a"].routes == {"10.244.3.0/26": [addrs["b"]]}, what="reflected withdraw + announce")
+
+
+def test_dual_stack_mesh(lab, netns):
+    """An IPv6 session per node pair next to the IPv4 one; each family's routes over its own."""
+    v4 = {"a": "10.96.0.1", "b": "10.96.0.2"}
+    v6 = {"a": "fd00:96::1", "b": "fd00:96::2"}
+    hub = netns.new("sw")
+    ns = {n: netns.new(n) for n in v4}
+    lan(hub, "10.96.0.254/24", [(ns[n], f"{v4[n]}/24") for n in v4], {ns[n]: f"{v6[n]}/64" for n in v4})
+    all_nodes = [Node.from_resource({"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": n},
+                                     "spec": {"bgp": {"ipv4Address": f"{v4[n]}/24", "ipv6Address": f"{v6[n]}/64"}}})
+                 for n in v4]
+    sp = {}
+    for me in all_nodes:
+        s = lab.speaker(ns[me.name], me.name)
+        s.start(node_name=me.name, router_id=v4[me.name], local_as=64512, local_address=v4[me.name],
+                local_address6=v6[me.name])
+        s.peers([dataclasses.asdict(p) for p in compute_peers(me, all_nodes, [], CONFIG)])
+        sp[me.name] = s
+    sp["a"].exports(["10.244.1.0/26", "fd00:244:1::/122"])
+    sp["b"].exports(["10.244.2.0/26", "fd00:244:2::/122"])
+    sp["a"].wait_state(v6["b"])
+    wait_for(lambda: sp["a"].routes == {"10.244.2.0/26": [v4["b"]], "fd00:244:2::/122": [v6["b"]]},
+             what="a learns b's IPv4 and IPv6 blocks")
+    wait_for(lambda: sp["b"].routes == {"10.244.1.0/26": [v4["a"]], "fd00:244:1::/122": [v6["a"]]},
+             what="b learns a's blocks")
+    st = {p["peer"]: p for p in sp["a"].status()["peers"]}
+    assert st[v6["b"]]["prefixes_sent"] == 1 and st[v4["b"]]["prefixes_sent"] == 1
