@@ -1,0 +1,297 @@
+"""Issue 5 end to end: per-pool egress through a chosen uplink, and natOutgoing.
+
+One lab for the file: 2 nodes, two uplink segments with a BIRD router each (tor1 on
+10.99.101.1, tor2 on 10.99.102.1), the outside host 10.99.0.3. Pool A egresses via
+tor1, pool B via tor2; each node has a pod of each pool. Every test first puts the
+pools into the state it needs, so the tests do not depend on each other's order.
+
+Proof of the path a packet took: nftables counters in each router's forward hook, one
+per pod address towards the outside host. Proof of the address the far end saw: a tiny
+server that answers each connection with its peer's address (in the outside host, and
+in a pod), started and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tortie.lab import nsutil
+from tortie.lab.cluster import resolve_agent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(resolve_agent("auto") != "agent" or importlib.util.find_spec("tortie.cni.install") is None
+                       or importlib.util.find_spec("tortie.bgp.speaker") is None,
+                       reason="needs tortie-agent with its CNI server, the CNI plugin and the BGP speaker"),
+]
+
+POOL_A, POOL_B = "10.70.0.0/16", "10.71.0.0/16"
+TABLE_A, TABLE_B = 201, 202
+TOR1, TOR2 = "10.99.101.1", "10.99.102.1"
+EXT = "10.99.0.3"
+PEER_PORT = 7000
+PODS = {"default/a1": ("node1", "pool-a"), "default/b1": ("node1", "pool-b"),
+        "default/a2": ("node2", "pool-a"), "default/b2": ("node2", "pool-b")}
+COUNTERS = "tortielab"  # the nftables table the test adds in each router
+CONVERGE = 2.0  # the issue's bound for every change to take effect
+
+# Answers each TCP connection with the peer's address; runs until killed.
+PEER_SERVER = (
+    "import socket,sys\n"
+    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen(64); print('ready', flush=True)\n"
+    "while True:\n"
+    "    c, a = s.accept(); c.sendall(a[0].encode()); c.close()\n"
+)
+
+
+def _pool(name: str, cidr: str, *, nat: bool = False, egress: tuple[int, str] | None = None) -> dict:
+    spec: dict = {"cidr": cidr, "blockSize": 26, "natOutgoing": nat}
+    if egress:
+        spec["egress"] = {"table": egress[0], "nextHop": egress[1]}
+    return {"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": name}, "spec": spec}
+
+
+class EgressLab:
+    def __init__(self, lab) -> None:
+        self.lab = lab
+        self.procs: list[subprocess.Popen] = []
+        self.pool_state: dict[str, tuple] = {}
+
+    # --- set up ---------------------------------------------------------------------
+    def start_peer_server(self, who: str) -> None:
+        proc = subprocess.Popen(["ip", "netns", "exec", self.lab.netns_of(who), sys.executable, "-c", PEER_SERVER,
+                                 str(PEER_PORT)], stdout=subprocess.PIPE, start_new_session=True)
+        self.procs.append(proc)
+        assert proc.stdout.readline().startswith(b"ready"), f"peer server in {who} did not start"
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def add_counters(self) -> None:
+        """In each router: a named counter per pod, for its packets towards the outside host."""
+        pods = {ref.split("/")[1]: self.lab.pod(ref).address for ref in PODS}
+        body = "".join(f"  counter {name} {{}}\n" for name in pods)
+        body += "  chain counting {\n    type filter hook forward priority 0; policy accept;\n"
+        body += "".join(f"    ip saddr {ip} ip daddr {EXT} counter name \"{name}\"\n" for name, ip in pods.items())
+        body += "  }\n"
+        for tor in ("tor1", "tor2"):
+            self.lab.exec(tor, ["nft", "-f", "-"], input=f"table inet {COUNTERS} {{\n{body}}}\n",
+                          text=True, check=True)
+
+    def packets(self, tor: str, pod: str) -> int:
+        out = self.lab.exec(tor, ["nft", "-j", "list", "counter", "inet", COUNTERS, pod.split("/")[-1]],
+                            capture_output=True, text=True, check=True).stdout
+        return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
+
+    def set_pools(self, *, a_nat: bool = False, a_egress: bool = True) -> float:
+        """Pool A / B as a test needs them (B always egresses via tor2, never NATs); the
+        seconds from the datastore write until both nodes' kernels show it."""
+        want = (a_nat, a_egress)
+        if self.pool_state.get("a") == want:
+            return 0.0
+        docs = [_pool("pool-a", POOL_A, nat=a_nat, egress=(TABLE_A, TOR1) if a_egress else None),
+                _pool("pool-b", POOL_B, egress=(TABLE_B, TOR2))]
+        self.lab.ctl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
+        t0 = time.monotonic()
+        self.pool_state["a"] = want
+        for node in ("node1", "node2"):
+            wait_for(lambda n=node: self.rules(n) == expected_rules(a_egress) and self.nat_on(n) == a_nat
+                     and (self.table(n, TABLE_A) != "") == a_egress,
+                     f"{node} converged to pool A nat={a_nat} egress={a_egress}")
+        return time.monotonic() - t0
+
+    # --- looking ----------------------------------------------------------------------
+    def rules(self, node: str) -> set[str]:
+        """The node's rules at tortie's priorities 100-199, as `ip rule` prints them."""
+        out = self.lab.exec(node, ["ip", "rule", "show"], capture_output=True, text=True, check=True).stdout
+        return {" ".join(line.split()) for line in out.splitlines() if 100 <= int(line.split(":")[0]) < 200}
+
+    def all_rules(self, node: str) -> str:
+        return self.lab.exec(node, ["ip", "rule", "show"], capture_output=True, text=True, check=True).stdout
+
+    def table(self, node: str, table: int) -> str:
+        return self.lab.exec(node, ["ip", "route", "show", "table", str(table)], capture_output=True,
+                             text=True, check=True).stdout.strip()
+
+    def nat_on(self, node: str) -> bool:
+        r = self.lab.exec(node, ["nft", "list", "table", "ip", "tortie-nat"], capture_output=True, text=True)
+        return r.returncode == 0 and "masquerade" in r.stdout
+
+    def seen_as(self, src: str, dst_ip: str) -> str:
+        """Connect from src's namespace to the peer server at dst_ip: the address it saw."""
+        with nsutil.socket_in(self.lab.netns_of(src)) as s:
+            s.settimeout(3)
+            s.connect((dst_ip, PEER_PORT))
+            return s.recv(100).decode()
+
+    def default_path(self, pod: str) -> str:
+        """The router the node's main table picks for the pod's packets to the outside host."""
+        p = self.lab.pod(pod)
+        out = self.lab.exec(p.node, ["ip", "route", "get", EXT, "from", p.address, "iif", p.host_ifname],
+                            capture_output=True, text=True, check=True).stdout
+        via = re.search(r" via (\S+)", out).group(1)
+        return {TOR1: "tor1", TOR2: "tor2"}[via]
+
+
+def expected_rules(a_egress: bool) -> set[str]:
+    to_pools = {f"100: from all to {c} lookup main proto 77" for c in ("10.65.0.0/16", POOL_A, POOL_B)}
+    egress = {f"110: from {POOL_B} lookup {TABLE_B} proto 77"}
+    if a_egress:
+        egress.add(f"110: from {POOL_A} lookup {TABLE_A} proto 77")
+    return to_pools | egress
+
+
+def wait_for(cond, what: str, seconds: float = 10.0) -> float:
+    """Poll cond until true; the seconds it took (fails after `seconds`)."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < seconds, f"not within {seconds}s: {what}"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def elab(lab_factory):
+    # A 1 s resync, so "survives every resync" is exercised many times within a test.
+    lab = lab_factory(nodes=2, tor="bird", uplinks=2, agent_env={"TORTIE_RESYNC_INTERVAL": "1"})
+    e = EgressLab(lab)
+    try:
+        e.set_pools(a_egress=True)
+        for ref, (node, pool) in PODS.items():
+            lab.pod_add(node, ref, pool=pool)
+        e.add_counters()
+        e.start_peer_server("ext")
+        e.start_peer_server("default/b2")
+        e.start_peer_server("node2")
+        yield e
+    finally:
+        e.stop()
+        lab.down()
+
+
+def test_pods_get_the_pool_they_ask_for_and_ctl_shows_egress(elab):
+    for ref, (_, pool) in PODS.items():
+        cidr = POOL_A if pool == "pool-a" else POOL_B
+        assert elab.lab.pod(ref).address.startswith(cidr.split(".0.0/")[0] + "."), (ref, cidr)
+    wide = elab.lab.ctl("get", "ippools", "-o", "wide").stdout
+    assert re.search(rf"pool-a\s+{POOL_A}\s.*table {TABLE_A} via {TOR1}", wide), wide
+    assert re.search(rf"pool-b\s+{POOL_B}\s.*table {TABLE_B} via {TOR2}", wide), wide
+    assert "NAT" in wide.splitlines()[0]
+    tors = {t["name"]: t for t in elab.lab.status()["tors"]}
+    assert set(tors) == {"tor1", "tor2"} and tors["tor2"]["segment"]["subnet"] == "10.99.102.0/24"
+
+
+def test_each_pool_leaves_through_its_own_router(elab):
+    elab.set_pools(a_nat=False, a_egress=True)
+    for node in ("node1", "node2"):
+        assert elab.table(node, TABLE_A) == f"default via {TOR1} dev eth0 proto 77"
+        assert elab.table(node, TABLE_B) == f"default via {TOR2} dev eth1 proto 77"
+    before = {(t, p): elab.packets(t, p) for t in ("tor1", "tor2") for p in PODS}
+    for _ in range(3):
+        for pod in PODS:
+            assert elab.seen_as(pod, EXT) == elab.lab.pod(pod).address  # no NAT on either pool
+    delta = {k: elab.packets(*k) - v for k, v in before.items()}
+    for pod in PODS:
+        mine, other = ("tor1", "tor2") if "/a" in pod else ("tor2", "tor1")
+        assert delta[(mine, pod)] >= 9, (pod, delta)  # 3 connections, >= 3 packets each
+        assert delta[(other, pod)] == 0, (pod, delta)
+    # Between the pools and across nodes, traffic still flows (rule 100 keeps the main table).
+    for src, dst in (("default/a1", "default/b1"), ("default/a1", "default/b2"), ("default/b1", "default/a2"),
+                     ("default/a2", "default/b1"), ("default/b2", "default/a1")):
+        assert elab.lab.probe(src, dst, 80).ok, (src, dst)
+
+
+def test_nat_outgoing_on_pool_a_only(elab):
+    elab.set_pools(a_nat=True, a_egress=True)
+    node1, node2 = elab.lab.node("node1").ip, elab.lab.node("node2").ip
+    assert elab.seen_as("default/a1", EXT) == node1
+    assert elab.seen_as("default/a2", EXT) == node2
+    assert elab.seen_as("default/b1", EXT) == elab.lab.pod("default/b1").address
+    # Pod to pod (other node, other pool) and pod to node: never translated.
+    assert elab.seen_as("default/a1", elab.lab.pod("default/b2").address) == elab.lab.pod("default/a1").address
+    assert elab.seen_as("default/a1", node2) == elab.lab.pod("default/a1").address
+    # NAT does not change the path: pool A still leaves through tor1 only (as the node's address).
+    before = elab.lab.exec("tor2", ["nft", "list", "table", "inet", COUNTERS], capture_output=True, text=True).stdout
+    assert elab.seen_as("default/a1", EXT) == node1
+    after = elab.lab.exec("tor2", ["nft", "list", "table", "inet", COUNTERS], capture_output=True, text=True).stdout
+    assert before == after
+    # Off again: pool A's own addresses reach the outside host.
+    elab.set_pools(a_nat=False, a_egress=True)
+    assert elab.seen_as("default/a1", EXT) == elab.lab.pod("default/a1").address
+
+
+def test_hand_deleted_rule_route_and_nat_come_back(elab):
+    elab.set_pools(a_nat=True, a_egress=True)
+    lab = elab.lab
+    rule_a = f"110: from {POOL_A} lookup {TABLE_A} proto 77"
+    lab.exec("node1", ["ip", "rule", "del", "priority", "110", "from", POOL_A, "lookup", str(TABLE_A)], check=True)
+    took = wait_for(lambda: rule_a in elab.rules("node1"), "the deleted egress rule is back", CONVERGE)
+    assert took < CONVERGE
+    lab.exec("node1", ["ip", "rule", "del", "priority", "100", "to", POOL_B, "lookup", "main"], check=True)
+    wait_for(lambda: elab.rules("node1") == expected_rules(True), "the deleted to-pools rule is back", CONVERGE)
+    lab.exec("node1", ["ip", "route", "del", "default", "table", str(TABLE_A)], check=True)
+    wait_for(lambda: elab.table("node1", TABLE_A) == f"default via {TOR1} dev eth0 proto 77",
+             "the egress table's default route is back", CONVERGE)
+    lab.exec("node2", ["nft", "flush", "chain", "ip", "tortie-nat", "postrouting"], check=True)
+    assert not elab.nat_on("node2")
+    wait_for(lambda: elab.nat_on("node2"), "the flushed NAT chain is back", CONVERGE)
+    lab.exec("node2", ["nft", "delete", "table", "ip", "tortie-nat"], check=True)
+    wait_for(lambda: elab.nat_on("node2"), "the deleted NAT table is back", CONVERGE)
+    assert elab.seen_as("default/a2", EXT) == lab.node("node2").ip
+    elab.set_pools(a_nat=False, a_egress=True)
+
+
+def test_removing_egress_goes_back_to_the_default_path_and_foreign_rules_survive(elab):
+    elab.set_pools(a_nat=False, a_egress=True)
+    lab = elab.lab
+    foreign = "500: from 192.0.2.0/24 lookup 777"
+    stray = "150: from 192.0.2.0/24 lookup 778"  # inside tortie's range: not ours to keep
+    for node in ("node1", "node2"):
+        lab.exec(node, ["ip", "rule", "add", "priority", "500", "from", "192.0.2.0/24", "lookup", "777"], check=True)
+        lab.exec(node, ["ip", "rule", "add", "priority", "150", "from", "192.0.2.0/24", "lookup", "778"], check=True)
+    wait_for(lambda: stray not in " ".join(elab.all_rules("node1").split()), "the stray rule at 150 is removed",
+             CONVERGE)
+    rounds0 = _apply_rounds(lab, "node1")
+    assert elab.set_pools(a_nat=False, a_egress=False) < CONVERGE  # both nodes dropped pool A's egress
+    for node in ("node1", "node2"):
+        assert elab.table(node, TABLE_A) == ""
+        assert not [r for r in elab.rules(node) if f"lookup {TABLE_A}" in r]
+        assert elab.table(node, TABLE_B) == f"default via {TOR2} dev eth1 proto 77"
+    # Pool A's traffic now takes the main table's (ECMP) default: counted only there.
+    for pod in ("default/a1", "default/a2"):
+        path = elab.default_path(pod)
+        other = "tor2" if path == "tor1" else "tor1"
+        before = (elab.packets(path, pod), elab.packets(other, pod))
+        for _ in range(3):
+            assert elab.seen_as(pod, EXT) == lab.pod(pod).address
+        assert elab.packets(path, pod) - before[0] >= 9 and elab.packets(other, pod) == before[1], (pod, path)
+    # The foreign rule survived the pool change and a few 1 s resyncs.
+    wait_for(lambda: _apply_rounds(lab, "node1") >= rounds0 + 3, "three more reconcile rounds", 10)
+    for node in ("node1", "node2"):
+        assert foreign in " ".join(elab.all_rules(node).split()), node
+        lab.exec(node, ["ip", "rule", "del", "priority", "500", "from", "192.0.2.0/24", "lookup", "777"], check=True)
+    # Back again: the egress rule and table return, and the path is tor1 again.
+    elab.set_pools(a_nat=False, a_egress=True)
+    before = (elab.packets("tor1", "default/a1"), elab.packets("tor2", "default/a1"))
+    assert elab.seen_as("default/a1", EXT) == lab.pod("default/a1").address
+    assert elab.packets("tor1", "default/a1") > before[0] and elab.packets("tor2", "default/a1") == before[1]
+
+
+def _apply_rounds(lab, node: str) -> float:
+    body = lab.http_get(node, 9091, "/metrics")[1]
+    m = re.search(r'^tortie_apply_rounds_total\{result="ok"\} (\S+)', body, re.M)
+    return float(m.group(1)) if m else 0.0
