@@ -128,6 +128,10 @@ def environment(local: LocalSettings, log_file: str, pid_file: str,
         "exabgp.api.encoder": "json",
         "exabgp.api.compact": "true",  # NLRIs as bare strings: less to write and to parse
         "exabgp.api.respawn": "true",
+        # the reactor sleeps speed/100 s whenever it has no socket work, even with API
+        # changes still queued (it applies 50 per turn): 1.0 makes 10,000 announcements take
+        # ~3 s, 0.25 ~1 s, for 1.4% instead of 0.7% of a core when idle
+        "exabgp.reactor.speed": "0.25",
         "exabgp.tcp.bind": binds,
         "exabgp.tcp.port": str(local.listen_port),
         "exabgp.log.destination": log_file,
