@@ -90,6 +90,11 @@ class Txn:
         return self
 
 
+def is_endpoints_failed(exc: BaseException) -> bool:
+    """The etcd client's way of saying every endpoint is benched after a failure."""
+    return isinstance(exc, ValueError) and "failed node" in str(exc)
+
+
 def _parse_endpoint(url: str) -> tuple[str, int, bool]:
     if "://" not in url:
         url = "http://" + url
@@ -117,11 +122,17 @@ class EtcdClient:
             host, port, secure = _parse_endpoint(url)
             if secure and creds is None:
                 creds = grpc.ssl_channel_credentials()
-            endpoints.append(
-                etcd3.Endpoint(host, port, secure=secure, creds=creds if secure else None, time_retry=1.0)
-            )
+            endpoints.append((host, port, secure))
         if not endpoints:
             raise ValidationError("no etcd endpoints given", field="etcd-endpoints")
+        # The client benches a failed endpoint for time_retry seconds and then refuses every
+        # call with a bare ValueError. With one endpoint there is nothing to fail over to,
+        # so never bench it: the next call simply tries again.
+        retry = 0.0 if len(endpoints) == 1 else 1.0
+        endpoints = [
+            etcd3.Endpoint(host, port, secure=secure, creds=creds if secure else None, time_retry=retry)
+            for host, port, secure in endpoints
+        ]
         self.raw = etcd3.MultiEndpointEtcd3Client(
             endpoints=endpoints, timeout=config.timeout, failover=len(endpoints) > 1
         )
@@ -143,6 +154,12 @@ class EtcdClient:
         except _UNAVAILABLE as exc:
             raise DatastoreUnavailable(
                 f"etcd unreachable at {','.join(self.config.endpoints)}: {type(exc).__name__}"
+            ) from exc
+        except ValueError as exc:
+            if not is_endpoints_failed(exc):
+                raise
+            raise DatastoreUnavailable(
+                f"etcd unreachable at {','.join(self.config.endpoints)}: every endpoint failed recently"
             ) from exc
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None

@@ -34,7 +34,7 @@ from etcd3 import etcdrpc
 from etcd3.etcdrpc import kv_pb2
 from etcd3.utils import prefix_range_end
 
-from tortie.datastore.etcd import EtcdClient
+from tortie.datastore.etcd import EtcdClient, is_endpoints_failed
 from tortie.errors import DatastoreUnavailable
 from tortie.log import get_logger
 
@@ -174,7 +174,9 @@ class Syncer:
                     log.warning("watch revision compacted; resyncing from a fresh snapshot",
                                 prefix=self.prefix, revision=self.revision, compacted=str(exc))
                     need_snapshot = True
-                except _RETRYABLE as exc:
+                except (*_RETRYABLE, ValueError) as exc:
+                    if isinstance(exc, ValueError) and not is_endpoints_failed(exc):
+                        raise
                     if self._stop.is_set():
                         break
                     self.status = Status.WAIT_FOR_DATASTORE
