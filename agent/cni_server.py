@@ -64,7 +64,8 @@ class CNIServer:
                  route_manager: Any = None, network_name_default: str = "k8s-pod-network",
                  log: Any = None, on_change: Callable[[], None] | None = None,
                  route_class: str = ROUTE_CLASS, route_proto: int = TORTIE_PROTO,
-                 set_forwarding: bool = True, workers: int = 32) -> None:
+                 set_forwarding: bool = True, workers: int = 32,
+                 pod_pools: Callable[[str, str], tuple[list[str], list[str]]] | None = None) -> None:
         self.socket_path = socket_path
         self.node = node_name
         self.ipam = ipam
@@ -84,6 +85,8 @@ class CNIServer:
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
         self._wep_handle_field = _wep_accepts("ipamHandle")
+        # The pools a Kubernetes pod asks for by annotation: (namespace, name) -> (v4, v6).
+        self.pod_pools = pod_pools if pod_pools is not None else pod_pools_from_env()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -218,7 +221,10 @@ class CNIServer:
 
     # ---- request details ----------------------------------------------------------------
 
-    def _counts(self, req: p.CNIRequest) -> tuple[int, int, list[str] | None]:
+    def _counts(self, req: p.CNIRequest, asked: tuple[list[str], list[str]] = ([], [])
+                ) -> tuple[int, int, list[str] | None]:
+        """(IPv4 count, IPv6 count, pools or None). `asked`: the pod's annotations, which
+        override the network config's `ipv4_pools` / `ipv6_pools` per family (as in Calico)."""
         ipam = req.ipam_config
 
         def flag(name: str, default: bool) -> bool:
@@ -228,15 +234,18 @@ class CNIServer:
         v4, v6 = int(flag("assign_ipv4", True)), int(flag("assign_ipv6", False))
         if not v4 and not v6:
             raise p.CNIError(p.INVALID_CONFIG, "ipam: assign_ipv4 and assign_ipv6 are both off")
-        pools = [*(ipam.get("ipv4_pools") or []), *(ipam.get("ipv6_pools") or [])] or None
-        return v4, v6, pools
+        pools = [*(asked[0] or ipam.get("ipv4_pools") or []), *(asked[1] or ipam.get("ipv6_pools") or [])]
+        return v4, v6, pools or None
 
     async def _allocate(self, req: p.CNIRequest) -> tuple[list[str], bool]:
         """(addresses, newly allocated): the handle's existing addresses make ADD idempotent."""
         held = await self._run(self.ipam.ips_by_handle, req.handle)
         if held:
             return sorted(held, key=_ip_sort), False
-        v4, v6, pools = self._counts(req)
+        asked: tuple[list[str], list[str]] = ([], [])
+        if self.pod_pools is not None and req.pod_name:
+            asked = await self._run(self.pod_pools, req.pod_namespace or "default", req.pod_name)
+        v4, v6, pools = self._counts(req, asked)
         attrs = {"namespace": req.pod_namespace, "pod": req.pod_name or req.container_id, "node": self.node}
         ips = await self._run(self.ipam.auto_assign, req.handle, self.node, num_v4=v4, num_v6=v6,
                               pools=pools, attrs=attrs)
@@ -525,6 +534,17 @@ def _datastore_error(exc: Exception) -> Exception:
     if type(exc) is ValueError and "failed node" in str(exc):
         return errors.DatastoreUnavailable(f"etcd unreachable: {exc}")
     return exc
+
+
+def pod_pools_from_env() -> Callable[[str, str], tuple[list[str], list[str]]] | None:
+    """`kube.podinfo.pod_pools` bound to the Kubernetes API the environment names
+    (TORTIE_K8S_API, KUBECONFIG, in-cluster), or None when there is none."""
+    if not any(os.environ.get(k) for k in ("TORTIE_K8S_API", "KUBECONFIG", "KUBERNETES_SERVICE_HOST")):
+        return None  # without an API: no import of the kubernetes client at all
+    from tortie.kube.podinfo import core_api_from_env, pod_pools
+
+    api = core_api_from_env()
+    return None if api is None else lambda namespace, name: pod_pools(namespace, name, api)
 
 
 def _ip_sort(ip: str) -> tuple[int, int]:
