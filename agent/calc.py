@@ -192,6 +192,8 @@ def policy_routing(state: ClusterState) -> tuple[frozenset[Rule], frozenset[Rout
             log.warning("pools share an egress table with different next hops; first one wins",
                         pool=p.name, table=p.egress.table)
             continue
+        # With `interface`, the next hop is reached through that device only (the route
+        # waits for the device like any other).
         routes[key] = Route(dst="0.0.0.0/0" if version == 4 else "::/0", table=p.egress.table,
-                            gateways=(p.egress.next_hop,))
+                            gateways=(p.egress.next_hop,), dev=p.egress.interface)
     return frozenset(rules), frozenset(routes.values())

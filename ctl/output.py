@@ -33,7 +33,9 @@ def _pool(res: dict) -> tuple[str, ...]:
 
 def _pool_wide(res: dict) -> tuple[str, ...]:
     e = res["spec"].get("egress")
-    egress = f"table {e['table']} via {e['nextHop']}" if e else "-"
+    egress = "-"
+    if e:
+        egress = f"table {e['table']} via {e['nextHop']}" + (f" dev {e['interface']}" if e.get("interface") else "")
     return (*_pool(res), _yn(not res["spec"].get("disableBGPExport")), egress)
 
 

@@ -117,6 +117,9 @@ def test_policy_routing_only_while_a_pool_has_egress():
         Rule(priority=PRIO_EGRESS, src="10.67.0.0/16", table=101),
     }
     assert d.egress_routes == {Route(dst="0.0.0.0/0", table=101, gateways=("192.0.2.1",))}
+    pool(s, "a", "10.67.0.0/16", egress={"table": 101, "nextHop": "192.0.2.1", "interface": "eth1"})
+    assert desired(s, "n1").egress_routes == {
+        Route(dst="0.0.0.0/0", table=101, gateways=("192.0.2.1",), dev="eth1")}
     pool(s, "a", "10.67.0.0/16")  # egress removed
     d = desired(s, "n1")
     assert not d.rules and not d.egress_routes

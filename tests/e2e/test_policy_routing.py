@@ -55,10 +55,13 @@ PEER_SERVER = (
 )
 
 
-def _pool(name: str, cidr: str, *, nat: bool = False, egress: tuple[int, str] | None = None) -> dict:
+def _pool(name: str, cidr: str, *, nat: bool = False, egress: tuple | None = None) -> dict:
+    """An IPPool; egress = (table, next hop[, interface])."""
     spec: dict = {"cidr": cidr, "blockSize": 26, "natOutgoing": nat}
     if egress:
         spec["egress"] = {"table": egress[0], "nextHop": egress[1]}
+        if len(egress) > 2:
+            spec["egress"]["interface"] = egress[2]
     return {"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": name}, "spec": spec}
 
 
@@ -97,21 +100,22 @@ class EgressLab:
                             capture_output=True, text=True, check=True).stdout
         return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
 
-    def set_pools(self, *, a_nat: bool = False, a_egress: bool = True) -> float:
-        """Pool A / B as a test needs them (B always egresses via tor2, never NATs); the
-        seconds from the datastore write until both nodes' kernels show it."""
-        want = (a_nat, a_egress)
+    def set_pools(self, *, a_nat: bool = False, a_via: str | None = TOR1) -> float:
+        """Pool A as a test needs it (a_via: its egress next hop, None for none; B always
+        egresses via tor2 on eth1 and never NATs); the seconds from the datastore write
+        until both nodes' kernels show it."""
+        want = (a_nat, a_via)
         if self.pool_state.get("a") == want:
             return 0.0
-        docs = [_pool("pool-a", POOL_A, nat=a_nat, egress=(TABLE_A, TOR1) if a_egress else None),
-                _pool("pool-b", POOL_B, egress=(TABLE_B, TOR2))]
+        docs = [_pool("pool-a", POOL_A, nat=a_nat, egress=(TABLE_A, a_via) if a_via else None),
+                _pool("pool-b", POOL_B, egress=(TABLE_B, TOR2, "eth1"))]
         self.lab.ctl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
         t0 = time.monotonic()
         self.pool_state["a"] = want
         for node in ("node1", "node2"):
-            wait_for(lambda n=node: self.rules(n) == expected_rules(a_egress) and self.nat_on(n) == a_nat
-                     and (self.table(n, TABLE_A) != "") == a_egress,
-                     f"{node} converged to pool A nat={a_nat} egress={a_egress}")
+            wait_for(lambda n=node: self.rules(n) == expected_rules(a_via is not None) and self.nat_on(n) == a_nat
+                     and self.table(n, TABLE_A) == egress_table(a_via),
+                     f"{node} converged to pool A nat={a_nat} egress via {a_via}")
         return time.monotonic() - t0
 
     # --- looking ----------------------------------------------------------------------
@@ -147,6 +151,11 @@ class EgressLab:
         return {TOR1: "tor1", TOR2: "tor2"}[via]
 
 
+def egress_table(via: str | None) -> str:
+    """An egress table as `ip route show table N` prints it."""
+    return f"default via {via} dev {'eth0' if via == TOR1 else 'eth1'} proto 77" if via else ""
+
+
 def expected_rules(a_egress: bool) -> set[str]:
     to_pools = {f"100: from all to {c} lookup main proto 77" for c in ("10.65.0.0/16", POOL_A, POOL_B)}
     egress = {f"110: from {POOL_B} lookup {TABLE_B} proto 77"}
@@ -170,7 +179,7 @@ def elab(lab_factory):
     lab = lab_factory(nodes=2, tor="bird", uplinks=2, agent_env={"TORTIE_RESYNC_INTERVAL": "1"})
     e = EgressLab(lab)
     try:
-        e.set_pools(a_egress=True)
+        e.set_pools(a_via=TOR1)
         for ref, (node, pool) in PODS.items():
             lab.pod_add(node, ref, pool=pool)
         e.add_counters()
@@ -189,17 +198,17 @@ def test_pods_get_the_pool_they_ask_for_and_ctl_shows_egress(elab):
         assert elab.lab.pod(ref).address.startswith(cidr.split(".0.0/")[0] + "."), (ref, cidr)
     wide = elab.lab.ctl("get", "ippools", "-o", "wide").stdout
     assert re.search(rf"pool-a\s+{POOL_A}\s.*table {TABLE_A} via {TOR1}", wide), wide
-    assert re.search(rf"pool-b\s+{POOL_B}\s.*table {TABLE_B} via {TOR2}", wide), wide
+    assert re.search(rf"pool-b\s+{POOL_B}\s.*table {TABLE_B} via {TOR2} dev eth1", wide), wide
     assert "NAT" in wide.splitlines()[0]
     tors = {t["name"]: t for t in elab.lab.status()["tors"]}
     assert set(tors) == {"tor1", "tor2"} and tors["tor2"]["segment"]["subnet"] == "10.99.102.0/24"
 
 
 def test_each_pool_leaves_through_its_own_router(elab):
-    elab.set_pools(a_nat=False, a_egress=True)
+    elab.set_pools(a_nat=False, a_via=TOR1)
     for node in ("node1", "node2"):
-        assert elab.table(node, TABLE_A) == f"default via {TOR1} dev eth0 proto 77"
-        assert elab.table(node, TABLE_B) == f"default via {TOR2} dev eth1 proto 77"
+        assert elab.table(node, TABLE_A) == egress_table(TOR1)
+        assert elab.table(node, TABLE_B) == egress_table(TOR2)
     before = {(t, p): elab.packets(t, p) for t in ("tor1", "tor2") for p in PODS}
     for _ in range(3):
         for pod in PODS:
@@ -215,8 +224,19 @@ def test_each_pool_leaves_through_its_own_router(elab):
         assert elab.lab.probe(src, dst, 80).ok, (src, dst)
 
 
+def test_changing_the_next_hop_moves_the_traffic(elab):
+    elab.set_pools(a_nat=False, a_via=TOR1)
+    assert elab.set_pools(a_nat=False, a_via=TOR2) < CONVERGE
+    for pod in ("default/a1", "default/a2"):
+        before = {t: elab.packets(t, pod) for t in ("tor1", "tor2")}
+        for _ in range(3):
+            assert elab.seen_as(pod, EXT) == elab.lab.pod(pod).address
+        assert elab.packets("tor2", pod) - before["tor2"] >= 9 and elab.packets("tor1", pod) == before["tor1"], pod
+    elab.set_pools(a_nat=False, a_via=TOR1)
+
+
 def test_nat_outgoing_on_pool_a_only(elab):
-    elab.set_pools(a_nat=True, a_egress=True)
+    elab.set_pools(a_nat=True, a_via=TOR1)
     node1, node2 = elab.lab.node("node1").ip, elab.lab.node("node2").ip
     assert elab.seen_as("default/a1", EXT) == node1
     assert elab.seen_as("default/a2", EXT) == node2
@@ -230,12 +250,12 @@ def test_nat_outgoing_on_pool_a_only(elab):
     after = elab.lab.exec("tor2", ["nft", "list", "table", "inet", COUNTERS], capture_output=True, text=True).stdout
     assert before == after
     # Off again: pool A's own addresses reach the outside host.
-    elab.set_pools(a_nat=False, a_egress=True)
+    elab.set_pools(a_nat=False, a_via=TOR1)
     assert elab.seen_as("default/a1", EXT) == elab.lab.pod("default/a1").address
 
 
 def test_hand_deleted_rule_route_and_nat_come_back(elab):
-    elab.set_pools(a_nat=True, a_egress=True)
+    elab.set_pools(a_nat=True, a_via=TOR1)
     lab = elab.lab
     rule_a = f"110: from {POOL_A} lookup {TABLE_A} proto 77"
     lab.exec("node1", ["ip", "rule", "del", "priority", "110", "from", POOL_A, "lookup", str(TABLE_A)], check=True)
@@ -244,7 +264,7 @@ def test_hand_deleted_rule_route_and_nat_come_back(elab):
     lab.exec("node1", ["ip", "rule", "del", "priority", "100", "to", POOL_B, "lookup", "main"], check=True)
     wait_for(lambda: elab.rules("node1") == expected_rules(True), "the deleted to-pools rule is back", CONVERGE)
     lab.exec("node1", ["ip", "route", "del", "default", "table", str(TABLE_A)], check=True)
-    wait_for(lambda: elab.table("node1", TABLE_A) == f"default via {TOR1} dev eth0 proto 77",
+    wait_for(lambda: elab.table("node1", TABLE_A) == egress_table(TOR1),
              "the egress table's default route is back", CONVERGE)
     lab.exec("node2", ["nft", "flush", "chain", "ip", "tortie-nat", "postrouting"], check=True)
     assert not elab.nat_on("node2")
@@ -252,11 +272,11 @@ def test_hand_deleted_rule_route_and_nat_come_back(elab):
     lab.exec("node2", ["nft", "delete", "table", "ip", "tortie-nat"], check=True)
     wait_for(lambda: elab.nat_on("node2"), "the deleted NAT table is back", CONVERGE)
     assert elab.seen_as("default/a2", EXT) == lab.node("node2").ip
-    elab.set_pools(a_nat=False, a_egress=True)
+    elab.set_pools(a_nat=False, a_via=TOR1)
 
 
 def test_removing_egress_goes_back_to_the_default_path_and_foreign_rules_survive(elab):
-    elab.set_pools(a_nat=False, a_egress=True)
+    elab.set_pools(a_nat=False, a_via=TOR1)
     lab = elab.lab
     foreign = "500: from 192.0.2.0/24 lookup 777"
     stray = "150: from 192.0.2.0/24 lookup 778"  # inside tortie's range: not ours to keep
@@ -266,11 +286,11 @@ def test_removing_egress_goes_back_to_the_default_path_and_foreign_rules_survive
     wait_for(lambda: stray not in " ".join(elab.all_rules("node1").split()), "the stray rule at 150 is removed",
              CONVERGE)
     rounds0 = _apply_rounds(lab, "node1")
-    assert elab.set_pools(a_nat=False, a_egress=False) < CONVERGE  # both nodes dropped pool A's egress
+    assert elab.set_pools(a_nat=False, a_via=None) < CONVERGE  # both nodes dropped pool A's egress
     for node in ("node1", "node2"):
         assert elab.table(node, TABLE_A) == ""
         assert not [r for r in elab.rules(node) if f"lookup {TABLE_A}" in r]
-        assert elab.table(node, TABLE_B) == f"default via {TOR2} dev eth1 proto 77"
+        assert elab.table(node, TABLE_B) == egress_table(TOR2)
     # Pool A's traffic now takes the main table's (ECMP) default: counted only there.
     for pod in ("default/a1", "default/a2"):
         path = elab.default_path(pod)
@@ -285,7 +305,7 @@ def test_removing_egress_goes_back_to_the_default_path_and_foreign_rules_survive
         assert foreign in " ".join(elab.all_rules(node).split()), node
         lab.exec(node, ["ip", "rule", "del", "priority", "500", "from", "192.0.2.0/24", "lookup", "777"], check=True)
     # Back again: the egress rule and table return, and the path is tor1 again.
-    elab.set_pools(a_nat=False, a_egress=True)
+    elab.set_pools(a_nat=False, a_via=TOR1)
     before = (elab.packets("tor1", "default/a1"), elab.packets("tor2", "default/a1"))
     assert elab.seen_as("default/a1", EXT) == lab.pod("default/a1").address
     assert elab.packets("tor1", "default/a1") > before[0] and elab.packets("tor2", "default/a1") == before[1]
