@@ -27,6 +27,8 @@ class AgentConfig:
     metrics_port: int = 9091
     resync_interval: float = 90.0  # Felix's route refresh interval
     bgp_enabled: bool = True
+    # the restart time our OPEN offers: how long peers keep our routes after we vanish
+    bgp_graceful_restart: int = 120
     log_format: str | None = None
 
     @property
@@ -34,12 +36,12 @@ class AgentConfig:
         return self.node_ip.split("/")[0] if self.node_ip else None
 
 
-_INT_FIELDS = {"as_number", "health_port", "metrics_port"}
+_INT_FIELDS = {"as_number", "health_port", "metrics_port", "bgp_graceful_restart"}
 _FLOAT_FIELDS = {"resync_interval"}
 _BOOL_FIELDS = {"bgp_enabled"}
 _KEYS = (
     "nodename", "node_ip", "node_ip6", "as_number", "cni_socket", "state_dir", "health_host",
-    "health_port", "metrics_port", "resync_interval", "bgp_enabled", "log_format",
+    "health_port", "metrics_port", "resync_interval", "bgp_enabled", "bgp_graceful_restart", "log_format",
 )
 
 

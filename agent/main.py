@@ -108,6 +108,7 @@ class Agent:
             node_name=self.node, router_id=self.cfg.node_address, local_as=local_as,
             local_address=self.cfg.node_address, state_dir=self.cfg.state_dir,
             listen_port=identity[2], on_routes=self._on_learned, cluster_id=cluster_id,
+            graceful_restart=self.cfg.bgp_graceful_restart,
             local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
         )
         self._bgp_identity = identity
