@@ -116,6 +116,16 @@ def _pool_of(net: ipaddress._BaseNetwork, pools: Mapping[str, res.IPPool]) -> re
     return None
 
 
+def node_addresses(state: ClusterState) -> list[str]:
+    """Every node's addresses: its BGP ones and those in `spec.addresses` (a node with
+    several uplinks lists them all there), bare, sorted. Traffic to them is pod-to-node."""
+    out = set()
+    for n in state.nodes.values():
+        out.update(a for a in (n.ipv4, n.ipv6) if a)
+        out.update(str(ipaddress.ip_interface(a).ip) for a in n.addresses)
+    return sorted(out)
+
+
 def own_blocks(state: ClusterState, node: str) -> list[str]:
     """This node's confirmed blocks."""
     return sorted(c for (n, c), confirmed in state.affinities.items() if n == node and confirmed)

@@ -24,7 +24,7 @@ import time
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
-from tortie.agent.calc import ClusterState, desired
+from tortie.agent.calc import ClusterState, desired, node_addresses
 from tortie.agent.health import Health, start_http
 from tortie.agent.metrics import Registry
 from tortie.datastore.etcd import EtcdClient
@@ -182,7 +182,7 @@ class Agent:
         self.nat.on_update(
             nat_pools=[p.cidr for p in pools if p.nat_outgoing],
             all_pools=[p.cidr for p in pools],
-            node_addresses=[ip for n in self.state.nodes.values() for ip in (n.ipv4, n.ipv6) if ip],
+            node_addresses=node_addresses(self.state),
         )
         self.nat.apply()
         for cls, n in (("blocks", len(want.block_routes)), ("workloads", len(want.workload_routes)),
@@ -240,6 +240,12 @@ class Agent:
             bgp["asNumber"] = self.cfg.as_number
         if not bgp:
             del node["spec"]["bgp"]
+        # All of this node's own addresses (every uplink), so other nodes' natOutgoing
+        # never translates traffic to any of them; entries of other types are kept.
+        mine = local_addresses()
+        others = [a for a in node["spec"].get("addresses", []) if a.get("type") != NODE_ADDRESS_TYPE]
+        if mine or others:
+            node["spec"]["addresses"] = others + [{"address": a, "type": NODE_ADDRESS_TYPE} for a in mine]
         self.store.apply(node)
 
     async def run(self) -> None:
@@ -311,6 +317,22 @@ class Agent:
             await self.bgp.stop()
         self.client.close()
         log.info("agent stopped")
+
+
+NODE_ADDRESS_TYPE = "CalicoNodeIP"  # the Node.spec.addresses entries the agent owns
+
+
+def local_addresses() -> list[str]:
+    """The global-scope addresses on this namespace's interfaces (pod veths carry none)."""
+    import subprocess
+
+    proc = subprocess.run(["ip", "-j", "address", "show", "scope", "global"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        log.warning("cannot list the node's addresses", error=proc.stderr.strip())
+        return []
+    found = {str(ipaddress.ip_address(a["local"])) for link in json.loads(proc.stdout or "[]")
+             for a in link.get("addr_info", []) if a.get("local")}
+    return sorted(found, key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
 
 
 def main(argv: list[str] | None = None) -> int:

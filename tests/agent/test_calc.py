@@ -123,3 +123,17 @@ def test_policy_routing_only_while_a_pool_has_egress():
     pool(s, "a", "10.67.0.0/16")  # egress removed
     d = desired(s, "n1")
     assert not d.rules and not d.egress_routes
+
+
+def test_node_addresses_are_the_bgp_ones_and_every_listed_one():
+    from tortie.agent.calc import node_addresses
+
+    s = make_state()
+    put(s, "resources/node/n1", {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n1"},
+                                 "spec": {"bgp": {"ipv4Address": "10.99.101.11/24"},
+                                          "addresses": [{"address": "10.99.101.11", "type": "CalicoNodeIP"},
+                                                        {"address": "10.99.102.11", "type": "CalicoNodeIP"},
+                                                        {"address": "fd00::11", "type": "InternalIP"}]}})
+    put(s, "resources/node/n2", {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n2"},
+                                 "spec": {"bgp": {"ipv4Address": "10.99.101.12/24", "ipv6Address": "fd00::12/64"}}})
+    assert node_addresses(s) == ["10.99.101.11", "10.99.101.12", "10.99.102.11", "fd00::11", "fd00::12"]

@@ -244,6 +244,8 @@ def test_nat_outgoing_on_pool_a_only(elab):
     # Pod to pod (other node, other pool) and pod to node: never translated.
     assert elab.seen_as("default/a1", elab.lab.pod("default/b2").address) == elab.lab.pod("default/a1").address
     assert elab.seen_as("default/a1", node2) == elab.lab.pod("default/a1").address
+    node2_up2 = elab.lab.node("node2").uplinks[1].ip  # its second uplink's address, too
+    assert elab.seen_as("default/a1", node2_up2) == elab.lab.pod("default/a1").address
     # NAT does not change the path: pool A still leaves through tor1 only (as the node's address).
     before = elab.lab.exec("tor2", ["nft", "list", "table", "inet", COUNTERS], capture_output=True, text=True).stdout
     assert elab.seen_as("default/a1", EXT) == node1
