@@ -153,7 +153,7 @@ class Lab:
         echo(f"etcd healthy at {plan.etcd_endpoint} (in {plan.ctl_netns})")
 
         if st.cni == "tortie":
-            extra = [a for r in routers.bgp_resources(plan) for a in ("--resource", json.dumps(r))]
+            extra = [a for r in routers.bgp_resources(plan, pool) for a in ("--resource", json.dumps(r))]
             created = self._dsops("bootstrap", "--cidr", pool, "--block-size", str(block_size), *extra)
             echo(f"IPPool default-ipv4 {pool} blockSize {block_size} "
                  f"({'created' if created.get('ippool') else 'exists'}); IPAMConfig default")
@@ -237,7 +237,7 @@ class Lab:
         run = self._router(tor)
         os.makedirs(run.rdir, exist_ok=True)
         self._record(lambda s: s.data_dirs.extend(run.leftovers()))
-        cmd = run.prepare(plan)
+        cmd = run.prepare(plan, st.bgp_passwords)
         proc = state.spawn(tor.name, cmd, netns=tor.netns,
                            log_path=os.path.join(st.dir, "logs", f"{tor.name}.log"))
         self._record(lambda s: s.procs.append(proc))
@@ -261,6 +261,28 @@ class Lab:
         detail = "; ".join(f"{t}: " + ", ".join(f"{n} {st}" for n, st in sorted(per.items()))
                            for t, per in sessions.items())
         return f"BGP sessions established {up}/{len(states)} ({detail})"
+
+    def router_password(self, node: str, password: str | None) -> None:
+        """Set (None: remove) the TCP MD5 password every router uses for `node`'s session.
+
+        The router is reconfigured at once, which restarts that session; the node's side is
+        the password of its BGPPeer, set with `ctl apply` like any other resource."""
+        n = self.node(node)
+        if password is not None:
+            routers.check_password(password)
+
+        def put(s: LabState) -> None:
+            if password is None:
+                s.bgp_passwords.pop(n.name, None)
+            else:
+                s.bgp_passwords[n.name] = password
+
+        st = self._record(put)
+        plan = _plan_from(st)
+        if not plan.tors:
+            raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
+        for tor in plan.tors:
+            self._router(tor).set_password(plan, st.bgp_passwords, n.name)
 
     def bgp_sessions(self) -> dict[str, dict[str, str]]:
         """Per router: its BGP sessions' states by node name (Established, Active, ...)."""
@@ -333,6 +355,7 @@ class Lab:
             "TORTIE_HEALTH_PORT": str(HEALTH_PORT),
             "TORTIE_METRICS_PORT": str(METRICS_PORT),
             "TORTIE_LOG_FORMAT": "json",
+            "TORTIE_BGP_GRACEFUL_RESTART": str(routers.GRACEFUL_RESTART),
             **st.agent_env,
         }
         if st.agent == "agent":

@@ -8,24 +8,41 @@ one BGPPeer per node pointing at the router -- is `bgp_resources()`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import pwd
 import re
 import shlex
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tortie.errors import DataplaneError, ValidationError
 from tortie.lab import nsutil
 from tortie.lab.topology import Plan, TorPlan
 
 API_VERSION = "tortie.io/v1"
 HOLD_TIME = 9  # seconds: a lab wants quick failure detection
+# The restart time the lab's agents offer (TORTIE_BGP_GRACEFUL_RESTART): peers keep a vanished
+# node's routes this long -- enough for a killed agent to come back, and within HOLD_TIME, so a
+# node that is gone for good is withdrawn within the hold time.
+GRACEFUL_RESTART = 6
 KERNEL_PROTO = {"bird": "bird", "frr": "bgp"}  # the route protocol each puts on learned routes
 
 
-def bird_config(plan: Plan, tor: TorPlan, log_path: str) -> str:
-    """BIRD 2 configuration: one eBGP session per node, learned routes to the kernel."""
+def check_password(password: str) -> str:
+    # both configs take it as a double-quoted / bare token: refuse what would break them
+    if not password or not password.isprintable() or any(c in password for c in "\"\\ ;{}"):
+        raise ValidationError("want printable characters without quotes, backslashes, spaces, ';' "
+                              "or braces", field="password")
+    return password
+
+
+def bird_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, str] | None = None) -> str:
+    """BIRD 2 configuration: one eBGP session per node, learned routes to the kernel.
+
+    `passwords`: node name -> the TCP MD5 password of that node's session."""
     lines = [
         f'log "{log_path}" {{ info, warning, error, fatal }};',
         f"router id {tor.ip};",
@@ -48,6 +65,7 @@ def bird_config(plan: Plan, tor: TorPlan, log_path: str) -> str:
             f"protocol bgp {node.name} from node {{",
             f"  local {link.gateway} as {tor.as_number};",
             f"  neighbor {link.ip} as {node.as_number};",
+            *([f'  password "{check_password(pw)}";'] if (pw := (passwords or {}).get(node.name)) else []),
             "}",
         ]
     return "\n".join(lines) + "\n"
@@ -85,7 +103,7 @@ def bird_ready(netns: str, control: str) -> bool:
 FRR_DIR = "/usr/lib/frr"
 
 
-def frr_config(plan: Plan, tor: TorPlan, log_path: str) -> str:
+def frr_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, str] | None = None) -> str:
     """FRR configuration: one eBGP session per node; zebra puts the learned routes in the kernel."""
     lines = [
         "frr defaults datacenter",
@@ -101,6 +119,8 @@ def frr_config(plan: Plan, tor: TorPlan, log_path: str) -> str:
                   f" neighbor {link.ip} update-source {link.gateway}",
                   f" neighbor {link.ip} timers 3 {HOLD_TIME}",
                   f" neighbor {link.ip} timers connect 1"]
+        if pw := (passwords or {}).get(node.name):
+            lines.append(f" neighbor {link.ip} password {check_password(pw)}")
     lines += [" address-family ipv4 unicast", "  maximum-paths 16", " exit-address-family"]
     return "\n".join(lines) + "\n"
 
@@ -163,20 +183,53 @@ class RouterRun:
     def control(self) -> str:
         return os.path.join(self.rdir, "bird.ctl") if self.tor.kind == "bird" else self.rdir
 
-    def prepare(self, plan: Plan) -> list[str]:
-        """Write the configuration; the command that runs the router in the foreground."""
-        log_path = os.path.join(self.log_dir, f"{self.tor.name}-{self.tor.kind}.log")
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.log_dir, f"{self.tor.name}-{self.tor.kind}.log")
+
+    def _write_config(self, plan: Plan, passwords: Mapping[str, str] | None) -> None:
         if self.tor.kind == "bird":
-            text, cmd = bird_config(plan, self.tor, log_path), bird_command(self.conf, self.control)
+            text = bird_config(plan, self.tor, self.log_path, passwords)
         else:
-            frr_prepare_dir(self.rdir)
-            text, cmd = frr_config(plan, self.tor, log_path), frr_command(self.rdir, self.conf, self.tor.netns)
+            text = frr_config(plan, self.tor, self.log_path, passwords)
         with open(self.conf, "w") as f:
             f.write(text)
+
+    def prepare(self, plan: Plan, passwords: Mapping[str, str] | None = None) -> list[str]:
+        """Write the configuration; the command that runs the router in the foreground."""
+        if self.tor.kind == "bird":
+            cmd = bird_command(self.conf, self.control)
+        else:
+            frr_prepare_dir(self.rdir)
+            cmd = frr_command(self.rdir, self.conf, self.tor.netns)
+        self._write_config(plan, passwords)
         if self.tor.kind == "frr":
-            open(log_path, "a").close()
-            frr_prepare_dir(log_path)
+            open(self.log_path, "a").close()
+            frr_prepare_dir(self.log_path)
         return cmd
+
+    def set_password(self, plan: Plan, passwords: Mapping[str, str], node: str) -> None:
+        """Rewrite the config with `passwords` and make the running router use them for `node`'s
+        session (which restarts that session)."""
+        self._write_config(plan, passwords)
+        if self.tor.kind == "bird":
+            out = birdc(self.tor.netns, self.control, "configure")
+            if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
+                raise DataplaneError(f"birdc configure: {out.strip()}")
+            return
+        pw = passwords.get(node)
+        cmds = []
+        for n, link in plan.links_of(self.tor.name):
+            if n.name == node:
+                cmds.append(f"neighbor {link.ip} password {check_password(pw)}" if pw
+                            else f"no neighbor {link.ip} password")
+        args = ["ip", "netns", "exec", self.tor.netns, "vtysh", "--vty_socket", self.rdir,
+                "-c", "configure terminal", "-c", f"router bgp {self.tor.as_number}"]
+        for c in cmds:
+            args += ["-c", c]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            raise DataplaneError(f"vtysh: {(r.stdout + r.stderr).strip()}")
 
     def leftovers(self) -> list[str]:
         """Directories the router makes outside the lab dir (FRR's per-pathspace run dir)."""
@@ -193,10 +246,22 @@ class RouterRun:
         return frr_sessions(self.tor.netns, self.rdir, plan, self.tor.name)
 
 
-def bgp_resources(plan: Plan) -> list[dict]:
-    """Mesh off; each node peers with each router on its link to it, and keeps its own AS."""
+# What nodes import from the routers (BGPPeer acceptPrefixes): the pod address space the lab's
+# pools live in. Nodes reach other nodes' blocks by their default route anyway; what they
+# need from the router are the /32s other nodes borrowed from their own blocks, which
+# would otherwise hit the block's blackhole.
+POD_SPACE = "10.64.0.0/10"
+
+
+def bgp_resources(plan: Plan, pool: str | None = None) -> list[dict]:
+    """Mesh off; each node peers with each router on its link to it, and keeps its own AS.
+
+    Nodes accept from the routers what lies in POD_SPACE or in `pool` (the lab's pool)."""
     if not plan.tors:
         return []
+    accept = [POD_SPACE]
+    if pool and not ipaddress.ip_network(pool, strict=False).subnet_of(ipaddress.ip_network(POD_SPACE)):
+        accept.append(pool)
     res: list[dict] = [{
         "apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": "default"},
         "spec": {"nodeToNodeMeshEnabled": False, "asNumber": plan.nodes[0].as_number - 1},
@@ -206,6 +271,6 @@ def bgp_resources(plan: Plan) -> list[dict]:
     for tor in plan.tors:
         res += [{"apiVersion": API_VERSION, "kind": "BGPPeer", "metadata": {"name": f"{tor.name}-{n.name}"},
                  "spec": {"node": n.name, "peerIP": link.gateway, "asNumber": tor.as_number,
-                          "holdTime": f"{HOLD_TIME}s"}}
+                          "holdTime": f"{HOLD_TIME}s", "acceptPrefixes": accept}}
                 for n, link in plan.links_of(tor.name)]
     return res

@@ -80,6 +80,7 @@ class LabState:
     data_dirs: list[str] = field(default_factory=list)
     pods: dict[str, Pod] = field(default_factory=dict)
     agent_env: dict[str, str] = field(default_factory=dict)  # extra agent environment (--agent-env)
+    bgp_passwords: dict[str, str] = field(default_factory=dict)  # node -> the routers' MD5 password for it
     etcd_prefix: str = "/tortie/"
     bin_dir: str = ""
     created: float = field(default_factory=time.time)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 import uuid
 
 import pytest
@@ -52,3 +53,13 @@ def lab_factory():
 def new_lab_name():
     """A factory of lab names unique to this run, for tests that drive the CLI themselves."""
     return unique_lab_name
+
+
+def wait_matrix(lab: Lab, seconds: float = 15.0, port: int = 80):
+    """The lab's matrix once every probe answers, or the last one after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        m = lab.matrix(port)
+        if m.ok or time.monotonic() > deadline:
+            return m
+        time.sleep(0.5)

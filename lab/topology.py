@@ -5,7 +5,8 @@ links and addresses. The builder (cluster.py) only walks the plan.
 
     <lab>-ctl   eth0 10.99.0.2/24 (etcd) ──┐
     <lab>-node1 eth0 10.99.0.11/24 ────────┼── br0 in <lab>-net, 10.99.0.0/24
-    <lab>-nodeN eth0 10.99.0.(10+N)/24 ────┘
+    <lab>-nodeN eth0 10.99.0.(10+N)/24 ────┤
+    <lab>-ext   eth0 10.99.0.3/24 ─────────┘  (default via node1, the gateway node)
 
 `--tor bird|frr` (issue 4): each node on its own link to the router, which also sits on
 the core segment (br0) with etcd and the outside host; the nodes peer with the router only.
@@ -167,10 +168,14 @@ def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1) -> Plan
     common = dict(lab=lab, tor=tor, ctl_netns=f"{lab}-ctl", ctl_address=f"{base + 2}/{plen}",
                   net_netns=net_netns, bridge="br0", subnet=str(net), uplinks=uplinks)
     if tor == "none":
-        return Plan(**common, nodes=tuple(
+        # No router: the outside host sits on the segment and enters through node1 (a
+        # gateway node, which knows every block over the mesh); pods answer it directly.
+        flat = tuple(
             NodePlan(name=f"node{i}", netns=f"{lab}-node{i}", as_number=NODE_AS, uplinks=(
                 Uplink("eth0", f"{base + 10 + i}/{plen}", None, None, net_netns, f"n{i}", bridge="br0"),))
-            for i in range(1, nodes + 1)))
+            for i in range(1, nodes + 1))
+        return Plan(**common, nodes=flat, ext_netns=f"{lab}-ext", ext_address=f"{base + 3}/{plen}",
+                    core_gateways=(flat[0].ip,))
     if uplinks == 1:
         # Node I's own link 10.99.I.0/24: the router .1, the node .2.
         tors = (TorPlan(kind=tor, name="tor", netns=f"{lab}-tor", address=f"{base + 1}/{plen}",

@@ -17,7 +17,9 @@ def test_plan_addresses_and_names():
     assert plan.ctl_netns == "lab1-ctl" and plan.net_netns == "lab1-net"
     assert plan.etcd_endpoint == "http://10.99.0.2:2379"
     assert len({n.ip for n in plan.nodes} | {plan.ctl_address.split("/")[0]}) == 4
-    assert plan.netns_names() == ["lab1-net", "lab1-ctl", "lab1-node1", "lab1-node2", "lab1-node3"]
+    assert plan.netns_names() == ["lab1-net", "lab1-ctl", "lab1-ext", "lab1-node1", "lab1-node2", "lab1-node3"]
+    # no router: the outside host enters through node1
+    assert (plan.ext_address, plan.core_gateways) == ("10.99.0.3/24", ("10.99.0.11",))
 
 
 @pytest.mark.parametrize("name", ["", "Tortie", "my-lab", "1lab", "a" * 17, "x/y"])
@@ -129,6 +131,15 @@ def test_router_config_and_bgp_resources():
         validate(r)  # the datastore accepts every one
     peers = {r["spec"]["node"]: r["spec"] for r in res if r["kind"] == "BGPPeer"}
     assert peers["node1"]["peerIP"] == "10.99.1.1" and peers["node2"]["asNumber"] == 65000
+    assert peers["node1"]["acceptPrefixes"] == [routers.POD_SPACE]
+    assert routers.bgp_resources(plan, "192.168.0.0/16")[1 + 2]["spec"]["acceptPrefixes"] == [
+        routers.POD_SPACE, "192.168.0.0/16"]
+    # MD5 passwords per node on the router's side
+    assert '  neighbor 10.99.2.2 as 64514;\n  password "pw2";\n}' in routers.bird_config(
+        plan, plan.tors[0], "/x.log", {"node2": "pw2"})
+    assert " neighbor 10.99.1.2 password pw1\n" in routers.frr_config(plan, plan.tors[0], "/x.log", {"node1": "pw1"})
+    with pytest.raises(ValidationError):
+        routers.check_password('a"b')
     default = next(r for r in res if r["metadata"]["name"] == "default")
     assert default["spec"]["nodeToNodeMeshEnabled"] is False
     assert routers.bgp_resources(topology.make_plan("lab1", 2)) == []
