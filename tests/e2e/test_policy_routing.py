@@ -83,6 +83,7 @@ class EgressLab:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            proc.stdout.close()
 
     def add_counters(self) -> None:
         """In each router: a named counter per pod, for its packets towards the outside host."""
@@ -102,8 +103,8 @@ class EgressLab:
 
     def set_pools(self, *, a_nat: bool = False, a_via: str | None = TOR1) -> float:
         """Pool A as a test needs it (a_via: its egress next hop, None for none; B always
-        egresses via tor2 on eth1 and never NATs); the seconds from the datastore write
-        until both nodes' kernels show it."""
+        egresses via tor2 on eth1 and never NATs); the seconds from tortiectl's return
+        (the datastore write is done) until both nodes' kernels show it."""
         want = (a_nat, a_via)
         if self.pool_state.get("a") == want:
             return 0.0
@@ -164,6 +165,13 @@ def expected_rules(a_egress: bool) -> set[str]:
     return to_pools | egress
 
 
+def lab_cli(lab, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "tortie.lab", *args, "--name", lab.name],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
 def wait_for(cond, what: str, seconds: float = 10.0) -> float:
     """Poll cond until true; the seconds it took (fails after `seconds`)."""
     t0 = time.monotonic()
@@ -181,7 +189,10 @@ def elab(lab_factory):
     try:
         e.set_pools(a_via=TOR1)
         for ref, (node, pool) in PODS.items():
-            lab.pod_add(node, ref, pool=pool)
+            if pool == "pool-a":
+                lab.pod_add(node, ref, pool=pool)
+            else:  # the CLI's `pod add --pool` path
+                lab_cli(lab, "pod", "add", node, ref, "--pool", pool)
         e.add_counters()
         e.start_peer_server("ext")
         e.start_peer_server("default/b2")
@@ -200,7 +211,7 @@ def test_pods_get_the_pool_they_ask_for_and_ctl_shows_egress(elab):
     assert re.search(rf"pool-a\s+{POOL_A}\s.*table {TABLE_A} via {TOR1}", wide), wide
     assert re.search(rf"pool-b\s+{POOL_B}\s.*table {TABLE_B} via {TOR2} dev eth1", wide), wide
     assert "NAT" in wide.splitlines()[0]
-    tors = {t["name"]: t for t in elab.lab.status()["tors"]}
+    tors = {t["name"]: t for t in json.loads(lab_cli(elab.lab, "status", "-o", "json"))["tors"]}
     assert set(tors) == {"tor1", "tor2"} and tors["tor2"]["segment"]["subnet"] == "10.99.102.0/24"
 
 
@@ -216,7 +227,7 @@ def test_each_pool_leaves_through_its_own_router(elab):
     delta = {k: elab.packets(*k) - v for k, v in before.items()}
     for pod in PODS:
         mine, other = ("tor1", "tor2") if "/a" in pod else ("tor2", "tor1")
-        assert delta[(mine, pod)] >= 9, (pod, delta)  # 3 connections, >= 3 packets each
+        assert delta[(mine, pod)] >= 6, (pod, delta)  # 3 connections: SYN and ACK each, at least
         assert delta[(other, pod)] == 0, (pod, delta)
     # Between the pools and across nodes, traffic still flows (rule 100 keeps the main table).
     for src, dst in (("default/a1", "default/b1"), ("default/a1", "default/b2"), ("default/b1", "default/a2"),
@@ -231,7 +242,7 @@ def test_changing_the_next_hop_moves_the_traffic(elab):
         before = {t: elab.packets(t, pod) for t in ("tor1", "tor2")}
         for _ in range(3):
             assert elab.seen_as(pod, EXT) == elab.lab.pod(pod).address
-        assert elab.packets("tor2", pod) - before["tor2"] >= 9 and elab.packets("tor1", pod) == before["tor1"], pod
+        assert elab.packets("tor2", pod) - before["tor2"] >= 6 and elab.packets("tor1", pod) == before["tor1"], pod
     elab.set_pools(a_nat=False, a_via=TOR1)
 
 
@@ -300,7 +311,7 @@ def test_removing_egress_goes_back_to_the_default_path_and_foreign_rules_survive
         before = (elab.packets(path, pod), elab.packets(other, pod))
         for _ in range(3):
             assert elab.seen_as(pod, EXT) == lab.pod(pod).address
-        assert elab.packets(path, pod) - before[0] >= 9 and elab.packets(other, pod) == before[1], (pod, path)
+        assert elab.packets(path, pod) - before[0] >= 6 and elab.packets(other, pod) == before[1], (pod, path)
     # The foreign rule survived the pool change and a few 1 s resyncs.
     wait_for(lambda: _apply_rounds(lab, "node1") >= rounds0 + 3, "three more reconcile rounds", 10)
     for node in ("node1", "node2"):
