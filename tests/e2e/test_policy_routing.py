@@ -101,21 +101,23 @@ class EgressLab:
                             capture_output=True, text=True, check=True).stdout
         return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
 
-    def set_pools(self, *, a_nat: bool = False, a_via: str | None = TOR1) -> float:
-        """Pool A as a test needs it (a_via: its egress next hop, None for none; B always
-        egresses via tor2 on eth1 and never NATs); the seconds from tortiectl's return
-        (the datastore write is done) until both nodes' kernels show it."""
-        want = (a_nat, a_via)
-        if self.pool_state.get("a") == want:
+    def set_pools(self, *, a_nat: bool = False, a_via: str | None = TOR1, b_egress: bool = True) -> float:
+        """The pools as a test needs them (a_via: pool A's egress next hop, None for none;
+        B egresses via tor2 on eth1 unless b_egress is off, and never NATs); the seconds
+        from tortiectl's return (the datastore write is done) until both nodes' kernels
+        show it."""
+        want = (a_nat, a_via, b_egress)
+        if self.pool_state.get("pools") == want:
             return 0.0
         docs = [_pool("pool-a", POOL_A, nat=a_nat, egress=(TABLE_A, a_via) if a_via else None),
-                _pool("pool-b", POOL_B, egress=(TABLE_B, TOR2, "eth1"))]
+                _pool("pool-b", POOL_B, egress=(TABLE_B, TOR2, "eth1") if b_egress else None)]
         self.lab.ctl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
         t0 = time.monotonic()
-        self.pool_state["a"] = want
+        self.pool_state["pools"] = want
         for node in ("node1", "node2"):
-            wait_for(lambda n=node: self.rules(n) == expected_rules(a_via is not None) and self.nat_on(n) == a_nat
-                     and self.table(n, TABLE_A) == egress_table(a_via),
+            wait_for(lambda n=node: self.rules(n) == expected_rules(a_via is not None, b_egress)
+                     and self.nat_on(n) == a_nat and self.table(n, TABLE_A) == egress_table(a_via)
+                     and self.table(n, TABLE_B) == egress_table(TOR2 if b_egress else None),
                      f"{node} converged to pool A nat={a_nat} egress via {a_via}")
         return time.monotonic() - t0
 
@@ -157,12 +159,13 @@ def egress_table(via: str | None) -> str:
     return f"default via {via} dev {'eth0' if via == TOR1 else 'eth1'} proto 77" if via else ""
 
 
-def expected_rules(a_egress: bool) -> set[str]:
-    to_pools = {f"100: from all to {c} lookup main proto 77" for c in ("10.65.0.0/16", POOL_A, POOL_B)}
-    egress = {f"110: from {POOL_B} lookup {TABLE_B} proto 77"}
-    if a_egress:
-        egress.add(f"110: from {POOL_A} lookup {TABLE_A} proto 77")
-    return to_pools | egress
+def expected_rules(a_egress: bool, b_egress: bool = True) -> set[str]:
+    """Rule 100 for every pool while any pool has egress routing, then 110 per such pool."""
+    egress = {f"110: from {cidr} lookup {table} proto 77"
+              for cidr, table, on in ((POOL_A, TABLE_A, a_egress), (POOL_B, TABLE_B, b_egress)) if on}
+    if not egress:
+        return set()
+    return egress | {f"100: from all to {c} lookup main proto 77" for c in ("10.65.0.0/16", POOL_A, POOL_B)}
 
 
 def lab_cli(lab, *args: str) -> str:
@@ -312,7 +315,13 @@ def test_removing_egress_goes_back_to_the_default_path_and_foreign_rules_survive
         for _ in range(3):
             assert elab.seen_as(pod, EXT) == lab.pod(pod).address
         assert elab.packets(path, pod) - before[0] >= 6 and elab.packets(other, pod) == before[1], (pod, path)
-    # The foreign rule survived the pool change and a few 1 s resyncs.
+    # With no pool asking for egress, tortie keeps no rule and no egress route at all.
+    assert elab.set_pools(a_nat=False, a_via=None, b_egress=False) < CONVERGE
+    for node in ("node1", "node2"):
+        assert elab.rules(node) == set() and elab.table(node, TABLE_B) == ""
+        assert not elab.lab.exec(node, ["ip", "route", "show", "table", "all", "proto", "77", "type", "unicast"],
+                                 capture_output=True, text=True, check=True).stdout.count("default")
+    # The foreign rule survived the pool changes and a few 1 s resyncs.
     wait_for(lambda: _apply_rounds(lab, "node1") >= rounds0 + 3, "three more reconcile rounds", 10)
     for node in ("node1", "node2"):
         assert foreign in " ".join(elab.all_rules(node).split()), node
