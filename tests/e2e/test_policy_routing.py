@@ -337,3 +337,23 @@ def _apply_rounds(lab, node: str) -> float:
     body = lab.http_get(node, 9091, "/metrics")[1]
     m = re.search(r'^tortie_apply_rounds_total\{result="ok"\} (\S+)', body, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def test_agent_restart_keeps_and_adopts_the_egress_state(elab):
+    elab.set_pools(a_nat=True, a_via=TOR1)
+    lab = elab.lab
+    lab.agent_stop("node1", signal.SIGKILL)
+    try:
+        # The kernel keeps what the agent wrote: egress and NAT work without it.
+        assert elab.rules("node1") == expected_rules(True) and elab.nat_on("node1")
+        assert elab.seen_as("default/a1", EXT) == lab.node("node1").ip
+    finally:
+        lab.agent_start("node1")
+    # The new agent adopts it unchanged (no duplicates) and guards it again.
+    owned = [line for line in elab.all_rules("node1").splitlines() if 100 <= int(line.split(":")[0]) < 200]
+    assert len(owned) == len(expected_rules(True)) and elab.rules("node1") == expected_rules(True)
+    assert elab.table("node1", TABLE_A) == egress_table(TOR1)
+    lab.exec("node1", ["ip", "rule", "del", "priority", "110", "from", POOL_A, "lookup", str(TABLE_A)], check=True)
+    wait_for(lambda: elab.rules("node1") == expected_rules(True), "the deleted rule is back after the restart",
+             CONVERGE)
+    elab.set_pools(a_nat=False, a_via=TOR1)
