@@ -138,6 +138,11 @@ class EgressLab:
         r = self.lab.exec(node, ["nft", "list", "table", "ip", "tortie-nat"], capture_output=True, text=True)
         return r.returncode == 0 and "masquerade" in r.stdout
 
+    def nat_handle(self, node: str) -> int | None:
+        r = self.lab.exec(node, ["nft", "-a", "list", "table", "ip", "tortie-nat"], capture_output=True, text=True)
+        m = re.search(r"^table ip tortie-nat \{ # handle (\d+)", r.stdout, re.M)
+        return int(m.group(1)) if m else None
+
     def seen_as(self, src: str, dst_ip: str) -> str:
         """Connect from src's namespace to the peer server at dst_ip: the address it saw."""
         with nsutil.socket_in(self.lab.netns_of(src)) as s:
@@ -282,9 +287,12 @@ def test_hand_deleted_rule_route_and_nat_come_back(elab):
     lab.exec("node1", ["ip", "route", "del", "default", "table", str(TABLE_A)], check=True)
     wait_for(lambda: elab.table("node1", TABLE_A) == egress_table(TOR1),
              "the egress table's default route is back", CONVERGE)
+    # The agent may restore the table before we can look, so a restore is proven by the
+    # table's kernel handle: each rewrite makes a new table.
+    handle = elab.nat_handle("node2")
     lab.exec("node2", ["nft", "flush", "chain", "ip", "tortie-nat", "postrouting"], check=True)
-    assert not elab.nat_on("node2")
-    wait_for(lambda: elab.nat_on("node2"), "the flushed NAT chain is back", CONVERGE)
+    wait_for(lambda: elab.nat_on("node2") and elab.nat_handle("node2") != handle,
+             "the flushed NAT chain is back", CONVERGE)
     lab.exec("node2", ["nft", "delete", "table", "ip", "tortie-nat"], check=True)
     wait_for(lambda: elab.nat_on("node2"), "the deleted NAT table is back", CONVERGE)
     assert elab.seen_as("default/a2", EXT) == lab.node("node2").ip
