@@ -251,7 +251,17 @@ def test_changing_the_next_hop_moves_the_traffic(elab):
         for _ in range(3):
             assert elab.seen_as(pod, EXT) == elab.lab.pod(pod).address
         assert elab.packets("tor2", pod) - before["tor2"] >= 6 and elab.packets("tor1", pod) == before["tor1"], pod
+    # Another table: the rule follows, and the old table is emptied.
+    elab.pool_state.clear()
+    elab.lab.ctl("apply", "-f", "-", input=json.dumps(_pool("pool-a", POOL_A, egress=(203, TOR1))))
+    for node in ("node1", "node2"):
+        wait_for(lambda n=node: f"110: from {POOL_A} lookup 203 proto 77" in elab.rules(n)
+                 and elab.table(n, 203) == egress_table(TOR1) and elab.table(n, TABLE_A) == "",
+                 f"{node}: pool A's egress moved to table 203", CONVERGE)
+        assert not [r for r in elab.rules(node) if f"lookup {TABLE_A}" in r]
     elab.set_pools(a_nat=False, a_via=TOR1)
+    for node in ("node1", "node2"):
+        assert elab.table(node, 203) == ""
 
 
 def test_nat_outgoing_on_pool_a_only(elab):
