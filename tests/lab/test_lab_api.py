@@ -35,7 +35,8 @@ def test_lab_api_on_reference_plugins(lab_factory):
     lab.pod_add("node1", "default/b")
     m = lab.matrix(80)
     assert m.ok, m.render()
-    assert len(m.results) == (2 + 2) * 2 * 2
+    # sources: 2 nodes, the outside host (through node1) and 2 pods; 2 pods; TCP and UDP
+    assert "ext" in m.sources and len(m.results) == (2 + 1 + 2) * 2 * 2
 
     netns = [p["netns"] for p in lab.status()["pods"]]
     lab.down()
