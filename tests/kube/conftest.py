@@ -3,9 +3,8 @@ client pointed at it, and a controller running in a thread (stopped at teardown)
 
 from __future__ import annotations
 
-import threading
-
 import pytest
+from kubehelpers import RunningController
 from kubernetes import client as k8s
 
 from tortie.kube.apiserver_fake import FakeAPIServer
@@ -23,18 +22,6 @@ def kube_client(fake_api) -> k8s.ApiClient:
     api = k8s.ApiClient(k8s.Configuration(host=fake_api.url))
     yield api
     api.close()
-
-
-class RunningController:
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
-        self.thread = threading.Thread(target=controller.run, name="controller", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.controller.stop()
-        self.thread.join(15)
-        assert not self.thread.is_alive(), "controller did not stop"
 
 
 @pytest.fixture

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+
+from tortie.kube.controller import Controller
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
@@ -16,3 +19,17 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+class RunningController:
+    """A controller running in a thread; stop() waits for it to end."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.thread = threading.Thread(target=controller.run, name="controller", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.controller.stop()
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "controller did not stop"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 
 import pytest
-from kubehelpers import wait_for
+from kubehelpers import RunningController, wait_for
 
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.datastore.resources import ResourceStore
@@ -35,8 +35,6 @@ def _present(store: ResourceStore, name: str) -> bool:
 
 
 def test_changes_during_etcd_outage_arrive_after_it(restartable_etcd, fake_api):
-    from conftest import RunningController
-
     config = ControllerConfig(etcd=EtcdConfig(endpoints=(restartable_etcd.endpoint,), prefix="/outage/",
                                               timeout=1.0),
                               k8s_api=fake_api.url, retry_interval=0.2, gc_interval=3600, resync_interval=3600)
