@@ -821,6 +821,8 @@ class BGPSpeaker:
                 if isinstance(reason, BaseException):
                     reason = f"cannot dial: {reason}"
                 st.probe_error = reason or "TCP connects, but no BGP session yet"
+                if st.last_error == "reconfigured":
+                    st.last_error = ""  # the probe says why the redefined session stays down
 
     async def _probe(self, peer: Peer, timeout: float = 2.0) -> str | None:
         """Dial the peer the way ExaBGP does; None when TCP gets through."""
