@@ -171,6 +171,7 @@ def test_borrowed_address_is_reached_from_the_other_nodes(lab3):
     (and node2's own blackhole)."""
     pool = {"apiVersion": API, "kind": "IPPool", "metadata": {"name": "tiny"},
             "spec": {"cidr": "10.70.0.0/30", "blockSize": 31, "nodeSelector": "all()"}}
+    lab3.ctl("ipam", "configure", "--strict-affinity", "false")  # the default, said out loud
     apply(lab3, pool)
     made = []
     try:
