@@ -109,7 +109,7 @@ def _each(ctx, items: list[tuple[str, Any]], do) -> int:
         try:
             print(do(item), file=ctx.out)
         except TortieError as exc:
-            print(f"error: {where}: {exc}", file=ctx.err)
+            print(f"tortiectl: {where}: {exc}", file=ctx.err)
             rc = rc or exc.exit_code
     return rc
 
@@ -192,7 +192,7 @@ def cmd_get(ctx, args) -> int:
             try:
                 found.append(ctx.store.get(kind, name, namespace))
             except NotFound as exc:
-                print(f"error: {exc}", file=ctx.err)
+                print(f"tortiectl: {exc}", file=ctx.err)
                 rc = rc or exc.exit_code
         if found:
             print(output.render(kind.key, found, args.output, single=len(args.names) == 1,

@@ -45,7 +45,12 @@ def configure(level: str | None = None, fmt: str | None = None, stream=None) -> 
 
 
 def get_logger(component: str):
-    """The logger of one component (datastore, ipam, routes, bgp, cni, ...)."""
+    """The logger of one component (datastore, ipam, routes, bgp, cni, ...).
+
+    A lazy proxy: modules make their logger at import, and it takes the configuration in
+    force when it first logs, so an entry point's configure() (say, tortiectl's default
+    of warnings only) applies to every component.
+    """
     if not _configured:
         configure()
-    return structlog.get_logger().bind(component=component)
+    return structlog.get_logger(component=component)
