@@ -198,6 +198,7 @@ class Agent:
                     me, list(self.state.nodes.values()), list(self.state.bgp_peers.values()),
                     self.state.bgp_config(self.node)))
             communities = getattr(self.state.bgp_config(self.node), "communities", ())
+            self.bgp.set_import_pools(p.cidr for p in self.state.pools.values())
             self.bgp.set_exports(want.exports, communities)
             await self.bgp.apply()
             self.m_exports.set(len(want.exports))

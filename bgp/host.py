@@ -6,6 +6,7 @@ ExaBGP must live in the node's network namespace, so tests and benchmarks run
     stdin  {"op": "start", "node_name": ..., "router_id": ..., ...}   (BGPSpeaker kwargs)
            {"op": "peers", "peers": [{Peer fields}, ...]}             set_peers + apply
            {"op": "exports", "prefixes": [...], "communities": [...]} set_exports + apply
+           {"op": "import_pools", "cidrs": [...]}                      set_import_pools
            {"op": "status"} | {"op": "stop"}
     stdout {"event": "ready"} | {"event": "routes", "routes": {prefix: [next hops]}, "t": ...}
            {"event": "status", "peers": [...], ...} | {"event": "ok", "op": ...}
@@ -45,6 +46,9 @@ async def main() -> int:
             speaker.set_peers(Peer(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()})
                               for p in cmd["peers"])
             await speaker.apply()
+        elif op == "import_pools":
+            assert speaker
+            speaker.set_import_pools(cmd["cidrs"])
         elif op == "exports":
             assert speaker
             speaker.set_exports(cmd["prefixes"], cmd.get("communities", ()))

@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from tortie.bgp import config as cfg
-from tortie.bgp.peers import Peer
+from tortie.bgp.peers import Peer, _within
 from tortie.bgp.rib import LearnedRoutes, family_of
 from tortie.bgp.status import PeerStatus, document, notification_text
 from tortie.errors import DataplaneError, ValidationError
@@ -125,6 +125,7 @@ class BGPSpeaker:
         self._exports: dict[str, str] | None = None  # desired prefix -> attribute text
         self._announced: dict[str, str] = {}  # what ExaBGP holds for all neighbors
         self._state: dict[str, _PeerState] = {}
+        self._import_pools: tuple[str, ...] = ()
         self._rib = LearnedRoutes(self._accepts)
         self._reflected: dict[str, dict[str, str]] = {}  # what ExaBGP was told to reflect, per peer
         self._routes_pending = False
@@ -679,7 +680,19 @@ class BGPSpeaker:
 
     def _accepts(self, peer: str, prefix: str) -> bool:
         p = self._peers.get(peer)
-        return p is not None and p.accepts(prefix)
+        if p is None:
+            return False
+        # Pod routes are always welcome: a top-of-rack router passing on another rack's
+        # blocks (or a borrowed /32) must not need its own acceptPrefixes for them.
+        return p.accepts(prefix) or (p.external and _within(prefix, self._import_pools))
+
+    def set_import_pools(self, cidrs: Iterable[str]) -> None:
+        """The IP pools: prefixes inside them are imported from external peers too."""
+        cidrs = tuple(sorted(cidrs))
+        if cidrs != self._import_pools:
+            self._import_pools = cidrs
+            self._rib.set_filter(self._accepts)
+            self._routes_changed()
 
     def _emit_routes(self) -> None:
         self._routes_pending = False

@@ -103,6 +103,9 @@ class SpeakerProc:
     def peers(self, peers: list[dict]) -> None:
         self._call({"op": "peers", "peers": peers})
 
+    def import_pools(self, cidrs: list[str]) -> None:
+        self._call({"op": "import_pools", "cidrs": cidrs})
+
     def exports(self, prefixes: list[str], communities: list[str] = ()) -> dict:
         return self._call({"op": "exports", "prefixes": prefixes, "communities": list(communities)})
 

@@ -66,6 +66,21 @@ def test_exchange_with_bird(lab, pair):
     assert sp.status()["peers"][0]["prefixes_sent"] == 2
 
 
+def test_external_peer_routes_inside_the_pools_are_imported_without_accept_prefixes(lab, pair):
+    node, router = pair
+    tor(lab, router, statics=("10.65.3.0/26", "10.65.1.9/32", "10.60.0.0/24"))
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([bird_peer(R, accept=())])
+    sp.exports([])
+    sp.wait_state(R)
+    wait_for(lambda: sp.routes is not None, what="the first learned table")
+    time.sleep(0.5)
+    assert sp.routes == {}  # no acceptPrefixes and no pools: nothing
+    sp.import_pools(["10.65.0.0/16"])
+    wait_for(lambda: sp.routes == {"10.65.3.0/26": [R], "10.65.1.9/32": [R]},
+             what="pod routes from the router imported once the pool is known")
+
+
 def node_status(etcd, etcd_config, doc: dict, *args: str) -> tuple[int, str]:
     """Publish a speaker's status as the agent does, and read it back with tortiectl."""
     doc = {k: v for k, v in doc.items() if k not in ("event", "synced", "rib_ready")}
