@@ -13,8 +13,8 @@ Calico's rules, as tortie applies them:
 - BGPPeer resources: `node` (one node), `nodeSelector` (the nodes it matches), or
   neither (global: every node). The far end is `peerIP` (external, kind "global"/"node")
   or, with `peerSelector`, the matching nodes (kind "node"/"global", same as above but
-  between nodes, so the passive rule applies). External peers only import the prefixes
-  listed in their `acceptPrefixes`.
+  between nodes, so the passive rule applies). External peers only import prefixes inside
+  the IP pools (the speaker's import pools) or listed in their `acceptPrefixes`.
 
 A peer reached by several rules is kept once; the first rule in the order mesh,
 reflector, BGPPeer wins, because a mesh session already carries everything.
