@@ -4,17 +4,11 @@ each fed the previous result as prevResult; ADD in order, CHECK in order, DEL in
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 
 import pytest
 from cni_helpers import NETWORK, NODE_ADDR, Call, tcp_reachable
-
-pytestmark = pytest.mark.skipif(
-    not all(os.path.exists(f"/usr/lib/cni/{p}") for p in ("portmap", "tuning", "bandwidth")),
-    reason="Debian containernetworking-plugins not installed",
-)
 
 HOST_PORT = 18080
 POD_PORT = 8080

@@ -8,7 +8,6 @@ destroy a lab (node deletion) or need another shape (route reflector) build thei
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import json
 import os
@@ -20,15 +19,9 @@ from collections.abc import Callable
 import pytest
 
 from tortie.lab import routers
-from tortie.lab.cluster import resolve_agent
 from tortie.lab.testing import wait_matrix
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(resolve_agent("auto") != "agent" or importlib.util.find_spec("tortie.cni.install") is None
-                       or importlib.util.find_spec("tortie.bgp.speaker") is None,
-                       reason="needs tortie-agent with its CNI server, the CNI plugin and the BGP speaker"),
-]
+pytestmark = pytest.mark.slow
 
 API = "tortie.io/v1"
 NODES = ("node1", "node2", "node3")
@@ -134,9 +127,8 @@ def _peer_of(lab, node: str) -> dict:
     return node_status(lab)[node][0]
 
 
+@pytest.mark.parametrize("lab3", ["bird", "frr"], indirect=True)
 def test_md5_wrong_password_keeps_the_session_down_and_says_so(lab3):
-    if not lab3.plan().tors:
-        pytest.skip("MD5 is tested against the lab's router")
     tor = lab3.plan().tors[0].name
     try:
         lab3.router_password("node2", "s3cret-tor")

@@ -14,7 +14,6 @@ in a pod), started and stopped by PID.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -26,14 +25,8 @@ import time
 import pytest
 
 from tortie.lab import nsutil
-from tortie.lab.cluster import resolve_agent
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(resolve_agent("auto") != "agent" or importlib.util.find_spec("tortie.cni.install") is None
-                       or importlib.util.find_spec("tortie.bgp.speaker") is None,
-                       reason="needs tortie-agent with its CNI server, the CNI plugin and the BGP speaker"),
-]
+pytestmark = pytest.mark.slow
 
 POOL_A, POOL_B = "10.70.0.0/16", "10.71.0.0/16"
 TABLE_A, TABLE_B = 201, 202

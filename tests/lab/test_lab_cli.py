@@ -6,7 +6,6 @@ recorded, no new veth in this namespace, no state dir -- also after a failed or 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -65,8 +64,6 @@ def pod_eth0_address(netns: str) -> str:
     return next(a["local"] for a in out[0]["addr_info"] if a["family"] == "inet")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tortie.cni.install") is None,
-                    reason="the tortie CNI plugin (cni/install.py) has not landed yet")
 def test_issue3_acceptance_one_node_two_pods(lab_name):
     veths = root_veths()
     out = lab_cli(lab_name, "up", "--nodes", "1").stdout

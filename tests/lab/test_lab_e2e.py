@@ -6,7 +6,6 @@ those packages exist the tests are skipped with the reason.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -16,14 +15,8 @@ import time
 import pytest
 
 from tortie.lab import nsutil, state, topology
-from tortie.lab.cluster import resolve_agent
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(resolve_agent("auto") != "agent" or importlib.util.find_spec("tortie.cni.install") is None
-                       or importlib.util.find_spec("tortie.bgp.speaker") is None,
-                       reason="needs tortie-agent with its CNI server, the CNI plugin and the BGP speaker"),
-]
+pytestmark = pytest.mark.slow
 
 
 def _wait_matrix(lab, seconds: float = 15.0):
