@@ -1,0 +1,294 @@
+"""Kubernetes NetworkPolicy for this node's pods: datastore views in, nftables table out. Pure.
+
+`compute()` resolves every policy against the cluster's pods and namespaces into plain
+values (which local pods are isolated in which direction, and each policy's rules as
+address sets and port ranges); `render()` writes them as the body of the `inet
+tortie-filter` table. `allows()` evaluates the same values the way the ruleset does, so
+the semantics are unit tested without a kernel.
+
+The Kubernetes meaning (networking.k8s.io/v1):
+- a pod is isolated for ingress (egress) when a policy of its namespace selects it with
+  that policy type; a direction nobody isolates allows everything;
+- an isolated pod accepts what any selecting policy's rules allow (a union);
+- a peer is a podSelector (pods of the policy's namespace), a namespaceSelector (every
+  pod of the matching namespaces), both (matching pods in matching namespaces), or an
+  ipBlock (cidr minus its excepts); no peers means any address, no ports any port;
+- replies of allowed connections always pass (conntrack).
+Named ports are not supported: a port entry with a name matches nothing, so a rule made
+only of named ports allows nothing (never everything).
+
+The ruleset: egress is checked in its own base chains (forward and input, priority
+filter - 1) before ingress (forward, priority filter), so a packet between two local pods
+needs the sender's egress and the receiver's ingress; `accept` in one base chain only
+ends that chain. Each hook dispatches by the pod's veth through a verdict map to a
+per-pod chain that jumps to each selecting policy's chain and drops what none accepted.
+Traffic the node itself sends to its pods (output hook: kubelet probes) is never filtered.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from tortie.datastore import resources as res
+
+TABLE = "tortie-filter"
+FAMILY = "inet"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+INGRESS, EGRESS = "Ingress", "Egress"
+_PROTOS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class PortRange:
+    protocol: str  # TCP, UDP or SCTP
+    low: int | None = None  # None: every port of the protocol
+    high: int | None = None
+
+
+@dataclass(frozen=True)
+class Allow:
+    """One rule of a policy, resolved: traffic matching both parts is allowed."""
+
+    peers: tuple[str, ...] | None  # collapsed CIDRs of the peers; None: any address
+    ports: tuple[PortRange, ...] | None  # None: any protocol and port
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    key: str  # "<namespace>/<name>"
+    ingress: tuple[Allow, ...]
+    egress: tuple[Allow, ...]
+
+
+@dataclass(frozen=True)
+class PodFilter:
+    """A local pod: the policies (keys) isolating it per direction; None: not isolated."""
+
+    interface: str
+    namespace: str
+    name: str
+    ingress: tuple[str, ...] | None
+    egress: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Filter:
+    pods: tuple[PodFilter, ...]  # local pods isolated in at least one direction
+    policies: tuple[ResolvedPolicy, ...]  # the policies those pods use
+
+    def policy(self, key: str) -> ResolvedPolicy:
+        return next(p for p in self.policies if p.key == key)
+
+
+def namespace_labels(namespaces: Mapping[str, res.Namespace], name: str) -> dict[str, str]:
+    """A namespace's labels plus the implicit `kubernetes.io/metadata.name` (also when the
+    Namespace resource is missing)."""
+    ns = namespaces.get(name)
+    return {**(dict(ns.labels) if ns else {}), NAMESPACE_NAME_LABEL: name}
+
+
+def _collapse(nets: Iterable[Net]) -> tuple[str, ...]:
+    out: list[Net] = []
+    for version in (4, 6):
+        out += ipaddress.collapse_addresses(n for n in nets if n.version == version)
+    return tuple(str(n) for n in out)
+
+
+def _block(peer: res.PolicyPeer) -> list[Net]:
+    """An ipBlock as disjoint networks: the cidr minus every except."""
+    nets = [ipaddress.ip_network(peer.cidr, strict=False)]
+    for ex in peer.except_cidrs:
+        exnet = ipaddress.ip_network(ex, strict=False)
+        nxt: list[Net] = []
+        for n in nets:
+            if n.version == exnet.version and exnet.subnet_of(n):
+                nxt += n.address_exclude(exnet)
+            elif not (n.version == exnet.version and n.subnet_of(exnet)):
+                nxt.append(n)
+        nets = nxt
+    return nets
+
+
+def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy,
+                  weps: Iterable[res.WorkloadEndpoint], ns_labels: Mapping[str, dict[str, str]]) -> Allow | None:
+    """The rule as address and port sets; None when it can match nothing."""
+    ports: tuple[PortRange, ...] | None = None
+    if rule.ports:
+        ranges = []
+        for p in rule.ports:
+            if isinstance(p.port, str):
+                continue  # named port: unsupported, matches nothing
+            ranges.append(PortRange(p.protocol, p.port, (p.end_port or p.port) if p.port else None))
+        if not ranges:
+            return None
+        ports = tuple(sorted(set(ranges), key=lambda r: (r.protocol, r.low or 0, r.high or 0)))
+    if not rule.peers:
+        return Allow(None, ports)
+    nets: list[Net] = []
+    for peer in rule.peers:
+        if peer.cidr is not None:
+            nets += _block(peer)
+            continue
+        for wep in weps:
+            if peer.matches_pod(wep.labels, wep.namespace, ns_labels[wep.namespace], policy.namespace):
+                nets += (ipaddress.ip_network(c, strict=False) for c in wep.ip_networks)
+    if not nets:
+        return None  # peers that are nobody allow nothing
+    return Allow(_collapse(nets), ports)
+
+
+def policy_key(p: res.NetworkPolicy) -> str:
+    return f"{p.namespace}/{p.name}"
+
+
+def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[res.NetworkPolicy],
+            namespaces: Mapping[str, res.Namespace]) -> Filter:
+    """Which of this node's pods are isolated, by which policies, and what those allow."""
+    weps = sorted(weps, key=lambda w: (w.namespace, w.name))
+    policies = sorted(policies, key=policy_key)
+    ns_labels = {name: namespace_labels(namespaces, name)
+                 for name in {w.namespace for w in weps} | set(namespaces)}
+    pods: list[PodFilter] = []
+    used: set[str] = set()
+    for wep in weps:
+        if wep.node != node or not wep.interface_name:
+            continue
+        selecting = [p for p in policies if p.selects(wep.labels, wep.namespace)]
+        ing = tuple(policy_key(p) for p in selecting if INGRESS in p.policy_types)
+        egr = tuple(policy_key(p) for p in selecting if EGRESS in p.policy_types)
+        if not ing and not egr:
+            continue
+        pods.append(PodFilter(wep.interface_name, wep.namespace, wep.name, ing or None, egr or None))
+        used.update(ing, egr)
+    resolved = []
+    for p in policies:
+        if policy_key(p) not in used:
+            continue
+
+        def rules(items: tuple[res.PolicyRule, ...], p: res.NetworkPolicy = p) -> tuple[Allow, ...]:
+            allows = (_resolve_rule(r, p, weps, ns_labels) for r in items)
+            return tuple(a for a in allows if a is not None)
+
+        resolved.append(ResolvedPolicy(
+            policy_key(p),
+            rules(p.ingress) if INGRESS in p.policy_types else (),
+            rules(p.egress) if EGRESS in p.policy_types else ()))
+    return Filter(tuple(pods), tuple(resolved))
+
+
+# --- evaluation (the semantics of the rendered ruleset, for tests and debugging) ---------
+
+
+def _allow_matches(a: Allow, peer: str, protocol: str, port: int) -> bool:
+    if a.peers is not None:
+        ip = ipaddress.ip_address(peer)
+        if not any(ip.version == n.version and ip in n for n in map(ipaddress.ip_network, a.peers)):
+            return False
+    if a.ports is None:
+        return True
+    return any(r.protocol == protocol and (r.low is None or r.low <= port <= (r.high or r.low))
+               for r in a.ports)
+
+
+def allows(f: Filter, interface: str, direction: str, peer: str, protocol: str = "TCP", port: int = 80) -> bool:
+    """Whether a new connection of the local pod on `interface` to (egress) or from
+    (ingress) the address `peer` passes that pod's filter in `direction`."""
+    pod = next((p for p in f.pods if p.interface == interface), None)
+    keys = None if pod is None else (pod.ingress if direction == INGRESS else pod.egress)
+    if keys is None:
+        return True
+    for key in keys:
+        pol = f.policy(key)
+        if any(_allow_matches(a, peer, protocol, port) for a in (pol.ingress if direction == INGRESS else pol.egress)):
+            return True
+    return False
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+
+
+def _chain_id(name: str) -> str:
+    return _UNSAFE.sub("_", name)
+
+
+def _ports_match(ports: tuple[PortRange, ...] | None) -> list[str]:
+    """nft match expressions, one per protocol (an empty string: any protocol)."""
+    if ports is None:
+        return [""]
+    out = []
+    for proto in sorted({r.protocol for r in ports}):
+        rs = [r for r in ports if r.protocol == proto]
+        if any(r.low is None for r in rs):
+            out.append(f"meta l4proto {_PROTOS[proto]}")
+            continue
+        items = ", ".join(str(r.low) if r.high == r.low else f"{r.low}-{r.high}" for r in rs)
+        out.append(f"meta l4proto {_PROTOS[proto]} th dport {{ {items} }}")
+    return out
+
+
+def render(f: Filter) -> str | None:
+    """The body of `table inet tortie-filter`, or None when no local pod is isolated."""
+    if not f.pods:
+        return None
+    lines: list[str] = []
+    chains: list[str] = []
+    for pi, pol in enumerate(f.policies):
+        for direction, allows_, addr_dir in (("in", pol.ingress, "saddr"), ("out", pol.egress, "daddr")):
+            body = [f"    # {pol.key} {'ingress' if direction == 'in' else 'egress'}"]
+            for ri, a in enumerate(allows_):
+                addr_matches = [""]
+                if a.peers is not None:
+                    addr_matches = []
+                    for version, fam, typ in ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr")):
+                        nets = [n for n in a.peers if ipaddress.ip_network(n).version == version]
+                        if not nets:
+                            continue
+                        sname = f"p{pi}-{direction}{ri}-v{version}"
+                        lines.append(f"  set {sname} {{ type {typ}; flags interval; "
+                                     f"elements = {{ {', '.join(nets)} }}; }}")
+                        addr_matches.append(f"{fam} {addr_dir} @{sname}")
+                for am in addr_matches:
+                    for pm in _ports_match(a.ports):
+                        body.append("    " + " ".join(x for x in (am, pm, "accept") if x))
+            chains += [f"  chain p{pi}-{direction} {{", *body, "  }"]
+    ing_map, egr_map = [], []
+    for pod in f.pods:
+        for keys, direction, elems in ((pod.ingress, "in", ing_map), (pod.egress, "out", egr_map)):
+            if keys is None:
+                continue
+            cname = f"pod-{direction}-{_chain_id(pod.interface)}"
+            idx = [i for i, p in enumerate(f.policies) if p.key in keys]
+            chains += [f"  chain {cname} {{", f"    # {pod.namespace}/{pod.name}",
+                       *(f"    jump p{i}-{direction}" for i in idx), "    drop", "  }"]
+            elems.append(f'"{pod.interface}" : jump {cname}')
+    # Declared before use: sets, the chains they and the maps name, the maps, the hooks.
+    lines += chains
+    for name, elems in (("ingress-pods", ing_map), ("egress-pods", egr_map)):
+        elements = f" elements = {{ {', '.join(elems)} }};" if elems else ""
+        lines.append(f"  map {name} {{ type ifname : verdict;{elements} }}")
+    established = "    ct state established,related accept"
+    lines += [
+        # Egress first (lower priority number): the sender's policy, then the receiver's.
+        "  chain forward-egress {", "    type filter hook forward priority filter - 1; policy accept;",
+        established, "    iifname vmap @egress-pods", "  }",
+        # A pod's traffic to this node itself is egress too.
+        # IPv6 neighbour discovery with the node is not a connection; it must pass.
+        "  chain input-egress {", "    type filter hook input priority filter - 1; policy accept;",
+        established, "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept",
+        "    iifname vmap @egress-pods", "  }",
+        "  chain forward-ingress {", "    type filter hook forward priority filter; policy accept;",
+        established, "    oifname vmap @ingress-pods", "  }",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def table_body(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[res.NetworkPolicy],
+               namespaces: Mapping[str, res.Namespace]) -> str | None:
+    return render(compute(node, weps, policies, namespaces))
