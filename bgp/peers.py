@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -69,19 +69,36 @@ class Peer:
 
 
 def _within(prefix: str, allowed: tuple[str, ...]) -> bool:
-    # integer arithmetic, no ipaddress objects: this runs once per learned route
-    addr, _, length = prefix.partition("/")
-    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    bits = 128 if family == socket.AF_INET6 else 32
-    try:
-        value = int.from_bytes(socket.inet_pton(family, addr), "big")
-        plen = int(length) if length else bits
-    except (OSError, ValueError):
-        return False
+    return prefix_filter(allowed)(prefix)
+
+
+@lru_cache(maxsize=256)
+def prefix_filter(allowed: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a prefix lies within one of `allowed`, as a function compiled once: it runs
+    for every learned route (integer arithmetic, no ipaddress objects)."""
+    nets: dict[int, list[tuple[int, int, int]]] = {socket.AF_INET: [], socket.AF_INET6: []}
     for fam, net, nlen in _networks(allowed):
-        if fam == family and plen >= nlen and value >> (bits - nlen) == net >> (bits - nlen):
-            return True
-    return False
+        shift = (128 if fam == socket.AF_INET6 else 32) - nlen
+        nets[fam].append((shift, net >> shift, nlen))
+    v4, v6 = tuple(nets[socket.AF_INET]), tuple(nets[socket.AF_INET6])
+    inet_pton, from_bytes, af4, af6 = socket.inet_pton, int.from_bytes, socket.AF_INET, socket.AF_INET6
+
+    def within(prefix: str) -> bool:
+        addr, _, length = prefix.partition("/")
+        family, bits, candidates = (af6, 128, v6) if ":" in addr else (af4, 32, v4)
+        if not candidates:
+            return False
+        try:
+            value = from_bytes(inet_pton(family, addr), "big")
+            plen = int(length) if length else bits
+        except (OSError, ValueError):
+            return False
+        for shift, net, nlen in candidates:
+            if plen >= nlen and value >> shift == net:
+                return True
+        return False
+
+    return within
 
 
 @lru_cache(maxsize=1024)

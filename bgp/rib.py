@@ -79,14 +79,22 @@ class LearnedRoutes:
                 self._drop(peer, prefix)
             if stale:
                 stale.discard(prefix)
+        # the loop below runs for every learned route: _put inlined, locals bound
+        accepts, table, touched = self._accepts, self._table, self._touched
         for prefix, value in announce.items():
-            path = _path(value)
+            path = value if type(value) is tuple else _path(value)
             old = routes.get(prefix)
             if old != path:
                 routes[prefix] = path
                 if old is None or old[0] != path[0]:
                     changed = True
-                    self._put(peer, prefix, path[0])
+                    if accepts(peer, prefix):
+                        by_peer = table.get(prefix)
+                        if by_peer is None:
+                            table[prefix] = {peer: path[0]}
+                        else:
+                            by_peer[peer] = path[0]
+                        touched.add(prefix)
             if stale:
                 stale.discard(prefix)
         return changed or before != len(self._table)
@@ -149,8 +157,17 @@ class LearnedRoutes:
         May include prefixes whose next hops ended up as they were."""
         touched, self._touched = self._touched, set()
         table = self._table
-        changed = {p: _hops(table[p]) for p in touched if p in table}
-        return changed, frozenset(p for p in touched if p not in table)
+        changed: dict[str, tuple[str, ...]] = {}
+        removed = []
+        for p in touched:
+            by_peer = table.get(p)
+            if by_peer is None:
+                removed.append(p)
+            elif len(by_peer) == 1:  # one peer: no ECMP to sort
+                changed[p] = tuple(by_peer.values())
+            else:
+                changed[p] = _hops(by_peer)
+        return changed, frozenset(removed)
 
     def table(self) -> dict[str, tuple[str, ...]]:
         """prefix -> next hops (ECMP, sorted) over every accepted route."""

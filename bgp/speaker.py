@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from tortie.bgp import config as cfg
-from tortie.bgp.peers import Peer, _within
+from tortie.bgp.peers import Peer, prefix_filter
 from tortie.bgp.rib import LearnedRoutes, family_of
 from tortie.bgp.status import PeerStatus, document, notification_text
 from tortie.errors import DataplaneError, ValidationError
@@ -126,6 +126,8 @@ class BGPSpeaker:
         self._announced: dict[str, str] = {}  # what ExaBGP holds for all neighbors
         self._state: dict[str, _PeerState] = {}
         self._import_pools: tuple[str, ...] = ()
+        self._filters: dict[str, Callable[[str], bool]] = {}  # peer -> import filter (see _accepts)
+        self._filters_for: tuple = (None, None)  # the (peers, pools) they were made for
         self._rib = LearnedRoutes(self._accepts)
         self._reflected: dict[str, dict[str, str]] = {}  # what ExaBGP was told to reflect, per peer
         self._routes_pending = False
@@ -679,12 +681,24 @@ class BGPSpeaker:
             self._spawn(self._apply_quietly())
 
     def _accepts(self, peer: str, prefix: str) -> bool:
+        # runs for every learned route: the peer's filter is compiled once per peer set
+        # (set_peers and set_import_pools replace these objects, never change them in place)
+        if self._filters_for[0] is not self._peers or self._filters_for[1] is not self._import_pools:
+            self._filters, self._filters_for = {}, (self._peers, self._import_pools)
+        f = self._filters.get(peer)
+        if f is None:
+            f = self._filters[peer] = self._filter(peer)
+        return f(prefix)
+
+    def _filter(self, peer: str) -> Callable[[str], bool]:
         p = self._peers.get(peer)
         if p is None:
-            return False
+            return lambda prefix: False
+        if not p.external:
+            return lambda prefix: True
         # Pod routes are always welcome: a top-of-rack router passing on another rack's
         # blocks (or a borrowed /32) must not need its own acceptPrefixes for them.
-        return p.accepts(prefix) or (p.external and _within(prefix, self._import_pools))
+        return prefix_filter(tuple(p.accept_prefixes) + self._import_pools)
 
     def set_import_pools(self, cidrs: Iterable[str]) -> None:
         """The IP pools: prefixes inside them are imported from external peers too."""
