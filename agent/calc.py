@@ -12,8 +12,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from tortie import errors
 from tortie.datastore import resources as res
 from tortie.log import get_logger
+from tortie.policy import netpol
 from tortie.routing.model import MAIN_TABLE, Route, Rule
 
 log = get_logger("calc")
@@ -33,16 +35,24 @@ class ClusterState:
     weps: dict[tuple[str, str], res.WorkloadEndpoint] = field(default_factory=dict)
     # (node, block cidr) -> confirmed? A pending claim is never routed or exported.
     affinities: dict[tuple[str, str], bool] = field(default_factory=dict)
+    policies: dict[tuple[str, str], res.NetworkPolicy] = field(default_factory=dict)
+    namespaces: dict[str, res.Namespace] = field(default_factory=dict)
 
     _KINDS = {
         "ippool": ("pools", res.IPPool),
         "node": ("nodes", res.Node),
         "bgppeer": ("bgp_peers", res.BGPPeer),
         "bgpconfiguration": ("bgp_configs", res.BGPConfiguration),
+        "namespace": ("namespaces", res.Namespace),
+    }
+    _NAMESPACED = {
+        "workloadendpoint": ("weps", res.WorkloadEndpoint),
+        "networkpolicy": ("policies", res.NetworkPolicy),
     }
 
     def clear(self) -> None:
-        for name in ("pools", "nodes", "bgp_peers", "bgp_configs", "weps", "affinities"):
+        for name in ("pools", "nodes", "bgp_peers", "bgp_configs", "weps", "affinities", "policies",
+                     "namespaces"):
             getattr(self, name).clear()
 
     def apply(self, key: str, value: bytes | None) -> bool:
@@ -61,7 +71,7 @@ class ClusterState:
                 else:
                     self.affinities[(node, cidr)] = json.loads(value).get("state") == "confirmed"
                 return True
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, errors.ValidationError) as exc:
             # A value the calculation cannot read is skipped, not fatal: one bad
             # resource must not stop the node's dataplane.
             log.warning("skipping unreadable datastore value", key=key, error=str(exc))
@@ -69,12 +79,14 @@ class ClusterState:
 
     def _apply_resource(self, parts: list[str], value: bytes | None) -> bool:
         kind = parts[0]
-        if kind == "workloadendpoint" and len(parts) == 3:
+        if kind in self._NAMESPACED and len(parts) == 3:
+            attr, typ = self._NAMESPACED[kind]
+            table = getattr(self, attr)
             k = (parts[1], parts[2])
             if value is None:
-                self.weps.pop(k, None)
+                table.pop(k, None)
             else:
-                self.weps[k] = res.WorkloadEndpoint.from_resource(json.loads(value))
+                table[k] = typ.from_resource(json.loads(value))
             return True
         if kind in self._KINDS and len(parts) == 2:
             attr, typ = self._KINDS[kind]
@@ -207,3 +219,8 @@ def policy_routing(state: ClusterState) -> tuple[frozenset[Rule], frozenset[Rout
         routes[key] = Route(dst="0.0.0.0/0" if version == 4 else "::/0", table=p.egress.table,
                             gateways=(p.egress.next_hop,), dev=p.egress.interface)
     return frozenset(rules), frozenset(routes.values())
+
+
+def network_policy(state: ClusterState, node: str) -> netpol.Filter:
+    """This node's pods under the cluster's NetworkPolicies (see `policy.netpol`)."""
+    return netpol.compute(node, state.weps.values(), state.policies.values(), state.namespaces)

@@ -6,7 +6,8 @@ then recomputes desired state (agent.calc, pure) and lets each manager apply the
 difference. Order of a round, and why:
   1. routes: blackholes, workload and learned routes first, so that anything we announce
      next is already forwardable here;
-  2. BGP peers, then exports: a new block is announced only once its blackhole exists.
+  2. NAT, then the NetworkPolicy filter table (each one atomic nftables transaction);
+  3. BGP peers, then exports: a new block is announced only once its blackhole exists.
 Nothing is applied before the first datastore snapshot: a restarted agent would otherwise
 see empty desired state and delete the routes of live pods it is about to adopt.
 """
@@ -24,7 +25,7 @@ import time
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
-from tortie.agent.calc import ClusterState, desired, node_addresses
+from tortie.agent.calc import ClusterState, desired, network_policy, node_addresses
 from tortie.agent.health import Health, start_http
 from tortie.agent.metrics import Registry
 from tortie.datastore.etcd import EtcdClient
@@ -42,6 +43,7 @@ class Agent:
         from tortie.agent.cni_server import CNIServer
         from tortie.datastore.ipam import IPAM
         from tortie.datastore.resources import ResourceStore
+        from tortie.policy.filter_mgr import FilterManager
         from tortie.policy.nat_mgr import NatManager
         from tortie.routing.route_mgr import RouteManager
         from tortie.routing.rule_mgr import RuleManager
@@ -55,6 +57,7 @@ class Agent:
         self.routes = RouteManager()
         self.rules = RuleManager()
         self.nat = NatManager()
+        self.filter = FilterManager()
         self.learned: dict[str, tuple[str, ...]] = {}
         self.in_sync = False
         self.dirty = asyncio.Event()
@@ -147,6 +150,7 @@ class Agent:
             self.routes.request_resync()
             self.rules.request_resync()
             self.nat.check()
+            self.filter.check()
             self.mark_dirty()
 
     async def _publish_status(self) -> None:
@@ -185,6 +189,17 @@ class Agent:
             node_addresses=node_addresses(self.state),
         )
         self.nat.apply()
+        # NetworkPolicy after routes: a new pod's filter is written in the round that
+        # routes it (its veth exists already; CNI made it). A rejected ruleset is reported
+        # and retried without holding up the BGP half of the round.
+        self.filter.on_update(network_policy(self.state, self.node))
+        try:
+            self.filter.apply()
+            self.health.ok("netpol")
+        except errors.DataplaneError as exc:
+            self.health.failed("netpol", str(exc))
+            log.error("network policy not applied; retrying", error=str(exc))
+            asyncio.get_running_loop().call_later(RETRY_DELAY, self.mark_dirty)
         for cls, n in (("blocks", len(want.block_routes)), ("workloads", len(want.workload_routes)),
                        ("bgp", len(want.bgp_routes))):
             self.m_routes.set(n, **{"class": cls})
@@ -254,6 +269,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         self.health.register("routes", deadline=max(3 * self.cfg.resync_interval, 30))
+        self.health.register("netpol", deadline=max(3 * self.cfg.resync_interval, 30))
         while True:
             try:
                 await asyncio.to_thread(self.register_node)
@@ -301,7 +317,8 @@ class Agent:
                     pass
             except BlockingIOError:
                 pass
-            if self.nat.check():
+            nat_drift = self.nat.check()
+            if self.filter.check() or nat_drift:
                 self.mark_dirty()
 
         asyncio.get_running_loop().add_reader(sock.fileno(), readable)
