@@ -9,6 +9,7 @@ end (the `policies` fixture), so each starts from "no policy: everything allowed
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -141,3 +142,32 @@ def test_deleting_the_policy_restores_traffic(lab, policies):
     lab.ctl("delete", "networkpolicy", "deny-all", "-n", "prod")
     assert eventually(reach(lab, "dev/tool", "prod/web1"), True)
     assert lab.probe("prod/client", "prod/web1", timeout=PROBE).ok
+
+
+def test_hand_edit_of_the_filter_is_undone(lab, policies):
+    policies(netpol("prod", "deny-all"))
+    assert eventually(reach(lab, "prod/client", "prod/web1"), False)
+    flush = lab.exec("node1", ["nft", "flush", "chain", "inet", "tortie-filter", "forward-ingress"],
+                     capture_output=True, text=True)
+    assert flush.returncode == 0, flush.stderr
+    # The agent hears the nftables event, sees its table changed and writes it back.
+    assert eventually(lambda: "oifname vmap @ingress-pods" in lab.exec(
+        "node1", ["nft", "list", "chain", "inet", "tortie-filter", "forward-ingress"],
+        capture_output=True, text=True).stdout, True)
+    assert not lab.probe("prod/client", "prod/web1", timeout=PROBE).ok
+
+
+def test_policy_holds_while_the_agent_is_down_and_after_its_restart(lab, policies):
+    policies(netpol("prod", "deny-all"),
+             netpol("prod", "web-from-dev", **WEB,
+                    ingress=[{"from": [{"namespaceSelector": {"matchLabels": {"team": "dev"}}}]}]))
+    assert eventually(reach(lab, "prod/client", "prod/web1"), False)
+    lab.agent_stop("node1", signal.SIGKILL)
+    try:
+        # The kernel keeps the table: the pods stay protected without their agent.
+        assert not lab.probe("prod/client", "prod/web1", timeout=PROBE).ok
+        assert lab.probe("dev/tool", "prod/web1", timeout=PROBE).ok
+    finally:
+        lab.agent_start("node1")
+    assert not lab.probe("prod/client", "prod/web1", timeout=PROBE).ok
+    assert lab.probe("dev/tool", "prod/web1", timeout=PROBE).ok
