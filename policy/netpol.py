@@ -33,12 +33,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tortie.datastore import resources as res
+from tortie.log import get_logger
+
+log = get_logger("netpol")
 
 TABLE = "tortie-filter"
 FAMILY = "inet"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 INGRESS, EGRESS = "Ingress", "Egress"
 _PROTOS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+_IFNAME_OK = re.compile(r"[A-Za-z0-9_.@+=-]{1,15}")
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -157,6 +161,11 @@ def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[
     used: set[str] = set()
     for wep in weps:
         if wep.node != node or not wep.interface_name:
+            continue
+        if not _IFNAME_OK.fullmatch(wep.interface_name):
+            # Cannot be written as an nft string; one such endpoint must not sink the table.
+            log.warning("interface name not usable in nftables; pod not filtered",
+                        endpoint=f"{wep.namespace}/{wep.name}", interface=wep.interface_name)
             continue
         selecting = [p for p in policies if p.selects(wep.labels, wep.namespace)]
         ing = tuple(policy_key(p) for p in selecting if INGRESS in p.policy_types)

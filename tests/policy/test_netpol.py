@@ -275,3 +275,9 @@ def test_render_dispatches_by_veth_per_direction():
     assert f'"{WEB.interface_name}" : jump pod-out-{WEB.interface_name}' in body
     assert OTHER.interface_name not in body
     assert "ct state established,related accept" in body
+
+
+def test_an_interface_name_nft_cannot_quote_is_left_out():
+    odd = wep("shop/odd", "10.65.0.8/32", labels={"app": "web"}, iface='to"r')
+    f = filt(pol("shop/deny"), weps=[*WEPS, odd])
+    assert {p.name for p in f.pods} == {"web", "db"}
