@@ -159,12 +159,17 @@ class LearnedRoutes:
         table = self._table
         changed: dict[str, tuple[str, ...]] = {}
         removed = []
+        single: dict[str, tuple[str, ...]] = {}  # one shared (hop,) per next hop, not one per prefix
         for p in touched:
             by_peer = table.get(p)
             if by_peer is None:
                 removed.append(p)
             elif len(by_peer) == 1:  # one peer: no ECMP to sort
-                changed[p] = tuple(by_peer.values())
+                (hop,) = by_peer.values()
+                hops = single.get(hop)
+                if hops is None:
+                    hops = single[hop] = (hop,)
+                changed[p] = hops
             else:
                 changed[p] = _hops(by_peer)
         return changed, frozenset(removed)
