@@ -184,6 +184,31 @@ def make_route(
     return r
 
 
+def learned_route(dst: str, gateways: tuple[str, ...], _new=object.__new__,
+                  _s=_ROUTE_SETTERS) -> Route:
+    """A main-table unicast route to ``dst`` via ``gateways``, for routes learned over BGP.
+
+    Trusted: ``dst`` must already be canonical ("addr/len", host bits clear, as inet_ntop
+    writes it) and the gateways canonical addresses of dst's family without duplicates,
+    which is what ExaBGP's parser hands over (it formats the decoded wire bytes). Skips
+    __post_init__'s validation, ~7x cheaper: a 10,000-route burst must keep pace with
+    ExaBGP. Equal (==, hash) to ``Route(dst=dst, gateways=gateways)`` for such input.
+    """
+    if len(gateways) > 1:
+        gateways = tuple(sorted(gateways))
+    r = _new(Route)
+    _s[0](r, dst)
+    _s[1](r, MAIN_TABLE)
+    _s[2](r, "unicast")
+    _s[3](r, None)
+    _s[4](r, gateways)
+    _s[5](r, "universe")
+    _s[6](r, False)
+    _s[7](r, None)
+    _s[8](r, 1024 if ":" in dst else 0)
+    return r
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One policy-routing rule: ``from src to dst lookup table`` at ``priority``.

@@ -218,7 +218,7 @@ def node_main(local: str, peer: str, state_dir: str) -> int:
     from tortie.bgp.peers import Peer
     from tortie.bgp.speaker import BGPSpeaker
     from tortie.log import configure
-    from tortie.routing.model import Route
+    from tortie.routing.model import Route, learned_route
     from tortie.routing.route_mgr import RouteManager
 
     configure(level="warning", stream=open(os.path.join(state_dir, "node.log"), "w"))
@@ -237,8 +237,8 @@ def node_main(local: str, peer: str, state_dir: str) -> int:
                  "apply": stats.seconds})
 
         def on_route_changes(changed: dict[str, tuple[str, ...]], removed: frozenset[str]) -> None:
-            for p, hops in changed.items():
-                routes.set_route("bgp", Route(dst=p, gateways=hops))
+            for p, hops in changed.items():  # canonical, from ExaBGP's parser
+                routes.set_route("bgp", learned_route(p, hops))
             for p in removed:
                 routes.remove_route("bgp", p)
             stats = routes.apply()

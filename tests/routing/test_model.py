@@ -5,9 +5,12 @@ from __future__ import annotations
 import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tortie.errors import ValidationError
-from tortie.routing.model import Route, Rule, normalize_cidr, route_key
+from tortie.routing import netlink as nl
+from tortie.routing.model import Route, Rule, learned_route, normalize_cidr, route_key
 
 
 def test_cidr_is_normalized():
@@ -71,3 +74,33 @@ def test_rule_family_and_validation():
         Rule(100)  # neither selector nor family
     with pytest.raises(ValidationError):
         Rule(100, src="10.0.0.0/8", dst="fd00::/8")
+
+
+# -- learned_route: the trusted constructor for BGP routes ----------------------------------
+
+_V4 = st.integers(0, 2**32 - 1).map(lambda n: socket.inet_ntop(socket.AF_INET, n.to_bytes(4, "big")))
+_V6 = st.integers(0, 2**128 - 1).map(lambda n: socket.inet_ntop(socket.AF_INET6, n.to_bytes(16, "big")))
+
+
+@st.composite
+def _learned(draw):
+    """A canonical prefix and distinct canonical next hops of its family, as ExaBGP hands them."""
+    v6 = draw(st.booleans())
+    addr = draw(_V6 if v6 else _V4)
+    plen = draw(st.integers(0, 128 if v6 else 32))
+    hops = draw(st.lists(_V6 if v6 else _V4, min_size=1, max_size=4, unique=True))
+    return normalize_cidr(f"{addr}/{plen}"), tuple(hops)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_learned())
+def test_learned_route_equals_the_validated_and_the_parsed_route(case):
+    dst, hops = case
+    fast = learned_route(dst, hops)
+    slow = Route(dst=dst, gateways=hops)
+    assert fast == slow and hash(fast) == hash(slow)
+    assert fast.key == slow.key and str(fast) == str(slow)
+    out: list = []
+    nl.parse_routes(nl.encode_route(nl.RTM_NEWROUTE, nl.NLM_F_CREATE, 1, fast, 77, 0), {}, 77, out)
+    parsed = out[0][2]
+    assert parsed == fast and hash(parsed) == hash(fast)
