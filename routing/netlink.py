@@ -319,6 +319,8 @@ def route_request(family: int, proto: int) -> bytes:
 # path below builds the same bytes attribute by attribute).
 _V4_DEV = struct.Struct("=IHHIIBBBBBBBBIHHIHH4sHHI")
 _V4_DEL = struct.Struct("=IHHIIBBBBBBBBIHHIHH4s")  # and its delete
+# A route learned over BGP: a /32 (or any IPv4 prefix) via one gateway, no device.
+_V4_GW = struct.Struct("=IHHIIBBBBBBBBIHHIHH4sHH4s")
 
 
 def encode_route(msg_type: int, flags: int, seq: int, r: Route, proto: int,
@@ -340,6 +342,19 @@ def encode_route(msg_type: int, flags: int, seq: int, r: Route, proto: int,
                             table if table < 256 else RT_TABLE_COMPAT, proto,
                             _SCOPE_NUM[r.scope], _TYPE_NUM[r.type], 0,
                             8, RTA_TABLE, table, 8, RTA_DST, pton(fam, addr), 8, RTA_OIF, oif)
+    if (fam == AF_INET and msg_type == RTM_NEWROUTE and not oif and len(r.gateways) == 1
+            and not r.src and not r.metric and not r.onlink):
+        return _V4_GW.pack(_V4_GW.size, msg_type, NLM_F_REQUEST | flags, seq, 0, fam, int(plen), 0, 0,
+                           table if table < 256 else RT_TABLE_COMPAT, proto,
+                           _SCOPE_NUM[r.scope], _TYPE_NUM[r.type], 0,
+                           8, RTA_TABLE, table, 8, RTA_DST, pton(fam, addr),
+                           8, RTA_GATEWAY, pton(fam, r.gateways[0]))
+    return _encode_generic(msg_type, flags, seq, r, proto, oif, fam, addr, plen, table)
+
+
+def _encode_generic(msg_type: int, flags: int, seq: int, r: Route, proto: int, oif: int,
+                    fam: int, addr: str, plen: str, table: int) -> bytes:
+    pton = socket.inet_pton
     attrs = [_ATTR_U32.pack(8, RTA_TABLE, table)]
     if fam == AF_INET:
         attrs.append(_ATTR.pack(8, RTA_DST) + pton(fam, addr))

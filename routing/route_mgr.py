@@ -125,11 +125,17 @@ class RouteManager:
 
     def set_route(self, route_class: str, route: Route) -> None:
         """Add or change one desired route (the CNI ADD path: one /32, applied at once)."""
-        if route_class not in self._by_class:
+        by_class = self._by_class.get(route_class)
+        if by_class is None:
             self._add_class(route_class)
-            self._by_class[route_class] = {}
-        self._by_class[route_class][route.key] = route
-        self._resolve(route.key)
+            by_class = self._by_class[route_class] = {}
+        k = route.key  # a property: computed once (a BGP burst sets 10,000 routes this way)
+        by_class[k] = route
+        if len(self._order) == 1:  # one class: the winner is this route itself
+            self._desired[k] = route
+            self._dirty.add(k)
+        else:
+            self._resolve(k)
 
     def remove_route(self, route_class: str, key: RouteKey | Route | str) -> None:
         """Remove one desired route, named by its key, the Route, or a dst in the main table."""

@@ -63,3 +63,15 @@ def test_fast_paths_match_the_generic_encoding(route):
         assert prio in slow
         rest = slow.replace(prio, b"")
         assert fast[4:] == rest[4:] and len(fast) == len(rest) == nl._U32.unpack_from(fast)[0]
+
+
+@pytest.mark.parametrize("route", [Route("10.200.1.7/32", gateways=("10.97.0.2",)),
+                                   Route("10.5.0.0/16", gateways=("10.97.0.9",), table=1000),
+                                   Route("10.6.0.0/24", gateways=("10.97.0.9",), table=300)])
+def test_gateway_fast_path_matches_the_generic_encoding(route):
+    for flags in (nl.NLM_F_CREATE | nl.NLM_F_EXCL, nl.NLM_F_CREATE | nl.NLM_F_REPLACE):
+        fast = nl.encode_route(nl.RTM_NEWROUTE, flags, 9, route, 77, 0)
+        addr, _, plen = route.dst.partition("/")
+        slow = nl._encode_generic(nl.RTM_NEWROUTE, flags, 9, route, 77, 0, nl.AF_INET, addr, plen,
+                                  route.table)
+        assert fast == slow
