@@ -37,8 +37,12 @@ def _hops(by_peer: dict[str, str]) -> tuple[str, ...]:
 
 
 class LearnedRoutes:
-    def __init__(self, accepts: Accepts | None = None) -> None:
+    def __init__(self, accepts: Accepts | None = None,
+                 filter_for: Callable[[str], Callable[[str], bool]] | None = None) -> None:
         self._accepts = accepts or (lambda peer, prefix: True)
+        # optional: peer -> its own predicate, deciding as `accepts` does; looked up once
+        # per update instead of once per prefix (a 10,000-route burst)
+        self._filter_for = filter_for
         self._routes: dict[str, dict[str, Path]] = {}  # peer -> prefix -> path
         self._stale: dict[str, set[str]] = {}  # peer -> prefixes kept over its restart
         self._table: dict[str, dict[str, str]] = {}  # prefix -> peer -> next hop (accepted only)
@@ -80,7 +84,14 @@ class LearnedRoutes:
             if stale:
                 stale.discard(prefix)
         # the loop below runs for every learned route: _put inlined, locals bound
-        accepts, table, touched = self._accepts, self._table, self._touched
+        table, touched = self._table, self._touched
+        if self._filter_for is not None:
+            ok = self._filter_for(peer)
+        else:
+            accepts = self._accepts
+
+            def ok(prefix: str) -> bool:
+                return accepts(peer, prefix)
         for prefix, value in announce.items():
             path = value if type(value) is tuple else _path(value)
             old = routes.get(prefix)
@@ -88,7 +99,7 @@ class LearnedRoutes:
                 routes[prefix] = path
                 if old is None or old[0] != path[0]:
                     changed = True
-                    if accepts(peer, prefix):
+                    if ok(prefix):
                         by_peer = table.get(prefix)
                         if by_peer is None:
                             table[prefix] = {peer: path[0]}

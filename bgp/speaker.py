@@ -128,7 +128,7 @@ class BGPSpeaker:
         self._import_pools: tuple[str, ...] = ()
         self._filters: dict[str, Callable[[str], bool]] = {}  # peer -> import filter (see _accepts)
         self._filters_for: tuple = (None, None)  # the (peers, pools) they were made for
-        self._rib = LearnedRoutes(self._accepts)
+        self._rib = LearnedRoutes(self._accepts, filter_for=self._peer_filter)
         self._reflected: dict[str, dict[str, str]] = {}  # what ExaBGP was told to reflect, per peer
         self._routes_pending = False
         self._reflect_pending = False
@@ -681,14 +681,17 @@ class BGPSpeaker:
             self._spawn(self._apply_quietly())
 
     def _accepts(self, peer: str, prefix: str) -> bool:
-        # runs for every learned route: the peer's filter is compiled once per peer set
-        # (set_peers and set_import_pools replace these objects, never change them in place)
+        return self._peer_filter(peer)(prefix)
+
+    def _peer_filter(self, peer: str) -> Callable[[str], bool]:
+        # the peer's filter is compiled once per peer set (set_peers and set_import_pools
+        # replace these objects, never change them in place); the RIB asks once per update
         if self._filters_for[0] is not self._peers or self._filters_for[1] is not self._import_pools:
             self._filters, self._filters_for = {}, (self._peers, self._import_pools)
         f = self._filters.get(peer)
         if f is None:
             f = self._filters[peer] = self._filter(peer)
-        return f(prefix)
+        return f
 
     def _filter(self, peer: str) -> Callable[[str], bool]:
         p = self._peers.get(peer)
