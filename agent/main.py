@@ -91,6 +91,13 @@ class Agent:
         self._adopted_bgp = frozenset()
         self.mark_dirty()
 
+    def _on_learned_changes(self, changed: dict[str, tuple[str, ...]], removed: frozenset[str]) -> None:
+        # after the first full table (_on_learned) the speaker hands over only what changed
+        self.learned.update(changed)
+        for prefix in removed:
+            self.learned.pop(prefix, None)
+        self.mark_dirty()
+
     async def _ensure_speaker(self) -> None:
         """Start (or, when the node's AS or reflector cluster changed, restart) ExaBGP."""
         from tortie.bgp.speaker import BGPSpeaker
@@ -111,6 +118,7 @@ class Agent:
             node_name=self.node, router_id=self.cfg.node_address, local_as=local_as,
             local_address=self.cfg.node_address, state_dir=self.cfg.state_dir,
             listen_port=identity[2], on_routes=self._on_learned, cluster_id=cluster_id,
+            on_route_changes=self._on_learned_changes,
             graceful_restart=self.cfg.bgp_graceful_restart,
             local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
         )
