@@ -321,6 +321,7 @@ _V4_DEV = struct.Struct("=IHHIIBBBBBBBBIHHIHH4sHHI")
 _V4_DEL = struct.Struct("=IHHIIBBBBBBBBIHHIHH4s")  # and its delete
 # A route learned over BGP: a /32 (or any IPv4 prefix) via one gateway, no device.
 _V4_GW = struct.Struct("=IHHIIBBBBBBBBIHHIHH4sHH4s")
+_V4_GW_PARTS: dict[tuple, tuple[bytes, bytes, bytes]] = {}  # see encode_route
 
 
 def encode_route(msg_type: int, flags: int, seq: int, r: Route, proto: int,
@@ -344,11 +345,20 @@ def encode_route(msg_type: int, flags: int, seq: int, r: Route, proto: int,
                             8, RTA_TABLE, table, 8, RTA_DST, pton(fam, addr), 8, RTA_OIF, oif)
     if (fam == AF_INET and msg_type == RTM_NEWROUTE and not oif and len(r.gateways) == 1
             and not r.src and not r.metric and not r.onlink):
-        return _V4_GW.pack(_V4_GW.size, msg_type, NLM_F_REQUEST | flags, seq, 0, fam, int(plen), 0, 0,
-                           table if table < 256 else RT_TABLE_COMPAT, proto,
-                           _SCOPE_NUM[r.scope], _TYPE_NUM[r.type], 0,
-                           8, RTA_TABLE, table, 8, RTA_DST, pton(fam, addr),
-                           8, RTA_GATEWAY, pton(fam, r.gateways[0]))
+        # Only seq and dst differ between the routes of a BGP burst: the bytes around them
+        # are packed once per (flags, table, proto, prefix length, gateway, scope, type).
+        shape = (flags, table, proto, plen, r.gateways[0], r.scope, r.type)
+        parts = _V4_GW_PARTS.get(shape)
+        if parts is None:
+            whole = _V4_GW.pack(_V4_GW.size, msg_type, NLM_F_REQUEST | flags, 0, 0, fam, int(plen),
+                                0, 0, table if table < 256 else RT_TABLE_COMPAT, proto,
+                                _SCOPE_NUM[r.scope], _TYPE_NUM[r.type], 0,
+                                8, RTA_TABLE, table, 8, RTA_DST, bytes(4),
+                                8, RTA_GATEWAY, pton(fam, r.gateways[0]))
+            if len(_V4_GW_PARTS) > 4096:
+                _V4_GW_PARTS.clear()
+            parts = _V4_GW_PARTS[shape] = (whole[:8], whole[12:40], whole[44:])
+        return parts[0] + _U32.pack(seq) + parts[1] + pton(fam, addr) + parts[2]
     return _encode_generic(msg_type, flags, seq, r, proto, oif, fam, addr, plen, table)
 
 

@@ -69,9 +69,11 @@ def test_fast_paths_match_the_generic_encoding(route):
                                    Route("10.5.0.0/16", gateways=("10.97.0.9",), table=1000),
                                    Route("10.6.0.0/24", gateways=("10.97.0.9",), table=300)])
 def test_gateway_fast_path_matches_the_generic_encoding(route):
+    other = Route("10.201.0.0/16", gateways=route.gateways, table=route.table)  # same shape
     for flags in (nl.NLM_F_CREATE | nl.NLM_F_EXCL, nl.NLM_F_CREATE | nl.NLM_F_REPLACE):
-        fast = nl.encode_route(nl.RTM_NEWROUTE, flags, 9, route, 77, 0)
-        addr, _, plen = route.dst.partition("/")
-        slow = nl._encode_generic(nl.RTM_NEWROUTE, flags, 9, route, 77, 0, nl.AF_INET, addr, plen,
-                                  route.table)
-        assert fast == slow
+        for seq, r in ((9, route), (123456, route), (10, other)):  # the cached shape, reused
+            fast = nl.encode_route(nl.RTM_NEWROUTE, flags, seq, r, 77, 0)
+            addr, _, plen = r.dst.partition("/")
+            slow = nl._encode_generic(nl.RTM_NEWROUTE, flags, seq, r, 77, 0, nl.AF_INET, addr, plen,
+                                      r.table)
+            assert fast == slow
