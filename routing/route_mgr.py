@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from tortie.log import get_logger
 
 from .kernel import ADD, DELETE, REPLACE, Kernel, NetlinkKernel, WriteError
-from .model import TORTIE_PROTO, Route, route_key
+from .model import AF_INET, AF_INET6, TORTIE_PROTO, Route, route_key
 
 log = get_logger("routes")
 
@@ -136,6 +136,28 @@ class RouteManager:
             self._dirty.add(k)
         else:
             self._resolve(k)
+
+    def update_routes(self, route_class: str, routes: Iterable[Route],
+                      removed: Iterable[RouteKey | Route | str] = ()) -> None:
+        """Add or change several desired routes of one class and remove others: a delta
+        (routes learned over BGP), in one call instead of one per route."""
+        by_class = self._by_class.get(route_class)
+        if by_class is None:
+            self._add_class(route_class)
+            by_class = self._by_class[route_class] = {}
+        one = len(self._order) == 1
+        desired, dirty, resolve = self._desired, self._dirty, self._resolve
+        for r in routes:
+            dst = r.dst
+            k = (AF_INET6 if ":" in dst else AF_INET, r.table, dst)  # r.key, inlined
+            by_class[k] = r
+            if one:  # one class: the winner is this route itself
+                desired[k] = r
+                dirty.add(k)
+            else:
+                resolve(k)
+        for key in removed:
+            self.remove_route(route_class, key)
 
     def remove_route(self, route_class: str, key: RouteKey | Route | str) -> None:
         """Remove one desired route, named by its key, the Route, or a dst in the main table."""

@@ -237,10 +237,8 @@ def node_main(local: str, peer: str, state_dir: str) -> int:
                  "apply": stats.seconds})
 
         def on_route_changes(changed: dict[str, tuple[str, ...]], removed: frozenset[str]) -> None:
-            for p, hops in changed.items():  # canonical, from ExaBGP's parser
-                routes.set_route("bgp", learned_route(p, hops))
-            for p in removed:
-                routes.remove_route("bgp", p)
+            # canonical prefixes and next hops, from ExaBGP's parser
+            routes.update_routes("bgp", [learned_route(p, hops) for p, hops in changed.items()], removed)
             stats = routes.apply()
             out({"event": "installed", "routes": len(changed), "added": stats.added, "t": time.time(),
                  "apply": stats.seconds})

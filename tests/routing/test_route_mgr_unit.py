@@ -168,3 +168,27 @@ def test_failed_write_is_retried_on_resync():
     del k.fail[r.key]
     m.resync()
     assert m.apply().added == 1 and not m.failed
+
+
+def test_update_routes_is_a_delta_like_set_route_and_remove_route():
+    for with_workloads in (False, True):  # one class (the fast path) and several
+        m, k = mgr()
+        pod = Route("10.2.0.1/32", dev="vA")
+        if with_workloads:
+            m.set_routes("workloads", [pod])
+        learned = [Route(f"10.2.0.{i}/32", gateways=("10.9.0.2",)) for i in range(1, 6)]
+        learned.append(Route("fd00:2::/64", gateways=("fd00:9::2",)))
+        m.update_routes("bgp", learned)
+        st = m.apply()
+        assert st.added == 6
+        want = {r.key: r for r in learned}
+        if with_workloads:
+            want[pod.key] = pod  # the pod's /32 wins over the same prefix learned over BGP
+        assert k.routes == want
+        m.update_routes("bgp", [Route("10.2.0.2/32", gateways=("10.9.0.3",))],
+                        removed=["10.2.0.3/32", route_key("fd00:2::/64"), learned[0]])
+        st = m.apply()
+        assert (st.replaced, st.deleted) == (1, 2 if with_workloads else 3)
+        assert k.routes[route_key("10.2.0.2")].gateways == ("10.9.0.3",)
+        assert set(k.routes) == {route_key(f"10.2.0.{i}") for i in (2, 4, 5)} | (
+            {pod.key} if with_workloads else set())
