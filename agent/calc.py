@@ -16,7 +16,7 @@ from tortie import errors
 from tortie.datastore import resources as res
 from tortie.log import get_logger
 from tortie.policy import netpol
-from tortie.routing.model import MAIN_TABLE, Route, Rule
+from tortie.routing.model import MAIN_TABLE, Route, Rule, learned_route
 
 log = get_logger("calc")
 
@@ -186,7 +186,7 @@ def desired(
         hops = tuple(sorted(h for h in hops if h not in own_addresses))
         if prefix in own or not hops:
             continue
-        bgp_routes.add(Route(dst=prefix, gateways=hops))
+        bgp_routes.add(learned_route(prefix, hops))  # canonical from ExaBGP: no re-validation
     rules, egress_routes = policy_routing(state)
     return Desired(frozenset(block_routes), frozenset(workload_routes), frozenset(bgp_routes),
                    frozenset(exports), rules, egress_routes)
