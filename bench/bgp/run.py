@@ -11,7 +11,7 @@
     issue; shown for reference.
 
 Each measurement gets fresh namespaces (a veth pair), removed afterwards, also on error.
-Run as root: `python bench/bgp/run.py [--prefixes 10000] [--runs 3]`.
+Run as root: `python bench/bgp/run.py [--prefixes 10000] [--runs 7]`.
 """
 
 from __future__ import annotations
@@ -384,7 +384,9 @@ def main() -> int:
         return node_main(*sys.argv[2:5])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prefixes", type=int, default=10_000)
-    ap.add_argument("--runs", type=int, default=3)
+    # 7: BIRD-to-BIRD now and then takes ~3 s (a receiver holding its last routes back),
+    # and a median of 3 lets one such run or one slow ExaBGP decode decide the verdict.
+    ap.add_argument("--runs", type=int, default=7)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)")
@@ -412,7 +414,7 @@ def main() -> int:
     verdict = "PASS" if rt <= 1.5 * rb else "MISS"
     print(f"\ntarget (b): tortie <= 1.5 x BIRD = {1.5 * rb:.3f}s: {verdict} ({rt:.3f}s)")
     print("target (c): none set; reference only")
-    return 0
+    return 0 if verdict == "PASS" else 1
 
 
 if __name__ == "__main__":
