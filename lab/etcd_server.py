@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+
+from tortie.lab.nsutil import stop_group
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -83,15 +84,8 @@ class EtcdServer:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                pass
+        if self.proc:
+            stop_group(self.proc, 5)
         if getattr(self, "_log", None):
             self._log.close()
         if self._own_dir and self.data_dir:

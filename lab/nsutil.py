@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,22 @@ CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a process we started in its own session: SIGTERM to its group, SIGKILL after
+    `timeout`. By the PID we hold, never by name; quiet if it is already gone."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    except ProcessLookupError:
+        proc.wait()
 
 
 def run(cmd: Sequence[str], *, check: bool = True, input: str | None = None,

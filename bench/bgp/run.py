@@ -23,13 +23,14 @@ import json
 import os
 import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+
+from tortie.lab.nsutil import stop_group
 
 SENDER, RECEIVER = "10.97.0.2", "10.97.0.1"
 AS = 64512
@@ -68,13 +69,7 @@ class Pair:
 
     def __exit__(self, *exc) -> None:
         for p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+            stop_group(p, 10)
         for ns in (self.rx, self.tx):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)

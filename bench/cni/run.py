@@ -18,13 +18,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+
+from tortie.lab.nsutil import stop_group
 
 TARGETS = {"add_p50_ms": 25.0, "add_p99_ms": 60.0, "burst_add_s": 2.5}
 POOL = "10.96.0.0/16"
@@ -174,13 +175,7 @@ def inner(args: argparse.Namespace) -> int:
         return 0 if all(t[k] <= v for k, v in TARGETS.items()) else 1
     finally:
         if server is not None:
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGTERM)
-                try:
-                    server.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(server.pid, signal.SIGKILL)
-                    server.wait()
+            stop_group(server, 10)
             server.stdout.close()
         if log is not None:
             log.close()

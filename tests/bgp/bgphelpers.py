@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import pytest
 
+from tortie.lab.nsutil import stop_group
+
 
 def wait_for(check: Callable[[], object], timeout: float = 20.0, every: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
@@ -177,13 +179,7 @@ class Bird:
         return "Established" in self.protocol(name)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 5)
 
 
 def bird_bgp(name: str, local: str, local_as: int, peer: str, peer_as: int, *, password: str | None = None,

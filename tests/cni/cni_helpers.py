@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from tortie.datastore.ipam import IPAM
 from tortie.datastore.resources import ResourceStore
+from tortie.lab.nsutil import stop_group
 
 POOL_CIDR = "10.244.0.0/16"
 NODE_ADDR = "192.168.250.1"
@@ -75,13 +76,7 @@ class Node:
     def stop_server(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 10)
         self.proc.stdout.close()
         self._log.close()
         self.proc = None
