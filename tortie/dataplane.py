@@ -1,0 +1,149 @@
+"""What every dataplane manager shares: the manager protocol and the delta tracker.
+
+The agent's calculation turns inputs into small messages of desired state; the dataplane
+driver (`tortie.agent.driver`, one thread off the event loop) hands every message to every
+manager and then lets each apply. A manager ignores the message types it does not own.
+
+    on_update(msg)   fold one message into desired state; no I/O
+    apply()          write what differs between desired and actual, in one batch;
+                     raise DataplaneError (or anything) when the dataplane refused: the
+                     driver reports it and retries later without holding up the others
+    resync()         forget what is believed about the dataplane; the next apply re-reads it
+    dirty            whether apply() has something to do
+
+`DeltaTracker` is the desired-vs-actual bookkeeping each manager builds on (Felix's
+deltatracker is the model): desired and actual maps by key, and the keys where they
+differ, kept up to date on every change so apply() touches only those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+_MISSING: Any = object()
+
+
+@runtime_checkable
+class Manager(Protocol):
+    name: str
+
+    def on_update(self, msg: object) -> None: ...
+
+    def apply(self) -> None: ...
+
+    def resync(self) -> None: ...
+
+    @property
+    def dirty(self) -> bool: ...
+
+
+class DeltaTracker(Generic[K, V]):
+    """Desired and actual state by key, and what must change to make actual desired.
+
+    `pending_updates` holds every key whose desired value is missing from the actual side
+    or differs from it (by `equal`); `pending_deletions` every key the actual side has and
+    the desired side does not. Writers of the dataplane report success with
+    `mark_written` / `mark_deleted` (or `set_actual` / `delete_actual` from a dump or a
+    notification); both sides are plain dicts open for reading.
+    """
+
+    __slots__ = ("_equal", "actual", "desired", "pending_deletions", "pending_updates")
+
+    def __init__(self, equal: Callable[[V, V], bool] | None = None) -> None:
+        self.desired: dict[K, V] = {}
+        self.actual: dict[K, V] = {}
+        self.pending_updates: dict[K, V] = {}
+        self.pending_deletions: set[K] = set()
+        self._equal = equal
+
+    # -- desired side ------------------------------------------------------------------
+    def set_desired(self, key: K, value: V) -> None:
+        self.desired[key] = value
+        self._refresh(key, value)
+
+    def delete_desired(self, key: K) -> None:
+        if self.desired.pop(key, _MISSING) is _MISSING:
+            return
+        self.pending_updates.pop(key, None)
+        if key in self.actual:
+            self.pending_deletions.add(key)
+
+    def replace_desired(self, values: Mapping[K, V]) -> None:
+        """All desired state at once (a full recompute): only the differences go pending."""
+        for key in [k for k in self.desired if k not in values]:
+            self.delete_desired(key)
+        for key, value in values.items():
+            if self.desired.get(key, _MISSING) is not value:
+                self.set_desired(key, value)
+
+    # -- actual side -------------------------------------------------------------------
+    def set_actual(self, key: K, value: V) -> None:
+        self.actual[key] = value
+        desired = self.desired.get(key, _MISSING)
+        if desired is _MISSING:
+            self.pending_deletions.add(key)
+        else:
+            self._refresh(key, desired)
+
+    def delete_actual(self, key: K) -> None:
+        if self.actual.pop(key, _MISSING) is _MISSING:
+            return
+        self.pending_deletions.discard(key)
+        desired = self.desired.get(key, _MISSING)
+        if desired is not _MISSING:
+            self.pending_updates[key] = desired
+
+    def replace_actual(self, values: Mapping[K, V]) -> None:
+        """What a full dump of the dataplane found: every key is compared again."""
+        self.actual = dict(values)
+        updates: dict[K, V] = {}
+        equal = self._equal
+        actual_get = self.actual.get
+        for key, want in self.desired.items():
+            have = actual_get(key, _MISSING)
+            if have is _MISSING or not (have is want or have == want
+                                        or (equal is not None and equal(want, have))):
+                updates[key] = want
+        self.pending_updates = updates
+        desired = self.desired
+        self.pending_deletions = {k for k in self.actual if k not in desired}
+
+    def mark_written(self, key: K, value: V | None = None) -> None:
+        """`key` now holds its desired value (or `value`, as the dataplane reported it)."""
+        self.actual[key] = self.desired[key] if value is None else value
+        self.pending_updates.pop(key, None)
+
+    def mark_deleted(self, key: K) -> None:
+        self.actual.pop(key, None)
+        self.pending_deletions.discard(key)
+
+    # -- reading -----------------------------------------------------------------------
+    @property
+    def in_sync(self) -> bool:
+        return not self.pending_updates and not self.pending_deletions
+
+    def iter_pending(self) -> Iterator[tuple[K, V | None]]:
+        """(key, desired value) for updates, then (key, None) for deletions."""
+        yield from list(self.pending_updates.items())
+        for key in list(self.pending_deletions):
+            yield key, None
+
+    def mark_all_pending(self, keys: Iterable[K] | None = None) -> None:
+        """Compare these keys (all by default) again on the next apply."""
+        for key in (list(self.desired) if keys is None else keys):
+            value = self.desired.get(key, _MISSING)
+            if value is not _MISSING:
+                self.pending_updates[key] = value
+
+    def _refresh(self, key: K, value: V) -> None:
+        have = self.actual.get(key, _MISSING)
+        self.pending_deletions.discard(key)
+        if have is _MISSING or not (have is value or have == value
+                                    or (self._equal is not None and self._equal(value, have))):
+            self.pending_updates[key] = value
+        else:
+            self.pending_updates.pop(key, None)
