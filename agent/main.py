@@ -29,6 +29,7 @@ from tortie.agent.calc import ClusterState, desired, network_policy, node_addres
 from tortie.agent.health import Health, start_http
 from tortie.agent.metrics import Registry
 from tortie.datastore.etcd import EtcdClient
+from tortie.policy.messages import NatUpdate, filter_messages
 from tortie.routing.model import MAIN_TABLE
 from tortie.routing.monitor import Monitor
 
@@ -58,6 +59,7 @@ class Agent:
         self.rules = RuleManager()
         self.nat = NatManager()
         self.filter = FilterManager()
+        self._policy = None  # the Filter last handed to self.filter (as messages)
         self.learned: dict[str, tuple[str, ...]] = {}
         self.in_sync = False
         self.dirty = asyncio.Event()
@@ -157,8 +159,8 @@ class Agent:
             # The managers re-read the kernel in their next apply, on this loop.
             self.routes.request_resync()
             self.rules.request_resync()
-            self.nat.check()
-            self.filter.check()
+            self.nat.resync()
+            self.filter.resync()
             self.mark_dirty()
 
     async def _publish_status(self) -> None:
@@ -191,16 +193,19 @@ class Agent:
         self.rules.set_rules("egress", want.rules)
         self.rules.apply()
         pools = self.state.pools.values()
-        self.nat.on_update(
-            nat_pools=[p.cidr for p in pools if p.nat_outgoing],
-            all_pools=[p.cidr for p in pools],
-            node_addresses=node_addresses(self.state),
-        )
+        self.nat.on_update(NatUpdate(
+            nat_pools=frozenset(p.cidr for p in pools if p.nat_outgoing),
+            all_pools=frozenset(p.cidr for p in pools),
+            node_addresses=frozenset(node_addresses(self.state)),
+        ))
         self.nat.apply()
         # NetworkPolicy after routes: a new pod's filter is written in the round that
         # routes it (its veth exists already; CNI made it). A rejected ruleset is reported
         # and retried without holding up the BGP half of the round.
-        self.filter.on_update(network_policy(self.state, self.node))
+        policy = network_policy(self.state, self.node)
+        for msg in filter_messages(self._policy, policy):
+            self.filter.on_update(msg)
+        self._policy = policy
         try:
             self.filter.apply()
             self.health.ok("netpol")
@@ -313,23 +318,18 @@ class Agent:
             raise errors.TortieError("a component of the agent died; see the log")
 
     def _watch_nftables(self) -> None:
-        """Any nftables change in this namespace: compare our table with what we wrote."""
-        from tortie.policy.nftables import open_monitor_socket
+        """Someone else's nftables commit in this namespace: the next apply re-reads our tables."""
+        from tortie.policy.nftables import NftMonitor
 
-        sock = open_monitor_socket()
-        self._nft_sock = sock
+        mon = self._nft_monitor = NftMonitor()
 
         def readable() -> None:
-            try:
-                while sock.recv(65536):
-                    pass
-            except BlockingIOError:
-                pass
-            nat_drift = self.nat.check()
-            if self.filter.check() or nat_drift:
+            if mon.drain():
+                self.nat.resync()
+                self.filter.resync()
                 self.mark_dirty()
 
-        asyncio.get_running_loop().add_reader(sock.fileno(), readable)
+        asyncio.get_running_loop().add_reader(mon.fileno(), readable)
 
     async def shutdown(self) -> None:
         """Stop serving; leave the kernel as it is so pods keep working (the next agent adopts it)."""

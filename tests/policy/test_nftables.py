@@ -7,6 +7,9 @@ import time
 
 from nfthelpers import list_table, nft
 
+from tortie.dataplane import Manager
+from tortie.policy.filter_mgr import FilterManager
+from tortie.policy.nat_mgr import NatManager
 from tortie.policy.nftables import (
     NFNL_SUBSYS_NFTABLES,
     NFT_MSG_NEWGEN,
@@ -40,6 +43,13 @@ def test_parse_newgen_skips_other_messages():
     buf = other + newgen(7, 4242, b"nft") + other + newgen(8, 1, b"tortie-agent")
     assert parse_newgen(buf) == [(7, 4242, "nft"), (8, 1, "tortie-agent")]
     assert parse_newgen(b"") == [] and parse_newgen(b"\0" * 8) == []
+
+
+def test_managers_follow_the_protocol_and_ignore_other_messages():
+    for mgr in (FilterManager(), NatManager()):
+        assert isinstance(mgr, Manager)
+        mgr.on_update(object())  # not theirs: ignored (no kernel touched before apply)
+        assert mgr.dirty  # never applied: the first apply reads the kernel
 
 
 def test_table_script_orders_declarations_before_use_and_references_before_deletion():
