@@ -25,6 +25,7 @@ nft cannot alter in place) makes the next apply replace the whole table.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -61,9 +62,36 @@ def _load_nftables() -> Any:
     return Nftables
 
 
-# Thread ids that committed through an Nft here; a thread may be gone before its
-# notification is read (a worker of asyncio.to_thread), so /proc/self/task is not enough.
+# How our own commits are told apart (NftMonitor). The kernel names a commit's netlink
+# port in the NEWGEN header and its task's pid (the init namespace's number) in
+# NFTA_GEN_PROC_PID. The port is the sure sign, also inside a container's pid namespace;
+# thread ids are the fallback when the port cannot be read. A thread may be gone before
+# its notification is read (a worker of asyncio.to_thread): its id is remembered.
+_OWN_PORTS: set[int] = set()
 _COMMITTERS: set[int] = set()
+
+
+def _socket_inodes() -> dict[int, int]:
+    """This process's open sockets: fd -> inode."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                out[int(fd)] = int(link[8:-1])
+    return out
+
+
+def _netfilter_ports(inodes: Iterable[int]) -> set[int]:
+    """The netlink ports of these NETLINK_NETFILTER sockets (the calling thread's netns)."""
+    wanted = set(inodes)
+    ports = set()
+    with contextlib.suppress(OSError), open("/proc/thread-self/net/netlink") as f:
+        for line in f.read().splitlines()[1:]:
+            cols = line.split()
+            if len(cols) >= 10 and cols[1] == str(NETLINK_NETFILTER) and int(cols[9]) in wanted:
+                ports.add(int(cols[2]))
+    return ports
 
 
 class Nft:
@@ -71,13 +99,18 @@ class Nft:
 
     def __init__(self, netns: str | None = None) -> None:
         nftables_cls = _load_nftables()
-        if netns is None:
-            self._ctx = nftables_cls()
-        else:
+        ctx = contextlib.nullcontext()
+        if netns is not None:
             from tortie.lab.nsutil import in_netns
 
-            with in_netns(netns):  # the context's netlink socket is opened here, in netns
-                self._ctx = nftables_cls()
+            ctx = in_netns(netns)  # the context's netlink socket is opened here, in netns
+        before = _socket_inodes()
+        with ctx:
+            self._ctx = nftables_cls()
+            self._ctx.cmd("list tables")  # the socket's first send binds its port
+            mine = [ino for fd, ino in _socket_inodes().items() if before.get(fd) != ino]
+            self.ports = _netfilter_ports(mine)
+        _OWN_PORTS.update(self.ports)
         self._lock = threading.Lock()
 
     def run(self, script: str) -> str:
@@ -383,18 +416,19 @@ class TablesManager:
 # --- the monitor --------------------------------------------------------------------------
 
 
-def _own_thread(pid: int) -> bool:
-    """Whether `pid` (the kernel names the committing task: a thread id) is one of ours."""
-    return pid == os.getpid() or pid in _COMMITTERS or os.path.exists(f"/proc/self/task/{pid}")
+def _own_commit(port: int, pid: int) -> bool:
+    """Whether a commit came from one of our Nft contexts (by port) or threads (by id)."""
+    return (port in _OWN_PORTS or pid == os.getpid() or pid in _COMMITTERS
+            or os.path.exists(f"/proc/self/task/{pid}"))
 
 
-def parse_newgen(data: bytes) -> list[tuple[int, int, str]]:
-    """(generation id, committing pid, process name) of every NFT_MSG_NEWGEN in a buffer."""
+def parse_newgen(data: bytes) -> list[tuple[int, int, str, int]]:
+    """(generation id, committing pid, process name, netlink port) of every NFT_MSG_NEWGEN."""
     out = []
     off = 0
     want = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
     while off + NLMSG_HDR.size <= len(data):
-        length, mtype, _flags, _seq, _port = NLMSG_HDR.unpack_from(data, off)
+        length, mtype, _flags, _seq, port = NLMSG_HDR.unpack_from(data, off)
         if length < NLMSG_HDR.size:
             break
         if mtype == want:
@@ -410,7 +444,7 @@ def parse_newgen(data: bytes) -> list[tuple[int, int, str]]:
             gen = struct.unpack(">I", attrs[NFTA_GEN_ID])[0] if NFTA_GEN_ID in attrs else 0
             pid = struct.unpack(">I", attrs[NFTA_GEN_PROC_PID])[0] if NFTA_GEN_PROC_PID in attrs else 0
             name = attrs.get(NFTA_GEN_PROC_NAME, b"").rstrip(b"\0").decode(errors="replace")
-            out.append((gen, pid, name))
+            out.append((gen, pid, name, port))
         off += (length + 3) & ~3
     return out
 
@@ -419,8 +453,9 @@ class NftMonitor:
     """Every nftables commit in a namespace, ours told apart from anyone else's.
 
     The kernel ends each committed transaction with NFT_MSG_NEWGEN naming the committing
-    task; ours (any thread of this process: libnftables runs in-process) are ignored, so
-    our own writes never cost a listing. A lost notification (ENOBUFS) counts as foreign.
+    socket's port and task; ours (an `Nft` of this process, or any of our threads) are
+    ignored, so our own writes never cost a listing. A lost notification (ENOBUFS) counts
+    as foreign.
     """
 
     def __init__(self, netns: str | None = None) -> None:
@@ -437,8 +472,8 @@ class NftMonitor:
                 self.sock = make()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
-        self.foreign: list[tuple[int, int, str]] = []  # the last drain's foreign commits
-        self.commits = 0  # commits (ours and foreign) seen by the last drain
+        self.foreign: list[tuple[int, int, str, int]] = []  # the last drain's foreign commits
+        self.commits: list[tuple[int, int, str, int]] = []  # all the last drain saw
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -446,7 +481,7 @@ class NftMonitor:
     def drain(self) -> bool:
         """Read everything queued; True if someone else changed the ruleset."""
         self.foreign = []
-        self.commits = 0
+        self.commits = []
         lost = False
         while True:
             try:
@@ -460,10 +495,10 @@ class NftMonitor:
             if not data:
                 break
             commits = parse_newgen(data)
-            self.commits += len(commits)
-            self.foreign += [g for g in commits if not _own_thread(g[1])]
+            self.commits += commits
+            self.foreign += [c for c in commits if not _own_commit(c[3], c[1])]
         if self.foreign:
-            log.info("foreign nftables change", commits=[f"{n}[{p}] gen {g}" for g, p, n in self.foreign])
+            log.info("foreign nftables change", commits=[f"{n}[{p}] gen {g}" for g, p, n, _ in self.foreign])
         return lost or bool(self.foreign)
 
     def close(self) -> None:

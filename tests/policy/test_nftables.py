@@ -41,7 +41,7 @@ def newgen(gen: int, pid: int, name: bytes) -> bytes:
 def test_parse_newgen_skips_other_messages():
     other = nlmsg((NFNL_SUBSYS_NFTABLES << 8) | 0, b"\0\0\0\0" + nla(1, b"tortie-filter\0"))
     buf = other + newgen(7, 4242, b"nft") + other + newgen(8, 1, b"tortie-agent")
-    assert parse_newgen(buf) == [(7, 4242, "nft"), (8, 1, "tortie-agent")]
+    assert parse_newgen(buf) == [(7, 4242, "nft", 0), (8, 1, "tortie-agent", 0)]
     assert parse_newgen(b"") == [] and parse_newgen(b"\0" * 8) == []
 
 
@@ -90,11 +90,14 @@ def test_own_commits_are_not_foreign_from_any_thread(netns):
         worker.join()
         time.sleep(0.05)
         assert not mon.drain()
-        assert mon.commits == 2  # both commits were seen, from two of our threads
+        assert len(mon.commits) == 2  # both commits were seen, from two of our threads
+        # Each is known by the context's netlink port too (what holds when the agent runs in
+        # a pid namespace of its own and the kernel's pid is not one we can see).
+        assert n.ports and all(port in n.ports for _, _, _, port in mon.commits)
         assert nft(ns, "add", "table", "ip", "someone-else").returncode == 0
         time.sleep(0.05)
         assert mon.drain()
-        assert [name for _, _, name in mon.foreign] == ["nft"]
+        assert [name for _, _, name, _ in mon.foreign] == ["nft"]
         assert not mon.drain()  # drained
     finally:
         mon.close()
