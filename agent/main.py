@@ -44,7 +44,7 @@ LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.
                0.1, 0.25, 0.5, 1.0)
 APPLY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                  1.0, 2.5)
-MANAGERS = ("routes", "rules", "nat", "netpol")
+MANAGERS = ("routes", "rules", "nat", "filter")
 
 
 class Agent:
@@ -218,7 +218,7 @@ class Agent:
         from tortie.agent import legacy_managers as lm
         from tortie.agent.driver import DataplaneDriver
         from tortie.bgp.export_mgr import BGPExportManager
-        from tortie.policy.nftables import open_monitor_socket
+        from tortie.policy.nftables import NftMonitor
         from tortie.routing.monitor import Monitor
 
         loop = self._loop
@@ -232,24 +232,21 @@ class Agent:
             self.m_apply.observe(seconds, manager=name)
 
         self.driver = DataplaneDriver(
-            [lm.Routes(routes), lm.Rules(rules), lm.Nat(nat), lm.Filter(filt), self.bgp_exports],
+            [lm.Routes(routes), lm.Rules(rules), nat, filt, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
             on_status=on_status, on_applied=on_applied)
         self.monitor = Monitor(route_mgr=routes, rule_mgr=rules)
         self.driver.watch(self.monitor, self.monitor.process)
-        sock = open_monitor_socket()
-        self._nft_sock = sock
+        # Someone else changed the ruleset (our own commits are recognised and ignored):
+        # both nftables managers compare the kernel with what they want and repair.
+        self.nft_monitor = NftMonitor()
 
         def nft_changed() -> None:
-            try:
-                while sock.recv(65536):
-                    pass
-            except BlockingIOError:
-                pass
-            nat.check()
-            filt.check()
+            if self.nft_monitor.drain():
+                nat.resync()
+                filt.resync()
 
-        self.driver.watch(sock, nft_changed)
+        self.driver.watch(self.nft_monitor, nft_changed)
 
     def _manager_status(self, name: str, error: str | None) -> None:
         if name not in self.health.components:
@@ -398,6 +395,8 @@ class Agent:
             await asyncio.to_thread(self.driver.stop)
         if getattr(self, "monitor", None) is not None:
             self.monitor.close()
+        if getattr(self, "nft_monitor", None) is not None:
+            self.nft_monitor.close()
         if self.bgp is not None:
             await self.bgp.stop()
         self.client.close()
