@@ -60,12 +60,14 @@ class DataplaneDriver:
     def __init__(self, managers: Sequence[Manager], *, retry_delay: float = 1.0,
                  resync_interval: float | None = None,
                  on_status: Callable[[str, str | None], None] | None = None,
-                 on_applied: Callable[[str, float], None] | None = None) -> None:
+                 on_applied: Callable[[str, float], None] | None = None,
+                 on_round: Callable[[bool], None] | None = None) -> None:
         self.managers = list(managers)
         self.retry_delay = retry_delay
         self.resync_interval = resync_interval
         self.on_status = on_status  # (manager, error or None), called from the driver thread
         self.on_applied = on_applied  # (manager, seconds), for the apply-duration histogram
+        self.on_round = on_round  # (every manager healthy?), after each round
         self.states = {m.name: ManagerState(m.name) for m in self.managers}
         self._queue: deque[tuple[list, Done | None]] = deque()
         self._resync = True  # the first round adopts what the kernel holds
@@ -138,7 +140,12 @@ class DataplaneDriver:
                         self._resync = True
             if self._stopping:
                 break
-            self.round()
+            try:
+                self.round()
+            except Exception as exc:  # a bug in one round must not end the dataplane
+                log.exception("dataplane round failed", error=str(exc))
+                self._resync = True
+                time.sleep(self.retry_delay)
 
     def _timeout(self) -> float | None:
         if self._queue or self._resync:
@@ -182,6 +189,8 @@ class DataplaneDriver:
                 continue  # failing: wait for the retry instead of hammering the kernel
             self._apply(m, st)
         self.rounds += 1
+        if self.on_round:
+            self.on_round(self.healthy)
         if batch.done:
             errors = {name: s.error for name, s in self.states.items() if s.error}
             for done in batch.done:

@@ -64,6 +64,7 @@ class Agent:
         self.health = Health()
         self.metrics = Registry()
         m = self.metrics
+        self.m_rounds = m.counter("tortie_apply_rounds_total", "Dataplane driver rounds, by result")
         self.m_events = m.counter("tortie_datastore_events_total", "Datastore events, by type")
         self.m_calc_cpu = m.counter("tortie_calc_cpu_seconds_total",
                                     "CPU time the calculation spent on inputs, by input")
@@ -234,7 +235,8 @@ class Agent:
         self.driver = DataplaneDriver(
             [lm.Routes(routes), lm.Rules(rules), nat, filt, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
-            on_status=on_status, on_applied=on_applied)
+            on_status=on_status, on_applied=on_applied,
+            on_round=lambda ok: self.m_rounds.inc(result="ok" if ok else "error"))
         self.monitor = Monitor(route_mgr=routes, rule_mgr=rules)
         self.driver.watch(self.monitor, self.monitor.process)
         # Someone else changed the ruleset (our own commits are recognised and ignored):
