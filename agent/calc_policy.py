@@ -58,6 +58,8 @@ class PolicyCalculator:
         self.node = node
         self.weps, self.policies, self.namespaces = weps, policies, namespaces
         self._ns_labels = _NamespaceLabels(namespaces)
+        # local endpoints by host interface (normally one each)
+        self._by_iface: dict[str, dict[WepKey, res.WorkloadEndpoint]] = {}
         self.pod_filters: dict[str, netpol.PodFilter] = {}  # emitted, by interface
         self.resolved: dict[str, netpol.ResolvedPolicy] = {}  # emitted, by policy key
         self._users: dict[str, set[str]] = {}  # policy key -> interfaces it isolates
@@ -69,13 +71,21 @@ class PolicyCalculator:
 
     # -- inputs (called after the state has folded the event) ----------------------------
     def on_wep(self, old: res.WorkloadEndpoint | None, new: res.WorkloadEndpoint | None) -> None:
+        for w, add in ((old, False), (new, True)):
+            if w is not None and w.node == self.node and w.interface_name:
+                by_key = self._by_iface.setdefault(w.interface_name, {})
+                if add:
+                    by_key[(w.namespace, w.name)] = w
+                else:
+                    by_key.pop((w.namespace, w.name), None)
+                if not by_key:
+                    del self._by_iface[w.interface_name]
         dirty: set[str] = set()
         for w in (old, new):
             if w is None:
                 continue
             if w.node == self.node and w.interface_name:
-                dirty_filter = w.interface_name
-                self._refresh_pod(dirty_filter)
+                self._refresh_pod(w.interface_name)
             labels_ns = self._ns_labels[w.namespace]
             for (pns, pname), p in self.policies.items():
                 key = f"{pns}/{pname}"
@@ -102,6 +112,10 @@ class PolicyCalculator:
     def recompute(self) -> None:
         """Everything from the state (a snapshot): emitted state is diffed, not reset."""
         self._ns_labels.clear()
+        self._by_iface = {}
+        for (ns, name), w in self.weps.items():
+            if w.node == self.node and w.interface_name:
+                self._by_iface.setdefault(w.interface_name, {})[(ns, name)] = w
         full = netpol.compute(self.node, self.weps.values(), self.policies.values(), self.namespaces)
         want_pods = {f.interface: f for f in full.pods}
         want_policies = {p.key: p for p in full.policies}
@@ -141,18 +155,12 @@ class PolicyCalculator:
 
     # -- internals ------------------------------------------------------------------------
     def _local_interfaces(self) -> set[str]:
-        found = {w.interface_name for w in self.weps.values()
-                 if w.node == self.node and w.interface_name}
-        return found | set(self.pod_filters)
+        return set(self._by_iface) | set(self.pod_filters)
 
     def _local_wep(self, iface: str) -> res.WorkloadEndpoint | None:
-        found = None
-        for w in self.weps.values():
-            if w.node == self.node and w.interface_name == iface:
-                # as netpol.compute: in (namespace, name) order, the last one wins
-                if found is None or (w.namespace, w.name) > (found.namespace, found.name):
-                    found = w
-        return found
+        by_key = self._by_iface.get(iface)
+        # as netpol.compute: in (namespace, name) order, the last one wins
+        return by_key[max(by_key)] if by_key else None
 
     def _refresh_pod(self, iface: str) -> None:
         wep = self._local_wep(iface)
