@@ -156,12 +156,14 @@ class PolicyCalculator:
                     by_key.pop((w.namespace, w.name), None)
                 if not by_key:
                     del self._by_iface[w.interface_name]
-        for w in (old, new):
-            if w is not None and w.node == self.node and w.interface_name:
-                self._refresh_pod(w.interface_name)
+        # The indexes first: one built below (a pod starts using a policy) is made from the
+        # state as it is now and must not see this change a second time.
         for key, idx in self._index.items():
             if idx.on_wep(old, new, self._ns_labels):
                 self._set_resolved(key, idx.resolved())
+        for w in (old, new):
+            if w is not None and w.node == self.node and w.interface_name:
+                self._refresh_pod(w.interface_name)
 
     def on_policy(self, key: str) -> None:
         self._index.pop(key, None)
