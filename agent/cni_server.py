@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tortie.datastore.etcd import EtcdClient, EtcdConfig
     from tortie.datastore.ipam import IPAM
-    from tortie.datastore.resources import ResourceStore
+    from tortie.datastore.store import ResourceStore
 
     client = EtcdClient(EtcdConfig.from_env())
 

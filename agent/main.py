@@ -42,7 +42,7 @@ class Agent:
     def __init__(self, cfg: agent_config.AgentConfig) -> None:
         from tortie.agent.cni_server import CNIServer
         from tortie.datastore.ipam import IPAM
-        from tortie.datastore.resources import ResourceStore
+        from tortie.datastore.store import ResourceStore
         from tortie.policy.filter_mgr import FilterManager
         from tortie.policy.nat_mgr import NatManager
         from tortie.routing.route_mgr import RouteManager

@@ -45,7 +45,7 @@ class Context:
 
     @cached_property
     def store(self):
-        from tortie.datastore.resources import ResourceStore
+        from tortie.datastore.store import ResourceStore
 
         return ResourceStore(self.client)
 

@@ -54,6 +54,7 @@ from tortie.datastore.ipam_blocks import (
     parse_ip,
     part_cidr,
 )
+from tortie.datastore.store import decode
 from tortie.errors import (
     AlreadyExists,
     Conflict,
@@ -150,7 +151,7 @@ class IPAM:
         pools, revs = [], {}
         for kv in kvs:
             try:
-                pool = res.IPPool.from_resource(res.decode(kv.value, kv.mod_revision))
+                pool = res.IPPool.from_resource(decode(kv.value, kv.mod_revision))
             except (TortieError, ValueError, KeyError, TypeError) as exc:
                 log.warning("invalid IPPool ignored", key=kv.key, error=str(exc))
                 continue
@@ -161,7 +162,7 @@ class IPAM:
         config = Config()
         if cfg_kv is not None:
             try:
-                view = res.IPAMConfig.from_resource(res.decode(cfg_kv.value, cfg_kv.mod_revision))
+                view = res.IPAMConfig.from_resource(decode(cfg_kv.value, cfg_kv.mod_revision))
                 config = Config(view.strict_affinity, view.max_blocks_per_host, view.auto_allocate_blocks)
             except (TortieError, ValueError, KeyError, TypeError) as exc:
                 log.warning("invalid IPAMConfig ignored", error=str(exc))
@@ -658,7 +659,7 @@ class IPAM:
                 spec["strictAffinity"] = bool(strict_affinity)
             if max_blocks_per_host is not None:
                 spec["maxBlocksPerHost"] = max_blocks_per_host
-            res.validate(res.decode(json.dumps(doc).encode(), 0))
+            res.validate(decode(json.dumps(doc).encode(), 0))
             return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
         with self._lock:

@@ -115,7 +115,7 @@ def measure(lab_name: str, claims: int, node: str) -> dict:
     from tortie import log
     from tortie.datastore.etcd import EtcdClient, EtcdConfig
     from tortie.datastore.ipam import IPAM
-    from tortie.datastore.resources import ResourceStore
+    from tortie.datastore.store import ResourceStore
     from tortie.lab.cluster import Lab
 
     log.configure(level="warning", stream=sys.stderr)

@@ -8,7 +8,7 @@ import time
 from kubehelpers import wait_for
 
 from tortie.datastore.ipam import IPAM
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 from tortie.errors import NotFound
 from tortie.kube.apiserver_fake import namespace, network_policy, node, pod
 from tortie.kube.mirror import MIRROR_ANNOTATION

@@ -11,7 +11,7 @@ import time
 
 from kubehelpers import wait_for
 
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 from tortie.errors import NotFound
 from tortie.kube.apiserver_fake import namespace
 
