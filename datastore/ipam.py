@@ -34,14 +34,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from tortie.datastore import keys, selector
 from tortie.datastore import resources as res
-from tortie.datastore import selector
 from tortie.datastore.etcd import KV, EtcdClient, Txn
 from tortie.datastore.ipam_blocks import (
-    AFFINITY,
-    BLOCKS,
     CONFIRMED,
-    HANDLES,
     PENDING,
     Attr,
     Block,
@@ -50,9 +47,7 @@ from tortie.datastore.ipam_blocks import (
     affinity_value,
     block_of,
     candidate_blocks,
-    cidr_part,
     parse_ip,
-    part_cidr,
 )
 from tortie.datastore.store import decode
 from tortie.errors import (
@@ -114,10 +109,8 @@ class IPAM:
 
     def __init__(self, client: EtcdClient) -> None:
         self.client = client
-        p = client.config.prefix
-        self._blocks = p + BLOCKS
-        self._affinity = p + AFFINITY
-        self._handles = p + HANDLES
+        p = self._prefix = client.config.prefix
+        self._blocks = p + keys.IPAM_BLOCKS
         self._pools_prefix = p + res.kind_for("ippool").prefix()
         self._nodes_prefix = p + res.kind_for("node").prefix()
         self._weps_prefix = p + res.kind_for("workloadendpoint").prefix()
@@ -130,19 +123,19 @@ class IPAM:
     # --- keys ---------------------------------------------------------------------------
 
     def _bkey(self, cidr: str) -> str:
-        return self._blocks + cidr_part(cidr)
+        return self._prefix + keys.block_key(cidr)
 
     def _akey(self, node: str, cidr: str) -> str:
-        return f"{self._affinity}{node}/{cidr_part(cidr)}"
+        return self._prefix + keys.affinity_key(node, cidr)
 
     def _hkey(self, handle: str) -> str:
-        return self._handles + handle
+        return self._prefix + keys.handle_key(handle)
 
     def _pool_key(self, name: str) -> str:
-        return self._pools_prefix + name
+        return self._prefix + res.key_for(res.kind_for("ippool"), name)
 
     def _node_key(self, node: str) -> str:
-        return self._nodes_prefix + node
+        return self._prefix + res.key_for(res.kind_for("node"), node)
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -182,10 +175,13 @@ class IPAM:
         return self._ctx.get(node) or self._read_ctx(node)
 
     def _read_own(self, node: str) -> dict[str, tuple[Block, int]]:
-        kvs, _ = self.client.get_prefix(f"{self._affinity}{node}/")
+        kvs, _ = self.client.get_prefix(self._prefix + keys.affinity_prefix(node))
         own: dict[str, tuple[Block, int]] = {}
         for kv in kvs:
-            cidr = part_cidr(kv.key.rsplit("/", 1)[1])
+            parsed = keys.parse_affinity(kv.key[len(self._prefix):])
+            if parsed is None:
+                continue
+            cidr = parsed[1]
             bkv = self.client.get(self._bkey(cidr))
             if bkv is None:
                 continue
@@ -633,7 +629,7 @@ class IPAM:
                     block, rev = Block.from_json(kv.value), kv.mod_revision
                     if block.node != node:
                         break
-            self.client.delete_prefix(f"{self._affinity}{node}/")
+            self.client.delete_prefix(self._prefix + keys.affinity_prefix(node))
             self._own.pop(node, None)
             self._ctx.pop(node, None)
         log.info("node released", node=node, deleted_blocks=deleted, unaffined_blocks=orphaned)
@@ -690,17 +686,18 @@ class IPAM:
 
     def nodes(self) -> set[str]:
         kvs, _ = self.client.get_prefix(self._nodes_prefix)
-        return {kv.key[len(self._nodes_prefix):] for kv in kvs}
+        parsed = (res.parse_key(kv.key[len(self._prefix):]) for kv in kvs)
+        return {name for _, _, name in filter(None, parsed)}
 
     def check(self, wep_handles: set[str] | None = None, pending_grace: float = PENDING_GRACE) -> dict:
         """Report leaks; nothing is changed. `release_from_report` frees what it lists."""
         from tortie.datastore.ipam_check import build_report
 
         with self._lock:
-            kvs, revision = self.client.get_prefix(self.client.config.prefix + "ipam/")
+            kvs, revision = self.client.get_prefix(self._prefix + keys.IPAM)
             weps = self.wep_handles() if wep_handles is None else set(wep_handles)
             nodes = self.nodes()
-        return build_report(kvs, self.client.config.prefix, weps, nodes, pending_grace, revision)
+        return build_report(kvs, self._prefix, weps, nodes, pending_grace, revision)
 
     def release_from_report(self, report: dict) -> dict:
         """Free what a `check` report lists, each only if it is still as reported."""

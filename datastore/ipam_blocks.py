@@ -1,4 +1,4 @@
-"""IPAM values: the key layout, allocation blocks and handle records. Pure, no I/O.
+"""IPAM values: allocation blocks and handle records (their keys: `datastore.keys`). Pure, no I/O.
 
 A block is a power-of-two slice of a pool that one node claims as a whole (its
 affinity). It holds, per address, either None (free) or an index into its list of
@@ -18,24 +18,10 @@ from functools import cached_property
 
 from tortie.errors import ValidationError
 
-BLOCKS = "ipam/blocks/"
-AFFINITY = "ipam/affinity/"
-HANDLES = "ipam/handles/"
-
 PENDING = "pending"
 CONFIRMED = "confirmed"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def cidr_part(cidr: str) -> str:
-    """The key segment of a CIDR: '/' is a key separator, so it becomes '-'."""
-    return cidr.replace("/", "-")
-
-
-def part_cidr(part: str) -> str:
-    addr, _, plen = part.rpartition("-")
-    return f"{addr}/{plen}"
 
 
 def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -12,15 +12,12 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from tortie.datastore import keys
 from tortie.datastore.etcd import KV, Txn
 from tortie.datastore.ipam_blocks import (
-    AFFINITY,
-    BLOCKS,
-    HANDLES,
     PENDING,
     Block,
     HandleRecord,
-    part_cidr,
 )
 from tortie.log import get_logger
 
@@ -40,12 +37,13 @@ def build_report(kvs: Iterable[KV], prefix: str, weps: set[str], nodes: set[str]
     handles: dict[str, HandleRecord] = {}
     for kv in kvs:
         rel = kv.key[len(prefix):]
-        if rel.startswith(BLOCKS):
+        if rel.startswith(keys.IPAM_BLOCKS):
             blocks.append(Block.from_json(kv.value))
-        elif rel.startswith(AFFINITY):
-            node, _, part = rel[len(AFFINITY):].rpartition("/")
-            affinities.append((node, part_cidr(part)))
-        elif rel.startswith(HANDLES):
+        elif rel.startswith(keys.IPAM_AFFINITY):
+            affinity = keys.parse_affinity(rel)
+            if affinity is not None:
+                affinities.append(affinity)
+        elif rel.startswith(keys.IPAM_HANDLES):
             rec = HandleRecord.from_json(kv.value)
             handles[rec.handle] = rec
 
