@@ -26,9 +26,9 @@ from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
 from tortie.agent.calc import ClusterState, desired, network_policy, node_addresses
-from tortie.agent.health import Health, start_http
-from tortie.agent.metrics import Registry
 from tortie.datastore.etcd import EtcdClient
+from tortie.health import Health, start_http
+from tortie.metrics import Registry
 from tortie.routing.model import MAIN_TABLE
 from tortie.routing.monitor import Monitor
 

@@ -38,13 +38,13 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
-from tortie.agent.health import Health
 from tortie.datastore import resources as res
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.datastore.ipam import IPAM
 from tortie.datastore.store import ResourceStore
 from tortie.datastore.watch import Snapshot, Syncer, Update
 from tortie.errors import Conflict, DatastoreUnavailable, NotFound, TortieError, ValidationError
+from tortie.health import Health
 from tortie.kube import mirror
 from tortie.kube.gc import IPAMGarbageCollector
 from tortie.kube.podinfo import api_client
