@@ -5,12 +5,13 @@
                                                    └──── api_relay.py (ExaBGP's API process)
 
 Everything runs in the agent's asyncio loop, in the node's network namespace; ExaBGP
-never touches the kernel. Files in `state_dir`: `exabgp.conf`, `exabgp.log`,
-`exabgp.out` (its stdout/stderr), `exabgp.pid`, `api.sock`.
+never touches the kernel. Files in `state_dir`: `exabgp.d/exabgp.conf` (0600 in a 0700
+directory: it holds the MD5 passwords), `exabgp.log`, `exabgp.out` (its stdout/stderr),
+`exabgp.pid`, `api.sock`.
 
 This module is the coordinator; each concern has its own:
 - `bgp.exabgp`: supervision of the process (start, restart with backoff, reload, stop);
-- `bgp.config`: its configuration file and environment;
+- `bgp.config`: its configuration file and environment (`render`, `write`);
 - `bgp.api`: the API stream (command lines out, acks and JSON messages in);
 - `bgp.updates` and `bgp.rib`: UPDATEs through the import filters into the learned RIB;
 - `bgp.reflection`: route reflection; `bgp.diagnose`: why a session is down.
@@ -90,7 +91,8 @@ class BGPSpeaker:
         self.cluster_id = cluster_id  # routeReflectorClusterID; router id when None
         self.batch = batch
         self.settle_time = settle_time
-        self.conf_path = os.path.join(self.state_dir, "exabgp.conf")
+        # the config holds the MD5 passwords: a directory of its own, 0700 (see cfg.write)
+        self.conf_path = os.path.join(self.state_dir, "exabgp.d", "exabgp.conf")
         self.sock_path = os.path.join(self.state_dir, "api.sock")
         self._exabgp = ExaBGPProcess(self.state_dir, self.conf_path, exabgp, backoff)
         self._api = APIStream()
@@ -127,6 +129,8 @@ class BGPSpeaker:
             self._api.trace = open(os.path.join(self.state_dir, "api.trace"), "ab")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock_path)
+        with contextlib.suppress(FileNotFoundError):  # where earlier versions kept it, readable by all
+            os.unlink(os.path.join(self.state_dir, "exabgp.conf"))
         self._server = await asyncio.start_unix_server(self._on_relay, path=self.sock_path,
                                                        limit=16 * 1024 * 1024)
         self._write_config()
@@ -357,12 +361,7 @@ class BGPSpeaker:
         return pid is not None and self._api_pid == pid and self._api.connected
 
     def _write_config(self) -> None:
-        text = cfg.render(self._peers.values(), self.local, self.sock_path)
-        os.makedirs(self.state_dir, exist_ok=True)
-        tmp = self.conf_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.conf_path)
+        cfg.write(self.conf_path, cfg.render(self._peers.values(), self.local, self.sock_path))
         self._loaded = dict(self._peers)
         self._config_gen += 1
         for addr in self._peers:
