@@ -39,14 +39,19 @@ from tortie.datastore import resources as res
 from tortie.datastore.etcd import KV, EtcdClient, Txn
 from tortie.datastore.ipam_blocks import (
     CONFIRMED,
+    DEFAULT_NETWORK,
     PENDING,
     Attr,
     Block,
+    BlockInfo,
+    Config,
     HandleRecord,
     Held,
     affinity_value,
     block_of,
     candidate_blocks,
+    check_name,
+    net_key,
     parse_ip,
 )
 from tortie.datastore.store import decode
@@ -62,26 +67,8 @@ from tortie.log import get_logger
 
 log = get_logger("ipam")
 
-DEFAULT_NETWORK = "k8s-pod-network"
 PENDING_GRACE = 30.0  # seconds before a pending claim counts as abandoned
 _ATTEMPTS = 100
-
-
-@dataclass(frozen=True)
-class BlockInfo:
-    cidr: str
-    pool: str
-    node: str | None
-    confirmed: bool
-    allocated: int
-    total: int
-
-
-@dataclass(frozen=True)
-class Config:
-    strict_affinity: bool = False
-    max_blocks_per_host: int = 0  # 0: no limit
-    auto_allocate_blocks: bool = True  # False: only blocks claimed otherwise (assign_ip) and borrowing
 
 
 @dataclass(frozen=True)
@@ -248,8 +235,8 @@ class IPAM:
         All or nothing: if a family cannot be served, what this call took is given back
         and PoolExhausted is raised.
         """
-        _check_name(handle, "handle")
-        _check_name(node, "node")
+        check_name(handle, "handle")
+        check_name(node, "node")
         if num_v4 < 0 or num_v6 < 0:
             raise ValidationError("address counts must not be negative", field="num")
         attrs = attrs or {}
@@ -422,8 +409,8 @@ class IPAM:
     def assign_ip(self, ip: str, handle: str, node: str, attrs: dict | None = None) -> str:
         """Allocate exactly ip to handle. AlreadyExists if taken, ValidationError if no
         enabled pool holds it; its block is claimed for node if nobody holds it yet."""
-        _check_name(handle, "handle")
-        _check_name(node, "node")
+        check_name(handle, "handle")
+        check_name(node, "node")
         addr = parse_ip(ip)
         attrs = attrs or {}
         attr = Attr(handle, str(attrs.get("namespace", "")), str(attrs.get("pod", "")), node)
@@ -523,7 +510,7 @@ class IPAM:
 
     def release_handle(self, handle: str) -> list[str]:
         """Free every address the handle holds; the addresses freed (none if it holds none)."""
-        _check_name(handle, "handle")
+        check_name(handle, "handle")
         with self._lock:
             kv = self.client.get(self._hkey(handle))
             if kv is None:
@@ -569,10 +556,10 @@ class IPAM:
 
     def blocks(self) -> list[Block]:
         """Every block with its allocations, in address order."""
-        return sorted((b for b, _ in self._all_blocks()), key=lambda b: _net_key(b.cidr))
+        return sorted((b for b, _ in self._all_blocks()), key=lambda b: net_key(b.cidr))
 
     def all_blocks(self) -> list[BlockInfo]:
-        return sorted((self._info(b) for b, _ in self._all_blocks()), key=lambda i: _net_key(i.cidr))
+        return sorted((self._info(b) for b, _ in self._all_blocks()), key=lambda i: net_key(i.cidr))
 
     def node_blocks(self, node: str) -> list[BlockInfo]:
         """The node's blocks; only the confirmed ones may be routed or advertised."""
@@ -599,7 +586,7 @@ class IPAM:
             "pools": pools,
             "blocks": [{"cidr": b.cidr, "pool": b.pool, "node": b.node, "state": b.state,
                         "total": b.total, "in_use": b.in_use, "free": b.free}
-                       for b in sorted(blocks, key=lambda b: _net_key(b.cidr))],
+                       for b in sorted(blocks, key=lambda b: net_key(b.cidr))],
         }
 
     # --- nodes --------------------------------------------------------------------------------
@@ -607,7 +594,7 @@ class IPAM:
     def release_node(self, node: str) -> dict:
         """A deleted node: its empty blocks are deleted, the others lose their affinity,
         and all its affinities go."""
-        _check_name(node, "node")
+        check_name(node, "node")
         deleted, orphaned = [], []
         with self._lock:
             for block, rev in self._all_blocks():
@@ -669,22 +656,13 @@ class IPAM:
     # --- leaks ---------------------------------------------------------------------------------
 
     def wep_handles(self) -> set[str]:
-        """The IPAM handle of every WorkloadEndpoint: spec.ipamHandle, else
-        `<network>.<containerID>` with the default network name."""
-        kvs, _ = self.client.get_prefix(self._weps_prefix)
-        out = set()
-        for kv in kvs:
-            try:
-                spec = json.loads(kv.value).get("spec") or {}
-            except ValueError:
-                continue
-            if spec.get("ipamHandle"):
-                out.add(spec["ipamHandle"])
-            elif spec.get("containerID"):
-                out.add(f"{spec.get('network') or DEFAULT_NETWORK}.{spec['containerID']}")
-        return out
+        """The IPAM handle of every WorkloadEndpoint (see `ipam_check.wep_handles`)."""
+        from tortie.datastore.ipam_check import wep_handles
+
+        return wep_handles(self.client.get_prefix(self._weps_prefix)[0])
 
     def nodes(self) -> set[str]:
+        """The names of the Node resources."""
         kvs, _ = self.client.get_prefix(self._nodes_prefix)
         parsed = (res.parse_key(kv.key[len(self._prefix):]) for kv in kvs)
         return {name for _, _, name in filter(None, parsed)}
@@ -705,16 +683,6 @@ class IPAM:
 
         with self._lock:
             return release_report(self, report)
-
-
-def _net_key(cidr: str) -> tuple[int, int, int]:
-    net = ipaddress.ip_network(cidr)
-    return net.version, int(net.network_address), net.prefixlen
-
-
-def _check_name(value: str, what: str) -> None:
-    if not value or not isinstance(value, str) or "/" in value or value.strip() != value:
-        raise ValidationError(f"{value!r} is not a valid {what} (non-empty, no '/', no spaces)", field=what)
 
 
 __all__ = ["DEFAULT_NETWORK", "IPAM", "BlockInfo", "Config"]

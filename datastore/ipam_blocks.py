@@ -18,6 +18,7 @@ from functools import cached_property
 
 from tortie.errors import ValidationError
 
+DEFAULT_NETWORK = "k8s-pod-network"  # the network of a handle `<network>.<containerID>`
 PENDING = "pending"
 CONFIRMED = "confirmed"
 
@@ -240,3 +241,31 @@ class HandleRecord:
 
 def affinity_value(state: str) -> bytes:
     return json.dumps({"state": state}).encode()
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    cidr: str
+    pool: str
+    node: str | None
+    confirmed: bool
+    allocated: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Config:
+    strict_affinity: bool = False
+    max_blocks_per_host: int = 0  # 0: no limit
+    auto_allocate_blocks: bool = True  # False: only blocks claimed otherwise (assign_ip) and borrowing
+
+
+def net_key(cidr: str) -> tuple[int, int, int]:
+    """Sort key: family, then address, then prefix length."""
+    net = ipaddress.ip_network(cidr)
+    return net.version, int(net.network_address), net.prefixlen
+
+
+def check_name(value: str, what: str) -> None:
+    if not value or not isinstance(value, str) or "/" in value or value.strip() != value:
+        raise ValidationError(f"{value!r} is not a valid {what} (non-empty, no '/', no spaces)", field=what)

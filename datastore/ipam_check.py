@@ -8,6 +8,7 @@ frees an address that has since been handed to someone else.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 from tortie.datastore import keys
 from tortie.datastore.etcd import KV, Txn
 from tortie.datastore.ipam_blocks import (
+    DEFAULT_NETWORK,
     PENDING,
     Block,
     HandleRecord,
@@ -96,6 +98,22 @@ def build_report(kvs: Iterable[KV], prefix: str, weps: set[str], nodes: set[str]
     }
     report["clean"] = not any(report[k] for k in REPORT_LISTS)
     return report
+
+
+def wep_handles(kvs: Iterable[KV]) -> set[str]:
+    """The IPAM handle of every WorkloadEndpoint among `kvs`: spec.ipamHandle, else
+    `<network>.<containerID>` with the default network name."""
+    out = set()
+    for kv in kvs:
+        try:
+            spec = json.loads(kv.value).get("spec") or {}
+        except ValueError:
+            continue
+        if spec.get("ipamHandle"):
+            out.add(spec["ipamHandle"])
+        elif spec.get("containerID"):
+            out.add(f"{spec.get('network') or DEFAULT_NETWORK}.{spec['containerID']}")
+    return out
 
 
 def release_report(ipam: IPAM, report: dict) -> dict:
