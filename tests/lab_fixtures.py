@@ -21,7 +21,8 @@ import uuid
 
 import pytest
 
-from tortie.lab.cluster import Lab, teardown
+from tortie.lab.cluster import Lab
+from tortie.lab.teardown import teardown
 
 RUN = uuid.uuid4().hex[:6]
 _counter = itertools.count(1)

@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         print("claim_latency: needs root (network namespaces)", file=sys.stderr)
         return 2
 
-    from tortie.lab.cluster import Lab, teardown
+    from tortie.lab.cluster import Lab
+    from tortie.lab.teardown import teardown
 
     name = f"bc{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
