@@ -18,7 +18,6 @@ made, so `teardown()` can always finish the job, also after a crash part way.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -55,17 +54,10 @@ def _plan_from(st: LabState) -> Plan:
 
 
 def resolve_agent(mode: str) -> str:
-    """Which per-node daemon to run: the agent once agent/main.py exists, else the CNI server."""
+    """Which per-node daemon to run: `auto` is the agent (it serves CNI through agent.cni_server)."""
     if mode not in AGENT_MODES:
         raise ValidationError(f"--agent {mode!r}: want one of {', '.join(AGENT_MODES)}", field="agent")
-    if mode != "auto":
-        return mode
-    has = {m: importlib.util.find_spec(f"tortie.agent.{m}") is not None for m in ("main", "cni_server")}
-    if has["main"] and has["cni_server"]:  # the agent serves CNI through agent.cni_server
-        return "agent"
-    if has["cni_server"]:
-        return "cni-server"
-    return "none"
+    return "agent" if mode == "auto" else mode
 
 
 class Lab:
@@ -295,9 +287,6 @@ class Lab:
 
     def _install_cni(self, st: LabState, echo: Echo) -> None:
         bin_dir = os.path.join(st.dir, "bin")
-        if importlib.util.find_spec("tortie.cni.install") is None:
-            echo("CNI plugin not installed (tortie.cni.install missing): pods cannot be added")
-            return
         nsutil.run([_python(), "-m", "tortie.cni.install", "--bin-dir", bin_dir])
         self._record(lambda s: setattr(s, "bin_dir", bin_dir))
 
