@@ -137,7 +137,7 @@ def inner(args: argparse.Namespace) -> int:
     os.environ.setdefault("TORTIE_LOG_LEVEL", "warning")
     from tortie.cni.install import install
     from tortie.datastore.etcd import EtcdClient, EtcdConfig
-    from tortie.datastore.resources import ResourceStore
+    from tortie.datastore.store import ResourceStore
     from tortie.lab.etcd_server import EtcdServer
 
     work = tempfile.mkdtemp(prefix="tortie-bench-cni-")
