@@ -110,18 +110,18 @@ class NetlinkKernel:
     def dump_routes(self, proto: int) -> list[Route]:
         self.refresh_links()
         for attempt in range(3):
-            out: list[tuple[int, int, Route]] = []
+            out: list[Route] = []
             cache: tuple[dict[bytes, Route], dict[bytes, Route]] = (self._parsed, {})
             try:
                 for fam in (AF_INET, AF_INET6):
                     for buf in self.sock.dump(nl.RTM_GETROUTE, nl.route_request(fam, proto)):
-                        nl.parse_routes(buf, self._names, proto, out, cache)
+                        nl.parse_routes(buf, self._names, proto, out, cache, bare=True)
             except nl.DumpInterrupted:
                 if attempt == 2:
                     raise
                 continue
             self._parsed = cache[1]
-            return [r for _t, _p, r in out]
+            return out
         raise AssertionError("unreachable")
 
     def write_routes(self, ops: Sequence[tuple[str, Route]], proto: int) -> list[WriteError]:
@@ -140,7 +140,7 @@ class NetlinkKernel:
                 if not oif:
                     errors.append(WriteError(op, r, errno.ENODEV, f"no device {r.dev}"))
                     continue
-            msgs.append((first + i, encode(mtypes[op], flags[op], first + i, r, proto, oif)))
+            msgs.append(encode(mtypes[op], flags[op], first + i, r, proto, oif))
         for seq, (err, msg) in self.sock.transact(msgs).items():
             op, r = ops[seq - first]
             errors.append(WriteError(op, r, err, msg))
@@ -164,10 +164,10 @@ class NetlinkKernel:
             seq = first + i
             if op == DELETE:
                 # The kernel's own description of the rule: deletes exactly it.
-                msgs.append((seq, nl.encode_raw(nl.RTM_DELRULE, 0, seq, item)))
+                msgs.append(nl.encode_raw(nl.RTM_DELRULE, 0, seq, item))
             else:
-                msgs.append((seq, nl.encode_rule(nl.RTM_NEWRULE, nl.NLM_F_CREATE | nl.NLM_F_EXCL,
-                                                 seq, item, proto)))
+                msgs.append(nl.encode_rule(nl.RTM_NEWRULE, nl.NLM_F_CREATE | nl.NLM_F_EXCL,
+                                           seq, item, proto))
         return [WriteError(items[s - first][0], items[s - first][1], e, m)
                 for s, (e, m) in self.sock.transact(msgs).items()]
 
