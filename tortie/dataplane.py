@@ -127,20 +127,35 @@ class DeltaTracker(Generic[K, V]):
             self.pending_updates[key] = desired
 
     def replace_actual(self, values: Mapping[K, V]) -> None:
-        """What a full dump of the dataplane found: every key is compared again, and every
-        hold is released (a resync retries what was refused)."""
+        """What a full dump of the dataplane found; every hold is released (a resync
+        retries what was refused).
+
+        Only the keys whose actual value changed are compared again: a key that holds the
+        very object it held before keeps its pending state (neither side changed since it
+        was last computed). A dump parser that hands out the same object for the same
+        kernel message so makes a no-op resync of 50,000 routes a pass of identity checks.
+        """
+        old = self.actual
         self.actual = actual = dict(values)
-        updates: dict[K, V] = {}
-        same = self._same
-        actual_get = actual.get
-        for key, want in self.desired.items():
-            have = actual_get(key, _MISSING)
-            if have is _MISSING or not same(want, have):
-                updates[key] = want
-        self.pending_updates = updates
-        desired = self.desired
-        self.pending_deletions = {k for k in actual if k not in desired}
         self.held = {}
+        old_get = old.get
+        changed = [k for k, v in actual.items() if old_get(k, _MISSING) is not v]
+        gone = old.keys() - actual.keys() if len(old) + len(changed) > len(actual) else ()
+        desired, updates, deletions = self.desired, self.pending_updates, self.pending_deletions
+        same = self._same
+        for key in changed:
+            want = desired.get(key, _MISSING)
+            if want is _MISSING:
+                deletions.add(key)
+            elif same(want, actual[key]):
+                updates.pop(key, None)
+            else:
+                updates[key] = want
+        for key in gone:
+            deletions.discard(key)
+            want = desired.get(key, _MISSING)
+            if want is not _MISSING:
+                updates[key] = want
 
     def mark_written(self, key: K, value: V | None = None) -> None:
         """`key` now holds its desired value (or `value`, as the dataplane reported it)."""
