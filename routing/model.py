@@ -112,7 +112,7 @@ class Route:
             dst = normalize_cidr(dst)
         if type != "unicast" and type != "blackhole":
             raise ValidationError(f"route type must be one of {ROUTE_TYPES}", field="type")
-        if not 0 < table < 2**32 or table in (253, 255):
+        if table != MAIN_TABLE and (not 0 < table < 2**32 or table in (253, 255)):
             raise ValidationError(f"table {table} is not usable", field="table")
         gws = gateways
         if gws:

@@ -327,14 +327,46 @@ _SEQ_AT, _ADDR_AT = 8, 40  # nlmsghdr.seq; RTA_DST's payload (rtmsg, then RTA_TA
 def encode_route(msg_type: int, flags: int, seq: int, r: Route, proto: int,
                  oif: int) -> bytes:
     """One RTM_NEWROUTE / RTM_DELROUTE for ``r``; ``oif`` is dev's ifindex (0 = none)."""
-    addr, _, plen = r.dst.partition("/")
-    fam = AF_INET6 if ":" in addr else AF_INET
-    shape = (msg_type, flags, proto, oif, fam, plen, r.table, r.type, r.gateways, r.scope,
-             r.onlink, r.src, r.metric)
-    parts = _SHAPES.get(shape)
-    if parts is None:
-        parts = _shape(shape, r, fam, plen)
-    return parts[0].pack(parts[1], seq, parts[2], socket.inet_pton(fam, addr), parts[3])
+    msgs, _ = encode_routes([(None, r)], seq, proto, {None: (msg_type, flags, bool(oif))},
+                            {r.dev: oif})
+    return msgs[0]
+
+
+def encode_routes(ops: Iterable[tuple[object, Route]], first_seq: int, proto: int,
+                  kinds: Mapping[object, tuple[int, int, bool]],
+                  index: Mapping[str | None, int]) -> tuple[list[bytes], list[int]]:
+    """The messages for (kind, route) pairs, with sequence numbers from ``first_seq`` on;
+    ``kinds[kind]`` is (message type, flags, whether dev's ifindex is sent), ``index``
+    maps device names to ifindexes. Returns the messages and the positions of the pairs
+    left out because their device is not in ``index``: a batch of 50,000 in one loop."""
+    shapes, pton = _SHAPES, socket.inet_pton
+    msgs: list[bytes] = []
+    append = msgs.append
+    missing: list[int] = []
+    seq = first_seq
+    last: object = encode_routes  # no kind yet
+    for kind, r in ops:
+        if kind is not last:
+            msg_type, flags, resolve = kinds[kind]
+            last = kind
+        dev = r.dev
+        oif = 0
+        if dev is not None and resolve:
+            oif = index.get(dev, 0)
+            if not oif:
+                missing.append(seq - first_seq)
+                seq += 1
+                continue
+        addr, _, plen = r.dst.partition("/")
+        fam = AF_INET6 if ":" in addr else AF_INET
+        shape = (msg_type, flags, proto, oif, fam, plen, r.table, r.type, r.gateways, r.scope,
+                 r.onlink, r.src, r.metric)
+        parts = shapes.get(shape)
+        if parts is None:
+            parts = _shape(shape, r, fam, plen)
+        append(parts[0].pack(parts[1], seq, parts[2], pton(fam, addr), parts[3]))
+        seq += 1
+    return msgs, missing
 
 
 def _shape(shape: tuple, r: Route, fam: int, plen: str) -> tuple[struct.Struct, bytes, bytes,

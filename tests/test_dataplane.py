@@ -32,6 +32,7 @@ STEPS = st.one_of(
     st.tuples(st.just("mark_written_as"), KEYS, VALUES),
     st.tuples(st.just("mark_written_many"), st.lists(st.tuples(KEYS, VALUES), max_size=4)),
     st.tuples(st.just("mark_deleted"), KEYS),
+    st.tuples(st.just("mark_all_written")),
     st.tuples(st.just("hold"), KEYS),
     st.tuples(st.just("release"), st.one_of(st.none(), st.lists(KEYS, max_size=3))),
 )

@@ -73,9 +73,19 @@ class DeltaTracker(Generic[K, V]):
         self.desired[key] = value
         self._refresh(key, value)
 
-    def update_desired(self, values: Iterable[tuple[K, V]]) -> None:
-        """set_desired for many (key, value) pairs: the bulk path (a 50,000-route install)."""
+    def update_desired(self, values: Iterable[tuple[K, V]] | Mapping[K, V]) -> None:
+        """set_desired for many (key, value) pairs (or a mapping): the bulk path (a
+        50,000-route install)."""
         desired, actual, updates = self.desired, self.actual, self.pending_updates
+        if not actual:  # nothing to compare with: all of it is pending, in two C loops
+            if not isinstance(values, dict):
+                values = dict(values)
+            desired.update(values)
+            updates.update(values)
+            if self.held:
+                for key in values:
+                    self.held.pop(key, None)
+            return
         deletions, held, same = self.pending_deletions, self.held, self._same
         for key, value in values:
             desired[key] = value
@@ -172,12 +182,18 @@ class DeltaTracker(Generic[K, V]):
             if held:
                 held.pop(key, None)
             want = desired.get(key, _MISSING)
-            if want is _MISSING:
-                deletions.add(key)
-            elif same(want, value):
+            if want is value or (want is not _MISSING and same(want, value)):
                 updates.pop(key, None)
+            elif want is _MISSING:
+                deletions.add(key)
             else:
                 updates[key] = want
+
+    def mark_all_written(self) -> None:
+        """Every pending update now holds its desired value (a batch wrote them all)."""
+        self.actual.update(self.pending_updates)
+        self.pending_updates = {}
+        self.held = {k: why for k, why in self.held.items() if k in self.pending_deletions}
 
     def mark_deleted(self, key: K) -> None:
         self.delete_actual(key)

@@ -84,3 +84,17 @@ def test_shape_cache_matches_the_generic_encoding(route):
             slow = nl._encode_generic(mtype, flags, seq, r, 77, oif, r.family, addr, plen,
                                       r.table)
             assert fast == slow
+
+
+def test_encode_routes_numbers_the_batch_and_leaves_out_missing_devices():
+    kinds = {"add": (nl.RTM_NEWROUTE, nl.NLM_F_CREATE | nl.NLM_F_EXCL, True),
+             "del": (nl.RTM_DELROUTE, 0, False)}
+    ops = [("add", SHAPES[0]), ("add", Route("10.1.0.6/32", dev="gone")), ("del", SHAPES[0]),
+           ("add", SHAPES[2])]
+    msgs, missing = nl.encode_routes(ops, 100, 77, kinds, {"vA": 3})
+    assert missing == [1]
+    assert msgs == [nl.encode_route(nl.RTM_NEWROUTE, nl.NLM_F_CREATE | nl.NLM_F_EXCL, 100,
+                                    SHAPES[0], 77, 3),
+                    nl.encode_route(nl.RTM_DELROUTE, 0, 102, SHAPES[0], 77, 0),
+                    nl.encode_route(nl.RTM_NEWROUTE, nl.NLM_F_CREATE | nl.NLM_F_EXCL, 103,
+                                    SHAPES[2], 77, 0)]
