@@ -293,6 +293,7 @@ class RouteManager:
         tracker = self._routes
         for k in waiting:
             tracker.hold(k, NO_DEVICE)
+        tracker.compact()
         # A delete of a route that is already gone did what it should.
         errors = [e for e in errors if not (e.op == DELETE and e.errno == errno.ESRCH)]
         if errors:

@@ -33,6 +33,7 @@ STEPS = st.one_of(
     st.tuples(st.just("mark_written_many"), st.lists(st.tuples(KEYS, VALUES), max_size=4)),
     st.tuples(st.just("mark_deleted"), KEYS),
     st.tuples(st.just("mark_all_written")),
+    st.tuples(st.just("compact")),
     st.tuples(st.just("hold"), KEYS),
     st.tuples(st.just("release"), st.one_of(st.none(), st.lists(KEYS, max_size=3))),
 )

@@ -198,6 +198,22 @@ class DeltaTracker(Generic[K, V]):
     def mark_deleted(self, key: K) -> None:
         self.delete_actual(key)
 
+    def compact(self) -> None:
+        """Let go of emptied tables: a dict or set that held 50,000 keys keeps its table
+        when they are removed one by one, and going through it costs as much as when it was
+        full (a one-route apply after a 50,000-route removal: 0.02 -> 0.35 ms). Managers
+        call it at the end of an apply."""
+        if not self.pending_updates:
+            self.pending_updates = {}
+        if not self.pending_deletions:
+            self.pending_deletions = set()
+        if not self.held:
+            self.held = {}
+        if not self.actual:
+            self.actual = {}
+        if not self.desired:
+            self.desired = {}
+
     # -- holding -----------------------------------------------------------------------
     def hold(self, key: K, reason: object) -> None:
         """Leave pending ``key`` out of `has_work` until it changes or is released."""
