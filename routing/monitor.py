@@ -71,7 +71,7 @@ class Monitor:
             log.warning("netlink notifications lost, resyncing")
             for m in (self.route_mgr, self.rule_mgr):
                 if m is not None:
-                    m.resync()
+                    m.request_resync()  # in their next apply (no I/O here)
             return True
         for buf in bufs:
             self._dispatch(buf)

@@ -25,8 +25,8 @@ stamps it with another protocol; that is our route changed by hand, and it is pu
 
 Work is proportional to what changed: every change updates the tracker's pending keys and
 ``apply()`` looks at those only. A full resync (a dump of our routes in every table) runs
-on the first apply, after ``resync()`` (the driver's slow timer, or the monitor lost
-events), and when a write found the view stale. A restarted agent adopts: after the
+on ``resync()``, and in the next apply after ``request_resync()`` (the monitor lost
+events), on the first apply, and when a write found the view stale. A restarted agent adopts: after the
 resync, a kernel route equal to the desired one is left alone, so no route of a live pod
 is deleted and re-added. Two tortie routes on one key (another metric: "strays") are
 found by the resync; the one not wanted is deleted.
@@ -238,17 +238,20 @@ class RouteManager:
         if self._own_kernel:
             self.kernel.close()
 
-    def resync(self) -> None:
+    def request_resync(self) -> None:
         """Forget what is believed about the kernel: the next apply() starts with a full
         dump (the slow timer; the monitor lost events). No I/O here."""
         self._need_resync = True
 
-    request_resync = resync  # the name the agent's timer and the monitor used
-
-    def read_kernel(self) -> None:
+    def resync(self) -> None:
         """The full dump now: read every tortie route of every table, so ``actual()`` is
-        the kernel's (adoption after a restart reads it before the first apply). Routes
-        equal to the desired ones are adopted as they are."""
+        the kernel's (adoption after a restart reads it before the first apply), and the
+        next apply() writes the difference. Routes equal to the desired ones are adopted
+        as they are; failed writes are tried again."""
+        with gc_paused():
+            self._read_kernel()
+
+    def _read_kernel(self) -> None:
         dumped = self.kernel.dump_routes(self.proto)
         actual = {r.key: r for r in dumped}
         strays = []
@@ -282,7 +285,7 @@ class RouteManager:
         t0 = time.perf_counter()
         resynced = self._need_resync
         if resynced:
-            self.read_kernel()
+            self._read_kernel()
         try:
             ops, keys, waiting = self._plan()
             errors = self.kernel.write_routes(ops, self.proto) if ops else []

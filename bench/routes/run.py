@@ -122,7 +122,7 @@ def run(ns: str, n: int, rounds: int) -> dict:
     add_lines = [f"route add {ip}/32 dev vA proto {TORTIE_PROTO}" for ip in ips]
     del_lines = [f"route del {ip}/32 dev vA proto {TORTIE_PROTO}" for ip in ips]
     m = RouteManager(netns=ns)
-    m.read_kernel()  # a running agent: the first dump is behind it
+    m.resync()  # a running agent: the first dump is behind it
     ip_adds, ip_dels, adds, dels, builds, cpu, ip_cpu = [], [], [], [], [], [], []
     # Rounds alternate `ip -batch` and tortie on the same routes in the same namespace, so
     # load drift on this shared machine falls on both sides of the ratio; medians.
