@@ -24,6 +24,7 @@ STEPS = st.one_of(
     st.tuples(st.just("set_desired"), KEYS, VALUES),
     st.tuples(st.just("delete_desired"), KEYS),
     st.tuples(st.just("update_desired"), st.lists(st.tuples(KEYS, VALUES), max_size=4)),
+    st.tuples(st.just("update_desired"), st.dictionaries(KEYS, VALUES, max_size=4)),
     st.tuples(st.just("replace_desired"), st.dictionaries(KEYS, VALUES, max_size=4)),
     st.tuples(st.just("set_actual"), KEYS, VALUES),
     st.tuples(st.just("delete_actual"), KEYS),

@@ -86,6 +86,8 @@ class DeltaTracker(Generic[K, V]):
                 for key in values:
                     self.held.pop(key, None)
             return
+        if isinstance(values, Mapping):
+            values = values.items()
         deletions, held, same = self.pending_deletions, self.held, self._same
         for key, value in values:
             desired[key] = value

@@ -65,6 +65,17 @@ def test_adoption_writes_nothing():
     assert k.writes == 1
 
 
+def test_one_class_set_again_over_what_the_kernel_has():
+    m, k = mgr()
+    pods = [Route(f"10.1.0.{i}/32", dev="vA") for i in range(4)]
+    m.set_routes("workloads", pods)
+    assert m.apply().added == 4
+    m.set_routes("workloads", [*pods[1:], Route("10.1.0.9/32", dev="vB")])
+    st = m.apply()
+    assert (st.added, st.replaced, st.deleted) == (1, 0, 1)
+    assert set(k.routes) == {r.key for r in pods[1:]} | {route_key("10.1.0.9")}
+
+
 def test_pending_until_the_device_appears():
     m, k = mgr("vA")
     m.set_routes("workloads", [Route("10.1.0.5/32", dev="cali9"), Route("10.1.0.6/32", dev="vA")])
