@@ -1,5 +1,6 @@
 """The kernel's routes and policy-routing rules, reconciled to desired state.
 
+    from tortie.routing.messages import RouteDelta, RulesUpdate
     from tortie.routing.model import Route, Rule
     from tortie.routing.route_mgr import RouteManager
     from tortie.routing.rule_mgr import RuleManager
@@ -15,7 +16,6 @@
     if mon.drain(): routes.apply(); rules.apply()
 
 Modules: ``model`` (values, TORTIE_PROTO), ``messages`` (RouteDelta, RulesUpdate),
-``netlink`` (struct-packed rtnetlink),
-``kernel`` (the narrow kernel interface, its netlink implementation, a fake),
-``route_mgr``, ``rule_mgr``, ``monitor``. Figures: ``bench/routes/run.py``.
+``netlink`` (struct-packed rtnetlink), ``kernel`` (the narrow kernel interface, its
+netlink implementation, a fake), ``route_mgr``, ``rule_mgr``, ``monitor``. Figures: ``bench/routes/run.py``.
 """
