@@ -22,6 +22,11 @@ log = get_logger("routes")
 # Route operations: "add" fails with EEXIST if any route (ours or not) holds the key, so
 # a foreign route is never overwritten; "replace" is used only for keys we hold.
 ADD, REPLACE, DELETE = "add", "replace", "delete"
+# Per operation: message type, flags, whether the route's device is sent (a delete names
+# dst, table, metric and protocol only).
+_KINDS = {ADD: (nl.RTM_NEWROUTE, nl.NLM_F_CREATE | nl.NLM_F_EXCL, True),
+          REPLACE: (nl.RTM_NEWROUTE, nl.NLM_F_CREATE | nl.NLM_F_REPLACE, True),
+          DELETE: (nl.RTM_DELROUTE, 0, False)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,37 +115,25 @@ class NetlinkKernel:
     def dump_routes(self, proto: int) -> list[Route]:
         self.refresh_links()
         for attempt in range(3):
-            out: list[tuple[int, int, Route]] = []
+            out: list[Route] = []
             cache: tuple[dict[bytes, Route], dict[bytes, Route]] = (self._parsed, {})
             try:
                 for fam in (AF_INET, AF_INET6):
                     for buf in self.sock.dump(nl.RTM_GETROUTE, nl.route_request(fam, proto)):
-                        nl.parse_routes(buf, self._names, proto, out, cache)
+                        nl.parse_routes(buf, self._names, proto, out, cache, bare=True)
             except nl.DumpInterrupted:
                 if attempt == 2:
                     raise
                 continue
             self._parsed = cache[1]
-            return [r for _t, _p, r in out]
+            return out
         raise AssertionError("unreachable")
 
     def write_routes(self, ops: Sequence[tuple[str, Route]], proto: int) -> list[WriteError]:
-        index = self._index
-        flags = {ADD: nl.NLM_F_CREATE | nl.NLM_F_EXCL, REPLACE: nl.NLM_F_CREATE | nl.NLM_F_REPLACE,
-                 DELETE: 0}
-        mtypes = {ADD: nl.RTM_NEWROUTE, REPLACE: nl.RTM_NEWROUTE, DELETE: nl.RTM_DELROUTE}
         first = self.sock.next_seq(len(ops))
-        msgs = []
-        errors: list[WriteError] = []
-        encode = nl.encode_route
-        for i, (op, r) in enumerate(ops):
-            oif = 0
-            if r.dev and op != DELETE:
-                oif = index.get(r.dev, 0)
-                if not oif:
-                    errors.append(WriteError(op, r, errno.ENODEV, f"no device {r.dev}"))
-                    continue
-            msgs.append((first + i, encode(mtypes[op], flags[op], first + i, r, proto, oif)))
+        msgs, missing = nl.encode_routes(ops, first, proto, _KINDS, self._index)
+        errors = [WriteError(ops[i][0], ops[i][1], errno.ENODEV, f"no device {ops[i][1].dev}")
+                  for i in missing]
         for seq, (err, msg) in self.sock.transact(msgs).items():
             op, r = ops[seq - first]
             errors.append(WriteError(op, r, err, msg))
@@ -164,9 +157,9 @@ class NetlinkKernel:
             seq = first + i
             if op == DELETE:
                 # The kernel's own description of the rule: deletes exactly it.
-                msgs.append((seq, nl.encode_raw(nl.RTM_DELRULE, 0, seq, item)))
+                msgs.append(nl.encode_raw(nl.RTM_DELRULE, 0, seq, item))
             else:
-                msgs.append((seq, nl.encode_rule(nl.RTM_NEWRULE, nl.NLM_F_CREATE | nl.NLM_F_EXCL,
-                                                 seq, item, proto)))
+                msgs.append(nl.encode_rule(nl.RTM_NEWRULE, nl.NLM_F_CREATE | nl.NLM_F_EXCL,
+                                           seq, item, proto))
         return [WriteError(items[s - first][0], items[s - first][1], e, m)
                 for s, (e, m) in self.sock.transact(msgs).items()]

@@ -1,13 +1,24 @@
 """Netlink notifications to the managers: drift repair without polling.
 
 One non-blocking socket joined to the link, IPv4/IPv6 route and IPv4/IPv6 rule groups.
-The agent's event loop watches its fd (``attach(loop, on_change)`` or ``await run(...)``);
-each readable event drains the socket, feeds every message to the managers, and calls
-``on_change()`` when one of them became dirty, so the agent schedules an apply.
+It serves the dataplane driver's thread, the one that owns every kernel write: wait for
+``fileno()`` to be readable (``selectors``, with the driver's own wake-up fd), then
+``drain()`` reads every queued notification, feeds each to the managers, and says whether
+one of them became dirty, so the thread runs their ``apply()``. Everything happens on that
+thread: the managers are not thread-safe, and need not be.
 
-A route deleted or changed by hand marks its key dirty and the next apply puts it back;
+    mon = Monitor(netns, route_mgr=routes, rule_mgr=rules)
+    sel = selectors.DefaultSelector(); sel.register(mon, selectors.EVENT_READ)
+    while running:
+        if sel.select(timeout) and mon.drain():
+            routes.apply(); rules.apply()
+
+A route deleted or changed by hand marks its key pending and the next apply puts it back;
 the echo of our own writes finds nothing to do. If the kernel drops notifications
 (ENOBUFS: the socket buffer overflowed) the managers are told to resync.
+
+``attach(loop, on_change)`` / ``await run(on_change)`` do the same from an asyncio loop
+(tests; never the agent's loop, which must not write the kernel).
 """
 
 from __future__ import annotations
@@ -46,6 +57,11 @@ class Monitor:
     def _dirty(self) -> bool:
         return any(m is not None and m.dirty for m in (self.route_mgr, self.rule_mgr))
 
+    def drain(self) -> bool:
+        """Read and dispatch every queued notification; True if a manager is dirty
+        afterwards (lost notifications: the managers resync, and it is True)."""
+        return self.process()
+
     def process(self, limit: int = 0) -> bool:
         """Read and dispatch what is queued (at most ``limit`` notifications, 0 = all);
         True if a manager is dirty afterwards."""
@@ -55,7 +71,7 @@ class Monitor:
             log.warning("netlink notifications lost, resyncing")
             for m in (self.route_mgr, self.rule_mgr):
                 if m is not None:
-                    m.request_resync()
+                    m.request_resync()  # in their next apply (no I/O here)
             return True
         for buf in bufs:
             self._dispatch(buf)

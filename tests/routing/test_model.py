@@ -59,6 +59,17 @@ def test_invalid_routes(kwargs):
         Route(**kwargs)
 
 
+def test_the_key_is_made_once_and_follows_the_route():
+    import dataclasses
+
+    r = Route("10.1.0.5", dev="cali1", table=1000)
+    assert r.key == (socket.AF_INET, 1000, "10.1.0.5/32") and r.key is r.key
+    moved = dataclasses.replace(r, table=254)
+    assert moved.key == (socket.AF_INET, 254, "10.1.0.5/32")
+    assert "key" not in repr(r) and Route("10.1.0.5/32", dev="cali1", table=1000) == r
+    assert Route("FD00::5", dev="cali1").key == (socket.AF_INET6, 254, "fd00::5/128")
+
+
 def test_routes_are_small_and_immutable():
     r = Route("10.1.0.5/32", dev="cali1")
     assert not hasattr(r, "__dict__")
@@ -103,4 +114,4 @@ def test_learned_route_equals_the_validated_and_the_parsed_route(case):
     out: list = []
     nl.parse_routes(nl.encode_route(nl.RTM_NEWROUTE, nl.NLM_F_CREATE, 1, fast, 77, 0), {}, 77, out)
     parsed = out[0][2]
-    assert parsed == fast and hash(parsed) == hash(fast)
+    assert parsed == fast and hash(parsed) == hash(fast) and parsed.key == fast.key

@@ -1,12 +1,17 @@
-"""The netlink monitor on the asyncio loop: one monitor for both managers, lost events."""
+"""The netlink monitor: from a plain thread (selectors + drain, the dataplane driver's way) and
+on the asyncio loop; one monitor for both managers; lost events."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import selectors
 import socket
+import subprocess
+import threading
 
 import pytest
-from routing_helpers import async_wait_until
+from routing_helpers import async_wait_until, wait_until
 
 from tortie.routing import netlink as nl
 from tortie.routing.model import Route, Rule
@@ -17,13 +22,63 @@ from tortie.routing.rule_mgr import RuleManager
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_one_monitor_feeds_both_managers(node):
-    routes = RouteManager(netns=node.ns)
-    rules = RuleManager(netns=node.ns)
+def applied_managers(ns: str) -> tuple[RouteManager, RuleManager]:
+    """A route and a rule manager with one route and one rule applied in ``ns``."""
+    routes = RouteManager(netns=ns)
+    rules = RuleManager(netns=ns)
     routes.set_routes("workloads", [Route("10.1.0.5/32", dev="vA")])
     rules.set_rules("egress", [Rule(110, src="10.1.0.0/16", table=1000)])
     routes.apply()
     rules.apply()
+    return routes, rules
+
+
+def dataplane_thread(mon: Monitor, managers, stop_fd: int, log: list) -> threading.Thread:
+    """The driver's shape: one thread waits on the monitor and a wake-up fd, drains, and
+    applies the dirty managers; it owns every kernel write."""
+    def loop():
+        with selectors.DefaultSelector() as sel:
+            sel.register(mon, selectors.EVENT_READ)
+            sel.register(stop_fd, selectors.EVENT_READ)
+            while True:
+                ready = [key.fileobj for key, _ in sel.select(5.0)]
+                if stop_fd in ready:
+                    return
+                if mon in ready and mon.drain():
+                    log.append(tuple(m.apply() for m in managers if m.dirty))
+    t = threading.Thread(target=loop, name="dataplane")
+    t.start()
+    return t
+
+
+def test_drain_from_a_thread_repairs_a_hand_deleted_route(node):
+    routes, rules = applied_managers(node.ns)
+    mon = Monitor(node.ns, route_mgr=routes, rule_mgr=rules)
+    assert mon.drain() is False  # the echoes of our own writes: nothing to do
+    applied: list = []
+    stop_r, stop_w = os.pipe()
+    t = dataplane_thread(mon, (routes, rules), stop_r, applied)
+    try:
+        node.ip("route", "del", "10.1.0.5/32")
+        wait_until(lambda: applied and "10.1.0.5" in node.route_dsts(), 2.0)
+        assert applied[0][0].added == 1
+        node.ip("rule", "del", "pref", "110")
+        wait_until(lambda: any(r["priority"] == 110 for r in node.rules()), 2.0)
+    finally:
+        os.write(stop_w, b"x")
+        t.join(10)
+        os.close(stop_r)
+        os.close(stop_w)
+        mon.close()
+    assert not t.is_alive()
+    assert subprocess.run(["ip", "-n", node.ns, "route", "show", "10.1.0.5"], check=True,
+                          capture_output=True, text=True).stdout.startswith("10.1.0.5 dev vA")
+    routes.close()
+    rules.close()
+
+
+def test_one_monitor_feeds_both_managers(node):
+    routes, rules = applied_managers(node.ns)
     applied = []
 
     def on_change():
@@ -78,7 +133,7 @@ def test_lost_notifications_ask_for_a_resync(node):
                                    for i in range(2000)])
         m.apply()
         assert not m.dirty
-        assert mon.process() is True  # ENOBUFS: the manager cannot trust its view
+        assert mon.drain() is True  # ENOBUFS: the manager cannot trust its view
         assert m.dirty
         st = m.apply()
         assert st.resynced and (st.added, st.replaced, st.deleted) == (0, 0, 0)

@@ -67,12 +67,12 @@ def test_real_kernel_converges_to_desired(steps):
                     add_link(step[1])
                     links.add(step[1])
                 elif kind == "apply":
-                    mon.process()
+                    mon.drain()
                     m.apply()
-            mon.process()
+            mon.drain()
             st_ = m.apply()
             assert not st_.errors
-            mon.process()  # our own echoes: nothing to do
+            mon.drain()  # our own echoes: nothing to do
             assert not m.dirty
         finally:
             mon.close()

@@ -66,6 +66,17 @@ def test_adoption_writes_nothing():
     assert k.writes == 1
 
 
+def test_one_class_set_again_over_what_the_kernel_has():
+    m, k = mgr()
+    pods = [Route(f"10.1.0.{i}/32", dev="vA") for i in range(4)]
+    m.set_routes("workloads", pods)
+    assert m.apply().added == 4
+    m.set_routes("workloads", [*pods[1:], Route("10.1.0.9/32", dev="vB")])
+    st = m.apply()
+    assert (st.added, st.replaced, st.deleted) == (1, 0, 1)
+    assert set(k.routes) == {r.key for r in pods[1:]} | {route_key("10.1.0.9")}
+
+
 def test_pending_until_the_device_appears():
     m, k = mgr("vA")
     m.set_routes("workloads", [Route("10.1.0.5/32", dev="cali9"), Route("10.1.0.6/32", dev="vA")])
@@ -193,3 +204,38 @@ def test_update_routes_is_a_delta_like_set_route_and_remove_route():
         assert k.routes[route_key("10.2.0.2")].gateways == ("10.9.0.3",)
         assert set(k.routes) == {route_key(f"10.2.0.{i}") for i in (2, 4, 5)} | (
             {pod.key} if with_workloads else set())
+
+
+def test_on_update_folds_route_deltas_and_ignores_other_messages():
+    from tortie.routing.messages import RouteDelta, RulesUpdate
+
+    m, k = mgr()
+    pod = Route("10.1.0.5/32", dev="vA")
+    learned = [Route(f"10.2.0.{i}/32", gateways=("10.9.0.2",)) for i in range(1, 4)]
+    m.on_update(RouteDelta("workloads", (pod,)))
+    m.on_update(RouteDelta("bgp", (*learned, Route("10.1.0.5/32", gateways=("10.9.0.3",)))))
+    m.on_update(RulesUpdate("egress", frozenset()))  # not the route manager's
+    m.on_update(object())
+    st = m.apply()
+    assert st.added == 4 and k.routes[pod.key] == pod  # workloads win the shared key
+    m.on_update(RouteDelta("bgp", removed=(learned[0].key, route_key("10.1.0.5"))))
+    m.on_update(RouteDelta("workloads", removed=(pod.key,)))
+    st = m.apply()
+    assert (st.added, st.replaced, st.deleted) == (0, 0, 2)
+    assert set(k.routes) == {learned[1].key, learned[2].key}
+    assert not m.dirty
+
+
+def test_refused_and_waiting_routes_do_not_keep_the_manager_busy():
+    m, k = mgr("vA")
+    bad = Route("10.1.0.6/32", dev="vA")
+    k.fail[bad.key] = errno.EINVAL
+    m.set_routes("workloads", [bad, Route("10.1.0.7/32", dev="cali7")])
+    st = m.apply()
+    assert len(st.errors) == 1 and st.pending == 1
+    assert not m.dirty and set(m.failed) == {bad.key}
+    writes = k.writes
+    m.set_route("bgp", Route("10.2.0.0/24", gateways=("10.9.0.2",)))
+    assert m.apply().added == 1 and k.writes == writes + 1  # the held ones are not retried
+    m.set_route("workloads", Route("10.1.0.6/32", dev="vB"))  # a change: tried again
+    assert set(k.fail) == {bad.key} and m.dirty

@@ -72,13 +72,13 @@ def test_rules_converge_and_nothing_outside_the_range_moves(steps):
                     ip("-6" if v6 else "-4", "rule", "add", "pref", str(prio), "fwmark", "7",
                        "lookup", "9")
                 else:
-                    mon.process()
+                    mon.drain()
                     m.apply()
             before_outside = [x for x in dump(ns) if not 100 <= x[0] < 200]
-            mon.process()
+            mon.drain()
             st_ = m.apply()
             assert not st_.errors
-            mon.process()
+            mon.drain()
             assert not m.dirty
             after = dump(ns)
             assert [x for x in after if not 100 <= x[0] < 200] == before_outside

@@ -44,3 +44,17 @@ def test_rule_events_in_range_only():
     assert not m.dirty
     m.on_rule_event(False, Rule(120, dst="10.0.0.0/8"), 120)  # someone else in our range
     assert m.dirty
+
+
+def test_on_update_takes_rules_updates_only():
+    from tortie.routing.messages import RouteDelta, RulesUpdate
+
+    k = FakeKernel()
+    m = RuleManager(k)
+    want = frozenset({Rule(100, dst="10.0.0.0/8"), Rule(110, src="10.1.0.0/16", table=100)})
+    m.on_update(RulesUpdate("egress", want))
+    m.on_update(RouteDelta("egress"))  # the route manager's
+    assert m.desired() == want
+    assert m.apply().added == 2 and {r.rule for r in k.rules} == want and not m.dirty
+    m.on_update(RulesUpdate("egress", frozenset()))
+    assert m.dirty and m.apply().deleted == 2 and not k.rules
