@@ -216,7 +216,6 @@ class Agent:
     # --- the dataplane driver --------------------------------------------------------
 
     def _make_driver(self, routes, rules, nat, filt) -> None:
-        from tortie.agent import legacy_managers as lm
         from tortie.agent.driver import DataplaneDriver
         from tortie.bgp.export_mgr import BGPExportManager
         from tortie.policy.nftables import NftMonitor
@@ -233,12 +232,12 @@ class Agent:
             self.m_apply.observe(seconds, manager=name)
 
         self.driver = DataplaneDriver(
-            [lm.Routes(routes), lm.Rules(rules), nat, filt, self.bgp_exports],
+            [routes, rules, nat, filt, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
             on_status=on_status, on_applied=on_applied,
             on_round=lambda ok: self.m_rounds.inc(result="ok" if ok else "error"))
         self.monitor = Monitor(route_mgr=routes, rule_mgr=rules)
-        self.driver.watch(self.monitor, self.monitor.process)
+        self.driver.watch(self.monitor, self.monitor.drain)
         # Someone else changed the ruleset (our own commits are recognised and ignored):
         # both nftables managers compare the kernel with what they want and repair.
         self.nft_monitor = NftMonitor()

@@ -270,7 +270,7 @@ class RouteManager:
                     actual[k] = r
                 else:
                     strays.append(r)
-        self._routes.replace_actual(actual)
+        self._routes.replace_actual(actual, same_object_unchanged=True)
         self._strays = strays
         self._need_resync = False
 

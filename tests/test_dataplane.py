@@ -91,7 +91,7 @@ def test_a_change_releases_a_hold_and_a_resync_releases_all():
 
 
 def test_managers_follow_the_protocol():
-    from tortie.routing.kernel import FakeKernel
+    from doubles.kernel_fake import FakeKernel
 
     for m in (RouteManager(FakeKernel()), RuleManager(FakeKernel())):
         assert isinstance(m, Manager) and m.name

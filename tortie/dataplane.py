@@ -138,15 +138,30 @@ class DeltaTracker(Generic[K, V]):
         if desired is not _MISSING:
             self.pending_updates[key] = desired
 
-    def replace_actual(self, values: Mapping[K, V]) -> None:
+    def replace_actual(self, values: Mapping[K, V], *, same_object_unchanged: bool = False) -> None:
         """What a full dump of the dataplane found; every hold is released (a resync
         retries what was refused).
 
-        Only the keys whose actual value changed are compared again: a key that holds the
-        very object it held before keeps its pending state (neither side changed since it
-        was last computed). A dump parser that hands out the same object for the same
-        kernel message so makes a no-op resync of 50,000 routes a pass of identity checks.
+        With `same_object_unchanged`, only the keys whose actual value changed are compared
+        again: a key that holds the very object it held before keeps its pending state.
+        Only for a dump parser that hands out the same object for the same kernel message
+        and never the same object for different ones (the route dump): it makes a no-op
+        resync of 50,000 routes a pass of identity checks. Values that are shared by
+        unrelated keys (small strings, None) must not use it.
         """
+        if not same_object_unchanged:
+            self.held = {}
+            self.actual = dict(values)
+            self.pending_updates, self.pending_deletions = {}, set()
+            same = self._same
+            actual_get = self.actual.get
+            for key, want in self.desired.items():
+                have = actual_get(key, _MISSING)
+                if have is _MISSING or not same(want, have):
+                    self.pending_updates[key] = want
+            desired = self.desired
+            self.pending_deletions = {k for k in self.actual if k not in desired}
+            return
         old = self.actual
         self.actual = actual = dict(values)
         self.held = {}
