@@ -135,6 +135,7 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
 
 
 def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    log_stream = err  # None: the process's stderr as it is at each write
     err = err or sys.stderr
     # Global flags may stand anywhere (`tortiectl get pools --etcd-endpoints ...`): take
     # them out first, then parse the command from what is left.
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
     for name, value in vars(flags).items():
         setattr(args, name, value)
     level = {0: os.environ.get("TORTIE_LOG_LEVEL", "warning"), 1: "info"}.get(args.verbose, "debug")
-    tlog.configure(level=level, stream=err)
+    tlog.configure(level=level, stream=log_stream)
     ctx = None
     try:
         ctx = Context(config_from(args), out=out, err=err)

@@ -21,6 +21,16 @@ if TESTS_DIR not in sys.path:
 RUN_ID = uuid.uuid4().hex[:6]
 
 
+@pytest.fixture(autouse=True)
+def _default_logging():
+    """Every test starts with the default logging: an in-process tortiectl (warnings only,
+    to its `err`) must not leave that behind for the next test."""
+    from tortie import log as tlog
+
+    tlog.configure()
+    yield
+
+
 @pytest.fixture(scope="session")
 def etcd_server():
     with EtcdServer() as server:

@@ -15,10 +15,24 @@ import structlog
 _configured = False
 
 
+class _Stderr:
+    """The process's stderr as it is at each write (a test runner swaps sys.stderr per
+    test; a logger holding the first one would write to a closed stream)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(level: str | None = None, fmt: str | None = None, stream=None) -> None:
     """Set up structlog for this process. Safe to call more than once."""
     global _configured
-    stream = stream or sys.stderr
+    stream = stream or _Stderr()
     level_name = (level or os.environ.get("TORTIE_LOG_LEVEL", "info")).upper()
     fmt = fmt or os.environ.get("TORTIE_LOG_FORMAT") or ("console" if stream.isatty() else "json")
     renderer = (
