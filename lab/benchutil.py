@@ -1,0 +1,166 @@
+"""Helpers the benchmarks share: percentiles, a process's CPU time, the agent's metrics.
+
+    cpu = AgentCPU(pid)          # CPU time of every thread of the agent (ns resolution)
+    before = cpu.seconds(); ...; cpu.wait_quiet(); used = cpu.seconds() - before
+    m = parse_metrics(lab.http_get(node, 9091, "/metrics")[1])
+    histogram_quantile(m, "tortie_event_loop_lag_seconds", 0.99, before=m0)
+
+Not a test fixture: the benches under bench/ run as scripts and import this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+
+Labels = tuple[tuple[str, str], ...]
+Metrics = dict[str, dict[Labels, float]]
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile by rank (nearest rank; q in 0..100)."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+# --- CPU time of a running process ---------------------------------------------------------
+
+def _task_ns(pid: int) -> int:
+    """Sum of sum_exec_runtime (ns) over the live threads of pid: /proc/<pid>/task/*/schedstat.
+
+    /proc/<pid>/stat counts in clock ticks (10 ms here), too coarse for a 1 ms budget.
+    A thread that exits takes its time with it; the agent's threads are long-lived pools."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            continue
+    return total
+
+
+def _stat_seconds(pid: int) -> float:
+    """utime + stime of pid (all threads, including exited ones), in seconds (tick resolution)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class AgentCPU:
+    """The CPU time a running process (the agent) spends, read from /proc around an operation."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def seconds(self) -> float:
+        return _task_ns(self.pid) / 1e9
+
+    def ticks_seconds(self) -> float:
+        return _stat_seconds(self.pid)
+
+    def idle_rate(self, window: float = 1.0) -> float:
+        """CPU seconds per second the process burns when nothing is asked of it."""
+        t0, c0 = time.monotonic(), self.seconds()
+        time.sleep(window)
+        return (self.seconds() - c0) / (time.monotonic() - t0)
+
+    def wait_quiet(self, quiet: float = 0.25, eps: float = 0.0005, timeout: float = 30.0) -> float:
+        """Wait until the process used less than eps CPU seconds over `quiet` seconds; the time waited."""
+        t0 = time.monotonic()
+        last = self.seconds()
+        while time.monotonic() - t0 < timeout:
+            time.sleep(quiet)
+            now = self.seconds()
+            if now - last < eps:
+                return time.monotonic() - t0
+            last = now
+        raise TimeoutError(f"process {self.pid} still busy after {timeout:.0f} s")
+
+
+# --- the agent's Prometheus text -------------------------------------------------------------
+
+_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> Metrics:
+    """Prometheus text exposition -> {sample name: {sorted label pairs: value}}."""
+    out: Metrics = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        labels = tuple(sorted(_LABEL.findall(m.group(2) or "")))
+        try:
+            out.setdefault(m.group(1), {})[labels] = float(m.group(3))
+        except ValueError:
+            continue
+    return out
+
+
+def metric_sum(metrics: Metrics, name: str, **match: str) -> float | None:
+    """Sum of the samples of `name` whose labels include `match`; None if the metric is absent."""
+    samples = metrics.get(name)
+    if samples is None:
+        return None
+    return sum(v for labels, v in samples.items() if all((k, want) in labels for k, want in match.items()))
+
+
+def histogram_buckets(metrics: Metrics, name: str, before: Metrics | None = None,
+                      **match: str) -> list[tuple[float, float]] | None:
+    """[(le, cumulative count)] of histogram `name` (minus `before`), summed over other labels."""
+    samples = metrics.get(name + "_bucket")
+    if samples is None:
+        return None
+    old = (before or {}).get(name + "_bucket", {})
+    acc: dict[float, float] = {}
+    for labels, v in samples.items():
+        d = dict(labels)
+        if any(d.get(k) != want for k, want in match.items()):
+            continue
+        le = float(d["le"])  # "+Inf" parses as inf
+        acc[le] = acc.get(le, 0.0) + v - old.get(labels, 0.0)
+    return sorted(acc.items())
+
+
+def histogram_quantile(metrics: Metrics, name: str, q: float, before: Metrics | None = None,
+                       **match: str) -> float | None:
+    """Prometheus' histogram_quantile (linear within a bucket) of the observations since `before`.
+
+    None when the metric is absent or nothing was observed; inf when q falls in +Inf."""
+    buckets = histogram_buckets(metrics, name, before, **match)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    lo_le, lo_n = 0.0, 0.0
+    for le, n in buckets:
+        if n >= rank:
+            if math.isinf(le):
+                return lo_le if lo_le else math.inf
+            if n == lo_n:
+                return le
+            return lo_le + (le - lo_le) * (rank - lo_n) / (n - lo_n)
+        lo_le, lo_n = le, n
+    return buckets[-1][0]
+
+
+def delta(after: Metrics, before: Metrics, name: str, **match: str) -> float | None:
+    a, b = metric_sum(after, name, **match), metric_sum(before, name, **match)
+    if a is None:
+        return None
+    return a - (b or 0.0)
+
+
+def has_metrics(metrics: Mapping[str, object], *names: str) -> bool:
+    return all(n in metrics or n + "_bucket" in metrics for n in names)
