@@ -153,8 +153,11 @@ class Bench:
         procs = [subprocess.Popen(self.argv[plugin], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env=self.env(command, cid, ns)) for cid, ns in pods]
         for p in procs:  # feed everyone first, then collect: they all run at once
-            p.stdin.write(conf)
-            p.stdin.close()
+            try:
+                p.stdin.write(conf)
+                p.stdin.close()
+            except BrokenPipeError:  # the floor exits without reading its stdin
+                pass
         failures = []
         for p in procs:
             out = p.stdout.read()
@@ -214,7 +217,7 @@ class Bench:
 
 
 class Profiler:
-    """py-spy sampling the agent (native threads included) while one phase runs."""
+    """py-spy sampling the agent's threads, waiting ones included (wall-clock), while one phase runs."""
 
     def __init__(self, pid: int, out_dir: str) -> None:
         self.pid, self.dir = pid, out_dir
@@ -225,7 +228,7 @@ class Profiler:
     def start(self, name: str) -> None:
         self.path = os.path.join(self.dir, name + ".txt")
         self.p = subprocess.Popen([self.exe, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw",
-                                   "--threads", "--output", self.path, "--nonblocking"],
+                                   "--threads", "--idle", "--output", self.path, "--nonblocking"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(1.0)  # py-spy attaches
 
@@ -242,8 +245,15 @@ class Profiler:
             summarize_profile(self.path)
 
 
+# The agent's threads that serve a CNI request (its loop and the CNI server's pool), and the
+# leaves where they wait for work rather than for an answer: those samples are left out.
+REQUEST_THREADS = ("MainThread", "tortie-cni")
+IDLE_LEAVES = ("EpollSelector.select (selectors.py", "_worker (concurrent/futures/thread.py:81)")
+
+
 def summarize_profile(path: str, top: int = 15) -> None:
-    """Top frames (file:line function) by self and by total samples, from py-spy's collapsed stacks."""
+    """Top frames (file:line function) by self and by total samples, from py-spy's collapsed stacks
+    (wall-clock: waits included), of the threads that serve requests while they are not idle."""
     selfs: dict[str, int] = {}
     totals: dict[str, int] = {}
     total = 0
@@ -257,6 +267,8 @@ def summarize_profile(path: str, top: int = 15) -> None:
             continue
         count = int(n)
         frames = stack.split(";")
+        if not any(t in frames[0] for t in REQUEST_THREADS) or frames[-1].startswith(IDLE_LEAVES):
+            continue
         total += count
         if frames:
             selfs[frames[-1]] = selfs.get(frames[-1], 0) + count
