@@ -13,8 +13,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
+
+from tortie.lab.nsutil import stop_group
 
 Labels = tuple[tuple[str, str], ...]
 Metrics = dict[str, dict[Labels, float]]
@@ -164,3 +169,70 @@ def delta(after: Metrics, before: Metrics, name: str, **match: str) -> float | N
 
 def has_metrics(metrics: Mapping[str, object], *names: str) -> bool:
     return all(n in metrics or n + "_bucket" in metrics for n in names)
+
+
+# --- wall-clock profiles of a running agent (py-spy) ------------------------------------------
+
+class Profiler:
+    """py-spy sampling a Python process's threads, waiting ones included (wall-clock), while one
+    phase runs; `stop()` writes NAME.txt (collapsed stacks) and NAME.top.txt (the top frames of
+    `threads`, by self and total time, without their idle samples)."""
+
+    def __init__(self, pid: int, out_dir: str, threads: tuple[str, ...] = ("MainThread",)) -> None:
+        self.pid, self.dir, self.threads = pid, out_dir, threads
+        self.p: subprocess.Popen | None = None
+        self.exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        os.makedirs(out_dir, exist_ok=True)
+
+    def start(self, name: str) -> None:
+        self.path = os.path.join(self.dir, name + ".txt")
+        self.p = subprocess.Popen([self.exe, "record", "--pid", str(self.pid), "--rate", "1000", "--format", "raw",
+                                   "--threads", "--idle", "--output", self.path, "--nonblocking"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(1.0)  # py-spy attaches
+
+    def stop(self) -> None:
+        if self.p is not None:
+            os.killpg(self.p.pid, 2)  # SIGINT: py-spy writes its output and exits
+            try:
+                self.p.wait(15)
+            except subprocess.TimeoutExpired:
+                stop_group(self.p, 5)
+            self.p = None
+            summarize_profile(self.path, self.threads)
+
+
+# Leaves where a thread waits for work rather than for an answer: those samples are left out.
+IDLE_LEAVES = ("EpollSelector.select (selectors.py", "_worker (concurrent/futures/thread.py:81)")
+
+
+def summarize_profile(path: str, threads: tuple[str, ...], top: int = 25) -> None:
+    """Top frames (file:line function) by self and by total samples, from py-spy's collapsed stacks
+    (wall-clock: waits included), of `threads` (names) while they are not idle."""
+    selfs: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    total = 0
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        frames = stack.split(";")
+        if not any(t in frames[0] for t in threads) or frames[-1].startswith(IDLE_LEAVES):
+            continue
+        total += count
+        if frames:
+            selfs[frames[-1]] = selfs.get(frames[-1], 0) + count
+        for f in set(frames):
+            totals[f] = totals.get(f, 0) + count
+    with open(path[:-4] + ".top.txt", "w") as f:
+        f.write(f"{total} samples\n\nby self time:\n")
+        for fr, n in sorted(selfs.items(), key=lambda kv: -kv[1])[:top]:
+            f.write(f"  {100 * n / total:5.1f}%  {fr}\n")
+        f.write("\nby total time:\n")
+        for fr, n in sorted(totals.items(), key=lambda kv: -kv[1])[:top * 3]:
+            f.write(f"  {100 * n / total:5.1f}%  {fr}\n")

@@ -376,12 +376,23 @@ def receive_bird(n: int) -> float:
         return done - established_at(pair.logs["tx"], done)
 
 
+PROFILE: list[str] = []  # --profile DIR: py-spy samples the agent in the first tortie (b) run
+
+
 def receive_tortie(n: int) -> float:
     with Pair() as pair:
         count = RouteCounter(pair, pair.rx, "77", n)
-        AgentNode(pair)
+        agent = AgentNode(pair)
+        profile = None
+        if PROFILE:
+            from tortie.lab.benchutil import Profiler
+
+            profile = Profiler(agent.p.pid, PROFILE.pop(), threads=("MainThread",))
+            profile.start("agent-receive")
         pair.bird(pair.tx, "tx", static_block(prefixes(n)) + bgp_block(SENDER, RECEIVER))
         done = count.done()
+        if profile:
+            profile.stop()
         return done - established_at(pair.logs["tx"], done)
 
 
@@ -419,7 +430,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", choices=("b", "c"), help="run one measurement only")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy the agent's loop in the first tortie (b) run")
     args = ap.parse_args()
+    if args.profile:
+        PROFILE.append(os.path.abspath(args.profile))
     if os.geteuid() != 0:
         print("needs root (network namespaces)")
         return 1

@@ -42,7 +42,7 @@ import tempfile
 import time
 import uuid
 
-from tortie.lab.benchutil import pct
+from tortie.lab.benchutil import Profiler, pct
 
 PTP_SUBNET = "10.97.0.0/16"  # outside the lab's pool (10.65.0.0/16) and underlay (10.99.0.0/16)
 PLUGINS = ("tortie", "ptp", "floor")
@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
         }
         confs["floor"] = confs["tortie"]
         agent_pid = st.proc(f"agent:{node.name}").pid
-        profile = Profiler(agent_pid, os.path.abspath(args.profile)) if args.profile else None
+        # the threads that serve a CNI request: the agent's loop and the CNI server's pool
+        profile = (Profiler(agent_pid, os.path.abspath(args.profile), threads=("MainThread", "tortie-cni"))
+                   if args.profile else None)
         # This thread enters the node's network namespace (not its mount namespace, so the pod
         # namespaces it makes are visible to the agent); every plugin exec'd from it starts there.
         with in_netns(node.netns):
@@ -214,73 +216,6 @@ class Bench:
                 "burst_add_runs_s": bursts_t[p]["ADD"], "burst_del_runs_s": bursts_t[p]["DEL"],
             }
         return out
-
-
-class Profiler:
-    """py-spy sampling the agent's threads, waiting ones included (wall-clock), while one phase runs."""
-
-    def __init__(self, pid: int, out_dir: str) -> None:
-        self.pid, self.dir = pid, out_dir
-        self.p: subprocess.Popen | None = None
-        self.exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-        os.makedirs(out_dir, exist_ok=True)
-
-    def start(self, name: str) -> None:
-        self.path = os.path.join(self.dir, name + ".txt")
-        self.p = subprocess.Popen([self.exe, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw",
-                                   "--threads", "--idle", "--output", self.path, "--nonblocking"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(1.0)  # py-spy attaches
-
-    def stop(self) -> None:
-        from tortie.lab.nsutil import stop_group
-
-        if self.p is not None:
-            os.killpg(self.p.pid, 2)  # SIGINT: py-spy writes its output and exits
-            try:
-                self.p.wait(15)
-            except subprocess.TimeoutExpired:
-                stop_group(self.p, 5)
-            self.p = None
-            summarize_profile(self.path)
-
-
-# The agent's threads that serve a CNI request (its loop and the CNI server's pool), and the
-# leaves where they wait for work rather than for an answer: those samples are left out.
-REQUEST_THREADS = ("MainThread", "tortie-cni")
-IDLE_LEAVES = ("EpollSelector.select (selectors.py", "_worker (concurrent/futures/thread.py:81)")
-
-
-def summarize_profile(path: str, top: int = 15) -> None:
-    """Top frames (file:line function) by self and by total samples, from py-spy's collapsed stacks
-    (wall-clock: waits included), of the threads that serve requests while they are not idle."""
-    selfs: dict[str, int] = {}
-    totals: dict[str, int] = {}
-    total = 0
-    try:
-        lines = open(path).read().splitlines()
-    except OSError:
-        return
-    for line in lines:
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
-        count = int(n)
-        frames = stack.split(";")
-        if not any(t in frames[0] for t in REQUEST_THREADS) or frames[-1].startswith(IDLE_LEAVES):
-            continue
-        total += count
-        if frames:
-            selfs[frames[-1]] = selfs.get(frames[-1], 0) + count
-        for f in set(frames):
-            totals[f] = totals.get(f, 0) + count
-    with open(path[:-4] + ".top.txt", "w") as f:
-        f.write(f"{total} samples\n\nby self time:\n")
-        for fr, n in sorted(selfs.items(), key=lambda kv: -kv[1])[:top]:
-            f.write(f"  {100 * n / total:5.1f}%  {fr}\n")
-        f.write("\nby total time:\n")
-        for fr, n in sorted(totals.items(), key=lambda kv: -kv[1])[:top * 3]:
-            f.write(f"  {100 * n / total:5.1f}%  {fr}\n")
 
 
 def check(results: dict) -> dict:
