@@ -1,108 +1,40 @@
-"""The calculation: datastore state in, desired dataplane state out. Pure.
+"""The calculation: datastore events and learned routes in, dataplane messages out. Pure.
 
-`ClusterState` is what the syncer has seen, parsed into typed views; `desired()`
-turns it (plus the routes BGP learned) into what the managers should hold for this
-node. No I/O here, so every rule of the routing contract is unit tested in isolation.
+`Calculation` is what the agent runs: it folds each datastore event (or learned-route
+delta) into its `ClusterState` and indexes, and emits only the desired state that changed,
+as messages for the dataplane driver's managers (`routing.messages`, `policy.messages`,
+`bgp.messages`). Its cost follows the event, not the cluster: a pod ADD touches that pod's
+routes, its exports and the policies that select it or name it as a peer.
+
+`desired()`, `policy_routing()`, `node_addresses()` and `network_policy()` are the same
+answers computed whole from a state: the reference that the incremental path is tested
+against (the sum of the deltas equals a full recompute, a property test), and what a
+snapshot (start, compaction) recomputes before diffing against what was already emitted.
+No I/O here.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-from tortie import errors
+from tortie.agent.calc_policy import PolicyCalculator
+from tortie.agent.state import ClusterState
+from tortie.bgp.messages import BGPConfigUpdate, ExportDelta
+from tortie.bgp.peers import compute_peers
+from tortie.datastore import keys
 from tortie.datastore import resources as res
 from tortie.log import get_logger
 from tortie.policy import netpol
-from tortie.routing.model import MAIN_TABLE, Route, Rule, learned_route
+from tortie.policy.messages import NatUpdate
+from tortie.routing.messages import RouteDelta, RouteKey, RulesUpdate
+from tortie.routing.model import MAIN_TABLE, Route, Rule, learned_route, route_key
+
+__all__ = ["Calculation", "ClusterState", "Desired", "desired", "network_policy", "node_addresses",
+           "policy_routing"]
 
 log = get_logger("calc")
-
-IPAM_AFFINITY = "ipam/affinity/"
-
-
-@dataclass
-class ClusterState:
-    """Everything the agent knows from the datastore, keyed like the datastore."""
-
-    prefix: str = "/tortie/"
-    pools: dict[str, res.IPPool] = field(default_factory=dict)
-    nodes: dict[str, res.Node] = field(default_factory=dict)
-    bgp_peers: dict[str, res.BGPPeer] = field(default_factory=dict)
-    bgp_configs: dict[str, res.BGPConfiguration] = field(default_factory=dict)
-    weps: dict[tuple[str, str], res.WorkloadEndpoint] = field(default_factory=dict)
-    # (node, block cidr) -> confirmed? A pending claim is never routed or exported.
-    affinities: dict[tuple[str, str], bool] = field(default_factory=dict)
-    policies: dict[tuple[str, str], res.NetworkPolicy] = field(default_factory=dict)
-    namespaces: dict[str, res.Namespace] = field(default_factory=dict)
-
-    _KINDS = {
-        "ippool": ("pools", res.IPPool),
-        "node": ("nodes", res.Node),
-        "bgppeer": ("bgp_peers", res.BGPPeer),
-        "bgpconfiguration": ("bgp_configs", res.BGPConfiguration),
-        "namespace": ("namespaces", res.Namespace),
-    }
-    _NAMESPACED = {
-        "workloadendpoint": ("weps", res.WorkloadEndpoint),
-        "networkpolicy": ("policies", res.NetworkPolicy),
-    }
-
-    def clear(self) -> None:
-        for name in ("pools", "nodes", "bgp_peers", "bgp_configs", "weps", "affinities", "policies",
-                     "namespaces"):
-            getattr(self, name).clear()
-
-    def apply(self, key: str, value: bytes | None) -> bool:
-        """Fold one datastore key into the state; True if it matters to the calculation."""
-        if not key.startswith(self.prefix):
-            return False
-        rel = key[len(self.prefix):]
-        try:
-            if rel.startswith("resources/"):
-                return self._apply_resource(rel.split("/")[1:], value)
-            if rel.startswith(IPAM_AFFINITY):
-                node, cidr = rel[len(IPAM_AFFINITY):].split("/", 1)
-                cidr = cidr.replace("-", "/")
-                if value is None:
-                    self.affinities.pop((node, cidr), None)
-                else:
-                    self.affinities[(node, cidr)] = json.loads(value).get("state") == "confirmed"
-                return True
-        except (ValueError, KeyError, TypeError, errors.ValidationError) as exc:
-            # A value the calculation cannot read is skipped, not fatal: one bad
-            # resource must not stop the node's dataplane.
-            log.warning("skipping unreadable datastore value", key=key, error=str(exc))
-        return False
-
-    def _apply_resource(self, parts: list[str], value: bytes | None) -> bool:
-        kind = parts[0]
-        if kind in self._NAMESPACED and len(parts) == 3:
-            attr, typ = self._NAMESPACED[kind]
-            table = getattr(self, attr)
-            k = (parts[1], parts[2])
-            if value is None:
-                table.pop(k, None)
-            else:
-                table[k] = typ.from_resource(json.loads(value))
-            return True
-        if kind in self._KINDS and len(parts) == 2:
-            attr, typ = self._KINDS[kind]
-            table = getattr(self, attr)
-            if value is None:
-                table.pop(parts[1], None)
-            else:
-                table[parts[1]] = typ.from_resource(json.loads(value))
-            return True
-        return False
-
-    def bgp_config(self, node: str) -> res.BGPConfiguration:
-        """The cluster default overridden by this node's `node.<name>` configuration."""
-        return res.effective_bgp_config(self.bgp_configs.get("default"),
-                                        self.bgp_configs.get(f"node.{node}"))
-
 
 # Policy routing priorities (inside the range the rule manager owns). Pool destinations
 # come first so pod-to-pod traffic keeps the cluster routes; then per-pool egress.
@@ -224,3 +156,328 @@ def policy_routing(state: ClusterState) -> tuple[frozenset[Rule], frozenset[Rout
 def network_policy(state: ClusterState, node: str) -> netpol.Filter:
     """This node's pods under the cluster's NetworkPolicies (see `policy.netpol`)."""
     return netpol.compute(node, state.weps.values(), state.policies.values(), state.namespaces)
+
+
+# --- the incremental calculation ----------------------------------------------------------
+
+# Route classes (see routing.route_mgr.CLASS_PRIORITY): "bgp-adopted" holds the learned
+# routes a restarted agent found in the kernel until the peers' full tables are in.
+BLOCKS, WORKLOADS, BGP, ADOPTED, EGRESS = "blocks", "workloads", "bgp", "bgp-adopted", "egress"
+RULES_EGRESS = "egress"
+
+
+class _RouteOut:
+    """What was emitted for one route class (`emitted`), what the managers were sent
+    (`sent`), and the keys touched since the last `take()`."""
+
+    __slots__ = ("cls", "emitted", "sent", "touched")
+
+    def __init__(self, cls: str) -> None:
+        self.cls = cls
+        self.emitted: dict[RouteKey, Route] = {}
+        self.sent: dict[RouteKey, Route] = {}
+        self.touched: set[RouteKey] = set()
+
+    def set(self, route: Route) -> None:
+        k = route.key
+        if self.emitted.get(k) != route:
+            self.emitted[k] = route
+            self.touched.add(k)
+
+    def remove(self, k: RouteKey) -> None:
+        if self.emitted.pop(k, None) is not None:
+            self.touched.add(k)
+
+    def replace(self, routes: Iterable[Route]) -> None:
+        want = {r.key: r for r in routes}
+        for k in [k for k in self.emitted if k not in want]:
+            self.remove(k)
+        for r in want.values():
+            self.set(r)
+
+    def take(self) -> RouteDelta | None:
+        if not self.touched:
+            return None
+        emitted, sent = self.emitted, self.sent
+        routes, removed = [], []
+        for k in self.touched:
+            want = emitted.get(k)
+            if want is None:
+                if sent.pop(k, None) is not None:
+                    removed.append(k)
+            elif sent.get(k) != want:
+                sent[k] = want
+                routes.append(want)
+        self.touched = set()
+        if not routes and not removed:
+            return None
+        return RouteDelta(self.cls, tuple(routes), tuple(removed))
+
+
+def _wep_routes(wep: res.WorkloadEndpoint) -> list[Route]:
+    return [Route(dst=str(ipaddress.ip_network(c, strict=False)), dev=wep.interface_name, scope="link")
+            for c in wep.ip_networks]
+
+
+class Calculation:
+    """This node's desired dataplane state, kept current event by event.
+
+    Feed it `on_snapshot(items)` (full keys -> values; start and compaction), then
+    `on_update(key, value)` per datastore event and `on_learned(changed, removed)` per
+    learned-route delta; `take_messages()` returns what changed since the last call.
+    """
+
+    def __init__(self, node: str, prefix: str = "/tortie/",
+                 own_addresses: frozenset[str] = frozenset()) -> None:
+        self.node = node
+        self.own_addresses = frozenset(own_addresses)
+        self.state = ClusterState(prefix=prefix)
+        self.policy = PolicyCalculator(node, self.state.weps, self.state.policies, self.state.namespaces)
+        self.learned: dict[str, tuple[str, ...]] = {}
+        self._out = {c: _RouteOut(c) for c in (BLOCKS, WORKLOADS, BGP, ADOPTED, EGRESS)}
+        self._blocks: list[tuple[str, ipaddress._BaseNetwork]] = []  # own confirmed blocks
+        self._block_set: frozenset[str] = frozenset()
+        self._exports: set[str] = set()
+        self._export_added: set[str] = set()
+        self._export_removed: set[str] = set()
+        self._rules: frozenset[Rule] | None = None
+        self._rules_msg: RulesUpdate | None = None
+        self._nat: NatUpdate | None = None
+        self._nat_msg: NatUpdate | None = None
+        self._bgp: BGPConfigUpdate | None = None
+        self._bgp_msg: BGPConfigUpdate | None = None
+
+    # -- inputs ---------------------------------------------------------------------------
+    def on_snapshot(self, items: Mapping[str, bytes]) -> None:
+        """Replace the whole datastore view; emitted state is diffed against a full recompute."""
+        self.state.clear()
+        for key, value in items.items():
+            self.state.apply(key, value)
+        self._recompute()
+
+    def on_update(self, key: str, value: bytes | None) -> bool:
+        """One datastore event; True if the calculation reads that key."""
+        st = self.state
+        rel = st.relative(key)
+        if rel is None:
+            return False
+        found = keys.parse_resource(rel)
+        if found is None:
+            aff = keys.parse_affinity(rel)
+            if aff is None or not st.apply_relative(rel, value, key):
+                return False
+            if aff[0] == self.node:
+                self._blocks_changed()
+            return True
+        kind, namespace, name = found
+        old = self._lookup(kind, namespace, name)
+        if not st.apply_relative(rel, value, key):
+            return False
+        new = self._lookup(kind, namespace, name)
+        if old is new:
+            return True
+        if kind == "workloadendpoint":
+            self._wep_changed(old, new)
+        elif kind == "networkpolicy":
+            self.policy.on_policy(f"{namespace}/{name}")
+        elif kind == "namespace":
+            self.policy.on_namespace(name)
+        elif kind == "ippool":
+            self._exports_recompute()
+            self._policy_routing()
+            self._nat_recompute()
+            self._bgp_recompute()
+        elif kind == "node":
+            self._nat_recompute()
+            self._bgp_recompute()
+        elif kind in ("bgppeer", "bgpconfiguration"):
+            self._bgp_recompute()
+        return True
+
+    def on_learned(self, changed: Mapping[str, tuple[str, ...]], removed: Iterable[str] = ()) -> None:
+        """Routes the speaker learned (prefix -> next hops) and withdrew."""
+        learned = self.learned
+        for prefix, hops in changed.items():
+            learned[prefix] = hops
+            self._learned_one(prefix)
+        for prefix in removed:
+            if learned.pop(prefix, None) is not None:
+                self._learned_one(prefix)
+
+    def replace_learned(self, rib: Mapping[str, tuple[str, ...]]) -> None:
+        """The speaker's whole table (its first, or after a restart of the speaker)."""
+        gone = [p for p in self.learned if p not in rib]
+        self.on_learned(rib, gone)
+
+    def adopt(self, routes: Iterable[Route]) -> None:
+        """Learned routes a previous agent left in the kernel: kept until `drop_adopted()`."""
+        for r in routes:
+            self._out[ADOPTED].set(r)
+
+    def drop_adopted(self) -> None:
+        self._out[ADOPTED].replace(())
+
+    def take_messages(self) -> list:
+        """What changed since the last call, in the order the managers should see it."""
+        out: list = []
+        for cls in (BLOCKS, WORKLOADS, BGP, ADOPTED, EGRESS):
+            msg = self._out[cls].take()
+            if msg is not None:
+                out.append(msg)
+        if self._rules_msg is not None:
+            out.append(self._rules_msg)
+            self._rules_msg = None
+        if self._nat_msg is not None:
+            out.append(self._nat_msg)
+            self._nat_msg = None
+        out += self.policy.take()
+        if self._bgp_msg is not None:
+            out.append(self._bgp_msg)
+            self._bgp_msg = None
+        if self._export_added or self._export_removed:
+            out.append(ExportDelta(frozenset(self._export_added), frozenset(self._export_removed)))
+            self._export_added, self._export_removed = set(), set()
+        return out
+
+    # -- reading ----------------------------------------------------------------------------
+    @property
+    def exports(self) -> frozenset[str]:
+        return frozenset(self._exports)
+
+    def routes(self, cls: str) -> dict[RouteKey, Route]:
+        return dict(self._out[cls].emitted)
+
+    # -- internals --------------------------------------------------------------------------
+    def _lookup(self, kind: str, namespace: str | None, name: str):
+        spec = (self.state.NAMESPACED if namespace is not None else self.state.KINDS).get(kind)
+        if spec is None:
+            return None
+        table = getattr(self.state, spec[0])
+        return table.get((namespace, name) if namespace is not None else name)
+
+    def _recompute(self) -> None:
+        st = self.state
+        blocks = own_blocks(st, self.node)
+        self._blocks = [(c, ipaddress.ip_network(c)) for c in blocks]
+        self._block_set = frozenset(blocks)
+        want = desired(st, self.node, self.learned, self.own_addresses)
+        self._out[BLOCKS].replace(want.block_routes)
+        self._out[WORKLOADS].replace(want.workload_routes)
+        self._out[BGP].replace(want.bgp_routes)
+        self._out[EGRESS].replace(want.egress_routes)
+        self._set_rules(want.rules)
+        self._set_exports(set(want.exports))
+        self._nat_recompute()
+        self._bgp_recompute()
+        self.policy.recompute()
+
+    def _local(self, wep: res.WorkloadEndpoint | None) -> bool:
+        return wep is not None and wep.node == self.node and bool(wep.interface_name)
+
+    def _wep_changed(self, old: res.WorkloadEndpoint | None, new: res.WorkloadEndpoint | None) -> None:
+        if self._local(old) or self._local(new):
+            out = self._out[WORKLOADS]
+            want = {r.key: r for r in _wep_routes(new)} if self._local(new) else {}
+            if self._local(old):
+                for r in _wep_routes(old):
+                    if r.key not in want:
+                        out.remove(r.key)
+            for r in want.values():
+                out.set(r)
+            if self._wep_exports_differ(old, new):
+                self._exports_recompute()
+        self.policy.on_wep(old, new)
+
+    def _wep_exports_differ(self, old, new) -> bool:
+        def nets(w):
+            return frozenset(w.ip_networks) if self._local(w) else frozenset()
+        return nets(old) != nets(new)
+
+    def _blocks_changed(self) -> None:
+        blocks = own_blocks(self.state, self.node)
+        if frozenset(blocks) == self._block_set:
+            return
+        before = self._block_set
+        self._blocks = [(c, ipaddress.ip_network(c)) for c in blocks]
+        self._block_set = frozenset(blocks)
+        self._out[BLOCKS].replace(Route(dst=c, type="blackhole") for c in blocks)
+        self._exports_recompute()
+        for prefix in before ^ self._block_set:  # our own block coming back is never routed
+            if prefix in self.learned:
+                self._learned_one(prefix)
+
+    def _exports_recompute(self) -> None:
+        """Blocks of pools that export, and local addresses outside our blocks (borrowed)."""
+        pools = self.state.pools
+        exports: set[str] = set()
+        nets = []
+        for c, net in self._blocks:
+            nets.append(net)
+            pool = _pool_of(net, pools)
+            if pool is not None and not pool.disable_bgp_export:
+                exports.add(c)
+        for wep in self.state.weps.values():
+            if not self._local(wep):
+                continue
+            for cidr in wep.ip_networks:
+                net = ipaddress.ip_network(cidr, strict=False)
+                if any(net.version == b.version and net.subnet_of(b) for b in nets):
+                    continue
+                pool = _pool_of(net, pools)
+                if pool is not None and not pool.disable_bgp_export:
+                    exports.add(str(net))
+        self._set_exports(exports)
+
+    def _set_exports(self, exports: set[str]) -> None:
+        for p in exports - self._exports:
+            if p in self._export_removed:
+                self._export_removed.discard(p)
+            else:
+                self._export_added.add(p)
+        for p in self._exports - exports:
+            if p in self._export_added:
+                self._export_added.discard(p)
+            else:
+                self._export_removed.add(p)
+        self._exports = exports
+
+    def _learned_one(self, prefix: str) -> None:
+        hops = self.learned.get(prefix)
+        out = self._out[BGP]
+        if hops is not None and prefix not in self._block_set:
+            own = self.own_addresses
+            hops = tuple(sorted(h for h in hops if h not in own))
+            if hops:
+                out.set(learned_route(prefix, hops))
+                return
+        out.remove(route_key(prefix))
+
+    def _policy_routing(self) -> None:
+        rules, routes = policy_routing(self.state)
+        self._set_rules(rules)
+        self._out[EGRESS].replace(routes)
+
+    def _set_rules(self, rules: frozenset[Rule]) -> None:
+        if rules != self._rules:
+            self._rules = rules
+            self._rules_msg = RulesUpdate(RULES_EGRESS, rules)
+
+    def _nat_recompute(self) -> None:
+        pools = self.state.pools.values()
+        msg = NatUpdate(frozenset(p.cidr for p in pools if p.nat_outgoing),
+                        frozenset(p.cidr for p in pools),
+                        frozenset(node_addresses(self.state)))
+        if msg != self._nat:
+            self._nat = self._nat_msg = msg
+
+    def _bgp_recompute(self) -> None:
+        st = self.state
+        me = st.nodes.get(self.node)
+        conf = st.bgp_config(self.node)
+        peers = tuple(compute_peers(me, list(st.nodes.values()), list(st.bgp_peers.values()), conf)) \
+            if me is not None else ()
+        msg = BGPConfigUpdate(peers, frozenset(p.cidr for p in st.pools.values()),
+                              tuple(getattr(conf, "communities", ()) or ()))
+        if msg != self._bgp:
+            self._bgp = self._bgp_msg = msg
+

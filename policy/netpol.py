@@ -150,6 +150,25 @@ def policy_key(p: res.NetworkPolicy) -> str:
     return f"{p.namespace}/{p.name}"
 
 
+def interface_usable(name: str) -> bool:
+    """Whether an interface name can be written as an nft string."""
+    return bool(_IFNAME_OK.fullmatch(name))
+
+
+def resolve(p: res.NetworkPolicy, weps: Iterable[res.WorkloadEndpoint],
+            ns_labels: Mapping[str, dict[str, str]]) -> ResolvedPolicy:
+    """One policy's rules as address and port sets, against the cluster's pods."""
+    weps = tuple(weps)
+
+    def rules(items: tuple[res.PolicyRule, ...]) -> tuple[Allow, ...]:
+        allows = (_resolve_rule(r, p, weps, ns_labels) for r in items)
+        return tuple(a for a in allows if a is not None)
+
+    return ResolvedPolicy(policy_key(p),
+                          rules(p.ingress) if INGRESS in p.policy_types else (),
+                          rules(p.egress) if EGRESS in p.policy_types else ())
+
+
 def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[res.NetworkPolicy],
             namespaces: Mapping[str, res.Namespace]) -> Filter:
     """Which of this node's pods are isolated, by which policies, and what those allow."""
@@ -157,12 +176,11 @@ def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[
     policies = sorted(policies, key=policy_key)
     ns_labels = {name: namespace_labels(namespaces, name)
                  for name in {w.namespace for w in weps} | set(namespaces)}
-    pods: list[PodFilter] = []
-    used: set[str] = set()
+    pods: dict[str, PodFilter] = {}
     for wep in weps:
         if wep.node != node or not wep.interface_name:
             continue
-        if not _IFNAME_OK.fullmatch(wep.interface_name):
+        if not interface_usable(wep.interface_name):
             # Cannot be written as an nft string; one such endpoint must not sink the table.
             log.warning("interface name not usable in nftables; pod not filtered",
                         endpoint=f"{wep.namespace}/{wep.name}", interface=wep.interface_name)
@@ -171,23 +189,14 @@ def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[
         ing = tuple(policy_key(p) for p in selecting if INGRESS in p.policy_types)
         egr = tuple(policy_key(p) for p in selecting if EGRESS in p.policy_types)
         if not ing and not egr:
+            pods.pop(wep.interface_name, None)
             continue
-        pods.append(PodFilter(wep.interface_name, wep.namespace, wep.name, ing or None, egr or None))
-        used.update(ing, egr)
-    resolved = []
-    for p in policies:
-        if policy_key(p) not in used:
-            continue
-
-        def rules(items: tuple[res.PolicyRule, ...], p: res.NetworkPolicy = p) -> tuple[Allow, ...]:
-            allows = (_resolve_rule(r, p, weps, ns_labels) for r in items)
-            return tuple(a for a in allows if a is not None)
-
-        resolved.append(ResolvedPolicy(
-            policy_key(p),
-            rules(p.ingress) if INGRESS in p.policy_types else (),
-            rules(p.egress) if EGRESS in p.policy_types else ()))
-    return Filter(tuple(pods), tuple(resolved))
+        # one filter per interface: the last endpoint (by namespace/name) naming it wins
+        pods[wep.interface_name] = PodFilter(wep.interface_name, wep.namespace, wep.name,
+                                             ing or None, egr or None)
+    used = {k for f in pods.values() for k in (f.ingress or ()) + (f.egress or ())}
+    resolved = tuple(resolve(p, weps, ns_labels) for p in policies if policy_key(p) in used)
+    return Filter(tuple(pods.values()), resolved)
 
 
 # --- evaluation (the semantics of the rendered ruleset, for tests and debugging) ---------

@@ -1,0 +1,205 @@
+"""NetworkPolicy, incrementally: which local pods each policy isolates, and what it allows.
+
+The full answer is `policy.netpol.compute()` (pure, the reference). This keeps its result
+current event by event and emits only what changed:
+
+- a local pod's filter (the policies isolating it, per direction) depends on its own
+  labels and the policies of its namespace: recomputed when the pod or a policy changes;
+- a policy's resolution (its rules as address and port sets) depends on every pod its
+  peers select and on namespace labels: recomputed when the policy changes, when a pod
+  that one of its peers matches (before or after the change) changes, and when a
+  namespace's labels change for policies with namespace selectors. Only policies some
+  local pod uses are resolved at all.
+
+Messages come out ordered so the nftables manager never sees a pod jump to a policy it
+does not have yet: policies set, then pod filters, then policies dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tortie.datastore import resources as res
+from tortie.log import get_logger
+from tortie.policy import netpol
+from tortie.policy.messages import EndpointFilterUpdate, PolicyUpdate
+
+log = get_logger("calc")
+
+WepKey = tuple[str, str]
+
+
+class _NamespaceLabels(dict):
+    """namespace name -> labels (with the implicit name label), filled on first use."""
+
+    def __init__(self, namespaces: dict[str, res.Namespace]) -> None:
+        super().__init__()
+        self._namespaces = namespaces
+
+    def __missing__(self, name: str) -> dict[str, str]:
+        labels = self[name] = netpol.namespace_labels(self._namespaces, name)
+        return labels
+
+
+def _peers(p: res.NetworkPolicy) -> Iterable[res.PolicyPeer]:
+    for rule in (*p.ingress, *p.egress):
+        yield from rule.peers
+
+
+def _has_namespace_selector(p: res.NetworkPolicy) -> bool:
+    return any(peer.namespace_selector is not None for peer in _peers(p))
+
+
+class PolicyCalculator:
+    def __init__(self, node: str, weps: dict[WepKey, res.WorkloadEndpoint],
+                 policies: dict[WepKey, res.NetworkPolicy],
+                 namespaces: dict[str, res.Namespace]) -> None:
+        # The ClusterState's own tables (read only here; the state folds the events).
+        self.node = node
+        self.weps, self.policies, self.namespaces = weps, policies, namespaces
+        self._ns_labels = _NamespaceLabels(namespaces)
+        self.pod_filters: dict[str, netpol.PodFilter] = {}  # emitted, by interface
+        self.resolved: dict[str, netpol.ResolvedPolicy] = {}  # emitted, by policy key
+        self._users: dict[str, set[str]] = {}  # policy key -> interfaces it isolates
+        # What the managers were sent, and the keys touched since.
+        self._sent_pods: dict[str, netpol.PodFilter] = {}
+        self._sent_policies: dict[str, netpol.ResolvedPolicy] = {}
+        self._touched_pods: set[str] = set()
+        self._touched_policies: set[str] = set()
+
+    # -- inputs (called after the state has folded the event) ----------------------------
+    def on_wep(self, old: res.WorkloadEndpoint | None, new: res.WorkloadEndpoint | None) -> None:
+        dirty: set[str] = set()
+        for w in (old, new):
+            if w is None:
+                continue
+            if w.node == self.node and w.interface_name:
+                dirty_filter = w.interface_name
+                self._refresh_pod(dirty_filter)
+            labels_ns = self._ns_labels[w.namespace]
+            for (pns, pname), p in self.policies.items():
+                key = f"{pns}/{pname}"
+                if key in dirty or key not in self._users:
+                    continue
+                if any(peer.matches_pod(w.labels, w.namespace, labels_ns, p.namespace) for peer in _peers(p)):
+                    dirty.add(key)
+        for key in dirty:
+            self._resolve(key)
+
+    def on_policy(self, key: str) -> None:
+        for iface in self._local_interfaces():
+            self._refresh_pod(iface)
+        if key in self._users:
+            self._resolve(key)
+
+    def on_namespace(self, name: str) -> None:
+        self._ns_labels.pop(name, None)
+        for (pns, pname), p in self.policies.items():
+            key = f"{pns}/{pname}"
+            if key in self._users and _has_namespace_selector(p):
+                self._resolve(key)
+
+    def recompute(self) -> None:
+        """Everything from the state (a snapshot): emitted state is diffed, not reset."""
+        self._ns_labels.clear()
+        full = netpol.compute(self.node, self.weps.values(), self.policies.values(), self.namespaces)
+        want_pods = {f.interface: f for f in full.pods}
+        want_policies = {p.key: p for p in full.policies}
+        for key, p in want_policies.items():
+            if self.resolved.get(key) != p:
+                self.resolved[key] = p
+                self._touched_policies.add(key)
+        for iface in set(self.pod_filters) | set(want_pods):
+            self._set_pod(iface, want_pods.get(iface))
+        for key in [k for k in self.resolved if k not in want_policies]:
+            self._drop(key)
+
+    def take(self) -> list:
+        sets: list = []
+        drops: list = []
+        for key in self._touched_policies:
+            want = self.resolved.get(key)
+            if want == self._sent_policies.get(key):
+                continue
+            if want is None:
+                del self._sent_policies[key]
+                drops.append(PolicyUpdate(key, None))
+            else:
+                self._sent_policies[key] = want
+                sets.append(PolicyUpdate(key, want))
+        for iface in self._touched_pods:
+            want = self.pod_filters.get(iface)
+            if want == self._sent_pods.get(iface):
+                continue
+            if want is None:
+                del self._sent_pods[iface]
+            else:
+                self._sent_pods[iface] = want
+            sets.append(EndpointFilterUpdate(iface, want))
+        self._touched_policies, self._touched_pods = set(), set()
+        return sets + drops
+
+    # -- internals ------------------------------------------------------------------------
+    def _local_interfaces(self) -> set[str]:
+        found = {w.interface_name for w in self.weps.values()
+                 if w.node == self.node and w.interface_name}
+        return found | set(self.pod_filters)
+
+    def _local_wep(self, iface: str) -> res.WorkloadEndpoint | None:
+        found = None
+        for w in self.weps.values():
+            if w.node == self.node and w.interface_name == iface:
+                # as netpol.compute: in (namespace, name) order, the last one wins
+                if found is None or (w.namespace, w.name) > (found.namespace, found.name):
+                    found = w
+        return found
+
+    def _refresh_pod(self, iface: str) -> None:
+        wep = self._local_wep(iface)
+        want = None
+        if wep is not None and netpol.interface_usable(iface):
+            selecting = sorted((p for p in self.policies.values() if p.selects(wep.labels, wep.namespace)),
+                               key=netpol.policy_key)
+            ing = tuple(netpol.policy_key(p) for p in selecting if netpol.INGRESS in p.policy_types)
+            egr = tuple(netpol.policy_key(p) for p in selecting if netpol.EGRESS in p.policy_types)
+            if ing or egr:
+                want = netpol.PodFilter(iface, wep.namespace, wep.name, ing or None, egr or None)
+        self._set_pod(iface, want)
+
+    def _set_pod(self, iface: str, want: netpol.PodFilter | None) -> None:
+        have = self.pod_filters.get(iface)
+        if have == want:
+            return
+        old_keys = set((have.ingress or ()) + (have.egress or ())) if have else set()
+        new_keys = set((want.ingress or ()) + (want.egress or ())) if want else set()
+        for key in new_keys - old_keys:
+            users = self._users.setdefault(key, set())
+            users.add(iface)
+            if key not in self.resolved:
+                self._resolve(key)
+        if want is None:
+            del self.pod_filters[iface]
+        else:
+            self.pod_filters[iface] = want
+        self._touched_pods.add(iface)
+        for key in old_keys - new_keys:
+            users = self._users.get(key)
+            if users is not None:
+                users.discard(iface)
+                if not users:
+                    del self._users[key]
+                    self._drop(key)
+
+    def _resolve(self, key: str) -> None:
+        ns, _, name = key.partition("/")
+        p = self.policies.get((ns, name))
+        if p is None or key not in self._users:
+            return
+        want = netpol.resolve(p, self.weps.values(), self._ns_labels)
+        if self.resolved.get(key) != want:
+            self.resolved[key] = want
+            self._touched_policies.add(key)
+
+    def _drop(self, key: str) -> None:
+        if self.resolved.pop(key, None) is not None:
+            self._touched_policies.add(key)

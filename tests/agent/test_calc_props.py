@@ -1,0 +1,297 @@
+"""The incremental calculation's one promise: after any sequence of events, the sum of the
+messages it emitted equals what a fresh calculation computes whole from the final state.
+
+Events: pods added, relabelled, moved and deleted (local and remote), policies added,
+changed and deleted, namespace labels, pools (NAT, export, egress), block affinities,
+nodes, BGP peers and configuration, and learned-route flaps (including our own blocks and
+next hops that are our own addresses coming back).
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tortie.agent.calc import Calculation
+from tortie.bgp.messages import BGPConfigUpdate, ExportDelta
+from tortie.datastore import keys
+from tortie.datastore import resources as res
+from tortie.policy.messages import EndpointFilterUpdate, NatUpdate, PolicyUpdate
+from tortie.routing.messages import RouteDelta, RulesUpdate
+
+P = "/tortie/"
+ME, OTHER = "n1", "n2"
+OWN_ADDR = "10.99.0.1"
+
+
+class Accumulated:
+    """The dataplane as the managers would hold it after every message."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, dict] = {}
+        self.rules: dict[str, frozenset] = {}
+        self.nat: NatUpdate | None = None
+        self.policies: dict = {}
+        self.pods: dict = {}
+        self.bgp: BGPConfigUpdate | None = None
+        self.exports: set[str] = set()
+
+    def feed(self, msgs: list) -> None:
+        for m in msgs:
+            if isinstance(m, RouteDelta):
+                cls = self.routes.setdefault(m.route_class, {})
+                for r in m.routes:
+                    cls[r.key] = r
+                for k in m.removed:
+                    assert k in cls, f"removal of a route never set: {k}"
+                    del cls[k]
+            elif isinstance(m, RulesUpdate):
+                self.rules[m.rule_class] = m.rules
+            elif isinstance(m, NatUpdate):
+                self.nat = m
+            elif isinstance(m, PolicyUpdate):
+                if m.policy is None:
+                    assert not any(m.key in (f.ingress or ()) + (f.egress or ()) for f in self.pods.values()), \
+                        "a policy dropped while a pod still uses it"
+                    self.policies.pop(m.key)
+                else:
+                    self.policies[m.key] = m.policy
+            elif isinstance(m, EndpointFilterUpdate):
+                if m.filter is None:
+                    self.pods.pop(m.interface)
+                else:
+                    for k in (m.filter.ingress or ()) + (m.filter.egress or ()):
+                        assert k in self.policies, "a pod refers to a policy not sent yet"
+                    self.pods[m.interface] = m.filter
+            elif isinstance(m, BGPConfigUpdate):
+                self.bgp = m
+            elif isinstance(m, ExportDelta):
+                assert not (m.added & self.exports), "export added twice"
+                assert m.removed <= self.exports, "export removed that was never added"
+                self.exports |= m.added
+                self.exports -= m.removed
+            else:
+                raise AssertionError(f"unknown message {m!r}")
+
+    def view(self):
+        return ({c: r for c, r in self.routes.items() if r}, {c: r for c, r in self.rules.items() if r},
+                self.nat, self.policies, self.pods, self.bgp, self.exports)
+
+
+# --- resources ------------------------------------------------------------------------------
+
+def _doc(kind, name, spec, namespace=None, labels=None):
+    meta = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    if labels:
+        meta["labels"] = labels
+    api = {"NetworkPolicy": "networking.k8s.io/v1", "Namespace": "v1"}.get(kind, "tortie.io/v1")
+    doc = {"apiVersion": api, "kind": kind, "metadata": meta}
+    if spec is not None:
+        doc["spec"] = spec
+    return json.dumps(res.validate(doc)).encode()
+
+
+NAMES = st.sampled_from(["a", "b", "c", "d", "e"])
+NSS = st.sampled_from(["default", "shop"])
+APPS = st.sampled_from(["web", "db"])
+# Each pod draws from addresses of its own (IPAM never gives one address to two pods):
+# inside our blocks, in another block of the pool (borrowed), in the other pool, in none.
+SUBNETS = ("10.65.0.{}", "10.65.0.{}", "10.65.0.{}", "10.65.1.{}", "10.66.0.{}", "10.70.0.{}")
+
+
+def pod_ips(ns: str, name: str):
+    n = 1 + "abcde".index(name) * 2 + (ns == "shop") + (64 if ns == "shop" else 0)
+    return st.sampled_from([s.format(n) + "/32" for s in SUBNETS])
+
+
+@st.composite
+def wep_event(draw):
+    ns, name = draw(NSS), draw(NAMES)
+    key = P + keys.resource_key("workloadendpoint", name, ns)
+    if draw(st.booleans()) and draw(st.booleans()):
+        return key, None
+    spec = {"node": draw(st.sampled_from([ME, ME, OTHER])), "orchestrator": "k8s", "endpoint": "eth0",
+            "pod": name, "containerID": "c" + name, "interfaceName": f"tor{ns[0]}{name}",
+            "ipNetworks": sorted(set(draw(st.lists(pod_ips(ns, name), min_size=1, max_size=2))))}
+    return key, _doc("WorkloadEndpoint", name, spec, ns, {"app": draw(APPS)})
+
+
+def _peer(draw):
+    choice = draw(st.integers(0, 3))
+    if choice == 0:
+        return {"podSelector": {"matchLabels": {"app": draw(APPS)}}}
+    if choice == 1:
+        return {"namespaceSelector": {"matchLabels": {"team": draw(st.sampled_from(["x", "y"]))}}}
+    if choice == 2:
+        return {"ipBlock": {"cidr": "10.65.0.0/24", "except": ["10.65.0.64/26"]}}
+    return {"podSelector": {}, "namespaceSelector": {}}
+
+
+@st.composite
+def policy_event(draw):
+    ns, name = draw(NSS), draw(st.sampled_from(["p1", "p2", "p3"]))
+    key = P + keys.resource_key("networkpolicy", name, ns)
+    if draw(st.integers(0, 3)) == 0:
+        return key, None
+    types = draw(st.sampled_from([["Ingress"], ["Egress"], ["Ingress", "Egress"]]))
+    sel = draw(st.sampled_from([{}, {"matchLabels": {"app": "web"}}, {"matchLabels": {"app": "db"}}]))
+    spec = {"podSelector": sel, "policyTypes": types}
+    rules = [{"from" if d == "Ingress" else "to": [_peer(draw) for _ in range(draw(st.integers(0, 2)))],
+              "ports": [{"protocol": "TCP", "port": draw(st.sampled_from([80, 81]))}]}
+             for d in types]
+    for d, r in zip(types, rules, strict=True):
+        spec["ingress" if d == "Ingress" else "egress"] = [r]
+    return key, _doc("NetworkPolicy", name, spec, ns)
+
+
+@st.composite
+def namespace_event(draw):
+    name = draw(NSS)
+    key = P + keys.resource_key("namespace", name)
+    if draw(st.integers(0, 3)) == 0:
+        return key, None
+    return key, _doc("Namespace", name, None, labels={"team": draw(st.sampled_from(["x", "y"]))})
+
+
+@st.composite
+def pool_event(draw):
+    name, cidr = draw(st.sampled_from([("p4", "10.65.0.0/16"), ("q4", "10.66.0.0/16")]))
+    key = P + keys.resource_key("ippool", name)
+    if draw(st.integers(0, 3)) == 0:
+        return key, None
+    spec = {"cidr": cidr, "natOutgoing": draw(st.booleans()), "disableBGPExport": draw(st.booleans())}
+    if draw(st.booleans()):
+        spec["egress"] = {"table": draw(st.sampled_from([101, 102])),
+                          "nextHop": draw(st.sampled_from(["10.99.1.1", "10.99.2.1"]))}
+    return key, _doc("IPPool", name, spec)
+
+
+@st.composite
+def affinity_event(draw):
+    node = draw(st.sampled_from([ME, ME, OTHER]))
+    block = draw(st.sampled_from(["10.65.0.0/26", "10.65.0.64/26", "10.66.0.0/26"]))
+    key = P + keys.affinity_key(node, block)
+    if draw(st.integers(0, 3)) == 0:
+        return key, None
+    return key, json.dumps({"state": draw(st.sampled_from(["confirmed", "confirmed", "pending"]))}).encode()
+
+
+@st.composite
+def node_event(draw):
+    name = draw(st.sampled_from([ME, OTHER]))
+    key = P + keys.resource_key("node", name)
+    if draw(st.integers(0, 4)) == 0:
+        return key, None
+    addr = OWN_ADDR if name == ME else "10.99.0.2"
+    spec = {"bgp": {"ipv4Address": addr + "/24"}}
+    if draw(st.booleans()):
+        spec["addresses"] = [{"address": "10.98.0." + ("1" if name == ME else "2"), "type": "CalicoNodeIP"}]
+    return key, _doc("Node", name, spec)
+
+
+@st.composite
+def bgp_event(draw):
+    if draw(st.booleans()):
+        key = P + keys.resource_key("bgppeer", "tor")
+        if draw(st.booleans()):
+            return key, None
+        return key, _doc("BGPPeer", "tor", {"peerIP": "10.99.0.254", "asNumber": 65000})
+    key = P + keys.resource_key("bgpconfiguration", "default")
+    if draw(st.booleans()):
+        return key, None
+    return key, _doc("BGPConfiguration", "default", {"nodeToNodeMeshEnabled": draw(st.booleans()),
+                                                     "communities": draw(st.sampled_from([[], ["65000:1"]]))})
+
+
+@st.composite
+def learned_event(draw):
+    prefix = draw(st.sampled_from(["10.65.0.0/26", "10.65.0.64/26", "10.65.9.0/26", "10.70.0.1/32"]))
+    if draw(st.booleans()):
+        return ("learned", {}, [prefix])
+    hops = tuple(sorted(set(draw(st.lists(st.sampled_from(["10.99.0.2", "10.99.0.3", OWN_ADDR]),
+                                           min_size=1, max_size=2)))))
+    return ("learned", {prefix: hops}, [])
+
+
+EVENT = st.one_of(wep_event(), wep_event(), wep_event(), policy_event(), policy_event(),
+                  namespace_event(), namespace_event(), pool_event(), affinity_event(), node_event(),
+                  bgp_event(), learned_event())
+
+
+def _fresh(items: dict, learned: dict) -> Accumulated:
+    calc = Calculation(ME, prefix=P, own_addresses=frozenset({OWN_ADDR}))
+    calc.on_snapshot(items)
+    calc.replace_learned(learned)
+    acc = Accumulated()
+    acc.feed(calc.take_messages())
+    return acc
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(initial=st.lists(EVENT, max_size=8), events=st.lists(EVENT, min_size=1, max_size=25),
+       batch=st.integers(1, 4))
+def test_accumulated_deltas_equal_a_full_recompute(initial, events, batch):
+    items: dict[str, bytes] = {}
+    learned: dict[str, tuple[str, ...]] = {}
+
+    def fold(ev, calc=None):
+        if ev[0] == "learned":
+            _, changed, removed = ev
+            learned.update(changed)
+            for p in removed:
+                learned.pop(p, None)
+            if calc is not None:
+                calc.on_learned(changed, removed)
+            return
+        key, value = ev
+        if value is None:
+            items.pop(key, None)
+        else:
+            items[key] = value
+        if calc is not None:
+            calc.on_update(key, value)
+
+    for ev in initial:
+        fold(ev)
+    calc = Calculation(ME, prefix=P, own_addresses=frozenset({OWN_ADDR}))
+    calc.on_snapshot(dict(items))
+    calc.replace_learned(dict(learned))
+    acc = Accumulated()
+    acc.feed(calc.take_messages())
+    for i, ev in enumerate(events):
+        fold(ev, calc)
+        if i % batch == 0:  # messages taken after one event or after a few
+            acc.feed(calc.take_messages())
+    acc.feed(calc.take_messages())
+    assert acc.view() == _fresh(items, learned).view()
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=st.lists(EVENT, max_size=10), second=st.lists(EVENT, max_size=10))
+def test_a_second_snapshot_emits_only_the_difference(first, second):
+    """A compaction resync replaces the whole view: what is emitted after it still sums up
+    to the new state."""
+    items: dict[str, bytes] = {}
+    for ev in first:
+        if ev[0] != "learned":
+            items[ev[0]] = ev[1] if ev[1] is not None else items.pop(ev[0], None) or b""
+    items = {k: v for k, v in items.items() if v}
+    calc = Calculation(ME, prefix=P, own_addresses=frozenset({OWN_ADDR}))
+    calc.on_snapshot(items)
+    acc = Accumulated()
+    acc.feed(calc.take_messages())
+    later = dict(items)
+    for ev in second:
+        if ev[0] == "learned":
+            continue
+        if ev[1] is None:
+            later.pop(ev[0], None)
+        else:
+            later[ev[0]] = ev[1]
+    calc.on_snapshot(later)
+    acc.feed(calc.take_messages())
+    assert acc.view() == _fresh(later, {}).view()
