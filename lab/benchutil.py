@@ -31,6 +31,44 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
+# --- exec'ing a CNI plugin as a container runtime does -----------------------------------------
+
+def cni_env(command: str, cid: str, netns: str, cni_path: str) -> dict[str, str]:
+    """The CNI_* environment of one call for pod network namespace `netns` (a name)."""
+    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
+            "CNI_NETNS": f"/run/netns/{netns}", "CNI_IFNAME": "eth0", "CNI_PATH": cni_path,
+            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod-{cid[:12]};"
+                        f"K8S_POD_INFRA_CONTAINER_ID={cid}"}
+
+
+def exec_concurrently(argv: list[str], envs: list[dict[str, str]], stdin: bytes) -> float:
+    """Start one process per env, all at once, each given `stdin`; the wall time until all exited.
+
+    Raises if any failed (after all exited)."""
+    t = time.perf_counter()
+    procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for env in envs]
+    for p in procs:  # feed everyone first, then collect: they all run at once
+        try:
+            p.stdin.write(stdin)
+            p.stdin.close()
+        except BrokenPipeError:  # a process that exits without reading its stdin
+            pass
+    failures = []
+    for p in procs:
+        out = p.stdout.read()
+        p.stderr.read()
+        if p.wait() != 0:
+            failures.append(out.decode())
+        p.stdout.close()
+        p.stderr.close()
+    dt = time.perf_counter() - t
+    if failures:
+        raise RuntimeError(f"{argv[0]} {envs[0].get('CNI_COMMAND', '')}: {len(failures)} of {len(envs)} failed, "
+                           f"e.g. {failures[0]}")
+    return dt
+
+
 # --- CPU time of a running process ---------------------------------------------------------
 
 def _task_ns(pid: int) -> int:

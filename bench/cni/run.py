@@ -42,7 +42,7 @@ import tempfile
 import time
 import uuid
 
-from tortie.lab.benchutil import Profiler, pct
+from tortie.lab.benchutil import Profiler, cni_env, exec_concurrently, pct
 
 PTP_SUBNET = "10.97.0.0/16"  # outside the lab's pool (10.65.0.0/16) and underlay (10.99.0.0/16)
 PLUGINS = ("tortie", "ptp", "floor")
@@ -137,10 +137,7 @@ class Bench:
         self.netns.clear()
 
     def env(self, command: str, cid: str, ns: str) -> dict:
-        return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
-                "CNI_NETNS": f"/run/netns/{ns}", "CNI_IFNAME": "eth0", "CNI_PATH": f"{self.bin_dir}:/usr/lib/cni",
-                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod-{cid[:12]};"
-                            f"K8S_POD_INFRA_CONTAINER_ID={cid}"}
+        return cni_env(command, cid, ns, f"{self.bin_dir}:/usr/lib/cni")
 
     def exec_timed(self, plugin: str, command: str, cid: str, ns: str, conf: bytes) -> float:
         t = time.perf_counter()
@@ -151,27 +148,7 @@ class Bench:
         return dt
 
     def burst(self, plugin: str, command: str, pods: list[tuple[str, str]], conf: bytes) -> float:
-        t = time.perf_counter()
-        procs = [subprocess.Popen(self.argv[plugin], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=self.env(command, cid, ns)) for cid, ns in pods]
-        for p in procs:  # feed everyone first, then collect: they all run at once
-            try:
-                p.stdin.write(conf)
-                p.stdin.close()
-            except BrokenPipeError:  # the floor exits without reading its stdin
-                pass
-        failures = []
-        for p in procs:
-            out = p.stdout.read()
-            p.stderr.read()
-            if p.wait() != 0:
-                failures.append(out.decode())
-            p.stdout.close()
-            p.stderr.close()
-        dt = time.perf_counter() - t
-        if failures:
-            raise RuntimeError(f"{plugin} burst {command}: {len(failures)} failed, e.g. {failures[0]}")
-        return dt
+        return exec_concurrently(self.argv[plugin], [self.env(command, cid, ns) for cid, ns in pods], conf)
 
     def measure(self, confs: dict[str, bytes], pods: int, burst: int, bursts: int,
                 profile: Profiler | None) -> dict:
