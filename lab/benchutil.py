@@ -1,7 +1,7 @@
 """Helpers the benchmarks share: percentiles, a process's CPU time, the agent's metrics.
 
     cpu = AgentCPU(pid)          # CPU time of every thread of the agent (ns resolution)
-    before = cpu.seconds(); ...; cpu.wait_quiet(); used = cpu.seconds() - before
+    before = cpu.seconds(); ...; _, after = cpu.settle(); used = after - before
     m = parse_metrics(lab.http_get(node, 9091, "/metrics")[1])
     histogram_quantile(m, "tortie_event_loop_lag_seconds", 0.99, before=m0)
 
@@ -115,17 +115,23 @@ class AgentCPU:
         time.sleep(window)
         return (self.seconds() - c0) / (time.monotonic() - t0)
 
-    def wait_quiet(self, quiet: float = 0.25, eps: float = 0.0005, timeout: float = 30.0) -> float:
-        """Wait until the process used less than eps CPU seconds over `quiet` seconds; the time waited."""
+    def settle(self, quiet: float = 0.25, eps: float = 0.0005, timeout: float = 30.0) -> tuple[float, float]:
+        """Wait until the process used less than eps CPU seconds over `quiet` seconds.
+
+        Returns (monotonic time, CPU seconds) at the start of that quiet window: where the
+        work being measured ended, without the quiet window itself."""
         t0 = time.monotonic()
-        last = self.seconds()
+        last_t, last = t0, self.seconds()
         while time.monotonic() - t0 < timeout:
             time.sleep(quiet)
-            now = self.seconds()
+            now_t, now = time.monotonic(), self.seconds()
             if now - last < eps:
-                return time.monotonic() - t0
-            last = now
+                return last_t, last
+            last_t, last = now_t, now
         raise TimeoutError(f"process {self.pid} still busy after {timeout:.0f} s")
+
+    def wait_quiet(self, quiet: float = 0.25, eps: float = 0.0005, timeout: float = 30.0) -> None:
+        self.settle(quiet, eps, timeout)
 
 
 # --- the agent's Prometheus text -------------------------------------------------------------
