@@ -1,7 +1,7 @@
 """Helpers the benchmarks share: percentiles, a process's CPU time, the agent's metrics.
 
     cpu = AgentCPU(pid)          # CPU time of every thread of the agent (ns resolution)
-    before = cpu.seconds(); ...; _, after = cpu.settle(); used = after - before
+    before = cpu.seconds(); ...; _, after, _ = cpu.settle(); used = after - before
     m = parse_metrics(lab.http_get(node, 9091, "/metrics")[1])
     histogram_quantile(m, "tortie_event_loop_lag_seconds", 0.99, before=m0)
 
@@ -71,6 +71,11 @@ def exec_concurrently(argv: list[str], envs: list[dict[str, str]], stdin: bytes)
 
 # --- CPU time of a running process ---------------------------------------------------------
 
+def _thread_ns(pid: int, tid: int) -> int:
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
 def _task_ns(pid: int) -> int:
     """Sum of sum_exec_runtime (ns) over the live threads of pid: /proc/<pid>/task/*/schedstat.
 
@@ -106,28 +111,35 @@ class AgentCPU:
     def seconds(self) -> float:
         return _task_ns(self.pid) / 1e9
 
+    def main_thread_seconds(self) -> float:
+        """The main thread's alone: for the agent, its asyncio loop (not the CNI server's pool,
+        where IPAM, etcd writes and the netns wiring run, nor grpc's threads)."""
+        return _thread_ns(self.pid, self.pid) / 1e9
+
     def ticks_seconds(self) -> float:
         return _stat_seconds(self.pid)
 
-    def idle_rate(self, window: float = 1.0) -> float:
-        """CPU seconds per second the process burns when nothing is asked of it."""
-        t0, c0 = time.monotonic(), self.seconds()
+    def idle_rate(self, window: float = 1.0) -> tuple[float, float]:
+        """CPU seconds per second the process (and its main thread) burn when nothing is asked."""
+        t0, c0, m0 = time.monotonic(), self.seconds(), self.main_thread_seconds()
         time.sleep(window)
-        return (self.seconds() - c0) / (time.monotonic() - t0)
+        dt = time.monotonic() - t0
+        return (self.seconds() - c0) / dt, (self.main_thread_seconds() - m0) / dt
 
-    def settle(self, quiet: float = 0.25, eps: float = 0.0005, timeout: float = 30.0) -> tuple[float, float]:
+    def settle(self, quiet: float = 0.25, eps: float = 0.0005,
+               timeout: float = 30.0) -> tuple[float, float, float]:
         """Wait until the process used less than eps CPU seconds over `quiet` seconds.
 
-        Returns (monotonic time, CPU seconds) at the start of that quiet window: where the
-        work being measured ended, without the quiet window itself."""
+        Returns (monotonic time, CPU seconds, main-thread CPU seconds) at the start of that
+        quiet window: where the work being measured ended, without the quiet window itself."""
         t0 = time.monotonic()
-        last_t, last = t0, self.seconds()
+        last = (t0, self.seconds(), self.main_thread_seconds())
         while time.monotonic() - t0 < timeout:
             time.sleep(quiet)
-            now_t, now = time.monotonic(), self.seconds()
-            if now - last < eps:
-                return last_t, last
-            last_t, last = now_t, now
+            now = (time.monotonic(), self.seconds(), self.main_thread_seconds())
+            if now[1] - last[1] < eps:
+                return last
+            last = now
         raise TimeoutError(f"process {self.pid} still busy after {timeout:.0f} s")
 
     def wait_quiet(self, quiet: float = 0.25, eps: float = 0.0005, timeout: float = 30.0) -> None:
