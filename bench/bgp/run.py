@@ -341,7 +341,7 @@ class AgentNode:
         env = {**os.environ, "TORTIE_NODENAME": "bench", "TORTIE_ETCD_ENDPOINTS": etcd.endpoint,
                "TORTIE_ETCD_PREFIX": ETCD_PREFIX, "TORTIE_NODE_IP": f"{RECEIVER}/24",
                "TORTIE_AS_NUMBER": str(AS), "TORTIE_CNI_SOCKET": os.path.join(self.dir, "cni.sock"),
-               "TORTIE_STATE_DIR": self.dir, "TORTIE_LOG_FORMAT": "json", "TORTIE_LOG_LEVEL": "warning"}
+               "TORTIE_STATE_DIR": self.dir, "TORTIE_LOG_FORMAT": "json"}
         self.log = os.path.join(self.dir, "agent.log")
         with open(self.log, "wb") as log:
             self.p = pair.popen(pair.rx, [sys.executable, "-m", "tortie.agent.main"], env=env,

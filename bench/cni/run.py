@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from tortie.lab.nsutil import in_netns
 
     name = "bcni" + uuid.uuid4().hex[:6]
-    lab = Lab.up(name=name, nodes=1, tor="none", agent="agent", agent_env={"TORTIE_LOG_LEVEL": "warning"})
+    lab = Lab.up(name=name, nodes=1, tor="none", agent="agent")  # the agent as the lab runs it
     work = tempfile.mkdtemp(prefix="tortie-bench-cni-")
     st = lab.state()
     node = lab.plan().nodes[0]
