@@ -3,14 +3,18 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server etcd-client bird2 frr nftables iproute2 iputils-ping \
+APT_PACKAGES := etcd-server etcd-client bird2 frr nftables python3-nftables iproute2 iputils-ping \
 	containernetworking-plugins tcpdump procps psmisc
+# Debian's libnftables binding (python3-nftables) lives outside any virtualenv; the venv
+# gets a symlink of just that package (not the whole dist-packages directory).
+DEBIAN_PY := /usr/lib/python3/dist-packages
 
 .PHONY: install deps venv test test-fast bench lint demo clean
 
 install: deps venv
 
-# Debian packages: etcd, the top-of-rack routers (BIRD2, FRR), nftables, the reference CNI plugins.
+# Debian packages: etcd, the top-of-rack routers (BIRD2, FRR), nftables and its Python
+# binding, the reference CNI plugins.
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -20,10 +24,12 @@ deps:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	ln -sfn $(DEBIAN_PY)/nftables "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nftables"
+	$(PY) -c 'from nftables import Nftables'
 	touch $@
 
 test: install

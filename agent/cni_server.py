@@ -7,8 +7,11 @@ served in parallel. Requests for the same container id are serialized; different
 containers only meet inside IPAM (which orders its own block writes).
 
 ADD (type tortie):  IPAM (handle `<network>.<containerID>`) -> veth + pod wiring and the
-                    WorkloadEndpoint write in parallel -> host route known to the route
-                    manager -> result. Any failure after IPAM undoes all three.
+                    WorkloadEndpoint write in parallel -> the pod's host route handed to
+                    its one owner, the route manager (through the agent's dataplane
+                    driver), and applied -> result. Any failure after IPAM undoes it all.
+                    The calculation derives the same route from the WorkloadEndpoint
+                    when it arrives: same class, same value, nothing more to write.
 DEL:                veth, allocation and endpoint removed; each may already be gone.
 CHECK:              veth, pod address, pod routes and host route must all be in place.
 STATUS / GC:        etcd reachable and a usable pool / release what the runtime no
@@ -28,7 +31,8 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,15 +40,14 @@ from tortie import errors
 from tortie.cni import protocol as p
 from tortie.cni import wiring
 from tortie.log import get_logger
-
-try:
-    from tortie.routing.model import TORTIE_PROTO, Route
-except ImportError:  # pragma: no cover - routing is part of the same package
-    TORTIE_PROTO, Route = 77, None
+from tortie.routing.model import TORTIE_PROTO, Route, route_key
 
 MAX_REQUEST = 4 << 20
 READ_TIMEOUT = 30.0  # a client that never finishes its request is dropped
-ROUTE_CLASS = "cni"  # see CNIServer.__init__
+ROUTE_CLASS = "workloads"  # the route manager's class for local pods (the calculation's too)
+
+# (routes to set, keys to remove) -> awaitable that resolves once they are in the kernel
+RoutePublisher = Callable[[tuple[Route, ...], tuple[tuple[int, int, str], ...]], Awaitable[None]]
 
 
 def wep_name(node: str, orchestrator: str, workload: str, endpoint: str) -> str:
@@ -61,23 +64,20 @@ class CNIServer:
     """Serve CNI requests for one node on a unix socket."""
 
     def __init__(self, socket_path: str, *, node_name: str, ipam: Any, store: Any,
-                 route_manager: Any = None, network_name_default: str = "k8s-pod-network",
-                 log: Any = None, on_change: Callable[[], None] | None = None,
-                 route_class: str = ROUTE_CLASS, route_proto: int = TORTIE_PROTO,
+                 publish_routes: RoutePublisher | None = None,
+                 network_name_default: str = "k8s-pod-network", log: Any = None,
+                 route_proto: int = TORTIE_PROTO,
                  set_forwarding: bool = True, workers: int = 32,
                  pod_pools: Callable[[str, str], tuple[list[str], list[str]]] | None = None) -> None:
         self.socket_path = socket_path
         self.node = node_name
         self.ipam = ipam
         self.store = store
-        self.routes = route_manager
-        # Host routes go into a class of their own: the agent's "workloads" class is
-        # recomputed from the endpoints it has seen, which can lag a fresh ADD; a class
-        # only the CNI server writes never loses a live pod's route in that window.
-        self.route_class = route_class
+        # The pod's /32 has one owner, the route manager: the server hands it over and
+        # waits until it is in the kernel (standalone: a route manager of its own).
+        self.publish_routes = publish_routes or LocalRoutes(route_proto).publish
         self.route_proto = route_proto
         self.network_default = network_name_default
-        self.on_change = on_change
         self.set_forwarding = set_forwarding
         self.log = log or get_logger("cni")
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tortie-cni")
@@ -306,18 +306,12 @@ class CNIServer:
         )
         return res.chained_after(req.prev_result)
 
-    def _publish_routes(self, host_if: str, ips: list[str], add: bool) -> None:
-        if self.routes is None or Route is None:
-            return
-        for ip in ips:
-            if add:
-                self.routes.set_route(self.route_class, Route(dst=_host_cidr(ip), dev=host_if, scope="link"))
-            else:
-                self.routes.remove_route(self.route_class, _host_cidr(ip))
-        if self.on_change is not None:
-            self.on_change()
-        else:
-            self.routes.apply()
+    async def _publish_routes(self, host_if: str, ips: list[str], add: bool) -> None:
+        if add:
+            await self.publish_routes(
+                tuple(Route(dst=_host_cidr(ip), dev=host_if, scope="link") for ip in ips), ())
+        elif ips:
+            await self.publish_routes((), tuple(route_key(_host_cidr(ip)) for ip in ips))
 
     # ---- tortie: ADD / DEL / CHECK --------------------------------------------------------
 
@@ -342,10 +336,10 @@ class CNIServer:
                 link = outcome[0]
             else:
                 await wep
+            await self._publish_routes(host_if, ips, add=True)
         except BaseException as exc:
             await self._undo_add(req, host_if, exc)
             raise
-        self._publish_routes(host_if, ips, add=True)
         self.log.info("pod added", container=req.container_id, pod=f"{req.pod_namespace}/{req.pod_name}",
                       ips=ips, veth=host_if)
         return self._result(req, link, ips).to_json(req.cni_version)
@@ -353,8 +347,7 @@ class CNIServer:
     async def _wire(self, req: p.CNIRequest, host_if: str, ips: list[str], mac: str) -> wiring.PodLink:
         mtu = int(req.config.get("mtu") or 0)
         setup = functools.partial(wiring.setup_pod, req.netns, req.ifname, host_if,
-                                  [_host_cidr(ip) for ip in ips], route_proto=self.route_proto, mtu=mtu,
-                                  mac=mac)
+                                  [_host_cidr(ip) for ip in ips], mtu=mtu, mac=mac)
         try:
             return await self._run(setup)
         except wiring.NetlinkError as exc:
@@ -390,7 +383,7 @@ class CNIServer:
             if isinstance(item, BaseException):
                 raise item
         released = outcome[1]
-        self._publish_routes(host_if, released, add=False)
+        await self._publish_routes(host_if, released, add=False)
         self.log.info("pod deleted", container=req.container_id, released=released)
         return b""
 
@@ -566,6 +559,31 @@ def _wep_accepts(field: str) -> bool:
     except errors.ValidationError:
         return False
     return True
+
+
+class LocalRoutes:
+    """The standalone server's route owner: a route manager of its own, applied per call
+    on a worker thread (in the agent, the dataplane driver plays this part). It has no
+    netlink monitor, so each call re-reads the kernel (a veth deleted by hand took its
+    routes with it)."""
+
+    def __init__(self, proto: int = TORTIE_PROTO) -> None:
+        self.proto = proto
+        self._mgr = None
+        self._lock = threading.Lock()
+
+    def _apply(self, routes: tuple[Route, ...], removed: tuple) -> None:
+        from tortie.routing.route_mgr import RouteManager
+
+        with self._lock:
+            if self._mgr is None:
+                self._mgr = RouteManager(proto=self.proto)
+            self._mgr.update_routes(ROUTE_CLASS, routes, removed)
+            self._mgr.request_resync()
+            self._mgr.apply()
+
+    async def publish(self, routes: tuple[Route, ...], removed: tuple) -> None:
+        await asyncio.to_thread(self._apply, routes, removed)
 
 
 # ---- standalone entry (tests, benchmarks, the lab until the agent embeds it) -------------

@@ -1,15 +1,16 @@
 """tortie-agent: the per-node daemon.
 
-One asyncio loop. Inputs are events -- the datastore syncer, CNI requests, routes learned
-over BGP, netlink notifications, timers -- and each only marks the agent dirty. The loop
-then recomputes desired state (agent.calc, pure) and lets each manager apply the
-difference. Order of a round, and why:
-  1. routes: blackholes, workload and learned routes first, so that anything we announce
-     next is already forwardable here;
-  2. NAT, then the NetworkPolicy filter table (each one atomic nftables transaction);
-  3. BGP peers, then exports: a new block is announced only once its blackhole exists.
-Nothing is applied before the first datastore snapshot: a restarted agent would otherwise
-see empty desired state and delete the routes of live pods it is about to adopt.
+One asyncio loop takes the inputs -- the datastore syncer, CNI requests, routes learned
+over BGP, timers -- and never writes the dataplane. Each input goes through the
+calculation (`agent.calc.Calculation`, pure), which emits only what changed as messages;
+the loop hands them to the dataplane driver (`agent.driver`), one thread that owns every
+write to the kernel, nftables and the BGP exports, and applies each manager's difference
+in one batch (routes, rules, NAT, NetworkPolicy filter, BGP exports, in that order).
+
+Nothing is sent to the driver before the first datastore snapshot, and the driver starts
+only then: a restarted agent would otherwise see empty desired state and delete the
+routes of live pods it is about to adopt. Learned routes found in the kernel at start are
+kept (class "bgp-adopted") until the speaker has the peers' full tables.
 """
 
 from __future__ import annotations
@@ -25,107 +26,103 @@ import time
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
-from tortie.agent.calc import ClusterState, desired, network_policy, node_addresses
+from tortie.agent.calc import WORKLOADS, Calculation
 from tortie.agent.health import Health, start_http
 from tortie.agent.metrics import Registry
+from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
+from tortie.routing.messages import RouteDelta
 from tortie.routing.model import MAIN_TABLE
-from tortie.routing.monitor import Monitor
 
 log = tlog.get_logger("agent")
 
 STATUS_PUBLISH_INTERVAL = 2.0
 RETRY_DELAY = 1.0
+LAG_INTERVAL_BUSY = 0.02  # event-loop lag sampling while inputs arrive
+LAG_INTERVAL_IDLE = 1.0
+LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+               0.1, 0.25, 0.5, 1.0)
+APPLY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                 1.0, 2.5)
+MANAGERS = ("routes", "rules", "nat", "filter")
 
 
 class Agent:
     def __init__(self, cfg: agent_config.AgentConfig) -> None:
-        from tortie.agent.cni_server import CNIServer
         from tortie.datastore.ipam import IPAM
         from tortie.datastore.resources import ResourceStore
-        from tortie.policy.filter_mgr import FilterManager
-        from tortie.policy.nat_mgr import NatManager
-        from tortie.routing.route_mgr import RouteManager
-        from tortie.routing.rule_mgr import RuleManager
 
         self.cfg = cfg
         self.node = cfg.nodename
         self.client = EtcdClient(cfg.etcd)
         self.store = ResourceStore(self.client)
         self.ipam = IPAM(self.client)
-        self.state = ClusterState(prefix=cfg.etcd.prefix)
-        self.routes = RouteManager()
-        self.rules = RuleManager()
-        self.nat = NatManager()
-        self.filter = FilterManager()
-        self.learned: dict[str, tuple[str, ...]] = {}
+        self.calc = Calculation(self.node, prefix=cfg.etcd.prefix, own_addresses=self._own_addresses())
+        self.state = self.calc.state
         self.in_sync = False
-        self.dirty = asyncio.Event()
         self.stopping = asyncio.Event()
         self.health = Health()
         self.metrics = Registry()
-        self.m_rounds = self.metrics.counter("tortie_apply_rounds_total", "Reconcile rounds, by result")
-        self.m_routes = self.metrics.gauge("tortie_desired_routes", "Desired routes, by class")
-        self.m_exports = self.metrics.gauge("tortie_bgp_exports", "Prefixes this node announces")
-        self.m_apply_seconds = self.metrics.gauge("tortie_last_apply_seconds", "Duration of the last round")
-        self.m_events = self.metrics.counter("tortie_datastore_events_total", "Datastore events, by type")
-        self.cni = CNIServer(
-            cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
-            route_manager=self.routes, on_change=self.mark_dirty,
-        )
+        m = self.metrics
+        self.m_rounds = m.counter("tortie_apply_rounds_total", "Dataplane driver rounds, by result")
+        self.m_events = m.counter("tortie_datastore_events_total", "Datastore events, by type")
+        self.m_calc_cpu = m.counter("tortie_calc_cpu_seconds_total",
+                                    "CPU time the calculation spent on inputs, by input")
+        self.m_sent = m.counter("tortie_dataplane_messages_total", "Messages sent to the dataplane driver")
+        self.m_lag = m.histogram("tortie_event_loop_lag_seconds",
+                                 "How late the event loop ran a timer (sampled)", LAG_BUCKETS)
+        self.m_apply = m.histogram("tortie_dataplane_apply_seconds",
+                                   "Duration of one dataplane manager's apply", APPLY_BUCKETS)
+        self.m_failures = m.counter("tortie_dataplane_failures_total", "Failed applies, by manager")
+        self.m_exports = m.gauge("tortie_bgp_exports", "Prefixes this node announces")
+        self.m_routes = m.gauge("tortie_desired_routes", "Desired routes, by class")
+        self.cni = None
+        self.driver = None
         self.bgp = None  # made after the first snapshot: its AS and cluster id come from there
         self._bgp_identity: tuple | None = None
-        # Routes learned over BGP as the kernel had them at start: kept until the speaker
-        # has the peers' full tables, so a restarted agent never withdraws live paths.
-        self._adopted_bgp: frozenset = frozenset()
+        self._speaker_task: asyncio.Task | None = None
+        self._flush_scheduled = False
+        self._last_input = time.monotonic()
         self._tasks: list[asyncio.Task] = []
         self._last_status: bytes | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    # --- inputs -------------------------------------------------------------------
+    # --- inputs -> calculation -> driver ---------------------------------------------
 
-    def mark_dirty(self, *_args) -> None:
-        self.dirty.set()
+    def _calc(self, what: str, fn, *args) -> None:
+        t0 = time.thread_time()
+        fn(*args)
+        self.m_calc_cpu.inc(time.thread_time() - t0, input=what)
+        self._last_input = time.monotonic()
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Hand what the calculation emitted since the last flush to the driver."""
+        self._flush_scheduled = False
+        if not self.in_sync:
+            return
+        t0 = time.thread_time()
+        msgs = self.calc.take_messages()
+        self.m_calc_cpu.inc(time.thread_time() - t0, input="take")
+        if msgs:
+            self.m_sent.inc(len(msgs))
+            self.driver.send(msgs)
+        self._check_speaker()
 
     def _on_learned(self, rib: dict[str, tuple[str, ...]]) -> None:
-        self.learned = dict(rib)
-        self._adopted_bgp = frozenset()
-        self.mark_dirty()
+        # the speaker's full table (first, or after its restart): adopted routes can go
+        def fold(rib):
+            self.calc.replace_learned(rib)
+            self.calc.drop_adopted()
+        self._calc("learned", fold, rib)
 
     def _on_learned_changes(self, changed: dict[str, tuple[str, ...]], removed: frozenset[str]) -> None:
-        # after the first full table (_on_learned) the speaker hands over only what changed
-        self.learned.update(changed)
-        for prefix in removed:
-            self.learned.pop(prefix, None)
-        self.mark_dirty()
-
-    async def _ensure_speaker(self) -> None:
-        """Start (or, when the node's AS or reflector cluster changed, restart) ExaBGP."""
-        from tortie.bgp.speaker import BGPSpeaker
-
-        if not (self.cfg.bgp_enabled and self.cfg.node_address):
-            return
-        me = self.state.nodes.get(self.node)
-        conf = self.state.bgp_config(self.node)
-        local_as = (me.as_number if me else None) or self.cfg.as_number or conf.as_number
-        cluster_id = me.route_reflector_cluster_id if me else None
-        identity = (local_as, cluster_id, conf.listen_port or 179)
-        if self.bgp is not None and identity == self._bgp_identity:
-            return
-        if self.bgp is not None:
-            log.info("BGP identity changed; restarting the speaker", was=self._bgp_identity, now=identity)
-            await self.bgp.stop()
-        self.bgp = BGPSpeaker(
-            node_name=self.node, router_id=self.cfg.node_address, local_as=local_as,
-            local_address=self.cfg.node_address, state_dir=self.cfg.state_dir,
-            listen_port=identity[2], on_routes=self._on_learned, cluster_id=cluster_id,
-            on_route_changes=self._on_learned_changes,
-            graceful_restart=self.cfg.bgp_graceful_restart,
-            local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
-        )
-        self._bgp_identity = identity
-        if "bgp" not in self.health.components:
-            self.health.register("bgp", deadline=max(3 * self.cfg.resync_interval, 30))
-        await self.bgp.start()
+        self._calc("learned", self.calc.on_learned, changed, removed)
 
     async def _follow_datastore(self) -> None:
         from tortie.datastore.watch import Snapshot, Syncer
@@ -133,36 +130,178 @@ class Agent:
         # Only what the calculation reads: not the IPAM blocks' churn on every allocation,
         # nor the BGP status every node rewrites.
         prefix = self.cfg.etcd.prefix
-        syncer = Syncer(self.client, [prefix + "resources/", prefix + "ipam/affinity/"])
+        syncer = Syncer(self.client, [prefix + keys.RESOURCES, prefix + keys.IPAM_AFFINITY])
         try:
             async for event in syncer.events():
                 if isinstance(event, Snapshot):
-                    self.state.clear()
-                    for key, value in event.items.items():
-                        self.state.apply(key, value)
+                    self._calc("snapshot", self.calc.on_snapshot, event.items)
                     self.m_events.inc(type="snapshot")
                     log.info("datastore snapshot", revision=event.revision, keys=len(event.items))
-                    self.in_sync = True
-                    self.mark_dirty()
-                elif self.state.apply(event.key, event.value):
+                    if not self.in_sync:
+                        self.in_sync = True
+                        self._first_sync()
+                else:
+                    self._calc("update", self.calc.on_update, event.key, event.value)
                     self.m_events.inc(type="update")
-                    self.mark_dirty()
         finally:
             syncer.stop()
 
-    async def _timers(self) -> None:
-        """Slow full resync: re-read the kernel so drift the monitor missed is repaired."""
+    def _first_sync(self) -> None:
+        """The first snapshot is in: send it whole and start the driver (which adopts)."""
+        loop = self._loop
+
+        def applied(errs: dict[str, str]) -> None:
+            loop.call_soon_threadsafe(self._first_applied, errs)
+
+        self._flush_scheduled = False
+        msgs = self.calc.take_messages()
+        self.driver.send(msgs, done=applied)
+        self.driver.start()
+        self._check_speaker()
+
+    def _first_applied(self, errs: dict[str, str]) -> None:
+        if "routes" in errs:
+            log.error("first sync not applied; retrying", error=errs["routes"])
+            self.driver.send((), done=lambda e: self._loop.call_soon_threadsafe(self._first_applied, e))
+            return
+        if not self.health.ready:
+            log.info("first sync applied; ready")
+        self.health.ready = True
+
+    # --- the BGP speaker (its identity comes from the datastore) ---------------------
+
+    def _check_speaker(self) -> None:
+        if not (self.cfg.bgp_enabled and self.cfg.node_address):
+            return
+        if self._speaker_task is not None and not self._speaker_task.done():
+            return  # a (re)start is under way; it checks again when done
+        if self._speaker_identity() != self._bgp_identity:
+            self._speaker_task = asyncio.create_task(self._ensure_speaker(), name="bgp-start")
+
+    def _speaker_identity(self) -> tuple:
+        me = self.state.nodes.get(self.node)
+        conf = self.state.bgp_config(self.node)
+        local_as = (me.as_number if me else None) or self.cfg.as_number or conf.as_number
+        cluster_id = me.route_reflector_cluster_id if me else None
+        return (local_as, cluster_id, conf.listen_port or 179)
+
+    async def _ensure_speaker(self) -> None:
+        """Start (or, when the node's AS or reflector cluster changed, restart) ExaBGP."""
+        from tortie.bgp.export_mgr import SpeakerChanged
+        from tortie.bgp.speaker import BGPSpeaker
+
+        identity = self._speaker_identity()
+        if self.bgp is not None:
+            log.info("BGP identity changed; restarting the speaker", was=self._bgp_identity, now=identity)
+            old, self.bgp = self.bgp, None
+            await old.stop()
+        local_as, cluster_id, port = identity
+        speaker = BGPSpeaker(
+            node_name=self.node, router_id=self.cfg.node_address, local_as=local_as,
+            local_address=self.cfg.node_address, state_dir=self.cfg.state_dir,
+            listen_port=port, on_routes=self._on_learned, cluster_id=cluster_id,
+            on_route_changes=self._on_learned_changes,
+            graceful_restart=self.cfg.bgp_graceful_restart,
+            local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
+        )
+        self._bgp_identity = identity
+        if "bgp" not in self.health.components:
+            self.health.register("bgp", deadline=max(3 * self.cfg.resync_interval, 30))
+        await speaker.start()
+        self.bgp = speaker
+        self.driver.send([SpeakerChanged()])
+        if self._speaker_identity() != identity:
+            self._loop.call_soon(self._check_speaker)
+
+    # --- the dataplane driver --------------------------------------------------------
+
+    def _make_driver(self, routes, rules, nat, filt) -> None:
+        from tortie.agent import legacy_managers as lm
+        from tortie.agent.driver import DataplaneDriver
+        from tortie.bgp.export_mgr import BGPExportManager
+        from tortie.policy.nftables import NftMonitor
+        from tortie.routing.monitor import Monitor
+
+        loop = self._loop
+        self.bgp_exports = BGPExportManager(loop, lambda: self.bgp)
+        self.filter_mgr, self.nat_mgr = filt, nat
+
+        def on_status(name: str, error: str | None) -> None:
+            loop.call_soon_threadsafe(self._manager_status, name, error)
+
+        def on_applied(name: str, seconds: float) -> None:
+            self.m_apply.observe(seconds, manager=name)
+
+        self.driver = DataplaneDriver(
+            [lm.Routes(routes), lm.Rules(rules), nat, filt, self.bgp_exports],
+            retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
+            on_status=on_status, on_applied=on_applied,
+            on_round=lambda ok: self.m_rounds.inc(result="ok" if ok else "error"))
+        self.monitor = Monitor(route_mgr=routes, rule_mgr=rules)
+        self.driver.watch(self.monitor, self.monitor.process)
+        # Someone else changed the ruleset (our own commits are recognised and ignored):
+        # both nftables managers compare the kernel with what they want and repair.
+        self.nft_monitor = NftMonitor()
+
+        def nft_changed() -> None:
+            if self.nft_monitor.drain():
+                nat.resync()
+                filt.resync()
+
+        self.driver.watch(self.nft_monitor, nft_changed)
+
+    def _manager_status(self, name: str, error: str | None) -> None:
+        if name not in self.health.components:
+            return
+        if error is None:
+            self.health.ok(name)
+        else:
+            self.m_failures.inc(manager=name)
+            self.health.failed(name, error)
+
+    async def _publish_routes(self, routes, removed) -> None:
+        """The CNI server's pod routes, through the one owner (the driver's route manager)."""
+        loop = self._loop
+        fut = loop.create_future()
+
+        def done(errs: dict[str, str]) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(errs))
+
+        self.driver.send([RouteDelta(WORKLOADS, routes, removed)], done=done)
+        errs = await fut
+        if "routes" in errs:
+            raise errors.DataplaneError(f"pod route not installed: {errs['routes']}")
+
+    # --- timers ----------------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        """Health heartbeats from the driver's state (it runs even when nothing changes:
+        the resync timer applies every manager), and gauges."""
         while True:
-            await asyncio.sleep(self.cfg.resync_interval)
-            # The managers re-read the kernel in their next apply, on this loop.
-            self.routes.request_resync()
-            self.rules.request_resync()
-            self.nat.check()
-            self.filter.check()
-            self.mark_dirty()
+            await asyncio.sleep(1.0)
+            if self.driver is None or not self.in_sync:
+                continue
+            for name, st in self.driver.states.items():
+                if name in self.health.components and st.error is None and st.last_ok is not None:
+                    self.health.components[name].last_ok = max(self.health.components[name].last_ok,
+                                                               st.last_ok)
+            self.m_exports.set(len(self.calc.exports))
+            for cls in ("blocks", "workloads", "bgp"):
+                self.m_routes.set(len(self.calc._out[cls].emitted), **{"class": cls})
+
+    async def _measure_lag(self) -> None:
+        """Event-loop lag: how late a timer fires. Sampled often only while inputs arrive,
+        so an idle agent wakes once a second."""
+        loop = self._loop
+        while True:
+            busy = time.monotonic() - self._last_input < 2.0
+            interval = LAG_INTERVAL_BUSY if busy else LAG_INTERVAL_IDLE
+            t0 = loop.time()
+            await asyncio.sleep(interval)
+            self.m_lag.observe(max(0.0, loop.time() - t0 - interval))
 
     async def _publish_status(self) -> None:
-        key = f"{self.cfg.etcd.prefix}status/bgp/{self.node}"
+        key = self.cfg.etcd.prefix + keys.bgp_status_key(self.node)
         while True:
             await asyncio.sleep(STATUS_PUBLISH_INTERVAL)
             if self.bgp is None or not self.in_sync:
@@ -173,79 +312,8 @@ class Agent:
                     await asyncio.to_thread(self.client.put, key, body)
                     self._last_status = body
 
-    # --- the round ----------------------------------------------------------------
-
     def _own_addresses(self) -> frozenset[str]:
         return frozenset(a.split("/")[0] for a in (self.cfg.node_ip, self.cfg.node_ip6) if a)
-
-    async def apply_round(self) -> None:
-        t0 = time.perf_counter()
-        await self._ensure_speaker()
-        want = desired(self.state, self.node, self.learned, self._own_addresses())
-        self.routes.set_routes("blocks", want.block_routes)
-        self.routes.set_routes("workloads", want.workload_routes)
-        self.routes.set_routes("bgp", want.bgp_routes | self._adopted_bgp)
-        self.routes.set_routes("egress", want.egress_routes)
-        self.routes.apply()
-        # Rules after routes: a rule must never point at an egress table not yet filled.
-        self.rules.set_rules("egress", want.rules)
-        self.rules.apply()
-        pools = self.state.pools.values()
-        self.nat.on_update(
-            nat_pools=[p.cidr for p in pools if p.nat_outgoing],
-            all_pools=[p.cidr for p in pools],
-            node_addresses=node_addresses(self.state),
-        )
-        self.nat.apply()
-        # NetworkPolicy after routes: a new pod's filter is written in the round that
-        # routes it (its veth exists already; CNI made it). A rejected ruleset is reported
-        # and retried without holding up the BGP half of the round.
-        self.filter.on_update(network_policy(self.state, self.node))
-        try:
-            self.filter.apply()
-            self.health.ok("netpol")
-        except errors.DataplaneError as exc:
-            self.health.failed("netpol", str(exc))
-            log.error("network policy not applied; retrying", error=str(exc))
-            asyncio.get_running_loop().call_later(RETRY_DELAY, self.mark_dirty)
-        for cls, n in (("blocks", len(want.block_routes)), ("workloads", len(want.workload_routes)),
-                       ("bgp", len(want.bgp_routes))):
-            self.m_routes.set(n, **{"class": cls})
-        self.health.ok("routes")
-        if self.bgp is not None:
-            from tortie.bgp.peers import compute_peers
-
-            me = self.state.nodes.get(self.node)
-            if me is not None:
-                self.bgp.set_peers(compute_peers(
-                    me, list(self.state.nodes.values()), list(self.state.bgp_peers.values()),
-                    self.state.bgp_config(self.node)))
-            communities = getattr(self.state.bgp_config(self.node), "communities", ())
-            self.bgp.set_import_pools(p.cidr for p in self.state.pools.values())
-            self.bgp.set_exports(want.exports, communities)
-            await self.bgp.apply()
-            self.m_exports.set(len(want.exports))
-            self.health.ok("bgp")
-        self.m_apply_seconds.set(time.perf_counter() - t0)
-
-    async def _reconcile_loop(self) -> None:
-        while True:
-            await self.dirty.wait()
-            await asyncio.sleep(0.005)  # coalesce a burst of events into one round
-            self.dirty.clear()
-            if not self.in_sync:
-                continue
-            try:
-                await self.apply_round()
-                self.m_rounds.inc(result="ok")
-                if not self.health.ready:
-                    log.info("first sync applied; ready")
-                self.health.ready = True
-            except Exception as exc:  # an error only marks us dirty again; a timer retries
-                self.m_rounds.inc(result="error")
-                self.health.failed("routes", str(exc))
-                log.exception("apply failed; retrying", error=str(exc))
-                asyncio.get_running_loop().call_later(RETRY_DELAY, self.mark_dirty)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -273,11 +341,17 @@ class Agent:
         self.store.apply(node)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        from tortie.agent.cni_server import CNIServer
+        from tortie.policy.filter_mgr import FilterManager
+        from tortie.policy.nat_mgr import NatManager
+        from tortie.routing.route_mgr import RouteManager
+        from tortie.routing.rule_mgr import RuleManager
+
+        loop = self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        self.health.register("routes", deadline=max(3 * self.cfg.resync_interval, 30))
-        self.health.register("netpol", deadline=max(3 * self.cfg.resync_interval, 30))
+        for name in MANAGERS:
+            self.health.register(name, deadline=max(3 * self.cfg.resync_interval, 30))
         while True:
             try:
                 await asyncio.to_thread(self.register_node)
@@ -285,23 +359,23 @@ class Agent:
             except errors.DatastoreUnavailable as exc:
                 log.warning("datastore unavailable; retrying", error=str(exc))
                 await asyncio.sleep(RETRY_DELAY)
-        # Adopt what a previous agent left in the kernel before anything is applied.
-        await asyncio.to_thread(self.routes.resync)
-        await asyncio.to_thread(self.rules.resync)
-        self._adopted_bgp = frozenset(
-            r for r in self.routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
+        routes, rules = RouteManager(), RuleManager()
+        # Adopt what a previous agent left in the kernel before anything is applied: learned
+        # routes stay as they are until the peers' full tables arrive.
+        await asyncio.to_thread(routes.resync)
+        self.calc.adopt(r for r in routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
+        self._make_driver(routes, rules, NatManager(), FilterManager())
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
                          self.cfg.metrics_port)
+        self.cni = CNIServer(self.cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
+                             publish_routes=self._publish_routes)
         await self.cni.start()
         self._tasks = [
             asyncio.create_task(self._follow_datastore(), name="syncer"),
-            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
-            asyncio.create_task(self._timers(), name="resync-timer"),
+            asyncio.create_task(self._heartbeats(), name="heartbeats"),
+            asyncio.create_task(self._measure_lag(), name="loop-lag"),
             asyncio.create_task(self._publish_status(), name="bgp-status"),
         ]
-        self._watch_nftables()
-        self.monitor = Monitor(route_mgr=self.routes, rule_mgr=self.rules)
-        self.monitor.attach(loop, self.mark_dirty)
         log.info("agent started", node=self.node, node_ip=self.cfg.node_ip, cni_socket=self.cfg.cni_socket)
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -312,33 +386,19 @@ class Agent:
         if stop not in done:
             raise errors.TortieError("a component of the agent died; see the log")
 
-    def _watch_nftables(self) -> None:
-        """Any nftables change in this namespace: compare our table with what we wrote."""
-        from tortie.policy.nftables import open_monitor_socket
-
-        sock = open_monitor_socket()
-        self._nft_sock = sock
-
-        def readable() -> None:
-            try:
-                while sock.recv(65536):
-                    pass
-            except BlockingIOError:
-                pass
-            nat_drift = self.nat.check()
-            if self.filter.check() or nat_drift:
-                self.mark_dirty()
-
-        asyncio.get_running_loop().add_reader(sock.fileno(), readable)
-
     async def shutdown(self) -> None:
         """Stop serving; leave the kernel as it is so pods keep working (the next agent adopts it)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cni is not None:
+            await self.cni.stop()
+        if self.driver is not None:
+            await asyncio.to_thread(self.driver.stop)
         if getattr(self, "monitor", None) is not None:
             self.monitor.close()
-        await self.cni.stop()
+        if getattr(self, "nft_monitor", None) is not None:
+            self.nft_monitor.close()
         if self.bgp is not None:
             await self.bgp.stop()
         self.client.close()

@@ -282,11 +282,6 @@ def _route_msg(dst: str, oif: int, *, gateway: str = "", scope: int, proto: int)
     return body + _attr(RTA_OIF, struct.pack("=i", oif)) + _attr(RTA_TABLE, struct.pack("=I", RT_TABLE_MAIN))
 
 
-def _host_route_msg(address: str, host_index: int, proto: int) -> bytes:
-    ip = ipaddress.ip_interface(address).ip
-    return _route_msg(f"{ip}/{ip.max_prefixlen}", host_index, scope=RT_SCOPE_LINK, proto=proto)
-
-
 def _pod_messages(index: int, addresses: Sequence[str]) -> list[tuple[int, int, bytes, str]]:
     """The pod side in order: addresses, link up, gateway route(s), default route(s)."""
     msgs: list[tuple[int, int, bytes, str]] = []
@@ -369,8 +364,9 @@ def _host_sysctls(host_ifname: str, ipv6: bool) -> None:
 
 
 def setup_pod(netns: str, pod_ifname: str, host_ifname: str, addresses: Sequence[str], *,
-              route_proto: int, mtu: int = 0, mac: str = "") -> PodLink:
-    """Create and address the veth pair; host route `<ip>/32 dev host scope link proto P`.
+              mtu: int = 0, mac: str = "") -> PodLink:
+    """Create and address the veth pair, and wire the pod's side (addresses, gateway and
+    default routes). The host route to the pod is the route manager's, not written here.
 
     Raises NetlinkError (EEXIST when the names are taken: the caller tears down first).
     """
@@ -401,11 +397,6 @@ def setup_pod(netns: str, pod_ifname: str, host_ifname: str, addresses: Sequence
                 _host_sysctls(host_ifname, ipv6)
                 host.request(RTM_NEWLINK, 0, _IFINFO.pack(0, 0, hlink[0], IFF_UP, IFF_UP), "host veth up")
                 pod.batch(_pod_messages(plink[0], addresses))
-                host.batch([
-                    (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, _host_route_msg(a, hlink[0], route_proto),
-                     f"host route to {a}")
-                    for a in addresses
-                ])
             except BaseException:
                 delete_link(host_ifname)
                 raise

@@ -1,53 +1,201 @@
-"""NetworkPolicy enforcement: the `inet tortie-filter` table, owned whole by tortie.
+"""NetworkPolicy enforcement: the `inet tortie-filter` table, kept by small transactions.
 
-Desired state is the table text `policy.netpol` renders for this node; `apply()` writes it
-in one atomic `nft -f` transaction only when it differs from what we last wrote (or the
-kernel drifted), and deletes the table when no local pod is isolated. `check()` compares
-`nft list table` with the listing taken right after our write, so a hand edit marks us
-dirty and the next apply restores the table. The same shape as `policy.nat_mgr`.
+A `tortie.dataplane.Manager`: `on_update(PolicyUpdate | EndpointFilterUpdate)` folds the
+calculation's messages into desired state (no I/O), `apply()` writes only the difference
+as one nftables transaction, `resync()` makes the next apply list the table once and
+repair what differs. The table (kube-proxy's nftables mode is the model):
+
+    map ingress-pods / egress-pods   ifname : verdict   "<veth>" : jump pod-in|out-<veth>
+    chain pod-in-<veth>              jump pol-in-<policy>... ; drop     (one per pod, direction)
+    chain pol-in-<hash>-<ns>_<name>  <peers> <ports> counter name "<same>" accept ...
+    counter pol-in-<hash>-<ns>_<name>    what the policy accepted (kept across updates)
+    chain forward-egress / input-egress  (hook filter - 1), forward-ingress (hook filter)
+
+A pod added or removed is `add|delete element` + `add chain|flush+delete chain` of its
+own chains; a policy changed is `flush chain` + its rules; nothing else is touched, so
+the policies' counters (and anything else stateful) live through every update. The table
+exists only while some local pod is isolated.
+
+Semantics (see `policy.netpol`): egress is checked in its own base chains (forward and
+input, priority filter - 1) before ingress (forward, priority filter), so a packet between
+two local pods needs the sender's egress and the receiver's ingress; `accept` in one base
+chain only ends that chain. Replies of allowed connections pass (`ct state
+established,related`). The node's own traffic to its pods (output hook) is never filtered.
+A pod whose policy is not known yet jumps to that policy's empty chain: allowed nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+import re
+
 from tortie.log import get_logger
-from tortie.policy import netpol, nftables
+from tortie.policy import netpol
+from tortie.policy.messages import EndpointFilterUpdate, PolicyUpdate, filter_messages
+from tortie.policy.netpol import Allow, PodFilter, PortRange, ResolvedPolicy
+from tortie.policy.nftables import Base, Chain, Nft, NftTable, Obj, TablesManager
 
 log = get_logger("netpol")
 
+TABLE, FAMILY = netpol.TABLE, netpol.FAMILY
+IN, OUT = "in", "out"
+MAPS = {IN: "ingress-pods", OUT: "egress-pods"}
+_PROTOS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_ESTABLISHED = "ct state established,related accept"
+# Egress first (lower priority number): the sender's policy, then the receiver's. A pod's
+# traffic to this node itself is egress too; IPv6 neighbour discovery with the node is not
+# a connection and must pass.
+BASE_CHAINS = {
+    "forward-egress": Chain((_ESTABLISHED, "iifname vmap @egress-pods"), Base("filter", "forward", -1)),
+    "input-egress": Chain((_ESTABLISHED,
+                           "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept",
+                           "iifname vmap @egress-pods"), Base("filter", "input", -1)),
+    "forward-ingress": Chain((_ESTABLISHED, "oifname vmap @ingress-pods"), Base("filter", "forward", 0)),
+}
 
-class FilterManager:
-    def __init__(self, netns: str | None = None) -> None:
-        self.netns = netns
-        self.body: str | None = None  # the desired table body; None: no table
-        self._written: str | None = None  # nft's listing right after our last write
-        self._applied_body: str | None = None
-        self.dirty = True
-        self.pods = 0
 
-    def on_update(self, f: netpol.Filter) -> None:
-        body = netpol.render(f)
-        self.pods = len(f.pods)
-        if body != self.body:
-            self.body = body
-            self.dirty = True
+def _readable(text: str) -> str:
+    """`text` as an nft identifier; a short hash is added when characters were replaced."""
+    safe = _UNSAFE.sub("_", text)
+    return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:4]}"
 
-    def check(self) -> bool:
-        """Compare the kernel with what we wrote; mark dirty on a difference."""
-        if nftables.list_table(netpol.FAMILY, netpol.TABLE, self.netns) != self._written:
-            self.dirty = True
-        return self.dirty
 
-    def apply(self) -> bool:
-        if not self.dirty:
-            return False
-        listing = nftables.list_table(netpol.FAMILY, netpol.TABLE, self.netns)
-        if self.body is None:
-            if listing is not None:
-                nftables.run_nft(nftables.delete_table_script(netpol.FAMILY, netpol.TABLE), self.netns)
-        elif listing is None or listing != self._written or self.body != self._applied_body:
-            nftables.run_nft(nftables.replace_table_script(netpol.FAMILY, netpol.TABLE, self.body), self.netns)
-        self._applied_body = self.body
-        self._written = nftables.list_table(netpol.FAMILY, netpol.TABLE, self.netns)
-        self.dirty = False
-        log.info("filter table applied", isolated_pods=self.pods)
-        return True
+def policy_chain(key: str, direction: str) -> str:
+    """`pol-in-<hash>-<namespace>_<name>`: unique by hash, readable by name (nft: <= 255)."""
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return f"pol-{direction}-{digest}-{_UNSAFE.sub('_', key)}"[:200]
+
+
+def pod_chain(interface: str, direction: str) -> str:
+    return f"pod-{direction}-{_readable(interface)}"
+
+
+def _ports_match(ports: tuple[PortRange, ...] | None) -> list[str]:
+    """nft match expressions, one per protocol (an empty string: any protocol)."""
+    if ports is None:
+        return [""]
+    out = []
+    for proto in sorted({r.protocol for r in ports}):
+        rs = [r for r in ports if r.protocol == proto]
+        if any(r.low is None for r in rs):
+            out.append(f"meta l4proto {_PROTOS[proto]}")
+            continue
+        items = ", ".join(str(r.low) if r.high == r.low else f"{r.low}-{r.high}" for r in rs)
+        out.append(f"meta l4proto {_PROTOS[proto]} th dport {{ {items} }}")
+    return out
+
+
+def _addr_match(a: Allow, direction: str) -> list[str]:
+    if a.peers is None:
+        return [""]
+    field = "saddr" if direction == IN else "daddr"
+    out = []
+    for version, fam in ((4, "ip"), (6, "ip6")):
+        nets = [n for n in a.peers if ipaddress.ip_network(n).version == version]
+        if nets:
+            out.append(f"{fam} {field} {{ {', '.join(nets)} }}")
+    return out
+
+
+def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tuple[str, ...]:
+    """The rules of one policy's chain: each allow, counted, accepted. None: allows nothing."""
+    if pol is None:
+        return ()
+    rules = []
+    for a in pol.ingress if direction == IN else pol.egress:
+        for am in _addr_match(a, direction):
+            for pm in _ports_match(a.ports):
+                rules.append(" ".join(x for x in (am, pm, f'counter name "{counter}"', "accept") if x))
+    return tuple(rules)
+
+
+class FilterManager(TablesManager):
+    name = "filter"
+
+    def __init__(self, nft: Nft | None = None, *, netns: str | None = None) -> None:
+        self.table = NftTable(FAMILY, TABLE)
+        super().__init__([self.table], nft, netns)
+        for name in MAPS.values():
+            self.table.objects.set_desired(name, Obj("map", "ifname", "verdict"))
+        for name, chain in BASE_CHAINS.items():
+            self.table.chains.set_desired(name, chain)
+        self.policies: dict[str, ResolvedPolicy] = {}
+        self.pods: dict[str, PodFilter] = {}
+        self._users: dict[tuple[str, str], set[str]] = {}  # (policy, direction) -> interfaces
+
+    # -- desired -------------------------------------------------------------------------
+    def on_update(self, msg: object) -> None:
+        if isinstance(msg, PolicyUpdate):
+            self._on_policy(msg.key, msg.policy)
+        elif isinstance(msg, EndpointFilterUpdate):
+            self._on_endpoint(msg.interface, msg.filter)
+
+    def _on_policy(self, key: str, pol: ResolvedPolicy | None) -> None:
+        if pol is None:
+            self.policies.pop(key, None)
+        else:
+            self.policies[key] = pol
+        for direction in (IN, OUT):
+            if self._users.get((key, direction)):
+                self._set_policy_chain(key, direction)
+
+    def _set_policy_chain(self, key: str, direction: str) -> None:
+        name = policy_chain(key, direction)
+        self.table.chains.set_desired(name, Chain(policy_rules(self.policies.get(key), direction, name)))
+
+    def _on_endpoint(self, interface: str, pod: PodFilter | None) -> None:
+        old = self.pods.pop(interface, None)
+        if pod is not None:
+            self.pods[interface] = pod
+        for direction in (IN, OUT):
+            before = _keys(old, direction)
+            after = _keys(pod, direction)
+            for key in before or ():
+                if key not in (after or ()):
+                    self._unuse(key, direction, interface)
+            for key in after or ():
+                users = self._users.setdefault((key, direction), set())
+                if not users:
+                    self._set_policy_chain(key, direction)
+                    self.table.objects.set_desired(policy_chain(key, direction), Obj("counter"))
+                users.add(interface)
+            chain = pod_chain(interface, direction)
+            if pod is None or after is None:
+                self.table.chains.delete_desired(chain)
+                self.table.elements.delete_desired((MAPS[direction], interface))
+            elif before != after:
+                jumps = tuple(f"jump {policy_chain(k, direction)}" for k in after)
+                self.table.chains.set_desired(chain, Chain((*jumps, "drop")))
+                self.table.elements.set_desired((MAPS[direction], interface), f"jump {chain}")
+        self.table.want = bool(self.pods)
+
+    def _unuse(self, key: str, direction: str, interface: str) -> None:
+        users = self._users.get((key, direction), set())
+        users.discard(interface)
+        if not users:
+            self._users.pop((key, direction), None)
+            self.table.chains.delete_desired(policy_chain(key, direction))
+            self.table.objects.delete_desired(policy_chain(key, direction))
+
+    def applied(self) -> None:
+        log.info("filter table applied", isolated_pods=len(self.pods), policies=len(self.policies))
+
+
+def _keys(pod: PodFilter | None, direction: str) -> tuple[str, ...] | None:
+    if pod is None:
+        return None
+    return pod.ingress if direction == IN else pod.egress
+
+
+def render(f: netpol.Filter) -> str | None:
+    """The transaction that creates the table for `f` from nothing (for reading and tests);
+    None when no local pod is isolated."""
+    mgr = FilterManager()
+    for msg in filter_messages(None, f):
+        mgr.on_update(msg)
+    if not mgr.table.want:
+        return None
+    mgr.table.present = False
+    return mgr.table.script()

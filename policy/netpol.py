@@ -2,7 +2,7 @@
 
 `compute()` resolves every policy against the cluster's pods and namespaces into plain
 values (which local pods are isolated in which direction, and each policy's rules as
-address sets and port ranges); `render()` writes them as the body of the `inet
+address sets and port ranges); `policy.filter_mgr` writes them into the `inet
 tortie-filter` table. `allows()` evaluates the same values the way the ruleset does, so
 the semantics are unit tested without a kernel.
 
@@ -41,7 +41,6 @@ TABLE = "tortie-filter"
 FAMILY = "inet"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 INGRESS, EGRESS = "Ingress", "Egress"
-_PROTOS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 _IFNAME_OK = re.compile(r"[A-Za-z0-9_.@+=-]{1,15}")
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -225,88 +224,3 @@ def allows(f: Filter, interface: str, direction: str, peer: str, protocol: str =
         if any(_allow_matches(a, peer, protocol, port) for a in (pol.ingress if direction == INGRESS else pol.egress)):
             return True
     return False
-
-
-# --- rendering ----------------------------------------------------------------------------
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
-
-
-def _chain_id(name: str) -> str:
-    return _UNSAFE.sub("_", name)
-
-
-def _ports_match(ports: tuple[PortRange, ...] | None) -> list[str]:
-    """nft match expressions, one per protocol (an empty string: any protocol)."""
-    if ports is None:
-        return [""]
-    out = []
-    for proto in sorted({r.protocol for r in ports}):
-        rs = [r for r in ports if r.protocol == proto]
-        if any(r.low is None for r in rs):
-            out.append(f"meta l4proto {_PROTOS[proto]}")
-            continue
-        items = ", ".join(str(r.low) if r.high == r.low else f"{r.low}-{r.high}" for r in rs)
-        out.append(f"meta l4proto {_PROTOS[proto]} th dport {{ {items} }}")
-    return out
-
-
-def render(f: Filter) -> str | None:
-    """The body of `table inet tortie-filter`, or None when no local pod is isolated."""
-    if not f.pods:
-        return None
-    lines: list[str] = []
-    chains: list[str] = []
-    for pi, pol in enumerate(f.policies):
-        for direction, allows_, addr_dir in (("in", pol.ingress, "saddr"), ("out", pol.egress, "daddr")):
-            body = [f"    # {pol.key} {'ingress' if direction == 'in' else 'egress'}"]
-            for ri, a in enumerate(allows_):
-                addr_matches = [""]
-                if a.peers is not None:
-                    addr_matches = []
-                    for version, fam, typ in ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr")):
-                        nets = [n for n in a.peers if ipaddress.ip_network(n).version == version]
-                        if not nets:
-                            continue
-                        sname = f"p{pi}-{direction}{ri}-v{version}"
-                        lines.append(f"  set {sname} {{ type {typ}; flags interval; "
-                                     f"elements = {{ {', '.join(nets)} }}; }}")
-                        addr_matches.append(f"{fam} {addr_dir} @{sname}")
-                for am in addr_matches:
-                    for pm in _ports_match(a.ports):
-                        body.append("    " + " ".join(x for x in (am, pm, "accept") if x))
-            chains += [f"  chain p{pi}-{direction} {{", *body, "  }"]
-    ing_map, egr_map = [], []
-    for pod in f.pods:
-        for keys, direction, elems in ((pod.ingress, "in", ing_map), (pod.egress, "out", egr_map)):
-            if keys is None:
-                continue
-            cname = f"pod-{direction}-{_chain_id(pod.interface)}"
-            idx = [i for i, p in enumerate(f.policies) if p.key in keys]
-            chains += [f"  chain {cname} {{", f"    # {pod.namespace}/{pod.name}",
-                       *(f"    jump p{i}-{direction}" for i in idx), "    drop", "  }"]
-            elems.append(f'"{pod.interface}" : jump {cname}')
-    # Declared before use: sets, the chains they and the maps name, the maps, the hooks.
-    lines += chains
-    for name, elems in (("ingress-pods", ing_map), ("egress-pods", egr_map)):
-        elements = f" elements = {{ {', '.join(elems)} }};" if elems else ""
-        lines.append(f"  map {name} {{ type ifname : verdict;{elements} }}")
-    established = "    ct state established,related accept"
-    lines += [
-        # Egress first (lower priority number): the sender's policy, then the receiver's.
-        "  chain forward-egress {", "    type filter hook forward priority filter - 1; policy accept;",
-        established, "    iifname vmap @egress-pods", "  }",
-        # A pod's traffic to this node itself is egress too.
-        # IPv6 neighbour discovery with the node is not a connection; it must pass.
-        "  chain input-egress {", "    type filter hook input priority filter - 1; policy accept;",
-        established, "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept",
-        "    iifname vmap @egress-pods", "  }",
-        "  chain forward-ingress {", "    type filter hook forward priority filter; policy accept;",
-        established, "    oifname vmap @ingress-pods", "  }",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def table_body(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[res.NetworkPolicy],
-               namespaces: Mapping[str, res.Namespace]) -> str | None:
-    return render(compute(node, weps, policies, namespaces))

@@ -132,8 +132,9 @@ class EgressLab:
         return r.returncode == 0 and "masquerade" in r.stdout
 
     def nat_handle(self, node: str) -> int | None:
+        """The kernel handle of the masquerade rule (a rule written again gets a new one)."""
         r = self.lab.exec(node, ["nft", "-a", "list", "table", "ip", "tortie-nat"], capture_output=True, text=True)
-        m = re.search(r"^table ip tortie-nat \{ # handle (\d+)", r.stdout, re.M)
+        m = re.search(r"masquerade .*# handle (\d+)$", r.stdout, re.M)
         return int(m.group(1)) if m else None
 
     def seen_as(self, src: str, dst_ip: str) -> str:
@@ -290,8 +291,8 @@ def test_hand_deleted_rule_route_and_nat_come_back(elab):
     lab.exec("node1", ["ip", "route", "del", "default", "table", str(TABLE_A)], check=True)
     wait_for(lambda: elab.table("node1", TABLE_A) == egress_table(TOR1),
              "the egress table's default route is back", CONVERGE)
-    # The agent may restore the table before we can look, so a restore is proven by the
-    # table's kernel handle: each rewrite makes a new table.
+    # The agent may restore the chain before we can look, so a restore is proven by the
+    # rule's kernel handle: the rule written again (flush chain + its rule) gets a new one.
     handle = elab.nat_handle("node2")
     lab.exec("node2", ["nft", "flush", "chain", "ip", "tortie-nat", "postrouting"], check=True)
     wait_for(lambda: elab.nat_on("node2") and elab.nat_handle("node2") != handle,
