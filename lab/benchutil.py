@@ -80,8 +80,11 @@ def _py_spy() -> str:
 def thread_names(pid: int) -> dict[int, str]:
     """Native thread id -> Python thread name of a running Python process (via `py-spy dump`;
     Python does not name its OS threads, so /proc cannot tell them apart)."""
-    out = subprocess.run([_py_spy(), "dump", "--pid", str(pid), "--nonblocking"],
-                         capture_output=True, text=True, timeout=30).stdout
+    try:
+        out = subprocess.run([_py_spy(), "dump", "--pid", str(pid), "--nonblocking"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except FileNotFoundError:  # no py-spy (pip install -e '.[bench]'): only the main thread is known
+        return {pid: "MainThread"}
     return {int(m.group(1)): m.group(2) for m in re.finditer(r'^Thread (\d+) \([^)]*\): "([^"]*)"', out, re.M)}
 
 
