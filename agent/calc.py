@@ -238,6 +238,8 @@ class Calculation:
         self._blocks: list[tuple[str, ipaddress._BaseNetwork]] = []  # own confirmed blocks
         self._block_set: frozenset[str] = frozenset()
         self._exports: set[str] = set()
+        self._block_exports: set[str] = set()
+        self._borrowed: dict[str, int] = {}  # local addresses outside our blocks -> endpoints
         self._export_added: set[str] = set()
         self._export_removed: set[str] = set()
         self._rules: frozenset[Rule] | None = None
@@ -366,7 +368,7 @@ class Calculation:
         self._out[BGP].replace(want.bgp_routes)
         self._out[EGRESS].replace(want.egress_routes)
         self._set_rules(want.rules)
-        self._set_exports(set(want.exports))
+        self._exports_recompute()  # builds the borrowed index; equals want.exports (tested)
         self._nat_recompute()
         self._bgp_recompute()
         self.policy.recompute()
@@ -384,14 +386,33 @@ class Calculation:
                         out.remove(r.key)
             for r in want.values():
                 out.set(r)
-            if self._wep_exports_differ(old, new):
-                self._exports_recompute()
+            before, after = self._borrowed_of(old), self._borrowed_of(new)
+            if before != after:
+                for net in before:
+                    n = self._borrowed[net] - 1
+                    if n:
+                        self._borrowed[net] = n
+                    else:
+                        del self._borrowed[net]
+                for net in after:
+                    self._borrowed[net] = self._borrowed.get(net, 0) + 1
+                self._set_exports(self._block_exports | self._borrowed.keys())
         self.policy.on_wep(old, new)
 
-    def _wep_exports_differ(self, old, new) -> bool:
-        def nets(w):
-            return frozenset(w.ip_networks) if self._local(w) else frozenset()
-        return nets(old) != nets(new)
+    def _borrowed_of(self, wep: res.WorkloadEndpoint | None) -> list[str]:
+        """A local endpoint's addresses outside our blocks, in a pool that exports: announced
+        as /32 (/128) since the owner's block route is less specific."""
+        if not self._local(wep):
+            return []
+        out = []
+        for cidr in wep.ip_networks:
+            net = ipaddress.ip_network(cidr, strict=False)
+            if any(net.version == b.version and net.subnet_of(b) for _, b in self._blocks):
+                continue
+            pool = _pool_of(net, self.state.pools)
+            if pool is not None and not pool.disable_bgp_export:
+                out.append(str(net))
+        return out
 
     def _blocks_changed(self) -> None:
         blocks = own_blocks(self.state, self.node)
@@ -409,24 +430,16 @@ class Calculation:
     def _exports_recompute(self) -> None:
         """Blocks of pools that export, and local addresses outside our blocks (borrowed)."""
         pools = self.state.pools
-        exports: set[str] = set()
-        nets = []
+        self._block_exports = set()
         for c, net in self._blocks:
-            nets.append(net)
             pool = _pool_of(net, pools)
             if pool is not None and not pool.disable_bgp_export:
-                exports.add(c)
+                self._block_exports.add(c)
+        self._borrowed = {}
         for wep in self.state.weps.values():
-            if not self._local(wep):
-                continue
-            for cidr in wep.ip_networks:
-                net = ipaddress.ip_network(cidr, strict=False)
-                if any(net.version == b.version and net.subnet_of(b) for b in nets):
-                    continue
-                pool = _pool_of(net, pools)
-                if pool is not None and not pool.disable_bgp_export:
-                    exports.add(str(net))
-        self._set_exports(exports)
+            for net in self._borrowed_of(wep):
+                self._borrowed[net] = self._borrowed.get(net, 0) + 1
+        self._set_exports(self._block_exports | self._borrowed.keys())
 
     def _set_exports(self, exports: set[str]) -> None:
         for p in exports - self._exports:

@@ -50,6 +50,81 @@ def _has_namespace_selector(p: res.NetworkPolicy) -> bool:
     return any(peer.namespace_selector is not None for peer in _peers(p))
 
 
+class _Rule:
+    """One rule of a used policy: its ports, its ipBlock networks, and per pod peer the
+    networks of the pods it matches (counted), so a pod event updates only the peers
+    that match that pod."""
+
+    __slots__ = ("allow", "pod_peers", "ports", "rule", "static")
+
+    def __init__(self, rule: res.PolicyRule, p: res.NetworkPolicy, weps, ns_labels) -> None:
+        self.rule = rule
+        self.ports = netpol.rule_ports(rule)
+        self.static = [n for peer in rule.peers if peer.cidr is not None for n in netpol.peer_block(peer)]
+        self.pod_peers: list[tuple[res.PolicyPeer, dict]] = []
+        for peer in rule.peers:
+            if peer.cidr is not None:
+                continue
+            nets: dict = {}
+            for w in weps:
+                if peer.matches_pod(w.labels, w.namespace, ns_labels[w.namespace], p.namespace):
+                    for n in netpol.wep_networks(w):
+                        nets[n] = nets.get(n, 0) + 1
+            self.pod_peers.append((peer, nets))
+        self.allow = self._make()
+
+    def _make(self) -> netpol.Allow | None:
+        nets = list(self.static)
+        for _, counted in self.pod_peers:
+            nets += counted
+        return netpol.make_allow(self.rule, self.ports, nets)
+
+    def on_wep(self, old, new, ns_labels, namespace: str) -> bool:
+        changed = False
+        for peer, counted in self.pod_peers:
+            for w, step in ((old, -1), (new, 1)):
+                if w is None or not peer.matches_pod(w.labels, w.namespace, ns_labels[w.namespace], namespace):
+                    continue
+                for n in netpol.wep_networks(w):
+                    c = counted.get(n, 0) + step
+                    if c > 0:
+                        counted[n] = c
+                        changed |= c == 1 and step == 1
+                    else:
+                        counted.pop(n, None)
+                        changed = True
+        if changed:
+            allow = self._make()
+            if allow == self.allow:
+                return False
+            self.allow = allow
+        return changed
+
+
+class _Policy:
+    """A used policy, resolved and indexed by peer."""
+
+    __slots__ = ("egress", "ingress", "key", "p")
+
+    def __init__(self, p: res.NetworkPolicy, weps, ns_labels) -> None:
+        self.p, self.key = p, netpol.policy_key(p)
+        weps = tuple(weps)
+        self.ingress = [_Rule(r, p, weps, ns_labels) for r in p.ingress] \
+            if netpol.INGRESS in p.policy_types else []
+        self.egress = [_Rule(r, p, weps, ns_labels) for r in p.egress] \
+            if netpol.EGRESS in p.policy_types else []
+
+    def resolved(self) -> netpol.ResolvedPolicy:
+        return netpol.ResolvedPolicy(self.key, tuple(r.allow for r in self.ingress if r.allow is not None),
+                                     tuple(r.allow for r in self.egress if r.allow is not None))
+
+    def on_wep(self, old, new, ns_labels) -> bool:
+        changed = False
+        for r in (*self.ingress, *self.egress):
+            changed |= r.on_wep(old, new, ns_labels, self.p.namespace)
+        return changed
+
+
 class PolicyCalculator:
     def __init__(self, node: str, weps: dict[WepKey, res.WorkloadEndpoint],
                  policies: dict[WepKey, res.NetworkPolicy],
@@ -58,6 +133,9 @@ class PolicyCalculator:
         self.node = node
         self.weps, self.policies, self.namespaces = weps, policies, namespaces
         self._ns_labels = _NamespaceLabels(namespaces)
+        # local endpoints by host interface (normally one each)
+        self._by_iface: dict[str, dict[WepKey, res.WorkloadEndpoint]] = {}
+        self._index: dict[str, _Policy] = {}  # used policies, resolved and indexed
         self.pod_filters: dict[str, netpol.PodFilter] = {}  # emitted, by interface
         self.resolved: dict[str, netpol.ResolvedPolicy] = {}  # emitted, by policy key
         self._users: dict[str, set[str]] = {}  # policy key -> interfaces it isolates
@@ -69,24 +147,26 @@ class PolicyCalculator:
 
     # -- inputs (called after the state has folded the event) ----------------------------
     def on_wep(self, old: res.WorkloadEndpoint | None, new: res.WorkloadEndpoint | None) -> None:
-        dirty: set[str] = set()
+        for w, add in ((old, False), (new, True)):
+            if w is not None and w.node == self.node and w.interface_name:
+                by_key = self._by_iface.setdefault(w.interface_name, {})
+                if add:
+                    by_key[(w.namespace, w.name)] = w
+                else:
+                    by_key.pop((w.namespace, w.name), None)
+                if not by_key:
+                    del self._by_iface[w.interface_name]
+        # The indexes first: one built below (a pod starts using a policy) is made from the
+        # state as it is now and must not see this change a second time.
+        for key, idx in self._index.items():
+            if idx.on_wep(old, new, self._ns_labels):
+                self._set_resolved(key, idx.resolved())
         for w in (old, new):
-            if w is None:
-                continue
-            if w.node == self.node and w.interface_name:
-                dirty_filter = w.interface_name
-                self._refresh_pod(dirty_filter)
-            labels_ns = self._ns_labels[w.namespace]
-            for (pns, pname), p in self.policies.items():
-                key = f"{pns}/{pname}"
-                if key in dirty or key not in self._users:
-                    continue
-                if any(peer.matches_pod(w.labels, w.namespace, labels_ns, p.namespace) for peer in _peers(p)):
-                    dirty.add(key)
-        for key in dirty:
-            self._resolve(key)
+            if w is not None and w.node == self.node and w.interface_name:
+                self._refresh_pod(w.interface_name)
 
     def on_policy(self, key: str) -> None:
+        self._index.pop(key, None)
         for iface in self._local_interfaces():
             self._refresh_pod(iface)
         if key in self._users:
@@ -102,9 +182,17 @@ class PolicyCalculator:
     def recompute(self) -> None:
         """Everything from the state (a snapshot): emitted state is diffed, not reset."""
         self._ns_labels.clear()
+        self._by_iface = {}
+        for (ns, name), w in self.weps.items():
+            if w.node == self.node and w.interface_name:
+                self._by_iface.setdefault(w.interface_name, {})[(ns, name)] = w
         full = netpol.compute(self.node, self.weps.values(), self.policies.values(), self.namespaces)
         want_pods = {f.interface: f for f in full.pods}
         want_policies = {p.key: p for p in full.policies}
+        self._index = {}
+        for (ns, name), p in self.policies.items():
+            if f"{ns}/{name}" in want_policies:
+                self._index[f"{ns}/{name}"] = _Policy(p, self.weps.values(), self._ns_labels)
         for key, p in want_policies.items():
             if self.resolved.get(key) != p:
                 self.resolved[key] = p
@@ -141,18 +229,12 @@ class PolicyCalculator:
 
     # -- internals ------------------------------------------------------------------------
     def _local_interfaces(self) -> set[str]:
-        found = {w.interface_name for w in self.weps.values()
-                 if w.node == self.node and w.interface_name}
-        return found | set(self.pod_filters)
+        return set(self._by_iface) | set(self.pod_filters)
 
     def _local_wep(self, iface: str) -> res.WorkloadEndpoint | None:
-        found = None
-        for w in self.weps.values():
-            if w.node == self.node and w.interface_name == iface:
-                # as netpol.compute: in (namespace, name) order, the last one wins
-                if found is None or (w.namespace, w.name) > (found.namespace, found.name):
-                    found = w
-        return found
+        by_key = self._by_iface.get(iface)
+        # as netpol.compute: in (namespace, name) order, the last one wins
+        return by_key[max(by_key)] if by_key else None
 
     def _refresh_pod(self, iface: str) -> None:
         wep = self._local_wep(iface)
@@ -191,15 +273,20 @@ class PolicyCalculator:
                     self._drop(key)
 
     def _resolve(self, key: str) -> None:
+        """Resolve a policy from scratch (it changed, or a pod starts using it)."""
         ns, _, name = key.partition("/")
         p = self.policies.get((ns, name))
         if p is None or key not in self._users:
             return
-        want = netpol.resolve(p, self.weps.values(), self._ns_labels)
+        idx = self._index[key] = _Policy(p, self.weps.values(), self._ns_labels)
+        self._set_resolved(key, idx.resolved())
+
+    def _set_resolved(self, key: str, want: netpol.ResolvedPolicy) -> None:
         if self.resolved.get(key) != want:
             self.resolved[key] = want
             self._touched_policies.add(key)
 
     def _drop(self, key: str) -> None:
+        self._index.pop(key, None)
         if self.resolved.pop(key, None) is not None:
             self._touched_policies.add(key)

@@ -96,10 +96,30 @@ def namespace_labels(namespaces: Mapping[str, res.Namespace], name: str) -> dict
 
 
 def _collapse(nets: Iterable[Net]) -> tuple[str, ...]:
-    out: list[Net] = []
-    for version in (4, 6):
-        out += ipaddress.collapse_addresses(n for n in nets if n.version == version)
-    return tuple(str(n) for n in out)
+    """The smallest list of CIDRs covering the union of `nets`, IPv4 first, sorted (what
+    ipaddress.collapse_addresses gives, in integer arithmetic: policies collapse the
+    addresses of hundreds of pods on every pod event)."""
+    by_version: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    for n in nets:
+        lo = int(n.network_address)
+        by_version[n.version].append((lo, lo + (1 << (n.max_prefixlen - n.prefixlen)) - 1))
+    out: list[str] = []
+    for version, bits, addr in ((4, 32, ipaddress.IPv4Address), (6, 128, ipaddress.IPv6Address)):
+        merged: list[list[int]] = []
+        for lo, hi in sorted(by_version[version]):
+            if merged and lo <= merged[-1][1] + 1:
+                if hi > merged[-1][1]:
+                    merged[-1][1] = hi
+            else:
+                merged.append([lo, hi])
+        for lo, hi in merged:
+            while lo <= hi:
+                size = lo & -lo if lo else 1 << bits  # the largest block aligned at lo...
+                while size > hi - lo + 1:  # ...that ends inside the range
+                    size >>= 1
+                out.append(f"{addr(lo)}/{bits - size.bit_length() + 1}")
+                lo += size
+    return tuple(out)
 
 
 def _block(peer: res.PolicyPeer) -> list[Net]:
@@ -117,21 +137,50 @@ def _block(peer: res.PolicyPeer) -> list[Net]:
     return nets
 
 
+_UNSATISFIABLE = object()
+
+
+def rule_ports(rule: res.PolicyRule):
+    """The rule's ports as ranges; None for any port; `_UNSATISFIABLE` when only named
+    ports are given (unsupported: they match nothing)."""
+    if not rule.ports:
+        return None
+    ranges = []
+    for p in rule.ports:
+        if isinstance(p.port, str):
+            continue  # named port: unsupported, matches nothing
+        ranges.append(PortRange(p.protocol, p.port, (p.end_port or p.port) if p.port else None))
+    if not ranges:
+        return _UNSATISFIABLE
+    return tuple(sorted(set(ranges), key=lambda r: (r.protocol, r.low or 0, r.high or 0)))
+
+
+def make_allow(rule: res.PolicyRule, ports, nets: Iterable[Net]) -> Allow | None:
+    """The Allow of a rule from its ports (`rule_ports`) and its peers' networks."""
+    if ports is _UNSATISFIABLE:
+        return None
+    if not rule.peers:
+        return Allow(None, ports)
+    nets = list(nets)
+    if not nets:
+        return None  # peers that are nobody allow nothing
+    return Allow(_collapse(nets), ports)
+
+
+def peer_block(peer: res.PolicyPeer) -> list[Net]:
+    return _block(peer)
+
+
+def wep_networks(wep: res.WorkloadEndpoint) -> list[Net]:
+    return [ipaddress.ip_network(c, strict=False) for c in wep.ip_networks]
+
+
 def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy,
                   weps: Iterable[res.WorkloadEndpoint], ns_labels: Mapping[str, dict[str, str]]) -> Allow | None:
     """The rule as address and port sets; None when it can match nothing."""
-    ports: tuple[PortRange, ...] | None = None
-    if rule.ports:
-        ranges = []
-        for p in rule.ports:
-            if isinstance(p.port, str):
-                continue  # named port: unsupported, matches nothing
-            ranges.append(PortRange(p.protocol, p.port, (p.end_port or p.port) if p.port else None))
-        if not ranges:
-            return None
-        ports = tuple(sorted(set(ranges), key=lambda r: (r.protocol, r.low or 0, r.high or 0)))
-    if not rule.peers:
-        return Allow(None, ports)
+    ports = rule_ports(rule)
+    if ports is _UNSATISFIABLE:
+        return None
     nets: list[Net] = []
     for peer in rule.peers:
         if peer.cidr is not None:
@@ -139,10 +188,8 @@ def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy,
             continue
         for wep in weps:
             if peer.matches_pod(wep.labels, wep.namespace, ns_labels[wep.namespace], policy.namespace):
-                nets += (ipaddress.ip_network(c, strict=False) for c in wep.ip_networks)
-    if not nets:
-        return None  # peers that are nobody allow nothing
-    return Allow(_collapse(nets), ports)
+                nets += wep_networks(wep)
+    return make_allow(rule, ports, nets)
 
 
 def policy_key(p: res.NetworkPolicy) -> str:

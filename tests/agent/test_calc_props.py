@@ -14,7 +14,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tortie.agent.calc import Calculation
+from tortie.agent.calc import Calculation, desired, network_policy
 from tortie.bgp.messages import BGPConfigUpdate, ExportDelta
 from tortie.datastore import keys
 from tortie.datastore import resources as res
@@ -228,6 +228,14 @@ def _fresh(items: dict, learned: dict) -> Accumulated:
     calc.replace_learned(learned)
     acc = Accumulated()
     acc.feed(calc.take_messages())
+    # the snapshot path against the reference functions, computed whole
+    want = desired(calc.state, ME, learned, frozenset({OWN_ADDR}))
+    assert acc.exports == set(want.exports)
+    assert set(acc.routes.get("workloads", {}).values()) == set(want.workload_routes)
+    assert set(acc.routes.get("bgp", {}).values()) == set(want.bgp_routes)
+    full = network_policy(calc.state, ME)
+    assert acc.pods == {f.interface: f for f in full.pods}
+    assert acc.policies == {p.key: p for p in full.policies}
     return acc
 
 

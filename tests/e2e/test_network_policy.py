@@ -171,3 +171,48 @@ def test_policy_holds_while_the_agent_is_down_and_after_its_restart(lab, policie
         lab.agent_start("node1")
     assert not lab.probe("prod/client", "prod/web1", timeout=PROBE).ok
     assert lab.probe("dev/tool", "prod/web1", timeout=PROBE).ok
+
+
+def _policy_counter(lab, node: str, name_part: str) -> tuple[int, int]:
+    """(packets, handle) of the named counter of the policy chain whose name has `name_part`."""
+    out = lab.exec(node, ["nft", "-j", "list", "counters", "table", "inet", "tortie-filter"],
+                   capture_output=True, text=True, check=True).stdout
+    found = [o["counter"] for o in json.loads(out)["nftables"]
+             if "counter" in o and name_part in o["counter"]["name"]]
+    assert len(found) == 1, found
+    return found[0]["packets"], found[0]["handle"]
+
+
+def test_a_policy_counter_survives_an_unrelated_pod_add_and_del(lab, policies):
+    """The filter table is changed element by element, never rewritten: a stateful object of
+    tortie's (the policy's accept counter) keeps its count and its handle across a pod that
+    comes and goes through the real CNI path."""
+    policies(netpol("prod", "web-from-client", **WEB, ingress=[
+        {"from": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]}}]}]))
+    assert eventually(reach(lab, "dev/tool", "prod/web1"), False)
+    for _ in range(3):
+        assert lab.probe("prod/client", "prod/web1", timeout=PROBE).ok
+    packets, handle = _policy_counter(lab, "node1", "prod_web-from-client")
+    assert packets >= 3
+    lab.pod_add("node1", "prod/passer-by")
+    assert eventually(reach(lab, "prod/passer-by", "prod/web1"), True)  # unlabelled: allowed
+    lab.pod_del("prod/passer-by")
+    after, after_handle = _policy_counter(lab, "node1", "prod_web-from-client")
+    assert after_handle == handle
+    assert after >= packets + 1  # the passer-by's probe counted on top, nothing reset
+
+
+def test_the_agent_forks_no_process_per_pod(lab):
+    """In steady state the agent (its loop, CNI server and dataplane thread) starts no
+    process for a pod ADD or DEL: 50 pods added and deleted (100 CNI calls) while the
+    kernel reports every fork whose parent is the agent."""
+    from forkwatch import ForkWatch
+
+    agent = lab.state().proc("agent:node1").pid
+    with ForkWatch(agent) as watch:
+        for i in range(50):
+            lab.pod_add("node1", f"prod/churn-{i}")
+        for i in range(50):
+            lab.pod_del(f"prod/churn-{i}")
+    assert watch.events > 100  # the watch saw the lab's own forks: it is listening
+    assert watch.children == []
