@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         verdicts = check(results)
         report(results, verdicts, bench.failures, bench.floor_cmd, args)
         # a failed tortie call in a burst is a MISS too (the runtime would have to retry it)
-        failed = any(f["plugin"] == "tortie" for f in bench.failures)
+        failed = any(f["plugin"] == "tortie" and f["failed"] for f in bench.failures)
         return 0 if all(v["verdict"] == "PASS" for v in verdicts.values()) and not failed else 1
     finally:
         bench.drop_netns()
@@ -142,21 +142,31 @@ class Bench:
     def env(self, command: str, cid: str, ns: str) -> dict:
         return cni_env(command, cid, ns, f"{self.bin_dir}:/usr/lib/cni")
 
-    def exec_timed(self, plugin: str, command: str, cid: str, ns: str, conf: bytes) -> float:
+    def exec_timed(self, plugin: str, command: str, cid: str, ns: str, conf: bytes) -> float | None:
+        """Exec to exit; None if the call failed (recorded in self.failures: a MISS for tortie)."""
         t = time.perf_counter()
         r = subprocess.run(self.argv[plugin], input=conf, env=self.env(command, cid, ns), capture_output=True)
         dt = time.perf_counter() - t
         if r.returncode != 0:
-            raise RuntimeError(f"{plugin} {command} failed: {r.stdout.decode()} {r.stderr.decode()}")
+            self.fail(plugin, command, "sequential", 1, 1, (r.stdout or r.stderr).decode())
+            return None
         return dt
+
+    def fail(self, plugin: str, command: str, phase: str, failed: int, of: int, example: str) -> None:
+        for f in self.failures:  # one line per plugin, command and phase
+            if (f["plugin"], f["command"], f["phase"]) == (plugin, command, phase):
+                f["failed"] += failed
+                f["of"] += of
+                return
+        self.failures.append({"plugin": plugin, "command": command, "phase": phase, "failed": failed, "of": of,
+                              "example": example.strip()[:300]})
 
     def burst(self, plugin: str, command: str, pods: list[tuple[str, str]], conf: bytes) -> float:
         """Wall time of the burst; failed calls are counted (a runtime would retry them: so do we,
         one by one, so the next burst starts clean)."""
         dt, failed = exec_concurrently(self.argv[plugin], [self.env(command, cid, ns) for cid, ns in pods], conf)
+        self.fail(plugin, command, "burst", len(failed), len(pods), failed[0][1] if failed else "")
         if failed:
-            self.failures.append({"plugin": plugin, "command": command, "failed": len(failed), "of": len(pods),
-                                  "example": failed[0][1].strip()[:300]})
             for i, _ in failed:
                 cid, ns = pods[i]
                 subprocess.run(self.argv[plugin], input=conf, env=self.env(command, cid, ns), capture_output=True)
@@ -181,7 +191,9 @@ class Bench:
                 order = PLUGINS[i % 3:] + PLUGINS[:i % 3]  # rotate who goes first
                 for plugin in order:
                     cid, ns = pod[plugin]
-                    times[plugin][command].append(self.exec_timed(plugin, command, cid, ns, confs[plugin]))
+                    dt = self.exec_timed(plugin, command, cid, ns, confs[plugin])
+                    if dt is not None:  # a failed ADD is still DELeted below (DEL is idempotent)
+                        times[plugin][command].append(dt)
         if profile:
             profile.stop()
         self.drop_netns()
@@ -242,9 +254,11 @@ def report(results: dict, verdicts: dict, failures: list[dict], floor_cmd: str, 
         print(f"  {v['what']:<32} {fmt.format(v['value']):>7} {unit} <= {v['factor']}x ptp "
               f"({fmt.format(v['limit'])} {unit})   {v['ratio']:.2f}x  {v['verdict']}")
     for f in failures:
+        if not f["failed"]:
+            continue
         verdict = "MISS" if f["plugin"] == "tortie" else "(reference)"
-        print(f"  {f['plugin']} burst {f['command']}: {f['failed']} of {f['of']} calls failed (retried one by one) "
-              f"{verdict}: {f['example']}")
+        print(f"  {f['plugin']} {f['phase']} {f['command']}: {f['failed']} of {f['of']} calls failed {verdict}: "
+              f"{f['example']}")
 
 
 def main() -> int:
