@@ -58,9 +58,9 @@ def exec_concurrently(argv: list[str], envs: list[dict[str, str]],
     failures = []
     for i, p in enumerate(procs):
         out = p.stdout.read()
-        p.stderr.read()
+        err = p.stderr.read()
         if p.wait() != 0:
-            failures.append((i, out.decode()))
+            failures.append((i, (out or err or f"exit {p.returncode}".encode()).decode(errors="replace")))
         p.stdout.close()
         p.stderr.close()
     return time.perf_counter() - t, failures

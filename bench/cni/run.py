@@ -147,19 +147,19 @@ class Bench:
         t = time.perf_counter()
         r = subprocess.run(self.argv[plugin], input=conf, env=self.env(command, cid, ns), capture_output=True)
         dt = time.perf_counter() - t
-        if r.returncode != 0:
-            self.fail(plugin, command, "sequential", 1, 1, (r.stdout or r.stderr).decode())
-            return None
-        return dt
+        self.fail(plugin, command, "sequential", int(r.returncode != 0), 1,
+                  (r.stdout or r.stderr or f"exit {r.returncode}".encode()).decode(errors="replace"))
+        return dt if r.returncode == 0 else None
 
     def fail(self, plugin: str, command: str, phase: str, failed: int, of: int, example: str) -> None:
         for f in self.failures:  # one line per plugin, command and phase
             if (f["plugin"], f["command"], f["phase"]) == (plugin, command, phase):
                 f["failed"] += failed
                 f["of"] += of
+                f["example"] = f["example"] or (example.strip()[:300] if failed else "")
                 return
         self.failures.append({"plugin": plugin, "command": command, "phase": phase, "failed": failed, "of": of,
-                              "example": example.strip()[:300]})
+                              "example": example.strip()[:300] if failed else ""})
 
     def burst(self, plugin: str, command: str, pods: list[tuple[str, str]], conf: bytes) -> float:
         """Wall time of the burst; failed calls are counted (a runtime would retry them: so do we,
