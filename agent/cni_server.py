@@ -547,10 +547,8 @@ def _ip_sort(ip: str) -> tuple[int, int]:
 
 def _wep_accepts(field: str) -> bool:
     """Whether the WorkloadEndpoint schema knows a spec field (it is strict)."""
-    try:
-        from tortie.datastore.resources import validate
-    except ImportError:
-        return True
+    from tortie.datastore.resources import validate
+
     sample = {"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
               "metadata": {"name": "probe", "namespace": "default"},
               "spec": {"node": "probe", field: "x.y"}}
@@ -599,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tortie.datastore.etcd import EtcdClient, EtcdConfig
     from tortie.datastore.ipam import IPAM
-    from tortie.datastore.resources import ResourceStore
+    from tortie.datastore.store import ResourceStore
 
     client = EtcdClient(EtcdConfig.from_env())
 

@@ -27,10 +27,10 @@ from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
 from tortie.agent.calc import WORKLOADS, Calculation
-from tortie.agent.health import Health, start_http
-from tortie.agent.metrics import Registry
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
+from tortie.health import Health, start_http
+from tortie.metrics import Registry
 from tortie.routing.messages import RouteDelta
 from tortie.routing.model import MAIN_TABLE
 
@@ -50,7 +50,7 @@ MANAGERS = ("routes", "rules", "nat", "filter")
 class Agent:
     def __init__(self, cfg: agent_config.AgentConfig) -> None:
         from tortie.datastore.ipam import IPAM
-        from tortie.datastore.resources import ResourceStore
+        from tortie.datastore.store import ResourceStore
 
         self.cfg = cfg
         self.node = cfg.nodename

@@ -142,3 +142,23 @@ def environment(local: LocalSettings, log_file: str, pid_file: str,
         "exabgp.log.statistics": "false",
         "exabgp.log.short": "false",
     }
+
+
+def write(path: str, text: str) -> None:
+    """Write the file atomically, readable by its owner only: it holds the peers' MD5
+    passwords. Its directory is made (or made again) 0700, the file 0600 -- also when a
+    leftover file or directory had looser modes."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            fd = -1
+            f.write(text)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    os.replace(tmp, path)

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from tortie.datastore import selector
-
 DEFAULT_AS = 64512
 KINDS = ("mesh", "global", "node", "reflector", "rr-client")
 
@@ -168,7 +166,7 @@ def compute_peers(node: Any, nodes: Sequence[Any], bgp_peers: Iterable[Any], con
             add_node_peer(other, "reflector")
 
     for bp in sorted(bgp_peers, key=lambda p: p.name):
-        if not _applies(bp, node):
+        if not bp.applies_to(node):
             continue
         kind = "global" if bp.node is None and bp.node_selector is None else "node"
         hold = getattr(bp, "hold_time", None)
@@ -185,17 +183,8 @@ def compute_peers(node: Any, nodes: Sequence[Any], bgp_peers: Iterable[Any], con
                 passive=bool(getattr(bp, "passive", False)),
                 accept_prefixes=tuple(getattr(bp, "accept_prefixes", ()) or ()),
                 name=bp.name, **timers)
-        elif bp.peer_selector is not None:
-            sel = selector.parse(bp.peer_selector)
-            for other in others:
-                if sel.matches(other.labels):
-                    add_node_peer(other, kind, **timers)
+        else:  # peerSelector: the nodes it picks (none without one)
+            for other in bp.peer_nodes(others):
+                add_node_peer(other, kind, **timers)
     return sorted(found.values(), key=lambda p: (ipaddress.ip_address(p.address).version,
                                                  ipaddress.ip_address(p.address), p.port))
-
-
-def _applies(bp: Any, node: Any) -> bool:
-    """Whether `node` is one of the nodes that open this BGPPeer's sessions."""
-    if bp.node is not None:
-        return bp.node == node.name
-    return selector.parse(bp.node_selector).matches(node.labels)

@@ -1,7 +1,7 @@
 """Peer status: what `tortiectl node status` shows, and why a down peer is down.
 
 The speaker publishes a list of PeerStatus; the agent stores `json.dumps(status_json())`
-(a `document()`) in etcd at `<prefix>status/bgp/<node>`; the CLI reads it back with
+(a `document()`) in etcd at `<prefix>` + `datastore.keys.bgp_status_key(node)`; the CLI reads it back with
 `parse()` and prints `table()`.
 """
 

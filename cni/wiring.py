@@ -474,21 +474,3 @@ def check_pod(netns: str, pod_ifname: str, host_ifname: str, addresses: Sequence
             if not any(r["dst"] == default and r["gateway"] == gw for r in routes):
                 problems.append(f"default route via {gw} dev {pod_ifname} is missing")
     return problems
-
-
-def host_routes(route_proto: int) -> list[tuple[str, str]]:
-    """(dst, host veth) of the pod routes this module installed: for adoption on start."""
-    out = []
-    with Netlink.here() as nl:
-        names = {}
-        body = _IFINFO.pack(0, 0, 0, 0, 0)
-        for _t, payload in nl.query(RTM_GETLINK, body, "dump links", dump=True):
-            index = _IFINFO.unpack_from(payload)[2]
-            name = _parse_attrs(payload, _IFINFO.size).get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
-            names[index] = name
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for r in nl.routes(family):
-                dev = names.get(r["oif"], "")
-                if r["proto"] == route_proto and dev.startswith(HOST_PREFIX) and r["table"] == RT_TABLE_MAIN:
-                    out.append((r["dst"], dev))
-    return out

@@ -18,11 +18,10 @@ import yaml
 
 from tortie import __version__
 from tortie.ctl import output
+from tortie.datastore import keys, selector
 from tortie.datastore import resources as res
-from tortie.datastore import selector
 from tortie.errors import Conflict, NotFound, TortieError, ValidationError
 
-STATUS_PREFIX = "status/bgp/"
 STALE_AFTER = 30.0  # seconds without a status update: the agent is probably not running
 
 
@@ -258,8 +257,9 @@ def cmd_label(ctx, args) -> int:
 def cmd_node_status(ctx, args) -> int:
     from tortie.bgp import status as bgp_status
 
-    kvs, _ = ctx.client.get_prefix(ctx.config.prefix + STATUS_PREFIX)
-    published = {kv.key.rsplit("/", 1)[1]: kv.value for kv in kvs}
+    prefix = ctx.config.prefix
+    kvs, _ = ctx.client.get_prefix(prefix + keys.BGP_STATUS)
+    published = {node: kv.value for kv in kvs if (node := keys.parse_bgp_status(kv.key[len(prefix):]))}
     nodes = args.nodes or sorted(set(published) | {n["metadata"]["name"] for n in ctx.store.list("node")})
     if not nodes:
         print("No nodes found.", file=ctx.err)

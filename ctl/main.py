@@ -19,14 +19,13 @@ Subcommand modules plug in with `register(subparsers)`: add a parser and set
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from functools import cached_property
 from typing import TextIO
 
 from tortie import log as tlog
-from tortie.ctl import commands, output
+from tortie.ctl import commands, ipam, output
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.errors import TortieError
 
@@ -45,7 +44,7 @@ class Context:
 
     @cached_property
     def store(self):
-        from tortie.datastore.resources import ResourceStore
+        from tortie.datastore.store import ResourceStore
 
         return ResourceStore(self.client)
 
@@ -123,23 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("version", help="client version and datastore reachability").set_defaults(
         func=commands.cmd_version)
-    _register_ipam(sub)
-    return ap
-
-
-def _register_ipam(sub) -> None:
-    try:
-        ipam = importlib.import_module("tortie.ctl.ipam")
-    except ModuleNotFoundError as exc:
-        if exc.name != "tortie.ctl.ipam":
-            raise
-
-        def missing(ctx, args) -> int:
-            raise TortieError("the ipam commands are not installed in this build")
-
-        sub.add_parser("ipam", help="IP address management (not installed)").set_defaults(func=missing)
-        return
     ipam.register(sub)
+    return ap
 
 
 def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> EtcdConfig:

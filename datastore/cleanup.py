@@ -7,7 +7,7 @@ Shared by `tortiectl delete node` and the Kubernetes controller.
 from __future__ import annotations
 
 from tortie.datastore.ipam import DEFAULT_NETWORK, IPAM
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 from tortie.errors import NotFound
 
 

@@ -34,26 +34,27 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from tortie.datastore import keys, selector
 from tortie.datastore import resources as res
-from tortie.datastore import selector
 from tortie.datastore.etcd import KV, EtcdClient, Txn
 from tortie.datastore.ipam_blocks import (
-    AFFINITY,
-    BLOCKS,
     CONFIRMED,
-    HANDLES,
+    DEFAULT_NETWORK,
     PENDING,
     Attr,
     Block,
+    BlockInfo,
+    Config,
     HandleRecord,
     Held,
     affinity_value,
     block_of,
     candidate_blocks,
-    cidr_part,
+    check_name,
+    net_key,
     parse_ip,
-    part_cidr,
 )
+from tortie.datastore.store import decode
 from tortie.errors import (
     AlreadyExists,
     Conflict,
@@ -66,26 +67,8 @@ from tortie.log import get_logger
 
 log = get_logger("ipam")
 
-DEFAULT_NETWORK = "k8s-pod-network"
 PENDING_GRACE = 30.0  # seconds before a pending claim counts as abandoned
 _ATTEMPTS = 100
-
-
-@dataclass(frozen=True)
-class BlockInfo:
-    cidr: str
-    pool: str
-    node: str | None
-    confirmed: bool
-    allocated: int
-    total: int
-
-
-@dataclass(frozen=True)
-class Config:
-    strict_affinity: bool = False
-    max_blocks_per_host: int = 0  # 0: no limit
-    auto_allocate_blocks: bool = True  # False: only blocks claimed otherwise (assign_ip) and borrowing
 
 
 @dataclass(frozen=True)
@@ -113,10 +96,8 @@ class IPAM:
 
     def __init__(self, client: EtcdClient) -> None:
         self.client = client
-        p = client.config.prefix
-        self._blocks = p + BLOCKS
-        self._affinity = p + AFFINITY
-        self._handles = p + HANDLES
+        p = self._prefix = client.config.prefix
+        self._blocks = p + keys.IPAM_BLOCKS
         self._pools_prefix = p + res.kind_for("ippool").prefix()
         self._nodes_prefix = p + res.kind_for("node").prefix()
         self._weps_prefix = p + res.kind_for("workloadendpoint").prefix()
@@ -129,19 +110,19 @@ class IPAM:
     # --- keys ---------------------------------------------------------------------------
 
     def _bkey(self, cidr: str) -> str:
-        return self._blocks + cidr_part(cidr)
+        return self._prefix + keys.block_key(cidr)
 
     def _akey(self, node: str, cidr: str) -> str:
-        return f"{self._affinity}{node}/{cidr_part(cidr)}"
+        return self._prefix + keys.affinity_key(node, cidr)
 
     def _hkey(self, handle: str) -> str:
-        return self._handles + handle
+        return self._prefix + keys.handle_key(handle)
 
     def _pool_key(self, name: str) -> str:
-        return self._pools_prefix + name
+        return self._prefix + res.key_for(res.kind_for("ippool"), name)
 
     def _node_key(self, node: str) -> str:
-        return self._nodes_prefix + node
+        return self._prefix + res.key_for(res.kind_for("node"), node)
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -150,7 +131,7 @@ class IPAM:
         pools, revs = [], {}
         for kv in kvs:
             try:
-                pool = res.IPPool.from_resource(res.decode(kv.value, kv.mod_revision))
+                pool = res.IPPool.from_resource(decode(kv.value, kv.mod_revision))
             except (TortieError, ValueError, KeyError, TypeError) as exc:
                 log.warning("invalid IPPool ignored", key=kv.key, error=str(exc))
                 continue
@@ -161,7 +142,7 @@ class IPAM:
         config = Config()
         if cfg_kv is not None:
             try:
-                view = res.IPAMConfig.from_resource(res.decode(cfg_kv.value, cfg_kv.mod_revision))
+                view = res.IPAMConfig.from_resource(decode(cfg_kv.value, cfg_kv.mod_revision))
                 config = Config(view.strict_affinity, view.max_blocks_per_host, view.auto_allocate_blocks)
             except (TortieError, ValueError, KeyError, TypeError) as exc:
                 log.warning("invalid IPAMConfig ignored", error=str(exc))
@@ -181,10 +162,13 @@ class IPAM:
         return self._ctx.get(node) or self._read_ctx(node)
 
     def _read_own(self, node: str) -> dict[str, tuple[Block, int]]:
-        kvs, _ = self.client.get_prefix(f"{self._affinity}{node}/")
+        kvs, _ = self.client.get_prefix(self._prefix + keys.affinity_prefix(node))
         own: dict[str, tuple[Block, int]] = {}
         for kv in kvs:
-            cidr = part_cidr(kv.key.rsplit("/", 1)[1])
+            parsed = keys.parse_affinity(kv.key[len(self._prefix):])
+            if parsed is None:
+                continue
+            cidr = parsed[1]
             bkv = self.client.get(self._bkey(cidr))
             if bkv is None:
                 continue
@@ -251,8 +235,8 @@ class IPAM:
         All or nothing: if a family cannot be served, what this call took is given back
         and PoolExhausted is raised.
         """
-        _check_name(handle, "handle")
-        _check_name(node, "node")
+        check_name(handle, "handle")
+        check_name(node, "node")
         if num_v4 < 0 or num_v6 < 0:
             raise ValidationError("address counts must not be negative", field="num")
         attrs = attrs or {}
@@ -425,8 +409,8 @@ class IPAM:
     def assign_ip(self, ip: str, handle: str, node: str, attrs: dict | None = None) -> str:
         """Allocate exactly ip to handle. AlreadyExists if taken, ValidationError if no
         enabled pool holds it; its block is claimed for node if nobody holds it yet."""
-        _check_name(handle, "handle")
-        _check_name(node, "node")
+        check_name(handle, "handle")
+        check_name(node, "node")
         addr = parse_ip(ip)
         attrs = attrs or {}
         attr = Attr(handle, str(attrs.get("namespace", "")), str(attrs.get("pod", "")), node)
@@ -526,7 +510,7 @@ class IPAM:
 
     def release_handle(self, handle: str) -> list[str]:
         """Free every address the handle holds; the addresses freed (none if it holds none)."""
-        _check_name(handle, "handle")
+        check_name(handle, "handle")
         with self._lock:
             kv = self.client.get(self._hkey(handle))
             if kv is None:
@@ -572,10 +556,10 @@ class IPAM:
 
     def blocks(self) -> list[Block]:
         """Every block with its allocations, in address order."""
-        return sorted((b for b, _ in self._all_blocks()), key=lambda b: _net_key(b.cidr))
+        return sorted((b for b, _ in self._all_blocks()), key=lambda b: net_key(b.cidr))
 
     def all_blocks(self) -> list[BlockInfo]:
-        return sorted((self._info(b) for b, _ in self._all_blocks()), key=lambda i: _net_key(i.cidr))
+        return sorted((self._info(b) for b, _ in self._all_blocks()), key=lambda i: net_key(i.cidr))
 
     def node_blocks(self, node: str) -> list[BlockInfo]:
         """The node's blocks; only the confirmed ones may be routed or advertised."""
@@ -602,7 +586,7 @@ class IPAM:
             "pools": pools,
             "blocks": [{"cidr": b.cidr, "pool": b.pool, "node": b.node, "state": b.state,
                         "total": b.total, "in_use": b.in_use, "free": b.free}
-                       for b in sorted(blocks, key=lambda b: _net_key(b.cidr))],
+                       for b in sorted(blocks, key=lambda b: net_key(b.cidr))],
         }
 
     # --- nodes --------------------------------------------------------------------------------
@@ -610,7 +594,7 @@ class IPAM:
     def release_node(self, node: str) -> dict:
         """A deleted node: its empty blocks are deleted, the others lose their affinity,
         and all its affinities go."""
-        _check_name(node, "node")
+        check_name(node, "node")
         deleted, orphaned = [], []
         with self._lock:
             for block, rev in self._all_blocks():
@@ -632,7 +616,7 @@ class IPAM:
                     block, rev = Block.from_json(kv.value), kv.mod_revision
                     if block.node != node:
                         break
-            self.client.delete_prefix(f"{self._affinity}{node}/")
+            self.client.delete_prefix(self._prefix + keys.affinity_prefix(node))
             self._own.pop(node, None)
             self._ctx.pop(node, None)
         log.info("node released", node=node, deleted_blocks=deleted, unaffined_blocks=orphaned)
@@ -658,7 +642,7 @@ class IPAM:
                 spec["strictAffinity"] = bool(strict_affinity)
             if max_blocks_per_host is not None:
                 spec["maxBlocksPerHost"] = max_blocks_per_host
-            res.validate(res.decode(json.dumps(doc).encode(), 0))
+            res.validate(decode(json.dumps(doc).encode(), 0))
             return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
         with self._lock:
@@ -672,34 +656,26 @@ class IPAM:
     # --- leaks ---------------------------------------------------------------------------------
 
     def wep_handles(self) -> set[str]:
-        """The IPAM handle of every WorkloadEndpoint: spec.ipamHandle, else
-        `<network>.<containerID>` with the default network name."""
-        kvs, _ = self.client.get_prefix(self._weps_prefix)
-        out = set()
-        for kv in kvs:
-            try:
-                spec = json.loads(kv.value).get("spec") or {}
-            except ValueError:
-                continue
-            if spec.get("ipamHandle"):
-                out.add(spec["ipamHandle"])
-            elif spec.get("containerID"):
-                out.add(f"{spec.get('network') or DEFAULT_NETWORK}.{spec['containerID']}")
-        return out
+        """The IPAM handle of every WorkloadEndpoint (see `ipam_check.wep_handles`)."""
+        from tortie.datastore.ipam_check import wep_handles
+
+        return wep_handles(self.client.get_prefix(self._weps_prefix)[0])
 
     def nodes(self) -> set[str]:
+        """The names of the Node resources."""
         kvs, _ = self.client.get_prefix(self._nodes_prefix)
-        return {kv.key[len(self._nodes_prefix):] for kv in kvs}
+        parsed = (res.parse_key(kv.key[len(self._prefix):]) for kv in kvs)
+        return {name for _, _, name in filter(None, parsed)}
 
     def check(self, wep_handles: set[str] | None = None, pending_grace: float = PENDING_GRACE) -> dict:
         """Report leaks; nothing is changed. `release_from_report` frees what it lists."""
         from tortie.datastore.ipam_check import build_report
 
         with self._lock:
-            kvs, revision = self.client.get_prefix(self.client.config.prefix + "ipam/")
+            kvs, revision = self.client.get_prefix(self._prefix + keys.IPAM)
             weps = self.wep_handles() if wep_handles is None else set(wep_handles)
             nodes = self.nodes()
-        return build_report(kvs, self.client.config.prefix, weps, nodes, pending_grace, revision)
+        return build_report(kvs, self._prefix, weps, nodes, pending_grace, revision)
 
     def release_from_report(self, report: dict) -> dict:
         """Free what a `check` report lists, each only if it is still as reported."""
@@ -707,16 +683,6 @@ class IPAM:
 
         with self._lock:
             return release_report(self, report)
-
-
-def _net_key(cidr: str) -> tuple[int, int, int]:
-    net = ipaddress.ip_network(cidr)
-    return net.version, int(net.network_address), net.prefixlen
-
-
-def _check_name(value: str, what: str) -> None:
-    if not value or not isinstance(value, str) or "/" in value or value.strip() != value:
-        raise ValidationError(f"{value!r} is not a valid {what} (non-empty, no '/', no spaces)", field=what)
 
 
 __all__ = ["DEFAULT_NETWORK", "IPAM", "BlockInfo", "Config"]

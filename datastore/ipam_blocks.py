@@ -1,4 +1,4 @@
-"""IPAM values: the key layout, allocation blocks and handle records. Pure, no I/O.
+"""IPAM values: allocation blocks and handle records (their keys: `datastore.keys`). Pure, no I/O.
 
 A block is a power-of-two slice of a pool that one node claims as a whole (its
 affinity). It holds, per address, either None (free) or an index into its list of
@@ -18,24 +18,11 @@ from functools import cached_property
 
 from tortie.errors import ValidationError
 
-BLOCKS = "ipam/blocks/"
-AFFINITY = "ipam/affinity/"
-HANDLES = "ipam/handles/"
-
+DEFAULT_NETWORK = "k8s-pod-network"  # the network of a handle `<network>.<containerID>`
 PENDING = "pending"
 CONFIRMED = "confirmed"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def cidr_part(cidr: str) -> str:
-    """The key segment of a CIDR: '/' is a key separator, so it becomes '-'."""
-    return cidr.replace("/", "-")
-
-
-def part_cidr(part: str) -> str:
-    addr, _, plen = part.rpartition("-")
-    return f"{addr}/{plen}"
 
 
 def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -254,3 +241,31 @@ class HandleRecord:
 
 def affinity_value(state: str) -> bytes:
     return json.dumps({"state": state}).encode()
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    cidr: str
+    pool: str
+    node: str | None
+    confirmed: bool
+    allocated: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Config:
+    strict_affinity: bool = False
+    max_blocks_per_host: int = 0  # 0: no limit
+    auto_allocate_blocks: bool = True  # False: only blocks claimed otherwise (assign_ip) and borrowing
+
+
+def net_key(cidr: str) -> tuple[int, int, int]:
+    """Sort key: family, then address, then prefix length."""
+    net = ipaddress.ip_network(cidr)
+    return net.version, int(net.network_address), net.prefixlen
+
+
+def check_name(value: str, what: str) -> None:
+    if not value or not isinstance(value, str) or "/" in value or value.strip() != value:
+        raise ValidationError(f"{value!r} is not a valid {what} (non-empty, no '/', no spaces)", field=what)

@@ -8,19 +8,18 @@ frees an address that has since been handed to someone else.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from tortie.datastore import keys
 from tortie.datastore.etcd import KV, Txn
 from tortie.datastore.ipam_blocks import (
-    AFFINITY,
-    BLOCKS,
-    HANDLES,
+    DEFAULT_NETWORK,
     PENDING,
     Block,
     HandleRecord,
-    part_cidr,
 )
 from tortie.log import get_logger
 
@@ -40,12 +39,13 @@ def build_report(kvs: Iterable[KV], prefix: str, weps: set[str], nodes: set[str]
     handles: dict[str, HandleRecord] = {}
     for kv in kvs:
         rel = kv.key[len(prefix):]
-        if rel.startswith(BLOCKS):
+        if rel.startswith(keys.IPAM_BLOCKS):
             blocks.append(Block.from_json(kv.value))
-        elif rel.startswith(AFFINITY):
-            node, _, part = rel[len(AFFINITY):].rpartition("/")
-            affinities.append((node, part_cidr(part)))
-        elif rel.startswith(HANDLES):
+        elif rel.startswith(keys.IPAM_AFFINITY):
+            affinity = keys.parse_affinity(rel)
+            if affinity is not None:
+                affinities.append(affinity)
+        elif rel.startswith(keys.IPAM_HANDLES):
             rec = HandleRecord.from_json(kv.value)
             handles[rec.handle] = rec
 
@@ -98,6 +98,22 @@ def build_report(kvs: Iterable[KV], prefix: str, weps: set[str], nodes: set[str]
     }
     report["clean"] = not any(report[k] for k in REPORT_LISTS)
     return report
+
+
+def wep_handles(kvs: Iterable[KV]) -> set[str]:
+    """The IPAM handle of every WorkloadEndpoint among `kvs`: spec.ipamHandle, else
+    `<network>.<containerID>` with the default network name."""
+    out = set()
+    for kv in kvs:
+        try:
+            spec = json.loads(kv.value).get("spec") or {}
+        except ValueError:
+            continue
+        if spec.get("ipamHandle"):
+            out.add(spec["ipamHandle"])
+        elif spec.get("containerID"):
+            out.add(f"{spec.get('network') or DEFAULT_NETWORK}.{spec['containerID']}")
+    return out
 
 
 def release_report(ipam: IPAM, report: dict) -> dict:

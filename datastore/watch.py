@@ -1,7 +1,7 @@
 """The syncer: a consistent snapshot of a key prefix, then every change after it.
 
     syncer = Syncer(client)                 # the whole datastore prefix by default, or
-    syncer = Syncer(client, [p + "resources/", p + "ipam/affinity/"])  # only what you need
+    syncer = Syncer(client, [p + keys.RESOURCES, p + keys.IPAM_AFFINITY])  # only what you need
     async for event in syncer.events():     # or: for event in syncer.iter_events()
         Snapshot -> replace everything you hold with event.items
         Update   -> one key changed (value None: deleted)

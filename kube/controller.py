@@ -38,12 +38,13 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
-from tortie.agent.health import Health
 from tortie.datastore import resources as res
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.datastore.ipam import IPAM
+from tortie.datastore.store import ResourceStore
 from tortie.datastore.watch import Snapshot, Syncer, Update
 from tortie.errors import Conflict, DatastoreUnavailable, NotFound, TortieError, ValidationError
+from tortie.health import Health
 from tortie.kube import mirror
 from tortie.kube.gc import IPAMGarbageCollector
 from tortie.kube.podinfo import api_client
@@ -244,7 +245,7 @@ class Controller:
         self.config = config
         self.etcd = etcd or EtcdClient(config.etcd)
         self._own_etcd = etcd is None
-        self.store = res.ResourceStore(self.etcd)
+        self.store = ResourceStore(self.etcd)
         self.gc = IPAMGarbageCollector(IPAM(self.etcd), config.gc_grace)
         self.api = api or kube_api_client(config)
         self.queue: queue.Queue = queue.Queue()

@@ -27,7 +27,8 @@ import sys
 
 from tortie.errors import TortieError, ValidationError
 from tortie.lab import topology
-from tortie.lab.cluster import AGENT_MODES, CNI_MODES, Lab, teardown
+from tortie.lab.cluster import AGENT_MODES, CNI_MODES, Lab
+from tortie.lab.teardown import teardown
 
 
 def _kv(items: list[str], what: str) -> dict[str, str]:

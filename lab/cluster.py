@@ -18,10 +18,8 @@ made, so `teardown()` can always finish the job, also after a crash part way.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,10 +30,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 
 from tortie.errors import AlreadyExists, DataplaneError, NotFound, TortieError, ValidationError
-from tortie.lab import nsutil, podserver, routers, state, topology
+from tortie.lab import cniexec, nsutil, podserver, routers, state, topology
+from tortie.lab.cniexec import PTP_SUBNET
 from tortie.lab.etcd_server import EtcdServer
 from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
 from tortie.lab.state import LabState, Pod, Proc
+from tortie.lab.teardown import Echo, quiet, teardown
 from tortie.lab.topology import NodePlan, Plan, TorPlan
 from tortie.log import get_logger
 
@@ -45,16 +45,6 @@ AGENT_MODES = ("auto", "agent", "cni-server", "none")
 CNI_MODES = ("tortie", "ptp")
 HEALTH_PORT = 9099
 METRICS_PORT = 9091
-REF_CNI_DIR = "/usr/lib/cni"
-PTP_SUBNET = "10.66.{i}.0/24"  # the reference plugins' host-local range for node i
-
-Echo = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
-
-
 def _python() -> str:
     return sys.executable
 
@@ -64,17 +54,10 @@ def _plan_from(st: LabState) -> Plan:
 
 
 def resolve_agent(mode: str) -> str:
-    """Which per-node daemon to run: the agent once agent/main.py exists, else the CNI server."""
+    """Which per-node daemon to run: `auto` is the agent (it serves CNI through agent.cni_server)."""
     if mode not in AGENT_MODES:
         raise ValidationError(f"--agent {mode!r}: want one of {', '.join(AGENT_MODES)}", field="agent")
-    if mode != "auto":
-        return mode
-    has = {m: importlib.util.find_spec(f"tortie.agent.{m}") is not None for m in ("main", "cni_server")}
-    if has["main"] and has["cni_server"]:  # the agent serves CNI through agent.cni_server
-        return "agent"
-    if has["cni_server"]:
-        return "cni-server"
-    return "none"
+    return "agent" if mode == "auto" else mode
 
 
 class Lab:
@@ -89,7 +72,7 @@ class Lab:
     def up(cls, name: str = topology.DEFAULT_LAB, nodes: int = 1, tor: str = "none", *,
            uplinks: int = 1, cni: str = "tortie", agent: str = "auto", agent_env: Mapping[str, str] | None = None,
            pool: str = topology.DEFAULT_POOL_CIDR, block_size: int = topology.DEFAULT_BLOCK_SIZE,
-           timeout: float = 60.0, echo: Echo = _quiet) -> Lab:
+           timeout: float = 60.0, echo: Echo = quiet) -> Lab:
         """Build the lab and wait until it is ready; on any failure tear down what was made."""
         plan = topology.make_plan(name, nodes, tor, uplinks)
         if cni not in CNI_MODES:
@@ -304,9 +287,6 @@ class Lab:
 
     def _install_cni(self, st: LabState, echo: Echo) -> None:
         bin_dir = os.path.join(st.dir, "bin")
-        if importlib.util.find_spec("tortie.cni.install") is None:
-            echo("CNI plugin not installed (tortie.cni.install missing): pods cannot be added")
-            return
         nsutil.run([_python(), "-m", "tortie.cni.install", "--bin-dir", bin_dir])
         self._record(lambda s: setattr(s, "bin_dir", bin_dir))
 
@@ -579,52 +559,7 @@ class Lab:
 
     def _cni(self, st: LabState, pod: Pod, command: str) -> dict:
         """Exec the CNI plugin inside the pod's node namespace, as a container runtime does."""
-        plan = _plan_from(st)
-        node = next(n for n in plan.nodes if n.name == pod.node)
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-            "CNI_COMMAND": command,
-            "CNI_CONTAINERID": pod.container_id,
-            "CNI_NETNS": nsutil.netns_path(pod.netns),
-            "CNI_IFNAME": "eth0",
-            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
-                        f"K8S_POD_INFRA_CONTAINER_ID={pod.container_id}",
-        }
-        if st.cni == "ptp":
-            index = plan.nodes.index(node) + 1
-            config = {
-                "cniVersion": "1.0.0", "name": "lab-ptp", "type": "ptp", "ipMasq": False,
-                "ipam": {"type": "host-local", "ranges": [[{"subnet": PTP_SUBNET.format(i=index)}]],
-                         "routes": [{"dst": "0.0.0.0/0"}],
-                         "dataDir": os.path.join(st.dir, node.name, "host-local")},
-            }
-            plugin = os.path.join(REF_CNI_DIR, "ptp")
-            env["CNI_PATH"] = REF_CNI_DIR
-        else:
-            if not st.bin_dir or not os.path.exists(os.path.join(st.bin_dir, "tortie")):
-                raise NotFound("the tortie CNI plugin is not installed in this lab "
-                               "(tortie.cni.install was missing at `up`)")
-            config = {
-                "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "tortie",
-                "agentSocket": self.cni_socket(node.name),
-                "args": {"cni": {"labels": pod.labels}},
-            }
-            if pod.pool:
-                config["ipam"] = {"type": "tortie-ipam", "ipv4_pools": [pod.pool]}
-            plugin = os.path.join(st.bin_dir, "tortie")
-            env["CNI_PATH"] = f"{st.bin_dir}:{REF_CNI_DIR}"
-        r = nsutil.run(["ip", "netns", "exec", node.netns, plugin], check=False,
-                       input=json.dumps(config), env=env, timeout=60)
-        out = r.stdout.strip()
-        try:
-            result = json.loads(out) if out else {}
-        except ValueError:
-            result = {"msg": out}
-        if r.returncode != 0:
-            msg = result.get("msg") or r.stderr.strip() or out
-            raise DataplaneError(f"CNI {command} {pod.ref} on {node.name} failed "
-                                 f"(exit {r.returncode}, code {result.get('code')}): {msg} {result.get('details', '')}")
-        return result
+        return cniexec.run_plugin(st, _plan_from(st), pod, command, self.cni_socket(pod.node))
 
     # --- using the lab --------------------------------------------------------------
 
@@ -715,53 +650,3 @@ def _tail(path: str, lines: int = 15) -> str:
             return "".join(f.readlines()[-lines:])
     except OSError:
         return ""
-
-
-def teardown(name: str, echo: Echo = _quiet) -> list[str]:
-    """Remove everything of lab `name`: processes, namespaces, data dirs, the state dir.
-
-    Works from the record when there is one and from the naming scheme when there is
-    not, and goes on past every failure. Returns what it could not remove (empty = clean).
-    """
-    topology.check_lab_name(name)
-    problems: list[str] = []
-    st: LabState | None = None
-    with contextlib.suppress(NotFound, ValueError, TypeError, OSError):
-        st = state.load(name)
-    if st is not None:
-        with contextlib.suppress(OSError):
-            st.phase = "tearing-down"
-            state.save(st)
-        # Processes first (agents before etcd, so they do not spin on a vanished datastore).
-        for proc in sorted(st.procs, key=lambda p: p.role == "etcd"):
-            try:
-                state.stop(proc)
-            except OSError as exc:
-                problems.append(f"stop {proc.role} pid {proc.pid}: {exc}")
-            else:
-                echo(f"stopped {proc.role} (pid {proc.pid})")
-    recorded = set(st.netns) if st else set()
-    recorded |= {p.netns for p in st.pods.values()} if st else set()
-    found = {n for n in nsutil.netns_list() if topology.is_lab_netns(name, n)}
-    # Pods before nodes before the underlay: the reverse of building it.
-    order = sorted(recorded | found, key=lambda n: (0 if "-pod-" in n else 1 if "-node" in n else 2, n))
-    for ns in order:
-        if not nsutil.netns_exists(ns):
-            continue
-        # Anything still running inside a lab namespace was started by the lab (or its agents).
-        for pid in nsutil.netns_pids(ns):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, 9)
-        nsutil.netns_del(ns)
-        if nsutil.netns_exists(ns):
-            problems.append(f"namespace {ns} still exists")
-    if found or recorded:
-        echo(f"deleted {len(order)} namespace(s)")
-    for d in (st.data_dirs if st else []):
-        shutil.rmtree(d, ignore_errors=True)
-    shutil.rmtree(state.lab_dir(name), ignore_errors=True)
-    if os.path.exists(state.lab_dir(name)):
-        problems.append(f"{state.lab_dir(name)} still exists")
-    for p in problems:
-        log.warning("teardown incomplete", lab=name, problem=p)
-    return problems

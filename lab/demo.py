@@ -13,7 +13,8 @@ import time
 
 from tortie.errors import TortieError
 from tortie.lab import nsutil, routers, topology
-from tortie.lab.cluster import Lab, teardown
+from tortie.lab.cluster import Lab
+from tortie.lab.teardown import teardown
 
 DEMO_LAB = "demo"
 NODES = 2

@@ -5,7 +5,7 @@ reach (by design: nothing of the lab lives there), so the lab runs these as a sh
 child process in `<lab>-ctl`: `ip netns exec <lab>-ctl python -m tortie.lab.dsops ...`.
 Each prints one JSON document on stdout.
 
-Writes go through `datastore.resources.ResourceStore` (validation, compare-and-swap).
+Writes go through `datastore.store.ResourceStore` (validation, compare-and-swap).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import sys
 
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 from tortie.errors import AlreadyExists, Conflict, NotFound, TortieError, ValidationError
 
 API_VERSION = "tortie.io/v1"

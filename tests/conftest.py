@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 
 import pytest
 
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.lab.etcd_server import EtcdServer
+
+# The test doubles (`tests/doubles/`) and test-only programs import as `doubles.*` from any folder.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
 
 RUN_ID = uuid.uuid4().hex[:6]
 

@@ -115,7 +115,7 @@ def measure(lab_name: str, claims: int, node: str) -> dict:
     from tortie import log
     from tortie.datastore.etcd import EtcdClient, EtcdConfig
     from tortie.datastore.ipam import IPAM
-    from tortie.datastore.resources import ResourceStore
+    from tortie.datastore.store import ResourceStore
     from tortie.lab.cluster import Lab
 
     log.configure(level="warning", stream=sys.stderr)
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         print("claim_latency: needs root (network namespaces)", file=sys.stderr)
         return 2
 
-    from tortie.lab.cluster import Lab, teardown
+    from tortie.lab.cluster import Lab
+    from tortie.lab.teardown import teardown
 
     name = f"bc{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()

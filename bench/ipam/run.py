@@ -103,7 +103,7 @@ def _pct(values: list[float], q: float) -> float:
 
 def measure(count: int) -> dict:
     _quiet()
-    from tortie.datastore.resources import ResourceStore
+    from tortie.datastore.store import ResourceStore
     from tortie.lab.etcd_server import EtcdServer
 
     prefix = f"/bench-ipam-{uuid.uuid4().hex[:8]}/"

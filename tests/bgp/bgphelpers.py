@@ -1,6 +1,6 @@
 """Fixtures for BGP tests: speakers and BIRD routers, each in its own namespace.
 
-A speaker runs as `python -m tortie.bgp.host` inside its namespace (ExaBGP must live
+A speaker runs as `python tests/bgp/speaker_host.py` inside its namespace (ExaBGP must live
 there); `SpeakerProc` drives it over JSON lines. Everything is stopped by the PID we
 started, and the namespaces go with the shared `netns` fixture.
 """
@@ -21,6 +21,8 @@ from collections.abc import Callable
 import pytest
 
 from tortie.lab.nsutil import stop_group
+
+SPEAKER_HOST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speaker_host.py")
 
 
 def wait_for(check: Callable[[], object], timeout: float = 20.0, every: float = 0.1, what: str = "condition"):
@@ -70,7 +72,7 @@ class SpeakerProc:
         self.routes: dict[str, list[str]] | None = None
         self.route_history: list[tuple[float, dict]] = []
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "tortie.bgp.host"],
+            ["ip", "netns", "exec", ns, sys.executable, SPEAKER_HOST],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(os.path.join(state_dir, "host.err"), "ab"),
             text=True, start_new_session=True)
         self._thread = threading.Thread(target=self._read, daemon=True)

@@ -3,7 +3,9 @@ RIB with graceful-restart semantics, status formatting."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import stat
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import pytest
 from tortie.bgp import config as cfg
 from tortie.bgp.peers import Peer
 from tortie.bgp.rib import LearnedRoutes
+from tortie.bgp.speaker import BGPSpeaker
 from tortie.bgp.status import PeerStatus, notification_text, parse, table, to_json
 from tortie.errors import ValidationError
 
@@ -125,3 +128,39 @@ def test_rib_take_changes_is_the_delta():
     for p in removed:
         copy.pop(p)
     assert copy == rib.table()
+
+
+def test_config_with_md5_passwords_is_private(tmp_path):
+    """ExaBGP's file holds the peers' MD5 passwords: 0600, in a 0700 directory of its own,
+    also over a leftover file and directory with looser modes."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    sp = BGPSpeaker(node_name="n1", router_id="10.0.0.1", local_as=64512, local_address="10.0.0.1",
+                    local_address6="fd00::1",
+                    state_dir=str(state), on_routes=lambda routes: None)
+    conf_dir = os.path.dirname(sp.conf_path)
+    os.makedirs(conf_dir, mode=0o755)
+    os.chmod(conf_dir, 0o755)
+    with open(sp.conf_path, "w") as f:
+        f.write("stale\n")
+    os.chmod(sp.conf_path, 0o644)
+    sp.set_peers(PEERS)
+    asyncio.run(sp.apply())  # no ExaBGP yet: only the file is written
+    text = open(sp.conf_path).read()
+    assert 'md5-password "s3 cret";' in text
+    assert stat.S_IMODE(os.stat(sp.conf_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(conf_dir).st_mode) == 0o700
+    assert os.path.dirname(conf_dir) == str(state)
+    assert sorted(os.listdir(conf_dir)) == ["exabgp.conf"]  # no temporary file left
+
+
+def test_config_write_is_atomic_and_private(tmp_path):
+    path = tmp_path / "d" / "exabgp.conf"
+    cfg.write(str(path), "one\n")
+    old_umask = os.umask(0)
+    try:
+        cfg.write(str(path), "two\n")
+    finally:
+        os.umask(old_umask)
+    assert path.read_text() == "two\n"
+    assert (os.stat(path).st_mode & 0o777, os.stat(path.parent).st_mode & 0o777) == (0o600, 0o700)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from tortie.datastore.ipam import IPAM
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 from tortie.lab.nsutil import stop_group
 
 POOL_CIDR = "10.244.0.0/16"

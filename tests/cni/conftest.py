@@ -14,7 +14,7 @@ from cni_helpers import NODE_ADDR, POOL_CIDR, Node, NsRelay
 
 from tortie.cni.install import install
 from tortie.datastore.ipam import IPAM
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 
 
 @pytest.fixture(scope="session")

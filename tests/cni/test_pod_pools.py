@@ -11,8 +11,7 @@ import uuid
 
 import pytest
 from cni_helpers import POOL_CIDR, NsRelay
-
-from tortie.kube.apiserver_fake import FakeAPIServer, namespace, pod
+from doubles.apiserver_fake import FakeAPIServer, namespace, pod
 
 POOL2 = "10.245.0.0/16"
 ARGS = "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={cid}"

@@ -2,7 +2,7 @@
 
 from tortie.ctl.main import main
 from tortie.datastore.ipam import IPAM
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 
 
 def test_deleting_a_node_releases_its_endpoints_addresses_and_blocks(etcd, etcd_config, capsys):

@@ -10,8 +10,9 @@ from collections import defaultdict
 
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.datastore.ipam import DEFAULT_NETWORK, IPAM
-from tortie.datastore.ipam_blocks import BLOCKS, Block
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.ipam_blocks import Block
+from tortie.datastore.keys import IPAM_BLOCKS as BLOCKS
+from tortie.datastore.store import ResourceStore
 from tortie.errors import AlreadyExists, IPAMError, PoolExhausted
 
 API = "tortie.io/v1"

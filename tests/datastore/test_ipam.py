@@ -12,8 +12,11 @@ from ipam_helpers import by_handle, handle_for, held, make_node, make_pool, make
 
 from tortie.datastore.etcd import Txn
 from tortie.datastore.ipam import IPAM
-from tortie.datastore.ipam_blocks import AFFINITY, BLOCKS, PENDING, Block, affinity_value, cidr_part
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.ipam_blocks import PENDING, Block, affinity_value
+from tortie.datastore.keys import IPAM_AFFINITY as AFFINITY
+from tortie.datastore.keys import IPAM_BLOCKS as BLOCKS
+from tortie.datastore.keys import cidr_part
+from tortie.datastore.store import ResourceStore
 from tortie.errors import AlreadyExists, IPAMError, PoolExhausted, ValidationError
 
 

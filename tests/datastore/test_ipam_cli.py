@@ -13,7 +13,7 @@ from ipam_helpers import held, make_node, make_pool, make_wep
 
 from tortie.ctl.main import main
 from tortie.datastore.ipam import IPAM
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 
 
 class Run:

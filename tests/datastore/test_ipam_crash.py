@@ -25,7 +25,7 @@ from ipam_helpers import by_handle, crash_child, die_at, make_node, make_pool, o
 
 from tortie.ctl.main import main
 from tortie.datastore.ipam import IPAM
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 from tortie.errors import PoolExhausted
 
 ROUNDS = 12

@@ -23,7 +23,7 @@ from ipam_helpers import by_handle, make_node, make_pool, overlaps, run_plan
 
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.datastore.ipam import IPAM
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 
 NODES = ("n0", "n1", "n2", "n3", "n0")  # process i acts as NODES[i]
 

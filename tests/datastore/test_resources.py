@@ -3,7 +3,7 @@ import threading
 import pytest
 
 from tortie.datastore import resources as r
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 from tortie.errors import AlreadyExists, Conflict, NotFound, ValidationError
 
 

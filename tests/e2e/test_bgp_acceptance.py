@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 
 import pytest
+from lab_fixtures import wait_matrix
 
 from tortie.lab import routers
-from tortie.lab.testing import wait_matrix
 
 pytestmark = pytest.mark.slow
 

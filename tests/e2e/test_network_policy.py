@@ -13,8 +13,7 @@ import signal
 import time
 
 import pytest
-
-from tortie.lab.testing import wait_matrix
+from lab_fixtures import wait_matrix
 
 pytestmark = pytest.mark.slow
 

@@ -4,10 +4,10 @@ client pointed at it, and a controller running in a thread (stopped at teardown)
 from __future__ import annotations
 
 import pytest
+from doubles.apiserver_fake import FakeAPIServer
 from kubehelpers import RunningController
 from kubernetes import client as k8s
 
-from tortie.kube.apiserver_fake import FakeAPIServer
 from tortie.kube.controller import Controller, ControllerConfig
 
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 import urllib3
+from doubles.apiserver_fake import namespace, network_policy, node, pod
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
 from tortie.errors import AlreadyExists, NotFound
-from tortie.kube.apiserver_fake import namespace, network_policy, node, pod
 
 
 def test_list_and_get(fake_api, kube_client):
@@ -136,7 +136,7 @@ def test_too_old_resource_version_is_410_gone_and_relist_recovers(fake_api, kube
 
 
 def test_history_window_expires_old_versions(kube_client):
-    from tortie.kube.apiserver_fake import FakeAPIServer
+    from doubles.apiserver_fake import FakeAPIServer
 
     with FakeAPIServer(history=2) as api:
         core = k8s.CoreV1Api(k8s.ApiClient(k8s.Configuration(host=api.url)))

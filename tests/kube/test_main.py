@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 
+from doubles.apiserver_fake import namespace
 from kubehelpers import wait_for
 
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 from tortie.errors import NotFound
-from tortie.kube.apiserver_fake import namespace
 
 
 def test_runs_from_env_and_exits_cleanly_on_sigterm(etcd, etcd_config, fake_api):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import tempfile
 
 import pytest
+from doubles.apiserver_fake import namespace, pod
 from kubehelpers import RunningController, wait_for
 
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 from tortie.errors import NotFound, TortieError
-from tortie.kube.apiserver_fake import namespace, pod
 from tortie.kube.controller import Controller, ControllerConfig
 from tortie.lab.etcd_server import EtcdServer
 

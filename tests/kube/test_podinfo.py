@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass
 
 import pytest
+from doubles.apiserver_fake import namespace, pod
 from kubernetes import client as k8s
 
 from tortie.errors import DatastoreUnavailable, NotFound, ValidationError
-from tortie.kube.apiserver_fake import namespace, pod
 from tortie.kube.podinfo import IPV4_POOLS, IPV6_POOLS, core_api_from_env, pod_pools
 
 

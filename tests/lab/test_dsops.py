@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tortie.datastore.resources import ResourceStore
+from tortie.datastore.store import ResourceStore
 from tortie.errors import NotFound
 from tortie.lab import dsops
 

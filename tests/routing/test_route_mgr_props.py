@@ -4,11 +4,11 @@ runs, the kernel holds exactly the desired routes whose devices exist."""
 
 from __future__ import annotations
 
+from doubles.kernel_fake import FakeKernel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from routing_helpers import assert_converged, desired_step, step_strategy
 
-from tortie.routing.kernel import FakeKernel
 from tortie.routing.model import TORTIE_PROTO, Route
 from tortie.routing.route_mgr import RouteManager
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import errno
 
-from tortie.routing.kernel import FakeKernel
+from doubles.kernel_fake import FakeKernel
+
 from tortie.routing.model import Route, route_key
 from tortie.routing.route_mgr import RouteManager
 

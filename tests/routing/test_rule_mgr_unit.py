@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from doubles.kernel_fake import FakeKernel
 
 from tortie.errors import ValidationError
-from tortie.routing.kernel import FakeKernel, KernelRule
+from tortie.routing.kernel import KernelRule
 from tortie.routing.model import Rule
 from tortie.routing.rule_mgr import RuleManager
 

@@ -12,8 +12,8 @@ import json
 import time
 from dataclasses import dataclass
 
-from tortie.agent.metrics import Registry
 from tortie.log import get_logger
+from tortie.metrics import Registry
 
 log = get_logger("health")
 

@@ -1,6 +1,7 @@
-"""Pytest fixtures for end-to-end tests on a lab, importable from any conftest.py:
+"""Pytest fixtures for end-to-end tests on a lab, importable from any conftest.py (the
+root conftest puts `tests/` on the import path):
 
-    from tortie.lab.testing import lab_factory, new_lab_name  # noqa: F401
+    from lab_fixtures import lab_factory, new_lab_name  # noqa: F401
 
     def test_x(lab_factory):
         lab = lab_factory(nodes=2)              # tor="none"; cni="tortie"
@@ -20,7 +21,8 @@ import uuid
 
 import pytest
 
-from tortie.lab.cluster import Lab, teardown
+from tortie.lab.cluster import Lab
+from tortie.lab.teardown import teardown
 
 RUN = uuid.uuid4().hex[:6]
 _counter = itertools.count(1)

@@ -1,7 +1,7 @@
-"""A BGPSpeaker in a process of its own, driven by JSON lines on stdin.
+"""A BGPSpeaker in a process of its own, driven by JSON lines on stdin (a test program).
 
-ExaBGP must live in the node's network namespace, so tests and benchmarks run
-`ip netns exec NS python -m tortie.bgp.host` and talk to it:
+ExaBGP must live in the node's network namespace, so the BGP tests run
+`ip netns exec NS python tests/bgp/speaker_host.py` and talk to it (`bgphelpers.SpeakerProc`):
 
     stdin  {"op": "start", "node_name": ..., "router_id": ..., ...}   (BGPSpeaker kwargs)
            {"op": "peers", "peers": [{Peer fields}, ...]}             set_peers + apply

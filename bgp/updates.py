@@ -1,0 +1,49 @@
+"""ExaBGP's UPDATE messages into the RIB: what a message announces and withdraws, and
+which prefixes each peer may give us (the import filter)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tortie.bgp.peers import Peer, prefix_filter
+
+Path = tuple[str, str, tuple[str, ...]]  # (next hop, originator id, cluster list)
+
+
+def parse_update(update: dict, router_id: str, cluster: str | None) -> tuple[dict[str, Path], list[str]] | None:
+    """(announced {prefix: path}, withdrawn prefixes) of an UPDATE's `update` part, or None
+    for our own route reflected back to us (RFC 4456 loop prevention)."""
+    attrs = update.get("attribute") or {}
+    originator = attrs.get("originator-id") or ""
+    clusters = tuple(attrs.get("cluster-list") or ())
+    if originator == router_id or (cluster in clusters):
+        return None
+    announce: dict[str, Path] = {}
+    for family, by_nh in (update.get("announce") or {}).items():
+        if not family.endswith("unicast"):
+            continue
+        for next_hop, nlris in by_nh.items():
+            path = (next_hop, originator, clusters)
+            for nlri in nlris:
+                prefix = nlri.get("nlri") if isinstance(nlri, dict) else nlri
+                if prefix:
+                    announce[prefix] = path
+    withdraw: list[str] = []
+    for nlris in (update.get("withdraw") or {}).values():
+        for nlri in nlris:
+            prefix = nlri.get("nlri") if isinstance(nlri, dict) else nlri
+            if prefix:
+                withdraw.append(prefix)
+    return announce, withdraw
+
+
+def import_filter(peer: Peer | None, import_pools: tuple[str, ...]) -> Callable[[str], bool]:
+    """What a peer may give us: node peers anything, external peers their acceptPrefixes
+    and the IP pools; an unknown peer nothing."""
+    if peer is None:
+        return lambda prefix: False
+    if not peer.external:
+        return lambda prefix: True
+    # Pod routes are always welcome: a top-of-rack router passing on another rack's
+    # blocks (or a borrowed /32) must not need its own acceptPrefixes for them.
+    return prefix_filter(tuple(peer.accept_prefixes) + import_pools)

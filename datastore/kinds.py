@@ -1,0 +1,369 @@
+"""The kinds of resource and their schemas: `validate()` checks and normalizes a resource.
+
+A resource is the familiar Kubernetes shape -- apiVersion, kind, metadata, spec. `validate()`
+returns it normalized (CIDRs canonical, defaults filled in), raising ValidationError that
+names the offending field. Each `Kind` names its spec schema, written in the mini-language
+of `datastore.fields`. Where a resource lives in etcd is `datastore.keys`'s business:
+`key_for` / `parse_key` only add the kind (namespaced or not) to it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tortie.datastore import keys, selector
+from tortie.datastore.fields import (
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    IFNAME,
+    Fields,
+    ip_interface,
+    label_map,
+    parse_cidr,
+    parse_ip,
+    string,
+)
+from tortie.errors import ValidationError
+
+API_VERSION = "tortie.io/v1"
+
+_COMMUNITY = re.compile(r"\d{1,10}:\d{1,10}(:\d{1,10})?")  # standard a:b or large a:b:c
+
+# Kubernetes bookkeeping a user may paste from a cluster: dropped, not refused.
+_K8S_IGNORED = ("generation", "managedFields", "selfLink", "ownerReferences", "finalizers",
+                "generateName", "deletionTimestamp", "deletionGracePeriodSeconds")
+
+
+def _metadata(kind: Kind, meta: Any) -> dict:
+    if isinstance(meta, Mapping):
+        meta = {k: v for k, v in meta.items() if k not in _K8S_IGNORED}
+    f = Fields(meta, "metadata", strict=kind.api_version == API_VERSION)
+    f.str("name", required=True, pattern=kind.name_pattern, max_len=253)
+    if kind.namespaced:
+        f.str("namespace", default="default", pattern=DNS_LABEL, max_len=63)
+    elif f.raw("namespace") is not None:
+        raise ValidationError(f"{kind.name} is not namespaced", field="metadata.namespace")
+    if f.raw("labels") is not None:
+        f.keep("labels", label_map(f.raw("labels"), "metadata.labels"))
+    if f.raw("annotations") is not None:
+        f.keep("annotations", label_map(f.raw("annotations"), "metadata.annotations", values_too=False))
+    f.str("resourceVersion", pattern=re.compile(r"\d+"))
+    f.str("uid")
+    f.str("creationTimestamp")
+    return f.done()
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str  # as written in `kind:`
+    api_version: str
+    namespaced: bool
+    spec: Callable[[Fields, dict], None]  # validates spec, given the validated metadata
+    aliases: tuple[str, ...] = ()
+    name_pattern: re.Pattern = DNS_SUBDOMAIN
+    spec_required: bool = True
+    serialized: bool = False  # writes of this kind are linearized by a serial key
+
+    @property
+    def key(self) -> str:
+        """Lower-case singular: the key segment and the CLI's canonical name."""
+        return self.name.lower()
+
+    def prefix(self, namespace: str | None = None) -> str:
+        """The key prefix of this kind (of one namespace of it), relative to the datastore prefix."""
+        return keys.resource_prefix(self.key, namespace if self.namespaced else None)
+
+
+def _pool_spec(f: Fields, meta: dict) -> None:
+    net = f.cidr("cidr", required=True)
+    v6 = net.version == 6
+    lo, default = (116, 122) if v6 else (20, 26)
+    size = f.int("blockSize", lo, 128 if v6 else 32, default=default)
+    if size < net.prefixlen:
+        raise ValidationError(f"must be at least the pool's prefix length /{net.prefixlen}",
+                              field="spec.blockSize")
+    f.bool("natOutgoing", False)
+    f.bool("disabled", False)
+    f.bool("disableBGPExport", False)
+    f.selector("nodeSelector", default="all()")
+    for mode in ("ipipMode", "vxlanMode"):  # accepted from Calico YAML, but tortie has no overlay
+        f.str(mode, choices=("Never",))
+
+    def egress(e: Fields) -> None:
+        # Main (254), local (255), default (253) and unspec (0) belong to the kernel.
+        table = e.int("table", 1, 0xFFFFFFFF, required=True)
+        if table in (253, 254, 255):
+            raise ValidationError("253-255 are the kernel's tables", field="spec.egress.table")
+        e.ip("nextHop", required=True, version=net.version)
+        e.str("interface", pattern=IFNAME)
+
+    f.obj_field("egress", egress)
+
+
+def _ipam_config_spec(f: Fields, meta: dict) -> None:
+    if meta["name"] != "default":
+        raise ValidationError("the IPAMConfig must be named 'default'", field="metadata.name")
+    f.bool("strictAffinity", False)
+    f.bool("autoAllocateBlocks", True)
+    f.int("maxBlocksPerHost", 0, 1 << 20, default=0)
+
+
+def _node_spec(f: Fields, meta: dict) -> None:
+    def bgp(b: Fields) -> None:
+        for fam, version in (("ipv4Address", 4), ("ipv6Address", 6)):
+            if b.raw(fam) is not None:
+                b.keep(fam, ip_interface(b.raw(fam), b.at(fam), version))
+        b.asn("asNumber")
+        b.ip("routeReflectorClusterID", version=4)
+
+    def address(v: Any, where: str) -> dict:
+        a = Fields(v, where)
+        a.ip("address", required=True)
+        a.str("type", choices=("InternalIP", "ExternalIP", "CalicoNodeIP"))
+        return a.done()
+
+    f.obj_field("bgp", bgp)
+    f.list("addresses", address)
+
+
+_PEER_IP = re.compile(r"(?P<ip>[0-9.]+|\[[0-9a-fA-F:.]+\]|[0-9a-fA-F:.]+?)(?::(?P<port>\d+))?")
+
+
+def split_peer_ip(value: str, field: str = "spec.peerIP") -> tuple[str, int]:
+    """"10.0.0.1", "10.0.0.1:1179", "fd00::1", "[fd00::1]:1179" -> (address, port)."""
+    if value.count(":") > 1 and not value.startswith("["):
+        return str(parse_ip(value, field)), 179  # a bare IPv6 address
+    m = _PEER_IP.fullmatch(value)
+    if not m:
+        raise ValidationError(f"{value!r} is not IP or IP:port", field=field)
+    port = int(m["port"] or 179)
+    if not 1 <= port <= 65535:
+        raise ValidationError("port must be 1-65535", field=field)
+    return str(parse_ip(m["ip"].strip("[]"), field)), port
+
+
+def _bgp_peer_spec(f: Fields, meta: dict) -> None:
+    peer_ip = f.str("peerIP")
+    if peer_ip is not None:
+        split_peer_ip(peer_ip)
+    f.asn("asNumber")
+    f.str("node", pattern=DNS_SUBDOMAIN)
+    f.selector("nodeSelector")
+    f.selector("peerSelector")
+    f.bool("keepOriginalNextHop")
+    f.bool("passive")
+    f.seconds("holdTime", 3, 65535)
+    f.seconds("keepAliveTime", 1, 21845)
+    f.str("password", max_len=80)  # TCP MD5 (RFC 2385) key
+    f.list("acceptPrefixes", lambda v, where: str(parse_cidr(string(v, where), where)))
+    if f.raw("node") and f.raw("nodeSelector"):
+        raise ValidationError("give node or nodeSelector, not both", field="spec.nodeSelector")
+    if (peer_ip is None) == (f.raw("peerSelector") is None):
+        raise ValidationError("give exactly one of peerIP and peerSelector", field="spec.peerIP")
+    if peer_ip is not None and f.raw("asNumber") is None:
+        raise ValidationError("is required with peerIP", field="spec.asNumber")
+
+
+def _bgp_config_spec(f: Fields, meta: dict) -> None:
+    if meta["name"] != "default" and not meta["name"].startswith("node."):
+        raise ValidationError("must be 'default' or 'node.<nodename>'", field="metadata.name")
+    # No defaults stored: a node.<name> configuration overrides only what it sets.
+    f.asn("asNumber")
+    f.bool("nodeToNodeMeshEnabled")
+    f.int("listenPort", 1, 65535)
+    f.str("logSeverityScreen", choices=("Debug", "Info", "Warning", "Error", "Fatal"))
+
+    def cidr_item(v: Any, where: str) -> dict:
+        c = Fields(v, where)
+        c.cidr("cidr", required=True)
+        return c.done()
+
+    for name in ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs"):
+        f.list(name, cidr_item)
+
+    def community(v: Any, where: str) -> str:
+        if not isinstance(v, str) or not _COMMUNITY.fullmatch(v):
+            raise ValidationError(f"{v!r} is not a community (a:b) or large community (a:b:c)", field=where)
+        return v
+
+    f.list("communities", community)  # attached to every prefix this node exports
+
+
+def _wep_spec(f: Fields, meta: dict) -> None:
+    f.str("node", required=True, pattern=DNS_SUBDOMAIN)
+    f.str("orchestrator", default="k8s")
+    f.str("workload")
+    f.str("pod")
+    f.str("endpoint", default="eth0")
+    f.str("containerID")
+    f.str("interfaceName", pattern=IFNAME)
+    f.str("mac", pattern=re.compile(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}"))
+
+    def net(v: Any, where: str) -> str:
+        if not isinstance(v, str):
+            raise ValidationError("must be a CIDR string", field=where)
+        return str(parse_cidr(v, where))
+
+    def port(v: Any, where: str) -> dict:
+        p = Fields(v, where)
+        p.str("name")
+        p.str("protocol", default="TCP", choices=("TCP", "UDP", "SCTP"))
+        p.int("port", 1, 65535, required=True)
+        return p.done()
+
+    f.list("ipNetworks", net)
+    f.list("profiles", lambda v, where: string(v, where))
+    f.list("ports", port)
+
+
+_PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _netpol_spec(f: Fields, meta: dict) -> None:
+    """networking.k8s.io/v1 NetworkPolicy, with the API server's defaulting."""
+    def label_selector(name: str, sub: Fields) -> None:
+        if sub.raw(name) is not None:
+            selector.from_k8s(sub.raw(name), sub.at(name))
+            sub.keep(name, sub.raw(name))
+
+    def peer(v: Any, where: str) -> dict:
+        p = Fields(v, where)
+        label_selector("podSelector", p)
+        label_selector("namespaceSelector", p)
+
+        def ip_block(b: Fields) -> None:
+            net = b.cidr("cidr", required=True, masked=False)
+
+            def inside(v: Any, where: str) -> str:
+                ex = parse_cidr(string(v, where), where, masked=False)
+                if ex.version != net.version or not ex.subnet_of(net):
+                    raise ValidationError(f"{ex} is not inside {net}", field=where)
+                return str(ex)
+
+            b.list("except", inside)
+
+        p.obj_field("ipBlock", ip_block)
+        if p.raw("ipBlock") is not None and (p.raw("podSelector") is not None or p.raw("namespaceSelector") is not None):
+            raise ValidationError("ipBlock cannot be combined with selectors", field=f"{where}.ipBlock")
+        if not p.out:
+            raise ValidationError("needs podSelector, namespaceSelector or ipBlock", field=where)
+        return p.done()
+
+    def port(v: Any, where: str) -> dict:
+        p = Fields(v, where)
+        p.str("protocol", default="TCP", choices=("TCP", "UDP", "SCTP"))
+        number = p.raw("port")
+        if isinstance(number, str):
+            p.str("port", pattern=_PORT_NAME, max_len=15)
+        elif number is not None:
+            p.int("port", 1, 65535)
+        if p.raw("endPort") is not None:
+            if not isinstance(number, int):
+                raise ValidationError("needs a numeric port", field=f"{where}.endPort")
+            p.int("endPort", number, 65535)
+        return p.done()
+
+    def rule(peers: str) -> Callable[[Any, str], dict]:
+        def check(v: Any, where: str) -> dict:
+            r = Fields(v, where)
+            r.list(peers, peer)
+            r.list("ports", port)
+            return r.done()
+        return check
+
+    label_selector("podSelector", f)
+    if f.raw("podSelector") is None:
+        raise ValidationError("is required (use {} for all pods)", field="spec.podSelector")
+    f.list("ingress", rule("from"))
+    f.list("egress", rule("to"))
+    types = f.list("policyTypes", lambda v, where: string(v, where))
+    if types is None:
+        f.out["policyTypes"] = ["Ingress", *(["Egress"] if f.raw("egress") is not None else [])]
+    elif not set(types) <= {"Ingress", "Egress"} or len(set(types)) != len(types):
+        raise ValidationError("must be distinct values of Ingress, Egress", field="spec.policyTypes")
+
+
+def _namespace_spec(f: Fields, meta: dict) -> None:
+    f.list("finalizers", string)
+
+
+_WEP_NAME = re.compile(r"[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?")
+KINDS: dict[str, Kind] = {
+    k.key: k for k in (
+        Kind("IPPool", API_VERSION, False, _pool_spec, ("ippools", "pool", "pools"), serialized=True),
+        Kind("IPAMConfig", API_VERSION, False, _ipam_config_spec, ("ipamconfigs", "ipamconfiguration")),
+        Kind("Node", API_VERSION, False, _node_spec, ("nodes", "no"), spec_required=False),
+        Kind("BGPPeer", API_VERSION, False, _bgp_peer_spec, ("bgppeers", "peer", "peers")),
+        Kind("BGPConfiguration", API_VERSION, False, _bgp_config_spec,
+             ("bgpconfigurations", "bgpconfig", "bgpconfigs"), spec_required=False),
+        Kind("WorkloadEndpoint", API_VERSION, True, _wep_spec,
+             ("workloadendpoints", "wep", "weps"), name_pattern=_WEP_NAME),
+        Kind("NetworkPolicy", "networking.k8s.io/v1", True, _netpol_spec,
+             ("networkpolicies", "netpol", "netpols", "policy", "policies")),
+        Kind("Namespace", "v1", False, _namespace_spec, ("namespaces", "ns"),
+             name_pattern=DNS_LABEL, spec_required=False),
+    )
+}
+_ALIASES = {a: k for k in KINDS.values() for a in (k.key, *k.aliases)}
+
+
+def kind_for(name: str) -> Kind:
+    """The kind for `IPPool`, `ippool`, `ippools`, `pool`, ... (case-insensitive)."""
+    kind = _ALIASES.get(name.lower())
+    if kind is None:
+        raise ValidationError(
+            f"unknown resource kind {name!r} (known: {', '.join(k.name for k in KINDS.values())})",
+            field="kind")
+    return kind
+
+
+def validate(resource: Any) -> dict:
+    """A checked, normalized copy of resource; ValidationError names the bad field."""
+    if not isinstance(resource, Mapping):
+        raise ValidationError("a resource must be a mapping with apiVersion, kind, metadata, spec")
+    kind_name = resource.get("kind")
+    if not isinstance(kind_name, str):
+        raise ValidationError("is required", field="kind")
+    kind = kind_for(kind_name)
+    if kind.name != kind_name:
+        raise ValidationError(f"{kind_name!r} is not a kind; did you mean {kind.name!r}?", field="kind")
+    if resource.get("apiVersion") != kind.api_version:
+        raise ValidationError(f"{kind.name} is {kind.api_version!r}, not {resource.get('apiVersion')!r}",
+                              field="apiVersion")
+    unknown = set(resource) - {"apiVersion", "kind", "metadata", "spec", "status"}
+    if unknown:
+        field = sorted(unknown)[0]
+        raise ValidationError(f"unknown field {field!r}", field=field)
+    meta = _metadata(kind, resource.get("metadata"))
+    if resource.get("spec") is None and kind.spec_required:
+        raise ValidationError("is required", field="spec")
+    spec = Fields(resource.get("spec"), "spec")
+    kind.spec(spec, meta)
+    return {"apiVersion": kind.api_version, "kind": kind.name, "metadata": meta, "spec": spec.done()}
+
+
+def key_for(kind: Kind, name: str, namespace: str | None = None) -> str:
+    """The key of one resource, relative to the datastore prefix (namespaced kinds: in
+    namespace `default` unless given)."""
+    if kind.namespaced:
+        return keys.resource_key(kind.key, name, namespace or "default")
+    return keys.resource_key(kind.key, name)
+
+
+def parse_key(relative_key: str) -> tuple[Kind, str | None, str] | None:
+    """(kind, namespace, name) of a resource key relative to the prefix, or None (also for
+    an unknown kind, or a namespace on a cluster-wide kind or none on a namespaced one)."""
+    parsed = keys.parse_resource(relative_key)
+    if parsed is None:
+        return None
+    kind_key, namespace, name = parsed
+    kind = KINDS.get(kind_key)
+    if kind is None or (namespace is not None) != kind.namespaced:
+        return None
+    return kind, namespace, name
+
+
+__all__ = ["API_VERSION", "KINDS", "Kind", "key_for", "kind_for", "parse_key", "split_peer_ip", "validate"]
