@@ -238,7 +238,7 @@ class Meter:
         self.cpu.wait_quiet()
         self.idle = self.cpu.idle_rate(3.0)
         # --profile: py-spy samples the agent (its loop, its CNI pool) through each kind of operation
-        self.profiler = (Profiler(pid, profile_dir, threads=("MainThread", "tortie-cni"))
+        self.profiler = (Profiler(pid, profile_dir, threads=("MainThread", "tortie-cni", "tortie-dataplane"))
                          if profile_dir else None)
 
     def idle_per_s(self, group: str | None = None) -> float:

@@ -387,7 +387,7 @@ def receive_tortie(n: int) -> float:
         if PROFILE:
             from tortie.lab.benchutil import Profiler
 
-            profile = Profiler(agent.p.pid, PROFILE.pop(), threads=("MainThread",))
+            profile = Profiler(agent.p.pid, PROFILE.pop(), threads=("MainThread", "tortie-dataplane"))
             profile.start("agent-receive")
         pair.bird(pair.tx, "tx", static_block(prefixes(n)) + bgp_block(SENDER, RECEIVER))
         done = count.done()
@@ -430,7 +430,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", choices=("b", "c"), help="run one measurement only")
-    ap.add_argument("--profile", metavar="DIR", help="py-spy the agent's loop in the first tortie (b) run")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy the agent (loop, dataplane driver) in the first tortie (b) run")
     args = ap.parse_args()
     if args.profile:
         PROFILE.append(os.path.abspath(args.profile))

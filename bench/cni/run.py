@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         confs["floor"] = confs["tortie"]
         agent_pid = st.proc(f"agent:{node.name}").pid
         # the threads that serve a CNI request: the agent's loop and the CNI server's pool
-        profile = (Profiler(agent_pid, os.path.abspath(args.profile), threads=("MainThread", "tortie-cni"))
+        profile = (Profiler(agent_pid, os.path.abspath(args.profile), threads=("MainThread", "tortie-cni", "tortie-dataplane"))
                    if args.profile else None)
         # This thread enters the node's network namespace (not its mount namespace, so the pod
         # namespaces it makes are visible to the agent); every plugin exec'd from it starts there.
