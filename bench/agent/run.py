@@ -140,6 +140,23 @@ def announce_from_bird(lab: Lab, count: int):
     return run, tor
 
 
+FAILED_ADDS: list[str] = []  # pod ADDs the agent failed (retried, as a runtime retries a sandbox)
+
+
+def pod_add(lab: Lab, node: str, ref: str, labels: dict[str, str], tries: int = 3) -> None:
+    """lab.pod_add, retried when the CNI call fails (the lab removes a failed pod first)."""
+    from tortie.errors import DataplaneError
+
+    for attempt in range(tries):
+        try:
+            lab.pod_add(node, ref, labels=labels)
+            return
+        except DataplaneError as exc:
+            FAILED_ADDS.append(str(exc)[:300])
+            if attempt == tries - 1:
+                raise
+
+
 def policy(j: int, port: int) -> dict:
     """NetworkPolicy pol-j: pods app=a(j%10) take TCP `port` from pods app=a((j+1)%10)."""
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -365,7 +382,7 @@ def run(args: argparse.Namespace, lab: Lab) -> dict:
 
     t0 = time.monotonic()
     for i in range(args.pods):
-        lab.pod_add(node.name, f"bench/p{i}", labels={"app": f"a{i % 10}"})
+        pod_add(lab, node.name, f"bench/p{i}", {"app": f"a{i % 10}"})
     pods_s = time.monotonic() - t0
     lab.ctl("apply", "-f", "-", input=json.dumps(
         {"apiVersion": "v1", "kind": "List", "items": [policy(j, 8000 + j) for j in range(args.policies)]}))
@@ -388,7 +405,7 @@ def run(args: argparse.Namespace, lab: Lab) -> dict:
 
     noops = meter.measure_all("noop", [lambda k=k: noop(k) for k in range(max(3, args.repeat // 2))])
     adds = meter.measure_all("pod-add", [
-        lambda k=k: lab.pod_add(node.name, f"bench/x{k}", labels={"app": f"a{k % 10}"}) for k in range(args.repeat)])
+        lambda k=k: pod_add(lab, node.name, f"bench/x{k}", {"app": f"a{k % 10}"}) for k in range(args.repeat)])
 
     def flap() -> None:
         routers.birdc(tor.netns, router.control, "disable", "flap")
@@ -422,7 +439,7 @@ def run(args: argparse.Namespace, lab: Lab) -> dict:
         "full_recompute_s": recompute_s, "full_recompute_what": recompute_what,
         "noop_input": summarize(noops), "pod_add": summarize(adds), "route_flap": summarize(flaps),
         "policy_change": summarize(changes),
-        "burst": lag,
+        "burst": lag, "failed_pod_adds": len(FAILED_ADDS), "failed_pod_add_example": (FAILED_ADDS or [""])[0],
         "metrics_present": {m: has_metrics(meter.metrics(), m) for m in (M_CALC, M_APPLY, M_LAG)},
     }
 
@@ -494,6 +511,8 @@ def report(r: dict, v: dict) -> None:
         value = f"{t['value']:.1f} MB" if t["unit"] == "MB" else f"{t['value'] * ms:.2f} ms"
         above = f"; above a no-op input {t['above_noop'] * ms:.2f} ms" if "above_noop" in t else ""
         print(f"  {label:<30} {value:>10} {limit_text}: {t['verdict']}   [{t['what']}{above}]")
+    if r["failed_pod_adds"]:
+        print(f"\n{r['failed_pod_adds']} sequential pod ADDs failed and were retried: {r['failed_pod_add_example']}")
     missing = [m for m, ok in r["metrics_present"].items() if not ok]
     if missing:
         print(f"\nthe agent does not expose {', '.join(missing)} yet: the figures above use /proc and the proxy")
