@@ -143,7 +143,7 @@ def announce_from_bird(lab: Lab, count: int):
 FAILED_ADDS: list[str] = []  # pod ADDs the agent failed (retried, as a runtime retries a sandbox)
 
 
-def pod_add(lab: Lab, node: str, ref: str, labels: dict[str, str], tries: int = 3) -> None:
+def pod_add(lab: Lab, node: str, ref: str, labels: dict[str, str], tries: int = 10) -> None:
     """lab.pod_add, retried when the CNI call fails (the lab removes a failed pod first)."""
     from tortie.errors import DataplaneError
 
@@ -155,6 +155,7 @@ def pod_add(lab: Lab, node: str, ref: str, labels: dict[str, str], tries: int = 
             FAILED_ADDS.append(str(exc)[:300])
             if attempt == tries - 1:
                 raise
+            time.sleep(0.2)
 
 
 def policy(j: int, port: int) -> dict:
