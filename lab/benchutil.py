@@ -148,9 +148,11 @@ class AgentCPU:
         dt, c1 = time.monotonic() - t0, self.by_thread()
         return {tid: (c1[tid] - c0.get(tid, 0.0)) / dt for tid in c1}
 
-    def settle(self, quiet: float = 0.25, eps: float = 0.0005,
-               timeout: float = 30.0) -> tuple[float, dict[int, float]]:
-        """Wait until the process used less than eps CPU seconds over `quiet` seconds.
+    def settle(self, quiet: float = 0.25, eps: float = 0.0005, timeout: float = 30.0,
+               not_before: float = 0.0) -> tuple[float, dict[int, float]]:
+        """Wait until the process used less than eps CPU seconds over `quiet` seconds, and
+        the monotonic clock is past `not_before` (a window of the same length for every
+        operation, whatever the machine's load makes of `eps`).
 
         Returns (monotonic time, CPU seconds by thread) at the start of that quiet window:
         where the work being measured ended, without the quiet window itself."""
@@ -159,7 +161,7 @@ class AgentCPU:
         while time.monotonic() - t0 < timeout:
             time.sleep(quiet)
             now = (time.monotonic(), self.by_thread())
-            if sum(now[1].values()) - sum(last[1].values()) < eps:
+            if sum(now[1].values()) - sum(last[1].values()) < eps and last[0] >= not_before - quiet:
                 return last
             last = now
         raise TimeoutError(f"process {self.pid} still busy after {timeout:.0f} s")
