@@ -27,8 +27,8 @@ flap <= 1 ms of agent CPU; event-loop lag p99 <= 10 ms during the burst. A MISS 
 How agent CPU is read: the CPU time of each of the agent's threads from
 /proc/<pid>/task/*/schedstat (ns resolution), from the operation's start until the agent is
 quiet again and at least 2.5 s have passed (the agent samples its loop lag every 20 ms for
-2 s after any input: every window holds that tail alike), less each thread's idle rate; threads are told apart by their
-Python names (py-spy dump): the asyncio loop, the dataplane driver, the CNI server's pool
+2 s after any input: every window holds that tail alike), less each thread's idle rate;
+threads are told apart by their Python names (py-spy dump): the asyncio loop, the dataplane driver, the CNI server's pool
 (IPAM, etcd writes and the netns wiring) and the rest. (i) counts every thread but the CNI
 pool; (ii) the whole process. Beside them, the agent's own metrics on :9091:
 `tortie_calc_cpu_seconds_total` (the calculation) and `tortie_dataplane_apply_seconds` (the
@@ -36,6 +36,7 @@ managers' applies). A no-op input (a label on a Namespace no policy selects) is 
 same way: what any input costs before any work. The lag: `tortie_event_loop_lag_seconds`
 (p99 of the window's observations); beside it, round trips of GET /liveness (served on the
 agent's loop) every 10 ms during the burst, minus the idle round trip (a cross-check only).
+A pod ADD the agent fails is retried (as a runtime retries a sandbox) and counted.
 
 Run as root: `python bench/agent/run.py [--pods 250] [--routes 10000] [--policies 100]
 [--repeat 10] [--burst 50] [--json] [--profile DIR]` (--profile: py-spy samples the agent
