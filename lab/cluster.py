@@ -406,22 +406,7 @@ class Lab:
     def http_get(self, node: str, port: int, path: str, timeout: float = 1.0) -> tuple[int, str]:
         """GET http://<node ip>:port/path from inside the node's namespace: (status, body); 0 if no answer."""
         n = self.node(node)
-        try:
-            with nsutil.socket_in(n.netns) as s:
-                s.settimeout(timeout)
-                s.connect((n.ip, port))
-                s.sendall(f"GET {path} HTTP/1.0\r\nHost: {n.ip}\r\n\r\n".encode())
-                buf = b""
-                while chunk := s.recv(65536):
-                    buf += chunk
-        except OSError:
-            return 0, ""
-        head, _, body = buf.partition(b"\r\n\r\n")
-        try:
-            code = int(head.split()[1])
-        except (IndexError, ValueError):
-            return 0, ""
-        return code, body.decode(errors="replace")
+        return nsutil.http_get(n.netns, n.ip, port, path, timeout)
 
     def down(self) -> None:
         teardown(self.name)

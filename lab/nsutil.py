@@ -127,3 +127,22 @@ def socket_in(netns: str, family: int = socket.AF_INET, type: int = socket.SOCK_
     """A socket that lives in namespace `netns` (usable from any thread afterwards)."""
     with in_netns(netns):
         return socket.socket(family, type)
+
+
+def http_get(netns: str, host: str, port: int, path: str, timeout: float = 1.0) -> tuple[int, str]:
+    """GET http://host:port/path from inside netns: (status, body); (0, "") if nothing answers."""
+    try:
+        with socket_in(netns) as s:
+            s.settimeout(timeout)
+            s.connect((host, port))
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            buf = b""
+            while chunk := s.recv(65536):
+                buf += chunk
+    except OSError:
+        return 0, ""
+    head, _, body = buf.partition(b"\r\n\r\n")
+    try:
+        return int(head.split()[1]), body.decode(errors="replace")
+    except (IndexError, ValueError):
+        return 0, ""
