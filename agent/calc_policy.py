@@ -167,8 +167,14 @@ class PolicyCalculator:
 
     def on_policy(self, key: str) -> None:
         self._index.pop(key, None)
-        for iface in self._local_interfaces():
-            self._refresh_pod(iface)
+        # a policy selects pods of its own namespace only
+        namespace = key.partition("/")[0]
+        for iface, by_key in list(self._by_iface.items()):
+            if any(ns == namespace for ns, _ in by_key):
+                self._refresh_pod(iface)
+        for iface, f in list(self.pod_filters.items()):
+            if f.namespace == namespace and iface not in self._by_iface:
+                self._refresh_pod(iface)
         if key in self._users:
             self._resolve(key)
 
@@ -228,9 +234,6 @@ class PolicyCalculator:
         return sets + drops
 
     # -- internals ------------------------------------------------------------------------
-    def _local_interfaces(self) -> set[str]:
-        return set(self._by_iface) | set(self.pod_filters)
-
     def _local_wep(self, iface: str) -> res.WorkloadEndpoint | None:
         by_key = self._by_iface.get(iface)
         # as netpol.compute: in (namespace, name) order, the last one wins

@@ -76,6 +76,7 @@ class DataplaneDriver:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._sources: list[Callable[[], None]] = []
         self._next_resync = None
         self.rounds = 0
 
@@ -93,6 +94,7 @@ class DataplaneDriver:
         """Call `on_readable()` on the driver thread whenever `source` (a fileno()) is readable.
         Call before `start()`."""
         self._sel.register(source.fileno(), selectors.EVENT_READ, on_readable)
+        self._sources.append(on_readable)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tortie-dataplane", daemon=True)
@@ -172,6 +174,14 @@ class DataplaneDriver:
 
     def round(self) -> None:
         """One pass: fold queued messages, apply what is dirty (or due for a retry)."""
+        # What the monitors have queued first (their reads do not block): a pod's route is
+        # applied knowing its veth, which the kernel announced before the route arrived.
+        for drain in self._sources:
+            try:
+                drain()
+            except Exception as exc:
+                log.exception("monitor failed; resyncing", error=str(exc))
+                self._resync = True
         batch = self._take()
         for msg in batch.msgs:
             for m in self.managers:

@@ -38,8 +38,7 @@ log = tlog.get_logger("agent")
 
 STATUS_PUBLISH_INTERVAL = 2.0
 RETRY_DELAY = 1.0
-LAG_INTERVAL_BUSY = 0.02  # event-loop lag sampling while inputs arrive
-LAG_INTERVAL_IDLE = 1.0
+LAG_INTERVAL = 1.0  # the idle sampler of event-loop lag (busy loops measure it themselves)
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                0.1, 0.25, 0.5, 1.0)
 APPLY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -82,7 +81,6 @@ class Agent:
         self._bgp_identity: tuple | None = None
         self._speaker_task: asyncio.Task | None = None
         self._flush_scheduled = False
-        self._last_input = time.monotonic()
         self._tasks: list[asyncio.Task] = []
         self._last_status: bytes | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,16 +91,18 @@ class Agent:
         t0 = time.thread_time()
         fn(*args)
         self.m_calc_cpu.inc(time.thread_time() - t0, input=what)
-        self._last_input = time.monotonic()
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self._flush, self._loop.time())
 
-    def _flush(self) -> None:
+    def _flush(self, scheduled: float | None = None) -> None:
         """Hand what the calculation emitted since the last flush to the driver."""
+        if scheduled is not None:
+            # how long a ready callback waited for the loop: its lag, measured where work is
+            self.m_lag.observe(self._loop.time() - scheduled)
         self._flush_scheduled = False
         if not self.in_sync:
             return
@@ -264,7 +264,14 @@ class Agent:
         fut = loop.create_future()
 
         def done(errs: dict[str, str]) -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(errs))
+            t = time.monotonic()
+
+            def resolve() -> None:
+                self.m_lag.observe(time.monotonic() - t)
+                if not fut.done():
+                    fut.set_result(errs)
+
+            loop.call_soon_threadsafe(resolve)
 
         self.driver.send([RouteDelta(WORKLOADS, routes, removed)], done=done)
         errs = await fut
@@ -289,15 +296,13 @@ class Agent:
                 self.m_routes.set(len(self.calc._out[cls].emitted), **{"class": cls})
 
     async def _measure_lag(self) -> None:
-        """Event-loop lag: how late a timer fires. Sampled often only while inputs arrive,
-        so an idle agent wakes once a second."""
+        """Event-loop lag while idle: how late a timer fires, once a second. Under load the
+        loop's own callbacks (the calculation's flush, a CNI request's route) measure it."""
         loop = self._loop
         while True:
-            busy = time.monotonic() - self._last_input < 2.0
-            interval = LAG_INTERVAL_BUSY if busy else LAG_INTERVAL_IDLE
             t0 = loop.time()
-            await asyncio.sleep(interval)
-            self.m_lag.observe(max(0.0, loop.time() - t0 - interval))
+            await asyncio.sleep(LAG_INTERVAL)
+            self.m_lag.observe(max(0.0, loop.time() - t0 - LAG_INTERVAL))
 
     async def _publish_status(self) -> None:
         key = self.cfg.etcd.prefix + keys.bgp_status_key(self.node)

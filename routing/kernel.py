@@ -78,13 +78,22 @@ class NetlinkKernel:
 
     # -- links ----------------------------------------------------------------------------
     def refresh_links(self) -> None:
-        index: dict[str, int] = {}
-        for buf in self.sock.dump(nl.RTM_GETLINK, nl.link_request()):
-            for off, length, mtype in nl.iter_messages(buf):
-                if mtype == nl.RTM_NEWLINK:
-                    i, name = nl.parse_link(buf, off, length)
-                    if name:
-                        index[name] = i
+        # A link created or deleted meanwhile (a pod coming or going) interrupts the dump:
+        # read it again, as dump_routes does.
+        for attempt in range(5):
+            index: dict[str, int] = {}
+            try:
+                for buf in self.sock.dump(nl.RTM_GETLINK, nl.link_request()):
+                    for off, length, mtype in nl.iter_messages(buf):
+                        if mtype == nl.RTM_NEWLINK:
+                            i, name = nl.parse_link(buf, off, length)
+                            if name:
+                                index[name] = i
+            except nl.DumpInterrupted:
+                if attempt == 4:
+                    raise
+                continue
+            break
         if index != self._index:
             self._parsed = {}  # a cached Route may carry a name that changed
         self._index = index
@@ -114,7 +123,7 @@ class NetlinkKernel:
     # -- routes ---------------------------------------------------------------------------
     def dump_routes(self, proto: int) -> list[Route]:
         self.refresh_links()
-        for attempt in range(3):
+        for attempt in range(5):
             out: list[Route] = []
             cache: tuple[dict[bytes, Route], dict[bytes, Route]] = (self._parsed, {})
             try:
@@ -122,7 +131,7 @@ class NetlinkKernel:
                     for buf in self.sock.dump(nl.RTM_GETROUTE, nl.route_request(fam, proto)):
                         nl.parse_routes(buf, self._names, proto, out, cache, bare=True)
             except nl.DumpInterrupted:
-                if attempt == 2:
+                if attempt == 4:
                     raise
                 continue
             self._parsed = cache[1]
@@ -141,11 +150,18 @@ class NetlinkKernel:
 
     # -- rules ----------------------------------------------------------------------------
     def dump_rules(self) -> list[KernelRule]:
-        out: list[tuple[int, Rule | None, bytes]] = []
-        for fam in (AF_INET, AF_INET6):
-            for buf in self.sock.dump(nl.RTM_GETRULE, nl.rule_request(fam)):
-                nl.parse_rules(buf, out)
-        return [KernelRule(rule, raw, nl.rule_priority(raw)) for _t, rule, raw in out]
+        for attempt in range(5):
+            out: list[tuple[int, Rule | None, bytes]] = []
+            try:
+                for fam in (AF_INET, AF_INET6):
+                    for buf in self.sock.dump(nl.RTM_GETRULE, nl.rule_request(fam)):
+                        nl.parse_rules(buf, out)
+            except nl.DumpInterrupted:
+                if attempt == 4:
+                    raise
+                continue
+            return [KernelRule(rule, raw, nl.rule_priority(raw)) for _t, rule, raw in out]
+        raise AssertionError("unreachable")
 
     def write_rules(self, adds: Sequence[Rule], deletes: Sequence[KernelRule],
                     proto: int) -> list[WriteError]:
