@@ -308,8 +308,9 @@ class Calculation:
 
     def replace_learned(self, rib: Mapping[str, tuple[str, ...]]) -> None:
         """The speaker's whole table (its first, or after a restart of the speaker)."""
-        gone = [p for p in self.learned if p not in rib]
-        self.on_learned(rib, gone)
+        learned = self.learned
+        gone = [p for p in learned if p not in rib]
+        self.on_learned({p: h for p, h in rib.items() if learned.get(p) != h}, gone)
 
     def adopt(self, routes: Iterable[Route]) -> None:
         """Learned routes a previous agent left in the kernel: kept until `drop_adopted()`."""

@@ -80,6 +80,7 @@ class Agent:
         self.bgp = None  # made after the first snapshot: its AS and cluster id come from there
         self._bgp_identity: tuple | None = None
         self._speaker_task: asyncio.Task | None = None
+        self._starting = None  # a speaker being started
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task] = []
         self._last_status: bytes | None = None
@@ -123,6 +124,18 @@ class Agent:
 
     def _on_learned_changes(self, changed: dict[str, tuple[str, ...]], removed: frozenset[str]) -> None:
         self._calc("learned", self.calc.on_learned, changed, removed)
+
+    def _on_released(self) -> None:
+        """The speaker's first table is complete (every peer's end-of-RIB, or its settle
+        time): what it streamed so far is all there is, so the routes adopted from the
+        kernel and anything a previous speaker learned can go."""
+        speaker = self.bgp or self._starting
+
+        def fold() -> None:
+            if speaker is not None:
+                self.calc.replace_learned(speaker.learned_table())
+            self.calc.drop_adopted()
+        self._calc("learned", fold)
 
     async def _follow_datastore(self) -> None:
         from tortie.datastore.watch import Snapshot, Syncer
@@ -200,15 +213,16 @@ class Agent:
             node_name=self.node, router_id=self.cfg.node_address, local_as=local_as,
             local_address=self.cfg.node_address, state_dir=self.cfg.state_dir,
             listen_port=port, on_routes=self._on_learned, cluster_id=cluster_id,
-            on_route_changes=self._on_learned_changes,
+            on_route_changes=self._on_learned_changes, on_released=self._on_released,
             graceful_restart=self.cfg.bgp_graceful_restart,
             local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
         )
         self._bgp_identity = identity
         if "bgp" not in self.health.components:
             self.health.register("bgp", deadline=max(3 * self.cfg.resync_interval, 30))
+        self._starting = speaker
         await speaker.start()
-        self.bgp = speaker
+        self.bgp, self._starting = speaker, None
         self.driver.send([SpeakerChanged()])
         if self._speaker_identity() != identity:
             self._loop.call_soon(self._check_speaker)

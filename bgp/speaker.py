@@ -77,7 +77,8 @@ class BGPSpeaker:
                  local_address6: str | None = None, graceful_restart: int = cfg.GRACEFUL_RESTART_TIME,
                  batch: int = 500, settle_time: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
                  exabgp: str | None = None, cluster_id: str | None = None,
-                 on_route_changes: ChangesCallback | None = None) -> None:
+                 on_route_changes: ChangesCallback | None = None,
+                 on_released: Callable[[], None] | None = None) -> None:
         self.node_name = node_name
         self.local = cfg.LocalSettings(router_id=router_id, local_as=local_as, local_address=local_address,
                                        local_address6=local_address6, listen_port=listen_port,
@@ -87,6 +88,10 @@ class BGPSpeaker:
         # optional: after the first full table, only what changed (prefix -> hops, removed):
         # a 10,000-route table arrives in bursts, and rebuilding it per burst is the cost
         self.on_route_changes = on_route_changes
+        # optional, with on_route_changes: routes stream to the agent as they arrive, from the
+        # first one, and on_released() says when the first table is complete (the agent keeps
+        # the routes it adopted from the kernel until then, so a half table costs nothing)
+        self.on_released = on_released
         self._full_sent = False
         self.cluster_id = cluster_id  # routeReflectorClusterID; router id when None
         self.batch = batch
@@ -545,7 +550,7 @@ class BGPSpeaker:
         if self._cluster_id is not None and not self._reflect_pending:
             self._reflect_pending = True
             asyncio.get_running_loop().call_soon(self._reflect_soon)
-        if self._routes_pending or not self._routes_released:
+        if self._routes_pending or not (self._routes_released or self._streaming):
             return
         self._routes_pending = True
         asyncio.get_running_loop().call_soon(self._emit_routes)
@@ -555,9 +560,22 @@ class BGPSpeaker:
         if self._synced:
             self._spawn(self._apply_quietly())
 
+    def learned_table(self) -> dict[str, tuple[str, ...]]:
+        """Every accepted route: prefix -> next hops (ECMP, sorted)."""
+        return self._rib.table()
+
+    @property
+    def _streaming(self) -> bool:
+        return self.on_released is not None and self.on_route_changes is not None
+
     def _emit_routes(self) -> None:
         self._routes_pending = False
         try:
+            if self._streaming:
+                changed, removed = self._rib.take_changes()
+                if changed or removed:
+                    self.on_route_changes(changed, removed)
+                return
             if self.on_route_changes is not None and self._full_sent:
                 changed, removed = self._rib.take_changes()
                 if changed or removed:
@@ -586,6 +604,13 @@ class BGPSpeaker:
             return
         self._routes_released = True
         log.info("learned routes released to the agent", why=why)
+        if self._streaming:
+            self._emit_routes()  # what is still queued goes before the release
+            try:
+                self.on_released()
+            except Exception:
+                log.exception("on_released failed")
+            return
         self._routes_changed()
 
     async def _settle(self) -> None:
