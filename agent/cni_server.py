@@ -327,7 +327,7 @@ class CNIServer:
                 if found and {_host_cidr(ip) for ip in ips} <= found[1]:
                     link = found[0]
             mac = link.pod_mac if link else wiring.pod_mac(req.container_id, req.ifname)
-            wep = self._run(self.store.apply, self._wep(req, host_if, mac, ips))
+            wep = self._run(functools.partial(self.store.apply, likely_new=fresh), self._wep(req, host_if, mac, ips))
             if link is None:  # wire the pod while etcd writes its endpoint
                 outcome = await asyncio.gather(self._wire(req, host_if, ips, mac), wep, return_exceptions=True)
                 for item in outcome:

@@ -348,3 +348,16 @@ def test_validation_is_idempotent_and_every_kind_has_a_view(resource):
     view = r.VIEWS[once["kind"].lower()].from_resource(once)
     assert view.name == once["metadata"]["name"]
     hash(view)
+
+
+def test_apply_likely_new_creates_blind_and_replaces_what_is_there(store):
+    wep = {"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
+           "metadata": {"name": "w", "namespace": "default"},
+           "spec": {"node": "n1", "orchestrator": "k8s", "endpoint": "eth0", "pod": "p",
+                    "ipNetworks": ["10.65.0.1/32"]}}
+    first = store.apply(wep, likely_new=True)
+    assert first["metadata"]["uid"]
+    again = store.apply({**wep, "spec": {**wep["spec"], "pod": "q"}}, likely_new=True)
+    assert again["metadata"]["uid"] == first["metadata"]["uid"]  # replaced, not made anew
+    assert int(again["metadata"]["resourceVersion"]) > int(first["metadata"]["resourceVersion"])
+    assert store.get("workloadendpoint", "w", "default")["spec"]["pod"] == "q"
