@@ -53,6 +53,7 @@ class KernelRule:
 
 class Kernel(Protocol):
     def links(self, refresh: bool = False) -> Mapping[str, int]: ...
+    def lookup_link(self, name: str) -> int | None: ...
     def dump_routes(self, proto: int) -> list[Route]: ...
     def write_routes(self, ops: Sequence[tuple[str, Route]], proto: int) -> list[WriteError]: ...
     def dump_rules(self) -> list[KernelRule]: ...
@@ -108,6 +109,13 @@ class NetlinkKernel:
         if refresh:
             self.refresh_links()
         return self._index
+
+    def lookup_link(self, name: str) -> int | None:
+        """Ask the kernel for one link (not yet seen by the monitor); cached when found."""
+        index = self.sock.get_link(name)
+        if index is not None:
+            self.note_link(index, name, True)
+        return index
 
     def note_link(self, index: int, name: str | None, present: bool) -> None:
         """Keep the name cache current from the monitor's link notifications."""

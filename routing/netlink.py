@@ -205,6 +205,24 @@ class NetlinkSocket:
         if interrupted:
             raise DumpInterrupted("netlink dump interrupted by a concurrent change")
 
+    def get_link(self, name: str) -> int | None:
+        """The ifindex of one link by name (a single request: unlike a dump of every link,
+        links created meanwhile cannot interrupt it); None when there is no such link."""
+        seq = self.next_seq()
+        body = link_request() + _attr(IFLA_IFNAME, name.encode() + b"\0")
+        self.sock.send(_HDR.pack(16 + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body)
+        while True:
+            buf = self._recv()
+            for off, length, mtype in iter_messages(buf):
+                if _HDR.unpack_from(buf, off)[3] != seq:
+                    continue
+                if mtype == NLMSG_ERROR:
+                    err = -_I32.unpack_from(buf, off + 16)[0]
+                    if err in (0, errno_mod.ENODEV):
+                        return None
+                    raise DataplaneError(f"netlink get link {name}: {os.strerror(err)}")
+                return parse_link(buf, off, length)[0]
+
     def transact(self, msgs: list[bytes]) -> dict[int, tuple[int, str]]:
         """Send requests (each with its own sequence number) in as few sendmsg calls as fit
         the socket buffer.

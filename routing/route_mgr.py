@@ -325,15 +325,17 @@ class RouteManager:
         waiting: list[RouteKey] = []
         settled: list[tuple[RouteKey, Route]] = []
         links = self.kernel.links()
-        refreshed = False
+        looked_up: set[str] = set()
         for k, d in tracker.pending_updates.items():
             if k in held:
                 continue
             a = actual.get(k)
             dev = d.dev
             if dev is not None and dev not in links:
-                if not refreshed:  # a link may have appeared since the last notification
-                    links, refreshed = self.kernel.links(refresh=True), True
+                if dev not in looked_up:  # it may have appeared since the last notification
+                    looked_up.add(dev)
+                    self.kernel.lookup_link(dev)
+                    links = self.kernel.links()
                 if dev not in links:
                     waiting.append(k)
                     if a is not None:  # what is there now is wrong: better no route

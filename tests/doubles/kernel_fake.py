@@ -37,6 +37,9 @@ class FakeKernel:
     def links(self, refresh: bool = False) -> Mapping[str, int]:
         return self._links
 
+    def lookup_link(self, name: str) -> int | None:
+        return self._links.get(name)
+
     def note_link(self, index: int, name: str | None, present: bool) -> None:
         pass
 

@@ -274,3 +274,22 @@ def test_renamed_device_is_seen_on_resync(node):
     st = m.apply()
     # The route is on vE now, not on the vC it should use, and vC is gone: it waits.
     assert st.deleted == 1 and st.pending == 1 and node.routes() == []
+
+
+def test_a_route_for_a_device_made_after_the_last_link_notification_goes_in_at_once(node):
+    """The device of a new route is looked up by name (one request; a dump of every link
+    is interrupted by links created meanwhile, which a burst of pods does all the time)."""
+    from tortie.routing.model import Route
+    from tortie.routing.route_mgr import RouteManager
+
+    mgr = RouteManager(netns=node.ns)
+    mgr.apply()
+    subprocess.run(["ip", "-n", node.ns, "link", "add", "vE", "type", "veth", "peer", "name", "vF"], check=True)
+    subprocess.run(["ip", "-n", node.ns, "link", "set", "vE", "up"], check=True)
+    mgr.update_routes("workloads", [Route(dst="10.9.9.9/32", dev="vE", scope="link")])
+    stats = mgr.apply()  # no monitor here: the manager has not heard of vE
+    assert (stats.added, stats.pending, stats.errors) == (1, 0, ())
+    out = subprocess.run(["ip", "-n", node.ns, "route", "show", "10.9.9.9"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "dev vE" in out
+    mgr.close()
