@@ -239,17 +239,21 @@ class CNIServer:
 
     async def _allocate(self, req: p.CNIRequest) -> tuple[list[str], bool]:
         """(addresses, newly allocated): the handle's existing addresses make ADD idempotent."""
-        held = await self._run(self.ipam.ips_by_handle, req.handle)
-        if held:
-            return sorted(held, key=_ip_sort), False
-        asked: tuple[list[str], list[str]] = ([], [])
-        if self.pod_pools is not None and req.pod_name:
-            asked = await self._run(self.pod_pools, req.pod_namespace or "default", req.pod_name)
-        v4, v6, pools = self._counts(req, asked)
-        attrs = {"namespace": req.pod_namespace, "pod": req.pod_name or req.container_id, "node": self.node}
-        ips = await self._run(self.ipam.auto_assign, req.handle, self.node, num_v4=v4, num_v6=v6,
-                              pools=pools, attrs=attrs)
-        return sorted(ips, key=_ip_sort), True
+        def allocate() -> tuple[list[str], bool]:  # one worker hop for the whole of it
+            held = self.ipam.ips_by_handle(req.handle)
+            if held:
+                return sorted(held, key=_ip_sort), False
+            asked: tuple[list[str], list[str]] = ([], [])
+            if self.pod_pools is not None and req.pod_name:
+                asked = self.pod_pools(req.pod_namespace or "default", req.pod_name)
+            v4, v6, pools = self._counts(req, asked)
+            attrs = {"namespace": req.pod_namespace, "pod": req.pod_name or req.container_id,
+                     "node": self.node}
+            ips = self.ipam.auto_assign(req.handle, self.node, num_v4=v4, num_v6=v6, pools=pools,
+                                        attrs=attrs)
+            return sorted(ips, key=_ip_sort), True
+
+        return await self._run(allocate)
 
     def _wep(self, req: p.CNIRequest, host_if: str, mac: str, ips: list[str]) -> dict:
         k8s = bool(req.pod_name)

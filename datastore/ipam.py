@@ -539,10 +539,13 @@ class IPAM:
 
     def ips_by_handle(self, handle: str) -> list[str]:
         kv = self.client.get(self._hkey(handle))
+        # what was read is what a following allocation guards on (a stale one only retries)
+        record = HandleRecord.from_json(kv.value) if kv else HandleRecord(handle)
+        self._remember_handle(handle, (record, kv.mod_revision if kv else 0))
         if kv is None:
             return []
         out = []
-        for cidr in HandleRecord.from_json(kv.value).blocks:
+        for cidr in record.blocks:
             bkv = self.client.get(self._bkey(cidr))
             if bkv:
                 out += [h.ip for h in Block.from_json(bkv.value).held() if h.attr.handle == handle]
