@@ -60,24 +60,25 @@ class _Rule:
     def __init__(self, rule: res.PolicyRule, p: res.NetworkPolicy, weps, ns_labels) -> None:
         self.rule = rule
         self.ports = netpol.rule_ports(rule)
-        self.static = [n for peer in rule.peers if peer.cidr is not None for n in netpol.peer_block(peer)]
+        self.static = [netpol.net_range(n) for peer in rule.peers if peer.cidr is not None
+                       for n in netpol.peer_block(peer)]
         self.pod_peers: list[tuple[res.PolicyPeer, dict]] = []
         for peer in rule.peers:
             if peer.cidr is not None:
                 continue
-            nets: dict = {}
+            nets: dict[str, int] = {}  # the pods' CIDR strings (shared with the views)
             for w in weps:
                 if peer.matches_pod(w.labels, w.namespace, ns_labels[w.namespace], p.namespace):
-                    for n in netpol.wep_networks(w):
+                    for n in w.ip_networks:
                         nets[n] = nets.get(n, 0) + 1
             self.pod_peers.append((peer, nets))
         self.allow = self._make()
 
     def _make(self) -> netpol.Allow | None:
-        nets = list(self.static)
+        ranges = list(self.static)
         for _, counted in self.pod_peers:
-            nets += counted
-        return netpol.make_allow(self.rule, self.ports, nets)
+            ranges += map(netpol.cidr_range, counted)
+        return netpol.make_allow(self.rule, self.ports, ranges)
 
     def on_wep(self, old, new, ns_labels, namespace: str) -> bool:
         changed = False
@@ -85,7 +86,7 @@ class _Rule:
             for w, step in ((old, -1), (new, 1)):
                 if w is None or not peer.matches_pod(w.labels, w.namespace, ns_labels[w.namespace], namespace):
                     continue
-                for n in netpol.wep_networks(w):
+                for n in w.ip_networks:
                     c = counted.get(n, 0) + step
                     if c > 0:
                         counted[n] = c

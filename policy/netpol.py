@@ -27,6 +27,7 @@ Traffic the node itself sends to its pods (output hook: kubelet probes) is never
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -95,14 +96,32 @@ def namespace_labels(namespaces: Mapping[str, res.Namespace], name: str) -> dict
     return {**(dict(ns.labels) if ns else {}), NAMESPACE_NAME_LABEL: name}
 
 
+Range = tuple[int, int, int]  # (IP version, first address, last address) as integers
+
+
+def net_range(n: Net) -> Range:
+    lo = int(n.network_address)
+    return n.version, lo, lo + (1 << (n.max_prefixlen - n.prefixlen)) - 1
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def cidr_range(cidr: str) -> Range:
+    """A pod address (CIDR string) as a range; cached: pods' addresses are few and reused by
+    every policy that names them."""
+    return net_range(ipaddress.ip_network(cidr, strict=False))
+
+
 def _collapse(nets: Iterable[Net]) -> tuple[str, ...]:
-    """The smallest list of CIDRs covering the union of `nets`, IPv4 first, sorted (what
+    return collapse_ranges(net_range(n) for n in nets)
+
+
+def collapse_ranges(ranges: Iterable[Range]) -> tuple[str, ...]:
+    """The smallest list of CIDRs covering the union, IPv4 first, sorted (what
     ipaddress.collapse_addresses gives, in integer arithmetic: policies collapse the
     addresses of hundreds of pods on every pod event)."""
     by_version: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
-    for n in nets:
-        lo = int(n.network_address)
-        by_version[n.version].append((lo, lo + (1 << (n.max_prefixlen - n.prefixlen)) - 1))
+    for version, lo, hi in ranges:
+        by_version[version].append((lo, hi))
     out: list[str] = []
     for version, bits, addr in ((4, 32, ipaddress.IPv4Address), (6, 128, ipaddress.IPv6Address)):
         merged: list[list[int]] = []
@@ -155,24 +174,20 @@ def rule_ports(rule: res.PolicyRule):
     return tuple(sorted(set(ranges), key=lambda r: (r.protocol, r.low or 0, r.high or 0)))
 
 
-def make_allow(rule: res.PolicyRule, ports, nets: Iterable[Net]) -> Allow | None:
-    """The Allow of a rule from its ports (`rule_ports`) and its peers' networks."""
+def make_allow(rule: res.PolicyRule, ports, ranges: Iterable[Range]) -> Allow | None:
+    """The Allow of a rule from its ports (`rule_ports`) and its peers' address ranges."""
     if ports is _UNSATISFIABLE:
         return None
     if not rule.peers:
         return Allow(None, ports)
-    nets = list(nets)
-    if not nets:
+    ranges = list(ranges)
+    if not ranges:
         return None  # peers that are nobody allow nothing
-    return Allow(_collapse(nets), ports)
+    return Allow(collapse_ranges(ranges), ports)
 
 
 def peer_block(peer: res.PolicyPeer) -> list[Net]:
     return _block(peer)
-
-
-def wep_networks(wep: res.WorkloadEndpoint) -> list[Net]:
-    return [ipaddress.ip_network(c, strict=False) for c in wep.ip_networks]
 
 
 def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy,
@@ -181,15 +196,15 @@ def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy,
     ports = rule_ports(rule)
     if ports is _UNSATISFIABLE:
         return None
-    nets: list[Net] = []
+    ranges: list[Range] = []
     for peer in rule.peers:
         if peer.cidr is not None:
-            nets += _block(peer)
+            ranges += map(net_range, _block(peer))
             continue
         for wep in weps:
             if peer.matches_pod(wep.labels, wep.namespace, ns_labels[wep.namespace], policy.namespace):
-                nets += wep_networks(wep)
-    return make_allow(rule, ports, nets)
+                ranges += map(cidr_range, wep.ip_networks)
+    return make_allow(rule, ports, ranges)
 
 
 def policy_key(p: res.NetworkPolicy) -> str:
