@@ -350,6 +350,9 @@ class Calculation:
     def routes(self, cls: str) -> dict[RouteKey, Route]:
         return dict(self._out[cls].emitted)
 
+    def route_count(self, cls: str) -> int:
+        return len(self._out[cls].emitted)
+
     # -- internals --------------------------------------------------------------------------
     def _lookup(self, kind: str, namespace: str | None, name: str):
         spec = (self.state.NAMESPACED if namespace is not None else self.state.KINDS).get(kind)

@@ -173,9 +173,6 @@ class PolicyCalculator:
         for iface, by_key in list(self._by_iface.items()):
             if any(ns == namespace for ns, _ in by_key):
                 self._refresh_pod(iface)
-        for iface, f in list(self.pod_filters.items()):
-            if f.namespace == namespace and iface not in self._by_iface:
-                self._refresh_pod(iface)
         if key in self._users:
             self._resolve(key)
 
@@ -193,13 +190,13 @@ class PolicyCalculator:
         for (ns, name), w in self.weps.items():
             if w.node == self.node and w.interface_name:
                 self._by_iface.setdefault(w.interface_name, {})[(ns, name)] = w
-        full = netpol.compute(self.node, self.weps.values(), self.policies.values(), self.namespaces)
-        want_pods = {f.interface: f for f in full.pods}
-        want_policies = {p.key: p for p in full.policies}
+        want_pods = netpol.pod_filters(self.node, self.weps.values(), self.policies.values())
+        used = {k for f in want_pods.values() for k in (f.ingress or ()) + (f.egress or ())}
         self._index = {}
         for (ns, name), p in self.policies.items():
-            if f"{ns}/{name}" in want_policies:
+            if f"{ns}/{name}" in used:
                 self._index[f"{ns}/{name}"] = _Policy(p, self.weps.values(), self._ns_labels)
+        want_policies = {key: idx.resolved() for key, idx in self._index.items()}
         for key, p in want_policies.items():
             if self.resolved.get(key) != p:
                 self.resolved[key] = p

@@ -94,7 +94,7 @@ class DataplaneDriver:
         """Call `on_readable()` on the driver thread whenever `source` (a fileno()) is readable.
         Call before `start()`."""
         self._sel.register(source.fileno(), selectors.EVENT_READ, on_readable)
-        self._sources.append(on_readable)
+        self._sources.append(on_readable)  # called at the start of every round
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tortie-dataplane", daemon=True)
@@ -134,12 +134,7 @@ class DataplaneDriver:
                             pass
                     except BlockingIOError:
                         pass
-                else:
-                    try:
-                        key.data()
-                    except Exception as exc:  # a monitor must not stop the driver
-                        log.exception("monitor failed; resyncing", error=str(exc))
-                        self._resync = True
+                # a readable monitor is drained by the round, with all the others
             if self._stopping:
                 break
             try:

@@ -69,7 +69,7 @@ class Agent:
                                     "CPU time the calculation spent on inputs, by input")
         self.m_sent = m.counter("tortie_dataplane_messages_total", "Messages sent to the dataplane driver")
         self.m_lag = m.histogram("tortie_event_loop_lag_seconds",
-                                 "How late the event loop ran a timer (sampled)", LAG_BUCKETS)
+                                 "How long a ready callback waited for the event loop", LAG_BUCKETS)
         self.m_apply = m.histogram("tortie_dataplane_apply_seconds",
                                    "Duration of one dataplane manager's apply", APPLY_BUCKETS)
         self.m_failures = m.counter("tortie_dataplane_failures_total", "Failed applies, by manager")
@@ -114,13 +114,6 @@ class Agent:
             self.m_sent.inc(len(msgs))
             self.driver.send(msgs)
         self._check_speaker()
-
-    def _on_learned(self, rib: dict[str, tuple[str, ...]]) -> None:
-        # the speaker's full table (first, or after its restart): adopted routes can go
-        def fold(rib):
-            self.calc.replace_learned(rib)
-            self.calc.drop_adopted()
-        self._calc("learned", fold, rib)
 
     def _on_learned_changes(self, changed: dict[str, tuple[str, ...]], removed: frozenset[str]) -> None:
         self._calc("learned", self.calc.on_learned, changed, removed)
@@ -212,7 +205,7 @@ class Agent:
         speaker = BGPSpeaker(
             node_name=self.node, router_id=self.cfg.node_address, local_as=local_as,
             local_address=self.cfg.node_address, state_dir=self.cfg.state_dir,
-            listen_port=port, on_routes=self._on_learned, cluster_id=cluster_id,
+            listen_port=port, cluster_id=cluster_id,
             on_route_changes=self._on_learned_changes, on_released=self._on_released,
             graceful_restart=self.cfg.bgp_graceful_restart,
             local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
@@ -237,7 +230,6 @@ class Agent:
 
         loop = self._loop
         self.bgp_exports = BGPExportManager(loop, lambda: self.bgp)
-        self.filter_mgr, self.nat_mgr = filt, nat
 
         def on_status(name: str, error: str | None) -> None:
             loop.call_soon_threadsafe(self._manager_status, name, error)
@@ -307,7 +299,7 @@ class Agent:
                                                                st.last_ok)
             self.m_exports.set(len(self.calc.exports))
             for cls in ("blocks", "workloads", "bgp"):
-                self.m_routes.set(len(self.calc._out[cls].emitted), **{"class": cls})
+                self.m_routes.set(self.calc.route_count(cls), **{"class": cls})
 
     async def _measure_lag(self) -> None:
         """Event-loop lag while idle: how late a timer fires, once a second. Under load the

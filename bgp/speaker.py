@@ -73,7 +73,7 @@ ChangesCallback = Callable[[dict[str, tuple[str, ...]], frozenset[str]], None]
 
 class BGPSpeaker:
     def __init__(self, *, node_name: str, router_id: str, local_as: int, local_address: str,
-                 state_dir: str, listen_port: int = 179, on_routes: RoutesCallback,
+                 state_dir: str, listen_port: int = 179, on_routes: RoutesCallback | None = None,
                  local_address6: str | None = None, graceful_restart: int = cfg.GRACEFUL_RESTART_TIME,
                  batch: int = 500, settle_time: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
                  exabgp: str | None = None, cluster_id: str | None = None,
@@ -92,6 +92,8 @@ class BGPSpeaker:
         # first one, and on_released() says when the first table is complete (the agent keeps
         # the routes it adopted from the kernel until then, so a half table costs nothing)
         self.on_released = on_released
+        if on_routes is None and not (on_route_changes and on_released):
+            raise ValueError("on_routes, or on_route_changes with on_released, is required")
         self._full_sent = False
         self.cluster_id = cluster_id  # routeReflectorClusterID; router id when None
         self.batch = batch

@@ -237,6 +237,17 @@ def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[
     policies = sorted(policies, key=policy_key)
     ns_labels = {name: namespace_labels(namespaces, name)
                  for name in {w.namespace for w in weps} | set(namespaces)}
+    pods = pod_filters(node, weps, policies)
+    used = {k for f in pods.values() for k in (f.ingress or ()) + (f.egress or ())}
+    resolved = tuple(resolve(p, weps, ns_labels) for p in policies if policy_key(p) in used)
+    return Filter(tuple(pods.values()), resolved)
+
+
+def pod_filters(node: str, weps: Iterable[res.WorkloadEndpoint],
+                policies: Iterable[res.NetworkPolicy]) -> dict[str, PodFilter]:
+    """This node's isolated pods, by host interface: the policies selecting each."""
+    weps = sorted(weps, key=lambda w: (w.namespace, w.name))
+    policies = sorted(policies, key=policy_key)
     pods: dict[str, PodFilter] = {}
     for wep in weps:
         if wep.node != node or not wep.interface_name:
@@ -255,9 +266,7 @@ def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[
         # one filter per interface: the last endpoint (by namespace/name) naming it wins
         pods[wep.interface_name] = PodFilter(wep.interface_name, wep.namespace, wep.name,
                                              ing or None, egr or None)
-    used = {k for f in pods.values() for k in (f.ingress or ()) + (f.egress or ())}
-    resolved = tuple(resolve(p, weps, ns_labels) for p in policies if policy_key(p) in used)
-    return Filter(tuple(pods.values()), resolved)
+    return pods
 
 
 # --- evaluation (the semantics of the rendered ruleset, for tests and debugging) ---------

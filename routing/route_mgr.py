@@ -344,7 +344,7 @@ class RouteManager:
                     continue
             if a is None:
                 writes.append((REPLACE if k in reclaim else ADD, d))
-            elif a is d or _same(d, a):  # forced pending (mark_all_pending): nothing to write
+            elif a is d or _same(d, a):  # equal after all (a resync kept it pending)
                 settled.append((k, a))
                 continue
             elif a.metric != d.metric:

@@ -19,7 +19,7 @@ cannot change for now (waiting for a device, refused) are held out of its work.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 K = TypeVar("K")
@@ -254,21 +254,6 @@ class DeltaTracker(Generic[K, V]):
     def has_work(self) -> bool:
         """Whether some pending key is not held."""
         return len(self.pending_updates) + len(self.pending_deletions) > len(self.held)
-
-    def iter_pending(self) -> Iterator[tuple[K, V | None]]:
-        """(key, desired value) for updates, then (key, None) for deletions."""
-        yield from list(self.pending_updates.items())
-        for key in list(self.pending_deletions):
-            yield key, None
-
-    def mark_all_pending(self, keys: Iterable[K] | None = None) -> None:
-        """Compare these keys (all by default) again on the next apply: they go pending
-        even when equal (a forced rewrite); writing them, or `mark_written`, settles them."""
-        for key in (list(self.desired) if keys is None else keys):
-            value = self.desired.get(key, _MISSING)
-            if value is not _MISSING:
-                self.pending_updates[key] = value
-                self.held.pop(key, None)
 
     def _same(self, want: V, have: V) -> bool:
         return have is want or have == want or (
