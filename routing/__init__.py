@@ -17,5 +17,5 @@
 
 Modules: ``model`` (values, TORTIE_PROTO), ``messages`` (RouteDelta, RulesUpdate),
 ``netlink`` (struct-packed rtnetlink), ``kernel`` (the narrow kernel interface, its
-netlink implementation, a fake), ``route_mgr``, ``rule_mgr``, ``monitor``. Figures: ``bench/routes/run.py``.
+netlink implementation; its test double is in tests/doubles), ``route_mgr``, ``rule_mgr``, ``monitor``. Figures: ``bench/routes/run.py``.
 """
