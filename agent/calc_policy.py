@@ -75,10 +75,8 @@ class _Rule:
         self.allow = self._make()
 
     def _make(self) -> netpol.Allow | None:
-        ranges = list(self.static)
-        for _, counted in self.pod_peers:
-            ranges += map(netpol.cidr_range, counted)
-        return netpol.make_allow(self.rule, self.ports, ranges)
+        networks = [n for _, counted in self.pod_peers for n in counted]
+        return netpol.make_allow(self.rule, self.ports, self.static, networks)
 
     def on_wep(self, old, new, ns_labels, namespace: str) -> bool:
         changed = False

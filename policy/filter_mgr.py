@@ -7,13 +7,16 @@ repair what differs. The table (kube-proxy's nftables mode is the model):
 
     map ingress-pods / egress-pods   ifname : verdict   "<veth>" : jump pod-in|out-<veth>
     chain pod-in-<veth>              jump pol-in-<policy>... ; drop     (one per pod, direction)
-    chain pol-in-<hash>-<ns>_<name>  <peers> <ports> counter name "<same>" accept ...
+    chain pol-in-<hash>-<ns>_<name>  ip saddr @<same>-<n>-4 <ports> counter name "<same>" accept ...
+    set pol-in-<hash>-<ns>_<name>-<n>-4|6    allow <n>'s ipBlocks (CIDRs, interval set)
+    set pol-in-<hash>-<ns>_<name>-<n>-4p|6p  allow <n>'s peer pods (addresses, hash set)
     counter pol-in-<hash>-<ns>_<name>    what the policy accepted (kept across updates)
     chain forward-egress / input-egress  (hook filter - 1), forward-ingress (hook filter)
 
 A pod added or removed is `add|delete element` + `add chain|flush+delete chain` of its
-own chains; a policy changed is `flush chain` + its rules; nothing else is touched, so
-the policies' counters (and anything else stateful) live through every update. The table
+own chains; a pod that becomes or stops being a policy's peer is `add|delete element` of
+that policy's peer sets; a policy whose rules changed is `flush chain` + its rules;
+nothing else is touched, so the policies' counters (and anything else stateful) live through every update. The table
 exists only while some local pod is isolated.
 
 Semantics (see `policy.netpol`): egress is checked in its own base chains (forward and
@@ -27,13 +30,12 @@ A pod whose policy is not known yet jumps to that policy's empty chain: allowed 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 
 from tortie.log import get_logger
 from tortie.policy import netpol
 from tortie.policy.messages import EndpointFilterUpdate, PolicyUpdate, filter_messages
-from tortie.policy.netpol import Allow, PodFilter, PortRange, ResolvedPolicy
+from tortie.policy.netpol import PodFilter, PortRange, ResolvedPolicy
 from tortie.policy.nftables import Base, Chain, Nft, NftTable, Obj, TablesManager
 
 log = get_logger("netpol")
@@ -87,28 +89,45 @@ def _ports_match(ports: tuple[PortRange, ...] | None) -> list[str]:
     return out
 
 
-def _addr_match(a: Allow, direction: str) -> list[str]:
-    if a.peers is None:
-        return [""]
-    field = "saddr" if direction == IN else "daddr"
-    out = []
-    for version, fam in ((4, "ip"), (6, "ip6")):
-        nets = [n for n in a.peers if ipaddress.ip_network(n).version == version]
-        if nets:
-            out.append(f"{fam} {field} {{ {', '.join(nets)} }}")
-    return out
+_FAMILIES = ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr"))
+
+PeerSets = dict[str, tuple[Obj, tuple[str, ...]]]  # set name -> (its declaration, elements)
 
 
-def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tuple[str, ...]:
-    """The rules of one policy's chain: each allow, counted, accepted. None: allows nothing."""
+def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tuple[tuple[str, ...], PeerSets]:
+    """The rules of one policy's chain (each allow, counted, accepted) and the named sets of
+    peer addresses they match. None: allows nothing.
+
+    Peers live in named sets, not inline, so a pod that becomes or stops being a peer is an
+    element change and the chain is rewritten only when the rules' shape changes. Per
+    allow <n> and family: `<chain>-<n>-4` (an interval set: the ipBlocks' CIDRs) and
+    `<chain>-<n>-4p` (a hash set: the peer pods' addresses). The split is for speed: nft
+    reads every element of a table's interval sets before it changes any of them (20 ms
+    with 300 sets of 25 elements, against 0.7 ms for a hash set, measured here), and pods
+    change often while ipBlocks change with their policy.
+    """
     if pol is None:
-        return ()
-    rules = []
-    for a in pol.ingress if direction == IN else pol.egress:
-        for am in _addr_match(a, direction):
+        return (), {}
+    field = "saddr" if direction == IN else "daddr"
+    rules: list[str] = []
+    sets: PeerSets = {}
+    for i, a in enumerate(pol.ingress if direction == IN else pol.egress):
+        addr = [""]
+        if a.peers is not None:
+            addr = []
+            for version, fam, typ in _FAMILIES:
+                v6 = version == 6
+                for suffix, members, obj in ((f"{version}", a.peers, Obj("set", typ, flags=("interval",))),
+                                             (f"{version}p", a.hosts, Obj("set", typ))):
+                    elements = tuple(n for n in members if (":" in n) == v6)
+                    if elements:
+                        name = f"{counter}-{i}-{suffix}"
+                        sets[name] = (obj, elements)
+                        addr.append(f"{fam} {field} @{name}")
+        for am in addr:
             for pm in _ports_match(a.ports):
                 rules.append(" ".join(x for x in (am, pm, f'counter name "{counter}"', "accept") if x))
-    return tuple(rules)
+    return tuple(rules), sets
 
 
 class FilterManager(TablesManager):
@@ -124,6 +143,7 @@ class FilterManager(TablesManager):
         self.policies: dict[str, ResolvedPolicy] = {}
         self.pods: dict[str, PodFilter] = {}
         self._users: dict[tuple[str, str], set[str]] = {}  # (policy, direction) -> interfaces
+        self._sets: dict[tuple[str, str], PeerSets] = {}  # (policy, direction) -> its peer sets
 
     # -- desired -------------------------------------------------------------------------
     def on_update(self, msg: object) -> None:
@@ -143,7 +163,23 @@ class FilterManager(TablesManager):
 
     def _set_policy_chain(self, key: str, direction: str) -> None:
         name = policy_chain(key, direction)
-        self.table.chains.set_desired(name, Chain(policy_rules(self.policies.get(key), direction, name)))
+        rules, sets = policy_rules(self.policies.get(key), direction, name)
+        self.table.chains.set_desired(name, Chain(rules))
+        old = self._sets.pop((key, direction), {})
+        for set_name, (obj, elements) in sets.items():
+            prev = old.pop(set_name, None)
+            if prev is None:
+                self.table.objects.set_desired(set_name, obj)
+            if prev != (obj, elements):
+                self.table.set_elements(set_name, dict.fromkeys(elements, ""))
+        self._drop_sets(old)
+        if sets:
+            self._sets[(key, direction)] = sets
+
+    def _drop_sets(self, sets: PeerSets) -> None:
+        for set_name in sets:
+            self.table.set_elements(set_name, {})
+            self.table.objects.delete_desired(set_name)
 
     def _on_endpoint(self, interface: str, pod: PodFilter | None) -> None:
         old = self.pods.pop(interface, None)
@@ -178,6 +214,7 @@ class FilterManager(TablesManager):
             self._users.pop((key, direction), None)
             self.table.chains.delete_desired(policy_chain(key, direction))
             self.table.objects.delete_desired(policy_chain(key, direction))
+            self._drop_sets(self._sets.pop((key, direction), {}))
 
     def applied(self) -> None:
         log.info("filter table applied", isolated_pods=len(self.pods), policies=len(self.policies))

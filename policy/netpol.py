@@ -60,6 +60,9 @@ class Allow:
 
     peers: tuple[str, ...] | None  # collapsed CIDRs of the peers; None: any address
     ports: tuple[PortRange, ...] | None  # None: any protocol and port
+    # The peer pods' own addresses (no prefix length), sorted, beside `peers`: a pod
+    # becoming a peer is one element of a hash set, not a change of collapsed intervals.
+    hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,14 @@ Range = tuple[int, int, int]  # (IP version, first address, last address) as int
 def net_range(n: Net) -> Range:
     lo = int(n.network_address)
     return n.version, lo, lo + (1 << (n.max_prefixlen - n.prefixlen)) - 1
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def host_address(cidr: str) -> str | None:
+    """A pod's network as a single address ("10.65.1.3" for "10.65.1.3/32"); None when it
+    is a wider network. Cached like `cidr_range`."""
+    n = ipaddress.ip_network(cidr, strict=False)
+    return str(n.network_address) if n.prefixlen == n.max_prefixlen else None
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -174,16 +185,24 @@ def rule_ports(rule: res.PolicyRule):
     return tuple(sorted(set(ranges), key=lambda r: (r.protocol, r.low or 0, r.high or 0)))
 
 
-def make_allow(rule: res.PolicyRule, ports, ranges: Iterable[Range]) -> Allow | None:
-    """The Allow of a rule from its ports (`rule_ports`) and its peers' address ranges."""
+def make_allow(rule: res.PolicyRule, ports, ranges: Iterable[Range], pod_networks: Iterable[str]) -> Allow | None:
+    """The Allow of a rule from its ports (`rule_ports`), its ipBlocks' address ranges and
+    the networks of the pods its peers match."""
     if ports is _UNSATISFIABLE:
         return None
     if not rule.peers:
         return Allow(None, ports)
     ranges = list(ranges)
-    if not ranges:
+    hosts = set()
+    for n in pod_networks:
+        host = host_address(n)
+        if host is None:
+            ranges.append(cidr_range(n))
+        else:
+            hosts.add(host)
+    if not ranges and not hosts:
         return None  # peers that are nobody allow nothing
-    return Allow(collapse_ranges(ranges), ports)
+    return Allow(collapse_ranges(ranges), ports, tuple(sorted(hosts)))
 
 
 def peer_block(peer: res.PolicyPeer) -> list[Net]:
@@ -197,14 +216,15 @@ def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy,
     if ports is _UNSATISFIABLE:
         return None
     ranges: list[Range] = []
+    pod_networks: list[str] = []
     for peer in rule.peers:
         if peer.cidr is not None:
             ranges += map(net_range, _block(peer))
             continue
         for wep in weps:
             if peer.matches_pod(wep.labels, wep.namespace, ns_labels[wep.namespace], policy.namespace):
-                ranges += map(cidr_range, wep.ip_networks)
-    return make_allow(rule, ports, ranges)
+                pod_networks += wep.ip_networks
+    return make_allow(rule, ports, ranges, pod_networks)
 
 
 def policy_key(p: res.NetworkPolicy) -> str:
@@ -275,7 +295,8 @@ def pod_filters(node: str, weps: Iterable[res.WorkloadEndpoint],
 def _allow_matches(a: Allow, peer: str, protocol: str, port: int) -> bool:
     if a.peers is not None:
         ip = ipaddress.ip_address(peer)
-        if not any(ip.version == n.version and ip in n for n in map(ipaddress.ip_network, a.peers)):
+        if str(ip) not in a.hosts and not any(ip.version == n.version and ip in n
+                                              for n in map(ipaddress.ip_network, a.peers)):
             return False
     if a.ports is None:
         return True

@@ -227,16 +227,22 @@ class NftTable:
         self.objects: DeltaTracker[str, Obj] = DeltaTracker()
         self.chains: DeltaTracker[str, Chain] = DeltaTracker(_chain_equal)
         self.elements: DeltaTracker[tuple[str, str], str] = DeltaTracker()
+        self._members: dict[str, dict[str, str]] = {}  # set_elements' sets: name -> elements
+
 
     # -- desired -------------------------------------------------------------------------
     def set_elements(self, set_name: str, values: dict[str, str]) -> None:
-        """All elements of one set or map at once ({key: value}; "" for a set)."""
-        current = {k for k in self.elements.desired if k[0] == set_name}
-        for key in current - {(set_name, k) for k in values}:
-            self.elements.delete_desired(key)
+        """All elements of one set or map at once ({key: value}; "" for a set). Only what
+        differs from the last call for that set is touched (a set's elements are kept by
+        this method alone)."""
+        current = self._members.pop(set_name, {})
+        for k in current.keys() - values.keys():
+            self.elements.delete_desired((set_name, k))
         for k, v in values.items():
-            if self.elements.desired.get((set_name, k)) != v:
+            if current.get(k) != v:
                 self.elements.set_desired((set_name, k), v)
+        if values:
+            self._members[set_name] = dict(values)
 
     @property
     def dirty(self) -> bool:

@@ -4,7 +4,7 @@ their filter allows (`netpol.allows` evaluates the values the ruleset is rendere
 import pytest
 
 from tortie.datastore import resources as res
-from tortie.policy.filter_mgr import render
+from tortie.policy.filter_mgr import policy_chain, render
 from tortie.policy.netpol import EGRESS, INGRESS, allows, compute
 
 NODE = "n1"
@@ -257,7 +257,15 @@ def test_ipv6_pods_and_blocks():
     assert allows(f, v6.interface_name, INGRESS, "2001:db8::1")
     assert not allows(f, v6.interface_name, INGRESS, "fd00:1::8")
     body = render(f)
-    assert "ip6 saddr { 2001:db8::/32, fd00:1::7/128 }" in body and "ip saddr { 10.65.1.3/32" in body
+    peers = policy_chain("shop/allow", "in")
+    assert f"ip6 saddr @{peers}-0-6 " in body and f"ip6 saddr @{peers}-0-6p " in body
+    assert f"ip saddr @{peers}-0-4p " in body and f"@{peers}-0-4 " not in body  # no IPv4 ipBlock
+    # ipBlocks in an interval set, the pods' own addresses in a hash set
+    assert f"add set inet tortie-filter {peers}-0-6 {{ type ipv6_addr; flags interval; }}" in body
+    assert f"add element inet tortie-filter {peers}-0-6 {{ 2001:db8::/32 }}" in body
+    assert f"add set inet tortie-filter {peers}-0-6p {{ type ipv6_addr; }}" in body
+    assert f"add element inet tortie-filter {peers}-0-6p {{ fd00:1::7 }}" in body
+    assert f"add element inet tortie-filter {peers}-0-4p {{ 10.65.1.3" in body
 
 
 @pytest.mark.parametrize("order", [0, 1])

@@ -188,6 +188,33 @@ def test_a_change_rewrites_only_what_changed(topo, netns):
     assert ("counter", "", policy_chain("shop/deny", "in")) in kept
 
 
+def test_a_new_peer_is_an_element_of_the_policys_peer_set(topo, netns):
+    """b becoming a peer of a's policy (relabelled) writes set elements only: every chain,
+    rule and counter keeps its kernel handle, and the traffic is allowed."""
+    node, _a, b, _ = topo
+    mgr = Fed(node)
+    allow = pol("a-from-b", podSelector={"matchLabels": {"app": "a"}},
+                ingress=[{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}])
+    extra = wep("c", "10.65.3.2", "torc", node="n2", role="client")  # a remote peer
+    mgr.update(allow, weps=[*WEPS, extra])
+    mgr.apply()
+    assert not can(netns, b, A_IP)
+    before = handles(node, "inet", netpol.TABLE)
+    relabelled = wep("b", B_IP, "torb", app="b", role="client")
+    mgr.update(allow, weps=[WEPS[0], relabelled, extra])
+    script = mgr.mgr.table.script()
+    assert script.splitlines() == [
+        f"add element inet {netpol.TABLE} {policy_chain('shop/a-from-b', 'in')}-0-4p {{ {B_IP} }}"]
+    mgr.apply()
+    assert handles(node, "inet", netpol.TABLE) == before
+    assert can(netns, b, A_IP)
+    mgr.update(allow, weps=[*WEPS, extra])  # and back: the element goes
+    mgr.apply()
+    assert not can(netns, b, A_IP)
+    mgr.mgr.resync()  # the listing matches what the manager believes
+    assert not mgr.apply()
+
+
 def test_hand_edits_are_noticed_by_the_monitor_and_repaired(topo, netns):
     node, _a, b, _ = topo
     mon = NftMonitor(netns=node)
