@@ -97,10 +97,12 @@ class Monitor:
                 index, name = nl.parse_link(buf, off, length)
                 flags = nl.link_flags(buf, off)
                 present = mtype == nl.RTM_NEWLINK
+                new = False
                 if kernel is not None:
+                    new = present and index not in kernel.link_names
                     kernel.note_link(index, name, present)
                 if rm is not None and name:
-                    rm.on_link_event(name, present, bool(flags & _IFF_UP))
+                    rm.on_link_event(name, present, bool(flags & _IFF_UP), new)
             elif mtype in (nl.RTM_NEWRULE, nl.RTM_DELRULE) and rl is not None:
                 out = []
                 nl.parse_rules(buf[off:off + length], out)

@@ -130,6 +130,9 @@ class RouteManager:
         self._routes: DeltaTracker[RouteKey, Route] = DeltaTracker(equal=_same)
         self._strays: list[Route] = []  # second tortie routes on one key (other metric)
         self._reclaim: set[RouteKey] = set()  # ours, replaced by hand with another protocol
+        # Links present and down since their last scan: no route goes through them, so the
+        # next down event (a new veth gets several) skips the scan of every route.
+        self._scanned_down: set[str] = set()
         self._need_resync = True
         self.last_apply: float | None = None  # monotonic time of the last successful apply
 
@@ -425,19 +428,29 @@ class RouteManager:
                 self._need_resync = True  # a second tortie route on this key
             tracker.set_actual(k, route)
 
-    def on_link_event(self, name: str, present: bool, up: bool) -> None:
+    def on_link_event(self, name: str, present: bool, up: bool, new: bool = False) -> None:
+        """A link notification. ``new``: a link the kernel interface did not know (just
+        created: nothing was routed through it)."""
         tracker = self._routes
         if present and up:
+            self._scanned_down.discard(name)
             desired = tracker.desired
             # A gateway route without a device may wait for any link (its uplink).
             tracker.release([k for k, why in tracker.held.items() if why is NO_DEVICE
                              and desired[k].dev in (name, None)])
+            return
+        if present and (new or name in self._scanned_down):
+            self._scanned_down.add(name)
             return
         # Down or gone: the kernel dropped routes through it without telling anyone. Forget
         # them; the next apply writes them again (or holds them as pending), and a route the
         # kernel kept after all shows up as EEXIST, which triggers a resync.
         for k in [k for k, a in tracker.actual.items() if a.dev == name]:
             tracker.delete_actual(k)
+        if present:
+            self._scanned_down.add(name)
+        else:
+            self._scanned_down.discard(name)
 
     async def run_monitor(self, on_change) -> None:
         """Follow kernel notifications until cancelled; ``on_change()`` is called whenever

@@ -153,6 +153,30 @@ def test_link_gone_forgets_its_routes_and_waits():
     assert st.pending == 1 and not k.routes
 
 
+def test_a_link_going_down_forgets_its_routes_and_a_new_down_link_costs_no_scan():
+    m, k = mgr()
+    m.set_route("workloads", Route("10.1.0.5/32", dev="vB"))
+    m.apply()
+    del k.routes[route_key("10.1.0.5")]  # set down: the kernel dropped the route
+    m.on_link_event("vB", present=True, up=False)
+    assert m.dirty and route_key("10.1.0.5") not in m.actual()
+    m.apply()  # written again (the double does not refuse a down link)
+    m.on_link_event("vB", present=True, up=False)  # still down: already scanned
+    assert not m.dirty
+    m.on_link_event("vB", present=True, up=True)
+    del k.routes[route_key("10.1.0.5")]
+    m.on_link_event("vB", present=True, up=False)  # up, then down again: scanned again
+    assert m.dirty
+    m.apply()
+    # A link just created (down) carries nothing: its events do not forget anything.
+    m.set_route("workloads", Route("10.1.0.6/32", dev="vC"))
+    m.on_link_event("vC", present=True, up=False, new=True)
+    k.add_link("vC")
+    m.on_link_event("vC", present=True, up=True)
+    m.apply()
+    assert not m.dirty and route_key("10.1.0.6") in m.actual()
+
+
 def test_metric_change_deletes_then_adds():
     m, k = mgr()
     m.set_route("bgp", Route("10.2.0.0/24", gateways=("10.9.0.2",)))
