@@ -31,8 +31,8 @@ from tortie.policy.messages import NatUpdate
 from tortie.routing.messages import RouteDelta, RouteKey, RulesUpdate
 from tortie.routing.model import MAIN_TABLE, Route, Rule, learned_route, route_key
 
-__all__ = ["Calculation", "ClusterState", "Desired", "desired", "network_policy", "node_addresses",
-           "policy_routing"]
+__all__ = ["Calculation", "ClusterState", "Desired", "EgressPlan", "desired", "egress_plan",
+           "network_policy", "node_addresses", "policy_routing"]
 
 log = get_logger("calc")
 
@@ -40,6 +40,7 @@ log = get_logger("calc")
 # come first so pod-to-pod traffic keeps the cluster routes; then per-pool egress.
 PRIO_TO_POOLS = 100
 PRIO_EGRESS = 110
+PRIO_EGRESS_FLOOR = 111  # `from <pool> unreachable`: what the pool's table does not route
 
 
 @dataclass(frozen=True)
@@ -124,33 +125,64 @@ def desired(
                    frozenset(exports), rules, egress_routes)
 
 
+@dataclass(frozen=True)
+class EgressPlan:
+    """One egress pool on this node: the default route its table should get, or why none."""
+
+    pool: str
+    cidr: str
+    table: int
+    next_hop: str
+    route: Route | None
+    problem: str | None = None  # set when route is None
+
+
+def egress_plan(state: ClusterState) -> tuple[EgressPlan, ...]:
+    """Per egress pool (by name): the default route of its table, or the reason it has
+    none (the pool's traffic is then refused: see `policy_routing`)."""
+    plans: list[EgressPlan] = []
+    taken: dict[tuple[int, int], EgressPlan] = {}
+    for p in sorted((p for p in state.pools.values() if p.egress), key=lambda p: p.name):
+        e = p.egress
+        version = ipaddress.ip_network(p.cidr).version
+        problem = None
+        if ipaddress.ip_address(e.next_hop).version != version:
+            problem = f"next hop {e.next_hop} is not IPv{version}"
+        elif (first := taken.get((e.table, version))) is not None and first.next_hop != e.next_hop:
+            problem = f"table {e.table} is pool {first.pool}'s, with next hop {first.next_hop}"
+        if problem is not None:
+            log.warning("egress not installable; the pool's traffic is refused", pool=p.name, why=problem)
+            plans.append(EgressPlan(p.name, p.cidr, e.table, e.next_hop, None, problem))
+            continue
+        # With `interface`, the next hop is reached through that device only (the route
+        # waits for the device like any other).
+        route = Route(dst="0.0.0.0/0" if version == 4 else "::/0", table=e.table,
+                      gateways=(e.next_hop,), dev=e.interface)
+        plan = EgressPlan(p.name, p.cidr, e.table, e.next_hop, route)
+        taken.setdefault((e.table, version), plan)
+        plans.append(plan)
+    return tuple(plans)
+
+
 def policy_routing(state: ClusterState) -> tuple[frozenset[Rule], frozenset[Route]]:
-    """Per-pool egress: `from <pool> lookup <table>`, the table's default via the pool's next hop.
+    """Per-pool egress: `from <pool> lookup <table>`, the table's default via the pool's
+    next hop, and under it `from <pool> unreachable`: fail closed. When the table has no
+    route (the next hop is on no up link, the kernel refused it, the link went down) the
+    pool's traffic is refused; it never falls through to the main table and leaves by
+    another uplink. A pool whose route cannot be planned gets the floor only.
 
     Only while some pool has egress routing; then every pool's range is first sent to the
     main table, so traffic between pods (any pool) never takes an egress uplink.
     """
-    egress_pools = sorted((p for p in state.pools.values() if p.egress), key=lambda p: p.name)
-    if not egress_pools:
+    plans = egress_plan(state)
+    if not plans:
         return frozenset(), frozenset()
     rules = {Rule(priority=PRIO_TO_POOLS, dst=p.cidr, table=MAIN_TABLE) for p in state.pools.values()}
-    routes: dict[tuple[int, int], Route] = {}
-    for p in egress_pools:
-        rules.add(Rule(priority=PRIO_EGRESS, src=p.cidr, table=p.egress.table))
-        version = ipaddress.ip_network(p.cidr).version
-        if ipaddress.ip_address(p.egress.next_hop).version != version:
-            log.warning("egress next hop of another family; skipped", pool=p.name)
-            continue
-        key = (p.egress.table, version)
-        if key in routes and routes[key].gateways != (p.egress.next_hop,):
-            log.warning("pools share an egress table with different next hops; first one wins",
-                        pool=p.name, table=p.egress.table)
-            continue
-        # With `interface`, the next hop is reached through that device only (the route
-        # waits for the device like any other).
-        routes[key] = Route(dst="0.0.0.0/0" if version == 4 else "::/0", table=p.egress.table,
-                            gateways=(p.egress.next_hop,), dev=p.egress.interface)
-    return frozenset(rules), frozenset(routes.values())
+    for plan in plans:
+        if plan.route is not None:
+            rules.add(Rule(priority=PRIO_EGRESS, src=plan.cidr, table=plan.table))
+        rules.add(Rule(priority=PRIO_EGRESS_FLOOR, src=plan.cidr, action="unreachable"))
+    return frozenset(rules), frozenset(p.route for p in plans if p.route is not None)
 
 
 def network_policy(state: ClusterState, node: str) -> netpol.Filter:
@@ -243,6 +275,7 @@ class Calculation:
         self._export_added: set[str] = set()
         self._export_removed: set[str] = set()
         self._rules: frozenset[Rule] | None = None
+        self.egress: tuple[EgressPlan, ...] = ()  # this node's egress pools (for status)
         self._rules_msg: RulesUpdate | None = None
         self._nat: NatUpdate | None = None
         self._nat_msg: NatUpdate | None = None
@@ -371,6 +404,7 @@ class Calculation:
         self._out[WORKLOADS].replace(want.workload_routes)
         self._out[BGP].replace(want.bgp_routes)
         self._out[EGRESS].replace(want.egress_routes)
+        self.egress = egress_plan(st)
         self._set_rules(want.rules)
         self._exports_recompute()  # builds the borrowed index; equals want.exports (tested)
         self._nat_recompute()
@@ -470,6 +504,7 @@ class Calculation:
         out.remove(route_key(prefix))
 
     def _policy_routing(self) -> None:
+        self.egress = egress_plan(self.state)
         rules, routes = policy_routing(self.state)
         self._set_rules(rules)
         self._out[EGRESS].replace(routes)

@@ -26,7 +26,7 @@ import time
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
-from tortie.agent.calc import WORKLOADS, Calculation
+from tortie.agent.calc import EGRESS, WORKLOADS, Calculation
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
 from tortie.health import Health, start_http
@@ -75,6 +75,11 @@ class Agent:
         self.m_failures = m.counter("tortie_dataplane_failures_total", "Failed applies, by manager")
         self.m_exports = m.gauge("tortie_bgp_exports", "Prefixes this node announces")
         self.m_routes = m.gauge("tortie_desired_routes", "Desired routes, by class")
+        self.m_egress = m.gauge("tortie_egress_up", "Per egress pool: 1 while its table routes by its "
+                                "next hop, 0 while its traffic is refused (node status says why)")
+        self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
+        self._egress_routes: dict = {}  # the route manager's word on the egress routes
+        self._egress_seen: dict | None = None  # the same, on the driver thread
         self.cni = None
         self.driver = None
         self.bgp = None  # made after the first snapshot: its AS and cluster id come from there
@@ -113,6 +118,7 @@ class Agent:
         if msgs:
             self.m_sent.inc(len(msgs))
             self.driver.send(msgs)
+        self._update_egress()
         self._check_speaker()
 
     def _on_learned_changes(self, changed: dict[str, tuple[str, ...]], removed: frozenset[str]) -> None:
@@ -241,7 +247,7 @@ class Agent:
             [routes, rules, nat, filt, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
             on_status=on_status, on_applied=on_applied,
-            on_round=lambda ok: self.m_rounds.inc(result="ok" if ok else "error"))
+            on_round=lambda ok: self._round_done(ok, routes))
         self.monitor = Monitor(route_mgr=routes, rule_mgr=rules)
         self.driver.watch(self.monitor, self.monitor.drain)
         # Someone else changed the ruleset (our own commits are recognised and ignored):
@@ -254,6 +260,44 @@ class Agent:
                 filt.resync()
 
         self.driver.watch(self.nft_monitor, nft_changed)
+
+    def _round_done(self, ok: bool, routes) -> None:
+        """After each driver round, on the driver's thread: whether the egress routes are
+        in the kernel, handed to the loop when that changed (a few routes: cheap)."""
+        self.m_rounds.inc(result="ok" if ok else "error")
+        status = routes.class_status(EGRESS)
+        if status != self._egress_seen:
+            self._egress_seen = status
+            self._loop.call_soon_threadsafe(self._on_egress_routes, status)
+
+    def _on_egress_routes(self, status: dict) -> None:
+        self._egress_routes = status
+        self._update_egress()
+
+    def _update_egress(self) -> None:
+        """Each egress pool up or down, and why: node status, readiness, tortie_egress_up.
+        Down means refused (the unreachable rule under its table), never rerouted."""
+        out = []
+        for plan in self.calc.egress:
+            if plan.route is None:
+                why = plan.problem
+            else:
+                why = self._egress_routes.get(plan.route.key, "not written yet")
+            out.append({"pool": plan.pool, "table": plan.table, "nextHop": plan.next_hop,
+                        "up": why is None, "reason": why})
+        if out == self.egress_status:
+            return
+        for o in out:
+            if o not in self.egress_status:
+                (log.info if o["up"] else log.error)(
+                    "egress " + ("up" if o["up"] else "down: the pool's traffic is refused"),
+                    pool=o["pool"], table=o["table"], next_hop=o["nextHop"], reason=o["reason"])
+        self.egress_status = out
+        self.m_egress.values.clear()
+        for o in out:
+            self.m_egress.set(1 if o["up"] else 0, pool=o["pool"])
+        down = [f"pool {o['pool']}: {o['reason']}" for o in out if not o["up"]]
+        self.health.condition("egress", "; ".join(down) or None)
 
     def _manager_status(self, name: str, error: str | None) -> None:
         if name not in self.health.components:
@@ -316,7 +360,8 @@ class Agent:
             await asyncio.sleep(STATUS_PUBLISH_INTERVAL)
             if self.bgp is None or not self.in_sync:
                 continue
-            body = json.dumps(self.bgp.status_json(), sort_keys=True).encode()
+            body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status},
+                              sort_keys=True).encode()
             if body != self._last_status:
                 with contextlib.suppress(errors.DatastoreUnavailable):
                     await asyncio.to_thread(self.client.put, key, body)

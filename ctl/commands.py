@@ -287,6 +287,10 @@ def cmd_node_status(ctx, args) -> int:
         print(f"{'' if i == 0 else chr(10)}Node {node}: {up}/{len(peers)} BGP peers established, {age}"
               + (" (STALE: the agent may be down)" if stale else ""), file=ctx.out)
         print(bgp_status.table(peers, now=now) if peers else "  no BGP peers", file=ctx.out)
+        for e in doc.get("egress") or ():
+            state = "up" if e.get("up") else f"DOWN, traffic refused: {e.get('reason')}"
+            print(f"  egress of pool {e.get('pool')} (table {e.get('table')} via {e.get('nextHop')}): {state}",
+                  file=ctx.out)
     if args.output == "json":
         print(json.dumps(docs, indent=2, sort_keys=True), file=ctx.out)
     return rc

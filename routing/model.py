@@ -233,9 +233,14 @@ def learned_route(dst: str, gateways: tuple[str, ...], _new=object.__new__,
     return r
 
 
+RULE_ACTIONS = ("lookup", "unreachable")
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One policy-routing rule: ``from src to dst lookup table`` at ``priority``.
+    """One policy-routing rule: ``from src to dst lookup table`` at ``priority``, or with
+    ``action`` "unreachable": ``from src to dst unreachable`` (the packet is refused with
+    ICMP unreachable; ``table`` is then the main table, unused).
 
     ``family`` is derived from src/dst; a rule with neither must name it.
     """
@@ -245,6 +250,7 @@ class Rule:
     dst: str | None = None
     table: int = MAIN_TABLE
     family: int | None = None
+    action: str = "lookup"
 
     def __post_init__(self) -> None:
         fams = {family_of(x) for x in (self.src, self.dst) if x}
@@ -257,6 +263,10 @@ class Rule:
             raise ValidationError("bad rule priority", field="priority")
         if not 0 < self.table < 2**32:
             raise ValidationError("bad rule table", field="table")
+        if self.action not in RULE_ACTIONS:
+            raise ValidationError(f"bad rule action {self.action!r}", field="action")
+        if self.action != "lookup" and self.table != MAIN_TABLE:
+            raise ValidationError("only a lookup rule names a table", field="table")
         s = object.__setattr__
         s(self, "family", fam)
         s(self, "src", normalize_cidr(self.src) if self.src else None)
@@ -268,4 +278,6 @@ class Rule:
             parts += ["from", self.src]
         if self.dst:
             parts += ["to", self.dst]
+        if self.action != "lookup":
+            return " ".join([*parts, self.action])
         return " ".join([*parts, "lookup", str(self.table)])

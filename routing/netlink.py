@@ -55,6 +55,8 @@ IFLA_IFNAME = 3
 FRA_DST, FRA_SRC, FRA_PRIORITY, FRA_SUPPRESS_PREFIXLEN = 1, 2, 6, 14
 FRA_TABLE, FRA_PAD, FRA_PROTOCOL = 15, 18, 21
 FR_ACT_TO_TBL = 1
+FR_ACT_UNREACHABLE = 7
+_RULE_ACTION = {"lookup": FR_ACT_TO_TBL, "unreachable": FR_ACT_UNREACHABLE}
 
 RTNLGRP_LINK, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV4_RULE = 1, 7, 8
 RTNLGRP_IPV6_ROUTE, RTNLGRP_IPV6_RULE = 11, 19
@@ -551,8 +553,9 @@ def rule_request(family: int) -> bytes:
 
 def encode_rule(msg_type: int, flags: int, seq: int, rule: Rule, proto: int) -> bytes:
     fam = rule.family
+    lookup = rule.action == "lookup"
     attrs = [_ATTR_U32.pack(8, FRA_PRIORITY, rule.priority),
-             _ATTR_U32.pack(8, FRA_TABLE, rule.table),
+             *([_ATTR_U32.pack(8, FRA_TABLE, rule.table)] if lookup else []),
              _attr(FRA_PROTOCOL, bytes([proto]))]
     src_len = dst_len = 0
     for atype, cidr in ((FRA_SRC, rule.src), (FRA_DST, rule.dst)):
@@ -564,9 +567,9 @@ def encode_rule(msg_type: int, flags: int, seq: int, rule: Rule, proto: int) -> 
             else:
                 dst_len = int(plen)
     body = b"".join(attrs)
-    table = rule.table if rule.table < 256 else RT_TABLE_COMPAT
+    table = (rule.table if rule.table < 256 else RT_TABLE_COMPAT) if lookup else 0
     return _HDR_RT.pack(28 + len(body), msg_type, NLM_F_REQUEST | flags, seq, 0,
-                        fam, dst_len, src_len, 0, table, 0, 0, FR_ACT_TO_TBL, 0) + body
+                        fam, dst_len, src_len, 0, table, 0, 0, _RULE_ACTION[rule.action], 0) + body
 
 
 def parse_rules(buf: bytes, out: list[tuple[int, Rule | None, bytes]]) -> None:
@@ -582,7 +585,7 @@ def parse_rules(buf: bytes, out: list[tuple[int, Rule | None, bytes]]) -> None:
          rflags) = _HDR_RT.unpack_from(buf, off)
         prio = 0
         src = dst = None
-        exact = tos == 0 and action == FR_ACT_TO_TBL and rflags == 0
+        exact = tos == 0 and action in (FR_ACT_TO_TBL, FR_ACT_UNREACHABLE) and rflags == 0
         pos, end = off + 28, off + length
         while pos + 4 <= end:
             alen, atype = _ATTR.unpack_from(buf, pos)
@@ -602,7 +605,12 @@ def parse_rules(buf: bytes, out: list[tuple[int, Rule | None, bytes]]) -> None:
             elif atype not in (FRA_PROTOCOL, FRA_PAD):
                 exact = False
             pos += (alen + 3) & ~3
-        rule = Rule(priority=prio, src=src, dst=dst, table=table, family=fam) if exact else None
+        if exact and action == FR_ACT_UNREACHABLE:
+            rule = Rule(priority=prio, src=src, dst=dst, family=fam, action="unreachable")
+        elif exact:
+            rule = Rule(priority=prio, src=src, dst=dst, table=table, family=fam)
+        else:
+            rule = None
         out.append((mtype, rule, bytes(buf[off + 16:off + length])))
 
 

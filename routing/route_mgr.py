@@ -71,7 +71,20 @@ CLASS_PRIORITY = ("workloads", "blocks", "bgp", "egress")
 
 # Errors that mean "the device is not there (or not up) yet": wait for a link event.
 _WAIT_FOR_LINK = (errno.ENODEV, errno.ENETDOWN, errno.ENETUNREACH)
-NO_DEVICE = "no device"  # the reason a pending key is held (see RouteManager.pending)
+RTPROT_KERNEL = 2  # routes the kernel makes for an address (connected subnets)
+@dataclass(frozen=True, slots=True)
+class WaitingForLink:
+    """Why a desired route is held until a link comes up (see RouteManager.pending): its
+    device is not there yet (no error), or the kernel refused it for want of a usable link
+    (ENETUNREACH, ENETDOWN, ENODEV: the next hop is on no up link)."""
+
+    error: WriteError | None = None
+
+    def __str__(self) -> str:
+        return f"waiting for a link: {self.error}" if self.error else "waiting for its device"
+
+
+NO_DEVICE = WaitingForLink()
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +146,7 @@ class RouteManager:
         # Links present and down since their last scan: no route goes through them, so the
         # next down event (a new veth gets several) skips the scan of every route.
         self._scanned_down: set[str] = set()
+        self._refused: list[RouteKey] = []  # replaces the kernel refused in this apply
         self._need_resync = True
         self.last_apply: float | None = None  # monotonic time of the last successful apply
 
@@ -226,7 +240,7 @@ class RouteManager:
     @property
     def pending(self) -> frozenset[RouteKey]:
         """Desired routes waiting for their device."""
-        return frozenset(k for k, why in self._routes.held.items() if why is NO_DEVICE)
+        return frozenset(k for k, why in self._routes.held.items() if isinstance(why, WaitingForLink))
 
     @property
     def failed(self) -> dict[RouteKey, WriteError]:
@@ -235,6 +249,22 @@ class RouteManager:
 
     def actual(self) -> dict[RouteKey, Route]:
         return dict(self._routes.actual)
+
+    def class_status(self, route_class: str) -> dict[RouteKey, str | None]:
+        """Each desired route of one class: None when the kernel holds it as desired, else
+        why not (the kernel's refusal, the link it waits for, another class's route on the
+        same destination, or not written yet)."""
+        tracker = self._routes
+        out: dict[RouteKey, str | None] = {}
+        for k, r in self._by_class.get(route_class, {}).items():
+            if tracker.desired.get(k) is not r:
+                out[k] = "another route holds this destination"
+            elif k in tracker.pending_updates:
+                why = tracker.held.get(k)
+                out[k] = str(why) if why is not None else "not written yet"
+            else:
+                out[k] = None
+        return out
 
     def close(self) -> None:
         """Close the kernel connection (when this manager opened it)."""
@@ -297,6 +327,20 @@ class RouteManager:
             raise
         counts = self._settle(ops, keys, errors, resynced)
         tracker = self._routes
+        if self._refused:
+            # A replace the kernel refused left the old route in place: it is not what is
+            # wanted either, so it goes (as for a route whose device is gone). An egress
+            # table then routes nothing and its floor refuses the pool's traffic.
+            stale = [(k, tracker.held.get(k)) for k in self._refused if k in tracker.actual]
+            self._refused = []
+            if stale:
+                drops = [(DELETE, tracker.actual[k]) for k, _ in stale]
+                dropped = self.kernel.write_routes(drops, self.proto)
+                counts[DELETE] += self._settle(drops, [k for k, _ in stale], dropped, resynced)[DELETE]
+                errors = [*errors, *dropped]
+                for k, why in stale:
+                    if why is not None and k not in tracker.held:
+                        tracker.hold(k, why)  # released by the delete; still waits as before
         for k in waiting:
             tracker.hold(k, NO_DEVICE)
         tracker.compact()
@@ -393,12 +437,16 @@ class RouteManager:
             elif k is None:
                 pass  # a stray that would not go: the next resync finds it again
             elif op != DELETE and e.errno in _WAIT_FOR_LINK:
-                tracker.hold(k, NO_DEVICE)
+                tracker.hold(k, WaitingForLink(e))
+                if op == REPLACE:
+                    self._refused.append(k)
             elif op == ADD and e.errno == errno.EEXIST and not resynced:
                 # Our view was stale (a missed or reordered notification): look again.
                 self._need_resync = True
             else:
                 tracker.hold(k, e)
+                if op == REPLACE:
+                    self._refused.append(k)
         return counts
 
     # -- notifications (from routing.monitor.Monitor) --------------------------------------
@@ -410,6 +458,11 @@ class RouteManager:
         tracker = self._routes
         a = tracker.actual.get(k)
         if proto != self.proto:
+            if proto == RTPROT_KERNEL and not deleted and tracker.held:
+                # A connected subnet appeared (an address was added): a next hop that was
+                # on no link may be reachable now.
+                tracker.release([k for k, why in tracker.held.items()
+                                 if isinstance(why, WaitingForLink) and why.error is not None])
             # `ip route change/replace` by hand rewrites our route and stamps it with the
             # default protocol. It is still the route we made, changed: take it back (with
             # a replace). A foreign route that never replaced ours is left alone.
@@ -436,7 +489,7 @@ class RouteManager:
             self._scanned_down.discard(name)
             desired = tracker.desired
             # A gateway route without a device may wait for any link (its uplink).
-            tracker.release([k for k, why in tracker.held.items() if why is NO_DEVICE
+            tracker.release([k for k, why in tracker.held.items() if isinstance(why, WaitingForLink)
                              and desired[k].dev in (name, None)])
             return
         if present and (new or name in self._scanned_down):

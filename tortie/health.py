@@ -29,6 +29,16 @@ class Health:
     def __init__(self) -> None:
         self.components: dict[str, _Component] = {}
         self.ready = False
+        # Conditions that make the node not ready while it stays live (an egress pool whose
+        # traffic is refused): name -> why.
+        self.conditions: dict[str, str] = {}
+
+    def condition(self, name: str, problem: str | None) -> None:
+        """Set (or with None clear) a readiness condition."""
+        if problem is None:
+            self.conditions.pop(name, None)
+        else:
+            self.conditions[name] = problem
 
     def register(self, name: str, deadline: float) -> None:
         self.components[name] = _Component(deadline=deadline, last_ok=time.monotonic())
@@ -48,7 +58,9 @@ class Health:
             fresh = now - c.last_ok <= c.deadline
             live &= fresh
             detail[name] = {"live": fresh, "sinceOk": round(now - c.last_ok, 3), "lastError": c.last_error}
-        return live, live and self.ready, detail
+        for name, problem in self.conditions.items():
+            detail.setdefault(name, {})["notReady"] = problem
+        return live, live and self.ready and not self.conditions, detail
 
 
 async def _serve(host: str, port: int, handler) -> asyncio.AbstractServer:

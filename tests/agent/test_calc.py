@@ -102,7 +102,7 @@ def test_unreadable_values_are_skipped_not_fatal():
 
 
 def test_policy_routing_only_while_a_pool_has_egress():
-    from tortie.agent.calc import PRIO_EGRESS, PRIO_TO_POOLS
+    from tortie.agent.calc import PRIO_EGRESS, PRIO_EGRESS_FLOOR, PRIO_TO_POOLS, egress_plan
     from tortie.routing.model import Rule
 
     s = make_state()
@@ -115,8 +115,18 @@ def test_policy_routing_only_while_a_pool_has_egress():
         Rule(priority=PRIO_TO_POOLS, dst="10.66.0.0/16", table=254),
         Rule(priority=PRIO_TO_POOLS, dst="10.67.0.0/16", table=254),
         Rule(priority=PRIO_EGRESS, src="10.67.0.0/16", table=101),
+        Rule(priority=PRIO_EGRESS_FLOOR, src="10.67.0.0/16", action="unreachable"),  # fail closed
     }
     assert d.egress_routes == {Route(dst="0.0.0.0/0", table=101, gateways=("192.0.2.1",))}
+    # A second pool on the same table with another next hop would leave by pool a's: it
+    # gets the floor only (refused), and the plan says why.
+    pool(s, "c", "10.68.0.0/16", egress={"table": 101, "nextHop": "192.0.2.9"})
+    d = desired(s, "n1")
+    assert Rule(priority=PRIO_EGRESS_FLOOR, src="10.68.0.0/16", action="unreachable") in d.rules
+    assert not any(r.src == "10.68.0.0/16" and r.action == "lookup" for r in d.rules)
+    (c,) = [p for p in egress_plan(s) if p.pool == "c"]
+    assert c.route is None and c.problem == "table 101 is pool a's, with next hop 192.0.2.1"
+    pool(s, "c", "10.68.0.0/16")
     pool(s, "a", "10.67.0.0/16", egress={"table": 101, "nextHop": "192.0.2.1", "interface": "eth1"})
     assert desired(s, "n1").egress_routes == {
         Route(dst="0.0.0.0/0", table=101, gateways=("192.0.2.1",), dev="eth1")}

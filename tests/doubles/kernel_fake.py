@@ -23,6 +23,7 @@ class FakeKernel:
         self.foreign: dict[tuple, Route] = {}
         self.rules: list[KernelRule] = []
         self.fail: dict[tuple, int] = {}
+        self.refuse: dict = {}  # key -> errno for adds and replaces only (a next hop the kernel refuses)
         self.writes = 0
         self.dumps = 0
 
@@ -55,7 +56,7 @@ class FakeKernel:
         for op, r in ops:
             self.writes += 1
             k = r.key
-            err = self.fail.get(k)
+            err = self.fail.get(k) or (self.refuse.get(k) if op != DELETE else None)
             if err is None:
                 if op == ADD and (k in self.routes or k in self.foreign):
                     err = errno.EEXIST

@@ -159,9 +159,11 @@ def egress_table(via: str | None) -> str:
 
 
 def expected_rules(a_egress: bool, b_egress: bool = True) -> set[str]:
-    """Rule 100 for every pool while any pool has egress routing, then 110 per such pool."""
-    egress = {f"110: from {cidr} lookup {table} proto 77"
-              for cidr, table, on in ((POOL_A, TABLE_A, a_egress), (POOL_B, TABLE_B, b_egress)) if on}
+    """Rule 100 for every pool while any pool has egress routing, then 110 per such pool,
+    and its floor at 111 (what the pool's table does not route is refused)."""
+    pools = [(cidr, table) for cidr, table, on in ((POOL_A, TABLE_A, a_egress), (POOL_B, TABLE_B, b_egress)) if on]
+    egress = {f"110: from {cidr} lookup {table} proto 77" for cidr, table in pools}
+    egress |= {f"111: from {cidr} unreachable proto 77" for cidr, _ in pools}
     if not egress:
         return set()
     return egress | {f"100: from all to {c} lookup main proto 77" for c in ("10.65.0.0/16", POOL_A, POOL_B)}
@@ -343,6 +345,49 @@ def test_removing_egress_goes_back_to_the_default_path_and_foreign_rules_survive
     before = (elab.packets("tor1", "default/a1"), elab.packets("tor2", "default/a1"))
     assert elab.seen_as("default/a1", EXT) == lab.pod("default/a1").address
     assert elab.packets("tor1", "default/a1") > before[0] and elab.packets("tor2", "default/a1") == before[1]
+
+
+def test_an_unreachable_next_hop_fails_closed_and_says_so(elab):
+    """Pool A's next hop on no segment of the nodes (a typo): its traffic is refused, not
+    handed to the main table's default and out by either router; node status, readiness
+    and tortie_egress_up say why; fixing the pool restores it within 2 s."""
+    lab = elab.lab
+    typo = "10.99.109.1"
+    elab.pool_state.clear()
+    lab.ctl("apply", "-f", "-", input=json.dumps(_pool("pool-a", POOL_A, egress=(TABLE_A, typo))))
+    for node in ("node1", "node2"):
+        wait_for(lambda n=node: f"111: from {POOL_A} unreachable proto 77" in elab.rules(n)
+                 and elab.table(n, TABLE_A) == "" and _egress_up(lab, n, "pool-a") == 0,
+                 f"{node}: pool A's egress down", CONVERGE)
+    before = {(t, p): elab.packets(t, p) for t in ("tor1", "tor2") for p in ("default/a1", "default/a2")}
+    for pod in ("default/a1", "default/a2"):
+        with pytest.raises(OSError):  # refused at the node (ICMP unreachable), or timed out
+            elab.seen_as(pod, EXT)
+    assert {k: elab.packets(*k) for k in before} == before  # nothing left by either router
+    assert elab.seen_as("default/b1", EXT) == lab.pod("default/b1").address  # pool B unaffected
+    assert elab.seen_as("default/a1", lab.pod("default/b2").address) == lab.pod("default/a1").address
+    status, body = lab.http_get("node1", 9099, "/readiness")
+    assert status == 503 and "pool pool-a" in json.loads(body)["components"]["egress"]["notReady"]
+    out = lab.ctl("node", "status", "node1").stdout
+    assert re.search(rf"egress of pool pool-a \(table {TABLE_A} via {typo}\): DOWN, traffic refused: "
+                     r"waiting for a link: .*ENETUNREACH", out), out
+    assert re.search(rf"egress of pool pool-b \(table {TABLE_B} via {TOR2}\): up", out), out
+    # Fixed: back within the issue's bound, and ready again.
+    lab.ctl("apply", "-f", "-", input=json.dumps(_pool("pool-a", POOL_A, egress=(TABLE_A, TOR1))))
+    t0 = time.monotonic()
+    for node in ("node1", "node2"):
+        wait_for(lambda n=node: elab.table(n, TABLE_A) == egress_table(TOR1), f"{node}: pool A fixed", CONVERGE)
+    assert time.monotonic() - t0 < CONVERGE
+    elab.pool_state["pools"] = (False, TOR1, True)
+    assert elab.seen_as("default/a1", EXT) == lab.pod("default/a1").address
+    wait_for(lambda: lab.http_get("node1", 9099, "/readiness")[0] == 200, "node1 ready again", CONVERGE)
+    assert _egress_up(lab, "node1", "pool-a") == 1
+
+
+def _egress_up(lab, node: str, pool: str) -> float | None:
+    body = lab.http_get(node, 9091, "/metrics")[1]
+    m = re.search(rf'^tortie_egress_up\{{pool="{pool}"\}} (\S+)', body, re.M)
+    return float(m.group(1)) if m else None
 
 
 def _apply_rounds(lab, node: str) -> float:

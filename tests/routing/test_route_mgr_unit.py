@@ -206,6 +206,26 @@ def test_failed_write_is_retried_on_resync():
     assert m.apply().added == 1 and not m.failed
 
 
+def test_a_refused_replace_leaves_no_route_rather_than_the_old_one():
+    """Fail closed: an egress default whose new next hop the kernel refuses (ENETUNREACH)
+    must not keep leaving by the old next hop; it waits for a link, and comes back."""
+    m, k = mgr()
+    old = Route("0.0.0.0/0", table=201, gateways=("10.9.0.2",))
+    m.set_route("egress", old)
+    m.apply()
+    new = Route("0.0.0.0/0", table=201, gateways=("10.99.109.1",))
+    k.refuse[new.key] = errno.ENETUNREACH
+    m.set_route("egress", new)
+    st = m.apply()
+    assert st.errors and st.deleted == 1 and new.key not in k.routes
+    assert m.class_status("egress")[new.key].startswith("waiting for a link: replace")
+    assert not m.dirty  # held: no retry loop
+    del k.refuse[new.key]
+    m.on_link_event("vA", present=True, up=True)  # a link came up: try again
+    assert m.apply().added == 1 and k.routes[new.key] == new
+    assert m.class_status("egress") == {new.key: None}
+
+
 def test_update_routes_is_a_delta_like_set_route_and_remove_route():
     for with_workloads in (False, True):  # one class (the fast path) and several
         m, k = mgr()

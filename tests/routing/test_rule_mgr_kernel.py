@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 
 import pytest
 from routing_helpers import async_wait_until
@@ -75,3 +76,30 @@ def test_rule_deleted_by_hand_is_restored_within_2s(node):
             mon.close()
 
     asyncio.run(main())
+
+
+def test_an_unreachable_rule_refuses_what_the_table_before_it_does_not_route(node):
+    """The floor under a pool's egress table: `from <pool> unreachable` right after
+    `from <pool> lookup <table>`. With the table empty the pool's traffic is refused, not
+    handed on to the main table (which has a default here)."""
+    node.ip("route", "add", "default", "via", "10.9.0.254")  # via vA
+    floor = [Rule(110, src=POOL, table=1000), Rule(111, src=POOL, action="unreachable"),
+             Rule(111, src=POOL6, action="unreachable")]
+    m = RuleManager(netns=node.ns)
+    m.set_rules("egress", floor)
+    assert m.apply().added == 3
+    listed = {r["priority"]: r for r in node.rules("-4")}
+    assert listed[111].get("action") == "unreachable" and listed[111]["src"] == "10.1.0.0"
+    route_get = ("route", "get", "192.0.2.1", "from", "10.1.0.5", "iif", "vC")  # a pod's packet
+    subprocess.run(["ip", "netns", "exec", node.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+    out = node.ip(*route_get, check=False)
+    assert "unreachable" in out.stdout + out.stderr or "Network is unreachable" in out.stderr
+    routes = RouteManager(netns=node.ns)
+    routes.set_routes("egress", [Route("0.0.0.0/0", gateways=("10.9.0.254",), table=1000)])
+    routes.apply()
+    assert "via 10.9.0.254" in node.ip(*route_get).stdout and "table 1000" in node.ip(*route_get).stdout
+    again = RuleManager(netns=node.ns)  # listed back as what was written: nothing to do
+    again.set_rules("egress", floor)
+    st = again.apply()
+    assert (st.added, st.deleted) == (0, 0)
+    assert str(floor[1]) == "111: from 10.1.0.0/16 unreachable"
