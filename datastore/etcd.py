@@ -74,11 +74,18 @@ class Txn:
     """An atomic multi-key write: every guard must hold or nothing is written."""
 
     guards: list[tuple[str, int]] = field(default_factory=list)  # (key, mod_revision; 0 = absent)
+    quiet: list[tuple[str, int]] = field(default_factory=list)  # (prefix, revision): see unchanged_since
     puts: list[tuple[str, bytes]] = field(default_factory=list)
     deletes: list[str] = field(default_factory=list)
 
     def guard(self, key: str, mod_revision: int) -> Txn:
         self.guards.append((key, mod_revision))
+        return self
+
+    def unchanged_since(self, prefix: str, revision: int) -> Txn:
+        """Guard: no key under `prefix` was written after `revision` (a key deleted since
+        does not count: it is not there to compare)."""
+        self.quiet.append((prefix, revision))
         return self
 
     def put(self, key: str, value: bytes) -> Txn:
@@ -225,6 +232,11 @@ class EtcdClient:
             compare.append(etcdrpc.Compare(
                 result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.MOD,
                 key=key.encode(), mod_revision=rev,
+            ))
+        for prefix, rev in txn.quiet:
+            compare.append(etcdrpc.Compare(
+                result=etcdrpc.Compare.LESS, target=etcdrpc.Compare.MOD, key=prefix.encode(),
+                range_end=etcd3.utils.prefix_range_end(prefix.encode()), mod_revision=rev + 1,
             ))
         ops = [etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=k.encode(), value=v)) for k, v in txn.puts]
         ops += [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=k.encode()))

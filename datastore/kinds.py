@@ -30,6 +30,7 @@ from tortie.errors import ValidationError
 
 API_VERSION = "tortie.io/v1"
 
+_HANDLE = re.compile(r"[^/\s]+")  # as `ipam_blocks.check_name` takes it
 _COMMUNITY = re.compile(r"\d{1,10}:\d{1,10}(:\d{1,10})?")  # standard a:b or large a:b:c
 
 # Kubernetes bookkeeping a user may paste from a cluster: dropped, not refused.
@@ -199,6 +200,9 @@ def _wep_spec(f: Fields, meta: dict) -> None:
     f.str("pod")
     f.str("endpoint", default="eth0")
     f.str("containerID")
+    # the IPAM handle of the endpoint's addresses (`<network>.<containerID>`): what
+    # `ipam check` matches allocations against, whatever the CNI network is called
+    f.str("ipamHandle", pattern=_HANDLE, max_len=512)
     f.str("interfaceName", pattern=IFNAME)
     f.str("mac", pattern=re.compile(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}"))
 
