@@ -102,6 +102,16 @@ def is_endpoints_failed(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) and "failed node" in str(exc)
 
 
+def _refused_as_too_large(exc: grpc.RpcError, size: int) -> None:
+    """A write etcd refused for its size (over --max-request-bytes, or over gRPC's message
+    limit) is the caller's error, said in one line."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in details:
+        raise ValidationError(f"etcd refused a write of {size} bytes as too large "
+                              "(its default limit is 1.5 MiB a request)") from None
+
+
 def _parse_endpoint(url: str) -> tuple[str, int, bool]:
     if "://" not in url:
         url = "http://" + url
@@ -242,8 +252,12 @@ class EtcdClient:
         ops += [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=k.encode()))
                 for k in txn.deletes]
         req = etcdrpc.TxnRequest(compare=compare, success=ops, failure=[])
-        resp = self._call(self.raw.kvstub.Txn, req, self.raw.timeout,
-                          credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+        try:
+            resp = self._call(self.raw.kvstub.Txn, req, self.raw.timeout,
+                              credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+        except grpc.RpcError as exc:
+            _refused_as_too_large(exc, req.ByteSize())
+            raise
         return resp.succeeded, resp.header.revision
 
     def cas(self, key: str, mod_revision: int, value: bytes | None) -> tuple[bool, int]:

@@ -29,6 +29,7 @@ from tortie.datastore.fields import (
 from tortie.errors import ValidationError
 
 API_VERSION = "tortie.io/v1"
+MAX_ANNOTATIONS = 256 << 10  # bytes of keys and values together (Kubernetes' limit)
 
 _HANDLE = re.compile(r"[^/\s]+")  # as `ipam_blocks.check_name` takes it
 _COMMUNITY = re.compile(r"\d{1,10}:\d{1,10}(:\d{1,10})?")  # standard a:b or large a:b:c
@@ -50,7 +51,12 @@ def _metadata(kind: Kind, meta: Any) -> dict:
     if f.raw("labels") is not None:
         f.keep("labels", label_map(f.raw("labels"), "metadata.labels"))
     if f.raw("annotations") is not None:
-        f.keep("annotations", label_map(f.raw("annotations"), "metadata.annotations", values_too=False))
+        annotations = label_map(f.raw("annotations"), "metadata.annotations", values_too=False)
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
+        if size > MAX_ANNOTATIONS:
+            raise ValidationError(f"{size} bytes in all; at most {MAX_ANNOTATIONS} (256 KiB, as in Kubernetes)",
+                                  field="metadata.annotations")
+        f.keep("annotations", annotations)
     f.str("resourceVersion", pattern=re.compile(r"\d+"))
     f.str("uid")
     f.str("creationTimestamp")

@@ -33,9 +33,18 @@ def decode(value: bytes, mod_revision: int) -> dict:
     return res
 
 
+# etcd refuses a request over 1.5 MiB (its default --max-request-bytes): a resource stays
+# well below, so that one transaction can carry it and its guards.
+MAX_RESOURCE_BYTES = 1 << 20
+
+
 def _encode(res: dict) -> bytes:
     meta = {k: v for k, v in res["metadata"].items() if k != "resourceVersion"}
-    return json.dumps({**res, "metadata": meta}, sort_keys=True, separators=(",", ":")).encode()
+    data = json.dumps({**res, "metadata": meta}, sort_keys=True, separators=(",", ":")).encode()
+    if len(data) > MAX_RESOURCE_BYTES:
+        raise ValidationError(f"{res['kind']} {meta.get('name')!r} is {len(data)} bytes stored; "
+                              f"at most {MAX_RESOURCE_BYTES} (1 MiB)")
+    return data
 
 
 class ResourceStore:
