@@ -9,6 +9,7 @@ of `datastore.fields`. Where a resource lives in etcd is `datastore.keys`'s busi
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -84,8 +85,18 @@ class Kind:
         return keys.resource_prefix(self.key, namespace if self.namespaced else None)
 
 
+# Ranges a pool may not overlap, as Calico refuses them: a pod given one of these
+# addresses would break its node (169.254.1.1 and fe80::ecee:eeff:feee:eeee are the pods' gateways).
+_RESERVED = tuple((ipaddress.ip_network(cidr), what) for cidr, what in (
+    ("127.0.0.0/8", "loopback"), ("169.254.0.0/16", "link-local"), ("224.0.0.0/4", "multicast"),
+    ("::1/128", "loopback"), ("fe80::/10", "link-local"), ("ff00::/8", "multicast")))
+
+
 def _pool_spec(f: Fields, meta: dict) -> None:
     net = f.cidr("cidr", required=True)
+    for reserved, what in _RESERVED:
+        if reserved.version == net.version and net.overlaps(reserved):
+            raise ValidationError(f"{net} overlaps the {what} range {reserved}", field="spec.cidr")
     v6 = net.version == 6
     lo, default = (116, 122) if v6 else (20, 26)
     size = f.int("blockSize", lo, 128 if v6 else 32, default=default)
