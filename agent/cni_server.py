@@ -158,7 +158,11 @@ class CNIServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             data = await asyncio.wait_for(self._read_request(reader), READ_TIMEOUT)
-            status, body = await self.handle(data)
+            if len(data) > MAX_REQUEST:  # read the rest (and drop it): the shim waits for an answer
+                size = len(data) + await asyncio.wait_for(_drain(reader), READ_TIMEOUT)
+                status, body = 1, p.CNIError(p.INVALID_CONFIG, _too_large(size)).to_json(p.SUPPORTED_VERSIONS[-1])
+            else:
+                status, body = await self.handle(data)
             writer.write(p.encode_response(status, body))
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
@@ -184,7 +188,7 @@ class CNIServer:
         req = None
         try:
             if len(data) > MAX_REQUEST:
-                raise p.CNIError(p.IO_FAILURE, "request too large")
+                raise p.CNIError(p.INVALID_CONFIG, _too_large(len(data)))
             env, stdin = p.decode_request(data)
             version = p.version_of(stdin)
             req = p.parse_request(env, stdin)
@@ -320,6 +324,11 @@ class CNIServer:
         host_if = wiring.host_veth_name(req.container_id, req.ifname)
         if not wiring.is_netns(req.netns):
             raise p.CNIError(p.INVALID_ENV, f"CNI_NETNS {req.netns} is not a network namespace")
+        if await self._run(wiring.wired_elsewhere, req.netns, req.ifname, host_if):
+            # An ADD of a container already added with another CNI_NETNS would move its
+            # interface out of the first namespace: refused, the first left as it is.
+            raise p.CNIError(p.INVALID_ENV, f"container {req.container_id} already has {req.ifname} in "
+                             f"another network namespace than {req.netns} (DEL it first)", host_if)
         ips, fresh = await self._allocate(req)
         try:
             link = None
@@ -510,6 +519,19 @@ class CNIServer:
             if h.startswith(prefix) and h not in valid:
                 stale.setdefault(h, []).append(wep)
         return stale
+
+
+def _too_large(size: int) -> str:
+    return (f"request of {size} bytes is too large: tortie takes at most {MAX_REQUEST} bytes "
+            "(4 MiB) of network configuration and environment")
+
+
+async def _drain(reader: asyncio.StreamReader, cap: int = 64 * MAX_REQUEST) -> int:
+    """Read what is left of a request, up to `cap` bytes, and drop it: how many were read."""
+    n = 0
+    while n < cap and (chunk := await reader.read(1 << 20)):
+        n += len(chunk)
+    return n
 
 
 def _ipam_gateway(ipam: dict, ip: str) -> str:

@@ -46,7 +46,7 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, NDA_DST, NDA_LLADDR, NUD_PERMANENT = 28, 1, 2, 0x80
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 5, 4, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL, IFA_F_NODAD = 1, 2, 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
@@ -233,6 +233,20 @@ class Netlink:
                 _fam, _type, index, flags, _chg = _IFINFO.unpack_from(payload)
                 attrs = _parse_attrs(payload, _IFINFO.size)
                 return index, flags, _mac(attrs.get(IFLA_ADDRESS, b""))
+        except NetlinkError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        return None
+
+    def link_peer(self, ifname: str) -> tuple[int, int] | None:
+        """(index, the index of its veth peer -- in the peer's namespace -- or 0), or None."""
+        body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _cstr(ifname))
+        try:
+            for _t, payload in self.query(RTM_GETLINK, body, f"get link {ifname}", dump=False):
+                index = _IFINFO.unpack_from(payload)[2]
+                peer = _parse_attrs(payload, _IFINFO.size).get(IFLA_LINK)
+                return index, struct.unpack("=i", peer)[0] if peer else 0
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None
@@ -429,6 +443,22 @@ def inspect_pod(netns: str, pod_ifname: str, host_ifname: str) -> tuple[PodLink,
             return None
         addrs = {a for a in pod.addresses(plink[0]) if not a.startswith("fe80:")}
     return PodLink(host_ifname, hlink[0], pod_ifname, plink[0], plink[2], hlink[2]), addrs
+
+
+def wired_elsewhere(netns: str, pod_ifname: str, host_ifname: str) -> bool:
+    """Whether the container's host veth exists with its peer outside `netns` (not
+    `pod_ifname` there, pointing back at it): its interface lives in another namespace."""
+    with Netlink.here() as host:
+        hlink = host.link_peer(host_ifname)
+    if hlink is None:
+        return False
+    try:
+        pod = Netlink.in_netns(netns)
+    except OSError:
+        return True
+    with pod:
+        plink = pod.link_peer(pod_ifname)
+    return plink != (hlink[1], hlink[0])
 
 
 def check_pod(netns: str, pod_ifname: str, host_ifname: str, addresses: Sequence[str], *,
