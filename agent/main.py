@@ -376,7 +376,7 @@ class Agent:
         self.calc.adopt(r for r in routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
         self._make_driver(routes, rules, NatManager(), FilterManager())
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
-                         self.cfg.metrics_port)
+                         self.cfg.metrics_host, self.cfg.metrics_port)
         self.cni = CNIServer(self.cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
                              publish_routes=self._publish_routes)
         await self.cni.start()
