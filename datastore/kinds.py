@@ -171,10 +171,15 @@ def _bgp_peer_spec(f: Fields, meta: dict) -> None:
     f.str("node", pattern=DNS_SUBDOMAIN)
     f.selector("nodeSelector")
     f.selector("peerSelector")
-    f.bool("keepOriginalNextHop")
+    if f.bool("keepOriginalNextHop"):
+        raise ValidationError("is not supported yet (routes to this peer carry this node as next hop)",
+                              field="spec.keepOriginalNextHop")
     f.bool("passive")
-    f.seconds("holdTime", 3, 65535)
-    f.seconds("keepAliveTime", 1, 21845)
+    hold = f.seconds("holdTime", 3, 65535)
+    keepalive = f.seconds("keepAliveTime", 1, 21845)
+    if hold is not None and keepalive is not None and keepalive != hold // 3:
+        raise ValidationError(f"is not supported yet with holdTime other than holdTime/3 ({hold // 3}s): "
+                              "keepalives go out every third of the hold time", field="spec.keepAliveTime")
     f.str("password", max_len=80)  # TCP MD5 (RFC 2385) key
     f.list("acceptPrefixes", lambda v, where: str(parse_cidr(string(v, where), where)))
     if f.raw("node") and f.raw("nodeSelector"):
@@ -192,7 +197,7 @@ def _bgp_config_spec(f: Fields, meta: dict) -> None:
     f.asn("asNumber")
     f.bool("nodeToNodeMeshEnabled")
     f.int("listenPort", 1, 65535)
-    f.str("logSeverityScreen", choices=("Debug", "Info", "Warning", "Error", "Fatal"))
+    f.str("logSeverityScreen", choices=("Debug", "Info", "Warning", "Error", "Fatal"))  # ExaBGP's log level
 
     def cidr_item(v: Any, where: str) -> dict:
         c = Fields(v, where)
@@ -200,7 +205,9 @@ def _bgp_config_spec(f: Fields, meta: dict) -> None:
         return c.done()
 
     for name in ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs"):
-        f.list(name, cidr_item)
+        if f.list(name, cidr_item):  # Services (issue 9) will advertise them
+            raise ValidationError("is not supported yet (Service addresses are not advertised)",
+                                  field=f"spec.{name}")
 
     def community(v: Any, where: str) -> str:
         if not isinstance(v, str) or not _COMMUNITY.fullmatch(v):
@@ -236,7 +243,8 @@ def _wep_spec(f: Fields, meta: dict) -> None:
         return p.done()
 
     f.list("ipNetworks", net)
-    f.list("profiles", lambda v, where: string(v, where))
+    if f.list("profiles", lambda v, where: string(v, where)):
+        raise ValidationError("is not supported yet (policy comes from NetworkPolicy)", field="spec.profiles")
     f.list("ports", port)
 
 
