@@ -39,6 +39,7 @@ from typing import Any
 from tortie import errors
 from tortie.cni import protocol as p
 from tortie.cni import wiring
+from tortie.datastore.ipam_blocks import wep_handle
 from tortie.log import get_logger
 from tortie.routing.model import TORTIE_PROTO, Route, route_key
 
@@ -65,7 +66,7 @@ class CNIServer:
 
     def __init__(self, socket_path: str, *, node_name: str, ipam: Any, store: Any,
                  publish_routes: RoutePublisher | None = None,
-                 network_name_default: str = "k8s-pod-network", log: Any = None,
+                 log: Any = None,
                  route_proto: int = TORTIE_PROTO,
                  set_forwarding: bool = True, workers: int = 32,
                  pod_pools: Callable[[str, str], tuple[list[str], list[str]]] | None = None) -> None:
@@ -77,14 +78,12 @@ class CNIServer:
         # waits until it is in the kernel (standalone: a route manager of its own).
         self.publish_routes = publish_routes or LocalRoutes(route_proto).publish
         self.route_proto = route_proto
-        self.network_default = network_name_default
         self.set_forwarding = set_forwarding
         self.log = log or get_logger("cni")
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tortie-cni")
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
-        self._wep_handle_field = _wep_accepts("ipamHandle")
         # The pools a Kubernetes pod asks for by annotation: (namespace, name) -> (v4, v6).
         self.pod_pools = pod_pools if pod_pools is not None else pod_pools_from_env()
 
@@ -159,7 +158,11 @@ class CNIServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             data = await asyncio.wait_for(self._read_request(reader), READ_TIMEOUT)
-            status, body = await self.handle(data)
+            if len(data) > MAX_REQUEST:  # read the rest (and drop it): the shim waits for an answer
+                size = len(data) + await asyncio.wait_for(_drain(reader), READ_TIMEOUT)
+                status, body = 1, p.CNIError(p.INVALID_CONFIG, _too_large(size)).to_json(p.SUPPORTED_VERSIONS[-1])
+            else:
+                status, body = await self.handle(data)
             writer.write(p.encode_response(status, body))
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
@@ -185,7 +188,7 @@ class CNIServer:
         req = None
         try:
             if len(data) > MAX_REQUEST:
-                raise p.CNIError(p.IO_FAILURE, "request too large")
+                raise p.CNIError(p.INVALID_CONFIG, _too_large(len(data)))
             env, stdin = p.decode_request(data)
             version = p.version_of(stdin)
             req = p.parse_request(env, stdin)
@@ -262,12 +265,10 @@ class CNIServer:
         spec = {
             "node": self.node, "orchestrator": "k8s" if k8s else "cni", "pod": workload,
             "containerID": req.container_id, "endpoint": req.ifname, "interfaceName": host_if,
-            "ipNetworks": [_host_cidr(ip) for ip in ips],
+            "ipNetworks": [_host_cidr(ip) for ip in ips], "ipamHandle": req.handle,
         }
         if mac:
             spec["mac"] = mac
-        if self._wep_handle_field:
-            spec["ipamHandle"] = req.handle
         return {
             "apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
             "metadata": {"name": wep_name(self.node, spec["orchestrator"], workload, req.ifname),
@@ -323,6 +324,11 @@ class CNIServer:
         host_if = wiring.host_veth_name(req.container_id, req.ifname)
         if not wiring.is_netns(req.netns):
             raise p.CNIError(p.INVALID_ENV, f"CNI_NETNS {req.netns} is not a network namespace")
+        if await self._run(wiring.wired_elsewhere, req.netns, req.ifname, host_if):
+            # An ADD of a container already added with another CNI_NETNS would move its
+            # interface out of the first namespace: refused, the first left as it is.
+            raise p.CNIError(p.INVALID_ENV, f"container {req.container_id} already has {req.ifname} in "
+                             f"another network namespace than {req.netns} (DEL it first)", host_if)
         ips, fresh = await self._allocate(req)
         try:
             link = None
@@ -509,10 +515,23 @@ class CNIServer:
             spec = wep.get("spec") or {}
             if spec.get("node") != self.node:
                 continue
-            h = spec.get("ipamHandle") or f"{self.network_default}.{spec.get('containerID')}"
+            h = wep_handle(spec) or ""
             if h.startswith(prefix) and h not in valid:
                 stale.setdefault(h, []).append(wep)
         return stale
+
+
+def _too_large(size: int) -> str:
+    return (f"request of {size} bytes is too large: tortie takes at most {MAX_REQUEST} bytes "
+            "(4 MiB) of network configuration and environment")
+
+
+async def _drain(reader: asyncio.StreamReader, cap: int = 64 * MAX_REQUEST) -> int:
+    """Read what is left of a request, up to `cap` bytes, and drop it: how many were read."""
+    n = 0
+    while n < cap and (chunk := await reader.read(1 << 20)):
+        n += len(chunk)
+    return n
 
 
 def _ipam_gateway(ipam: dict, ip: str) -> str:
@@ -547,20 +566,6 @@ def pod_pools_from_env() -> Callable[[str, str], tuple[list[str], list[str]]] | 
 def _ip_sort(ip: str) -> tuple[int, int]:
     a = ipaddress.ip_address(ip.split("/")[0])
     return a.version, int(a)
-
-
-def _wep_accepts(field: str) -> bool:
-    """Whether the WorkloadEndpoint schema knows a spec field (it is strict)."""
-    from tortie.datastore.resources import validate
-
-    sample = {"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
-              "metadata": {"name": "probe", "namespace": "default"},
-              "spec": {"node": "probe", field: "x.y"}}
-    try:
-        validate(sample)
-    except errors.ValidationError:
-        return False
-    return True
 
 
 class LocalRoutes:

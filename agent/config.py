@@ -22,8 +22,9 @@ class AgentConfig:
     as_number: int | None = None
     cni_socket: str = "/run/tortie/cni.sock"
     state_dir: str = "/run/tortie"
-    health_host: str = "0.0.0.0"
+    health_host: str = "127.0.0.1"  # as Felix: the kubelet probes from the node itself
     health_port: int = 9099
+    metrics_host: str = "0.0.0.0"  # Prometheus scrapes from elsewhere; set an address to narrow it
     metrics_port: int = 9091
     resync_interval: float = 90.0  # Felix's route refresh interval
     bgp_enabled: bool = True
@@ -41,7 +42,7 @@ _FLOAT_FIELDS = {"resync_interval"}
 _BOOL_FIELDS = {"bgp_enabled"}
 _KEYS = (
     "nodename", "node_ip", "node_ip6", "as_number", "cni_socket", "state_dir", "health_host",
-    "health_port", "metrics_port", "resync_interval", "bgp_enabled", "bgp_graceful_restart", "log_format",
+    "health_port", "metrics_host", "metrics_port", "resync_interval", "bgp_enabled", "bgp_graceful_restart", "log_format",
 )
 
 
@@ -103,6 +104,11 @@ def load(env: dict[str, str] | None = None) -> AgentConfig:
             values[k] = _coerce(k, env[f"TORTIE_{k.upper()}"])
     values.setdefault("nodename", socket.gethostname())
     cfg = AgentConfig(etcd=EtcdConfig.from_env(env), **values)
+    for key in ("health_host", "metrics_host"):
+        try:
+            ipaddress.ip_address(getattr(cfg, key))
+        except ValueError:
+            raise ValidationError(f"not an IP address: {getattr(cfg, key)!r}", field=f"TORTIE_{key.upper()}") from None
     if cfg.node_ip:
         try:
             ipaddress.ip_interface(cfg.node_ip)

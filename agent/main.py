@@ -195,7 +195,8 @@ class Agent:
         conf = self.state.bgp_config(self.node)
         local_as = (me.as_number if me else None) or self.cfg.as_number or conf.as_number
         cluster_id = me.route_reflector_cluster_id if me else None
-        return (local_as, cluster_id, conf.listen_port or 179)
+        # ExaBGP reads its log level (logSeverityScreen) only when it starts
+        return (local_as, cluster_id, conf.listen_port or 179, conf.log_severity or "Info")
 
     async def _ensure_speaker(self) -> None:
         """Start (or, when the node's AS or reflector cluster changed, restart) ExaBGP."""
@@ -207,7 +208,7 @@ class Agent:
             log.info("BGP identity changed; restarting the speaker", was=self._bgp_identity, now=identity)
             old, self.bgp = self.bgp, None
             await old.stop()
-        local_as, cluster_id, port = identity
+        local_as, cluster_id, port, log_severity = identity
         speaker = BGPSpeaker(
             node_name=self.node, router_id=self.cfg.node_address, local_as=local_as,
             local_address=self.cfg.node_address, state_dir=self.cfg.state_dir,
@@ -215,6 +216,7 @@ class Agent:
             on_route_changes=self._on_learned_changes, on_released=self._on_released,
             graceful_restart=self.cfg.bgp_graceful_restart,
             local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
+            log_severity=log_severity,
         )
         self._bgp_identity = identity
         if "bgp" not in self.health.components:
@@ -421,7 +423,7 @@ class Agent:
         self.calc.adopt(r for r in routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
         self._make_driver(routes, rules, NatManager(), FilterManager())
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
-                         self.cfg.metrics_port)
+                         self.cfg.metrics_host, self.cfg.metrics_port)
         self.cni = CNIServer(self.cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
                              publish_routes=self._publish_routes)
         await self.cni.start()

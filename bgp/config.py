@@ -41,6 +41,11 @@ class LocalSettings:
     local_address6: str | None = None
     listen_port: int = 179
     graceful_restart: int = GRACEFUL_RESTART_TIME
+    log_severity: str = "Info"  # BGPConfiguration.logSeverityScreen: ExaBGP's log level
+
+
+# BGPConfiguration.logSeverityScreen (Calico's names) -> ExaBGP's log levels
+LOG_LEVELS = {"Debug": "DEBUG", "Info": "INFO", "Warning": "WARNING", "Error": "ERROR", "Fatal": "CRITICAL"}
 
 
 def _quote(text: str) -> str:
@@ -135,7 +140,7 @@ def environment(local: LocalSettings, log_file: str, pid_file: str,
         "exabgp.tcp.bind": binds,
         "exabgp.tcp.port": str(local.listen_port),
         "exabgp.log.destination": log_file,
-        "exabgp.log.level": "INFO",
+        "exabgp.log.level": LOG_LEVELS.get(local.log_severity, "INFO"),
         "exabgp.log.network": "true",
         "exabgp.log.reactor": "true",
         "exabgp.log.processes": "false",  # else one line per announced route

@@ -78,11 +78,11 @@ class BGPSpeaker:
                  batch: int = 500, settle_time: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
                  exabgp: str | None = None, cluster_id: str | None = None,
                  on_route_changes: ChangesCallback | None = None,
-                 on_released: Callable[[], None] | None = None) -> None:
+                 on_released: Callable[[], None] | None = None, log_severity: str = "Info") -> None:
         self.node_name = node_name
         self.local = cfg.LocalSettings(router_id=router_id, local_as=local_as, local_address=local_address,
                                        local_address6=local_address6, listen_port=listen_port,
-                                       graceful_restart=graceful_restart)
+                                       graceful_restart=graceful_restart, log_severity=log_severity)
         self.state_dir = os.path.abspath(state_dir)
         self.on_routes = on_routes
         # optional: after the first full table, only what changed (prefix -> hops, removed):

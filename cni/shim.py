@@ -15,7 +15,9 @@ Wire format to the agent's CNI server (unix stream socket):
     response = one byte exit status + the bytes to print on stdout (until EOF)
 
 VERSION is answered here. When the agent cannot be reached, the shim prints a CNI
-error itself: code 11 ("try again later"; 50 for STATUS), exit status 1.
+error itself: code 11 ("try again later"; 50 for STATUS), exit status 1; but code 5
+when the caller may not open the socket (EACCES: no retry mends that), and code 7 for
+a request over the agent's size limit (checked here, before sending).
 """
 
 import _socket
@@ -27,6 +29,8 @@ DEFAULT_SOCKET = b"/run/tortie/cni.sock"
 COMPLEX = object()  # a value the byte search will not decode (see _string_value)
 SUPPORTED = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 TIMEOUT = 120.0  # the runtime has its own deadline; this only stops a hung agent pinning us
+MAX_REQUEST = 4 << 20  # what the agent reads of one request (tortie.agent.cni_server.MAX_REQUEST)
+EACCES, EPERM = 13, 1  # errno: the socket is not ours to open (no `errno` import here)
 
 
 def _read_stdin():
@@ -144,8 +148,11 @@ def _exchange(path, request):
     try:
         sock.settimeout(TIMEOUT)
         sock.connect(path)
-        sock.sendall(request)
-        sock.shutdown(_socket.SHUT_WR)
+        try:
+            sock.sendall(request)
+            sock.shutdown(_socket.SHUT_WR)
+        except OSError:  # the agent may answer (and close) before reading it all
+            pass
         chunks = []
         while True:
             chunk = sock.recv(65536)
@@ -172,13 +179,19 @@ def run(argv0, environ, stdin):
         MAGIC, len(env_block).to_bytes(4, "big"), env_block,
         len(stdin).to_bytes(4, "big"), stdin,
     ))
+    if len(request) > MAX_REQUEST:
+        return 1, _error(_version_of(stdin), 7, f"network configuration of {len(stdin)} bytes is too large: "
+                         f"tortie takes at most {MAX_REQUEST} bytes (4 MiB) with the environment", "")
     path = _agent_socket(stdin)
     try:
         reply = _exchange(path, request)
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
-        return 1, _unreachable(stdin, command, "try again later: tortie agent not reachable",
-                               f"{path.decode('utf-8', 'replace')}: {reason}")
+        where = f"{path.decode('utf-8', 'replace')}: {reason}"
+        if exc.errno in (EACCES, EPERM):  # not something time mends: code 5, not 11
+            return 1, _error(_version_of(stdin), 5, "not permitted to open the tortie agent's socket "
+                             "(it is root's, mode 0600): run the plugin as root", where)
+        return 1, _unreachable(stdin, command, "try again later: tortie agent not reachable", where)
     if not reply:
         return 1, _unreachable(stdin, command, "try again later: tortie agent closed the connection",
                                path.decode("utf-8", "replace"))

@@ -46,7 +46,7 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, NDA_DST, NDA_LLADDR, NUD_PERMANENT = 28, 1, 2, 0x80
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 5, 4, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL, IFA_F_NODAD = 1, 2, 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
@@ -225,14 +225,16 @@ class Netlink:
 
     # ---- typed helpers --------------------------------------------------------------
 
-    def link(self, ifname: str) -> tuple[int, int, str] | None:
-        """(index, flags, mac) of a link by name, or None."""
+    def link(self, ifname: str) -> tuple[int, int, str, int] | None:
+        """(index, flags, mac, index of its veth peer in the peer's namespace or 0) of a
+        link by name, or None."""
         body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _cstr(ifname))
         try:
             for _t, payload in self.query(RTM_GETLINK, body, f"get link {ifname}", dump=False):
                 _fam, _type, index, flags, _chg = _IFINFO.unpack_from(payload)
                 attrs = _parse_attrs(payload, _IFINFO.size)
-                return index, flags, _mac(attrs.get(IFLA_ADDRESS, b""))
+                peer = struct.unpack("=i", attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0
+                return index, flags, _mac(attrs.get(IFLA_ADDRESS, b"")), peer
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None
@@ -413,22 +415,35 @@ def delete_link(host_ifname: str) -> bool:
     return code == 0
 
 
-def inspect_pod(netns: str, pod_ifname: str, host_ifname: str) -> tuple[PodLink, set[str]] | None:
-    """The existing wiring and the pod interface's addresses, or None if incomplete."""
+def _pair(netns: str, pod_ifname: str, host_ifname: str, addresses: bool):
+    """(host link, pod link, the pod link's addresses): None for what is not there."""
     with Netlink.here() as host:
         hlink = host.link(host_ifname)
     if hlink is None:
-        return None
+        return None, None, set()
     try:
         pod = Netlink.in_netns(netns)
     except OSError:
-        return None
+        return hlink, None, set()
     with pod:
         plink = pod.link(pod_ifname)
-        if plink is None:
-            return None
-        addrs = {a for a in pod.addresses(plink[0]) if not a.startswith("fe80:")}
+        addrs = pod.addresses(plink[0]) if plink is not None and addresses else set()
+    return hlink, plink, {a for a in addrs if not a.startswith("fe80:")}
+
+
+def inspect_pod(netns: str, pod_ifname: str, host_ifname: str) -> tuple[PodLink, set[str]] | None:
+    """The existing wiring and the pod interface's addresses, or None if incomplete."""
+    hlink, plink, addrs = _pair(netns, pod_ifname, host_ifname, addresses=True)
+    if hlink is None or plink is None:
+        return None
     return PodLink(host_ifname, hlink[0], pod_ifname, plink[0], plink[2], hlink[2]), addrs
+
+
+def wired_elsewhere(netns: str, pod_ifname: str, host_ifname: str) -> bool:
+    """Whether the container's host veth exists with its peer outside `netns` (not
+    `pod_ifname` there, pointing back at it): its interface lives in another namespace."""
+    hlink, plink, _ = _pair(netns, pod_ifname, host_ifname, addresses=False)
+    return hlink is not None and (plink is None or (plink[0], plink[3]) != (hlink[3], hlink[0]))
 
 
 def check_pod(netns: str, pod_ifname: str, host_ifname: str, addresses: Sequence[str], *,

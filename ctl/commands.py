@@ -7,6 +7,7 @@ the third document of a file does not leave the first two applied.
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 import time
@@ -30,12 +31,29 @@ STALE_AFTER = 30.0  # seconds without a status update: the agent is probably not
 
 def _read(path: str) -> tuple[str, str]:
     if path == "-":
-        return "<stdin>", sys.stdin.read()
-    p = Path(path)
+        stdin = getattr(sys.stdin, "buffer", None)
+        return "<stdin>", _text("<stdin>", stdin.read()) if stdin is not None else sys.stdin.read()
     try:
-        return path, p.read_text()
+        return path, _text(path, Path(path).read_bytes())
     except OSError as exc:
         raise ValidationError(f"cannot read {path}: {exc.strerror}", field="-f") from None
+
+
+# A byte order mark names its encoding (YAML allows UTF-16 and UTF-32 with one); UTF-32
+# first, since its little-endian mark begins with UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _text(name: str, data: bytes) -> str:
+    """The file's text: UTF-8, or what its byte order mark says; anything else is refused
+    (guessing Latin-1 would store mangled names)."""
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise ValidationError(f"{name}: not {encoding.upper().removesuffix('-SIG')} text (byte "
+                              f"0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8") from None
 
 
 def _expand(paths: list[str]) -> Iterator[str]:
@@ -57,6 +75,8 @@ def load(paths: list[str]) -> list[tuple[str, dict]]:
         name, text = _read(path)
         try:
             loaded = list(yaml.safe_load_all(text))
+        except RecursionError:
+            raise ValidationError(f"{name}: nested too deeply to be a resource") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{name}:{mark.line + 1}" if mark else name
@@ -83,6 +103,8 @@ def _validated(paths: list[str]) -> list[tuple[str, dict]]:
     for where, doc in load(paths):
         try:
             out.append((where, res.validate(doc)))
+        except RecursionError:
+            raise ValidationError(f"{where}: nested too deeply to be a resource") from None
         except ValidationError as exc:
             name = doc.get("metadata", {}).get("name") if isinstance(doc, dict) else None
             label = f" ({doc.get('kind')}/{name})" if name else ""

@@ -6,7 +6,8 @@ Shared by `tortiectl delete node` and the Kubernetes controller.
 
 from __future__ import annotations
 
-from tortie.datastore.ipam import DEFAULT_NETWORK, IPAM
+from tortie.datastore.ipam import IPAM
+from tortie.datastore.ipam_blocks import wep_handle
 from tortie.datastore.store import ResourceStore
 from tortie.errors import NotFound
 
@@ -20,8 +21,7 @@ def release_node(store: ResourceStore, ipam: IPAM, node: str) -> dict:
         spec = wep.get("spec", {})
         if spec.get("node") != node:
             continue
-        handle = spec.get("ipamHandle") or (
-            f"{spec.get('network') or DEFAULT_NETWORK}.{spec['containerID']}" if spec.get("containerID") else None)
+        handle = wep_handle(spec)
         if handle:
             released += ipam.release_handle(handle)
         try:

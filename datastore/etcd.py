@@ -74,11 +74,18 @@ class Txn:
     """An atomic multi-key write: every guard must hold or nothing is written."""
 
     guards: list[tuple[str, int]] = field(default_factory=list)  # (key, mod_revision; 0 = absent)
+    quiet: list[tuple[str, int]] = field(default_factory=list)  # (prefix, revision): see unchanged_since
     puts: list[tuple[str, bytes]] = field(default_factory=list)
     deletes: list[str] = field(default_factory=list)
 
     def guard(self, key: str, mod_revision: int) -> Txn:
         self.guards.append((key, mod_revision))
+        return self
+
+    def unchanged_since(self, prefix: str, revision: int) -> Txn:
+        """Guard: no key under `prefix` was written after `revision` (a key deleted since
+        does not count: it is not there to compare)."""
+        self.quiet.append((prefix, revision))
         return self
 
     def put(self, key: str, value: bytes) -> Txn:
@@ -93,6 +100,16 @@ class Txn:
 def is_endpoints_failed(exc: BaseException) -> bool:
     """The etcd client's way of saying every endpoint is benched after a failure."""
     return isinstance(exc, ValueError) and "failed node" in str(exc)
+
+
+def _refused_as_too_large(exc: grpc.RpcError, size: int) -> None:
+    """A write etcd refused for its size (over --max-request-bytes, or over gRPC's message
+    limit) is the caller's error, said in one line."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in details:
+        raise ValidationError(f"etcd refused a write of {size} bytes as too large "
+                              "(its default limit is 1.5 MiB a request)") from None
 
 
 def _parse_endpoint(url: str) -> tuple[str, int, bool]:
@@ -226,12 +243,21 @@ class EtcdClient:
                 result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.MOD,
                 key=key.encode(), mod_revision=rev,
             ))
+        for prefix, rev in txn.quiet:
+            compare.append(etcdrpc.Compare(
+                result=etcdrpc.Compare.LESS, target=etcdrpc.Compare.MOD, key=prefix.encode(),
+                range_end=etcd3.utils.prefix_range_end(prefix.encode()), mod_revision=rev + 1,
+            ))
         ops = [etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=k.encode(), value=v)) for k, v in txn.puts]
         ops += [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=k.encode()))
                 for k in txn.deletes]
         req = etcdrpc.TxnRequest(compare=compare, success=ops, failure=[])
-        resp = self._call(self.raw.kvstub.Txn, req, self.raw.timeout,
-                          credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+        try:
+            resp = self._call(self.raw.kvstub.Txn, req, self.raw.timeout,
+                              credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+        except grpc.RpcError as exc:
+            _refused_as_too_large(exc, req.ByteSize())
+            raise
         return resp.succeeded, resp.header.revision
 
     def cas(self, key: str, mod_revision: int, value: bytes | None) -> tuple[bool, int]:

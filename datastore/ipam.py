@@ -54,6 +54,7 @@ from tortie.datastore.ipam_blocks import (
     net_key,
     parse_ip,
 )
+from tortie.datastore.ipam_check import build_report, release_report, wep_handles
 from tortie.datastore.store import decode
 from tortie.errors import (
     AlreadyExists,
@@ -462,19 +463,29 @@ class IPAM:
 
     # --- release ---------------------------------------------------------------------------------
 
-    def _release_where(self, cidr: str, pred: Callable[[int, Attr], bool]) -> list[Held]:
+    def _release_where(self, cidr: str, pred: Callable[[int, Attr], bool], *,
+                       spare_endpoints: bool = False) -> list[Held]:
         """Free what pred selects in one block, in one transaction with the handle records.
-        A block left empty is given back: deleted together with its affinity."""
+        A block left empty is given back: deleted together with its affinity.
+        `spare_endpoints`: never free an address whose handle a WorkloadEndpoint names;
+        the transaction is guarded by the endpoints as read, so one written meanwhile
+        makes it read again (rather than free the address of a pod being set up)."""
         bkey = self._bkey(cidr)
         for attempt in range(_ATTEMPTS):
             kv = self.client.get(bkey)
             if kv is None:
                 return []
             block = Block.from_json(kv.value)
-            new, freed = block.release(pred)
+            txn = Txn().guard(bkey, kv.mod_revision)
+            if spare_endpoints:
+                kvs, wep_rev = self.client.get_prefix(self._weps_prefix)
+                txn.unchanged_since(self._weps_prefix, wep_rev)
+                spared = wep_handles(kvs)
+                new, freed = block.release(lambda i, a, p=pred, s=spared: a.handle not in s and p(i, a))
+            else:
+                new, freed = block.release(pred)
             if not freed:
                 return []
-            txn = Txn().guard(bkey, kv.mod_revision)
             if new.in_use == 0 and new.confirmed:
                 txn.delete(bkey)
                 if new.node:
@@ -660,8 +671,6 @@ class IPAM:
 
     def wep_handles(self) -> set[str]:
         """The IPAM handle of every WorkloadEndpoint (see `ipam_check.wep_handles`)."""
-        from tortie.datastore.ipam_check import wep_handles
-
         return wep_handles(self.client.get_prefix(self._weps_prefix)[0])
 
     def nodes(self) -> set[str]:
@@ -672,8 +681,6 @@ class IPAM:
 
     def check(self, wep_handles: set[str] | None = None, pending_grace: float = PENDING_GRACE) -> dict:
         """Report leaks; nothing is changed. `release_from_report` frees what it lists."""
-        from tortie.datastore.ipam_check import build_report
-
         with self._lock:
             kvs, revision = self.client.get_prefix(self._prefix + keys.IPAM)
             weps = self.wep_handles() if wep_handles is None else set(wep_handles)
@@ -682,8 +689,6 @@ class IPAM:
 
     def release_from_report(self, report: dict) -> dict:
         """Free what a `check` report lists, each only if it is still as reported."""
-        from tortie.datastore.ipam_check import release_report
-
         with self._lock:
             return release_report(self, report)
 

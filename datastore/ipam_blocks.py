@@ -266,6 +266,15 @@ def net_key(cidr: str) -> tuple[int, int, int]:
     return net.version, int(net.network_address), net.prefixlen
 
 
+def wep_handle(spec: dict) -> str | None:
+    """The IPAM handle of a WorkloadEndpoint spec: its `ipamHandle` (written by the CNI
+    server, whatever the network's name), else -- for an endpoint written without one --
+    `<default network>.<containerID>`; None when it names neither."""
+    if spec.get("ipamHandle"):
+        return str(spec["ipamHandle"])
+    return f"{DEFAULT_NETWORK}.{spec['containerID']}" if spec.get("containerID") else None
+
+
 def check_name(value: str, what: str) -> None:
     if not value or not isinstance(value, str) or "/" in value or value.strip() != value:
         raise ValidationError(f"{value!r} is not a valid {what} (non-empty, no '/', no spaces)", field=what)

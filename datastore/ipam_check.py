@@ -3,7 +3,9 @@
 The report is plain JSON (so `tortiectl ipam check -o FILE` can save it and
 `ipam release --from-report FILE` can act on it later). Release re-reads everything
 and frees only what is still exactly as reported, so acting on an old report never
-frees an address that has since been handed to someone else.
+frees an address that has since been handed to someone else: an address is freed only
+if, in the transaction that frees it, its handle still holds it and no WorkloadEndpoint
+names that handle.
 """
 
 from __future__ import annotations
@@ -15,12 +17,7 @@ from typing import TYPE_CHECKING
 
 from tortie.datastore import keys
 from tortie.datastore.etcd import KV, Txn
-from tortie.datastore.ipam_blocks import (
-    DEFAULT_NETWORK,
-    PENDING,
-    Block,
-    HandleRecord,
-)
+from tortie.datastore.ipam_blocks import PENDING, Block, HandleRecord, wep_handle
 from tortie.log import get_logger
 
 if TYPE_CHECKING:
@@ -101,18 +98,15 @@ def build_report(kvs: Iterable[KV], prefix: str, weps: set[str], nodes: set[str]
 
 
 def wep_handles(kvs: Iterable[KV]) -> set[str]:
-    """The IPAM handle of every WorkloadEndpoint among `kvs`: spec.ipamHandle, else
-    `<network>.<containerID>` with the default network name."""
+    """The IPAM handle of every WorkloadEndpoint among `kvs` (`ipam_blocks.wep_handle`)."""
     out = set()
     for kv in kvs:
         try:
-            spec = json.loads(kv.value).get("spec") or {}
-        except ValueError:
+            handle = wep_handle(json.loads(kv.value).get("spec") or {})
+        except (ValueError, AttributeError):
             continue
-        if spec.get("ipamHandle"):
-            out.add(spec["ipamHandle"])
-        elif spec.get("containerID"):
-            out.add(f"{spec.get('network') or DEFAULT_NETWORK}.{spec['containerID']}")
+        if handle:
+            out.add(handle)
     return out
 
 
@@ -122,10 +116,8 @@ def release_report(ipam: IPAM, report: dict) -> dict:
 
     released: list[str] = []
     by_block: dict[str, dict[int, str]] = {}
-    live_weps, live = ipam.wep_handles(), ipam.nodes()
+    live = ipam.nodes()
     for item in report.get("leaked_allocations", ()):
-        if item["handle"] in live_weps and item.get("node") in live:
-            continue  # its endpoint appeared since the check: the pod was still being set up
         ip = parse_ip(item["ip"])
         kv = ipam.client.get(ipam._bkey(item["block"]))
         if kv is None:
@@ -134,7 +126,10 @@ def release_report(ipam: IPAM, report: dict) -> dict:
         if index is not None:
             by_block.setdefault(item["block"], {})[index] = item["handle"]
     for cidr, wanted in by_block.items():
-        freed = ipam._release_where(cidr, lambda i, a, w=wanted: w.get(i) == a.handle)
+        # Only if the reported handle still holds the address and no WorkloadEndpoint names
+        # it (one may have appeared since the check: a pod being set up), both checked in
+        # the transaction that frees it.
+        freed = ipam._release_where(cidr, lambda i, a, w=wanted: w.get(i) == a.handle, spare_endpoints=True)
         released += [h.ip for h in freed]
 
     gone = {x["node"] for x in report.get("orphan_blocks", ())}

@@ -9,6 +9,7 @@ of `datastore.fields`. Where a resource lives in etcd is `datastore.keys`'s busi
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from tortie.datastore.fields import (
 from tortie.errors import ValidationError
 
 API_VERSION = "tortie.io/v1"
+MAX_ANNOTATIONS = 256 << 10  # bytes of keys and values together (Kubernetes' limit)
 
+_HANDLE = re.compile(r"[^/\s]+")  # as `ipam_blocks.check_name` takes it
 _COMMUNITY = re.compile(r"\d{1,10}:\d{1,10}(:\d{1,10})?")  # standard a:b or large a:b:c
 
 # Kubernetes bookkeeping a user may paste from a cluster: dropped, not refused.
@@ -49,7 +52,12 @@ def _metadata(kind: Kind, meta: Any) -> dict:
     if f.raw("labels") is not None:
         f.keep("labels", label_map(f.raw("labels"), "metadata.labels"))
     if f.raw("annotations") is not None:
-        f.keep("annotations", label_map(f.raw("annotations"), "metadata.annotations", values_too=False))
+        annotations = label_map(f.raw("annotations"), "metadata.annotations", values_too=False)
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
+        if size > MAX_ANNOTATIONS:
+            raise ValidationError(f"{size} bytes in all; at most {MAX_ANNOTATIONS} (256 KiB, as in Kubernetes)",
+                                  field="metadata.annotations")
+        f.keep("annotations", annotations)
     f.str("resourceVersion", pattern=re.compile(r"\d+"))
     f.str("uid")
     f.str("creationTimestamp")
@@ -77,8 +85,18 @@ class Kind:
         return keys.resource_prefix(self.key, namespace if self.namespaced else None)
 
 
+# Ranges a pool may not overlap, as Calico refuses them: a pod given one of these
+# addresses would break its node (169.254.1.1 and fe80::ecee:eeff:feee:eeee are the pods' gateways).
+_RESERVED = tuple((ipaddress.ip_network(cidr), what) for cidr, what in (
+    ("127.0.0.0/8", "loopback"), ("169.254.0.0/16", "link-local"), ("224.0.0.0/4", "multicast"),
+    ("::1/128", "loopback"), ("fe80::/10", "link-local"), ("ff00::/8", "multicast")))
+
+
 def _pool_spec(f: Fields, meta: dict) -> None:
     net = f.cidr("cidr", required=True)
+    for reserved, what in _RESERVED:
+        if reserved.version == net.version and net.overlaps(reserved):
+            raise ValidationError(f"{net} overlaps the {what} range {reserved}", field="spec.cidr")
     v6 = net.version == 6
     lo, default = (116, 122) if v6 else (20, 26)
     size = f.int("blockSize", lo, 128 if v6 else 32, default=default)
@@ -153,10 +171,15 @@ def _bgp_peer_spec(f: Fields, meta: dict) -> None:
     f.str("node", pattern=DNS_SUBDOMAIN)
     f.selector("nodeSelector")
     f.selector("peerSelector")
-    f.bool("keepOriginalNextHop")
+    if f.bool("keepOriginalNextHop"):
+        raise ValidationError("is not supported yet (routes to this peer carry this node as next hop)",
+                              field="spec.keepOriginalNextHop")
     f.bool("passive")
-    f.seconds("holdTime", 3, 65535)
-    f.seconds("keepAliveTime", 1, 21845)
+    hold = f.seconds("holdTime", 3, 65535)
+    keepalive = f.seconds("keepAliveTime", 1, 21845)
+    if hold is not None and keepalive is not None and keepalive != hold // 3:
+        raise ValidationError(f"is not supported yet with holdTime other than holdTime/3 ({hold // 3}s): "
+                              "keepalives go out every third of the hold time", field="spec.keepAliveTime")
     f.str("password", max_len=80)  # TCP MD5 (RFC 2385) key
     f.list("acceptPrefixes", lambda v, where: str(parse_cidr(string(v, where), where)))
     if f.raw("node") and f.raw("nodeSelector"):
@@ -174,7 +197,7 @@ def _bgp_config_spec(f: Fields, meta: dict) -> None:
     f.asn("asNumber")
     f.bool("nodeToNodeMeshEnabled")
     f.int("listenPort", 1, 65535)
-    f.str("logSeverityScreen", choices=("Debug", "Info", "Warning", "Error", "Fatal"))
+    f.str("logSeverityScreen", choices=("Debug", "Info", "Warning", "Error", "Fatal"))  # ExaBGP's log level
 
     def cidr_item(v: Any, where: str) -> dict:
         c = Fields(v, where)
@@ -182,7 +205,9 @@ def _bgp_config_spec(f: Fields, meta: dict) -> None:
         return c.done()
 
     for name in ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs"):
-        f.list(name, cidr_item)
+        if f.list(name, cidr_item):  # Services (issue 9) will advertise them
+            raise ValidationError("is not supported yet (Service addresses are not advertised)",
+                                  field=f"spec.{name}")
 
     def community(v: Any, where: str) -> str:
         if not isinstance(v, str) or not _COMMUNITY.fullmatch(v):
@@ -199,6 +224,9 @@ def _wep_spec(f: Fields, meta: dict) -> None:
     f.str("pod")
     f.str("endpoint", default="eth0")
     f.str("containerID")
+    # the IPAM handle of the endpoint's addresses (`<network>.<containerID>`): what
+    # `ipam check` matches allocations against, whatever the CNI network is called
+    f.str("ipamHandle", pattern=_HANDLE, max_len=512)
     f.str("interfaceName", pattern=IFNAME)
     f.str("mac", pattern=re.compile(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}"))
 
@@ -215,7 +243,8 @@ def _wep_spec(f: Fields, meta: dict) -> None:
         return p.done()
 
     f.list("ipNetworks", net)
-    f.list("profiles", lambda v, where: string(v, where))
+    if f.list("profiles", lambda v, where: string(v, where)):
+        raise ValidationError("is not supported yet (policy comes from NetworkPolicy)", field="spec.profiles")
     f.list("ports", port)
 
 

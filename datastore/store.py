@@ -33,9 +33,18 @@ def decode(value: bytes, mod_revision: int) -> dict:
     return res
 
 
+# etcd refuses a request over 1.5 MiB (its default --max-request-bytes): a resource stays
+# well below, so that one transaction can carry it and its guards.
+MAX_RESOURCE_BYTES = 1 << 20
+
+
 def _encode(res: dict) -> bytes:
     meta = {k: v for k, v in res["metadata"].items() if k != "resourceVersion"}
-    return json.dumps({**res, "metadata": meta}, sort_keys=True, separators=(",", ":")).encode()
+    data = json.dumps({**res, "metadata": meta}, sort_keys=True, separators=(",", ":")).encode()
+    if len(data) > MAX_RESOURCE_BYTES:
+        raise ValidationError(f"{res['kind']} {meta.get('name')!r} is {len(data)} bytes stored; "
+                              f"at most {MAX_RESOURCE_BYTES} (1 MiB)")
+    return data
 
 
 class ResourceStore:
@@ -143,6 +152,8 @@ class ResourceStore:
         wanted_rev = meta.pop("resourceVersion", None)
         where = f"{kind.name} {name!r}" + (f" in namespace {namespace}" if kind.namespaced else "")
         blind = likely_new and wanted_rev is None and not kind.serialized and kind.key not in CHECKS
+        if kind.key == "ippool":
+            _check_pool_nodes(res, self.views("Node"))
         for _ in range(self.retries):
             if blind:  # guarded by "absent": a create that fails is simply a replace below
                 blind = False
@@ -197,6 +208,30 @@ def _check_pool(new: dict, old: dict | None, pools: list[dict]) -> None:
         if theirs.version == net.version and net.overlaps(theirs):
             raise ValidationError(f"{net} overlaps IPPool {other['metadata']['name']!r} ({theirs})",
                                   field="spec.cidr")
+
+
+def _check_pool_nodes(pool: dict, nodes: list) -> None:
+    """A pool holding a node's own address would hand it to a pod: refused. What the
+    datastore cannot know -- the other hosts on a node's subnet, nodes not registered
+    yet -- is a warning."""
+    net = ipaddress.ip_network(pool["spec"]["cidr"])
+    known = 0
+    for node in nodes:
+        for addr in (node.ipv4_address, node.ipv6_address, *node.addresses):
+            if not addr:
+                continue
+            iface = ipaddress.ip_interface(addr)
+            known += iface.version == net.version
+            if iface.version != net.version:
+                continue
+            if iface.ip in net:
+                raise ValidationError(f"{net} holds {iface.ip}, an address of node {node.name}", field="spec.cidr")
+            if iface.network.overlaps(net):
+                log.warning("pool overlaps a node's subnet: other hosts there may use its addresses",
+                            pool=pool["metadata"]["name"], cidr=str(net), node=node.name, subnet=str(iface.network))
+    if not known:
+        log.warning(f"no node in the datastore has an IPv{net.version} address yet: pool not checked against "
+                    "node addresses", pool=pool["metadata"]["name"], cidr=str(net))
 
 
 CHECKS: dict[str, Callable[[dict, dict | None, list[dict]], None]] = {"ippool": _check_pool}

@@ -227,6 +227,7 @@ class WorkloadEndpoint(View):
     pod: str | None = None
     endpoint: str = "eth0"
     container_id: str | None = None
+    ipam_handle: str | None = None  # the handle of its addresses (`ipam_blocks.wep_handle`)
     interface_name: str | None = None  # the host side of the pod's veth
     mac: str | None = None
     ip_networks: tuple[str, ...] = ()
@@ -236,7 +237,8 @@ class WorkloadEndpoint(View):
     def _spec(meta: dict, spec: dict) -> dict:
         return dict(namespace=meta["namespace"], node=spec["node"], orchestrator=spec["orchestrator"],
                     workload=spec.get("workload"), pod=spec.get("pod"), endpoint=spec["endpoint"],
-                    container_id=spec.get("containerID"), interface_name=spec.get("interfaceName"),
+                    container_id=spec.get("containerID"), ipam_handle=spec.get("ipamHandle"),
+                    interface_name=spec.get("interfaceName"),
                     mac=spec.get("mac"), ip_networks=tuple(spec.get("ipNetworks", ())),
                     profiles=tuple(spec.get("profiles", ())))
 

@@ -404,9 +404,9 @@ class Lab:
         self._wait_ready(_plan_from(st), st.agent, time.monotonic() + timeout, only=[n.name])
 
     def http_get(self, node: str, port: int, path: str, timeout: float = 1.0) -> tuple[int, str]:
-        """GET http://<node ip>:port/path from inside the node's namespace: (status, body); 0 if no answer."""
-        n = self.node(node)
-        return nsutil.http_get(n.netns, n.ip, port, path, timeout)
+        """GET http://127.0.0.1:port/path inside the node's namespace (the agent's health
+        listens on loopback only): (status, body); 0 if no answer."""
+        return nsutil.http_get(self.node(node).netns, "127.0.0.1", port, path, timeout)
 
     def down(self) -> None:
         teardown(self.name)

@@ -1,7 +1,7 @@
 import pytest
 
 from tortie.datastore.etcd import EtcdClient, EtcdConfig, Txn
-from tortie.errors import DatastoreUnavailable
+from tortie.errors import DatastoreUnavailable, ValidationError
 
 
 def test_cas_guards_on_mod_revision(etcd, etcd_prefix):
@@ -21,6 +21,23 @@ def test_transaction_is_all_or_nothing(etcd, etcd_prefix):
     etcd.put(a, b"x")
     ok, _ = etcd.transaction(Txn().guard(a, 0).put(b, b"y"))
     assert not ok and etcd.get(b) is None
+
+
+@pytest.mark.parametrize("size", [(3 << 19) + 1024, 2 << 20])  # over etcd's 1.5 MiB; over gRPC's limit
+def test_write_too_large_for_etcd_is_one_clear_error(etcd, etcd_prefix, size):
+    with pytest.raises(ValidationError, match="too large"):
+        etcd.transaction(Txn().put(etcd_prefix + "big", b"x" * size))
+    assert etcd.get(etcd_prefix + "big") is None
+
+
+def test_unchanged_since_guards_every_key_under_a_prefix(etcd, etcd_prefix):
+    under, other = etcd_prefix + "weps/", etcd_prefix + "out"
+    etcd.put(under + "a", b"1")
+    _, rev = etcd.get_prefix(under)
+    assert etcd.transaction(Txn().unchanged_since(under, rev).put(other, b"ok"))[0]
+    etcd.put(under + "b", b"2")  # a key written since
+    assert not etcd.transaction(Txn().unchanged_since(under, rev).put(other, b"no"))[0]
+    assert etcd.get(other).value == b"ok"
 
 
 def test_update_retries_and_returns_written(etcd, etcd_prefix):

@@ -86,8 +86,9 @@ async def _serve(host: str, port: int, handler) -> asyncio.AbstractServer:
     return await asyncio.start_server(on_conn, host, port, reuse_address=True)
 
 
-async def start_http(health: Health, registry: Registry, host: str, health_port: int,
-                     metrics_port: int) -> list[asyncio.AbstractServer]:
+async def start_http(health: Health, registry: Registry, health_host: str, health_port: int,
+                     metrics_host: str, metrics_port: int) -> list[asyncio.AbstractServer]:
+    """/liveness and /readiness on health_host:health_port, /metrics on metrics_host:metrics_port."""
     def health_handler(path: str):
         live, ready, detail = health.report()
         if path == "/liveness":
@@ -104,9 +105,9 @@ async def start_http(health: Health, registry: Registry, host: str, health_port:
             return 404, "text/plain", b"not found\n"
         return 200, "text/plain; version=0.0.4", registry.render().encode()
 
-    servers = [await _serve(host, health_port, health_handler)]
+    servers = [await _serve(health_host, health_port, health_handler)]
     if metrics_port != health_port:
-        servers.append(await _serve(host, metrics_port, metrics_handler))
+        servers.append(await _serve(metrics_host, metrics_port, metrics_handler))
     else:
         log.warning("metrics share the health port; /metrics not served")
     return servers

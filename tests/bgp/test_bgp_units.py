@@ -47,6 +47,22 @@ def test_render_is_valid_exabgp_and_deterministic(tmp_path):
     assert text.count("manual-eor true;") == 4
 
 
+def test_log_severity_screen_is_exabgps_log_level(tmp_path):
+    """BGPConfiguration.logSeverityScreen (issue 12, finding 6): each of Calico's
+    severities becomes a log level ExaBGP takes."""
+    path = tmp_path / "exabgp.conf"
+    path.write_text(cfg.render(PEERS, LOCAL, "/run/x/api.sock"))
+    assert cfg.environment(LOCAL, "log", "pid")["exabgp.log.level"] == "INFO"
+    for severity in ("Debug", "Info", "Warning", "Error", "Fatal"):
+        local = cfg.LocalSettings(**{**LOCAL.__dict__, "log_severity": severity})
+        env = cfg.environment(local, "log", "pid")
+        assert env["exabgp.log.level"] == severity.upper().replace("FATAL", "CRITICAL")
+        exe = os.path.join(os.path.dirname(sys.executable), "exabgp")
+        r = subprocess.run([exe, "validate", str(path)], capture_output=True, text=True,
+                           env={**os.environ, **env, "exabgp.log.destination": "stderr"})
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_invalid_exabgp_config_is_caught_by_validate(tmp_path):
     # the check above can fail: ExaBGP's parser rejects a broken neighbor
     path = tmp_path / "bad.conf"

@@ -10,7 +10,7 @@ import time
 import pytest
 from ipam_helpers import by_handle, handle_for, held, make_node, make_pool, make_wep
 
-from tortie.datastore.etcd import Txn
+from tortie.datastore.etcd import EtcdClient, Txn
 from tortie.datastore.ipam import IPAM
 from tortie.datastore.ipam_blocks import PENDING, Block, affinity_value
 from tortie.datastore.keys import IPAM_AFFINITY as AFFINITY
@@ -300,7 +300,11 @@ def test_check_and_release_leaks(etcd, store, ipam):
     assert report["handle_mismatches"] == []
     json.dumps(report)  # it is saved as a file by the CLI
     out = ipam.release_from_report(report)
-    assert sorted(out["released_ips"]) == sorted(leak + dead) and out["released_nodes"] == ["gone"]
+    # c3's endpoint still names its handle: kept until the endpoint goes (`delete node` does that)
+    assert out["released_ips"] == leak and out["released_nodes"] == ["gone"]
+    assert held(etcd) == {ok[0]: handle_for("c1"), dead[0]: handle_for("c3")}
+    store.delete("WorkloadEndpoint", "pod-c3", "default")
+    assert ipam.release_from_report(report)["released_ips"] == dead
     assert held(etcd) == {ok[0]: handle_for("c1")}
     assert ipam.check()["clean"]
 
@@ -328,6 +332,38 @@ def test_report_item_whose_endpoint_appeared_since_is_kept(etcd, store, ipam):
     make_wep(store, "n1", "slow")
     assert ipam.release_from_report(report)["released_ips"] == []
     assert held(etcd) == {ips[0]: handle_for("slow")}
+
+
+class _EndpointWrittenBeforeCommit(EtcdClient):
+    """The race of a CNI ADD with `ipam release`: the pod's endpoint is written after
+    the release read everything, just before its transaction commits."""
+
+    def __init__(self, config, write) -> None:
+        super().__init__(config)
+        self.write = write
+
+    def transaction(self, txn):
+        write, self.write = self.write, None
+        if write is not None:
+            write()
+        return super().transaction(txn)
+
+
+def test_endpoint_written_during_release_keeps_the_address(etcd, etcd_config, store):
+    make_pool(store, "v4", "10.46.0.0/24", blockSize=28)
+    make_node(store, "n1")
+    ips = IPAM(etcd).auto_assign("blue-net.racer", "n1")
+    report = IPAM(etcd).check()
+    assert [x["ip"] for x in report["leaked_allocations"]] == ips
+
+    def cni_add_writes_endpoint() -> None:
+        store.create({"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
+                      "metadata": {"name": "racer", "namespace": "default"},
+                      "spec": {"node": "n1", "containerID": "racer", "ipamHandle": "blue-net.racer"}})
+
+    with _EndpointWrittenBeforeCommit(etcd_config, cni_add_writes_endpoint) as client:
+        assert IPAM(client).release_from_report(report)["released_ips"] == []
+    assert held(etcd) == {ips[0]: "blue-net.racer"}
 
 
 def test_wep_ipam_handle_field_and_usage(etcd, store, ipam):

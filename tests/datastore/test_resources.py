@@ -19,6 +19,36 @@ def netpol(spec, name="np"):
 
 # --- validation -----------------------------------------------------------------------
 
+_PEER = {"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "x"},
+         "spec": {"peerIP": "10.0.0.1", "asNumber": 1}}
+_BGPCONF = {"apiVersion": "tortie.io/v1", "kind": "BGPConfiguration", "metadata": {"name": "default"}}
+_WEP = {"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint", "metadata": {"name": "w"}}
+
+
+@pytest.mark.parametrize(("resource", "field"), [
+    ({**_PEER, "spec": {**_PEER["spec"], "keepOriginalNextHop": True}}, "spec.keepOriginalNextHop"),
+    ({**_PEER, "spec": {**_PEER["spec"], "holdTime": 90, "keepAliveTime": 20}}, "spec.keepAliveTime"),
+    ({**_BGPCONF, "spec": {"serviceClusterIPs": [{"cidr": "10.96.0.0/12"}]}}, "spec.serviceClusterIPs"),
+    ({**_BGPCONF, "spec": {"serviceExternalIPs": [{"cidr": "192.0.2.0/24"}]}}, "spec.serviceExternalIPs"),
+    ({**_BGPCONF, "spec": {"serviceLoadBalancerIPs": [{"cidr": "198.51.100.0/24"}]}},
+     "spec.serviceLoadBalancerIPs"),
+    ({**_WEP, "spec": {"node": "n", "profiles": ["kns.default"]}}, "spec.profiles"),
+])
+def test_settings_tortie_would_ignore_are_refused(resource, field):
+    """Issue 12, finding 6: no setting is accepted and then silently ignored."""
+    with pytest.raises(ValidationError) as err:
+        r.validate(resource)
+    assert err.value.field == field and "is not supported yet" in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unsupported_settings_at_their_default_are_accepted():
+    r.validate({**_PEER, "spec": {**_PEER["spec"], "keepOriginalNextHop": False, "holdTime": 90,
+                                  "keepAliveTime": 30}})
+    r.validate({**_BGPCONF, "spec": {"serviceClusterIPs": [], "logSeverityScreen": "Debug"}})
+    r.validate({**_WEP, "spec": {"node": "n", "profiles": []}})
+
+
 def test_pool_defaults_and_normalization():
     res = r.validate(pool(cidr="10.10.0.0/16"))
     assert res["spec"] == {"cidr": "10.10.0.0/16", "blockSize": 26, "natOutgoing": False,
@@ -154,9 +184,9 @@ def test_views():
     assert (peer.peer_ip, peer.port) == ("fd00::1", 1179)
     timed = r.BGPPeer.from_resource({"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "t"},
                                      "spec": {"peerIP": "10.0.0.9", "asNumber": 1, "holdTime": "1m30s",
-                                              "keepAliveTime": 20, "password": "s3cret",
+                                              "keepAliveTime": 30, "password": "s3cret",
                                               "acceptPrefixes": ["0.0.0.0/0", "10.9.0.0/16"]}})
-    assert (timed.hold_time, timed.keepalive_time, timed.password) == (90, 20, "s3cret")
+    assert (timed.hold_time, timed.keepalive_time, timed.password) == (90, 30, "s3cret")
     assert timed.accept_prefixes == ("0.0.0.0/0", "10.9.0.0/16")
     assert peer.applies_to(node)
     assert not peer.applies_to(r.Node(name="n2", labels={"rack": "b"}, resource_version=0))
@@ -331,7 +361,7 @@ SAMPLES = [
     {"apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": "tor"},
      "spec": {"peerIP": "[fd00::1]:179", "asNumber": 65001, "holdTime": "1m", "acceptPrefixes": ["0.0.0.0/0"]}},
     {"apiVersion": "tortie.io/v1", "kind": "BGPConfiguration", "metadata": {"name": "node.n1"},
-     "spec": {"communities": ["65000:1", "1:2:3"], "serviceClusterIPs": [{"cidr": "10.96.0.0/12"}]}},
+     "spec": {"communities": ["65000:1", "1:2:3"], "serviceClusterIPs": [], "logSeverityScreen": "Debug"}},
     {"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
      "metadata": {"name": "n1-k8s-web-eth0", "namespace": "ns1", "annotations": {"note": "any text at all"}},
      "spec": {"node": "n1", "pod": "web", "ipNetworks": ["10.65.0.7/32"], "mac": "02:00:00:00:00:01",
