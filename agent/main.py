@@ -80,6 +80,7 @@ class Agent:
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
         self._egress_seen: dict | None = None  # the same, on the driver thread
+        self._status_now = asyncio.Event()  # publish the node's status now
         self.cni = None
         self.driver = None
         self.bgp = None  # made after the first snapshot: its AS and cluster id come from there
@@ -300,6 +301,7 @@ class Agent:
             self.m_egress.set(1 if o["up"] else 0, pool=o["pool"])
         down = [f"pool {o['pool']}: {o['reason']}" for o in out if not o["up"]]
         self.health.condition("egress", "; ".join(down) or None)
+        self._status_now.set()
 
     def _manager_status(self, name: str, error: str | None) -> None:
         if name not in self.health.components:
@@ -359,7 +361,10 @@ class Agent:
     async def _publish_status(self) -> None:
         key = self.cfg.etcd.prefix + keys.bgp_status_key(self.node)
         while True:
-            await asyncio.sleep(STATUS_PUBLISH_INTERVAL)
+            # Every interval, and at once when an egress pool went up or down.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_now.wait(), STATUS_PUBLISH_INTERVAL)
+            self._status_now.clear()
             if self.bgp is None or not self.in_sync:
                 continue
             body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status},

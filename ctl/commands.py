@@ -223,6 +223,8 @@ def cmd_get(ctx, args) -> int:
     if args.selector is not None:
         sel = selector.parse(args.selector)
         items = [r for r in items if sel.matches(r["metadata"].get("labels") or {})]
+    if kind.key == "ippool" and args.output == "wide":
+        items = _with_egress_state(ctx, items)
     if not items and args.output in ("table", "wide"):
         where = f" in namespace {namespace}" if namespace else ""
         print(f"No {kind.name} resources found{where}.", file=ctx.err)
@@ -230,6 +232,26 @@ def cmd_get(ctx, args) -> int:
     print(output.render(kind.key, items, args.output, namespaces=kind.namespaced and args.all_namespaces),
           file=ctx.out)
     return 0
+
+
+def _with_egress_state(ctx, pools: list[dict]) -> list[dict]:
+    """The pools with what each node publishes about their egress (for display only):
+    status.egress = {node: {"up": bool, "reason": str | None}}; stale statuses are left out."""
+    prefix = ctx.config.prefix
+    kvs, _ = ctx.client.get_prefix(prefix + keys.BGP_STATUS)
+    now, by_pool = time.time(), {}
+    for kv in kvs:
+        node = keys.parse_bgp_status(kv.key[len(prefix):])
+        try:
+            doc = json.loads(kv.value)
+        except ValueError:
+            continue
+        if not node or (doc.get("updated") is not None and now - doc["updated"] > STALE_AFTER):
+            continue
+        for e in doc.get("egress") or ():
+            by_pool.setdefault(e.get("pool"), {})[node] = {"up": bool(e.get("up")), "reason": e.get("reason")}
+    return [{**p, "status": {"egress": by_pool[p["metadata"]["name"]]}} if p["metadata"]["name"] in by_pool
+            else p for p in pools]
 
 
 def parse_label_changes(changes: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -36,7 +36,20 @@ def _pool_wide(res: dict) -> tuple[str, ...]:
     egress = "-"
     if e:
         egress = f"table {e['table']} via {e['nextHop']}" + (f" dev {e['interface']}" if e.get("interface") else "")
-    return (*_pool(res), _yn(not res["spec"].get("disableBGPExport")), egress)
+    return (*_pool(res), _yn(not res["spec"].get("disableBGPExport")), egress, _egress_state(res) if e else "-")
+
+
+def _egress_state(res: dict) -> str:
+    """Per node, from the agents' published status: "up on 2/2 nodes", or the nodes where
+    the pool's traffic is refused and why."""
+    nodes = (res.get("status") or {}).get("egress") or {}
+    if not nodes:
+        return "unknown (no agent reports it)"
+    down = {n: s for n, s in sorted(nodes.items()) if not s["up"]}
+    if not down:
+        return f"up on {len(nodes)}/{len(nodes)} nodes"
+    first = next(iter(down.values()))["reason"]
+    return f"DOWN on {', '.join(down)} of {len(nodes)} nodes: {first}"
 
 
 def _ipam_config(res: dict) -> tuple[str, ...]:
@@ -98,7 +111,7 @@ def _namespace(res: dict) -> tuple[str, ...]:
 # kind -> (headers, row, wide headers, wide row)
 TABLES: dict[str, tuple[tuple[str, ...], Row, tuple[str, ...], Row]] = {
     "ippool": (("NAME", "CIDR", "BLOCKSIZE", "NAT", "DISABLED", "SELECTOR"), _pool,
-               ("BGP-EXPORT", "EGRESS"), _pool_wide),
+               ("BGP-EXPORT", "EGRESS", "EGRESS-STATE"), _pool_wide),
     "ipamconfig": (("NAME", "STRICT-AFFINITY", "AUTO-ALLOCATE", "MAX-BLOCKS-PER-HOST"), _ipam_config,
                    (), _ipam_config),
     "node": (("NAME", "IPV4", "IPV6", "ASN"), _node, ("RR-CLUSTER-ID", "LABELS"), _node_wide),

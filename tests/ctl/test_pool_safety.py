@@ -68,3 +68,19 @@ def test_what_the_datastore_cannot_know_is_a_warning(ctl, etcd):
     rc, out, err = _apply_in_process_of_its_own(etcd, _pool(ctl, "on-link", "192.168.40.128/25"))
     assert rc == 0 and "created" in out, err
     assert "pool overlaps a node's subnet" in err and "192.168.40.0/24" in err
+
+
+def test_an_egress_next_hop_on_no_node_subnet_is_a_warning(ctl, etcd):
+    """Issue 11: apply warns (does not refuse) when a pool's egress next hop is on no
+    subnet of any known node."""
+    _node(etcd, "n1", bgp={"ipv4Address": "192.168.40.11/24"})
+
+    def egress_pool(name: str, cidr: str, hop: str) -> str:
+        return ctl.file(f"apiVersion: tortie.io/v1\nkind: IPPool\nmetadata:\n  name: {name}\n"
+                        f"spec:\n  cidr: {cidr}\n  egress:\n    table: 201\n    nextHop: {hop}\n")
+
+    rc, out, err = _apply_in_process_of_its_own(etcd, egress_pool("typo", "10.70.0.0/16", "192.168.49.1"))
+    assert rc == 0 and "created" in out, err
+    assert "egress next hop is on no subnet of any known node" in err and "192.168.40.0/24" in err
+    rc, out, err = _apply_in_process_of_its_own(etcd, egress_pool("fine", "10.71.0.0/16", "192.168.40.1"))
+    assert rc == 0 and "created" in out and "egress next hop" not in err, err

@@ -372,6 +372,10 @@ def test_an_unreachable_next_hop_fails_closed_and_says_so(elab):
     assert re.search(rf"egress of pool pool-a \(table {TABLE_A} via {typo}\): DOWN, traffic refused: "
                      r"waiting for a link: .*ENETUNREACH", out), out
     assert re.search(rf"egress of pool pool-b \(table {TABLE_B} via {TOR2}\): up", out), out
+    wait_for(lambda: "DOWN on node1, node2 of 2 nodes: waiting for a link" in lab.ctl("get", "ippools", "-o", "wide").stdout,
+             "get ippools -o wide shows pool A down on both nodes (statuses are published every 2 s)", 5.0)
+    wide = lab.ctl("get", "ippools", "-o", "wide").stdout
+    assert re.search(r"pool-b\s.*up on 2/2 nodes", wide), wide
     # Fixed: back within the bound, and ready again.
     lab.ctl("apply", "-f", "-", input=json.dumps(_pool("pool-a", POOL_A, egress=(TABLE_A, TOR1))))
     t0 = time.monotonic()
