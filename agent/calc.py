@@ -132,33 +132,34 @@ class EgressPlan:
     pool: str
     cidr: str
     table: int
-    next_hop: str
+    next_hops: tuple[str, ...]
     route: Route | None
     problem: str | None = None  # set when route is None
+    fallback: str = "none"  # "main": no floor under the table (see policy_routing)
 
 
 def egress_plan(state: ClusterState) -> tuple[EgressPlan, ...]:
-    """Per egress pool (by name): the default route of its table, or the reason it has
-    none (the pool's traffic is then refused: see `policy_routing`)."""
+    """Per egress pool (by name): the default route of its table (ECMP over its next
+    hops), or the reason it has none (its traffic is then refused: see `policy_routing`)."""
     plans: list[EgressPlan] = []
     taken: dict[tuple[int, int], EgressPlan] = {}
     for p in sorted((p for p in state.pools.values() if p.egress), key=lambda p: p.name):
         e = p.egress
         version = ipaddress.ip_network(p.cidr).version
+        hops = tuple(sorted(e.next_hops))
         problem = None
-        if ipaddress.ip_address(e.next_hop).version != version:
-            problem = f"next hop {e.next_hop} is not IPv{version}"
-        elif (first := taken.get((e.table, version))) is not None and first.next_hop != e.next_hop:
-            problem = f"table {e.table} is pool {first.pool}'s, with next hop {first.next_hop}"
+        if any(ipaddress.ip_address(h).version != version for h in hops):
+            problem = f"next hops {', '.join(hops)} are not all IPv{version}"
+        elif (first := taken.get((e.table, version))) is not None and first.next_hops != hops:
+            problem = f"table {e.table} is pool {first.pool}'s, with next hops {', '.join(first.next_hops)}"
         if problem is not None:
-            log.warning("egress not installable; the pool's traffic is refused", pool=p.name, why=problem)
-            plans.append(EgressPlan(p.name, p.cidr, e.table, e.next_hop, None, problem))
+            log.warning("egress not installable", pool=p.name, why=problem, fallback=e.fallback)
+            plans.append(EgressPlan(p.name, p.cidr, e.table, hops, None, problem, e.fallback))
             continue
-        # With `interface`, the next hop is reached through that device only (the route
+        # With `interface`, the next hops are reached through that device only (the route
         # waits for the device like any other).
-        route = Route(dst="0.0.0.0/0" if version == 4 else "::/0", table=e.table,
-                      gateways=(e.next_hop,), dev=e.interface)
-        plan = EgressPlan(p.name, p.cidr, e.table, e.next_hop, route)
+        route = Route(dst="0.0.0.0/0" if version == 4 else "::/0", table=e.table, gateways=hops, dev=e.interface)
+        plan = EgressPlan(p.name, p.cidr, e.table, hops, route, None, e.fallback)
         taken.setdefault((e.table, version), plan)
         plans.append(plan)
     return tuple(plans)
@@ -169,7 +170,8 @@ def policy_routing(state: ClusterState) -> tuple[frozenset[Rule], frozenset[Rout
     next hop, and under it `from <pool> unreachable`: fail closed. When the table has no
     route (the next hop is on no up link, the kernel refused it, the link went down) the
     pool's traffic is refused; it never falls through to the main table and leaves by
-    another uplink. A pool whose route cannot be planned gets the floor only.
+    another uplink. A pool whose route cannot be planned gets the floor only. A pool with
+    `fallback: main` has no floor: what its table does not route takes the main table.
 
     Only while some pool has egress routing; then every pool's range is first sent to the
     main table, so traffic between pods (any pool) never takes an egress uplink.
@@ -181,7 +183,8 @@ def policy_routing(state: ClusterState) -> tuple[frozenset[Rule], frozenset[Rout
     for plan in plans:
         if plan.route is not None:
             rules.add(Rule(priority=PRIO_EGRESS, src=plan.cidr, table=plan.table))
-        rules.add(Rule(priority=PRIO_EGRESS_FLOOR, src=plan.cidr, action="unreachable"))
+        if plan.fallback == "none":
+            rules.add(Rule(priority=PRIO_EGRESS_FLOOR, src=plan.cidr, action="unreachable"))
     return frozenset(rules), frozenset(p.route for p in plans if p.route is not None)
 
 

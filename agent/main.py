@@ -31,19 +31,21 @@ from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
 from tortie.health import Health, start_http
 from tortie.metrics import Registry
-from tortie.routing.messages import RouteDelta
+from tortie.routing.messages import RouteDelta, SysctlUpdate
 from tortie.routing.model import MAIN_TABLE
 
 log = tlog.get_logger("agent")
 
 STATUS_PUBLISH_INTERVAL = 2.0
+ECMP_SYSCTLS = frozenset({("net/ipv4/fib_multipath_use_neigh", "1"), ("net/ipv4/fib_multipath_hash_policy", "1"),
+                          ("net/ipv6/fib_multipath_hash_policy", "1")})
 RETRY_DELAY = 1.0
 LAG_INTERVAL = 1.0  # the idle sampler of event-loop lag (busy loops measure it themselves)
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                0.1, 0.25, 0.5, 1.0)
 APPLY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                  1.0, 2.5)
-MANAGERS = ("routes", "rules", "nat", "filter")
+MANAGERS = ("routes", "rules", "sysctls", "nat", "filter")
 
 
 class Agent:
@@ -236,6 +238,7 @@ class Agent:
         from tortie.bgp.export_mgr import BGPExportManager
         from tortie.policy.nftables import NftMonitor
         from tortie.routing.monitor import Monitor
+        from tortie.routing.sysctl_mgr import SysctlManager
 
         loop = self._loop
         self.bgp_exports = BGPExportManager(loop, lambda: self.bgp)
@@ -247,7 +250,7 @@ class Agent:
             self.m_apply.observe(seconds, manager=name)
 
         self.driver = DataplaneDriver(
-            [routes, rules, nat, filt, self.bgp_exports],
+            [routes, rules, SysctlManager(), nat, filt, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
             on_status=on_status, on_applied=on_applied,
             on_round=lambda ok: self._round_done(ok, routes))
@@ -286,19 +289,25 @@ class Agent:
                 why = plan.problem
             else:
                 why = self._egress_routes.get(plan.route.key, "not written yet")
-            out.append({"pool": plan.pool, "table": plan.table, "nextHop": plan.next_hop,
+            if why is not None and plan.fallback == "main":
+                why += " (fallback: the main table's routes)"
+            out.append({"pool": plan.pool, "table": plan.table, "nextHop": ",".join(plan.next_hops),
                         "up": why is None, "reason": why})
         if out == self.egress_status:
             return
         for o in out:
             if o not in self.egress_status:
                 (log.info if o["up"] else log.error)(
-                    "egress " + ("up" if o["up"] else "down: the pool's traffic is refused"),
+                    "egress " + ("up" if o["up"] else "down"),
                     pool=o["pool"], table=o["table"], next_hop=o["nextHop"], reason=o["reason"])
         self.egress_status = out
         self.m_egress.values.clear()
         for o in out:
             self.m_egress.set(1 if o["up"] else 0, pool=o["pool"])
+        # ECMP over several next hops: the kernel skips one whose neighbour failed, and
+        # spreads flows by their ports (not only by addresses: one pod, one server).
+        multipath = any(len(p.next_hops) > 1 for p in self.calc.egress)
+        self.driver.send([SysctlUpdate("egress", ECMP_SYSCTLS if multipath else frozenset())])
         down = [f"pool {o['pool']}: {o['reason']}" for o in out if not o["up"]]
         self.health.condition("egress", "; ".join(down) or None)
         self._status_now.set()

@@ -332,7 +332,7 @@ def cmd_node_status(ctx, args) -> int:
               + (" (STALE: the agent may be down)" if stale else ""), file=ctx.out)
         print(bgp_status.table(peers, now=now) if peers else "  no BGP peers", file=ctx.out)
         for e in doc.get("egress") or ():
-            state = "up" if e.get("up") else f"DOWN, traffic refused: {e.get('reason')}"
+            state = "up" if e.get("up") else f"DOWN: {e.get('reason')}"
             print(f"  egress of pool {e.get('pool')} (table {e.get('table')} via {e.get('nextHop')}): {state}",
                   file=ctx.out)
     if args.output == "json":

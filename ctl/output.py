@@ -35,7 +35,11 @@ def _pool_wide(res: dict) -> tuple[str, ...]:
     e = res["spec"].get("egress")
     egress = "-"
     if e:
-        egress = f"table {e['table']} via {e['nextHop']}" + (f" dev {e['interface']}" if e.get("interface") else "")
+        hops = e.get("nextHops") or [{"address": e.get("nextHop"), "interface": e.get("interface")}]
+        egress = f"table {e['table']} via " + ",".join(
+            h["address"] + (f" dev {h['interface']}" if h.get("interface") else "") for h in hops)
+        if e.get("fallback") == "main":
+            egress += " (fallback main)"
     return (*_pool(res), _yn(not res["spec"].get("disableBGPExport")), egress, _egress_state(res) if e else "-")
 
 

@@ -115,8 +115,36 @@ def _pool_spec(f: Fields, meta: dict) -> None:
         table = e.int("table", 1, 0xFFFFFFFF, required=True)
         if table in (253, 254, 255):
             raise ValidationError("253-255 are the kernel's tables", field="spec.egress.table")
-        e.ip("nextHop", required=True, version=net.version)
-        e.str("interface", pattern=IFNAME)
+        where = "spec.egress"
+        if e.raw("nextHop") is not None and e.raw("nextHops") is not None:
+            raise ValidationError("give nextHop or nextHops, not both", field=f"{where}.nextHops")
+        if e.raw("nextHops") is None:
+            e.ip("nextHop", required=True, version=net.version)
+            e.str("interface", pattern=IFNAME)
+        else:
+            if e.raw("interface") is not None:
+                raise ValidationError("with nextHops, give the interface per next hop", field=f"{where}.interface")
+
+            def hop(value, at: str) -> dict:
+                h = Fields(value, at)
+                h.ip("address", required=True, version=net.version)
+                h.str("interface", pattern=IFNAME)
+                if h.int("weight", 1, 256) not in (None, 1):
+                    raise ValidationError("weights other than 1 are not supported yet", field=f"{at}.weight")
+                return h.done()
+
+            hops = e.list("nextHops", hop)
+            if not hops:
+                raise ValidationError("must name at least one next hop", field=f"{where}.nextHops")
+            if len({h["address"] for h in hops}) != len(hops):
+                raise ValidationError("names a next hop twice", field=f"{where}.nextHops")
+            if len({h.get("interface") for h in hops}) > 1:
+                raise ValidationError("next hops on different interfaces are not supported yet (leave "
+                                      "interface out: the kernel finds each next hop's link)",
+                                      field=f"{where}.nextHops")
+        # What the pool's traffic does when no next hop can be used: refused (none), or the
+        # main table's routes (main).
+        e.str("fallback", choices=("none", "main"), default="none")
 
     f.obj_field("egress", egress)
 

@@ -239,16 +239,16 @@ def _check_egress_next_hop(pool: dict, nodes: list) -> None:
     """An egress next hop on no subnet a node is known to have is most likely a typo (the
     pool's traffic would be refused on every node): a warning, since a node may have
     uplinks the datastore does not list."""
-    hop = ((pool["spec"].get("egress") or {}).get("nextHop"))
-    if not hop:
-        return
-    ip = ipaddress.ip_address(hop)
+    e = pool["spec"].get("egress") or {}
+    hops = [h["address"] for h in e.get("nextHops") or ()] or ([e["nextHop"]] if e.get("nextHop") else [])
     subnets = [ipaddress.ip_interface(a).network for n in nodes
                for a in (n.ipv4_address, n.ipv6_address, *n.addresses) if a and "/" in a]
-    if not any(ip in s for s in subnets):
-        log.warning("egress next hop is on no subnet of any known node: where it is not reachable the "
-                    "pool's traffic is refused", pool=pool["metadata"]["name"], next_hop=hop,
-                    subnets=sorted({str(s) for s in subnets}))
+    for hop in hops:
+        ip = ipaddress.ip_address(hop)
+        if not any(ip in s for s in subnets):
+            log.warning("egress next hop is on no subnet of any known node: where it is not reachable the "
+                        "pool's traffic is refused", pool=pool["metadata"]["name"], next_hop=hop,
+                        subnets=sorted({str(s) for s in subnets}))
 
 
 CHECKS: dict[str, Callable[[dict, dict | None, list[dict]], None]] = {"ippool": _check_pool}

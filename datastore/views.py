@@ -61,8 +61,17 @@ class View:
 @dataclass(frozen=True)
 class Egress:
     table: int
-    next_hop: str
+    next_hops: tuple[str, ...]  # ECMP over all of them
     interface: str | None = None
+    fallback: str = "none"  # none: refused when no next hop is usable; main: the main table
+
+    @classmethod
+    def from_spec(cls, e: dict) -> Egress:
+        hops = e.get("nextHops")
+        if hops is None:
+            return cls(e["table"], (e["nextHop"],), e.get("interface"), e.get("fallback", "none"))
+        return cls(e["table"], tuple(h["address"] for h in hops), hops[0].get("interface"),
+                   e.get("fallback", "none"))
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,7 @@ class IPPool(View):
         return dict(cidr=spec["cidr"], block_size=spec["blockSize"], nat_outgoing=spec["natOutgoing"],
                     disabled=spec["disabled"], disable_bgp_export=spec["disableBGPExport"],
                     node_selector=spec["nodeSelector"],
-                    egress=Egress(e["table"], e["nextHop"], e.get("interface")) if e else None)
+                    egress=Egress.from_spec(e) if e else None)
 
     @property
     def network(self) -> IPNetwork:

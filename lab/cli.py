@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("node")
     ag.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
 
+    ln = sub.add_parser("link", parents=[common], help="take a node's link down or up (an uplink cut)")
+    ln.add_argument("action", choices=("down", "up"))
+    ln.add_argument("node")
+    ln.add_argument("ifname", metavar="IFNAME", help="the node's interface, e.g. eth0")
+
     ex = sub.add_parser("exec", parents=[common], help="run a command in a pod (or node) namespace")
     ex.add_argument("pod", metavar="NAMESPACE/NAME|NODE")
 
@@ -176,6 +181,10 @@ def run(argv: list[str]) -> int:
         if args.action in ("start", "restart"):
             lab.agent_start(args.node)
         print(f"agent on {args.node}: {'running' if args.action != 'stop' else 'stopped'}")
+        return 0
+    if args.cmd == "link":
+        lab.link_set(args.node, args.ifname, up=args.action == "up")
+        print(f"{args.node} {args.ifname}: {args.action}")
         return 0
     if args.cmd == "exec":
         if not rest:

@@ -383,6 +383,14 @@ class Lab:
 
     # --- a node's agent: kill it, start it again (it must adopt what it left in the kernel) ---
 
+    def link_set(self, node: str, ifname: str, *, up: bool) -> None:
+        """A node's link down or up, as a cut cable would (the other end stays up)."""
+        n = self.node(node)
+        r = subprocess.run(["ip", "-n", n.netns, "link", "set", "dev", ifname, "up" if up else "down"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ValidationError(f"{node} has no link {ifname!r}: {r.stderr.strip()}", field="ifname")
+
     def agent_stop(self, node: str, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop the node's agent (its whole process group) with sig; SIGKILL after 5 s."""
         n = self.node(node)

@@ -24,3 +24,11 @@ class RulesUpdate:
 
     rule_class: str
     rules: frozenset[Rule]
+
+
+@dataclass(frozen=True, slots=True)
+class SysctlUpdate:
+    """Kernel settings (paths under /proc/sys, "net/ipv4/...") one owner wants, whole."""
+
+    owner: str
+    values: frozenset[tuple[str, str]]

@@ -125,7 +125,7 @@ def test_policy_routing_only_while_a_pool_has_egress():
     assert Rule(priority=PRIO_EGRESS_FLOOR, src="10.68.0.0/16", action="unreachable") in d.rules
     assert not any(r.src == "10.68.0.0/16" and r.action == "lookup" for r in d.rules)
     (c,) = [p for p in egress_plan(s) if p.pool == "c"]
-    assert c.route is None and c.problem == "table 101 is pool a's, with next hop 192.0.2.1"
+    assert c.route is None and c.problem == "table 101 is pool a's, with next hops 192.0.2.1"
     pool(s, "c", "10.68.0.0/16")
     pool(s, "a", "10.67.0.0/16", egress={"table": 101, "nextHop": "192.0.2.1", "interface": "eth1"})
     assert desired(s, "n1").egress_routes == {

@@ -1,3 +1,4 @@
+import re
 import threading
 
 import pytest
@@ -171,7 +172,7 @@ def test_kind_aliases():
 def test_views():
     p = r.IPPool.from_resource(pool(egress={"table": 100, "nextHop": "192.168.5.1"},
                                     nodeSelector="rack == 'a'"))
-    assert p.block_size == 26 and p.version == 4 and p.egress == r.Egress(100, "192.168.5.1")
+    assert p.block_size == 26 and p.version == 4 and p.egress == r.Egress(100, ("192.168.5.1",))
     assert p.selects({"rack": "a"}) and not p.selects({"rack": "b"})
     node = r.Node.from_resource({"apiVersion": "tortie.io/v1", "kind": "Node",
                                  "metadata": {"name": "n1", "labels": {"rack": "a"}},
@@ -391,3 +392,30 @@ def test_apply_likely_new_creates_blind_and_replaces_what_is_there(store):
     assert again["metadata"]["uid"] == first["metadata"]["uid"]  # replaced, not made anew
     assert int(again["metadata"]["resourceVersion"]) > int(first["metadata"]["resourceVersion"])
     assert store.get("workloadendpoint", "w", "default")["spec"]["pod"] == "q"
+
+
+def test_egress_next_hops_and_fallback():
+    """Issue 11: several next hops (ECMP) and what happens when none is usable."""
+    p = r.IPPool.from_resource(pool(egress={"table": 100, "nextHops": [{"address": "192.168.5.2"},
+                                                                        {"address": "192.168.6.1"}],
+                                            "fallback": "main"}))
+    assert p.egress == r.Egress(100, ("192.168.5.2", "192.168.6.1"), None, "main")
+    same = r.IPPool.from_resource(pool(egress={"table": 100, "nextHops": [
+        {"address": "192.168.5.2", "interface": "eth1", "weight": 1}, {"address": "192.168.5.3", "interface": "eth1"}]}))
+    assert same.egress.interface == "eth1" and same.egress.fallback == "none"
+    bad = [
+        ({"table": 100}, "spec.egress.nextHop: is required"),
+        ({"table": 100, "nextHops": []}, "spec.egress.nextHops: must name at least one next hop"),
+        ({"table": 100, "nextHop": "192.168.5.1", "nextHops": [{"address": "192.168.5.2"}]}, "not both"),
+        ({"table": 100, "nextHops": [{"address": "nope"}]}, "spec.egress.nextHops[0].address"),
+        ({"table": 100, "nextHops": [{"address": "fd00::1"}]}, "spec.egress.nextHops[0].address"),
+        ({"table": 100, "nextHops": [{"address": "192.168.5.2"}, {"address": "192.168.5.2"}]}, "twice"),
+        ({"table": 100, "nextHops": [{"address": "192.168.5.2", "weight": 3}]}, "not supported yet"),
+        ({"table": 100, "nextHops": [{"address": "192.168.5.2", "interface": "eth0"},
+                                     {"address": "192.168.6.1", "interface": "eth1"}]}, "not supported yet"),
+        ({"table": 100, "nextHops": [{"address": "192.168.5.2"}], "interface": "eth0"}, "per next hop"),
+        ({"table": 100, "nextHop": "192.168.5.1", "fallback": "elsewhere"}, "spec.egress.fallback"),
+    ]
+    for egress, words in bad:
+        with pytest.raises(ValidationError, match=re.escape(words)):
+            r.IPPool.from_resource(pool(egress=egress))

@@ -369,7 +369,7 @@ def test_an_unreachable_next_hop_fails_closed_and_says_so(elab):
     status, body = lab.http_get("node1", 9099, "/readiness")
     assert status == 503 and "pool pool-a" in json.loads(body)["components"]["egress"]["notReady"]
     out = lab.ctl("node", "status", "node1").stdout
-    assert re.search(rf"egress of pool pool-a \(table {TABLE_A} via {typo}\): DOWN, traffic refused: "
+    assert re.search(rf"egress of pool pool-a \(table {TABLE_A} via {typo}\): DOWN: "
                      r"waiting for a link: .*ENETUNREACH", out), out
     assert re.search(rf"egress of pool pool-b \(table {TABLE_B} via {TOR2}\): up", out), out
     wait_for(lambda: "DOWN on node1, node2 of 2 nodes: waiting for a link" in lab.ctl("get", "ippools", "-o", "wide").stdout,
@@ -418,3 +418,53 @@ def test_agent_restart_keeps_and_adopts_the_egress_state(elab):
     wait_for(lambda: elab.rules("node1") == expected_rules(True), "the deleted rule is back after the restart",
              CONVERGE)
     elab.set_pools(a_nat=False, a_via=TOR1)
+
+
+def test_two_next_hops_share_the_flows_and_a_cut_uplink_moves_them(elab):
+    """Issue 11 item 2: nextHops through both routers (ECMP, flows spread by their ports);
+    node1's link to tor1 cut (`tortie-lab link down`): every new flow of pool A leaves by
+    tor2 (the kernel marks the next hop dead); the link back: both carry flows again.
+    (Replies may still come back by tor1 until its BGP session to node1 times out: return
+    paths are the routers', see issue 11's BFD and symmetric-return items.)"""
+    lab = elab.lab
+    elab.pool_state.clear()
+    doc = _pool("pool-a", POOL_A)
+    doc["spec"]["egress"] = {"table": TABLE_A, "nextHops": [{"address": TOR1}, {"address": TOR2}]}
+    lab.ctl("apply", "-f", "-", input=json.dumps(doc))
+    for node in ("node1", "node2"):
+        wait_for(lambda n=node: f"nexthop via {TOR1} dev eth0" in elab.table(n, TABLE_A)
+                 and f"nexthop via {TOR2} dev eth1" in elab.table(n, TABLE_A), f"{node}: ECMP egress", CONVERGE)
+        wait_for(lambda n=node: _sysctl(lab, n, "net.ipv4.fib_multipath_hash_policy") == "1"
+                 and _sysctl(lab, n, "net.ipv4.fib_multipath_use_neigh") == "1", f"{node}: ECMP settings", CONVERGE)
+    wide = lab.ctl("get", "ippools", "-o", "wide").stdout
+    assert re.search(rf"pool-a\s.*table {TABLE_A} via {TOR1},{TOR2}\s", wide), wide
+
+    def flows(n: int, answered: bool = True) -> dict[str, int]:
+        """n connections from a1 to the outside host: the packets each router forwarded."""
+        before = {t: elab.packets(t, "default/a1") for t in ("tor1", "tor2")}
+        for _ in range(n):
+            if answered:
+                assert elab.seen_as("default/a1", EXT) == lab.pod("default/a1").address
+            else:
+                with nsutil.socket_in(lab.netns_of("default/a1")) as s, contextlib.suppress(OSError):
+                    s.settimeout(0.3)
+                    s.connect((EXT, PEER_PORT))
+        return {t: elab.packets(t, "default/a1") - before[t] for t in before}
+
+    spread = flows(20)
+    assert spread["tor1"] > 0 and spread["tor2"] > 0, spread
+    lab_cli(lab, "link", "down", "node1", "eth0")
+    try:
+        cut = flows(10, answered=False)  # every SYN leaves by tor2
+        assert cut["tor1"] == 0 and cut["tor2"] >= 10, cut
+        assert f"nexthop via {TOR1} dev eth0 weight 1 dead linkdown" in " ".join(elab.table("node1", TABLE_A).split())
+    finally:
+        lab_cli(lab, "link", "up", "node1", "eth0")
+    wait_for(lambda: "dead" not in elab.table("node1", TABLE_A), "node1: the next hop via eth0 is alive again")
+    back = flows(20)
+    assert back["tor1"] > 0 and back["tor2"] > 0, back
+    elab.set_pools(a_nat=False, a_via=TOR1)
+
+
+def _sysctl(lab, node: str, name: str) -> str:
+    return lab.exec(node, ["sysctl", "-n", name], capture_output=True, text=True, check=True).stdout.strip()
