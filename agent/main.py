@@ -480,16 +480,17 @@ NODE_ADDRESS_TYPE = "CalicoNodeIP"  # the Node.spec.addresses entries the agent 
 
 
 def local_addresses() -> list[str]:
-    """The global-scope addresses on this namespace's interfaces (pod veths carry none)."""
+    """The global-scope addresses on this namespace's interfaces (pod veths carry none),
+    with their prefix ("10.0.1.5/24": the subnet each uplink is on)."""
     import subprocess
 
     proc = subprocess.run(["ip", "-j", "address", "show", "scope", "global"], capture_output=True, text=True)
     if proc.returncode != 0:
         log.warning("cannot list the node's addresses", error=proc.stderr.strip())
         return []
-    found = {str(ipaddress.ip_address(a["local"])) for link in json.loads(proc.stdout or "[]")
-             for a in link.get("addr_info", []) if a.get("local")}
-    return sorted(found, key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
+    found = {str(ipaddress.ip_interface(f"{a['local']}/{a.get('prefixlen', 128 if ':' in a['local'] else 32)}"))
+             for link in json.loads(proc.stdout or "[]") for a in link.get("addr_info", []) if a.get("local")}
+    return sorted(found, key=lambda a: (ipaddress.ip_interface(a).version, ipaddress.ip_interface(a)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,8 +166,13 @@ def _node_spec(f: Fields, meta: dict) -> None:
         b.ip("routeReflectorClusterID", version=4)
 
     def address(v: Any, where: str) -> dict:
+        # An address, or (as Calico writes CalicoNodeIP entries) address/prefix: the subnet
+        # it sits on.
         a = Fields(v, where)
-        a.ip("address", required=True)
+        text = a.str("address", required=True)
+        version = 6 if ":" in text else 4
+        a.keep("address", ip_interface(text, a.at("address"), version) if "/" in text
+               else str(parse_ip(text, a.at("address"), version)))
         a.str("type", choices=("InternalIP", "ExternalIP", "CalicoNodeIP"))
         return a.done()
 

@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("node")
     ag.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
 
+    rt = sub.add_parser("router", parents=[common], help="power a router off (daemon killed, links down) or on")
+    rt.add_argument("action", choices=("stop", "start"))
+    rt.add_argument("router", metavar="NAME", help="tor, tor1, tor2, ... (see status)")
+
     ln = sub.add_parser("link", parents=[common], help="take a node's link down or up (an uplink cut)")
     ln.add_argument("action", choices=("down", "up"))
     ln.add_argument("node")
@@ -181,6 +185,10 @@ def run(argv: list[str]) -> int:
         if args.action in ("start", "restart"):
             lab.agent_start(args.node)
         print(f"agent on {args.node}: {'running' if args.action != 'stop' else 'stopped'}")
+        return 0
+    if args.cmd == "router":
+        (lab.router_stop if args.action == "stop" else lab.router_start)(args.router)
+        print(f"router {args.router}: {'stopped' if args.action == 'stop' else 'running'}")
         return 0
     if args.cmd == "link":
         lab.link_set(args.node, args.ifname, up=args.action == "up")

@@ -391,6 +391,38 @@ class Lab:
         if r.returncode != 0:
             raise ValidationError(f"{node} has no link {ifname!r}: {r.stderr.strip()}", field="ifname")
 
+    def _tor(self, name: str) -> tuple[LabState, Plan, TorPlan]:
+        st = self.state()
+        plan = _plan_from(st)
+        tor = next((t for t in plan.tors if t.name == name), None)
+        if tor is None:
+            raise NotFound(f"lab {self.name} has no router {name!r} (has: {', '.join(t.name for t in plan.tors) or 'none'})")
+        return st, plan, tor
+
+    def _router_links(self, tor: TorPlan, up: bool) -> None:
+        out = nsutil.run(["ip", "-n", tor.netns, "-o", "link", "show"], timeout=10).stdout
+        names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+        nsutil.ip_batch(tor.netns, [f"link set {n} {'up' if up else 'down'}" for n in names if n != "lo"])
+
+    def router_stop(self, name: str) -> None:
+        """A router powered off: its daemon killed, its links down (it forwards nothing);
+        the nodes' own links stay up, as with a real switch port whose far end died."""
+        _, _, tor = self._tor(name)
+        proc = self.state().proc(tor.name)
+        if proc is None:
+            raise NotFound(f"router {name} is not running")
+        state.stop(proc, first=signal.SIGKILL)
+        self._record(lambda s: s.procs.remove(proc) if proc in s.procs else None)
+        self._router_links(tor, up=False)
+
+    def router_start(self, name: str, timeout: float = 30.0) -> None:
+        """The router back: links up, its daemon started with the lab's configuration."""
+        st, plan, tor = self._tor(name)
+        if st.proc(tor.name) is not None:
+            raise AlreadyExists(f"router {name} is running; stop it first")
+        self._router_links(tor, up=True)
+        self._start_router(st, plan, tor, time.monotonic() + timeout)
+
     def agent_stop(self, node: str, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop the node's agent (its whole process group) with sig; SIGKILL after 5 s."""
         n = self.node(node)

@@ -468,3 +468,26 @@ def test_two_next_hops_share_the_flows_and_a_cut_uplink_moves_them(elab):
 
 def _sysctl(lab, node: str, name: str) -> str:
     return lab.exec(node, ["sysctl", "-n", name], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_router_powered_off_and_on(elab):
+    """`tortie-lab router stop|start` (issue 11 item 7): the router's daemon is gone and its
+    links are down while the nodes' own links stay up; back on, its sessions come back."""
+    lab = elab.lab
+    tor1 = lab.plan().tors[0]
+    assert tor1.name == "tor1"
+    lab_cli(lab, "router", "stop", "tor1")
+    try:
+        assert lab.state().proc("tor1") is None
+        links = json.loads(lab.exec("tor1", ["ip", "-j", "link", "show"], capture_output=True, text=True,
+                                    check=True).stdout)
+        assert {link["operstate"] for link in links if link["ifname"] != "lo"} == {"DOWN"}
+        node_link = json.loads(lab.exec("node1", ["ip", "-j", "link", "show", "eth0"], capture_output=True,
+                                        text=True, check=True).stdout)[0]
+        assert "UP" in node_link["flags"]  # the node's side stays up: no carrier loss seen there
+        assert lab.exec("node1", ["ping", "-c1", "-W1", TOR1], capture_output=True).returncode != 0
+        assert set(lab.bgp_sessions()["tor2"].values()) == {"Established"}
+    finally:
+        lab_cli(lab, "router", "start", "tor1")
+    wait_for(lambda: set(lab.bgp_sessions()["tor1"].values()) == {"Established"},
+             "tor1's sessions established again", 15)
