@@ -324,12 +324,17 @@ class CNIServer:
         host_if = wiring.host_veth_name(req.container_id, req.ifname)
         if not wiring.is_netns(req.netns):
             raise p.CNIError(p.INVALID_ENV, f"CNI_NETNS {req.netns} is not a network namespace")
-        if await self._run(wiring.wired_elsewhere, req.netns, req.ifname, host_if):
+        # The check and the allocation run side by side (two workers): the check is rarely
+        # true, and an address allocated for nothing is released at once.
+        elsewhere, (ips, fresh) = await asyncio.gather(
+            self._run(wiring.wired_elsewhere, req.netns, req.ifname, host_if), self._allocate(req))
+        if elsewhere:
             # An ADD of a container already added with another CNI_NETNS would move its
             # interface out of the first namespace: refused, the first left as it is.
+            if fresh:
+                await self._run(self.ipam.release_handle, req.handle)
             raise p.CNIError(p.INVALID_ENV, f"container {req.container_id} already has {req.ifname} in "
                              f"another network namespace than {req.netns} (DEL it first)", host_if)
-        ips, fresh = await self._allocate(req)
         try:
             link = None
             if not fresh:  # a repeated ADD: keep working wiring as it is
