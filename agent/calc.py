@@ -81,6 +81,7 @@ def desired(
     node: str,
     learned: Mapping[str, tuple[str, ...]] = (),
     own_addresses: frozenset[str] = frozenset(),
+    bfd_up: frozenset[str] = frozenset(),
 ) -> Desired:
     """What this node's managers should hold.
 
@@ -120,7 +121,7 @@ def desired(
         if prefix in own or not hops:
             continue
         bgp_routes.add(learned_route(prefix, hops))  # canonical from ExaBGP: no re-validation
-    rules, egress_routes = policy_routing(state)
+    rules, egress_routes = policy_routing(state, bfd_up)
     return Desired(frozenset(block_routes), frozenset(workload_routes), frozenset(bgp_routes),
                    frozenset(exports), rules, egress_routes)
 
@@ -136,36 +137,41 @@ class EgressPlan:
     route: Route | None
     problem: str | None = None  # set when route is None
     fallback: str = "none"  # "main": no floor under the table (see policy_routing)
+    bfd: tuple[tuple[str, int, int, int], ...] = ()  # next hops BFD watches (Egress.bfd)
 
 
-def egress_plan(state: ClusterState) -> tuple[EgressPlan, ...]:
-    """Per egress pool (by name): the default route of its table (ECMP over its next
-    hops), or the reason it has none (its traffic is then refused: see `policy_routing`)."""
+def egress_plan(state: ClusterState, bfd_up: frozenset[str] = frozenset()) -> tuple[EgressPlan, ...]:
+    """Per egress pool (by name): the default route of its table (ECMP over its usable next
+    hops), or the reason it has none (its traffic is then refused: see `policy_routing`).
+    A next hop watched by BFD is usable only while its session is Up (`bfd_up`)."""
     plans: list[EgressPlan] = []
     taken: dict[tuple[int, int], EgressPlan] = {}
     for p in sorted((p for p in state.pools.values() if p.egress), key=lambda p: p.name):
         e = p.egress
         version = ipaddress.ip_network(p.cidr).version
-        hops = tuple(sorted(e.next_hops))
+        watched = {b[0] for b in e.bfd}
+        hops = tuple(sorted(h for h in e.next_hops if h not in watched or h in bfd_up))
         problem = None
-        if any(ipaddress.ip_address(h).version != version for h in hops):
-            problem = f"next hops {', '.join(hops)} are not all IPv{version}"
+        if any(ipaddress.ip_address(h).version != version for h in e.next_hops):
+            problem = f"next hops {', '.join(e.next_hops)} are not all IPv{version}"
+        elif not hops:
+            problem = "no next hop is up (BFD down: " + ", ".join(sorted(watched)) + ")"
         elif (first := taken.get((e.table, version))) is not None and first.next_hops != hops:
             problem = f"table {e.table} is pool {first.pool}'s, with next hops {', '.join(first.next_hops)}"
         if problem is not None:
             log.warning("egress not installable", pool=p.name, why=problem, fallback=e.fallback)
-            plans.append(EgressPlan(p.name, p.cidr, e.table, hops, None, problem, e.fallback))
+            plans.append(EgressPlan(p.name, p.cidr, e.table, hops, None, problem, e.fallback, e.bfd))
             continue
         # With `interface`, the next hops are reached through that device only (the route
         # waits for the device like any other).
         route = Route(dst="0.0.0.0/0" if version == 4 else "::/0", table=e.table, gateways=hops, dev=e.interface)
-        plan = EgressPlan(p.name, p.cidr, e.table, hops, route, None, e.fallback)
+        plan = EgressPlan(p.name, p.cidr, e.table, hops, route, None, e.fallback, e.bfd)
         taken.setdefault((e.table, version), plan)
         plans.append(plan)
     return tuple(plans)
 
 
-def policy_routing(state: ClusterState) -> tuple[frozenset[Rule], frozenset[Route]]:
+def policy_routing(state: ClusterState, bfd_up: frozenset[str] = frozenset()) -> tuple[frozenset[Rule], frozenset[Route]]:
     """Per-pool egress: `from <pool> lookup <table>`, the table's default via the pool's
     next hop, and under it `from <pool> unreachable`: fail closed. When the table has no
     route (the next hop is on no up link, the kernel refused it, the link went down) the
@@ -176,7 +182,7 @@ def policy_routing(state: ClusterState) -> tuple[frozenset[Rule], frozenset[Rout
     Only while some pool has egress routing; then every pool's range is first sent to the
     main table, so traffic between pods (any pool) never takes an egress uplink.
     """
-    plans = egress_plan(state)
+    plans = egress_plan(state, bfd_up)
     if not plans:
         return frozenset(), frozenset()
     rules = {Rule(priority=PRIO_TO_POOLS, dst=p.cidr, table=MAIN_TABLE) for p in state.pools.values()}
@@ -279,6 +285,7 @@ class Calculation:
         self._export_removed: set[str] = set()
         self._rules: frozenset[Rule] | None = None
         self.egress: tuple[EgressPlan, ...] = ()  # this node's egress pools (for status)
+        self.bfd_up: frozenset[str] = frozenset()  # egress next hops whose BFD session is Up
         self._rules_msg: RulesUpdate | None = None
         self._nat: NatUpdate | None = None
         self._nat_msg: NatUpdate | None = None
@@ -402,12 +409,12 @@ class Calculation:
         blocks = own_blocks(st, self.node)
         self._blocks = [(c, ipaddress.ip_network(c)) for c in blocks]
         self._block_set = frozenset(blocks)
-        want = desired(st, self.node, self.learned, self.own_addresses)
+        want = desired(st, self.node, self.learned, self.own_addresses, self.bfd_up)
         self._out[BLOCKS].replace(want.block_routes)
         self._out[WORKLOADS].replace(want.workload_routes)
         self._out[BGP].replace(want.bgp_routes)
         self._out[EGRESS].replace(want.egress_routes)
-        self.egress = egress_plan(st)
+        self.egress = egress_plan(st, self.bfd_up)
         self._set_rules(want.rules)
         self._exports_recompute()  # builds the borrowed index; equals want.exports (tested)
         self._nat_recompute()
@@ -506,9 +513,16 @@ class Calculation:
                 return
         out.remove(route_key(prefix))
 
+    def on_bfd(self, peer: str, up: bool) -> None:
+        """A BFD session to an egress next hop went Up or Down."""
+        bfd_up = self.bfd_up | {peer} if up else self.bfd_up - {peer}
+        if bfd_up != self.bfd_up:
+            self.bfd_up = bfd_up
+            self._policy_routing()
+
     def _policy_routing(self) -> None:
-        self.egress = egress_plan(self.state)
-        rules, routes = policy_routing(self.state)
+        self.egress = egress_plan(self.state, self.bfd_up)
+        rules, routes = policy_routing(self.state, self.bfd_up)
         self._set_rules(rules)
         self._out[EGRESS].replace(routes)
 

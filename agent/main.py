@@ -79,10 +79,13 @@ class Agent:
         self.m_routes = m.gauge("tortie_desired_routes", "Desired routes, by class")
         self.m_egress = m.gauge("tortie_egress_up", "Per egress pool: 1 while its table routes by its "
                                 "next hop, 0 while its traffic is refused (node status says why)")
+        self.m_bfd = m.gauge("tortie_bfd_up", "Per BFD peer (an egress next hop): 1 while its session is Up")
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
         self._egress_seen: dict | None = None  # the same, on the driver thread
         self._status_now = asyncio.Event()  # publish the node's status now
+        self.bfd = None  # routing.bfd.BFD, once an egress next hop asks for BFD
+        self._bfd_want: dict = {}
         self.cni = None
         self.driver = None
         self.bgp = None  # made after the first snapshot: its AS and cluster id come from there
@@ -283,6 +286,7 @@ class Agent:
     def _update_egress(self) -> None:
         """Each egress pool up or down, and why: node status, readiness, tortie_egress_up.
         Down means refused (the unreachable rule under its table), never rerouted."""
+        self._update_bfd()
         out = []
         for plan in self.calc.egress:
             if plan.route is None:
@@ -291,8 +295,9 @@ class Agent:
                 why = self._egress_routes.get(plan.route.key, "not written yet")
             if why is not None and plan.fallback == "main":
                 why += " (fallback: the main table's routes)"
+            down = sorted({b[0] for b in plan.bfd} - self.calc.bfd_up)
             out.append({"pool": plan.pool, "table": plan.table, "nextHop": ",".join(plan.next_hops),
-                        "up": why is None, "reason": why})
+                        "up": why is None, "reason": why, "bfdDown": down})
         if out == self.egress_status:
             return
         for o in out:
@@ -311,6 +316,32 @@ class Agent:
         down = [f"pool {o['pool']}: {o['reason']}" for o in out if not o["up"]]
         self.health.condition("egress", "; ".join(down) or None)
         self._status_now.set()
+
+    def _update_bfd(self) -> None:
+        """BFD sessions to the egress next hops that ask for them (started on first use:
+        it listens on UDP 3784)."""
+        from tortie.routing import bfd
+
+        want = {h: bfd.Timers(tx / 1000, rx / 1000, mult) for plan in self.calc.egress for h, tx, rx, mult in plan.bfd}
+        if want == self._bfd_want:
+            return
+        self._bfd_want = want
+        if want and self.bfd is None:
+            loop = self._loop
+
+            def changed(peer: str, up: bool) -> None:  # on BFD's thread
+                loop.call_soon_threadsafe(self._on_bfd, peer, up)
+
+            self.bfd = bfd.BFD(on_change=changed)
+            self.bfd.start()
+        if self.bfd is not None:
+            self.bfd.set_sessions(want)
+            for key in [k for k in self.m_bfd.values if dict(k).get("peer") not in want]:
+                del self.m_bfd.values[key]
+
+    def _on_bfd(self, peer: str, up: bool) -> None:
+        self.m_bfd.set(1 if up else 0, peer=peer)
+        self._calc("bfd", self.calc.on_bfd, peer, up)
 
     def _manager_status(self, name: str, error: str | None) -> None:
         if name not in self.health.components:
@@ -470,6 +501,8 @@ class Agent:
             self.monitor.close()
         if getattr(self, "nft_monitor", None) is not None:
             self.nft_monitor.close()
+        if self.bfd is not None:
+            self.bfd.stop()
         if self.bgp is not None:
             await self.bgp.stop()
         self.client.close()

@@ -333,6 +333,8 @@ def cmd_node_status(ctx, args) -> int:
         print(bgp_status.table(peers, now=now) if peers else "  no BGP peers", file=ctx.out)
         for e in doc.get("egress") or ():
             state = "up" if e.get("up") else f"DOWN: {e.get('reason')}"
+            if e.get("up") and e.get("bfdDown"):
+                state += f" (BFD down, left out: {', '.join(e['bfdDown'])})"
             print(f"  egress of pool {e.get('pool')} (table {e.get('table')} via {e.get('nextHop')}): {state}",
                   file=ctx.out)
     if args.output == "json":

@@ -92,6 +92,24 @@ _RESERVED = tuple((ipaddress.ip_network(cidr), what) for cidr, what in (
     ("::1/128", "loopback"), ("fe80::/10", "link-local"), ("ff00::/8", "multicast")))
 
 
+def _millis(f: Fields, name: str, default: int) -> None:
+    """A BFD interval: milliseconds, as an integer or "300ms" / "1s"; 10 ms to 60 s."""
+    value = f.raw(name)
+    if isinstance(value, str):
+        m = re.fullmatch(r"(\d+)(ms|s)", value)
+        if not m:
+            raise ValidationError(f"{value!r} is not an interval like 300ms or 1s", field=f.at(name))
+        f.obj = {**f.obj, name: int(m.group(1)) * (1000 if m.group(2) == "s" else 1)}
+    f.int(name, 10, 60_000, default=default)
+
+
+def bfd_spec(f: Fields) -> None:
+    """BFD timers (RFC 5880): minTx, minRx (intervals, default 300 ms), multiplier (3)."""
+    _millis(f, "minTx", 300)
+    _millis(f, "minRx", 300)
+    f.int("multiplier", 1, 255, default=3)
+
+
 def _pool_spec(f: Fields, meta: dict) -> None:
     net = f.cidr("cidr", required=True)
     for reserved, what in _RESERVED:
@@ -131,6 +149,7 @@ def _pool_spec(f: Fields, meta: dict) -> None:
                 h.str("interface", pattern=IFNAME)
                 if h.int("weight", 1, 256) not in (None, 1):
                     raise ValidationError("weights other than 1 are not supported yet", field=f"{at}.weight")
+                h.obj_field("bfd", bfd_spec)
                 return h.done()
 
             hops = e.list("nextHops", hop)

@@ -64,14 +64,19 @@ class Egress:
     next_hops: tuple[str, ...]  # ECMP over all of them
     interface: str | None = None
     fallback: str = "none"  # none: refused when no next hop is usable; main: the main table
+    # Next hops watched by BFD: (address, minTx ms, minRx ms, multiplier); they count only
+    # while their session is Up.
+    bfd: tuple[tuple[str, int, int, int], ...] = ()
 
     @classmethod
     def from_spec(cls, e: dict) -> Egress:
         hops = e.get("nextHops")
         if hops is None:
             return cls(e["table"], (e["nextHop"],), e.get("interface"), e.get("fallback", "none"))
+        bfd = tuple((h["address"], h["bfd"]["minTx"], h["bfd"]["minRx"], h["bfd"]["multiplier"])
+                    for h in hops if h.get("bfd"))
         return cls(e["table"], tuple(h["address"] for h in hops), hops[0].get("interface"),
-                   e.get("fallback", "none"))
+                   e.get("fallback", "none"), bfd)
 
 
 @dataclass(frozen=True)

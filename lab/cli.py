@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--pool", default=topology.DEFAULT_POOL_CIDR, help="the default IPPool's CIDR")
     up.add_argument("--block-size", type=int, default=topology.DEFAULT_BLOCK_SIZE)
     up.add_argument("--timeout", type=float, default=60.0, help="seconds until everything is ready")
+    up.add_argument("--bfd", action="store_true", help="the routers run BFD (100 ms x 3) with every node (--tor bird)")
 
     pod = sub.add_parser("pod", parents=[common], help="add, delete, label pods")
     psub = pod.add_subparsers(dest="pod_cmd", required=True)
@@ -80,9 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("node")
     ag.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
 
-    rt = sub.add_parser("router", parents=[common], help="power a router off (daemon killed, links down) or on")
-    rt.add_argument("action", choices=("stop", "start"))
-    rt.add_argument("router", metavar="NAME", help="tor, tor1, tor2, ... (see status)")
+    rt = sub.add_parser("router", parents=[common], help="power a router off (daemon killed, links down) or on; "
+                        "BFD on every router: router bfd on|off")
+    rt.add_argument("action", choices=("stop", "start", "bfd"))
+    rt.add_argument("router", metavar="NAME|on|off", help="tor, tor1, tor2, ... (see status); on|off after bfd")
 
     ln = sub.add_parser("link", parents=[common], help="take a node's link down or up (an uplink cut)")
     ln.add_argument("action", choices=("down", "up"))
@@ -153,7 +155,7 @@ def run(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
         Lab.up(name, args.nodes, args.tor, uplinks=args.uplinks, cni=args.cni, agent=args.agent,
                agent_env=_kv(args.agent_env, "agent-env"), pool=args.pool, block_size=args.block_size,
-               timeout=args.timeout, echo=print)
+               timeout=args.timeout, bfd=args.bfd, echo=print)
         print(f"next: tortie-lab pod add node1 default/a   (then: tortie-lab matrix; tortie-lab down"
               f"{'' if name == topology.DEFAULT_LAB else ' --name ' + name})")
         return 0
@@ -187,6 +189,12 @@ def run(argv: list[str]) -> int:
         print(f"agent on {args.node}: {'running' if args.action != 'stop' else 'stopped'}")
         return 0
     if args.cmd == "router":
+        if args.action == "bfd":
+            if args.router not in ("on", "off"):
+                raise ValidationError(f"router bfd on|off, not {args.router!r}", field="router")
+            lab.router_bfd(args.router == "on")
+            print(f"BFD on the routers: {args.router}")
+            return 0
         (lab.router_stop if args.action == "stop" else lab.router_start)(args.router)
         print(f"router {args.router}: {'stopped' if args.action == 'stop' else 'running'}")
         return 0

@@ -72,9 +72,13 @@ class Lab:
     def up(cls, name: str = topology.DEFAULT_LAB, nodes: int = 1, tor: str = "none", *,
            uplinks: int = 1, cni: str = "tortie", agent: str = "auto", agent_env: Mapping[str, str] | None = None,
            pool: str = topology.DEFAULT_POOL_CIDR, block_size: int = topology.DEFAULT_BLOCK_SIZE,
-           timeout: float = 60.0, echo: Echo = quiet) -> Lab:
-        """Build the lab and wait until it is ready; on any failure tear down what was made."""
+           timeout: float = 60.0, bfd: bool = False, echo: Echo = quiet) -> Lab:
+        """Build the lab and wait until it is ready; on any failure tear down what was made.
+        `bfd`: the routers run BFD with every node (for egress next hops that ask for it)."""
         plan = topology.make_plan(name, nodes, tor, uplinks)
+        if bfd and tor != "bird":
+            raise ValidationError("--bfd needs --tor bird (BFD on the lab's FRR routers is not supported yet)",
+                                  field="bfd")
         if cni not in CNI_MODES:
             raise ValidationError(f"--cni {cni!r}: want one of {', '.join(CNI_MODES)}", field="cni")
         agent_mode = resolve_agent(agent) if cni == "tortie" else "none"
@@ -87,7 +91,7 @@ class Lab:
                 raise AlreadyExists(f"namespaces of lab {name!r} exist ({', '.join(leftovers[:3])}...); "
                                     f"`tortie-lab down --name {name}` first")
             st = LabState(name=name, dir=state.lab_dir(name), tor=tor, cni=cni, agent=agent_mode,
-                          plan=asdict(plan), agent_env=dict(agent_env or {}))
+                          plan=asdict(plan), agent_env=dict(agent_env or {}), router_bfd=bfd)
             os.makedirs(os.path.join(st.dir, "logs"), exist_ok=True)
             state.save(st)
         try:
@@ -220,7 +224,7 @@ class Lab:
         run = self._router(tor)
         os.makedirs(run.rdir, exist_ok=True)
         self._record(lambda s: s.data_dirs.extend(run.leftovers()))
-        cmd = run.prepare(plan, st.bgp_passwords)
+        cmd = run.prepare(plan, st.bgp_passwords, st.router_bfd)
         proc = state.spawn(tor.name, cmd, netns=tor.netns,
                            log_path=os.path.join(st.dir, "logs", f"{tor.name}.log"))
         self._record(lambda s: s.procs.append(proc))
@@ -266,6 +270,24 @@ class Lab:
             raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
         for tor in plan.tors:
             self._router(tor).set_password(plan, st.bgp_passwords, n.name)
+
+    def router_bfd(self, on: bool) -> None:
+        """BFD (100 ms x 3) on every router with every node's address on its links, for
+        egress next hops that ask for it (IPPool nextHops[].bfd); kept across router restarts."""
+        st = self._record(lambda s: setattr(s, "router_bfd", on))
+        plan = _plan_from(st)
+        if not plan.tors:
+            raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
+        for tor in plan.tors:
+            self._router(tor).set_bfd(plan, st.bgp_passwords, on)
+
+    def bfd_sessions(self, router: str) -> dict[str, str]:
+        """A router's BFD sessions: node address -> state (Up, Down, Init)."""
+        _, _, tor = self._tor(router)
+        run = self._router(tor)
+        out = routers.birdc(tor.netns, run.control, "show", "bfd", "sessions")
+        return {cols[0]: cols[2] for line in out.splitlines() if len(cols := line.split()) >= 3
+                and cols[0][0].isdigit()}
 
     def bgp_sessions(self) -> dict[str, dict[str, str]]:
         """Per router: its BGP sessions' states by node name (Established, Active, ...)."""

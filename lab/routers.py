@@ -39,10 +39,13 @@ def check_password(password: str) -> str:
     return password
 
 
-def bird_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, str] | None = None) -> str:
+def bird_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, str] | None = None,
+                bfd: bool = False) -> str:
     """BIRD 2 configuration: one eBGP session per node, learned routes to the kernel.
 
-    `passwords`: node name -> the TCP MD5 password of that node's session."""
+    `passwords`: node name -> the TCP MD5 password of that node's session. `bfd`: BFD
+    sessions (100 ms x 3) with every node's address on this router's links, for the
+    nodes' egress next hops."""
     lines = [
         f'log "{log_path}" {{ info, warning, error, fatal }};',
         f"router id {tor.ip};",
@@ -68,6 +71,11 @@ def bird_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str,
             *([f'  password "{check_password(pw)}";'] if (pw := (passwords or {}).get(node.name)) else []),
             "}",
         ]
+    if bfd:
+        lines += ["protocol bfd {",
+                  '  interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; };',
+                  *(f"  neighbor {link.ip};" for _node, link in plan.links_of(tor.name)),
+                  "}"]
     return "\n".join(lines) + "\n"
 
 
@@ -187,22 +195,31 @@ class RouterRun:
     def log_path(self) -> str:
         return os.path.join(self.log_dir, f"{self.tor.name}-{self.tor.kind}.log")
 
-    def _write_config(self, plan: Plan, passwords: Mapping[str, str] | None) -> None:
+    def _write_config(self, plan: Plan, passwords: Mapping[str, str] | None, bfd: bool = False) -> None:
         if self.tor.kind == "bird":
-            text = bird_config(plan, self.tor, self.log_path, passwords)
+            text = bird_config(plan, self.tor, self.log_path, passwords, bfd)
         else:
             text = frr_config(plan, self.tor, self.log_path, passwords)
         with open(self.conf, "w") as f:
             f.write(text)
 
-    def prepare(self, plan: Plan, passwords: Mapping[str, str] | None = None) -> list[str]:
+    def set_bfd(self, plan: Plan, passwords: Mapping[str, str], on: bool) -> None:
+        """BFD with every node on this router's links, on or off (BIRD reconfigured live)."""
+        if self.tor.kind != "bird":
+            raise ValidationError("BFD on the lab's FRR routers is not supported yet (use --tor bird)", field="bfd")
+        self._write_config(plan, passwords, on)
+        out = birdc(self.tor.netns, self.control, "configure")
+        if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
+            raise DataplaneError(f"birdc configure: {out.strip()}")
+
+    def prepare(self, plan: Plan, passwords: Mapping[str, str] | None = None, bfd: bool = False) -> list[str]:
         """Write the configuration; the command that runs the router in the foreground."""
         if self.tor.kind == "bird":
             cmd = bird_command(self.conf, self.control)
         else:
             frr_prepare_dir(self.rdir)
             cmd = frr_command(self.rdir, self.conf, self.tor.netns)
-        self._write_config(plan, passwords)
+        self._write_config(plan, passwords, bfd)
         if self.tor.kind == "frr":
             open(self.log_path, "a").close()
             frr_prepare_dir(self.log_path)

@@ -403,6 +403,9 @@ def test_egress_next_hops_and_fallback():
     same = r.IPPool.from_resource(pool(egress={"table": 100, "nextHops": [
         {"address": "192.168.5.2", "interface": "eth1", "weight": 1}, {"address": "192.168.5.3", "interface": "eth1"}]}))
     assert same.egress.interface == "eth1" and same.egress.fallback == "none"
+    watched = r.IPPool.from_resource(pool(egress={"table": 100, "nextHops": [
+        {"address": "192.168.5.2", "bfd": {"minTx": "100ms", "minRx": "1s"}}, {"address": "192.168.5.3"}]}))
+    assert watched.egress.bfd == (("192.168.5.2", 100, 1000, 3),)
     bad = [
         ({"table": 100}, "spec.egress.nextHop: is required"),
         ({"table": 100, "nextHops": []}, "spec.egress.nextHops: must name at least one next hop"),
@@ -415,6 +418,11 @@ def test_egress_next_hops_and_fallback():
                                      {"address": "192.168.6.1", "interface": "eth1"}]}, "not supported yet"),
         ({"table": 100, "nextHops": [{"address": "192.168.5.2"}], "interface": "eth0"}, "per next hop"),
         ({"table": 100, "nextHop": "192.168.5.1", "fallback": "elsewhere"}, "spec.egress.fallback"),
+        ({"table": 100, "nextHops": [{"address": "192.168.5.2", "bfd": {"minTx": 5}}]},
+         "spec.egress.nextHops[0].bfd.minTx: must be between 10 and 60000"),
+        ({"table": 100, "nextHops": [{"address": "192.168.5.2", "bfd": {"minRx": "fast"}}]},
+         "spec.egress.nextHops[0].bfd.minRx: 'fast' is not an interval"),
+        ({"table": 100, "nextHops": [{"address": "192.168.5.2", "bfd": {"multiplier": 0}}]}, "multiplier"),
     ]
     for egress, words in bad:
         with pytest.raises(ValidationError, match=re.escape(words)):

@@ -491,3 +491,50 @@ def test_a_router_powered_off_and_on(elab):
         lab_cli(lab, "router", "start", "tor1")
     wait_for(lambda: set(lab.bgp_sessions()["tor1"].values()) == {"Established"},
              "tor1's sessions established again", 15)
+
+
+def test_bfd_takes_a_dead_routers_next_hop_out_within_a_second(elab):
+    """Issue 11 item 4: pool A's next hops watched by BFD (100 ms x 3, the routers' BIRD
+    on the other end); tor1 powered off: node1's egress table drops its next hop within
+    1 s and node status says so; tor1 back: its next hop returns."""
+    lab = elab.lab
+    bfd = {"minTx": "100ms", "minRx": 100, "multiplier": 3}
+    lab.router_bfd(True)
+    elab.pool_state.clear()
+    doc = _pool("pool-a", POOL_A)
+    doc["spec"]["egress"] = {"table": TABLE_A, "nextHops": [{"address": TOR1, "bfd": bfd},
+                                                            {"address": TOR2, "bfd": bfd}]}
+    both = (f"nexthop via {TOR1} dev eth0", f"nexthop via {TOR2} dev eth1")
+    try:
+        lab.ctl("apply", "-f", "-", input=json.dumps(doc))
+        for node in ("node1", "node2"):  # only once BFD is Up do the next hops count
+            wait_for(lambda n=node: all(h in elab.table(n, TABLE_A) for h in both), f"{node}: both next hops", 10)
+        node1_addr = lab.node("node1").uplinks[0].ip
+        assert lab.bfd_sessions("tor1").get(node1_addr) == "Up"
+        lab_cli(lab, "router", "stop", "tor1")
+        t0 = time.monotonic()
+        took = wait_for(lambda: elab.table("node1", TABLE_A) == egress_table(TOR2),
+                        "node1: tor1's next hop out of the table", 3)
+        assert took < 1.0, took
+        before = elab.packets("tor2", "default/a1")
+        with nsutil.socket_in(lab.netns_of("default/a1")) as s, contextlib.suppress(OSError):
+            s.settimeout(0.3)  # the reply may come back by the dead router: not egress's part
+            s.connect((EXT, PEER_PORT))
+        assert elab.packets("tor2", "default/a1") > before  # pool A's flows leave by tor2
+        # (node status may lag here: node1's own connection to etcd may have gone by tor1)
+        assert _bfd_up(lab, "node1", TOR1) == 0 and _bfd_up(lab, "node1", TOR2) == 1
+        print(f"BFD failover: {took * 1000:.0f} ms after the router went down")
+        lab_cli(lab, "router", "start", "tor1")
+        wait_for(lambda: all(h in elab.table("node1", TABLE_A) for h in both), "node1: tor1's next hop back", 15)
+        assert time.monotonic() - t0 > took
+    finally:
+        if lab.state().proc("tor1") is None:
+            lab_cli(lab, "router", "start", "tor1")
+        lab.router_bfd(False)
+        elab.set_pools(a_nat=False, a_via=TOR1)
+
+
+def _bfd_up(lab, node: str, peer: str) -> float | None:
+    body = lab.http_get(node, 9091, "/metrics")[1]
+    m = re.search(rf'^tortie_bfd_up\{{peer="{re.escape(peer)}"\}} (\S+)', body, re.M)
+    return float(m.group(1)) if m else None
