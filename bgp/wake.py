@@ -69,15 +69,16 @@ class Waker:
 
     def settle(self, seconds: float = SETTLE) -> None:
         """Sessions are being set up: keep the reactor turning for `seconds`."""
-        self._settle_until = max(self._settle_until, time.monotonic() + seconds)
+        now = time.monotonic()
+        self._settle_until = max(self._settle_until, now + seconds)
         if self._settle_timer is not None:
             self._settle_timer.cancel()
-        self._settle_timer = asyncio.get_running_loop().call_at(
-            asyncio.get_running_loop().time() + (self._settle_until - time.monotonic()), self._update)
+        # the timer, not a clock comparison, ends the window (a timer may fire a hair early)
+        self._settle_timer = asyncio.get_running_loop().call_later(self._settle_until - now, self.settled)
         self._update()
 
     def settled(self) -> None:
-        """Every session is up: no more wakes for them."""
+        """Every session is up (or the window is over): no more wakes for them."""
         self._settle_until = 0.0
         if self._settle_timer is not None:
             self._settle_timer.cancel()
