@@ -36,11 +36,13 @@ from tortie.routing.model import MAIN_TABLE
 
 log = tlog.get_logger("agent")
 
-STATUS_PUBLISH_INTERVAL = 2.0
+STATUS_PUBLISH_INTERVAL = 2.0  # at most one BGP status write per interval while it changes
+# unchanged, the status is written again this often: `tortiectl node status` calls one older
+# than 30 s stale (the agent is probably down)
+STATUS_REFRESH_INTERVAL = 10.0
 ECMP_SYSCTLS = frozenset({("net/ipv4/fib_multipath_use_neigh", "1"), ("net/ipv4/fib_multipath_hash_policy", "1"),
                           ("net/ipv6/fib_multipath_hash_policy", "1")})
 RETRY_DELAY = 1.0
-LAG_INTERVAL = 1.0  # the idle sampler of event-loop lag (busy loops measure it themselves)
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                0.1, 0.25, 0.5, 1.0)
 APPLY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -83,7 +85,6 @@ class Agent:
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
         self._egress_seen: dict | None = None  # the same, on the driver thread
-        self._status_now = asyncio.Event()  # publish the node's status now
         self.bfd = None  # routing.bfd.BFD, once an egress next hop asks for BFD
         self._bfd_want: dict = {}
         self.cni = None
@@ -94,8 +95,10 @@ class Agent:
         self._starting = None  # a speaker being started
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task] = []
-        self._last_status: bytes | None = None
+        self._status_dirty = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.health.refresh = self._refresh_health
+        self.metrics.collectors.append(self._collect_gauges)
 
     # --- inputs -> calculation -> driver ---------------------------------------------
 
@@ -224,6 +227,7 @@ class Agent:
             local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
             log_severity=log_severity,
         )
+        speaker.on_status = self._status_dirty.set
         self._bgp_identity = identity
         if "bgp" not in self.health.components:
             self.health.register("bgp", deadline=max(3 * self.cfg.resync_interval, 30))
@@ -315,7 +319,7 @@ class Agent:
         self.driver.send([SysctlUpdate("egress", ECMP_SYSCTLS if multipath else frozenset())])
         down = [f"pool {o['pool']}: {o['reason']}" for o in out if not o["up"]]
         self.health.condition("egress", "; ".join(down) or None)
-        self._status_now.set()
+        self._status_dirty.set()
 
     def _update_bfd(self) -> None:
         """BFD sessions to the egress next hops that ask for them (started on first use:
@@ -372,47 +376,50 @@ class Agent:
         if "routes" in errs:
             raise errors.DataplaneError(f"pod route not installed: {errs['routes']}")
 
-    # --- timers ----------------------------------------------------------------------
+    # --- health, metrics and status: read when asked, written when changed --------------
 
-    async def _heartbeats(self) -> None:
-        """Health heartbeats from the driver's state (it runs even when nothing changes:
-        the resync timer applies every manager), and gauges."""
-        while True:
-            await asyncio.sleep(1.0)
-            if self.driver is None or not self.in_sync:
-                continue
-            for name, st in self.driver.states.items():
-                if name in self.health.components and st.error is None and st.last_ok is not None:
-                    self.health.components[name].last_ok = max(self.health.components[name].last_ok,
-                                                               st.last_ok)
-            self.m_exports.set(len(self.calc.exports))
-            for cls in ("blocks", "workloads", "bgp"):
-                self.m_routes.set(self.calc.route_count(cls), **{"class": cls})
+    def _refresh_health(self) -> None:
+        """Heartbeats from the driver's state (it applies every manager on its resync timer
+        even when nothing changes), read when health is asked for."""
+        if self.driver is None or not self.in_sync:
+            return
+        for name, st in self.driver.states.items():
+            if name in self.health.components and st.error is None and st.last_ok is not None:
+                self.health.components[name].last_ok = max(self.health.components[name].last_ok, st.last_ok)
 
-    async def _measure_lag(self) -> None:
-        """Event-loop lag while idle: how late a timer fires, once a second. Under load the
-        loop's own callbacks (the calculation's flush, a CNI request's route) measure it."""
+    def _collect_gauges(self) -> None:
+        self.m_exports.set(len(self.calc.exports))
+        for cls in ("blocks", "workloads", "bgp"):
+            self.m_routes.set(self.calc.route_count(cls), **{"class": cls})
+
+    async def _sample_lag(self) -> None:
+        """Event-loop lag at a scrape: how long a callback made ready now waits for the loop.
+        Work measures it where it happens (the calculation's flush, a CNI request's route); an
+        idle loop has none to measure, and no timer wakes it to find that out."""
         loop = self._loop
-        while True:
-            t0 = loop.time()
-            await asyncio.sleep(LAG_INTERVAL)
-            self.m_lag.observe(max(0.0, loop.time() - t0 - LAG_INTERVAL))
+        ready = loop.create_future()
+        t0 = loop.time()
+        loop.call_soon(ready.set_result, None)
+        await ready
+        self.m_lag.observe(loop.time() - t0)
 
     async def _publish_status(self) -> None:
+        """The BGP status in etcd: written when the speaker says it changed (at most once per
+        STATUS_PUBLISH_INTERVAL), and every STATUS_REFRESH_INTERVAL so readers know it is live."""
         key = self.cfg.etcd.prefix + keys.bgp_status_key(self.node)
         while True:
-            # Every interval, and at once when an egress pool went up or down.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_now.wait(), STATUS_PUBLISH_INTERVAL)
-            self._status_now.clear()
+                await asyncio.wait_for(self._status_dirty.wait(), STATUS_REFRESH_INTERVAL)
+            self._status_dirty.clear()
             if self.bgp is None or not self.in_sync:
                 continue
             body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status},
                               sort_keys=True).encode()
-            if body != self._last_status:
-                with contextlib.suppress(errors.DatastoreUnavailable):
-                    await asyncio.to_thread(self.client.put, key, body)
-                    self._last_status = body
+            try:
+                await asyncio.to_thread(self.client.put, key, body)
+            except errors.DatastoreUnavailable:
+                self._status_dirty.set()  # again after the pause
+            await asyncio.sleep(STATUS_PUBLISH_INTERVAL)
 
     def _own_addresses(self) -> frozenset[str]:
         return frozenset(a.split("/")[0] for a in (self.cfg.node_ip, self.cfg.node_ip6) if a)
@@ -468,14 +475,12 @@ class Agent:
         self.calc.adopt(r for r in routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
         self._make_driver(routes, rules, NatManager(), FilterManager())
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
-                         self.cfg.metrics_host, self.cfg.metrics_port)
+                         self.cfg.metrics_host, self.cfg.metrics_port, on_scrape=self._sample_lag)
         self.cni = CNIServer(self.cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
                              publish_routes=self._publish_routes)
         await self.cni.start()
         self._tasks = [
             asyncio.create_task(self._follow_datastore(), name="syncer"),
-            asyncio.create_task(self._heartbeats(), name="heartbeats"),
-            asyncio.create_task(self._measure_lag(), name="loop-lag"),
             asyncio.create_task(self._publish_status(), name="bgp-status"),
         ]
         log.info("agent started", node=self.node, node_ip=self.cfg.node_ip, cni_socket=self.cfg.cni_socket)

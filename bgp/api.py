@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import BinaryIO
 
+from tortie.bgp.wake import Waker
 from tortie.errors import DataplaneError
 from tortie.log import get_logger
 
@@ -30,6 +31,7 @@ class APIStream:
         self._acks: deque[asyncio.Future[bool]] = deque()
         self.errors = 0  # commands ExaBGP answered with `error`
         self.trace: BinaryIO | None = None  # TORTIE_BGP_TRACE=1: API events but updates go here
+        self.waker: Waker | None = None  # keeps the reactor turning while commands are queued
 
     @property
     def connected(self) -> bool:
@@ -64,9 +66,15 @@ class APIStream:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in lines]
         self._acks.extend(futures)
-        writer.write(("\n".join(lines) + "\n").encode())
-        await writer.drain()
-        results = await asyncio.gather(*futures)
+        if self.waker:
+            self.waker.hold()
+        try:
+            writer.write(("\n".join(lines) + "\n").encode())
+            await writer.drain()
+            results = await asyncio.gather(*futures)
+        finally:
+            if self.waker:
+                self.waker.release()
         errors = results.count(False)
         if errors:
             self.errors += errors

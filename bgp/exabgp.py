@@ -42,7 +42,8 @@ class ExaBGPProcess:
     """One ExaBGP at a time, reading `conf_path`, run by `supervise()` until `stopping`."""
 
     def __init__(self, state_dir: str, conf_path: str, binary: str | None = None,
-                 backoff: tuple[float, float] = (0.5, 30.0)) -> None:
+                 backoff: tuple[float, float] = (0.5, 30.0),
+                 signalled: Callable[[], None] | None = None) -> None:
         self.state_dir = state_dir
         self.conf_path = conf_path
         self.binary = binary or exabgp_binary()
@@ -55,6 +56,8 @@ class ExaBGPProcess:
         self.stopping = False
         self.reloader: asyncio.Task | None = None
         self._reload_again = False
+        # a signal does not cut the reactor's sleep short: this wakes it (bgp.wake)
+        self.signalled = signalled or (lambda: None)
 
     @property
     def pid(self) -> int | None:
@@ -117,6 +120,7 @@ class ExaBGPProcess:
                     return
                 offset = _size(self.log_path)
                 proc.send_signal(signal.SIGUSR1)
+                self.signalled()
                 for _ in range(10):
                     await asyncio.sleep(0.1)
                     if b"performing reload" in _tail(self.log_path, offset):
@@ -140,6 +144,7 @@ class ExaBGPProcess:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
+            self.signalled()
         try:
             await asyncio.wait_for(proc.wait(), 5)
         except TimeoutError:

@@ -2,7 +2,8 @@
 
     agent loop ──set_peers/set_exports/apply──► BGPSpeaker ──config file + SIGUSR1──► ExaBGP
                 ◄──on_routes(full RIB)──────────   ▲ unix socket (api.sock)               │
-                                                   └──── api_relay.py (ExaBGP's API process)
+                                                   ├──── api_relay.py (ExaBGP's API process)
+                                                   └──── api_relay.py wake (wakes its reactor)
 
 Everything runs in the agent's asyncio loop, in the node's network namespace; ExaBGP
 never touches the kernel. Files in `state_dir`: `exabgp.d/exabgp.conf` (0600 in a 0700
@@ -14,7 +15,9 @@ This module is the coordinator; each concern has its own:
 - `bgp.config`: its configuration file and environment (`render`, `write`);
 - `bgp.api`: the API stream (command lines out, acks and JSON messages in);
 - `bgp.updates` and `bgp.rib`: UPDATEs through the import filters into the learned RIB;
-- `bgp.reflection`: route reflection; `bgp.diagnose`: why a session is down.
+- `bgp.reflection`: route reflection; `bgp.diagnose`: why a session is down;
+- `bgp.wake`: ExaBGP's reactor sleeps 0.2 s a turn unless a socket or API pipe it polls is
+  ready; what it does not poll (queued commands, its listener, connects, signals) is woken.
 
 Desired state, then reconcile:
 - Peers: `set_peers()` records them; `apply()` regenerates the file and sends SIGUSR1 when
@@ -62,6 +65,7 @@ from tortie.bgp.rib import LearnedRoutes, family_of
 from tortie.bgp.session import PeerState, source_for
 from tortie.bgp.status import PeerStatus, document, notification_text
 from tortie.bgp.updates import import_filter, parse_update
+from tortie.bgp.wake import Waker
 from tortie.errors import DataplaneError, ValidationError
 from tortie.log import get_logger
 
@@ -95,14 +99,19 @@ class BGPSpeaker:
         if on_routes is None and not (on_route_changes and on_released):
             raise ValueError("on_routes, or on_route_changes with on_released, is required")
         self._full_sent = False
+        self.on_status: Callable[[], None] | None = None  # status() may read differently now
+        self._unsettled = asyncio.Event()  # a session is not up: diagnose it (see _diagnose_loop)
         self.cluster_id = cluster_id  # routeReflectorClusterID; router id when None
         self.batch = batch
         self.settle_time = settle_time
         # the config holds the MD5 passwords: a directory of its own, 0700 (see cfg.write)
         self.conf_path = os.path.join(self.state_dir, "exabgp.d", "exabgp.conf")
         self.sock_path = os.path.join(self.state_dir, "api.sock")
-        self._exabgp = ExaBGPProcess(self.state_dir, self.conf_path, exabgp, backoff)
+        self._waker = Waker()
+        self._exabgp = ExaBGPProcess(self.state_dir, self.conf_path, exabgp, backoff,
+                                     signalled=self._waker.wake)
         self._api = APIStream()
+        self._api.waker = self._waker
 
         self._peers: dict[str, Peer] = {}  # desired, by address
         self._loaded: dict[str, Peer] | None = None  # what ExaBGP's file says
@@ -162,6 +171,7 @@ class BGPSpeaker:
             self._server.close()
         if self._api.writer:
             self._api.writer.close()
+        self._waker.close()
         for st in self._state.values():
             if st.expiry:
                 st.expiry.cancel()
@@ -306,8 +316,10 @@ class BGPSpeaker:
                 self._announced.update(dict.fromkeys(prefixes, attrs))
             log.info("exports sent", announced=sum(map(len, changed.values())), withdrawn=len(withdraw),
                      lines=len(lines), total=len(self._announced))
+            self._status_changed()
         if not self._synced:
             self._synced = True
+            self._status_changed()
             log.info("export set complete; end-of-RIB may go out", prefixes=len(self._announced))
         # reflected routes go out before the end-of-RIB of a session that just came up
         await self._reconcile_reflection()
@@ -357,6 +369,11 @@ class BGPSpeaker:
                     self._peer_gone(addr, st)
                 st.state, st.since, st.needs_full = "idle", now, False
                 st.last_error, st.probe_error = "reconfigured", ""
+        if any(old.get(a) != p for a, p in self._peers.items()):
+            self._waker.settle()  # sessions to set up: its listener and connects are not polled
+            self._unsettled.set()
+        self._check_settled()
+        self._status_changed()
         if self._api_ready():
             # only once its API runs: before that SIGUSR1 kills it, and it has not read the file yet
             log.info("exabgp reload", peers=len(self._peers),
@@ -379,7 +396,7 @@ class BGPSpeaker:
     async def _on_relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hello = await reader.readline()
         try:
-            pid = int(hello.split()[1])
+            role, pid = hello.split()[0], int(hello.split()[1])
         except (IndexError, ValueError):
             writer.close()
             return
@@ -387,6 +404,9 @@ class BGPSpeaker:
         if proc is None or pid != proc.pid:
             log.warning("api relay of an unknown exabgp", pid=pid)
             writer.close()
+            return
+        if role == b"#wake":
+            await self._on_wake(reader, writer)
             return
         self._api.attach(writer)
         if pid != self._api_pid:
@@ -407,6 +427,17 @@ class BGPSpeaker:
             log.warning("exabgp api stream broken", error=str(exc))
         finally:
             self._api.detach(writer)
+
+    async def _on_wake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """ExaBGP's wake process: it only listens (see `bgp.wake`); held until it goes."""
+        self._waker.attach(writer)
+        try:
+            while await reader.read(4096):
+                pass
+        except ConnectionError:
+            pass
+        finally:
+            self._waker.detach(writer)
 
     def _on_line(self, raw: bytes) -> None:
         msg = self._api.parse(raw)
@@ -431,6 +462,8 @@ class BGPSpeaker:
             note = neighbor.get("notification") or {}
             text = notification_text(int(note.get("code", 0)), int(note.get("subcode", 0)))
             self._peer_state(peer).last_error = f"peer sent notification: {text}"
+        if kind != "update":
+            self._status_changed()
 
     async def _apply_quietly(self) -> None:
         try:
@@ -460,6 +493,7 @@ class BGPSpeaker:
                 st.expiry.cancel()
                 st.expiry = None
             log.info("bgp session up", peer=peer)
+            self._check_settled()
             if self._synced:
                 self._spawn(self._apply_quietly())
         elif state == "connected":
@@ -474,6 +508,14 @@ class BGPSpeaker:
             if was_up:  # later failed attempts leave the (stale) routes alone
                 self._peer_gone(peer, st)
                 log.info("bgp session down", peer=peer, reason=reason)
+                self._waker.settle()  # it comes back through the listener or a connect
+            self._unsettled.set()
+
+    def _check_settled(self) -> None:
+        """Every session up: no wakes, no diagnosis."""
+        if all(self._state.get(a, PeerState()).state == "established" for a in self._peers):
+            self._waker.settled()
+            self._unsettled.clear()
 
     def _peer_gone(self, peer: str, st: PeerState) -> None:
         graceful = st.gr_time > 0
@@ -494,10 +536,17 @@ class BGPSpeaker:
             self._routes_changed()
 
     async def _diagnose_loop(self, every: float = 5.0) -> None:
-        """Say why the sessions that are down are down (see `bgp.diagnose`)."""
+        """Say why the sessions that are down are down (see `bgp.diagnose`): only while one
+        is, so an idle node with every session up has no timer here."""
         while True:
+            await self._unsettled.wait()
             await asyncio.sleep(every)
             await diagnose.diagnose(self._peers, self._state, self._local_for)
+            self._status_changed()
+
+    def _status_changed(self) -> None:
+        if self.on_status is not None:
+            self.on_status()
 
     def _local_for(self, peer: Peer) -> str | None:
         """The address we speak to `peer` from."""
@@ -549,6 +598,7 @@ class BGPSpeaker:
     # --- routes to the agent -----------------------------------------------------------
 
     def _routes_changed(self) -> None:
+        self._status_changed()
         if self._cluster_id is not None and not self._reflect_pending:
             self._reflect_pending = True
             asyncio.get_running_loop().call_soon(self._reflect_soon)
@@ -628,8 +678,11 @@ class BGPSpeaker:
 
     def _on_spawn(self) -> None:
         self._spawn_gen = self._config_gen
+        self._waker.settle()  # a new ExaBGP sets up every session
 
     def _exabgp_gone(self, rc: int | None) -> None:
+        self._unsettled.set()
+        self._status_changed()
         self._synced = False
         self._announced = {}
         self._reflected = {}

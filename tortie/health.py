@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tortie.log import get_logger
@@ -32,6 +33,8 @@ class Health:
         # Conditions that make the node not ready while it stays live (an egress pool whose
         # traffic is refused): name -> why.
         self.conditions: dict[str, str] = {}
+        # called first by report(): heartbeats read from their source when asked, not by a timer
+        self.refresh: Callable[[], None] | None = None
 
     def condition(self, name: str, problem: str | None) -> None:
         """Set (or with None clear) a readiness condition."""
@@ -51,6 +54,8 @@ class Health:
         self.components[name].last_error = error
 
     def report(self) -> tuple[bool, bool, dict]:
+        if self.refresh is not None:
+            self.refresh()
         now = time.monotonic()
         detail = {}
         live = True
@@ -71,7 +76,7 @@ async def _serve(host: str, port: int, handler) -> asyncio.AbstractServer:
                 pass
             parts = line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
-            status, ctype, body = handler(path)
+            status, ctype, body = await handler(path)
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
@@ -87,9 +92,12 @@ async def _serve(host: str, port: int, handler) -> asyncio.AbstractServer:
 
 
 async def start_http(health: Health, registry: Registry, health_host: str, health_port: int,
-                     metrics_host: str, metrics_port: int) -> list[asyncio.AbstractServer]:
-    """/liveness and /readiness on health_host:health_port, /metrics on metrics_host:metrics_port."""
-    def health_handler(path: str):
+                     metrics_host: str, metrics_port: int,
+                     on_scrape: Callable[[], Awaitable[None]] | None = None) -> list[asyncio.AbstractServer]:
+    """/liveness and /readiness on health_host:health_port, /metrics on metrics_host:metrics_port;
+    `on_scrape` runs before each /metrics is rendered (the agent samples its loop lag)."""
+
+    async def health_handler(path: str):
         live, ready, detail = health.report()
         if path == "/liveness":
             ok = live
@@ -100,9 +108,11 @@ async def start_http(health: Health, registry: Registry, health_host: str, healt
         body = json.dumps({"ok": ok, "ready": ready, "components": detail}).encode() + b"\n"
         return (200 if ok else 503), "application/json", body
 
-    def metrics_handler(path: str):
+    async def metrics_handler(path: str):
         if path != "/metrics":
             return 404, "text/plain", b"not found\n"
+        if on_scrape is not None:
+            await on_scrape()
         return 200, "text/plain; version=0.0.4", registry.render().encode()
 
     servers = [await _serve(health_host, health_port, health_handler)]

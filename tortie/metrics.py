@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 LabelKey = tuple[tuple[str, str], ...]
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -97,6 +97,8 @@ class Registry:
     def __init__(self) -> None:
         self.metrics: dict[str, Metric | Histogram] = {}
         self.started = time.time()
+        # set gauges at render time, from their source: a scrape reads them, no timer does
+        self.collectors: list[Callable[[], None]] = []
 
     def counter(self, name: str, help_text: str) -> Metric:
         return self.metrics.setdefault(name, Metric(name, help_text, "counter"))
@@ -108,4 +110,6 @@ class Registry:
         return self.metrics.setdefault(name, Histogram(name, help_text, buckets))
 
     def render(self) -> str:
+        for collect in self.collectors:
+            collect()
         return "\n".join(m.render() for m in list(self.metrics.values())) + "\n"

@@ -180,3 +180,45 @@ def test_config_write_is_atomic_and_private(tmp_path):
         os.umask(old_umask)
     assert path.read_text() == "two\n"
     assert (os.stat(path).st_mode & 0o777, os.stat(path.parent).st_mode & 0o777) == (0o600, 0o700)
+
+
+class _Writer:
+    """Stands in for the wake process's connection: what the agent told it."""
+
+    def __init__(self) -> None:
+        self.sent = b""
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_waker_busy_while_commands_are_in_flight_or_sessions_settle():
+    from tortie.bgp.wake import Waker
+
+    async def run() -> None:
+        w, conn = Waker(), _Writer()
+        w.attach(conn)
+        assert conn.sent == b"i"  # told where it stands on connect
+        w.hold()
+        w.hold()
+        w.release()
+        assert conn.sent == b"ib"  # busy until the last batch is acknowledged
+        w.release()
+        assert conn.sent == b"ibwi"  # then one more turn (to send what it queued), and idle
+        w.settle(0.05)
+        assert conn.sent.endswith(b"b")
+        await asyncio.sleep(0.1)
+        assert conn.sent.endswith(b"i") and not w.busy  # the window ends by itself
+        w.settle()
+        w.settled()  # every session up: at once
+        assert conn.sent.endswith(b"bi") and not w.busy
+        w.wake()
+        assert conn.sent.endswith(b"w")
+
+    asyncio.run(run())

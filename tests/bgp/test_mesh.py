@@ -176,3 +176,41 @@ def test_dual_stack_mesh(lab, netns):
              what="b learns a's blocks")
     st = {p["peer"]: p for p in sp["a"].status()["peers"]}
     assert st[v6["b"]]["prefixes_sent"] == 1 and st[v4["b"]]["prefixes_sent"] == 1
+
+
+def _exabgp_wakeups(pid: int) -> tuple[int, float]:
+    """ExaBGP's voluntary context switches (each sleep of its reactor is one) and CPU seconds."""
+    switches, cpu = 0, 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            switches += next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            cpu += int(f.read().split()[0]) / 1e9
+    return switches, cpu
+
+
+def test_idle_speaker_sleeps(mesh):
+    """With every session up and nothing to do, ExaBGP's reactor sleeps until something it
+    polls is ready (a peer's socket, the API) or a wake comes: at most a few turns a second.
+    At the old `exabgp.reactor.speed` of 0.25 it turned ~400 times a second (5-7% of a core)."""
+    sp, _ = mesh
+    sp["a"].exports(["10.244.1.0/26"])
+    for name in ADDR:
+        for other, addr in ADDR.items():
+            if other != name:
+                sp[name].wait_state(addr)
+    assert wait_for(lambda: "10.244.1.0/26" in (sp["c"].routes or {}), 10)
+    time.sleep(1.0)  # the last acks and status lines
+    pids = {name: sp[name].status()["exabgp_pid"] for name in ADDR}
+    before = {name: _exabgp_wakeups(pid) for name, pid in pids.items()}
+    window = 3.0
+    time.sleep(window)
+    for name, pid in pids.items():
+        switches, cpu = (b - a for a, b in zip(before[name], _exabgp_wakeups(pid), strict=True))
+        assert switches / window < 30, f"{name}: ExaBGP woke {switches / window:.0f} times a second idle"
+        assert cpu / window < 0.01, f"{name}: ExaBGP used {100 * cpu / window:.2f}% of a core idle"
+    # and it still acts at once on what it is told: a new export reaches the others
+    t0 = time.monotonic()
+    sp["b"].exports(["10.244.2.0/26"])
+    assert wait_for(lambda: all("10.244.2.0/26" in (sp[n].routes or {}) for n in "ac"), 5)
+    assert time.monotonic() - t0 < 1.0
