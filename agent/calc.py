@@ -71,6 +71,21 @@ def node_addresses(state: ClusterState) -> list[str]:
     return sorted(out)
 
 
+def bgp_peers(state: ClusterState, node: str) -> tuple:
+    """This node's BGP peers (`bgp.peers.Peer`), from the datastore."""
+    me = state.nodes.get(node)
+    if me is None:
+        return ()
+    return tuple(compute_peers(me, list(state.nodes.values()), list(state.bgp_peers.values()),
+                               state.bgp_config(node)))
+
+
+def bfd_silenced(state: ClusterState, node: str, bfd_up: frozenset[str]) -> frozenset[str]:
+    """BGP peers watched by BFD whose session is not Up: the routes they are the next hop
+    of are left out (at once when BFD goes Down, not after the BGP hold time)."""
+    return frozenset(p.address for p in bgp_peers(state, node) if p.bfd and p.address not in bfd_up)
+
+
 def own_blocks(state: ClusterState, node: str) -> list[str]:
     """This node's confirmed blocks."""
     return sorted(c for (n, c), confirmed in state.affinities.items() if n == node and confirmed)
@@ -116,8 +131,9 @@ def desired(
 
     own = set(blocks)
     bgp_routes = set()
+    skip = own_addresses | bfd_silenced(state, node, bfd_up)
     for prefix, hops in dict(learned).items():
-        hops = tuple(sorted(h for h in hops if h not in own_addresses))
+        hops = tuple(sorted(h for h in hops if h not in skip))
         if prefix in own or not hops:
             continue
         bgp_routes.add(learned_route(prefix, hops))  # canonical from ExaBGP: no re-validation
@@ -285,7 +301,9 @@ class Calculation:
         self._export_removed: set[str] = set()
         self._rules: frozenset[Rule] | None = None
         self.egress: tuple[EgressPlan, ...] = ()  # this node's egress pools (for status)
-        self.bfd_up: frozenset[str] = frozenset()  # egress next hops whose BFD session is Up
+        self.bfd_up: frozenset[str] = frozenset()  # BFD peers whose session is Up
+        self.bfd_peers: dict[str, tuple[int, int, int]] = {}  # BGP peers watched by BFD: timers
+        self._silenced: frozenset[str] = frozenset()  # of those, the ones not Up
         self._rules_msg: RulesUpdate | None = None
         self._nat: NatUpdate | None = None
         self._nat_msg: NatUpdate | None = None
@@ -506,19 +524,20 @@ class Calculation:
         hops = self.learned.get(prefix)
         out = self._out[BGP]
         if hops is not None and prefix not in self._block_set:
-            own = self.own_addresses
-            hops = tuple(sorted(h for h in hops if h not in own))
+            own, silenced = self.own_addresses, self._silenced
+            hops = tuple(sorted(h for h in hops if h not in own and h not in silenced))
             if hops:
                 out.set(learned_route(prefix, hops))
                 return
         out.remove(route_key(prefix))
 
     def on_bfd(self, peer: str, up: bool) -> None:
-        """A BFD session to an egress next hop went Up or Down."""
+        """A BFD session (to an egress next hop or a BGP peer) went Up or Down."""
         bfd_up = self.bfd_up | {peer} if up else self.bfd_up - {peer}
         if bfd_up != self.bfd_up:
             self.bfd_up = bfd_up
             self._policy_routing()
+            self._refresh_silenced()
 
     def _policy_routing(self) -> None:
         self.egress = egress_plan(self.state, self.bfd_up)
@@ -541,12 +560,19 @@ class Calculation:
 
     def _bgp_recompute(self) -> None:
         st = self.state
-        me = st.nodes.get(self.node)
         conf = st.bgp_config(self.node)
-        peers = tuple(compute_peers(me, list(st.nodes.values()), list(st.bgp_peers.values()), conf)) \
-            if me is not None else ()
+        peers = bgp_peers(st, self.node)
         msg = BGPConfigUpdate(peers, frozenset(p.cidr for p in st.pools.values()),
                               tuple(getattr(conf, "communities", ()) or ()))
         if msg != self._bgp:
             self._bgp = self._bgp_msg = msg
+        self.bfd_peers = {p.address: p.bfd for p in peers if p.bfd}
+        self._refresh_silenced()
+
+    def _refresh_silenced(self) -> None:
+        silenced = frozenset(a for a in self.bfd_peers if a not in self.bfd_up)
+        if silenced != self._silenced:
+            self._silenced = silenced
+            for prefix in list(self.learned):
+                self._learned_one(prefix)
 

@@ -81,7 +81,7 @@ class Agent:
         self.m_routes = m.gauge("tortie_desired_routes", "Desired routes, by class")
         self.m_egress = m.gauge("tortie_egress_up", "Per egress pool: 1 while its table routes by its "
                                 "next hop, 0 while its traffic is refused (node status says why)")
-        self.m_bfd = m.gauge("tortie_bfd_up", "Per BFD peer (an egress next hop): 1 while its session is Up")
+        self.m_bfd = m.gauge("tortie_bfd_up", "Per BFD peer (an egress next hop or a BGP peer): 1 while Up")
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
         self._egress_seen: dict | None = None  # the same, on the driver thread
@@ -322,11 +322,12 @@ class Agent:
         self._status_dirty.set()
 
     def _update_bfd(self) -> None:
-        """BFD sessions to the egress next hops that ask for them (started on first use:
-        it listens on UDP 3784)."""
+        """BFD sessions to the egress next hops and BGP peers that ask for them (started on
+        first use: it listens on UDP 3784)."""
         from tortie.routing import bfd
 
         want = {h: bfd.Timers(tx / 1000, rx / 1000, mult) for plan in self.calc.egress for h, tx, rx, mult in plan.bfd}
+        want.update((a, bfd.Timers(tx / 1000, rx / 1000, mult)) for a, (tx, rx, mult) in self.calc.bfd_peers.items())
         if want == self._bfd_want:
             return
         self._bfd_want = want
@@ -345,6 +346,7 @@ class Agent:
 
     def _on_bfd(self, peer: str, up: bool) -> None:
         self.m_bfd.set(1 if up else 0, peer=peer)
+        self._status_dirty.set()
         self._calc("bfd", self.calc.on_bfd, peer, up)
 
     def _manager_status(self, name: str, error: str | None) -> None:
@@ -413,7 +415,8 @@ class Agent:
             self._status_dirty.clear()
             if self.bgp is None or not self.in_sync:
                 continue
-            body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status},
+            body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status,
+                               "bfd": {p: st["state"] for p, st in self.bfd.states().items()} if self.bfd else {}},
                               sort_keys=True).encode()
             try:
                 await asyncio.to_thread(self.client.put, key, body)

@@ -49,6 +49,9 @@ class Peer:
     accept_prefixes: tuple[str, ...] = ()  # import filter; only for external peers
     name: str = ""  # the Node or BGPPeer it comes from, for status
     local_address: str | None = None  # speak from this address (None: the node's BGP address)
+    # BFD timers (minTx ms, minRx ms, multiplier): while its session is not Up, the routes
+    # this peer is the next hop of are left out (the agent runs the sessions)
+    bfd: tuple[int, int, int] | None = None
 
     @property
     def external(self) -> bool:
@@ -171,7 +174,7 @@ def compute_peers(node: Any, nodes: Sequence[Any], bgp_peers: Iterable[Any], con
         kind = "global" if bp.node is None and bp.node_selector is None else "node"
         hold = getattr(bp, "hold_time", None)
         timers = dict(password=getattr(bp, "password", None) or None, hold_time=hold,
-                      keepalive=getattr(bp, "keepalive_time", None))
+                      keepalive=getattr(bp, "keepalive_time", None), bfd=getattr(bp, "bfd", None))
         if bp.peer_ip:
             addr = str(ipaddress.ip_address(bp.peer_ip))
             version = ipaddress.ip_address(addr).version

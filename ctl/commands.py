@@ -248,6 +248,9 @@ def _with_egress_state(ctx, pools: list[dict]) -> list[dict]:
             continue
         if not node or (doc.get("updated") is not None and now - doc["updated"] > STALE_AFTER):
             continue
+        if doc.get("bfd"):
+            print("  BFD: " + ", ".join(f"{peer} {state}" for peer, state in sorted(doc["bfd"].items())),
+                  file=ctx.out)
         for e in doc.get("egress") or ():
             by_pool.setdefault(e.get("pool"), {})[node] = {"up": bool(e.get("up")), "reason": e.get("reason")}
     return [{**p, "status": {"egress": by_pool[p["metadata"]["name"]]}} if p["metadata"]["name"] in by_pool
@@ -331,6 +334,9 @@ def cmd_node_status(ctx, args) -> int:
         print(f"{'' if i == 0 else chr(10)}Node {node}: {up}/{len(peers)} BGP peers established, {age}"
               + (" (STALE: the agent may be down)" if stale else ""), file=ctx.out)
         print(bgp_status.table(peers, now=now) if peers else "  no BGP peers", file=ctx.out)
+        if doc.get("bfd"):
+            print("  BFD: " + ", ".join(f"{peer} {state}" for peer, state in sorted(doc["bfd"].items())),
+                  file=ctx.out)
         for e in doc.get("egress") or ():
             state = "up" if e.get("up") else f"DOWN: {e.get('reason')}"
             if e.get("up") and e.get("bfdDown"):

@@ -234,6 +234,7 @@ def _bgp_peer_spec(f: Fields, meta: dict) -> None:
                               "keepalives go out every third of the hold time", field="spec.keepAliveTime")
     f.str("password", max_len=80)  # TCP MD5 (RFC 2385) key
     f.list("acceptPrefixes", lambda v, where: str(parse_cidr(string(v, where), where)))
+    f.obj_field("bfd", bfd_spec)  # a BFD Down withdraws what the peer announced at once
     if f.raw("node") and f.raw("nodeSelector"):
         raise ValidationError("give node or nodeSelector, not both", field="spec.nodeSelector")
     if (peer_ip is None) == (f.raw("peerSelector") is None):

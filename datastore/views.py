@@ -165,16 +165,19 @@ class BGPPeer(View):
     keepalive_time: int | None = None
     password: str | None = None
     accept_prefixes: tuple[str, ...] = ()  # what may be imported from an external peer
+    bfd: tuple[int, int, int] | None = None  # BFD timers (minTx ms, minRx ms, multiplier)
 
     @staticmethod
     def _spec(meta: dict, spec: dict) -> dict:
         ip, port = split_peer_ip(spec["peerIP"]) if "peerIP" in spec else (None, 179)
+        b = spec.get("bfd")
         return dict(peer_ip=ip, port=port, as_number=spec.get("asNumber"), node=spec.get("node"),
                     node_selector=spec.get("nodeSelector"), peer_selector=spec.get("peerSelector"),
                     keep_original_next_hop=spec.get("keepOriginalNextHop", False),
                     passive=spec.get("passive", False), hold_time=spec.get("holdTime"),
                     keepalive_time=spec.get("keepAliveTime"), password=spec.get("password"),
-                    accept_prefixes=tuple(spec.get("acceptPrefixes", ())))
+                    accept_prefixes=tuple(spec.get("acceptPrefixes", ())),
+                    bfd=(b["minTx"], b["minRx"], b["multiplier"]) if b else None)
 
     def applies_to(self, node: Node) -> bool:
         """Whether `node` is one of the nodes that open this peering."""

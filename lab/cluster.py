@@ -140,7 +140,7 @@ class Lab:
         echo(f"etcd healthy at {plan.etcd_endpoint} (in {plan.ctl_netns})")
 
         if st.cni == "tortie":
-            extra = [a for r in routers.bgp_resources(plan, pool) for a in ("--resource", json.dumps(r))]
+            extra = [a for r in routers.bgp_resources(plan, pool, st.router_bfd) for a in ("--resource", json.dumps(r))]
             created = self._dsops("bootstrap", "--cidr", pool, "--block-size", str(block_size), *extra)
             echo(f"IPPool default-ipv4 {pool} blockSize {block_size} "
                  f"({'created' if created.get('ippool') else 'exists'}); IPAMConfig default")
@@ -280,6 +280,17 @@ class Lab:
             raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
         for tor in plan.tors:
             self._router(tor).set_bfd(plan, st.bgp_passwords, on)
+        # ... and the lab's BGPPeers ask for it (or no longer)
+        names = {f"{tor.name}-{n.name}" for tor in plan.tors for n, _ in plan.links_of(tor.name)}
+        peers = [p for p in json.loads(self.ctl("get", "bgppeers", "-o", "json").stdout)["items"]
+                 if p["metadata"]["name"] in names]
+        for p in peers:
+            p["metadata"] = {"name": p["metadata"]["name"]}
+            p["spec"].pop("bfd", None)
+            if on:
+                p["spec"]["bfd"] = routers.LAB_BFD
+        if peers:
+            self.ctl("apply", "-f", "-", input="\n---\n".join(json.dumps(p) for p in peers))
 
     def bfd_sessions(self, router: str) -> dict[str, str]:
         """A router's BFD sessions: node address -> state (Up, Down, Init)."""

@@ -270,10 +270,14 @@ class RouterRun:
 POD_SPACE = "10.64.0.0/10"
 
 
-def bgp_resources(plan: Plan, pool: str | None = None) -> list[dict]:
+LAB_BFD = {"minTx": 100, "minRx": 100, "multiplier": 3}  # the routers' BFD timers (bird_config)
+
+
+def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False) -> list[dict]:
     """Mesh off; each node peers with each router on its link to it, and keeps its own AS.
 
-    Nodes accept from the routers what lies in POD_SPACE or in `pool` (the lab's pool)."""
+    Nodes accept from the routers what lies in POD_SPACE or in `pool` (the lab's pool).
+    `bfd`: the BGPPeers ask for BFD (the routers run it: `bird_config(bfd=True)`)."""
     if not plan.tors:
         return []
     accept = [POD_SPACE]
@@ -288,6 +292,6 @@ def bgp_resources(plan: Plan, pool: str | None = None) -> list[dict]:
     for tor in plan.tors:
         res += [{"apiVersion": API_VERSION, "kind": "BGPPeer", "metadata": {"name": f"{tor.name}-{n.name}"},
                  "spec": {"node": n.name, "peerIP": link.gateway, "asNumber": tor.as_number,
-                          "holdTime": f"{HOLD_TIME}s", "acceptPrefixes": accept}}
+                          "holdTime": f"{HOLD_TIME}s", "acceptPrefixes": accept, **({"bfd": LAB_BFD} if bfd else {})}}
                 for n, link in plan.links_of(tor.name)]
     return res

@@ -368,9 +368,10 @@ def test_an_unreachable_next_hop_fails_closed_and_says_so(elab):
     assert elab.seen_as("default/a1", lab.pod("default/b2").address) == lab.pod("default/a1").address
     status, body = lab.http_get("node1", 9099, "/readiness")
     assert status == 503 and "pool pool-a" in json.loads(body)["components"]["egress"]["notReady"]
+    down = rf"egress of pool pool-a \(table {TABLE_A} via {typo}\): DOWN: waiting for a link: .*ENETUNREACH"
+    wait_for(lambda: re.search(down, lab.ctl("node", "status", "node1").stdout),
+             "node status says why (a status is written at most every 2 s)", 5)
     out = lab.ctl("node", "status", "node1").stdout
-    assert re.search(rf"egress of pool pool-a \(table {TABLE_A} via {typo}\): DOWN: "
-                     r"waiting for a link: .*ENETUNREACH", out), out
     assert re.search(rf"egress of pool pool-b \(table {TABLE_B} via {TOR2}\): up", out), out
     wait_for(lambda: "DOWN on node1, node2 of 2 nodes: waiting for a link" in lab.ctl("get", "ippools", "-o", "wide").stdout,
              "get ippools -o wide shows pool A down on both nodes (statuses are published every 2 s)", 5.0)
@@ -511,11 +512,16 @@ def test_bfd_takes_a_dead_routers_next_hop_out_within_a_second(elab):
             wait_for(lambda n=node: all(h in elab.table(n, TABLE_A) for h in both), f"{node}: both next hops", 10)
         node1_addr = lab.node("node1").uplinks[0].ip
         assert lab.bfd_sessions("tor1").get(node1_addr) == "Up"
+        # The BGPPeers ask for BFD too (router bfd on): what tor1 announced goes with it.
+        a2 = lab.pod("default/a2").address
+        wait_for(lambda: {TOR1, TOR2} <= _learned_via(lab, "node1", a2), "node1 learns a2's block from both", 10)
         lab_cli(lab, "router", "stop", "tor1")
         t0 = time.monotonic()
         took = wait_for(lambda: elab.table("node1", TABLE_A) == egress_table(TOR2),
                         "node1: tor1's next hop out of the table", 3)
         assert took < 1.0, took
+        withdrawn = wait_for(lambda: _learned_via(lab, "node1", a2) == {TOR2}, "node1: tor1's routes gone", 3)
+        assert time.monotonic() - t0 < 1.0, withdrawn  # not the 9 s hold time
         before = elab.packets("tor2", "default/a1")
         with nsutil.socket_in(lab.netns_of("default/a1")) as s, contextlib.suppress(OSError):
             s.settimeout(0.3)  # the reply may come back by the dead router: not egress's part
@@ -523,7 +529,8 @@ def test_bfd_takes_a_dead_routers_next_hop_out_within_a_second(elab):
         assert elab.packets("tor2", "default/a1") > before  # pool A's flows leave by tor2
         # (node status may lag here: node1's own connection to etcd may have gone by tor1)
         assert _bfd_up(lab, "node1", TOR1) == 0 and _bfd_up(lab, "node1", TOR2) == 1
-        print(f"BFD failover: {took * 1000:.0f} ms after the router went down")
+        print(f"BFD failover: egress {took * 1000:.0f} ms, learned routes {(took + withdrawn) * 1000:.0f} ms "
+              "after the router went down")
         lab_cli(lab, "router", "start", "tor1")
         wait_for(lambda: all(h in elab.table("node1", TABLE_A) for h in both), "node1: tor1's next hop back", 15)
         assert time.monotonic() - t0 > took
@@ -538,3 +545,17 @@ def _bfd_up(lab, node: str, peer: str) -> float | None:
     body = lab.http_get(node, 9091, "/metrics")[1]
     m = re.search(rf'^tortie_bfd_up\{{peer="{re.escape(peer)}"\}} (\S+)', body, re.M)
     return float(m.group(1)) if m else None
+
+
+def _learned_via(lab, node: str, addr: str) -> set[str]:
+    """The next hops of the learned route that covers addr in node's main table."""
+    out = lab.exec(node, ["ip", "-j", "route", "show", "match", addr, "proto", "77"], capture_output=True,
+                   text=True, check=True).stdout
+    hops = set()
+    for r in json.loads(out or "[]"):
+        if r.get("type", "unicast") != "unicast":
+            continue
+        hops |= {h["gateway"] for h in r.get("nexthops", []) if "gateway" in h}
+        if "gateway" in r:
+            hops.add(r["gateway"])
+    return hops
