@@ -6,10 +6,12 @@ netlink) runs on a worker pool so the loop stays responsive and a burst of pods 
 served in parallel. Requests for the same container id are serialized; different
 containers only meet inside IPAM (which orders its own block writes).
 
-ADD (type tortie):  IPAM (handle `<network>.<containerID>`) -> veth + pod wiring and the
-                    WorkloadEndpoint write in parallel -> the pod's host route handed to
-                    its one owner, the route manager (through the agent's dataplane
-                    driver), and applied -> result. Any failure after IPAM undoes it all.
+ADD (type tortie):  IPAM (handle `<network>.<containerID>`; with a Kubernetes API, the
+                    pod's pools and named ports from one read of it) -> veth + pod wiring
+                    and the WorkloadEndpoint write (labels from args.cni.labels, ports
+                    from args.cni.ports or the API) in parallel -> the pod's host
+                    route handed to its one owner, the route manager (through the
+                    agent's dataplane driver), and applied -> result. Any failure after IPAM undoes it all.
                     The calculation derives the same route from the WorkloadEndpoint
                     when it arrives: same class, same value, nothing more to write.
 DEL:                veth, allocation and endpoint removed; each may already be gone.
