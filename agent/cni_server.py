@@ -431,7 +431,7 @@ class CNIServer:
     # ---- tortie-ipam ------------------------------------------------------------------------
 
     async def _ipam_add(self, req: p.CNIRequest) -> bytes:
-        ips, _fresh = await self._allocate(req)
+        ips, _fresh, _ports = await self._allocate(req)
         ipam = req.ipam_config
         try:
             # Main plugins such as ptp and bridge expect an on-link subnet, not a /32:
