@@ -8,8 +8,10 @@ current event by event and emits only what changed:
 - a policy's resolution (its rules as address and port sets) depends on every pod its
   peers select and on namespace labels: recomputed when the policy changes, when a pod
   that one of its peers matches (before or after the change) changes, and when a
-  namespace's labels change for policies with namespace selectors. Only policies some
-  local pod uses are resolved at all.
+  namespace's labels change for policies with namespace selectors. A rule's named ports
+  also depend on the ports of the pods they resolve against (ingress: the local pods the
+  policy selects; egress: the pods its peers match): each pod event takes the old pod's
+  triples out and puts the new one's in. Only policies some local pod uses are resolved.
 
 Messages come out ordered so the nftables manager never sees a pod jump to a policy it
 does not have yet: policies set, then pod filters, then policies dropped.
@@ -50,15 +52,30 @@ def _has_namespace_selector(p: res.NetworkPolicy) -> bool:
     return any(peer.namespace_selector is not None for peer in _peers(p))
 
 
+def _count(counted: dict, items: Iterable, step: int) -> bool:
+    """Add (step 1) or take (-1) one reference to each item; whether an item came or went."""
+    changed = False
+    for n in items:
+        c = counted.get(n, 0) + step
+        if c > 0:
+            counted[n] = c
+            changed |= c == 1 and step == 1
+        else:
+            counted.pop(n, None)
+            changed = True
+    return changed
+
+
 class _Rule:
-    """One rule of a used policy: its ports, its ipBlock networks, and per pod peer the
-    networks of the pods it matches (counted), so a pod event updates only the peers
-    that match that pod."""
+    """One rule of a used policy: its ports, its ipBlock networks, per pod peer the
+    networks of the pods it matches (counted), and its named ports' (address, protocol,
+    port) triples (counted), so a pod event updates only what that pod is part of."""
 
-    __slots__ = ("allow", "pod_peers", "ports", "rule", "static")
+    __slots__ = ("allow", "direction", "named", "node", "p", "pod_peers", "ports", "rule", "static")
 
-    def __init__(self, rule: res.PolicyRule, p: res.NetworkPolicy, weps, ns_labels) -> None:
-        self.rule = rule
+    def __init__(self, rule: res.PolicyRule, p: res.NetworkPolicy, direction: str, node: str,
+                 weps, ns_labels) -> None:
+        self.rule, self.p, self.direction, self.node = rule, p, direction, node
         self.ports = netpol.rule_ports(rule)
         self.static = [netpol.net_range(n) for peer in rule.peers if peer.cidr is not None
                        for n in netpol.peer_block(peer)]
@@ -69,29 +86,32 @@ class _Rule:
             nets: dict[str, int] = {}  # the pods' CIDR strings (shared with the views)
             for w in weps:
                 if peer.matches_pod(w.labels, w.namespace, ns_labels[w.namespace], p.namespace):
-                    for n in w.ip_networks:
-                        nets[n] = nets.get(n, 0) + 1
+                    _count(nets, w.ip_networks, 1)
             self.pod_peers.append((peer, nets))
+        self.named: dict[netpol.Named, int] = {}
+        if self.ports.names:
+            for w in weps:
+                _count(self.named, self._named_of(w, ns_labels), 1)
         self.allow = self._make()
+
+    def _named_of(self, w: res.WorkloadEndpoint, ns_labels) -> list[netpol.Named]:
+        target = netpol.named_target(w, self.p, self.direction, self.node, self.rule.peers, self.static, ns_labels)
+        return [] if target is None else list(netpol.named_elements(w, self.ports.names, target))
 
     def _make(self) -> netpol.Allow | None:
         networks = [n for _, counted in self.pod_peers for n in counted]
-        return netpol.make_allow(self.rule, self.ports, self.static, networks)
+        return netpol.make_allow(self.rule, self.ports, self.static, networks, self.named)
 
     def on_wep(self, old, new, ns_labels, namespace: str) -> bool:
         changed = False
         for peer, counted in self.pod_peers:
             for w, step in ((old, -1), (new, 1)):
-                if w is None or not peer.matches_pod(w.labels, w.namespace, ns_labels[w.namespace], namespace):
-                    continue
-                for n in w.ip_networks:
-                    c = counted.get(n, 0) + step
-                    if c > 0:
-                        counted[n] = c
-                        changed |= c == 1 and step == 1
-                    else:
-                        counted.pop(n, None)
-                        changed = True
+                if w is not None and peer.matches_pod(w.labels, w.namespace, ns_labels[w.namespace], namespace):
+                    changed |= _count(counted, w.ip_networks, step)
+        if self.ports.names:
+            for w, step in ((old, -1), (new, 1)):
+                if w is not None:
+                    changed |= _count(self.named, self._named_of(w, ns_labels), step)
         if changed:
             allow = self._make()
             if allow == self.allow:
@@ -105,12 +125,12 @@ class _Policy:
 
     __slots__ = ("egress", "ingress", "key", "p")
 
-    def __init__(self, p: res.NetworkPolicy, weps, ns_labels) -> None:
+    def __init__(self, p: res.NetworkPolicy, node: str, weps, ns_labels) -> None:
         self.p, self.key = p, netpol.policy_key(p)
         weps = tuple(weps)
-        self.ingress = [_Rule(r, p, weps, ns_labels) for r in p.ingress] \
+        self.ingress = [_Rule(r, p, netpol.INGRESS, node, weps, ns_labels) for r in p.ingress] \
             if netpol.INGRESS in p.policy_types else []
-        self.egress = [_Rule(r, p, weps, ns_labels) for r in p.egress] \
+        self.egress = [_Rule(r, p, netpol.EGRESS, node, weps, ns_labels) for r in p.egress] \
             if netpol.EGRESS in p.policy_types else []
 
     def resolved(self) -> netpol.ResolvedPolicy:
@@ -193,7 +213,7 @@ class PolicyCalculator:
         self._index = {}
         for (ns, name), p in self.policies.items():
             if f"{ns}/{name}" in used:
-                self._index[f"{ns}/{name}"] = _Policy(p, self.weps.values(), self._ns_labels)
+                self._index[f"{ns}/{name}"] = _Policy(p, self.node, self.weps.values(), self._ns_labels)
         want_policies = {key: idx.resolved() for key, idx in self._index.items()}
         for key, p in want_policies.items():
             if self.resolved.get(key) != p:
@@ -277,7 +297,7 @@ class PolicyCalculator:
         p = self.policies.get((ns, name))
         if p is None or key not in self._users:
             return
-        idx = self._index[key] = _Policy(p, self.weps.values(), self._ns_labels)
+        idx = self._index[key] = _Policy(p, self.node, self.weps.values(), self._ns_labels)
         self._set_resolved(key, idx.resolved())
 
     def _set_resolved(self, key: str, want: netpol.ResolvedPolicy) -> None:

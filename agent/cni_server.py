@@ -6,10 +6,12 @@ netlink) runs on a worker pool so the loop stays responsive and a burst of pods 
 served in parallel. Requests for the same container id are serialized; different
 containers only meet inside IPAM (which orders its own block writes).
 
-ADD (type tortie):  IPAM (handle `<network>.<containerID>`) -> veth + pod wiring and the
-                    WorkloadEndpoint write in parallel -> the pod's host route handed to
-                    its one owner, the route manager (through the agent's dataplane
-                    driver), and applied -> result. Any failure after IPAM undoes it all.
+ADD (type tortie):  IPAM (handle `<network>.<containerID>`; with a Kubernetes API, the
+                    pod's pools and named ports from one read of it) -> veth + pod wiring
+                    and the WorkloadEndpoint write (labels from args.cni.labels, ports
+                    from args.cni.ports or the API) in parallel -> the pod's host
+                    route handed to its one owner, the route manager (through the
+                    agent's dataplane driver), and applied -> result. Any failure after IPAM undoes it all.
                     The calculation derives the same route from the WorkloadEndpoint
                     when it arrives: same class, same value, nothing more to write.
 DEL:                veth, allocation and endpoint removed; each may already be gone.
@@ -34,7 +36,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tortie import errors
 from tortie.cni import protocol as p
@@ -42,6 +44,9 @@ from tortie.cni import wiring
 from tortie.datastore.ipam_blocks import wep_handle
 from tortie.log import get_logger
 from tortie.routing.model import TORTIE_PROTO, Route, route_key
+
+if TYPE_CHECKING:
+    from tortie.kube.podinfo import PodDetails
 
 MAX_REQUEST = 4 << 20
 READ_TIMEOUT = 30.0  # a client that never finishes its request is dropped
@@ -69,7 +74,7 @@ class CNIServer:
                  log: Any = None,
                  route_proto: int = TORTIE_PROTO,
                  set_forwarding: bool = True, workers: int = 32,
-                 pod_pools: Callable[[str, str], tuple[list[str], list[str]]] | None = None) -> None:
+                 pod_lookup: Callable[[str, str], PodDetails] | None = None) -> None:
         self.socket_path = socket_path
         self.node = node_name
         self.ipam = ipam
@@ -84,8 +89,9 @@ class CNIServer:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
-        # The pools a Kubernetes pod asks for by annotation: (namespace, name) -> (v4, v6).
-        self.pod_pools = pod_pools if pod_pools is not None else pod_pools_from_env()
+        # What the Kubernetes API says of a pod: (namespace, name) -> the pools it asks for
+        # by annotation and its named ports. None: no API.
+        self.pod_lookup = pod_lookup if pod_lookup is not None else pod_lookup_from_env()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -240,25 +246,30 @@ class CNIServer:
         pools = [*(asked[0] or ipam.get("ipv4_pools") or []), *(asked[1] or ipam.get("ipv6_pools") or [])]
         return v4, v6, pools or None
 
-    async def _allocate(self, req: p.CNIRequest) -> tuple[list[str], bool]:
-        """(addresses, newly allocated): the handle's existing addresses make ADD idempotent."""
-        def allocate() -> tuple[list[str], bool]:  # one worker hop for the whole of it
+    async def _allocate(self, req: p.CNIRequest) -> tuple[list[str], bool, list[dict]]:
+        """(addresses, newly allocated, the pod's named ports as the API gives them): the
+        handle's existing addresses make ADD idempotent. The API is asked on a first ADD
+        only; a repeated one keeps the ports from args.cni (the controller mirrors them)."""
+        def allocate() -> tuple[list[str], bool, list[dict]]:  # one worker hop for the whole of it
             held = self.ipam.ips_by_handle(req.handle)
             if held:
-                return sorted(held, key=_ip_sort), False
+                return sorted(held, key=_ip_sort), False, []
             asked: tuple[list[str], list[str]] = ([], [])
-            if self.pod_pools is not None and req.pod_name:
-                asked = self.pod_pools(req.pod_namespace or "default", req.pod_name)
+            ports: list[dict] = []
+            if self.pod_lookup is not None and req.pod_name:
+                found = self.pod_lookup(req.pod_namespace or "default", req.pod_name)
+                asked, ports = (found.v4_pools, found.v6_pools), found.ports
             v4, v6, pools = self._counts(req, asked)
             attrs = {"namespace": req.pod_namespace, "pod": req.pod_name or req.container_id,
                      "node": self.node}
             ips = self.ipam.auto_assign(req.handle, self.node, num_v4=v4, num_v6=v6, pools=pools,
                                         attrs=attrs)
-            return sorted(ips, key=_ip_sort), True
+            return sorted(ips, key=_ip_sort), True, ports
 
         return await self._run(allocate)
 
-    def _wep(self, req: p.CNIRequest, host_if: str, mac: str, ips: list[str]) -> dict:
+    def _wep(self, req: p.CNIRequest, host_if: str, mac: str, ips: list[str], ports: list[dict]) -> dict:
+        """The endpoint; its ports from args.cni.ports, else from the API (`_allocate`)."""
         k8s = bool(req.pod_name)
         namespace = req.pod_namespace or "default"
         workload = req.pod_name or req.container_id
@@ -269,6 +280,8 @@ class CNIServer:
         }
         if mac:
             spec["mac"] = mac
+        if req.ports or ports:
+            spec["ports"] = [dict(port) for port in (req.ports or ports)]
         return {
             "apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
             "metadata": {"name": wep_name(self.node, spec["orchestrator"], workload, req.ifname),
@@ -326,7 +339,7 @@ class CNIServer:
             raise p.CNIError(p.INVALID_ENV, f"CNI_NETNS {req.netns} is not a network namespace")
         # The check and the allocation run side by side (two workers): the check is rarely
         # true, and an address allocated for nothing is released at once.
-        elsewhere, (ips, fresh) = await asyncio.gather(
+        elsewhere, (ips, fresh, ports) = await asyncio.gather(
             self._run(wiring.wired_elsewhere, req.netns, req.ifname, host_if), self._allocate(req))
         if elsewhere:
             # An ADD of a container already added with another CNI_NETNS would move its
@@ -342,7 +355,7 @@ class CNIServer:
                 if found and {_host_cidr(ip) for ip in ips} <= found[1]:
                     link = found[0]
             mac = link.pod_mac if link else wiring.pod_mac(req.container_id, req.ifname)
-            wep = self._run(functools.partial(self.store.apply, likely_new=fresh), self._wep(req, host_if, mac, ips))
+            wep = self._run(functools.partial(self.store.apply, likely_new=fresh), self._wep(req, host_if, mac, ips, ports))
             if link is None:  # wire the pod while etcd writes its endpoint
                 outcome = await asyncio.gather(self._wire(req, host_if, ips, mac), wep, return_exceptions=True)
                 for item in outcome:
@@ -423,7 +436,7 @@ class CNIServer:
     # ---- tortie-ipam ------------------------------------------------------------------------
 
     async def _ipam_add(self, req: p.CNIRequest) -> bytes:
-        ips, _fresh = await self._allocate(req)
+        ips, _fresh, _ports = await self._allocate(req)
         ipam = req.ipam_config
         try:
             # Main plugins such as ptp and bridge expect an on-link subnet, not a /32:
@@ -557,15 +570,15 @@ def _datastore_error(exc: Exception) -> Exception:
     return exc
 
 
-def pod_pools_from_env() -> Callable[[str, str], tuple[list[str], list[str]]] | None:
-    """`kube.podinfo.pod_pools` bound to the Kubernetes API the environment names
+def pod_lookup_from_env() -> Callable[[str, str], PodDetails] | None:
+    """`kube.podinfo.pod_details` bound to the Kubernetes API the environment names
     (TORTIE_K8S_API, KUBECONFIG, in-cluster), or None when there is none."""
     if not any(os.environ.get(k) for k in ("TORTIE_K8S_API", "KUBECONFIG", "KUBERNETES_SERVICE_HOST")):
         return None  # without an API: no import of the kubernetes client at all
-    from tortie.kube.podinfo import core_api_from_env, pod_pools
+    from tortie.kube.podinfo import core_api_from_env, pod_details
 
     api = core_api_from_env()
-    return None if api is None else lambda namespace, name: pod_pools(namespace, name, api)
+    return None if api is None else lambda namespace, name: pod_details(namespace, name, api)
 
 
 def _ip_sort(ip: str) -> tuple[int, int]:

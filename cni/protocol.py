@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tortie.datastore.fields import PORT_NAME
 from tortie.errors import TortieError
 
 MAGIC = b"TCNI1"
@@ -137,6 +138,29 @@ def _labels(config: dict) -> dict[str, str]:
     raise CNIError(INVALID_CONFIG, "args.cni.labels: must be an object or a list")
 
 
+def _ports(config: dict) -> tuple[dict, ...]:
+    """`args.cni.ports`: the pod's named ports, [{name, protocol (default TCP), port or
+    containerPort}], as WorkloadEndpoint spec.ports items (sorted, without repeats)."""
+    raw = ((config.get("args") or {}).get("cni") or {}).get("ports")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise CNIError(INVALID_CONFIG, "args.cni.ports: must be a list")
+    out = set()
+    for item in raw:
+        port = item.get("port", item.get("containerPort")) if isinstance(item, dict) else None
+        name = item.get("name") if isinstance(item, dict) else None
+        protocol = (item.get("protocol") or "TCP") if isinstance(item, dict) else None
+        if not (isinstance(name, str) and PORT_NAME.fullmatch(name)):
+            raise CNIError(INVALID_CONFIG, f"args.cni.ports: {name!r} is not a port name (IANA_SVC_NAME)")
+        if protocol not in ("TCP", "UDP", "SCTP"):
+            raise CNIError(INVALID_CONFIG, f"args.cni.ports: {protocol!r} is not TCP, UDP or SCTP")
+        if type(port) is not int or not 1 <= port <= 65535:
+            raise CNIError(INVALID_CONFIG, f"args.cni.ports: {name}: {port!r} is not a port number")
+        out.add((name, protocol, port))
+    return tuple({"name": n, "protocol": proto, "port": port} for n, proto, port in sorted(out))
+
+
 @dataclass(frozen=True)
 class CNIRequest:
     command: str
@@ -149,6 +173,7 @@ class CNIRequest:
     path: str = ""
     args: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    ports: tuple[dict, ...] = ()  # named ports from args.cni.ports
 
     @property
     def network_name(self) -> str:
@@ -241,7 +266,7 @@ def parse_request(env: dict[str, str], stdin: bytes) -> CNIRequest:
     return CNIRequest(
         command=command, plugin=plugin, cni_version=version, config=config,
         container_id=cid, netns=env.get("CNI_NETNS", ""), ifname=ifname,
-        path=env["CNI_PATH"], args=args, labels=_labels(config),
+        path=env["CNI_PATH"], args=args, labels=_labels(config), ports=_ports(config),
     )
 
 

@@ -190,6 +190,9 @@ DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 IFNAME = re.compile(r"[^\s/:]{1,15}")
+# Kubernetes' IANA_SVC_NAME (a named container port): lowercase letters, digits and inner
+# single dashes, 1-15 characters, at least one letter.
+PORT_NAME = re.compile(r"(?=[a-z0-9-]{1,15}$)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*")
 
 
 def label_map(value: Any, field: str, values_too: bool = True) -> dict[str, str]:

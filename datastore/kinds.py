@@ -20,6 +20,7 @@ from tortie.datastore.fields import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
     IFNAME,
+    PORT_NAME,
     Fields,
     ip_interface,
     label_map,
@@ -290,7 +291,7 @@ def _wep_spec(f: Fields, meta: dict) -> None:
 
     def port(v: Any, where: str) -> dict:
         p = Fields(v, where)
-        p.str("name")
+        p.str("name", pattern=PORT_NAME)
         p.str("protocol", default="TCP", choices=("TCP", "UDP", "SCTP"))
         p.int("port", 1, 65535, required=True)
         return p.done()
@@ -299,9 +300,6 @@ def _wep_spec(f: Fields, meta: dict) -> None:
     if f.list("profiles", lambda v, where: string(v, where)):
         raise ValidationError("is not supported yet (policy comes from NetworkPolicy)", field="spec.profiles")
     f.list("ports", port)
-
-
-_PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
 def _netpol_spec(f: Fields, meta: dict) -> None:
@@ -339,7 +337,7 @@ def _netpol_spec(f: Fields, meta: dict) -> None:
         p.str("protocol", default="TCP", choices=("TCP", "UDP", "SCTP"))
         number = p.raw("port")
         if isinstance(number, str):
-            p.str("port", pattern=_PORT_NAME, max_len=15)
+            p.str("port", pattern=PORT_NAME)
         elif number is not None:
             p.int("port", 1, 65535)
         if p.raw("endPort") is not None:

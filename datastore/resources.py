@@ -29,6 +29,7 @@ from tortie.datastore.views import (
     BGPConfiguration,
     BGPPeer,
     Egress,
+    EndpointPort,
     FrozenLabels,
     IPAMConfig,
     IPPool,
@@ -44,7 +45,7 @@ from tortie.datastore.views import (
 )
 
 __all__ = [
-    "API_VERSION", "DEFAULT_AS", "KINDS", "VIEWS", "BGPConfiguration", "BGPPeer", "Egress", "FrozenLabels",
+    "API_VERSION", "DEFAULT_AS", "KINDS", "VIEWS", "BGPConfiguration", "BGPPeer", "Egress", "EndpointPort", "FrozenLabels",
     "IPAMConfig", "IPPool", "Kind", "Namespace", "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort",
     "PolicyRule", "View", "WorkloadEndpoint", "effective_bgp_config", "key_for", "kind_for", "parse_key",
     "split_peer_ip", "validate",

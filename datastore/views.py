@@ -235,6 +235,15 @@ def effective_bgp_config(default: BGPConfiguration | None,
 
 
 @dataclass(frozen=True)
+class EndpointPort:
+    """A named container port of a pod (Calico's WorkloadEndpoint `ports` item)."""
+
+    name: str
+    protocol: str  # TCP, UDP or SCTP
+    port: int
+
+
+@dataclass(frozen=True)
 class WorkloadEndpoint(View):
     KIND: ClassVar[str] = "WorkloadEndpoint"
     namespace: str = "default"
@@ -249,6 +258,11 @@ class WorkloadEndpoint(View):
     mac: str | None = None
     ip_networks: tuple[str, ...] = ()
     profiles: tuple[str, ...] = ()
+    ports: tuple[EndpointPort, ...] = ()  # its named ports (unnamed ones are left out)
+
+    def named_port(self, name: str, protocol: str) -> tuple[int, ...]:
+        """The port numbers the pod gives the name for that protocol (usually one)."""
+        return tuple(p.port for p in self.ports if p.name == name and p.protocol == protocol)
 
     @staticmethod
     def _spec(meta: dict, spec: dict) -> dict:
@@ -257,7 +271,10 @@ class WorkloadEndpoint(View):
                     container_id=spec.get("containerID"), ipam_handle=spec.get("ipamHandle"),
                     interface_name=spec.get("interfaceName"),
                     mac=spec.get("mac"), ip_networks=tuple(spec.get("ipNetworks", ())),
-                    profiles=tuple(spec.get("profiles", ())))
+                    profiles=tuple(spec.get("profiles", ())),
+                    ports=tuple(sorted({EndpointPort(p["name"], p["protocol"], p["port"])
+                                        for p in spec.get("ports", ()) if p.get("name")},
+                                       key=lambda p: (p.name, p.protocol, p.port))))
 
 
 @dataclass(frozen=True)
@@ -357,7 +374,7 @@ VIEWS: dict[str, type[View]] = {
 
 
 __all__ = [
-    "DEFAULT_AS", "VIEWS", "BGPConfiguration", "BGPPeer", "Egress", "FrozenLabels", "IPAMConfig", "IPPool",
+    "DEFAULT_AS", "VIEWS", "BGPConfiguration", "BGPPeer", "Egress", "EndpointPort", "FrozenLabels", "IPAMConfig", "IPPool",
     "Namespace", "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort", "PolicyRule", "View", "WorkloadEndpoint",
     "effective_bgp_config",
 ]

@@ -4,7 +4,8 @@ One reflector thread per Kubernetes kind (Nodes, Namespaces, NetworkPolicies, Po
 lists, then watches from the list's resourceVersion, and hands raw objects to the main
 loop through one queue. A dropped stream is re-watched from the last resourceVersion
 seen; `410 Gone` (history compacted) means a fresh list. A datastore Syncer thread does
-the same for WorkloadEndpoints, which the CNI server creates and the controller labels.
+the same for WorkloadEndpoints, which the CNI server creates and the controller labels
+and gives the pod's named container ports.
 
 The main loop is level-triggered: events only update the in-memory view of Kubernetes
 and mark keys dirty; `_reconcile` then computes each dirty key's desired datastore
@@ -237,6 +238,7 @@ class WepInfo:
     name: str
     pod: str
     labels: Mapping[str, str]
+    ports: tuple[dict, ...] = ()  # `mirror.wep_ports`
 
 
 class Controller:
@@ -470,7 +472,7 @@ class Controller:
             doc = json.loads(value)
             meta, spec = doc["metadata"], doc.get("spec") or {}
             info = WepInfo(meta.get("namespace") or "default", meta["name"], spec.get("pod") or "",
-                           mirror.labels_of(doc))
+                           mirror.labels_of(doc), tuple(mirror.wep_ports(doc)))
             orchestrator = spec.get("orchestrator") or "k8s"
         except (ValueError, KeyError, TypeError):
             log.warning("undecodable workload endpoint skipped", key=key)
@@ -610,17 +612,18 @@ class Controller:
         for wep_key in sorted(self.weps_by_pod.get(key, ())):
             wep = self.weps[wep_key]
             want = mirror.wep_labels(wep.labels, pod.labels)
-            if want == dict(wep.labels):
+            if want == dict(wep.labels) and pod.ports == wep.ports:
                 continue
             stored = self._stored("WorkloadEndpoint", wep.name, wep.namespace)
             if stored is None:
                 continue
             want = mirror.wep_labels(mirror.labels_of(stored), pod.labels)
-            if want != mirror.labels_of(stored):
-                self.store.apply(mirror.with_labels(stored, want))  # guarded by its resourceVersion
+            if want != mirror.labels_of(stored) or list(pod.ports) != mirror.wep_ports(stored):
+                # guarded by its resourceVersion
+                self.store.apply(mirror.with_ports(mirror.with_labels(stored, want), list(pod.ports)))
                 self.writes += 1
             # The syncer will report the write; until then the index holds what was written.
-            self.weps[wep_key] = replace(wep, labels=want)
+            self.weps[wep_key] = replace(wep, labels=want, ports=pod.ports)
 
     def _collect(self) -> None:
         try:

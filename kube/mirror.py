@@ -10,7 +10,9 @@ What the controller keeps in the datastore, and how it is derived:
 - Nodes: only metadata.labels of the tortie Node come from Kubernetes; the rest (the
   agent's spec.bgp, addresses) is left as it is.
 - WorkloadEndpoints: metadata.labels are the pod's labels, plus any labels under the
-  system prefixes (`tortie.io/`, `projectcalico.org/`) the endpoint already has.
+  system prefixes (`tortie.io/`, `projectcalico.org/`) the endpoint already has;
+  spec.ports are the pod's named container ports (`pod_ports`: what NetworkPolicy's
+  named ports resolve against); unnamed ones are left out, as Calico does.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class PodInfo:
     name: str
     labels: Mapping[str, str]
     node: str | None = None
+    ports: tuple[dict, ...] = ()  # `pod_ports`
 
     @property
     def key(self) -> tuple[str, str]:
@@ -50,7 +53,34 @@ class PodInfo:
 def pod_info(obj: Mapping[str, Any]) -> PodInfo:
     meta = obj.get("metadata") or {}
     return PodInfo(meta.get("namespace") or "default", meta["name"], dict(meta.get("labels") or {}),
-                   (obj.get("spec") or {}).get("nodeName"))
+                   (obj.get("spec") or {}).get("nodeName"), tuple(pod_ports(obj)))
+
+
+def pod_ports(obj: Mapping[str, Any]) -> list[dict]:
+    """A pod's named container ports (`spec.containers[*].ports[*]` with a name), as
+    WorkloadEndpoint `spec.ports` items {name, protocol, port}, sorted, without repeats.
+    `obj` is the pod as the API serializes it (camelCase keys)."""
+    out = set()
+    for container in (obj.get("spec") or {}).get("containers") or ():
+        for p in (container or {}).get("ports") or ():
+            if p.get("name") and p.get("containerPort"):
+                out.add((p["name"], p.get("protocol") or "TCP", int(p["containerPort"])))
+    return [{"name": n, "protocol": proto, "port": port} for n, proto, port in sorted(out)]
+
+
+def wep_ports(wep: Mapping[str, Any] | None) -> list[dict]:
+    """A stored WorkloadEndpoint's ports, in `pod_ports`' form (to compare with it)."""
+    items = ((wep or {}).get("spec") or {}).get("ports") or ()
+    return sorted(({"name": p["name"], "protocol": p.get("protocol") or "TCP", "port": p["port"]}
+                   for p in items if p.get("name")), key=lambda p: (p["name"], p["protocol"], p["port"]))
+
+
+def with_ports(wep: Mapping[str, Any], ports: list[dict]) -> dict:
+    """A copy of a WorkloadEndpoint with spec.ports replaced (removed when empty)."""
+    spec = {k: v for k, v in (wep.get("spec") or {}).items() if k != "ports"}
+    if ports:
+        spec["ports"] = [dict(p) for p in ports]
+    return {**wep, "spec": spec}
 
 
 def object_key(obj: Mapping[str, Any]) -> tuple[str | None, str]:
@@ -131,7 +161,10 @@ __all__ = [
     "node_resource",
     "object_key",
     "pod_info",
+    "pod_ports",
     "same",
     "wep_labels",
+    "wep_ports",
     "with_labels",
+    "with_ports",
 ]

@@ -1,9 +1,11 @@
-"""Which IP pools a pod asks for, from Calico-style annotations.
+"""What the CNI server asks Kubernetes about a pod: its IP pools and its named ports.
 
 `tortie.io/ipv4pools` / `tortie.io/ipv6pools`: a JSON list of pool names or CIDRs, on
-the pod, else on its namespace (each family looked up on its own). The CNI server calls
-`pod_pools` when the agent has a Kubernetes API; it is synchronous and makes at most two
-GETs. `core_api_from_env()` gives it the API client the agent's environment names.
+the pod, else on its namespace (each family looked up on its own). The ports are the
+pod's named container ports (`kube.mirror.pod_ports`), for its WorkloadEndpoint. The CNI
+server calls `pod_details` when the agent has a Kubernetes API; it is synchronous and
+makes at most two GETs. `core_api_from_env()` gives it the API client the agent's
+environment names.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import ipaddress
 import json
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from tortie.errors import DatastoreUnavailable, NotFound, ValidationError
+from tortie.kube.mirror import pod_ports
 
 IPV4_POOLS = "tortie.io/ipv4pools"
 IPV6_POOLS = "tortie.io/ipv6pools"
@@ -50,16 +53,30 @@ def core_api_from_env(env: Mapping[str, str] | None = None):
     return client.CoreV1Api(api_client(env.get("TORTIE_K8S_API"), env.get("KUBECONFIG")))
 
 
+class PodDetails(NamedTuple):
+    v4_pools: list[str]  # empty: no preference
+    v6_pools: list[str]
+    ports: list[dict]  # the named container ports, as WorkloadEndpoint spec.ports items
+
+
 def pod_pools(namespace: str, name: str, api: Any,
               pools: Iterable[Any] | None = None) -> tuple[list[str], list[str]]:
-    """(IPv4 pools, IPv6 pools) the pod asks for; empty lists mean "no preference".
+    """(IPv4 pools, IPv6 pools) the pod asks for (see pod_details)."""
+    details = pod_details(namespace, name, api, pools)
+    return details.v4_pools, details.v6_pools
+
+
+def pod_details(namespace: str, name: str, api: Any, pools: Iterable[Any] | None = None) -> PodDetails:
+    """The pools the pod asks for and its named ports, from one read of the pod (and one
+    of its namespace when an annotation is not on the pod).
 
     `api` is a `kubernetes.client.CoreV1Api`. Entries are returned as written, CIDRs in
     canonical form; with `pools` (IPPool views, or anything with `.name` and `.cidr`),
     a CIDR entry is resolved to the name of the pool with that CIDR. Errors: NotFound
     (no such pod), ValidationError (a malformed annotation; names it), and
     DatastoreUnavailable (the API server cannot be reached: retry later)."""
-    pod_ann = _annotations(lambda: api.read_namespaced_pod(name, namespace), f"pod {namespace}/{name}")
+    pod = _read(lambda: api.read_namespaced_pod(name, namespace), f"pod {namespace}/{name}")
+    pod_ann = _annotations(pod)
     ns_ann: Mapping[str, str] | None = None
     by_cidr = {str(ipaddress.ip_network(p.cidr)): p.name for p in pools} if pools is not None else None
     out: list[list[str]] = []
@@ -67,10 +84,10 @@ def pod_pools(namespace: str, name: str, api: Any,
         text = pod_ann.get(key)
         if text is None:
             if ns_ann is None:
-                ns_ann = _annotations(lambda: api.read_namespace(namespace), f"namespace {namespace}")
+                ns_ann = _annotations(_read(lambda: api.read_namespace(namespace), f"namespace {namespace}"))
             text = ns_ann.get(key)
         out.append(parse_pools(text, key, version, by_cidr))
-    return out[0], out[1]
+    return PodDetails(out[0], out[1], pod_ports(api.api_client.sanitize_for_serialization(pod)))
 
 
 def parse_pools(text: str | None, key: str, version: int,
@@ -104,20 +121,24 @@ def parse_pools(text: str | None, key: str, version: int,
     return out
 
 
-def _annotations(read, what: str) -> Mapping[str, str]:
+def _read(read, what: str) -> Any:
     # Imported late: only an agent configured with a Kubernetes API needs them.
     from kubernetes.client import ApiException
     from urllib3.exceptions import HTTPError
 
     try:
-        obj = read()
+        return read()
     except ApiException as exc:
         if exc.status == 404:
             raise NotFound(f"{what} not found in Kubernetes") from None
         raise DatastoreUnavailable(f"kubernetes API: reading {what}: {exc.status} {exc.reason}") from exc
     except (OSError, HTTPError) as exc:
         raise DatastoreUnavailable(f"kubernetes API unreachable reading {what}: {exc}") from exc
+
+
+def _annotations(obj: Any) -> Mapping[str, str]:
     return (obj.metadata.annotations if obj.metadata else None) or {}
 
 
-__all__ = ["IPV4_POOLS", "IPV6_POOLS", "api_client", "core_api_from_env", "parse_pools", "pod_pools"]
+__all__ = ["IPV4_POOLS", "IPV6_POOLS", "PodDetails", "api_client", "core_api_from_env", "parse_pools",
+           "pod_details", "pod_pools"]

@@ -1,7 +1,7 @@
 """`tortie-lab`: a whole tortie cluster on one machine, in network namespaces.
 
     tortie-lab up [--nodes N] [--tor none] [--name LAB]
-    tortie-lab pod add NODE NS/NAME [--label k=v ...] [--pool P]
+    tortie-lab pod add NODE NS/NAME [--label k=v ...] [--pool P] [--port NAME=PORT[/PROTO] ...]
     tortie-lab pod del NS/NAME
     tortie-lab pod label NS/NAME k=v ... [k- ...]
     tortie-lab agent stop|start|restart NODE [--kill]
@@ -25,10 +25,23 @@ import os
 import signal
 import sys
 
+from tortie.datastore.fields import PORT_NAME
 from tortie.errors import TortieError, ValidationError
 from tortie.lab import topology
 from tortie.lab.cluster import AGENT_MODES, CNI_MODES, Lab
 from tortie.lab.teardown import teardown
+
+
+def parse_port(item: str) -> dict:
+    """`NAME=PORT[/PROTO]` as a WorkloadEndpoint port item."""
+    name, sep, rest = item.partition("=")
+    number, _, proto = rest.partition("/")
+    proto = proto.upper() or "TCP"
+    if not sep or not PORT_NAME.fullmatch(name) or not number.isdigit() or not 1 <= int(number) <= 65535 \
+            or proto not in ("TCP", "UDP", "SCTP"):
+        raise ValidationError(f"{item!r}: want NAME=PORT[/TCP|/UDP|/SCTP], NAME lowercase letters, digits "
+                              "and inner dashes (at most 15, one letter at least)", field="port")
+    return {"name": name, "protocol": proto, "port": int(number)}
 
 
 def _kv(items: list[str], what: str) -> dict[str, str]:
@@ -70,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("pod", metavar="NAMESPACE/NAME")
     add.add_argument("--label", action="append", default=[], metavar="K=V")
     add.add_argument("--pool")
+    add.add_argument("--port", action="append", default=[], metavar="NAME=PORT[/PROTO]",
+                     help="a named container port (PROTO: TCP, UDP or SCTP; default TCP); repeatable")
     dele = psub.add_parser("del", parents=[common])
     dele.add_argument("pod", metavar="NAMESPACE/NAME")
     lab = psub.add_parser("label", parents=[common])
@@ -173,7 +188,8 @@ def run(argv: list[str]) -> int:
     lab = Lab(name)
     if args.cmd == "pod":
         if args.pod_cmd == "add":
-            print(lab.pod_add(args.node, args.pod, labels=_kv(args.label, "label"), pool=args.pool))
+            print(lab.pod_add(args.node, args.pod, labels=_kv(args.label, "label"), pool=args.pool,
+                              ports=[parse_port(p) for p in args.port]))
         elif args.pod_cmd == "del":
             lab.pod_del(args.pod)
         else:

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
+from typing import Any
 
 from tortie.errors import AlreadyExists, DataplaneError, NotFound, TortieError, ValidationError
 from tortie.lab import cniexec, nsutil, podserver, routers, state, topology
@@ -555,13 +556,16 @@ class Lab:
     # --- pods -----------------------------------------------------------------------
 
     def pod_add(self, node: str, ref: str, labels: Mapping[str, str] | None = None,
-                pool: str | None = None) -> str:
-        """Create a pod namespace, wire it with the CNI plugin inside its node, serve 80/81; its IP."""
+                pool: str | None = None, ports: Sequence[Mapping[str, Any]] = ()) -> str:
+        """Create a pod namespace, wire it with the CNI plugin inside its node, serve 80/81; its IP.
+        `ports`: its named container ports ({name, protocol, port}), handed to the CNI
+        plugin in args.cni.ports as a runtime would (they become the endpoint's spec.ports)."""
         ns, name = topology.split_pod(ref)
         n = self.node(node)
         netns = topology.pod_netns(self.name, ns, name)
         pod = Pod(namespace=ns, name=name, node=n.name, netns=netns,
-                  container_id=uuid.uuid4().hex, labels=dict(labels or {}), pool=pool)
+                  container_id=uuid.uuid4().hex, labels=dict(labels or {}), pool=pool,
+                  ports=[dict(p) for p in ports])
 
         def claim(s: LabState) -> None:
             if s.phase != "ready":

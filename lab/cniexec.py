@@ -46,7 +46,7 @@ def run_plugin(st: LabState, plan: Plan, pod: Pod, command: str, agent_socket: s
         config = {
             "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "tortie",
             "agentSocket": agent_socket,
-            "args": {"cni": {"labels": pod.labels}},
+            "args": {"cni": {"labels": pod.labels, **({"ports": pod.ports} if pod.ports else {})}},
         }
         if pod.pool:
             config["ipam"] = {"type": "tortie-ipam", "ipv4_pools": [pod.pool]}

@@ -60,6 +60,7 @@ class Pod:
     host_ifname: str | None = None
     pool: str | None = None           # the IPPool the pod asked for (--pool), if any
     labels: dict[str, str] = field(default_factory=dict)
+    ports: list[dict] = field(default_factory=list)  # named ports: {name, protocol, port}
 
     @property
     def ref(self) -> str:

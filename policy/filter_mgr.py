@@ -10,6 +10,8 @@ repair what differs. The table (kube-proxy's nftables mode is the model):
     chain pol-in-<hash>-<ns>_<name>  ip saddr @<same>-<n>-4 <ports> counter name "<same>" accept ...
     set pol-in-<hash>-<ns>_<name>-<n>-4|6    allow <n>'s ipBlocks (CIDRs, interval set)
     set pol-in-<hash>-<ns>_<name>-<n>-4p|6p  allow <n>'s peer pods (addresses, hash set)
+    set pol-in-<hash>-<ns>_<name>-<n>-4n|6n  allow <n>'s named ports: address . proto . port
+                                         (hash set; matched `ip daddr . meta l4proto . th dport`)
     counter pol-in-<hash>-<ns>_<name>    what the policy accepted (kept across updates)
     chain forward-egress / input-egress  (hook filter - 1), forward-ingress (hook filter)
 
@@ -100,8 +102,11 @@ def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tu
 
     Peers live in named sets, not inline, so a pod that becomes or stops being a peer is an
     element change and the chain is rewritten only when the rules' shape changes. Per
-    allow <n> and family: `<chain>-<n>-4` (an interval set: the ipBlocks' CIDRs) and
-    `<chain>-<n>-4p` (a hash set: the peer pods' addresses). The split is for speed: nft
+    allow <n> and family: `<chain>-<n>-4` (an interval set: the ipBlocks' CIDRs),
+    `<chain>-<n>-4p` (a hash set: the peer pods' addresses) and `<chain>-<n>-4n` (a hash
+    set of `address . protocol . port`: the named ports resolved, for ingress the local
+    pods' own, for egress the peer pods'; an egress rule matches it alone, since only peer
+    pods are in it; an ingress one beside the source sets). The split is for speed: nft
     reads every element of a table's interval sets before it changes any of them (20 ms
     with 300 sets of 25 elements, against 0.7 ms for a hash set, measured here), and pods
     change often while ipBlocks change with their policy.
@@ -111,12 +116,17 @@ def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tu
     field = "saddr" if direction == IN else "daddr"
     rules: list[str] = []
     sets: PeerSets = {}
+    accept = f'counter name "{counter}" accept'
     for i, a in enumerate(pol.ingress if direction == IN else pol.egress):
-        addr = [""]
-        if a.peers is not None:
-            addr = []
-            for version, fam, typ in _FAMILIES:
-                v6 = version == 6
+        ports = _ports_match(a.ports)
+        for version, fam, typ in _FAMILIES:
+            v6 = version == 6
+            named = tuple(f"{addr} . {_PROTOS[proto]} . {port}" for addr, proto, port in a.named
+                          if (":" in addr) == v6)
+            # ingress: the peers are the source, and the named ports' triples the pod itself
+            want_peers = bool(ports) or (direction == IN and bool(named))
+            addr = [""] if a.peers is None else []
+            if a.peers is not None and want_peers:
                 for suffix, members, obj in ((f"{version}", a.peers, Obj("set", typ, flags=("interval",))),
                                              (f"{version}p", a.hosts, Obj("set", typ))):
                     elements = tuple(n for n in members if (":" in n) == v6)
@@ -124,9 +134,14 @@ def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tu
                         name = f"{counter}-{i}-{suffix}"
                         sets[name] = (obj, elements)
                         addr.append(f"{fam} {field} @{name}")
-        for am in addr:
-            for pm in _ports_match(a.ports):
-                rules.append(" ".join(x for x in (am, pm, f'counter name "{counter}"', "accept") if x))
+            if a.peers is not None or version == 4:  # any address: the port rules once
+                rules += (" ".join(x for x in (am, pm, accept) if x) for am in addr for pm in ports)
+            if named:
+                name = f"{counter}-{i}-{version}n"
+                sets[name] = (Obj("set", f"{typ} . inet_proto . inet_service"), named)
+                match = f"{fam} daddr . meta l4proto . th dport @{name}"
+                sources = addr if direction == IN else [""]
+                rules += (" ".join(x for x in (am, match, accept) if x) for am in sources)
     return tuple(rules), sets
 
 

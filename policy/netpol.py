@@ -13,9 +13,13 @@ The Kubernetes meaning (networking.k8s.io/v1):
 - a peer is a podSelector (pods of the policy's namespace), a namespaceSelector (every
   pod of the matching namespaces), both (matching pods in matching namespaces), or an
   ipBlock (cidr minus its excepts); no peers means any address, no ports any port;
-- replies of allowed connections always pass (conntrack).
-Named ports are not supported: a port entry with a name matches nothing, so a rule made
-only of named ports allows nothing (never everything).
+- replies of allowed connections always pass (conntrack);
+- a named port (`port: http`) is looked up in the WorkloadEndpoints' `ports` (the pods'
+  container ports) by name and protocol: an ingress rule's against the destination, i.e.
+  each local pod the policy selects, its own number; an egress rule's against each
+  destination pod its peers (or no peers: any pod) match. It resolves to (pod address,
+  protocol, port) triples (`Allow.named`): a name no pod declares matches nothing, and
+  numeric and named ports in one rule are a union.
 
 The ruleset: egress is checked in its own base chains (forward and input, priority
 filter - 1) before ingress (forward, priority filter), so a packet between two local pods
@@ -30,7 +34,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from tortie.datastore import resources as res
@@ -54,6 +58,9 @@ class PortRange:
     high: int | None = None
 
 
+Named = tuple[str, str, int]  # (pod address, protocol, port): one resolved named port
+
+
 @dataclass(frozen=True)
 class Allow:
     """One rule of a policy, resolved: traffic matching both parts is allowed."""
@@ -63,6 +70,11 @@ class Allow:
     # The peer pods' own addresses (no prefix length), sorted, beside `peers`: a pod
     # becoming a peer is one element of a hash set, not a change of collapsed intervals.
     hosts: tuple[str, ...] = ()
+    # Named ports, resolved: (destination pod address, protocol, port), sorted. Matched as
+    # well as (a union with) `ports`; ingress: beside `peers` (the source), egress: alone
+    # (only the peer pods' addresses are in it). With named ports `ports` is () when the
+    # rule has no numeric ones.
+    named: tuple[Named, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,31 +179,60 @@ def _block(peer: res.PolicyPeer) -> list[Net]:
     return nets
 
 
-_UNSATISFIABLE = object()
+@dataclass(frozen=True)
+class RulePorts:
+    """A rule's ports before resolution: numeric ranges (None: any port; () when only
+    named ports are given) and the named ones as (name, protocol)."""
+
+    ranges: tuple[PortRange, ...] | None
+    names: tuple[tuple[str, str], ...] = ()
 
 
-def rule_ports(rule: res.PolicyRule):
-    """The rule's ports as ranges; None for any port; `_UNSATISFIABLE` when only named
-    ports are given (unsupported: they match nothing)."""
+def rule_ports(rule: res.PolicyRule) -> RulePorts:
     if not rule.ports:
-        return None
+        return RulePorts(None)
     ranges = []
+    names = set()
     for p in rule.ports:
         if isinstance(p.port, str):
-            continue  # named port: unsupported, matches nothing
-        ranges.append(PortRange(p.protocol, p.port, (p.end_port or p.port) if p.port else None))
-    if not ranges:
-        return _UNSATISFIABLE
-    return tuple(sorted(set(ranges), key=lambda r: (r.protocol, r.low or 0, r.high or 0)))
+            names.add((p.port, p.protocol))
+        else:
+            ranges.append(PortRange(p.protocol, p.port, (p.end_port or p.port) if p.port else None))
+    return RulePorts(tuple(sorted(set(ranges), key=lambda r: (r.protocol, r.low or 0, r.high or 0))),
+                     tuple(sorted(names)))
 
 
-def make_allow(rule: res.PolicyRule, ports, ranges: Iterable[Range], pod_networks: Iterable[str]) -> Allow | None:
-    """The Allow of a rule from its ports (`rule_ports`), its ipBlocks' address ranges and
-    the networks of the pods its peers match."""
-    if ports is _UNSATISFIABLE:
-        return None
+def named_elements(wep: res.WorkloadEndpoint, names: Iterable[tuple[str, str]],
+                   addresses: Callable[[str], bool] = lambda _: True) -> Iterator[Named]:
+    """The (address, protocol, port) triples of the pod's ports with these (name,
+    protocol), for its host addresses that `addresses` accepts."""
+    for name, protocol in names:
+        for port in wep.named_port(name, protocol):
+            for n in wep.ip_networks:
+                host = host_address(n)
+                if host is not None and addresses(host):
+                    yield host, protocol, port
+
+
+def in_ranges(ranges: Iterable[Range]) -> Callable[[str], bool]:
+    """Whether an address lies in one of the ranges (an ipBlock peer's networks)."""
+    ranges = tuple(ranges)
+
+    def check(address: str) -> bool:
+        version, lo, _ = cidr_range(address)
+        return any(v == version and a <= lo <= b for v, a, b in ranges)
+    return check
+
+
+def make_allow(rule: res.PolicyRule, ports: RulePorts, ranges: Iterable[Range], pod_networks: Iterable[str],
+               named: Iterable[Named] = ()) -> Allow | None:
+    """The Allow of a rule from its ports (`rule_ports`), its ipBlocks' address ranges,
+    the networks of the pods its peers match and its named ports' triples."""
+    named = tuple(sorted(set(named)))
+    if ports.names and not named and not ports.ranges:
+        return None  # only named ports, and no pod declares them
     if not rule.peers:
-        return Allow(None, ports)
+        return Allow(None, ports.ranges, (), named)
     ranges = list(ranges)
     hosts = set()
     for n in pod_networks:
@@ -202,19 +243,35 @@ def make_allow(rule: res.PolicyRule, ports, ranges: Iterable[Range], pod_network
             hosts.add(host)
     if not ranges and not hosts:
         return None  # peers that are nobody allow nothing
-    return Allow(collapse_ranges(ranges), ports, tuple(sorted(hosts)))
+    return Allow(collapse_ranges(ranges), ports.ranges, tuple(sorted(hosts)), named)
 
 
 def peer_block(peer: res.PolicyPeer) -> list[Net]:
     return _block(peer)
 
 
-def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy,
+def named_target(wep: res.WorkloadEndpoint, policy: res.NetworkPolicy, direction: str, node: str,
+                 peers: Iterable[res.PolicyPeer], static: Iterable[Range],
+                 ns_labels: Mapping[str, dict[str, str]]) -> Callable[[str], bool] | None:
+    """Which of the pod's addresses a rule's named ports resolve against (None: none).
+    Ingress: the destination, a pod of this node the policy selects (all its addresses).
+    Egress: a destination pod the rule's peers match: any pod without peers; by a pod
+    peer, all its addresses; else those inside an ipBlock (`static`, its ranges)."""
+    if direction == INGRESS:
+        ok = wep.node == node and policy.selects(wep.labels, wep.namespace)
+        return (lambda _: True) if ok else None
+    peers = tuple(peers)
+    if not peers or any(peer.matches_pod(wep.labels, wep.namespace, ns_labels[wep.namespace], policy.namespace)
+                        for peer in peers):
+        return lambda _: True
+    static = tuple(static)
+    return in_ranges(static) if static else None
+
+
+def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy, direction: str, node: str,
                   weps: Iterable[res.WorkloadEndpoint], ns_labels: Mapping[str, dict[str, str]]) -> Allow | None:
     """The rule as address and port sets; None when it can match nothing."""
     ports = rule_ports(rule)
-    if ports is _UNSATISFIABLE:
-        return None
     ranges: list[Range] = []
     pod_networks: list[str] = []
     for peer in rule.peers:
@@ -224,7 +281,13 @@ def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy,
         for wep in weps:
             if peer.matches_pod(wep.labels, wep.namespace, ns_labels[wep.namespace], policy.namespace):
                 pod_networks += wep.ip_networks
-    return make_allow(rule, ports, ranges, pod_networks)
+    named: list[Named] = []
+    if ports.names:
+        for wep in weps:
+            target = named_target(wep, policy, direction, node, rule.peers, ranges, ns_labels)
+            if target is not None:
+                named += named_elements(wep, ports.names, target)
+    return make_allow(rule, ports, ranges, pod_networks, named)
 
 
 def policy_key(p: res.NetworkPolicy) -> str:
@@ -237,17 +300,18 @@ def interface_usable(name: str) -> bool:
 
 
 def resolve(p: res.NetworkPolicy, weps: Iterable[res.WorkloadEndpoint],
-            ns_labels: Mapping[str, dict[str, str]]) -> ResolvedPolicy:
-    """One policy's rules as address and port sets, against the cluster's pods."""
+            ns_labels: Mapping[str, dict[str, str]], node: str) -> ResolvedPolicy:
+    """One policy's rules as address and port sets, against the cluster's pods (`node`:
+    whose pods an ingress rule's named ports resolve against)."""
     weps = tuple(weps)
 
-    def rules(items: tuple[res.PolicyRule, ...]) -> tuple[Allow, ...]:
-        allows = (_resolve_rule(r, p, weps, ns_labels) for r in items)
+    def rules(items: tuple[res.PolicyRule, ...], direction: str) -> tuple[Allow, ...]:
+        allows = (_resolve_rule(r, p, direction, node, weps, ns_labels) for r in items)
         return tuple(a for a in allows if a is not None)
 
     return ResolvedPolicy(policy_key(p),
-                          rules(p.ingress) if INGRESS in p.policy_types else (),
-                          rules(p.egress) if EGRESS in p.policy_types else ())
+                          rules(p.ingress, INGRESS) if INGRESS in p.policy_types else (),
+                          rules(p.egress, EGRESS) if EGRESS in p.policy_types else ())
 
 
 def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[res.NetworkPolicy],
@@ -259,7 +323,7 @@ def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[
                  for name in {w.namespace for w in weps} | set(namespaces)}
     pods = pod_filters(node, weps, policies)
     used = {k for f in pods.values() for k in (f.ingress or ()) + (f.egress or ())}
-    resolved = tuple(resolve(p, weps, ns_labels) for p in policies if policy_key(p) in used)
+    resolved = tuple(resolve(p, weps, ns_labels, node) for p in policies if policy_key(p) in used)
     return Filter(tuple(pods.values()), resolved)
 
 
@@ -292,27 +356,35 @@ def pod_filters(node: str, weps: Iterable[res.WorkloadEndpoint],
 # --- evaluation (the semantics of the rendered ruleset, for tests and debugging) ---------
 
 
-def _allow_matches(a: Allow, peer: str, protocol: str, port: int) -> bool:
+def _allow_matches(a: Allow, direction: str, peer: str, local: str | None, protocol: str, port: int) -> bool:
+    dst = str(ipaddress.ip_address(peer)) if direction == EGRESS else local
+    if direction == EGRESS and (dst, protocol, port) in a.named:
+        return True  # egress triples hold only the peers' own addresses
     if a.peers is not None:
         ip = ipaddress.ip_address(peer)
         if str(ip) not in a.hosts and not any(ip.version == n.version and ip in n
                                               for n in map(ipaddress.ip_network, a.peers)):
             return False
+    if direction == INGRESS and local is not None and (str(ipaddress.ip_address(local)), protocol, port) in a.named:
+        return True
     if a.ports is None:
         return True
     return any(r.protocol == protocol and (r.low is None or r.low <= port <= (r.high or r.low))
                for r in a.ports)
 
 
-def allows(f: Filter, interface: str, direction: str, peer: str, protocol: str = "TCP", port: int = 80) -> bool:
+def allows(f: Filter, interface: str, direction: str, peer: str, protocol: str = "TCP", port: int = 80,
+           local: str | None = None) -> bool:
     """Whether a new connection of the local pod on `interface` to (egress) or from
-    (ingress) the address `peer` passes that pod's filter in `direction`."""
+    (ingress) the address `peer` passes that pod's filter in `direction`. `local`: the
+    pod's own address (the destination of ingress; what its named ports resolve to)."""
     pod = next((p for p in f.pods if p.interface == interface), None)
     keys = None if pod is None else (pod.ingress if direction == INGRESS else pod.egress)
     if keys is None:
         return True
     for key in keys:
         pol = f.policy(key)
-        if any(_allow_matches(a, peer, protocol, port) for a in (pol.ingress if direction == INGRESS else pol.egress)):
+        if any(_allow_matches(a, direction, peer, local, protocol, port)
+               for a in (pol.ingress if direction == INGRESS else pol.egress)):
             return True
     return False

@@ -202,10 +202,19 @@ def _canon_elem(obj: Obj, raw: Any) -> str:
         return "-".join(str(x) for x in raw["range"])
     if isinstance(raw, dict) and "elem" in raw:
         return _canon_elem(obj, raw["elem"]["val"])
+    if isinstance(raw, dict) and "concat" in raw:  # `10.0.0.1 . tcp . 80`
+        return " . ".join(_canon_part(x) for x in raw["concat"])
     if obj.type.endswith("_addr") and "interval" in obj.flags:
         return str(ipaddress.ip_network(raw))
     if obj.type.endswith("_addr"):
         return str(ipaddress.ip_address(raw))
+    return str(raw)
+
+
+def _canon_part(raw: Any) -> str:
+    if isinstance(raw, str):
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(raw))
     return str(raw)
 
 
@@ -273,7 +282,7 @@ class NftTable:
                 rules.setdefault(o["chain"], []).append(o.get("comment", ""))
             elif kind in ("set", "map", "counter") and not o["name"].startswith("__"):
                 typ, flags = o.get("type", ""), o.get("flags", ())
-                obj = Obj(kind, typ if isinstance(typ, str) else ".".join(typ), o.get("map", ""),
+                obj = Obj(kind, typ if isinstance(typ, str) else " . ".join(typ), o.get("map", ""),
                           (flags,) if isinstance(flags, str) else tuple(flags))
                 objects[o["name"]] = obj
                 want = self.objects.desired.get(o["name"])

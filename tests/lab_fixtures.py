@@ -15,6 +15,7 @@ by `lab.down()`), also when the test failed half way through building it.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 import uuid
@@ -65,3 +66,43 @@ def wait_matrix(lab: Lab, seconds: float = 15.0, port: int = 80):
         if m.ok or time.monotonic() > deadline:
             return m
         time.sleep(0.5)
+
+
+# --- NetworkPolicy end to end (a module's `lab` fixture is the lab the policies go to) -----
+
+CONVERGE = 2.5  # seconds for a datastore change to reach every node's ruleset
+PROBE = 0.5  # seconds a probe waits for its answer
+
+
+def netpol(ns: str, name: str, **spec) -> dict:
+    spec.setdefault("podSelector", {})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def eventually(fn, want, seconds: float = CONVERGE) -> bool:
+    """Whether fn() returns want within `seconds` (polled)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if fn() == want:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def policies(lab):
+    """apply(policy...) with tortiectl; every policy applied is deleted after the test."""
+    made: list[tuple[str, str]] = []
+
+    def apply(*docs: dict) -> None:
+        for d in docs:
+            lab.ctl("apply", "-f", "-", input=json.dumps(d))
+            made.append((d["metadata"]["namespace"], d["metadata"]["name"]))
+
+    yield apply
+    for ns, name in made:
+        lab.ctl("delete", "networkpolicy", name, "-n", ns, "--ignore-not-found")
+    # Back to "allow everything" before the next test starts.
+    assert eventually(lambda: lab.matrix(timeout=PROBE).ok, True, 5), "policies deleted but traffic still blocked"

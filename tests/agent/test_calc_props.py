@@ -1,8 +1,8 @@
 """The incremental calculation's one promise: after any sequence of events, the sum of the
 messages it emitted equals what a fresh calculation computes whole from the final state.
 
-Events: pods added, relabelled, moved and deleted (local and remote), policies added,
-changed and deleted, namespace labels, pools (NAT, export, egress), block affinities,
+Events: pods added, relabelled, moved, given other container ports and deleted (local and
+remote), policies (numeric and named ports) added, changed and deleted, namespace labels, pools (NAT, export, egress), block affinities,
 nodes, BGP peers and configuration, and learned-route flaps (including our own blocks and
 next hops that are our own addresses coming back).
 """
@@ -117,7 +117,19 @@ def wep_event(draw):
     spec = {"node": draw(st.sampled_from([ME, ME, OTHER])), "orchestrator": "k8s", "endpoint": "eth0",
             "pod": name, "containerID": "c" + name, "interfaceName": f"tor{ns[0]}{name}",
             "ipNetworks": sorted(set(draw(st.lists(pod_ips(ns, name), min_size=1, max_size=2))))}
+    ports = draw(st.lists(POD_PORTS, max_size=2))
+    if ports:
+        spec["ports"] = ports
     return key, _doc("WorkloadEndpoint", name, spec, ns, {"app": draw(APPS)})
+
+
+# Container ports: "http" on different numbers (and protocols) per pod, "dns" on UDP only.
+POD_PORTS = st.sampled_from([{"name": "http", "port": 80}, {"name": "http", "port": 81},
+                             {"name": "http", "protocol": "UDP", "port": 80},
+                             {"name": "dns", "protocol": "UDP", "port": 53}, {"name": "metrics", "port": 81}])
+RULE_PORTS = st.sampled_from([{"protocol": "TCP", "port": 80}, {"protocol": "TCP", "port": 81},
+                              {"port": "http"}, {"protocol": "UDP", "port": "http"},
+                              {"protocol": "UDP", "port": "dns"}, {"port": "nobody"}])
 
 
 def _peer(draw):
@@ -141,7 +153,7 @@ def policy_event(draw):
     sel = draw(st.sampled_from([{}, {"matchLabels": {"app": "web"}}, {"matchLabels": {"app": "db"}}]))
     spec = {"podSelector": sel, "policyTypes": types}
     rules = [{"from" if d == "Ingress" else "to": [_peer(draw) for _ in range(draw(st.integers(0, 2)))],
-              "ports": [{"protocol": "TCP", "port": draw(st.sampled_from([80, 81]))}]}
+              "ports": draw(st.lists(RULE_PORTS, min_size=1, max_size=2))}
              for d in types]
     for d, r in zip(types, rules, strict=True):
         spec["ingress" if d == "Ingress" else "egress"] = [r]

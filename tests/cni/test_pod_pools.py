@@ -1,6 +1,7 @@
 """Issue 5, item 3: a pod asks for its pool -- in the network config's IPAM section, or
 (when the agent has a Kubernetes API) by the `tortie.io/ipv4pools` annotation on the pod
-or its namespace. Real plugin exec, real CNI server, real etcd; the Kubernetes API is
+or its namespace. Issue 10: the same read of the pod gives its endpoint the named
+container ports (else `args.cni.ports` does). Real plugin exec, real CNI server, real etcd; the Kubernetes API is
 the fake HTTP server, reached from inside the node namespace through a relay."""
 
 from __future__ import annotations
@@ -32,6 +33,22 @@ def _add(node, ns: str, name: str, **conf) -> str:
     return r.json["ips"][0]["address"].split("/")[0]
 
 
+def _wep_of(node, pod_name: str) -> dict:
+    return next(w for w in node.weps() if w["spec"].get("pod") == pod_name)
+
+
+def test_named_ports_from_args_cni(node2pools):
+    node = node2pools
+    ports = [{"name": "http", "port": 80}, {"name": "dns", "protocol": "UDP", "containerPort": 53}]
+    _add(node, "ns1", "web", args={"cni": {"ports": ports}})
+    assert _wep_of(node, "web")["spec"]["ports"] == [{"name": "dns", "protocol": "UDP", "port": 53},
+                                                     {"name": "http", "protocol": "TCP", "port": 80}]
+    cid = uuid.uuid4().hex
+    r = node.exec_plugin("ADD", node.config(args={"cni": {"ports": [{"name": "HTTP", "port": 80}]}}), cid=cid,
+                         netns=node.pod_ns(), args=ARGS.format(ns="ns1", pod="bad", cid=cid))
+    assert r.rc != 0 and "args.cni.ports" in r.stdout, r.stdout
+
+
 def _in(ip: str, cidr: str) -> bool:
     return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
 
@@ -60,6 +77,9 @@ def test_annotation_on_pod_or_namespace(node2pools):
             api.add(pod("ns2", "inherits"))
             api.add(pod("ns2", "overrides", annotations={"tortie.io/ipv4pools": json.dumps(["pool1"])}))
             api.add(pod("ns1", "beats-config", annotations=ann))
+            api.add(pod("ns1", "serves", ports=[[{"name": "http", "containerPort": 8080}, {"containerPort": 9}]]))
+            _add(node, "ns1", "serves")
+            assert _wep_of(node, "serves")["spec"]["ports"] == [{"name": "http", "protocol": "TCP", "port": 8080}]
             assert _in(_add(node, "ns1", "plain"), POOL_CIDR)
             assert _in(_add(node, "ns1", "annotated"), POOL2)
             assert _in(_add(node, "ns1", "by-cidr"), POOL2)

@@ -83,12 +83,14 @@ def namespace(name: str, labels: dict | None = None, annotations: dict | None = 
 
 
 def pod(ns: str, name: str, labels: dict | None = None, node_name: str = "node1",
-        annotations: dict | None = None) -> dict:
+        annotations: dict | None = None, ports: list | None = None) -> dict:
+    """ports: the containers' ports, a list per container ({name, containerPort, protocol})."""
     meta = {"name": name, "namespace": ns, "labels": dict(labels or {})}
     if annotations:
         meta["annotations"] = dict(annotations)
+    containers = [{"name": f"c{i}", "image": "busybox", "ports": list(p)} for i, p in enumerate(ports or [])]
     return {"kind": "Pod", "metadata": meta,
-            "spec": {"nodeName": node_name, "containers": [{"name": "main", "image": "busybox"}]},
+            "spec": {"nodeName": node_name, "containers": containers or [{"name": "main", "image": "busybox"}]},
             "status": {"phase": "Running"}}
 
 

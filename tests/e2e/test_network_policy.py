@@ -10,22 +10,11 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import pytest
-from lab_fixtures import wait_matrix
+from lab_fixtures import PROBE, eventually, netpol, wait_matrix
 
 pytestmark = pytest.mark.slow
-
-CONVERGE = 2.5  # seconds for a datastore change to reach every node's ruleset
-PROBE = 0.5
-
-
-def netpol(ns: str, name: str, **spec) -> dict:
-    spec.setdefault("podSelector", {})
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
-
 
 WEB = {"podSelector": {"matchLabels": {"app": "web"}}}
 
@@ -42,34 +31,6 @@ def lab(lab_factory):
     m = wait_matrix(lab)
     assert m.ok, m
     return lab
-
-
-@pytest.fixture
-def policies(lab):
-    """apply(policy...) with tortiectl; every policy applied is deleted after the test."""
-    made: list[tuple[str, str]] = []
-
-    def apply(*docs: dict) -> None:
-        for d in docs:
-            lab.ctl("apply", "-f", "-", input=json.dumps(d))
-            made.append((d["metadata"]["namespace"], d["metadata"]["name"]))
-
-    yield apply
-    for ns, name in made:
-        lab.ctl("delete", "networkpolicy", name, "-n", ns, "--ignore-not-found")
-    # Back to "allow everything" before the next test starts.
-    assert eventually(lambda: lab.matrix(timeout=PROBE).ok, True, 5), "policies deleted but traffic still blocked"
-
-
-def eventually(fn, want, seconds: float = CONVERGE) -> bool:
-    """Whether fn() returns want within `seconds` (polled)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        if fn() == want:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
 
 
 def reach(lab, src: str, dst: str, port: int = 80, udp: bool = False):

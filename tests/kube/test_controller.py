@@ -175,6 +175,31 @@ def test_pod_labels_reach_existing_workload_endpoint(etcd, fake_api, run_control
     assert store.get("WorkloadEndpoint", "node1-k8s-late-eth0", "prod")["spec"]["containerID"] == "c3"
 
 
+def _ports(store, name, ns):
+    r = _get(store, "WorkloadEndpoint", name, ns)
+    return None if r is None else r["spec"].get("ports", [])
+
+
+def test_pod_named_ports_reach_its_workload_endpoint(etcd, fake_api, run_controller):
+    """spec.containers[*].ports[*] with a name become the endpoint's spec.ports (what
+    NetworkPolicy named ports resolve against); unnamed ones are left out."""
+    store = ResourceStore(etcd)
+    _wep(store, "prod", "node1-k8s-web-eth0", "web")
+    fake_api.add(pod("prod", "web", {"app": "web"}, ports=[
+        [{"name": "http", "containerPort": 8080}, {"containerPort": 9999}],
+        [{"name": "dns", "containerPort": 53, "protocol": "UDP"}]]))
+    run_controller(gc_grace=3600)
+    want = [{"name": "dns", "protocol": "UDP", "port": 53}, {"name": "http", "protocol": "TCP", "port": 8080}]
+    wait_for(lambda: _ports(store, "node1-k8s-web-eth0", "prod") == want, what="ports mirrored")
+    assert _labels(store, "WorkloadEndpoint", "node1-k8s-web-eth0", "prod") == {"app": "web"}
+
+    fake_api.modify(pod("prod", "web", {"app": "web"}, ports=[[{"name": "http", "containerPort": 80}]]))
+    wait_for(lambda: _ports(store, "node1-k8s-web-eth0", "prod") == [{"name": "http", "protocol": "TCP", "port": 80}],
+             what="ports changed")
+    fake_api.modify(pod("prod", "web", {"app": "web"}))
+    wait_for(lambda: _ports(store, "node1-k8s-web-eth0", "prod") == [], what="ports removed")
+
+
 def test_node_deletion_releases_its_blocks(etcd, fake_api, run_controller):
     store = ResourceStore(etcd)
     ipam = IPAM(etcd)

@@ -68,7 +68,10 @@ def test_issue3_acceptance_one_node_two_pods(lab_name):
     veths = root_veths()
     out = lab_cli(lab_name, "up", "--nodes", "1").stdout
     assert "ready" in out
-    ip_a = lab_cli(lab_name, "pod", "add", "node1", "default/a", "--label", "app=web").stdout.strip()
+    ip_a = lab_cli(lab_name, "pod", "add", "node1", "default/a", "--label", "app=web",
+                   "--port", "http=80", "--port", "dns=53/udp").stdout.strip()
+    bad = lab_cli(lab_name, "pod", "add", "node1", "default/c", "--port", "HTTP=80", check=False)
+    assert bad.returncode != 0 and "NAME=PORT" in bad.stderr, bad.stderr
     ip_b = lab_cli(lab_name, "pod", "add", "node1", "default/b").stdout.strip()
     assert ip_a != ip_b
 
@@ -96,6 +99,9 @@ def test_issue3_acceptance_one_node_two_pods(lab_name):
         assert wep is not None, f"no WorkloadEndpoint for {ref}"
         assert [n.split("/")[0] for n in wep["spec"]["ipNetworks"]] == [eth0] == [ip]
         assert wep["spec"]["node"] == "node1"
+    assert lab.wep("default/a")["spec"]["ports"] == [{"name": "dns", "protocol": "UDP", "port": 53},
+                                                     {"name": "http", "protocol": "TCP", "port": 80}]
+    assert "ports" not in lab.wep("default/b")["spec"]
 
     labels = json.loads(lab_cli(lab_name, "pod", "label", "default/a", "tier=front", "app-").stdout)
     assert labels == {"tier": "front"}

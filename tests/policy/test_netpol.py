@@ -4,18 +4,23 @@ their filter allows (`netpol.allows` evaluates the values the ruleset is rendere
 import pytest
 
 from tortie.datastore import resources as res
+from tortie.errors import ValidationError
 from tortie.policy.filter_mgr import policy_chain, render
 from tortie.policy.netpol import EGRESS, INGRESS, allows, compute
 
 NODE = "n1"
 
 
-def wep(ref, ip, node=NODE, labels=None, iface=None):
+def wep(ref, ip, node=NODE, labels=None, iface=None, ports=()):
+    """ports: "name=port[/PROTO]" items, as `tortie-lab pod add --port` takes them."""
     ns, name = ref.split("/")
+    spec = {"node": node, "interfaceName": iface or f"tor{name[:11]}", "ipNetworks": [ip]}
+    if ports:
+        spec["ports"] = [{"name": n, "port": int(p.split("/")[0]), "protocol": [*p.split("/"), "TCP"][1]}
+                         for n, p in (item.split("=") for item in ports)]
     return res.WorkloadEndpoint.from_resource({
         "apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
-        "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
-        "spec": {"node": node, "interfaceName": iface or f"tor{name[:11]}", "ipNetworks": [ip]}})
+        "metadata": {"name": name, "namespace": ns, "labels": labels or {}}, "spec": spec})
 
 
 def pol(ref, **spec):
@@ -52,7 +57,7 @@ def ip(w):
 
 def ingress_ok(f, dst, src, proto="TCP", port=80):
     return allows(f, dst.interface_name, INGRESS, ip(src) if isinstance(src, res.WorkloadEndpoint) else src,
-                  proto, port)
+                  proto, port, local=ip(dst))
 
 
 def egress_ok(f, src, dst, proto="TCP", port=80):
@@ -194,11 +199,106 @@ def test_peers_and_ports_must_both_match():
     assert not ingress_ok(f, WEB, FRONT, port=80) and not ingress_ok(f, WEB, PLAIN, port=81)
 
 
-def test_named_ports_match_nothing_not_everything():
+def test_a_named_port_no_pod_declares_matches_nothing_not_everything():
     f = filt(pol("shop/named", ingress=[{"ports": [{"port": "http"}]}]))
     assert not ingress_ok(f, WEB, FRONT, port=80)
+    assert f.policy("shop/named").ingress == ()
     f = filt(pol("shop/mixed", ingress=[{"ports": [{"port": "http"}, {"port": 8080}]}]))
     assert ingress_ok(f, WEB, FRONT, port=8080) and not ingress_ok(f, WEB, FRONT, port=80)
+
+
+# Named ports: web serves "http" on 8080, db on 5432 ("http" too, UDP 53 as "dns").
+NWEB = wep("shop/web", "10.65.0.1/32", labels={"app": "web"}, ports=["http=8080", "metrics=9090"])
+NDB = wep("shop/db", "10.65.0.2/32", labels={"app": "db"}, ports=["http=5432", "dns=53/UDP"])
+NFRONT = wep("shop/front", "10.65.1.3/32", node="n2", labels={"role": "frontend"}, ports=["http=81"])
+NREMOTE_WEB = wep("shop/web2", "10.65.1.7/32", node="n2", labels={"app": "web"}, ports=["http=7000"])
+NWEPS = [NWEB, NDB, NFRONT, PLAIN, MON, NREMOTE_WEB]
+
+
+def test_ingress_named_port_resolves_against_each_selected_pod():
+    f = filt(pol("shop/named", ingress=[{"ports": [{"port": "http"}]}]), weps=NWEPS)
+    assert ingress_ok(f, NWEB, FRONT, port=8080) and not ingress_ok(f, NWEB, FRONT, port=5432)
+    assert ingress_ok(f, NDB, FRONT, port=5432) and not ingress_ok(f, NDB, FRONT, port=8080)
+    assert not ingress_ok(f, NWEB, FRONT, port=80) and not ingress_ok(f, NWEB, FRONT, "UDP", 8080)
+    # only this node's selected pods: not the remote web2, not front's own "http"
+    (allow,) = f.policy("shop/named").ingress
+    assert allow.named == (("10.65.0.1", "TCP", 8080), ("10.65.0.2", "TCP", 5432))
+    assert allow.ports == ()
+
+
+def test_ingress_named_port_needs_the_peer_too_and_matches_the_protocol():
+    f = filt(pol("shop/named", podSelector={"matchLabels": {"app": "db"}},
+                 ingress=[{"from": [{"podSelector": {"matchLabels": {"role": "frontend"}}}],
+                           "ports": [{"protocol": "UDP", "port": "dns"}, {"port": "http"}]}]), weps=NWEPS)
+    assert ingress_ok(f, NDB, NFRONT, "UDP", 53) and ingress_ok(f, NDB, NFRONT, "TCP", 5432)
+    assert not ingress_ok(f, NDB, NFRONT, "TCP", 53)  # "dns" is UDP only
+    assert not ingress_ok(f, NDB, PLAIN, "UDP", 53)  # not a frontend
+    body = render(f)
+    assert "ip saddr @" in body and "ip daddr . meta l4proto . th dport @" in body
+    assert "10.65.0.2 . udp . 53" in body and "10.65.0.2 . tcp . 5432" in body
+
+
+def test_from_a_namespace_on_a_named_port():
+    f = filt(pol("shop/from-ops", ingress=[{"from": [{"namespaceSelector": {"matchLabels": {"team": "ops"}}}],
+                                            "ports": [{"port": "http"}]}]), weps=NWEPS)
+    assert ingress_ok(f, NWEB, MON, port=8080) and not ingress_ok(f, NWEB, MON, port=81)
+    assert not ingress_ok(f, NWEB, NFRONT, port=8080)
+
+
+def test_egress_named_port_resolves_against_every_destination_pod():
+    f = filt(pol("shop/out", podSelector={"matchLabels": {"app": "web"}}, policyTypes=["Egress"],
+                 egress=[{"ports": [{"port": "http"}]}]), weps=NWEPS)
+    assert egress_ok(f, NWEB, NFRONT, port=81) and egress_ok(f, NWEB, NDB, port=5432)
+    assert not egress_ok(f, NWEB, NFRONT, port=5432) and not egress_ok(f, NWEB, NDB, port=81)
+    assert egress_ok(f, NWEB, NREMOTE_WEB, port=7000)  # remote pods too
+    assert not egress_ok(f, NWEB, "8.8.8.8", port=81)  # no pod there declares it
+
+
+def test_egress_named_port_only_to_peer_pods_and_mixed_with_numbers():
+    f = filt(pol("shop/out", podSelector={"matchLabels": {"app": "web"}}, policyTypes=["Egress"],
+                 egress=[{"to": [{"podSelector": {"matchLabels": {"role": "frontend"}}}],
+                          "ports": [{"port": "http"}, {"port": 9999}]}]), weps=NWEPS)
+    assert egress_ok(f, NWEB, NFRONT, port=81) and egress_ok(f, NWEB, NFRONT, port=9999)
+    assert not egress_ok(f, NWEB, NDB, port=5432) and not egress_ok(f, NWEB, NDB, port=9999)
+    (allow,) = f.policy("shop/out").egress
+    assert allow.named == (("10.65.1.3", "TCP", 81),)
+
+
+def test_egress_named_port_to_an_ip_block_takes_the_pods_inside_it():
+    f = filt(pol("shop/out", podSelector={"matchLabels": {"app": "web"}}, policyTypes=["Egress"],
+                 egress=[{"to": [{"ipBlock": {"cidr": "10.65.1.0/24", "except": ["10.65.1.7/32"]}}],
+                          "ports": [{"port": "http"}]}]), weps=NWEPS)
+    assert egress_ok(f, NWEB, NFRONT, port=81)
+    assert not egress_ok(f, NWEB, NREMOTE_WEB, port=7000)  # excepted
+    assert not egress_ok(f, NWEB, NDB, port=5432)  # outside the block
+
+
+def test_a_pod_declaring_a_name_twice_on_two_protocols():
+    both = wep("shop/both", "10.65.0.9/32", labels={"app": "both"}, ports=["dns=53/UDP", "dns=5353"])
+    f = filt(pol("shop/dns", podSelector={"matchLabels": {"app": "both"}},
+                 ingress=[{"ports": [{"protocol": "UDP", "port": "dns"}]}]), weps=[both, FRONT])
+    assert ingress_ok(f, both, FRONT, "UDP", 53)
+    assert not ingress_ok(f, both, FRONT, "TCP", 5353) and not ingress_ok(f, both, FRONT, "UDP", 5353)
+
+
+def test_named_ports_of_ipv6_pods():
+    w6 = wep("shop/w6", "fd00:65::1/128", labels={"app": "v6"}, ports=["http=8080"])
+    c6 = wep("shop/c6", "fd00:65::2/128", node="n2", ports=["http=81"])
+    f = filt(pol("shop/v6", podSelector={"matchLabels": {"app": "v6"}}, policyTypes=["Ingress", "Egress"],
+                 ingress=[{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]}],
+                 egress=[{"ports": [{"port": "http"}]}]), weps=[w6, c6])
+    assert ingress_ok(f, w6, c6, port=8080) and not ingress_ok(f, w6, c6, port=81)
+    assert egress_ok(f, w6, c6, port=81) and not egress_ok(f, w6, c6, port=8080)
+    body = render(f)
+    assert "ip6 daddr . meta l4proto . th dport @" in body and "type ipv6_addr . inet_proto . inet_service" in body
+
+
+def test_bad_port_names_are_refused():
+    for name in ("HTTP", "a--b", "-a", "8080", "abcdefghijklmnop"):
+        with pytest.raises(ValidationError):
+            wep("shop/bad", "10.65.0.9/32", ports=[f"{name}=80"])
+        with pytest.raises(ValidationError):
+            pol("shop/bad", ingress=[{"ports": [{"port": name}]}])
 
 
 def test_selector_matching_no_pod_allows_nothing():

@@ -70,11 +70,14 @@ def can(netns, src, ip, port=80) -> bool:
     return netns.run(src, sys.executable, "-c", CONNECT, ip, str(port)).stdout.strip() == "hi"
 
 
-def wep(name, ip, iface, node=NODE, **labels):
+def wep(name, ip, iface, node=NODE, ports=None, **labels):
+    """ports: {name: number} (TCP)."""
+    spec = {"node": node, "interfaceName": iface, "ipNetworks": [f"{ip}/32"]}
+    if ports:
+        spec["ports"] = [{"name": n, "port": port} for n, port in ports.items()]
     return res.WorkloadEndpoint.from_resource({
         "apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",
-        "metadata": {"name": name, "namespace": "shop", "labels": labels},
-        "spec": {"node": node, "interfaceName": iface, "ipNetworks": [f"{ip}/32"]}})
+        "metadata": {"name": name, "namespace": "shop", "labels": labels}, "spec": spec})
 
 
 def pol(name, **spec):
@@ -212,6 +215,52 @@ def test_a_new_peer_is_an_element_of_the_policys_peer_set(topo, netns):
     mgr.apply()
     assert not can(netns, b, A_IP)
     mgr.mgr.resync()  # the listing matches what the manager believes
+    assert not mgr.apply()
+
+
+def test_ingress_named_port_follows_the_pods_own_number(topo, netns):
+    """`port: http` to a: whatever number a gives "http"; a renumbering is an element change
+    of the policy's named-port set only, and a resync finds the listing as believed."""
+    node, _a, b, _ = topo
+    mgr = Fed(node)
+    named = pol("a-http", podSelector={"matchLabels": {"app": "a"}}, ingress=[{"ports": [{"port": "http"}]}])
+    mgr.update(named, weps=[wep("a", A_IP, "tora", ports={"http": 81}, app="a"), WEPS[1]])
+    mgr.apply()
+    assert can(netns, b, A_IP, 81) and not can(netns, b, A_IP, 80)
+    assert "type ipv4_addr . inet_proto . inet_service" in table(node)
+    before = handles(node, "inet", netpol.TABLE)
+    mgr.update(named, weps=[wep("a", A_IP, "tora", ports={"http": 80}, app="a"), WEPS[1]])
+    script = mgr.mgr.table.script().splitlines()
+    assert all(line.startswith(("add element", "delete element")) for line in script), script
+    mgr.apply()
+    assert handles(node, "inet", netpol.TABLE) == before
+    assert can(netns, b, A_IP, 80) and not can(netns, b, A_IP, 81)
+    mgr.mgr.resync()
+    assert not mgr.apply()
+    mgr.update(named)  # a declares no ports: nothing is allowed, not everything
+    mgr.apply()
+    assert not can(netns, b, A_IP, 80) and not can(netns, b, A_IP, 81)
+
+
+def test_egress_named_port_to_the_peer_pods_own_number(topo, netns):
+    node, a, b, _ = topo
+    mgr = Fed(node)
+    weps = [wep("a", A_IP, "tora", ports={"http": 81}, app="a"), wep("b", B_IP, "torb", ports={"http": 80}, app="b"),
+            wep("x", EXT_IP, "torx", node="n2", ports={"http": 80})]
+    out = pol("b-out", podSelector={"matchLabels": {"app": "b"}}, policyTypes=["Egress"],
+              egress=[{"to": [{"podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": "http"}]}])
+    mgr.update(out, weps=weps)
+    mgr.apply()
+    assert can(netns, b, A_IP, 81) and not can(netns, b, A_IP, 80)
+    assert not can(netns, b, EXT_IP, 80)  # x declares http=80 but is no peer
+    anywhere = pol("b-out", podSelector={"matchLabels": {"app": "b"}}, policyTypes=["Egress"],
+                   egress=[{"ports": [{"port": "http"}, {"port": 80}]}])
+    mgr.update(anywhere, weps=weps)
+    mgr.apply()
+    assert can(netns, b, A_IP, 81) and can(netns, b, A_IP, 80) and can(netns, b, EXT_IP, 80)
+    assert not can(netns, b, EXT_IP, 81)
+    assert can(netns, a, B_IP, 81)  # a is not isolated
+    mgr.mgr.resync()
     assert not mgr.apply()
 
 
