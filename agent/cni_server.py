@@ -389,7 +389,13 @@ class CNIServer:
             if exc.errno != 17:  # EEXIST: a half-done earlier ADD of this container
                 raise
         await self._run(wiring.delete_link, host_if)
-        return await self._run(setup)
+        try:
+            return await self._run(setup)
+        except wiring.NetlinkError as exc:  # not ours on the host side: the pod side's name is taken
+            if exc.errno != 17:
+                raise
+            raise p.CNIError(p.INVALID_ENV, f"{req.netns} already has an interface {req.ifname} "
+                             "(another container's?)", str(exc)) from None
 
     async def _undo_add(self, req: p.CNIRequest, host_if: str, cause: BaseException) -> None:
         self.log.warning("add failed; undoing", container=req.container_id, error=str(cause))
