@@ -209,7 +209,13 @@ def test_etcd_outage(lab, mode):
     assert all(p.sent >= 10 * outage_seconds(mode) * 0.5 for p in probers), [p.sent for p in probers]
     changed = {k: "\n".join(difflib.unified_diff(before[k].splitlines(), during[k].splitlines(), lineterm=""))
                for k in before if during.get(k) != before[k]}
-    assert not changed, changed
+    if changed:  # say why: the router's and the agents' own words
+        logs = {}
+        for name in ("tor1", "agent-node1", "agent-node2"):
+            with open(os.path.join(lab.state().dir, "logs", f"{name}.log"), errors="replace") as f:
+                logs[name] = [line for line in f.read().splitlines()[-400:]
+                              if re.search(r"bgp|BGP|session|peer|exabgp|error", line)][-15:]
+        pytest.fail(f"dataplane changed: {changed}\n" + json.dumps(logs, indent=1))
     assert all(st == "Established" for per in lab.bgp_sessions().values() for st in per.values())
     out, allocations = ipam_check(lab)
     assert "No leaks found." in out, out
