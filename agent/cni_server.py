@@ -15,10 +15,12 @@ ADD (type tortie):  IPAM (handle `<network>.<containerID>`; with a Kubernetes AP
                     The calculation derives the same route from the WorkloadEndpoint
                     when it arrives: same class, same value, nothing more to write.
 DEL:                veth, allocation and endpoint removed; each may already be gone.
+                    etcd unreachable: the veth goes, the rest is done when etcd is back.
 CHECK:              veth, pod address, pod routes and host route must all be in place.
 STATUS / GC:        etcd reachable and a usable pool / release what the runtime no
                     longer knows about (this node's allocations of this network only).
 tortie-ipam:        addresses only, for other main plugins (bridge, ptp).
+While the datastore monitor says etcd is unreachable, ADD, CHECK and GC answer 11 at once.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ import signal
 import socket
 import stat
 import sys
-import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from tortie import errors
+from tortie.agent.cni_pending import Cleanup, PendingCleanups
+from tortie.agent.cni_routes import LocalRoutes
 from tortie.cni import protocol as p
 from tortie.cni import wiring
 from tortie.datastore.ipam_blocks import wep_handle
@@ -50,7 +53,9 @@ if TYPE_CHECKING:
 
 MAX_REQUEST = 4 << 20
 READ_TIMEOUT = 30.0  # a client that never finishes its request is dropped
-ROUTE_CLASS = "workloads"  # the route manager's class for local pods (the calculation's too)
+# A CNI request's etcd calls wait at most this long each: with etcd frozen or without
+# quorum, an ADD is answered "try again later" within 2 s (issue 12), not after 5.
+ETCD_TIMEOUT = 1.5
 
 # (routes to set, keys to remove) -> awaitable that resolves once they are in the kernel
 RoutePublisher = Callable[[tuple[Route, ...], tuple[tuple[int, int, str], ...]], Awaitable[None]]
@@ -74,7 +79,8 @@ class CNIServer:
                  log: Any = None,
                  route_proto: int = TORTIE_PROTO,
                  set_forwarding: bool = True, workers: int = 32,
-                 pod_lookup: Callable[[str, str], PodDetails] | None = None) -> None:
+                 pod_lookup: Callable[[str, str], PodDetails] | None = None,
+                 datastore_up: Callable[[], bool] | None = None, state_dir: str | None = None) -> None:
         self.socket_path = socket_path
         self.node = node_name
         self.ipam = ipam
@@ -92,6 +98,12 @@ class CNIServer:
         # What the Kubernetes API says of a pod: (namespace, name) -> the pools it asks for
         # by annotation and its named ports. None: no API.
         self.pod_lookup = pod_lookup if pod_lookup is not None else pod_lookup_from_env()
+        # The datastore monitor's word: while it says down, requests that need etcd fail fast.
+        self.datastore_up = datastore_up or (lambda: True)
+        state_dir = state_dir or os.path.dirname(socket_path) or "."
+        self.pending = PendingCleanups(os.path.join(state_dir, "cni-pending.json"), self._finish,
+                                       self._container_lock, self.datastore_up)
+        self._pending_task: asyncio.Task | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -100,6 +112,7 @@ class CNIServer:
             await self._run(wiring.enable_forwarding)
         sock = self._bind()
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
+        self._pending_task = asyncio.create_task(self.pending.run(), name="cni-pending")
         self.log.info("cni server listening", socket=self.socket_path, node=self.node)
 
     def _bind(self) -> socket.socket:
@@ -129,6 +142,10 @@ class CNIServer:
         return sock
 
     async def stop(self) -> None:
+        if self._pending_task is not None:
+            self._pending_task.cancel()
+            await asyncio.gather(self._pending_task, return_exceptions=True)
+            self._pending_task = None
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -215,6 +232,11 @@ class CNIServer:
     async def dispatch(self, req: p.CNIRequest) -> bytes:
         if req.command == "VERSION":
             return p.version_result(req.cni_version)
+        if req.command != "DEL" and not self.datastore_up():
+            if req.command == "STATUS":
+                raise p.CNIError(p.NOT_AVAILABLE, "plugin not available: datastore unreachable")
+            raise errors.DatastoreUnavailable("etcd unreachable (the agent's datastore monitor says "
+                                              "so); try again later")
         if req.command == "STATUS":
             await self._run(self._status, req)
             return b""
@@ -289,19 +311,20 @@ class CNIServer:
             "spec": spec,
         }
 
-    def _delete_wep(self, req: p.CNIRequest) -> None:
+    def _delete_wep(self, req: p.CNIRequest | Cleanup) -> None:
+        cid = req.container_id
         if req.pod_name:
             names = [(req.pod_namespace or "default", wep_name(self.node, "k8s", req.pod_name, req.ifname))]
         else:  # no pod identity on DEL: find the endpoint by container id
             names = [
                 (w["metadata"].get("namespace"), w["metadata"]["name"])
                 for w in self.store.list("WorkloadEndpoint")
-                if (w.get("spec") or {}).get("containerID") == req.container_id
+                if (w.get("spec") or {}).get("containerID") == cid
                 and (w.get("spec") or {}).get("endpoint", "eth0") == req.ifname
                 and (w.get("spec") or {}).get("node") == self.node
             ]
             if not names:
-                names = [("default", wep_name(self.node, "cni", req.container_id, req.ifname))]
+                names = [("default", wep_name(self.node, "cni", cid, req.ifname))]
         for namespace, name in names:
             with contextlib.suppress(errors.NotFound):
                 self.store.delete("WorkloadEndpoint", name, namespace)
@@ -337,6 +360,8 @@ class CNIServer:
         host_if = wiring.host_veth_name(req.container_id, req.ifname)
         if not wiring.is_netns(req.netns):
             raise p.CNIError(p.INVALID_ENV, f"CNI_NETNS {req.netns} is not a network namespace")
+        if req.handle in self.pending:  # an earlier DEL of this container is not finished
+            await self._finish(self.pending.get(req.handle))
         # The check and the allocation run side by side (two workers): the check is rarely
         # true, and an address allocated for nothing is released at once.
         elsewhere, (ips, fresh, ports) = await asyncio.gather(
@@ -382,23 +407,39 @@ class CNIServer:
             if exc.errno != 17:  # EEXIST: a half-done earlier ADD of this container
                 raise
         await self._run(wiring.delete_link, host_if)
-        return await self._run(setup)
+        try:
+            return await self._run(setup)
+        except wiring.NetlinkError as exc:  # not ours on the host side: the pod side's name is taken
+            if exc.errno != 17:
+                raise
+            raise p.CNIError(p.INVALID_ENV, f"{req.netns} already has an interface {req.ifname} "
+                             "(another container's?)", str(exc)) from None
 
     async def _undo_add(self, req: p.CNIRequest, host_if: str, cause: BaseException) -> None:
         self.log.warning("add failed; undoing", container=req.container_id, error=str(cause))
-        steps = (
-            functools.partial(wiring.delete_link, host_if),
-            functools.partial(self.ipam.release_handle, req.handle),
-            functools.partial(self._delete_wep, req),
-        )
-        for step in steps:
+        try:
+            await self._run(wiring.delete_link, host_if)
+        except Exception as exc:  # keep undoing; DEL or GC catches what is left
+            self.log.error("undo step failed", container=req.container_id, error=str(exc))
+        if not self.datastore_up():
+            self._defer(req, "undo of a failed ADD")
+            return
+        for step in (functools.partial(self.ipam.release_handle, req.handle),
+                     functools.partial(self._delete_wep, req)):
             try:
                 await self._run(step)
+            except errors.DatastoreUnavailable:
+                self._defer(req, "undo of a failed ADD")
+                return
             except Exception as exc:  # keep undoing; DEL or GC catches what is left
                 self.log.error("undo step failed", container=req.container_id, error=str(exc))
 
     async def _del(self, req: p.CNIRequest) -> bytes:
         host_if = wiring.host_veth_name(req.container_id, req.ifname)
+        if not self.datastore_up():  # the pod's wiring goes now, its addresses when etcd is back
+            await self._run(wiring.delete_link, host_if)
+            self._defer(req, "DEL")
+            return b""
         # Independent steps, run together: deleting a veth waits for the kernel's RCU
         # grace periods (tens of ms), the etcd writes need not wait behind it.
         outcome = await asyncio.gather(
@@ -407,9 +448,15 @@ class CNIServer:
             self._run(self._delete_wep, req),
             return_exceptions=True,
         )
+        if any(isinstance(item, errors.DatastoreUnavailable) for item in outcome[1:]):
+            if isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            self._defer(req, "DEL")
+            return b""
         for item in outcome:
             if isinstance(item, BaseException):
                 raise item
+        self.pending.done(req.handle)
         released = outcome[1]
         await self._publish_routes(host_if, released, add=False)
         self.log.info("pod deleted", container=req.container_id, released=released)
@@ -467,9 +514,33 @@ class CNIServer:
         return out
 
     async def _ipam_del(self, req: p.CNIRequest) -> bytes:
-        await self._run(self.ipam.release_handle, req.handle)
+        if self.datastore_up():
+            with contextlib.suppress(errors.DatastoreUnavailable):
+                await self._run(self.ipam.release_handle, req.handle)
+                self.pending.done(req.handle)
+                return b""
+        self._defer(req, "DEL")
         return b""
 
+    # ---- what etcd could not take while it was away ---------------------------------------
+
+    def _defer(self, req: p.CNIRequest, what: str) -> None:
+        self.pending.add(Cleanup(req.handle, req.container_id, req.ifname, req.pod_name or None,
+                                 req.pod_namespace or None, wep=not req.is_ipam))
+        self.log.warning(f"{what}: datastore unreachable; its endpoint and addresses are released "
+                         "when etcd answers again", container=req.container_id, handle=req.handle)
+
+    async def _finish(self, item: Cleanup) -> None:
+        """Finish one recorded cleanup (the caller holds its container's lock)."""
+        if item.wep:
+            await self._run(self._delete_wep, item)
+        released = await self._run(self.ipam.release_handle, item.handle)
+        self.pending.done(item.handle)
+        self.log.info("pending cleanup done", container=item.container_id, handle=item.handle,
+                      released=released)
+        with contextlib.suppress(Exception):  # the veth is gone: the route went with it
+            await self._publish_routes(wiring.host_veth_name(item.container_id, item.ifname), released,
+                                       add=False)
     async def _ipam_check(self, req: p.CNIRequest) -> bytes:
         ips = await self._run(self.ipam.ips_by_handle, req.handle)
         if not ips:
@@ -518,7 +589,7 @@ class CNIServer:
                                         wep["metadata"].get("namespace"))
                 released = await self._run(self.ipam.release_handle, handle)
                 for wep in weps:
-                    self._publish_routes((wep.get("spec") or {}).get("interfaceName", ""), released, add=False)
+                    await self._publish_routes((wep.get("spec") or {}).get("interfaceName", ""), released, add=False)
             self.log.info("gc released", handle=handle)
 
     def _stale_handles(self, prefix: str, valid: set[str]) -> dict[str, list[dict]]:
@@ -586,31 +657,6 @@ def _ip_sort(ip: str) -> tuple[int, int]:
     return a.version, int(a)
 
 
-class LocalRoutes:
-    """The standalone server's route owner: a route manager of its own, applied per call
-    on a worker thread (in the agent, the dataplane driver plays this part). It has no
-    netlink monitor, so each call re-reads the kernel (a veth deleted by hand took its
-    routes with it)."""
-
-    def __init__(self, proto: int = TORTIE_PROTO) -> None:
-        self.proto = proto
-        self._mgr = None
-        self._lock = threading.Lock()
-
-    def _apply(self, routes: tuple[Route, ...], removed: tuple) -> None:
-        from tortie.routing.route_mgr import RouteManager
-
-        with self._lock:
-            if self._mgr is None:
-                self._mgr = RouteManager(proto=self.proto)
-            self._mgr.update_routes(ROUTE_CLASS, routes, removed)
-            self._mgr.request_resync()
-            self._mgr.apply()
-
-    async def publish(self, routes: tuple[Route, ...], removed: tuple) -> None:
-        await asyncio.to_thread(self._apply, routes, removed)
-
-
 # ---- standalone entry (tests, benchmarks, the lab until the agent embeds it) -------------
 
 
@@ -624,13 +670,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from tortie.datastore.etcd import EtcdClient, EtcdConfig
     from tortie.datastore.ipam import IPAM
+    from tortie.datastore.monitor import DatastoreMonitor
     from tortie.datastore.store import ResourceStore
 
-    client = EtcdClient(EtcdConfig.from_env())
+    client = EtcdClient(EtcdConfig.from_env(timeout=ETCD_TIMEOUT))
 
     async def serve() -> None:
+        monitor = DatastoreMonitor(client)
         server = CNIServer(args.socket, node_name=args.node, ipam=IPAM(client), store=ResourceStore(client),
-                           set_forwarding=not args.no_forwarding)
+                           set_forwarding=not args.no_forwarding, datastore_up=lambda: monitor.up)
+        monitor.on_change = lambda up, _error: server.pending.kick() if up else None
+        probing = asyncio.create_task(monitor.run())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -640,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             await stop.wait()
         finally:
+            probing.cancel()
             await server.stop()
 
     try:

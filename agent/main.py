@@ -22,13 +22,16 @@ import json
 import signal
 import sys
 import time
+from dataclasses import replace
 
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
 from tortie.agent.calc import EGRESS, WORKLOADS, Calculation
+from tortie.agent.cni_server import ETCD_TIMEOUT as CNI_ETCD_TIMEOUT
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
+from tortie.datastore.monitor import DatastoreMonitor
 from tortie.health import Health, start_http
 from tortie.metrics import Registry
 from tortie.routing.messages import RouteDelta, SysctlUpdate
@@ -58,8 +61,12 @@ class Agent:
         self.cfg = cfg
         self.node = cfg.nodename
         self.client = EtcdClient(cfg.etcd)
-        self.store = ResourceStore(self.client)
-        self.ipam = IPAM(self.client)
+        # CNI requests have a channel of their own with short deadlines: with etcd gone an
+        # ADD is answered "try again later" in under 2 s, and never queues behind the syncer.
+        self.cni_client = EtcdClient(replace(cfg.etcd, timeout=min(cfg.etcd.timeout, CNI_ETCD_TIMEOUT)))
+        self.store = ResourceStore(self.cni_client)
+        self.ipam = IPAM(self.cni_client)
+        self.datastore = DatastoreMonitor(self.cni_client, on_change=self._on_datastore)
         self.calc = Calculation(self.node, prefix=cfg.etcd.prefix, own_addresses=self._own_addresses())
         self.state = self.calc.state
         self.in_sync = False
@@ -79,6 +86,9 @@ class Agent:
         self.m_failures = m.counter("tortie_dataplane_failures_total", "Failed applies, by manager")
         self.m_exports = m.gauge("tortie_bgp_exports", "Prefixes this node announces")
         self.m_routes = m.gauge("tortie_desired_routes", "Desired routes, by class")
+        self.m_datastore = m.gauge("tortie_datastore_up", "1 while etcd answers the agent's probe; "
+                                   "0 while it does not (CNI ADD answers 'try again later')")
+        self.m_datastore.set(1)
         self.m_egress = m.gauge("tortie_egress_up", "Per egress pool: 1 while its table routes by its "
                                 "next hop, 0 while its traffic is refused (node status says why)")
         self.m_bfd = m.gauge("tortie_bfd_up", "Per BFD peer (an egress next hop or a BGP peer): 1 while Up")
@@ -378,6 +388,14 @@ class Agent:
         if "routes" in errs:
             raise errors.DataplaneError(f"pod route not installed: {errs['routes']}")
 
+    def _on_datastore(self, up: bool, error: str | None) -> None:
+        """etcd went away or came back. The dataplane stays as it is either way: only
+        readiness (the node cannot start pods) and the CNI server's fast answers change."""
+        self.m_datastore.set(1 if up else 0)
+        self.health.condition("datastore", None if up else f"etcd unreachable: {error}")
+        if up and self.cni is not None:
+            self.cni.pending.kick()
+
     # --- health, metrics and status: read when asked, written when changed --------------
 
     def _refresh_health(self) -> None:
@@ -480,11 +498,13 @@ class Agent:
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
                          self.cfg.metrics_host, self.cfg.metrics_port, on_scrape=self._sample_lag)
         self.cni = CNIServer(self.cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
-                             publish_routes=self._publish_routes)
+                             publish_routes=self._publish_routes, datastore_up=lambda: self.datastore.up,
+                             state_dir=self.cfg.state_dir)
         await self.cni.start()
         self._tasks = [
             asyncio.create_task(self._follow_datastore(), name="syncer"),
             asyncio.create_task(self._publish_status(), name="bgp-status"),
+            asyncio.create_task(self.datastore.run(), name="datastore-monitor"),
         ]
         log.info("agent started", node=self.node, node_ip=self.cfg.node_ip, cni_socket=self.cfg.cni_socket)
         stop = asyncio.create_task(self.stopping.wait())
@@ -514,6 +534,7 @@ class Agent:
         if self.bgp is not None:
             await self.bgp.stop()
         self.client.close()
+        self.cni_client.close()
         log.info("agent stopped")
 
 

@@ -34,6 +34,16 @@ grpc._common.MAXIMUM_WAIT_TIMEOUT = 60.0
 log = get_logger("datastore")
 
 DEFAULT_PREFIX = "/tortie/"
+# gRPC's default reconnect backoff grows to 120 s: a channel that saw etcd gone for a
+# while kept failing every call for up to two minutes after etcd was back (issue 12).
+# Try again at most a second apart; keepalive pings (etcd accepts one per 5 s) find a
+# connection that went silent, such as a watch stream to a host that vanished.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
+)
 _UNAVAILABLE = (
     etcd_exc.ConnectionFailedError,
     etcd_exc.ConnectionTimeoutError,
@@ -156,7 +166,8 @@ class EtcdClient:
         # so never bench it: the next call simply tries again.
         retry = 0.0 if len(endpoints) == 1 else 1.0
         endpoints = [
-            etcd3.Endpoint(host, port, secure=secure, creds=creds if secure else None, time_retry=retry)
+            etcd3.Endpoint(host, port, secure=secure, creds=creds if secure else None, time_retry=retry,
+                           opts=list(CHANNEL_OPTIONS))
             for host, port, secure in endpoints
         ]
         self.raw = etcd3.MultiEndpointEtcd3Client(
@@ -230,6 +241,14 @@ class EtcdClient:
 
     def revision(self) -> int:
         return self.get_prefix("\0\0nothing")[1]
+
+    def ping(self, timeout: float) -> int:
+        """One linearizable read with its own deadline (a frozen etcd or a lost quorum
+        answers nothing: DatastoreUnavailable after `timeout`); the store revision."""
+        req = etcdrpc.RangeRequest(key=self.config.prefix.encode(), limit=1, keys_only=True)
+        resp = self._call(self.raw.kvstub.Range, req, timeout,
+                          credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+        return resp.header.revision
 
     # --- writes ---------------------------------------------------------------------
 

@@ -78,7 +78,7 @@ class Syncer:
     """Snapshot + watch of key prefixes, with resume and resync; see the module docstring."""
 
     def __init__(self, client: EtcdClient, prefix: str | Sequence[str] | None = None, *,
-                 page_size: int = 1000, retry_interval: float = 0.5, max_retry_interval: float = 5.0) -> None:
+                 page_size: int = 1000, retry_interval: float = 0.2, max_retry_interval: float = 1.0) -> None:
         self.client = client
         if prefix is None:
             prefix = client.config.prefix

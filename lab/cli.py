@@ -5,6 +5,7 @@
     tortie-lab pod del NS/NAME
     tortie-lab pod label NS/NAME k=v ... [k- ...]
     tortie-lab agent stop|start|restart NODE [--kill]
+    tortie-lab etcd stop|start [MEMBER] [--kill] | etcd pause|resume
     tortie-lab exec NS/NAME -- CMD ...
     tortie-lab probe SRC DST_POD|IP PORT [--udp]
     tortie-lab matrix [--port P]
@@ -100,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
                         "BFD on every router: router bfd on|off")
     rt.add_argument("action", choices=("stop", "start", "bfd"))
     rt.add_argument("router", metavar="NAME|on|off", help="tor, tor1, tor2, ... (see status); on|off after bfd")
+
+    et = sub.add_parser("etcd", parents=[common], help="stop or start etcd, or freeze it (pause) and thaw it")
+    et.add_argument("action", choices=("stop", "start", "pause", "resume"))
+    et.add_argument("member", nargs="?", metavar="MEMBER", help="stop/start: the member (the lab runs one, n1)")
+    et.add_argument("--kill", action="store_true", help="stop with SIGKILL, as a crash")
 
     ln = sub.add_parser("link", parents=[common], help="take a node's link down or up (an uplink cut)")
     ln.add_argument("action", choices=("down", "up"))
@@ -213,6 +219,17 @@ def run(argv: list[str]) -> int:
             return 0
         (lab.router_stop if args.action == "stop" else lab.router_start)(args.router)
         print(f"router {args.router}: {'stopped' if args.action == 'stop' else 'running'}")
+        return 0
+    if args.cmd == "etcd":
+        if args.member and args.action in ("pause", "resume"):
+            raise ValidationError(f"etcd {args.action} acts on every member: no MEMBER", field="member")
+        if args.action == "stop":
+            lab.etcd_stop(args.member, signal.SIGKILL if args.kill else signal.SIGTERM)
+        elif args.action == "start":
+            lab.etcd_start(args.member)
+        else:
+            (lab.etcd_pause if args.action == "pause" else lab.etcd_resume)()
+        print(f"etcd: {dict(stop='stopped', start='running', pause='paused', resume='running')[args.action]}")
         return 0
     if args.cmd == "link":
         lab.link_set(args.node, args.ifname, up=args.action == "up")

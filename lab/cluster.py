@@ -127,17 +127,7 @@ class Lab:
         etcd_dir = os.path.join(st.dir, "etcd")
         self._record(lambda s: s.data_dirs.append(etcd_dir))
         os.makedirs(etcd_dir, mode=0o700, exist_ok=True)
-        etcd = EtcdServer(host=plan.ctl_address.split("/")[0], client_port=topology.ETCD_PORT,
-                          peer_port=topology.ETCD_PORT + 1, data_dir=etcd_dir, netns=plan.ctl_netns)
-        try:
-            etcd.start(timeout=max(deadline - time.monotonic(), 5.0))
-        except RuntimeError as exc:
-            raise DataplaneError(str(exc)) from exc
-        assert etcd.proc is not None
-        state._children[etcd.proc.pid] = etcd.proc
-        proc = Proc(role="etcd", pid=etcd.proc.pid, start=state.start_time(etcd.proc.pid),
-                    netns=plan.ctl_netns, log=os.path.join(st.dir, "etcd.log"), cmd=("etcd",))
-        self._record(lambda s: s.procs.append(proc))
+        self._start_etcd(st, plan, max(deadline - time.monotonic(), 5.0))
         echo(f"etcd healthy at {plan.etcd_endpoint} (in {plan.ctl_netns})")
 
         if st.cni == "tortie":
@@ -165,6 +155,54 @@ class Lab:
                 echo(self._wait_sessions(min(10.0, max(deadline - time.monotonic(), 1.0))))
         self._record(lambda s: setattr(s, "phase", "ready"))
         echo(f"lab {self.name} ready in {time.monotonic() - t0:.1f}s")
+
+    def _start_etcd(self, st: LabState, plan: Plan, timeout: float) -> Proc:
+        etcd = EtcdServer(host=plan.ctl_address.split("/")[0], client_port=topology.ETCD_PORT,
+                          peer_port=topology.ETCD_PORT + 1, data_dir=os.path.join(st.dir, "etcd"),
+                          netns=plan.ctl_netns)
+        try:
+            etcd.start(timeout=timeout)
+        except RuntimeError as exc:
+            raise DataplaneError(str(exc)) from exc
+        assert etcd.proc is not None
+        state._children[etcd.proc.pid] = etcd.proc
+        proc = Proc(role="etcd", pid=etcd.proc.pid, start=state.start_time(etcd.proc.pid),
+                    netns=plan.ctl_netns, log=os.path.join(st.dir, "etcd.log"), cmd=("etcd",))
+        self._record(lambda s: s.procs.append(proc))
+        return proc
+
+    # --- etcd faults: the lab runs one member, "n1" (stop/start take its name or none) ---
+
+    def _etcd_proc(self, member: str | None = None, *, running: bool = True) -> Proc | None:
+        if member not in (None, "n1", "etcd"):
+            raise NotFound(f"lab {self.name} runs one etcd member, n1; no member {member!r}")
+        proc = self.state().proc("etcd")
+        if running and (proc is None or not state.alive(proc)):
+            raise NotFound(f"etcd of lab {self.name} is not running")
+        return proc
+
+    def etcd_stop(self, member: str | None = None, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the etcd member (SIGKILL: as a crash); its data stays for etcd_start."""
+        proc = self._etcd_proc(member)
+        os.killpg(proc.pid, signal.SIGCONT)  # a paused member takes the signal too
+        state.stop(proc, first=sig)
+        self._record(lambda s: s.procs.remove(proc) if proc in s.procs else None)
+
+    def etcd_start(self, member: str | None = None, timeout: float = 30.0) -> None:
+        """Start the stopped etcd member again on its data; returns once it is healthy."""
+        old = self._etcd_proc(member, running=False)
+        if old is not None and state.alive(old):
+            raise AlreadyExists(f"etcd of lab {self.name} is running; stop it first")
+        self._record(lambda s: s.procs.remove(old) if old in s.procs else None)  # one that died
+        st = self.state()
+        self._start_etcd(st, _plan_from(st), timeout)
+
+    def etcd_pause(self) -> None:
+        """Freeze every etcd member (SIGSTOP): connections stay open, nothing answers."""
+        os.killpg(self._etcd_proc().pid, signal.SIGSTOP)
+
+    def etcd_resume(self) -> None:
+        os.killpg(self._etcd_proc().pid, signal.SIGCONT)
 
     def _build_underlay(self, plan: Plan) -> None:
         names = plan.netns_names()

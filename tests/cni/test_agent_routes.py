@@ -9,7 +9,7 @@ import uuid
 from cni_helpers import tcp_reachable
 
 from tortie.agent.calc import ClusterState, desired
-from tortie.agent.cni_server import ROUTE_CLASS
+from tortie.agent.cni_routes import ROUTE_CLASS
 from tortie.routing.model import Route
 from tortie.routing.route_mgr import RouteManager
 

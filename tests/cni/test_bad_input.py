@@ -113,7 +113,7 @@ def test_failure_after_ipam_rolls_back(cni_node):
     subprocess.run(["ip", "-n", pod_ns, "link", "add", "eth0", "type", "veth", "peer", "name", "other"], check=True)
     r = cni_node.exec_plugin("ADD", cni_node.config(), cid=uuid.uuid4().hex, netns=pod_ns, args=K8S_ARGS)
     assert r.rc != 0
-    assert json.loads(r.stdout)["code"] == 999
+    assert json.loads(r.stdout)["code"] == 4  # the name is taken in the pod namespace: definite, named
     assert cni_node.veths() == []
     assert cni_node.allocations() == []
     assert cni_node.weps() == []

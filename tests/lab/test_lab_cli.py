@@ -112,6 +112,21 @@ def test_issue3_acceptance_one_node_two_pods(lab_name):
     assert not nsutil.netns_exists(pods["default/b"]["netns"])
     assert lab_cli(lab_name, "probe", "default/a", ip_b, "80", check=False).returncode == 1
 
+    # etcd faults by the recorded PID: frozen and thawed, killed and started on its data
+    def etcd_state() -> str:
+        proc = state.load(lab_name).proc("etcd")
+        return "gone" if proc is None or not state.alive(proc) else state._stat(proc.pid)[0]
+
+    lab_cli(lab_name, "etcd", "pause")
+    assert etcd_state() == "T"
+    lab_cli(lab_name, "etcd", "resume")
+    assert etcd_state() in "SR"
+    lab_cli(lab_name, "etcd", "stop", "--kill")
+    assert etcd_state() == "gone"
+    assert lab_cli(lab_name, "etcd", "resume", check=False).returncode != 0  # nothing to resume
+    lab_cli(lab_name, "etcd", "start", "n1")
+    assert lab.wep("default/a") is not None  # its data kept, and it answers again
+
     procs = recorded_procs(lab_name)
     assert {p.role for p in procs} >= {"etcd", "podserver", "agent:node1"}
     lab_cli(lab_name, "down")
