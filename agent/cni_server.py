@@ -80,7 +80,8 @@ class CNIServer:
                  route_proto: int = TORTIE_PROTO,
                  set_forwarding: bool = True, workers: int = 32,
                  pod_lookup: Callable[[str, str], PodDetails] | None = None,
-                 datastore_up: Callable[[], bool] | None = None, state_dir: str | None = None) -> None:
+                 datastore_up: Callable[[], bool] | None = None, state_dir: str | None = None,
+                 datastore_failed: Callable[[str], None] | None = None) -> None:
         self.socket_path = socket_path
         self.node = node_name
         self.ipam = ipam
@@ -100,6 +101,8 @@ class CNIServer:
         self.pod_lookup = pod_lookup if pod_lookup is not None else pod_lookup_from_env()
         # The datastore monitor's word: while it says down, requests that need etcd fail fast.
         self.datastore_up = datastore_up or (lambda: True)
+        # told when a request found etcd unreachable (the monitor probes slowly while all is well)
+        self.datastore_failed = datastore_failed
         state_dir = state_dir or os.path.dirname(socket_path) or "."
         self.pending = PendingCleanups(os.path.join(state_dir, "cni-pending.json"), self._finish,
                                        self._container_lock, self.datastore_up)
@@ -219,7 +222,10 @@ class CNIServer:
             out = await self.dispatch(req)
             return 0, out
         except Exception as exc:
-            err = p.CNIError.from_exception(_datastore_error(exc))
+            exc = _datastore_error(exc)
+            if isinstance(exc, errors.DatastoreUnavailable) and self.datastore_failed is not None:
+                self.datastore_failed(str(exc))
+            err = p.CNIError.from_exception(exc)
             fields = {"code": err.code, "error": err.msg}
             if req is not None:
                 fields.update(command=req.command, container=req.container_id, plugin=req.plugin)
@@ -678,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     async def serve() -> None:
         monitor = DatastoreMonitor(client)
         server = CNIServer(args.socket, node_name=args.node, ipam=IPAM(client), store=ResourceStore(client),
-                           set_forwarding=not args.no_forwarding, datastore_up=lambda: monitor.up)
+                           set_forwarding=not args.no_forwarding, datastore_up=lambda: monitor.up,
+                           datastore_failed=monitor.report)
         monitor.on_change = lambda up, _error: server.pending.kick() if up else None
         probing = asyncio.create_task(monitor.run())
         stop = asyncio.Event()

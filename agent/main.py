@@ -499,6 +499,7 @@ class Agent:
                          self.cfg.metrics_host, self.cfg.metrics_port, on_scrape=self._sample_lag)
         self.cni = CNIServer(self.cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
                              publish_routes=self._publish_routes, datastore_up=lambda: self.datastore.up,
+                             datastore_failed=self.datastore.report,
                              state_dir=self.cfg.state_dir)
         await self.cni.start()
         self._tasks = [

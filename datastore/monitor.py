@@ -1,14 +1,17 @@
 """Is the datastore answering? The agent's one word on it, for readiness and CNI.
 
-A linearizable read every `interval`, each with its own short deadline: etcd killed
-(refused), frozen (no answer) or without quorum (no answer) all show as down within
-interval + deadline, and up again at the first answer. `up` starts true: the agent has
-just read and written etcd to register its node.
+A linearizable read with its own short deadline: every `interval` (3 s) while etcd
+answers, every `interval_down` (0.5 s) while it does not, so an idle node costs next to
+nothing and a return is seen at once. A caller whose own etcd call failed says so with
+`report()`: down now, and probed fast from then on. etcd killed (refused), frozen (no
+answer) or without quorum (no answer) all show as down, and up again at the first answer.
+`up` starts true: the agent has just read and written etcd to register its node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -20,11 +23,13 @@ log = get_logger("datastore")
 
 
 class DatastoreMonitor:
-    def __init__(self, client: EtcdClient, *, interval: float = 0.5, deadline: float = 1.0,
-                 on_change: Callable[[bool, str | None], None] | None = None) -> None:
+    def __init__(self, client: EtcdClient, *, interval: float = 3.0, interval_down: float = 0.5,
+                 deadline: float = 1.0, on_change: Callable[[bool, str | None], None] | None = None) -> None:
         self.client = client
         self.interval = interval
+        self.interval_down = interval_down
         self.deadline = deadline
+        self._wake: asyncio.Event | None = None
         self.on_change = on_change
         self.up = True
         self.error: str | None = None
@@ -52,8 +57,19 @@ class DatastoreMonitor:
             self._set(True, None)
         return self.up
 
+    def report(self, error: str) -> None:
+        """A caller's etcd call failed (unreachable): down now; probing speeds up to see the
+        return. Call it on the monitor's event loop."""
+        self._set(False, error)
+        if self._wake is not None:
+            self._wake.set()
+
     async def run(self) -> None:
+        self._wake = asyncio.Event()
         while True:
             t0 = time.monotonic()
             await self.probe()
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
+            interval = self.interval if self.up else self.interval_down
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, interval - (time.monotonic() - t0)))
