@@ -120,3 +120,30 @@ def test_bird_as_the_peer(pair):
                 os.killpg(bird.pid, signal.SIGKILL)
                 bird.wait()
             wa.bfd.stop()
+
+
+def test_timers_negotiate_as_rfc_5880_says():
+    """Sending at max(our DesiredMinTx, their RequiredMinRx); detection after their
+    multiplier x max(our RequiredMinRx, their DesiredMinTx) (RFC 5880 6.8.2, 6.8.4); at
+    least 1 s while not Up; a Poll is answered with Final at once."""
+    import socket
+
+    bfd = b.BFD()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s = b.Session("10.77.0.2", b.Timers(min_tx=0.05, min_rx=0.05, multiplier=3), 7, sock)
+        bfd._sessions[s.peer] = s
+        bfd._by_disc[s.my_disc] = s
+        assert s.min_tx == b.SLOW  # not Up: 1 s advertised
+        peer = b.Packet(0, b.INIT, True, False, 5, 99, 0, 0.2, 0.3)  # slower peer, polling
+        bfd._on_packet("10.77.0.2", peer)
+        assert s.state == b.UP and s.remote_disc == 99
+        assert s.final and s.next_tx == 0.0  # the Poll answered at once, with Final
+        assert s.min_tx == 0.05
+        assert all(0.75 * 0.3 <= s.tx_interval() <= 0.3 for _ in range(100))  # their RequiredMinRx
+        assert s.detect_time() == pytest.approx(5 * 0.2)  # their multiplier x their DesiredMinTx
+        assert b.decode(s.packet()).final and not s.final
+    finally:
+        sock.close()
+        os.close(bfd._wake_r)
+        os.close(bfd._wake_w)
