@@ -43,8 +43,10 @@ STATUS_PUBLISH_INTERVAL = 2.0  # at most one BGP status write per interval while
 # unchanged, the status is written again this often: `tortiectl node status` calls one older
 # than 30 s stale (the agent is probably down)
 STATUS_REFRESH_INTERVAL = 10.0
-ECMP_SYSCTLS = frozenset({("net/ipv4/fib_multipath_use_neigh", "1"), ("net/ipv4/fib_multipath_hash_policy", "1"),
-                          ("net/ipv6/fib_multipath_hash_policy", "1")})
+# per family: only what an egress pool of that family needs (a host without IPv6 has no
+# net/ipv6 settings at all)
+ECMP_SYSCTLS = {4: frozenset({("net/ipv4/fib_multipath_use_neigh", "1"), ("net/ipv4/fib_multipath_hash_policy", "1")}),
+                6: frozenset({("net/ipv6/fib_multipath_hash_policy", "1")})}
 RETRY_DELAY = 1.0
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                0.1, 0.25, 0.5, 1.0)
@@ -325,8 +327,8 @@ class Agent:
             self.m_egress.set(1 if o["up"] else 0, pool=o["pool"])
         # ECMP over several next hops: the kernel skips one whose neighbour failed, and
         # spreads flows by their ports (not only by addresses: one pod, one server).
-        multipath = any(len(p.next_hops) > 1 for p in self.calc.egress)
-        self.driver.send([SysctlUpdate("egress", ECMP_SYSCTLS if multipath else frozenset())])
+        families = {6 if ":" in p.cidr else 4 for p in self.calc.egress if len(p.next_hops) > 1}
+        self.driver.send([SysctlUpdate("egress", frozenset().union(*(ECMP_SYSCTLS[f] for f in families)))])
         down = [f"pool {o['pool']}: {o['reason']}" for o in out if not o["up"]]
         self.health.condition("egress", "; ".join(down) or None)
         self._status_dirty.set()
