@@ -547,6 +547,7 @@ class CNIServer:
         with contextlib.suppress(Exception):  # the veth is gone: the route went with it
             await self._publish_routes(wiring.host_veth_name(item.container_id, item.ifname), released,
                                        add=False)
+
     async def _ipam_check(self, req: p.CNIRequest) -> bytes:
         ips = await self._run(self.ipam.ips_by_handle, req.handle)
         if not ips:

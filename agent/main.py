@@ -34,6 +34,7 @@ from tortie.datastore.etcd import EtcdClient
 from tortie.datastore.monitor import DatastoreMonitor
 from tortie.health import Health, start_http
 from tortie.metrics import Registry
+from tortie.routing import bfd
 from tortie.routing.messages import RouteDelta, SysctlUpdate
 from tortie.routing.model import MAIN_TABLE
 
@@ -336,8 +337,6 @@ class Agent:
     def _update_bfd(self) -> None:
         """BFD sessions to the egress next hops and BGP peers that ask for them (started on
         first use: it listens on UDP 3784)."""
-        from tortie.routing import bfd
-
         want = {h: bfd.Timers(tx / 1000, rx / 1000, mult) for plan in self.calc.egress for h, tx, rx, mult in plan.bfd}
         want.update((a, bfd.Timers(tx / 1000, rx / 1000, mult)) for a, (tx, rx, mult) in self.calc.bfd_peers.items())
         if want == self._bfd_want:

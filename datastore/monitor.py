@@ -60,6 +60,8 @@ class DatastoreMonitor:
     def report(self, error: str) -> None:
         """A caller's etcd call failed (unreachable): down now; probing speeds up to see the
         return. Call it on the monitor's event loop."""
+        if not self.up:
+            return  # already known, and probed fast: a retrying runtime must not cause more
         self._set(False, error)
         if self._wake is not None:
             self._wake.set()

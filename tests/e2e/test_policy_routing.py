@@ -533,7 +533,6 @@ def test_bfd_takes_a_dead_routers_next_hop_out_within_a_second(elab):
               "after the router went down")
         lab_cli(lab, "router", "start", "tor1")
         wait_for(lambda: all(h in elab.table("node1", TABLE_A) for h in both), "node1: tor1's next hop back", 15)
-        assert time.monotonic() - t0 > took
     finally:
         if lab.state().proc("tor1") is None:
             lab_cli(lab, "router", "start", "tor1")
