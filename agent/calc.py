@@ -167,10 +167,8 @@ def egress_plan(state: ClusterState, bfd_up: frozenset[str] = frozenset()) -> tu
         version = ipaddress.ip_network(p.cidr).version
         watched = {b[0] for b in e.bfd}
         hops = tuple(sorted(h for h in e.next_hops if h not in watched or h in bfd_up))
-        problem = None
-        if any(ipaddress.ip_address(h).version != version for h in e.next_hops):
-            problem = f"next hops {', '.join(e.next_hops)} are not all IPv{version}"
-        elif not hops:
+        problem = None  # (next hops of the pool's family: the schema refuses others)
+        if not hops:
             problem = "no next hop is up (BFD down: " + ", ".join(sorted(watched)) + ")"
         elif (first := taken.get((e.table, version))) is not None and first.next_hops != hops:
             problem = f"table {e.table} is pool {first.pool}'s, with next hops {', '.join(first.next_hops)}"

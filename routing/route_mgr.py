@@ -436,15 +436,11 @@ class RouteManager:
                     tracker.mark_written(k, r)
             elif k is None:
                 pass  # a stray that would not go: the next resync finds it again
-            elif op != DELETE and e.errno in _WAIT_FOR_LINK:
-                tracker.hold(k, WaitingForLink(e))
-                if op == REPLACE:
-                    self._refused.append(k)
             elif op == ADD and e.errno == errno.EEXIST and not resynced:
                 # Our view was stale (a missed or reordered notification): look again.
                 self._need_resync = True
             else:
-                tracker.hold(k, e)
+                tracker.hold(k, WaitingForLink(e) if op != DELETE and e.errno in _WAIT_FOR_LINK else e)
                 if op == REPLACE:
                     self._refused.append(k)
         return counts
