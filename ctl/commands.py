@@ -236,7 +236,8 @@ def cmd_get(ctx, args) -> int:
 
 def _with_egress_state(ctx, pools: list[dict]) -> list[dict]:
     """The pools with what each node publishes about their egress (for display only):
-    status.egress = {node: {"up": bool, "reason": str | None}}; stale statuses are left out."""
+    status.egress = {node: {"up": bool, "reason": str | None, "nextHop": "a,b"}}; stale statuses
+    are left out."""
     prefix = ctx.config.prefix
     kvs, _ = ctx.client.get_prefix(prefix + keys.BGP_STATUS)
     now, by_pool = time.time(), {}
@@ -248,11 +249,9 @@ def _with_egress_state(ctx, pools: list[dict]) -> list[dict]:
             continue
         if not node or (doc.get("updated") is not None and now - doc["updated"] > STALE_AFTER):
             continue
-        if doc.get("bfd"):
-            print("  BFD: " + ", ".join(f"{peer} {state}" for peer, state in sorted(doc["bfd"].items())),
-                  file=ctx.out)
         for e in doc.get("egress") or ():
-            by_pool.setdefault(e.get("pool"), {})[node] = {"up": bool(e.get("up")), "reason": e.get("reason")}
+            by_pool.setdefault(e.get("pool"), {})[node] = {"up": bool(e.get("up")), "reason": e.get("reason"),
+                                                           "nextHop": e.get("nextHop") or ""}
     return [{**p, "status": {"egress": by_pool[p["metadata"]["name"]]}} if p["metadata"]["name"] in by_pool
             else p for p in pools]
 
@@ -341,8 +340,13 @@ def cmd_node_status(ctx, args) -> int:
             state = "up" if e.get("up") else f"DOWN: {e.get('reason')}"
             if e.get("up") and e.get("bfdDown"):
                 state += f" (BFD down, left out: {', '.join(e['bfdDown'])})"
-            print(f"  egress of pool {e.get('pool')} (table {e.get('table')} via {e.get('nextHop')}): {state}",
-                  file=ctx.out)
+            if e.get("fromPeers") is not None:  # next hops learned from those BGP peers
+                via = f"from peers {e['fromPeers']}: via {e.get('nextHop') or 'nothing learned'}"
+                if e.get("up") and e.get("notAnnounced"):
+                    state += f" (not announced: {', '.join(e['notAnnounced'])})"
+            else:
+                via = f"via {e.get('nextHop')}"
+            print(f"  egress of pool {e.get('pool')} (table {e.get('table')} {via}): {state}", file=ctx.out)
     if args.output == "json":
         print(json.dumps(docs, indent=2, sort_keys=True), file=ctx.out)
     return rc

@@ -67,9 +67,16 @@ class Egress:
     # Next hops watched by BFD: (address, minTx ms, minRx ms, multiplier); they count only
     # while their session is Up.
     bfd: tuple[tuple[str, int, int, int], ...] = ()
+    # Next hops learned from BGP instead (fromPeers): the BGPPeers this selector matches,
+    # for these prefixes (the default route when none are given); next_hops is then empty.
+    from_peers: str | None = None
+    prefixes: tuple[str, ...] = ()
 
     @classmethod
     def from_spec(cls, e: dict) -> Egress:
+        if e.get("fromPeers") is not None:
+            return cls(e["table"], (), fallback=e.get("fallback", "none"), from_peers=e["fromPeers"],
+                       prefixes=tuple(e.get("prefixes") or ()))
         hops = e.get("nextHops")
         if hops is None:
             return cls(e["table"], (e["nextHop"],), e.get("interface"), e.get("fallback", "none"))
