@@ -75,6 +75,11 @@ RoutesCallback = Callable[[dict[str, tuple[str, ...]]], None]
 ChangesCallback = Callable[[dict[str, tuple[str, ...]], frozenset[str]], None]
 
 
+def _session_of(peer: Peer) -> Peer:
+    """What ExaBGP's definition of the session is made of (the BFD timers are not)."""
+    return dataclasses.replace(peer, bfd=None)
+
+
 class BGPSpeaker:
     def __init__(self, *, node_name: str, router_id: str, local_as: int, local_address: str,
                  state_dir: str, listen_port: int = 179, on_routes: RoutesCallback | None = None,
@@ -393,8 +398,10 @@ class BGPSpeaker:
             self._routes_changed()
         now = time.time()
         for addr, peer in self._peers.items():
-            if addr in old and old[addr] != peer and (st := self._state.get(addr)) is not None:
-                # ExaBGP re-establishes a redefined session: as if it went down
+            if addr in old and _session_of(old[addr]) != _session_of(peer) \
+                    and (st := self._state.get(addr)) is not None:
+                # ExaBGP re-establishes a redefined session: as if it went down (BFD timers are
+                # the agent's, not in ExaBGP's file: a session that only changed them stays up)
                 if st.state == "established":
                     self._peer_gone(addr, st)
                 st.state, st.since, st.needs_full = "idle", now, False

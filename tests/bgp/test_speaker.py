@@ -119,6 +119,23 @@ def test_a_default_route_set_apart_for_egress_never_reaches_the_learned_table(la
              what="the default back in the learned table")
 
 
+def test_bfd_timers_alone_do_not_redefine_the_session(lab, pair):
+    """A BGPPeer that only gains or loses `bfd` (the agent's business, not ExaBGP's) keeps its
+    session, and the speaker still says it is established (it once said 'reconfigured' and
+    idle for good, while ExaBGP kept the session up)."""
+    node, router = pair
+    bird = tor(lab, router)
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([bird_peer(R)])
+    sp.exports([])
+    since = sp.wait_state(R)["since"]
+    sp.peers([{**bird_peer(R), "bfd": [300, 300, 3]}])
+    time.sleep(1.0)
+    st = sp.peer(R)
+    assert st["state"] == "established" and st["since"] == since, st
+    assert bird.established("n1")
+
+
 def node_status(etcd, etcd_config, doc: dict, *args: str) -> tuple[int, str]:
     """Publish a speaker's status as the agent does, and read it back with tortiectl."""
     doc = {k: v for k, v in doc.items() if k not in ("event", "synced", "rib_ready")}
