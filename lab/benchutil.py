@@ -11,6 +11,7 @@ Not a test fixture: the benches under bench/ run as scripts and import this modu
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import re
@@ -402,3 +403,18 @@ class UDPStream:
         for t in self._threads:
             t.join()
         self.sock.close()
+
+
+def add_flow_counter(lab, routers, table: str, match: str) -> None:
+    """In each router: a named counter `carried` (nftables table `inet <table>`, forward hook) of
+    the packets that `match` (an nft expression): which router carried a flow."""
+    for tor in routers:
+        lab.exec(tor, ["nft", "-f", "-"], check=True, text=True, input=(
+            f"table inet {table} {{\n  counter carried {{}}\n  chain counting {{\n"
+            f"    type filter hook forward priority 0; policy accept;\n    {match} counter name \"carried\"\n  }}\n}}\n"))
+
+
+def flow_packets(lab, router: str, table: str) -> int:
+    out = lab.exec(router, ["nft", "-j", "list", "counter", "inet", table, "carried"],
+                   capture_output=True, text=True, check=True).stdout
+    return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)

@@ -23,7 +23,7 @@ import time
 import pytest
 
 from tortie.lab import nsutil
-from tortie.lab.benchutil import UDPEcho
+from tortie.lab.benchutil import UDPEcho, add_flow_counter, flow_packets
 
 pytestmark = pytest.mark.slow
 
@@ -92,17 +92,11 @@ class FromPeersLab:
                 return False
 
     def add_counters(self) -> None:
-        a1 = self.lab.pod("default/a1").address
-        for tor in ("tor1", "tor2"):
-            self.lab.exec(tor, ["nft", "-f", "-"], check=True, text=True, input=(
-                f"table inet {COUNTERS} {{\n  counter a1 {{}}\n  chain counting {{\n"
-                "    type filter hook forward priority 0; policy accept;\n"
-                f"    ip saddr {a1} ip daddr {EXT} counter name \"a1\"\n  }}\n}}\n"))
+        add_flow_counter(self.lab, ("tor1", "tor2"), COUNTERS, f"ip saddr {self.lab.pod('default/a1').address} "
+                         f"ip daddr {EXT}")
 
     def packets(self, tor: str) -> int:
-        out = self.lab.exec(tor, ["nft", "-j", "list", "counter", "inet", COUNTERS, "a1"],
-                            capture_output=True, text=True, check=True).stdout
-        return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
+        return flow_packets(self.lab, tor, COUNTERS)
 
     def leaves_by(self) -> set[str]:
         """The routers that forward a1's next five datagrams (all answered)."""
