@@ -95,6 +95,7 @@ class Agent:
         self.m_egress = m.gauge("tortie_egress_up", "Per egress pool: 1 while its table routes by its "
                                 "next hop, 0 while its traffic is refused (node status says why)")
         self.m_bfd = m.gauge("tortie_bfd_up", "Per BFD peer (an egress next hop or a BGP peer): 1 while Up")
+        self.m_sessions = m.gauge("tortie_bgp_session_up", "Per BGP peer: 1 while the session is established")
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
         self._egress_seen: dict | None = None  # the same, on the driver thread
@@ -240,7 +241,7 @@ class Agent:
             local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
             log_severity=log_severity,
         )
-        speaker.on_status = self._status_dirty.set
+        speaker.on_status = lambda: self._bgp_status_changed(speaker)
         self._bgp_identity = identity
         if "bgp" not in self.health.components:
             self.health.register("bgp", deadline=max(3 * self.cfg.resync_interval, 30))
@@ -359,6 +360,10 @@ class Agent:
         self.m_bfd.set(1 if up else 0, peer=peer)
         self._status_dirty.set()
         self._calc("bfd", self.calc.on_bfd, peer, up)
+        if not up and peer in self.calc.bfd_peers and self.bgp is not None:
+            # the calculation already leaves the peer's routes out; closing the session also
+            # tells the peer, and a session that comes back re-sends its table from scratch
+            self.bgp.teardown(peer, "BFD Down")
 
     def _manager_status(self, name: str, error: str | None) -> None:
         if name not in self.health.components:
@@ -442,6 +447,15 @@ class Agent:
             except errors.DatastoreUnavailable:
                 self._status_dirty.set()  # again after the pause
             await asyncio.sleep(STATUS_PUBLISH_INTERVAL)
+
+    def _bgp_status_changed(self, speaker) -> None:
+        """The metric at once; the status document in etcd at the publisher's pace."""
+        up = {p.peer: p.state == "established" for p in speaker.status()}
+        for key in [k for k in self.m_sessions.values if dict(k).get("peer") not in up]:
+            del self.m_sessions.values[key]
+        for peer, established in up.items():
+            self.m_sessions.set(1 if established else 0, peer=peer)
+        self._status_dirty.set()
 
     def _own_addresses(self) -> frozenset[str]:
         return frozenset(a.split("/")[0] for a in (self.cfg.node_ip, self.cfg.node_ip6) if a)

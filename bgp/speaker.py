@@ -73,6 +73,7 @@ log = get_logger("bgp")
 
 RoutesCallback = Callable[[dict[str, tuple[str, ...]]], None]
 ChangesCallback = Callable[[dict[str, tuple[str, ...]], frozenset[str]], None]
+CEASE_BFD_DOWN = 10  # the Cease NOTIFICATION subcode RFC 9384 gives a BFD Down
 
 
 class BGPSpeaker:
@@ -220,6 +221,23 @@ class BGPSpeaker:
     async def apply(self) -> None:
         async with self._lock:
             await self._reconcile()
+
+    def teardown(self, peer: str, why: str) -> None:
+        """Close an established session at once (Cease, subcode 10 "BFD Down", RFC 9384):
+        what the peer announced goes as on any session loss, without waiting for the hold
+        time. ExaBGP dials again as usual; a peer that really is gone stays down."""
+        st = self._state.get(peer)
+        if st is None or st.state != "established" or not self._api.connected:
+            return
+        st.last_error = why
+
+        async def send() -> None:
+            try:
+                await self._api.send([f"neighbor {peer} teardown {CEASE_BFD_DOWN}"])
+                log.info("bgp session torn down", peer=peer, why=why)
+            except DataplaneError as exc:  # the API went away: the session goes with ExaBGP
+                log.warning("bgp teardown failed", peer=peer, error=str(exc))
+        self._spawn(send())
 
     def status(self) -> list[PeerStatus]:
         out = []

@@ -31,6 +31,7 @@ _NOTIFICATIONS = {
     (6, 5): "connection rejected",
     (6, 6): "other configuration change",
     (6, 7): "connection collision resolution",
+    (6, 10): "BFD down",  # RFC 9384
 }
 
 

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--pool", default=topology.DEFAULT_POOL_CIDR, help="the default IPPool's CIDR")
     up.add_argument("--block-size", type=int, default=topology.DEFAULT_BLOCK_SIZE)
     up.add_argument("--timeout", type=float, default=60.0, help="seconds until everything is ready")
-    up.add_argument("--bfd", action="store_true", help="the routers run BFD (100 ms x 3) with every node (--tor bird)")
+    up.add_argument("--bfd", action="store_true", help="the routers run BFD (100 ms x 3) with every node (--tor bird or frr)")
 
     pod = sub.add_parser("pod", parents=[common], help="add, delete, label pods")
     psub = pod.add_subparsers(dest="pod_cmd", required=True)

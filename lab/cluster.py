@@ -77,9 +77,8 @@ class Lab:
         """Build the lab and wait until it is ready; on any failure tear down what was made.
         `bfd`: the routers run BFD with every node (for egress next hops that ask for it)."""
         plan = topology.make_plan(name, nodes, tor, uplinks)
-        if bfd and tor != "bird":
-            raise ValidationError("--bfd needs --tor bird (BFD on the lab's FRR routers is not supported yet)",
-                                  field="bfd")
+        if bfd and tor == "none":
+            raise ValidationError("--bfd needs routers (--tor bird or frr)", field="bfd")
         if cni not in CNI_MODES:
             raise ValidationError(f"--cni {cni!r}: want one of {', '.join(CNI_MODES)}", field="cni")
         agent_mode = resolve_agent(agent) if cni == "tortie" else "none"
@@ -317,9 +316,12 @@ class Lab:
         plan = _plan_from(st)
         if not plan.tors:
             raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
-        for tor in plan.tors:
-            self._router(tor).set_bfd(plan, st.bgp_passwords, on)
-        # ... and the lab's BGPPeers ask for it (or no longer)
+        # On: the routers first, then the lab's BGPPeers ask for it. Off: the other way round,
+        # and the routers only once the nodes have ended their sessions (AdminDown), so that
+        # neither side takes BFD going away for a dead path.
+        if on:
+            for tor in plan.tors:
+                self._router(tor).set_bfd(plan, st.bgp_passwords, on)
         names = {f"{tor.name}-{n.name}" for tor in plan.tors for n, _ in plan.links_of(tor.name)}
         peers = [p for p in json.loads(self.ctl("get", "bgppeers", "-o", "json").stdout)["items"]
                  if p["metadata"]["name"] in names]
@@ -330,14 +332,19 @@ class Lab:
                 p["spec"]["bfd"] = routers.LAB_BFD
         if peers:
             self.ctl("apply", "-f", "-", input="\n---\n".join(json.dumps(p) for p in peers))
+        if not on:
+            # (a node's egress next hops may keep a session Up: then this just waits 3 s)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and any(
+                    "Up" in self._router(tor).bfd_sessions(plan).values() for tor in plan.tors):
+                time.sleep(0.1)
+            for tor in plan.tors:
+                self._router(tor).set_bfd(plan, st.bgp_passwords, on)
 
     def bfd_sessions(self, router: str) -> dict[str, str]:
         """A router's BFD sessions: node address -> state (Up, Down, Init)."""
         _, _, tor = self._tor(router)
-        run = self._router(tor)
-        out = routers.birdc(tor.netns, run.control, "show", "bfd", "sessions")
-        return {cols[0]: cols[2] for line in out.splitlines() if len(cols := line.split()) >= 3
-                and cols[0][0].isdigit()}
+        return self._router(tor).bfd_sessions(self.plan())
 
     def bgp_sessions(self) -> dict[str, dict[str, str]]:
         """Per router: its BGP sessions' states by node name (Established, Active, ...)."""
