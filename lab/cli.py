@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--block-size", type=int, default=topology.DEFAULT_BLOCK_SIZE)
     up.add_argument("--timeout", type=float, default=60.0, help="seconds until everything is ready")
     up.add_argument("--bfd", action="store_true", help="the routers run BFD (100 ms x 3) with every node (--tor bird or frr)")
+    up.add_argument("--reflectors", type=int, default=0, metavar="N",
+                    help="mesh off; the last N nodes are route reflectors, the others their clients (--tor none)")
 
     pod = sub.add_parser("pod", parents=[common], help="add, delete, label pods")
     psub = pod.add_subparsers(dest="pod_cmd", required=True)
@@ -176,7 +178,7 @@ def run(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
         Lab.up(name, args.nodes, args.tor, uplinks=args.uplinks, cni=args.cni, agent=args.agent,
                agent_env=_kv(args.agent_env, "agent-env"), pool=args.pool, block_size=args.block_size,
-               timeout=args.timeout, bfd=args.bfd, echo=print)
+               timeout=args.timeout, bfd=args.bfd, reflectors=args.reflectors, echo=print)
         print(f"next: tortie-lab pod add node1 default/a   (then: tortie-lab matrix; tortie-lab down"
               f"{'' if name == topology.DEFAULT_LAB else ' --name ' + name})")
         return 0

@@ -54,6 +54,21 @@ def _plan_from(st: LabState) -> Plan:
     return topology.plan_from_dict(st.plan)
 
 
+RR_CLUSTER_ID = "244.0.0.1"  # the lab's reflectors share one cluster id, as redundant reflectors do
+
+
+def reflector_resources(plan: Plan, count: int) -> list[dict]:
+    """Mesh off; the last `count` nodes are route reflectors (the others peer with them)."""
+    if not count:
+        return []
+    res: list[dict] = [{"apiVersion": routers.API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": "default"},
+                        "spec": {"nodeToNodeMeshEnabled": False}}]
+    res += [{"apiVersion": routers.API_VERSION, "kind": "Node",
+             "metadata": {"name": n.name, "labels": {"route-reflector": "true"}},
+             "spec": {"bgp": {"routeReflectorClusterID": RR_CLUSTER_ID}}} for n in plan.nodes[-count:]]
+    return res
+
+
 def resolve_agent(mode: str) -> str:
     """Which per-node daemon to run: `auto` is the agent (it serves CNI through agent.cni_server)."""
     if mode not in AGENT_MODES:
@@ -73,12 +88,17 @@ class Lab:
     def up(cls, name: str = topology.DEFAULT_LAB, nodes: int = 1, tor: str = "none", *,
            uplinks: int = 1, cni: str = "tortie", agent: str = "auto", agent_env: Mapping[str, str] | None = None,
            pool: str = topology.DEFAULT_POOL_CIDR, block_size: int = topology.DEFAULT_BLOCK_SIZE,
-           timeout: float = 60.0, bfd: bool = False, echo: Echo = quiet) -> Lab:
+           timeout: float = 60.0, bfd: bool = False, reflectors: int = 0, echo: Echo = quiet) -> Lab:
         """Build the lab and wait until it is ready; on any failure tear down what was made.
-        `bfd`: the routers run BFD with every node (for egress next hops that ask for it)."""
+        `bfd`: the routers run BFD with every node (for egress next hops that ask for it).
+        `reflectors`: the mesh is off and the last that many nodes are route reflectors
+        (one cluster id), every other node their client."""
         plan = topology.make_plan(name, nodes, tor, uplinks)
         if bfd and tor == "none":
             raise ValidationError("--bfd needs routers (--tor bird or frr)", field="bfd")
+        if reflectors and (tor != "none" or not 0 < reflectors < nodes):
+            raise ValidationError(f"--reflectors wants --tor none and 1-{max(nodes - 1, 1)} of the {nodes} nodes",
+                                  field="reflectors")
         if cni not in CNI_MODES:
             raise ValidationError(f"--cni {cni!r}: want one of {', '.join(CNI_MODES)}", field="cni")
         agent_mode = resolve_agent(agent) if cni == "tortie" else "none"
@@ -91,7 +111,8 @@ class Lab:
                 raise AlreadyExists(f"namespaces of lab {name!r} exist ({', '.join(leftovers[:3])}...); "
                                     f"`tortie-lab down --name {name}` first")
             st = LabState(name=name, dir=state.lab_dir(name), tor=tor, cni=cni, agent=agent_mode,
-                          plan=asdict(plan), agent_env=dict(agent_env or {}), router_bfd=bfd)
+                          plan=asdict(plan), agent_env=dict(agent_env or {}), router_bfd=bfd,
+                          reflectors=reflectors)
             os.makedirs(os.path.join(st.dir, "logs"), exist_ok=True)
             state.save(st)
         try:
@@ -130,7 +151,8 @@ class Lab:
         echo(f"etcd healthy at {plan.etcd_endpoint} (in {plan.ctl_netns})")
 
         if st.cni == "tortie":
-            extra = [a for r in routers.bgp_resources(plan, pool, st.router_bfd) for a in ("--resource", json.dumps(r))]
+            resources = routers.bgp_resources(plan, pool, st.router_bfd) + reflector_resources(plan, st.reflectors)
+            extra = [a for r in resources for a in ("--resource", json.dumps(r))]
             created = self._dsops("bootstrap", "--cidr", pool, "--block-size", str(block_size), *extra)
             echo(f"IPPool default-ipv4 {pool} blockSize {block_size} "
                  f"({'created' if created.get('ippool') else 'exists'}); IPAMConfig default")

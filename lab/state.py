@@ -83,6 +83,7 @@ class LabState:
     agent_env: dict[str, str] = field(default_factory=dict)  # extra agent environment (--agent-env)
     bgp_passwords: dict[str, str] = field(default_factory=dict)  # node -> the routers' MD5 password for it
     router_bfd: bool = False  # the routers run BFD with every node (`router bfd on`)
+    reflectors: int = 0  # the last that many nodes are route reflectors, the mesh off
     etcd_prefix: str = "/tortie/"
     bin_dir: str = ""
     created: float = field(default_factory=time.time)

@@ -143,3 +143,19 @@ def test_router_config_and_bgp_resources():
     default = next(r for r in res if r["metadata"]["name"] == "default")
     assert default["spec"]["nodeToNodeMeshEnabled"] is False
     assert routers.bgp_resources(topology.make_plan("lab1", 2)) == []
+
+
+def test_reflector_labs_turn_the_mesh_off_and_make_the_last_nodes_reflectors():
+    from tortie.datastore.kinds import validate
+    from tortie.lab.cluster import Lab, reflector_resources
+
+    plan = topology.make_plan("lab1", 5, "none")
+    res = reflector_resources(plan, 2)
+    assert res[0]["kind"] == "BGPConfiguration" and res[0]["spec"] == {"nodeToNodeMeshEnabled": False}
+    assert [r["metadata"]["name"] for r in res[1:]] == ["node4", "node5"]
+    for r in res:
+        validate(r)
+    assert reflector_resources(plan, 0) == []
+    for nodes, tor, k in ((5, "none", 5), (5, "bird", 1), (1, "none", 1)):
+        with pytest.raises(ValidationError, match="reflectors"):
+            Lab.up("lab1", nodes, tor, reflectors=k)
