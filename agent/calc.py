@@ -16,8 +16,9 @@ No I/O here.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from tortie.agent.calc_policy import PolicyCalculator
 from tortie.agent.state import ClusterState
@@ -51,6 +52,7 @@ class Desired:
     exports: frozenset[str]
     rules: frozenset[Rule] = frozenset()
     egress_routes: frozenset[Route] = frozenset()
+    refused: Mapping[str, str] = field(default_factory=dict)  # learned prefix -> why not installed
 
 
 def _pool_of(net: ipaddress._BaseNetwork, pools: Mapping[str, res.IPPool]) -> res.IPPool | None:
@@ -84,6 +86,40 @@ def bfd_silenced(state: ClusterState, node: str, bfd_up: frozenset[str]) -> froz
     """BGP peers watched by BFD whose session is not Up: the routes they are the next hop
     of are left out (at once when BFD goes Down, not after the BGP hold time)."""
     return frozenset(p.address for p in bgp_peers(state, node) if p.bfd and p.address not in bfd_up)
+
+
+def import_refusal(prefix: str, blocks: Sequence[tuple[str, ipaddress._BaseNetwork]],
+                   local: Container[str], elsewhere: Container[str]) -> str | None:
+    """Why a learned prefix must not be installed, or None: it would take traffic for a
+    local pod (its own /32), or for a part of one of this node's blocks, away from this
+    node. A /32 in our block that a pod on another node holds is no hijack: that pod
+    borrowed the address, and its node announces it."""
+    if prefix in local:
+        return "a local pod's address"
+    plen = int(prefix.rsplit("/", 1)[1])
+    if not any(plen > b.prefixlen for _, b in blocks):
+        return None  # nothing of ours is less specific (the common case: others' blocks)
+    net = ipaddress.ip_network(prefix)
+    for cidr, b in blocks:
+        if net.version == b.version and net.prefixlen > b.prefixlen and net.subnet_of(b):
+            return None if prefix in elsewhere else f"inside this node's block {cidr}"
+    return None
+
+
+def workload_prefixes(state: ClusterState, node: str) -> tuple[set[str], set[str]]:
+    """The host prefixes of this node's wired pods, and of pods on other nodes."""
+    local: set[str] = set()
+    elsewhere: set[str] = set()
+    for wep in state.weps.values():
+        if wep.node == node and wep.interface_name:
+            local.update(_prefixes(wep))
+        elif wep.node != node:
+            elsewhere.update(_prefixes(wep))
+    return local, elsewhere
+
+
+def _prefixes(wep: res.WorkloadEndpoint) -> list[str]:
+    return [str(ipaddress.ip_network(c, strict=False)) for c in wep.ip_networks]
 
 
 def own_blocks(state: ClusterState, node: str) -> list[str]:
@@ -131,15 +167,22 @@ def desired(
 
     own = set(blocks)
     bgp_routes = set()
+    refused = {}
     skip = own_addresses | bfd_silenced(state, node, bfd_up)
+    local, elsewhere = workload_prefixes(state, node)
+    owned = list(zip(blocks, block_nets, strict=True))
     for prefix, hops in dict(learned).items():
         hops = tuple(sorted(h for h in hops if h not in skip))
         if prefix in own or not hops:
             continue
+        why = import_refusal(prefix, owned, local, elsewhere)
+        if why:
+            refused[prefix] = why
+            continue
         bgp_routes.add(learned_route(prefix, hops))  # canonical from ExaBGP: no re-validation
     rules, egress_routes = policy_routing(state, bfd_up)
     return Desired(frozenset(block_routes), frozenset(workload_routes), frozenset(bgp_routes),
-                   frozenset(exports), rules, egress_routes)
+                   frozenset(exports), rules, egress_routes, refused)
 
 
 @dataclass(frozen=True)
@@ -295,6 +338,11 @@ class Calculation:
         self._exports: set[str] = set()
         self._block_exports: set[str] = set()
         self._borrowed: dict[str, int] = {}  # local addresses outside our blocks -> endpoints
+        # host prefixes of wired local pods, and of pods on other nodes (endpoint counts):
+        # what a learned route may not take over, and what it may (see import_refusal)
+        self._local_prefixes: Counter[str] = Counter()
+        self._elsewhere: Counter[str] = Counter()
+        self.refused: dict[str, str] = {}  # learned prefixes not installed -> why
         self._export_added: set[str] = set()
         self._export_removed: set[str] = set()
         self._rules: frozenset[Rule] | None = None
@@ -425,7 +473,13 @@ class Calculation:
         blocks = own_blocks(st, self.node)
         self._blocks = [(c, ipaddress.ip_network(c)) for c in blocks]
         self._block_set = frozenset(blocks)
+        self._local_prefixes, self._elsewhere = Counter(), Counter()
+        for wep in st.weps.values():
+            self._count_wep(wep, 1)
         want = desired(st, self.node, self.learned, self.own_addresses, self.bfd_up)
+        for prefix in set(want.refused) - set(self.refused):
+            log.warning("learned route refused", prefix=prefix, why=want.refused[prefix])
+        self.refused = dict(want.refused)
         self._out[BLOCKS].replace(want.block_routes)
         self._out[WORKLOADS].replace(want.workload_routes)
         self._out[BGP].replace(want.bgp_routes)
@@ -440,7 +494,22 @@ class Calculation:
     def _local(self, wep: res.WorkloadEndpoint | None) -> bool:
         return wep is not None and wep.node == self.node and bool(wep.interface_name)
 
+    def _count_wep(self, wep: res.WorkloadEndpoint | None, n: int) -> None:
+        if wep is None:
+            return
+        counter = self._local_prefixes if self._local(wep) else self._elsewhere if wep.node != self.node else None
+        if counter is not None:
+            for prefix in _prefixes(wep):
+                counter[prefix] += n
+                if counter[prefix] <= 0:
+                    del counter[prefix]
+
     def _wep_changed(self, old: res.WorkloadEndpoint | None, new: res.WorkloadEndpoint | None) -> None:
+        self._count_wep(old, -1)
+        self._count_wep(new, 1)
+        for prefix in {*(_prefixes(old) if old else ()), *(_prefixes(new) if new else ())}:
+            if prefix in self.learned:  # a learned /32 may now take over a pod, or may no longer
+                self._learned_one(prefix)
         if self._local(old) or self._local(new):
             out = self._out[WORKLOADS]
             want = {r.key: r for r in _wep_routes(new)} if self._local(new) else {}
@@ -487,9 +556,14 @@ class Calculation:
         self._block_set = frozenset(blocks)
         self._out[BLOCKS].replace(Route(dst=c, type="blackhole") for c in blocks)
         self._exports_recompute()
-        for prefix in before ^ self._block_set:  # our own block coming back is never routed
+        changed = before ^ self._block_set
+        for prefix in changed:  # our own block coming back is never routed
             if prefix in self.learned:
                 self._learned_one(prefix)
+        # ... nor what is more specific than a block of ours (see import_refusal)
+        shortest = min(ipaddress.ip_network(c).prefixlen for c in changed)
+        for prefix in [p for p in self.learned if int(p.rsplit("/", 1)[1]) > shortest]:
+            self._learned_one(prefix)
 
     def _exports_recompute(self) -> None:
         """Blocks of pools that export, and local addresses outside our blocks (borrowed)."""
@@ -525,8 +599,17 @@ class Calculation:
             own, silenced = self.own_addresses, self._silenced
             hops = tuple(sorted(h for h in hops if h not in own and h not in silenced))
             if hops:
-                out.set(learned_route(prefix, hops))
+                why = import_refusal(prefix, self._blocks, self._local_prefixes, self._elsewhere)
+                if why is None:
+                    self.refused.pop(prefix, None)
+                    out.set(learned_route(prefix, hops))
+                    return
+                if self.refused.get(prefix) != why:
+                    log.warning("learned route refused", prefix=prefix, why=why, via=hops)
+                    self.refused[prefix] = why
+                out.remove(route_key(prefix))
                 return
+        self.refused.pop(prefix, None)
         out.remove(route_key(prefix))
 
     def on_bfd(self, peer: str, up: bool) -> None:

@@ -40,6 +40,7 @@ from tortie.routing.model import MAIN_TABLE
 
 log = tlog.get_logger("agent")
 
+STATUS_REFUSED_MAX = 50  # refused learned routes listed in the status document (all are counted)
 STATUS_PUBLISH_INTERVAL = 2.0  # at most one BGP status write per interval while it changes
 # unchanged, the status is written again this often: `tortiectl node status` calls one older
 # than 30 s stale (the agent is probably down)
@@ -89,6 +90,8 @@ class Agent:
         self.m_failures = m.counter("tortie_dataplane_failures_total", "Failed applies, by manager")
         self.m_exports = m.gauge("tortie_bgp_exports", "Prefixes this node announces")
         self.m_routes = m.gauge("tortie_desired_routes", "Desired routes, by class")
+        self.m_refused = m.gauge("tortie_bgp_routes_refused", "Learned routes not installed because they "
+                                 "would take over a local pod or a part of this node's blocks")
         self.m_datastore = m.gauge("tortie_datastore_up", "1 while etcd answers the agent's probe; "
                                    "0 while it does not (CNI ADD answers 'try again later')")
         self.m_datastore.set(1)
@@ -417,6 +420,7 @@ class Agent:
         self.m_exports.set(len(self.calc.exports))
         for cls in ("blocks", "workloads", "bgp"):
             self.m_routes.set(self.calc.route_count(cls), **{"class": cls})
+        self.m_refused.set(len(self.calc.refused))
 
     async def _sample_lag(self) -> None:
         """Event-loop lag at a scrape: how long a callback made ready now waits for the loop.
@@ -439,7 +443,8 @@ class Agent:
             self._status_dirty.clear()
             if self.bgp is None or not self.in_sync:
                 continue
-            body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status,
+            refused = dict(sorted(self.calc.refused.items())[:STATUS_REFUSED_MAX])
+            body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status, "refused": refused,
                                "bfd": {p: st["state"] for p, st in self.bfd.states().items()} if self.bfd else {}},
                               sort_keys=True).encode()
             try:

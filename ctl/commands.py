@@ -343,6 +343,8 @@ def cmd_node_status(ctx, args) -> int:
                 state += f" (BFD down, left out: {', '.join(e['bfdDown'])})"
             print(f"  egress of pool {e.get('pool')} (table {e.get('table')} via {e.get('nextHop')}): {state}",
                   file=ctx.out)
+        for prefix, why in sorted((doc.get("refused") or {}).items()):
+            print(f"  learned route {prefix} refused: {why}", file=ctx.out)
     if args.output == "json":
         print(json.dumps(docs, indent=2, sort_keys=True), file=ctx.out)
     return rc

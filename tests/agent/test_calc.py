@@ -76,13 +76,37 @@ def test_learned_routes_skip_own_blocks_and_own_next_hops_and_keep_ecmp():
         "10.65.1.0/26": ("10.0.0.2",),  # our own block reflected back
         "10.65.3.0/26": ("10.0.0.3", "10.0.0.2"),  # ECMP
         "10.65.4.0/26": ("10.0.0.1",),  # next hop is us
-        "10.65.1.7/32": ("10.0.0.3",),  # someone borrowed from our block: /32 beats our blackhole
+        "10.65.1.7/32": ("10.0.0.3",),  # a pod on n3 borrowed from our block: /32 beats our blackhole
     }
+    wep(s, "default", "borrower", "n3", "10.65.1.7/32", "cali3")
     d = desired(s, "n1", learned, frozenset({"10.0.0.1"}))
     assert d.bgp_routes == {
         Route(dst="10.65.3.0/26", gateways=("10.0.0.2", "10.0.0.3")),
         Route(dst="10.65.1.7/32", gateways=("10.0.0.3",)),
     }
+    assert d.refused == {}
+
+
+def test_learned_routes_never_take_over_local_pods_or_parts_of_our_blocks():
+    """Issue 12 item 3: a peer's /32 of a local pod, a more specific of one of our blocks,
+    a /32 in our block that no pod elsewhere holds: refused, and said why."""
+    s = make_state()
+    affinity(s, "n1", "10.65.1.0/26")
+    wep(s, "default", "mine", "n1", "10.65.1.5/32", "cali1")
+    wep(s, "default", "outside", "n1", "10.65.9.5/32", "cali2")  # borrowed by us from n2's block
+    learned = {
+        "10.65.1.5/32": ("10.0.0.9",),  # our pod's own address
+        "10.65.9.5/32": ("10.0.0.9",),  # our borrowed pod's address
+        "10.65.1.0/28": ("10.0.0.9",),  # a part of our block
+        "10.65.1.8/32": ("10.0.0.9",),  # an address of our block no pod elsewhere holds
+        "10.65.0.0/16": ("10.0.0.9",),  # less specific: our routes still win
+        "10.65.9.0/26": ("10.0.0.2",),  # n2's block
+    }
+    d = desired(s, "n1", learned, frozenset({"10.0.0.1"}))
+    assert {r.dst for r in d.bgp_routes} == {"10.65.0.0/16", "10.65.9.0/26"}
+    assert d.refused == {"10.65.1.5/32": "a local pod's address", "10.65.9.5/32": "a local pod's address",
+                         "10.65.1.0/28": "inside this node's block 10.65.1.0/26",
+                         "10.65.1.8/32": "inside this node's block 10.65.1.0/26"}
 
 
 def test_deletions_and_resync_clear_state():

@@ -221,7 +221,10 @@ def bgp_event(draw):
 
 @st.composite
 def learned_event(draw):
-    prefix = draw(st.sampled_from(["10.65.0.0/26", "10.65.0.64/26", "10.65.9.0/26", "10.70.0.1/32"]))
+    # others' blocks, our blocks coming back, a more specific of ours, pods' /32s (ours,
+    # other nodes', or nobody's), outside every pool
+    prefix = draw(st.sampled_from(["10.65.0.0/26", "10.65.0.64/26", "10.65.9.0/26", "10.65.0.16/28",
+                                   "10.65.0.1/32", "10.65.0.3/32", "10.65.0.2/32", "10.70.0.1/32"]))
     if draw(st.booleans()):
         return ("learned", {}, [prefix])
     hops = tuple(sorted(set(draw(st.lists(st.sampled_from(["10.99.0.2", "10.99.0.3", OWN_ADDR]),
@@ -245,6 +248,7 @@ def _fresh(items: dict, learned: dict) -> Accumulated:
     assert acc.exports == set(want.exports)
     assert set(acc.routes.get("workloads", {}).values()) == set(want.workload_routes)
     assert set(acc.routes.get("bgp", {}).values()) == set(want.bgp_routes)
+    assert calc.refused == dict(want.refused)
     full = network_policy(calc.state, ME)
     assert acc.pods == {f.interface: f for f in full.pods}
     assert acc.policies == {p.key: p for p in full.policies}
