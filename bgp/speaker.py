@@ -74,6 +74,8 @@ log = get_logger("bgp")
 RoutesCallback = Callable[[dict[str, tuple[str, ...]]], None]
 ChangesCallback = Callable[[dict[str, tuple[str, ...]], frozenset[str]], None]
 CEASE_BFD_DOWN = 10  # the Cease NOTIFICATION subcode RFC 9384 gives a BFD Down
+CEASE_MAX_PREFIXES = 1  # Cease, "Maximum Number of Prefixes Reached" (RFC 4486)
+PREFIX_LIMIT_HOLD = 300.0  # seconds a peer over its maxPrefixes stays shut before it may try again
 
 
 class BGPSpeaker:
@@ -83,7 +85,8 @@ class BGPSpeaker:
                  batch: int = 500, settle_time: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
                  exabgp: str | None = None, cluster_id: str | None = None,
                  on_route_changes: ChangesCallback | None = None,
-                 on_released: Callable[[], None] | None = None, log_severity: str = "Info") -> None:
+                 on_released: Callable[[], None] | None = None, log_severity: str = "Info",
+                 prefix_limit_hold: float = PREFIX_LIMIT_HOLD) -> None:
         self.node_name = node_name
         self.local = cfg.LocalSettings(router_id=router_id, local_as=local_as, local_address=local_address,
                                        local_address6=local_address6, listen_port=listen_port,
@@ -115,6 +118,9 @@ class BGPSpeaker:
         self._api.waker = self._waker
 
         self._peers: dict[str, Peer] = {}  # desired, by address
+        # peers over their maxPrefixes: left out of ExaBGP's file until the hold ends -> why
+        self._held: dict[str, str] = {}
+        self.prefix_limit_hold = prefix_limit_hold
         self._loaded: dict[str, Peer] | None = None  # what ExaBGP's file says
         self._exports: dict[str, str] | None = None  # desired prefix -> attribute text
         self._announced: dict[str, str] = {}  # what ExaBGP holds for all neighbors
@@ -245,11 +251,12 @@ class BGPSpeaker:
             st = self._state.get(addr) or PeerState()
             up = st.state == "established"
             sent = sum(1 for p in self._announced if family_of(p) == family_of(addr)) if up and self._synced else 0
-            error = "" if up else "; ".join(e for e in (st.last_error, st.probe_error) if e)
+            error = "" if up else self._held.get(addr) or "; ".join(e for e in (st.last_error, st.probe_error) if e)
             if not up and not error and peer.passive:
                 error = "waiting for the peer to connect (this side is passive)"
             out.append(PeerStatus(peer=addr, kind=peer.kind, state=st.state, since=st.since,
                                   prefixes_received=self._rib.count(addr), prefixes_sent=sent,
+                                  prefixes_filtered=self._rib.count(addr) - self._rib.accepted(addr),
                                   last_error=error, name=peer.name, port=peer.port, passive=peer.passive,
                                   stale=self._rib.is_stale(addr)))
         return out
@@ -304,7 +311,7 @@ class BGPSpeaker:
     # --- reconcile ---------------------------------------------------------------------
 
     async def _reconcile(self) -> None:
-        if self._peers != self._loaded:
+        if self._configured() != self._loaded:
             self._reload_peers()
         if not self._api.connected or self._exports is None:
             return  # nothing to talk to yet, or the agent has not said what to export
@@ -367,46 +374,64 @@ class BGPSpeaker:
             await self._api.send(lines)
             log.info("end-of-RIB sent", peer=addr, prefixes=sum(map(len, by_attrs.values())))
 
+    def _configured(self) -> dict[str, Peer]:
+        """The peers ExaBGP's file should hold: the desired ones not held down."""
+        if not self._held:
+            return self._peers
+        return {a: p for a, p in self._peers.items() if a not in self._held}
+
     def _reload_peers(self) -> None:
         old = self._loaded or {}
         self._write_config()
-        if any(old.get(a) != p for a, p in self._peers.items()):
+        peers = self._loaded
+        if any(old.get(a) != p for a, p in peers.items()):
             self._rib.set_filter(self._accepts)  # import filters may have changed
             self._routes_changed()
-        for addr in set(old) - set(self._peers):
-            st = self._state.pop(addr, None)
+        for addr in set(old) - set(peers):
+            held = addr in self._held  # its state stays: status says why it is down
+            st = self._state.get(addr) if held else self._state.pop(addr, None)
             if st and st.expiry:
                 st.expiry.cancel()
+                st.expiry = None
+            if held and st:
+                st.state, st.since = "down", time.time()
             self._rib.drop(addr)
             self._routes_changed()
         now = time.time()
-        for addr, peer in self._peers.items():
-            if addr in old and old[addr] != peer and (st := self._state.get(addr)) is not None:
+        for addr, peer in peers.items():
+            if addr in old and self._redefined(old[addr], peer) and (st := self._state.get(addr)) is not None:
                 # ExaBGP re-establishes a redefined session: as if it went down
                 if st.state == "established":
                     self._peer_gone(addr, st)
                 st.state, st.since, st.needs_full = "idle", now, False
                 st.last_error, st.probe_error = "reconfigured", ""
-        if any(old.get(a) != p for a, p in self._peers.items()):
+        if any(a not in old or self._redefined(old[a], p) for a, p in peers.items()):
             self._waker.settle()  # sessions to set up: its listener and connects are not polled
             self._unsettled.set()
         self._check_settled()
         self._status_changed()
         if self._api_ready():
             # only once its API runs: before that SIGUSR1 kills it, and it has not read the file yet
-            log.info("exabgp reload", peers=len(self._peers),
-                     added=sorted(set(self._peers) - set(old)), removed=sorted(set(old) - set(self._peers)))
+            log.info("exabgp reload", peers=len(peers),
+                     added=sorted(set(peers) - set(old)), removed=sorted(set(old) - set(peers)))
             self._exabgp.request_reload()
+
+    def _redefined(self, old: Peer, new: Peer) -> bool:
+        """Whether ExaBGP sees another neighbor (it compares what its file says, field by
+        field): settings only tortie reads (BFD, maxPrefixes, accepted prefixes) keep the
+        session as it is."""
+        return cfg.neighbor_block(old, self.local) != cfg.neighbor_block(new, self.local)
 
     def _api_ready(self) -> bool:
         pid = self._exabgp.pid
         return pid is not None and self._api_pid == pid and self._api.connected
 
     def _write_config(self) -> None:
-        cfg.write(self.conf_path, cfg.render(self._peers.values(), self.local, self.sock_path))
-        self._loaded = dict(self._peers)
+        peers = self._configured()
+        cfg.write(self.conf_path, cfg.render(peers.values(), self.local, self.sock_path))
+        self._loaded = dict(peers)
         self._config_gen += 1
-        for addr in self._peers:
+        for addr in peers:
             self._state.setdefault(addr, PeerState())
 
     # --- the API stream ----------------------------------------------------------------
@@ -531,7 +556,7 @@ class BGPSpeaker:
 
     def _check_settled(self) -> None:
         """Every session up: no wakes, no diagnosis."""
-        if all(self._state.get(a, PeerState()).state == "established" for a in self._peers):
+        if all(self._state.get(a, PeerState()).state == "established" for a in self._configured()):
             self._waker.settled()
             self._unsettled.clear()
 
@@ -559,7 +584,7 @@ class BGPSpeaker:
         while True:
             await self._unsettled.wait()
             await asyncio.sleep(every)
-            await diagnose.diagnose(self._peers, self._state, self._local_for)
+            await diagnose.diagnose(self._configured(), self._state, self._local_for)
             self._status_changed()
 
     def _status_changed(self) -> None:
@@ -582,9 +607,40 @@ class BGPSpeaker:
                 self._routes_changed()
             self._maybe_release()
             return
+        if peer in self._held:
+            return  # what was on its way when we closed the session
         parsed = parse_update(message.get("update") or {}, self.local.router_id, self._cluster_id)
         if parsed is not None and self._rib.update(peer, *parsed):
             self._routes_changed()
+        limit = getattr(self._peers.get(peer), "max_prefixes", None)
+        if limit and self._rib.count(peer) > limit:
+            self._over_limit(peer, limit)
+
+    def _over_limit(self, peer: str, limit: int) -> None:
+        """More prefixes than the peer's maxPrefixes (BIRD's `receive limit`, FRR's
+        `maximum-prefix`): its routes go at once, the session is closed with Cease 1 and left
+        out of ExaBGP's file for `prefix_limit_hold` seconds, then it may come back."""
+        received = self._rib.count(peer)
+        why = (f"maxPrefixes {limit} exceeded ({received} received): session closed, "
+               f"retried after {self.prefix_limit_hold:.0f}s")
+        log.warning("bgp peer over its prefix limit", peer=peer, limit=limit, received=received)
+        self._held[peer] = why
+        st = self._peer_state(peer)
+        st.last_error = why
+        if self._rib.peer_down(peer, graceful=False):
+            self._routes_changed()
+
+        async def shut() -> None:
+            with contextlib.suppress(DataplaneError):  # the reload below closes it anyway
+                await self._api.send([f"neighbor {peer} teardown {CEASE_MAX_PREFIXES}"])
+            await self._apply_quietly()  # its neighbor leaves the file
+        self._spawn(shut())
+        asyncio.get_running_loop().call_later(self.prefix_limit_hold, self._release_held, peer)
+
+    def _release_held(self, peer: str) -> None:
+        if self._held.pop(peer, None) is not None:
+            log.info("bgp peer may try again after its prefix limit", peer=peer)
+            self._spawn(self._apply_quietly())
 
     def _accepts(self, peer: str, prefix: str) -> bool:
         return self._peer_filter(peer)(prefix)

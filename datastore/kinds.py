@@ -236,6 +236,9 @@ def _bgp_peer_spec(f: Fields, meta: dict) -> None:
     f.str("password", max_len=80)  # TCP MD5 (RFC 2385) key
     f.list("acceptPrefixes", lambda v, where: str(parse_cidr(string(v, where), where)))
     f.obj_field("bfd", bfd_spec)  # a BFD Down withdraws what the peer announced at once
+    # received prefixes above this close the session for a while (external peers: 50,000
+    # unless set; see bgp.peers.DEFAULT_MAX_PREFIXES_EXTERNAL)
+    f.int("maxPrefixes", 1, 10_000_000)
     if f.raw("node") and f.raw("nodeSelector"):
         raise ValidationError("give node or nodeSelector, not both", field="spec.nodeSelector")
     if (peer_ip is None) == (f.raw("peerSelector") is None):

@@ -166,6 +166,7 @@ class BGPPeer(View):
     password: str | None = None
     accept_prefixes: tuple[str, ...] = ()  # what may be imported from an external peer
     bfd: tuple[int, int, int] | None = None  # BFD timers (minTx ms, minRx ms, multiplier)
+    max_prefixes: int | None = None  # received prefixes above this close the session
 
     @staticmethod
     def _spec(meta: dict, spec: dict) -> dict:
@@ -177,7 +178,8 @@ class BGPPeer(View):
                     passive=spec.get("passive", False), hold_time=spec.get("holdTime"),
                     keepalive_time=spec.get("keepAliveTime"), password=spec.get("password"),
                     accept_prefixes=tuple(spec.get("acceptPrefixes", ())),
-                    bfd=(b["minTx"], b["minRx"], b["multiplier"]) if b else None)
+                    bfd=(b["minTx"], b["minRx"], b["multiplier"]) if b else None,
+                    max_prefixes=spec.get("maxPrefixes"))
 
     def applies_to(self, node: Node) -> bool:
         """Whether `node` is one of the nodes that open this peering."""

@@ -59,6 +59,7 @@ def test_exchange_with_bird(lab, pair):
     wait_for(lambda: sp.routes == {"10.50.0.0/24": [R]}, what="accepted import reaches on_routes")
     st = sp.peer(R)
     assert st["kind"] == "global" and st["prefixes_sent"] == 2 and st["prefixes_received"] == 2
+    assert st["prefixes_filtered"] == 1  # 10.60.0.0/24: counted, not used
     # the diff: one withdrawn, one added, the unchanged one untouched
     sp.exports(["10.244.1.0/26", "10.244.2.0/26"], ["64512:100"])
     wait_for(lambda: bird.kernel_routes() >= {"10.244.1.0/26", "10.244.2.0/26"}
@@ -218,3 +219,41 @@ def test_second_uplink_speaks_from_its_own_address(lab, netns):
     # next hop self is the node's address on each segment
     assert "via 10.95.0.1" in b2.birdc("show", "route", "10.244.1.0/26")
     assert f"via {A}" in b1.birdc("show", "route", "10.244.1.0/26")
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_peer_over_its_max_prefixes_is_shut_for_a_while(lab, pair):
+    """Issue 12 item 3: a router floods 20,000 prefixes into a session with maxPrefixes
+    1000: the session is closed (a Cease 1 is sent, though with the flood still in flight
+    the router mostly sees the connection reset), nothing it sent is kept, the status says why, and the speaker's memory does not grow with the flood. It
+    stays shut for the hold; a settings change that ExaBGP does not see (the limit) keeps a
+    session as it is; with the limit raised the peer comes back after the hold."""
+    node, router = pair
+    flood = [f"10.50.{i // 250}.{i % 250}/32" for i in range(20_000)]
+    bird = tor(lab, router, statics=flood)
+    sp = start_speaker(lab, node, "n1", A, prefix_limit_hold=5)
+    sp.exports([])
+    rss0 = _rss_mb(sp.proc.pid)
+    sp.peers([bird_peer(R) | {"max_prefixes": 1000}])
+    st = wait_for(lambda: "maxPrefixes 1000 exceeded" in (p := sp.peer(R))["last_error"] and p, 30,
+                  what="the session closed for its prefix limit")
+    assert st["state"] != "established" and st["prefixes_received"] == 0, st
+    assert not sp.routes
+    grew = _rss_mb(sp.proc.pid) - rss0
+    assert grew < 15, f"speaker RSS grew {grew:.1f} MB under a 20,000-prefix flood"
+    time.sleep(2)  # held: ExaBGP does not dial it again
+    assert not bird.established("n1") and "exceeded" in sp.peer(R)["last_error"]
+    # the limit raised: after the hold the session comes back with every route
+    sp.peers([bird_peer(R) | {"max_prefixes": 30_000}])
+    sp.wait_state(R, timeout=20)
+    wait_for(lambda: sp.routes is not None and len(sp.routes) == 20_000, 30, what="the 20,000 routes")
+    since = bird.protocol("n1")[4:6]
+    sp.peers([bird_peer(R) | {"max_prefixes": 40_000}])  # no change to ExaBGP's neighbor
+    time.sleep(1)
+    assert bird.protocol("n1")[4:6] == since and sp.peer(R)["state"] == "established"
+    print(f"speaker RSS: +{grew:.1f} MB through the cut flood, "
+          f"+{_rss_mb(sp.proc.pid) - rss0:.1f} MB holding the 20,000 routes")
