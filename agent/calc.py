@@ -32,7 +32,7 @@ from tortie.routing.messages import RouteDelta, RouteKey, RulesUpdate
 from tortie.routing.model import MAIN_TABLE, Route, Rule, learned_route, route_key
 
 __all__ = ["Calculation", "ClusterState", "Desired", "EgressPlan", "desired", "egress_exports", "egress_plan",
-           "export_policies", "network_policy", "node_addresses", "policy_routing"]
+           "export_policies", "host_prefix", "network_policy", "node_addresses", "policy_routing"]
 
 log = get_logger("calc")
 
