@@ -201,6 +201,9 @@ def test_egress_address_is_the_source_replies_return_and_the_host_route_follows_
         wait_for(lambda t=tor: _egress_paths(lab, t) == {"node1"}, f"{tor} routes the egress address to node1")
     for _ in range(6):  # the outside host's replies go by either router: both lead to node1
         assert seen_as(lab, "default/e1") == EGRESS_ADDR
+    for node in ("node1", "node2"):  # what no local flow knows stops at each node, never loops
+        assert lab.exec(node, ["ip", "route", "show", f"{EGRESS_ADDR}/32"], capture_output=True, text=True,
+                        check=True).stdout.split()[:2] == ["blackhole", EGRESS_ADDR]
     # Pod to pod keeps the pod's address.
     lab.pod_add("node2", "default/t2", pool="default-ipv4")
     echo = EchoServer(lab.netns_of("default/t2"), EXT_PORT)
