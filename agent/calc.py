@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from tortie.agent.calc_policy import PolicyCalculator
 from tortie.agent.state import ClusterState
-from tortie.bgp.messages import BGPConfigUpdate, ExportDelta
+from tortie.bgp.messages import BGPConfigUpdate, ExportDelta, ExportPolicy
 from tortie.bgp.peers import compute_peers
 from tortie.datastore import keys
 from tortie.datastore import resources as res
@@ -32,8 +32,8 @@ from tortie.policy.messages import NatUpdate
 from tortie.routing.messages import RouteDelta, RouteKey, RulesUpdate
 from tortie.routing.model import MAIN_TABLE, Route, Rule, learned_route, route_key
 
-__all__ = ["Calculation", "ClusterState", "Desired", "EgressPlan", "desired", "egress_plan",
-           "network_policy", "node_addresses", "policy_routing"]
+__all__ = ["Calculation", "ClusterState", "Desired", "EgressPlan", "desired", "egress_exports", "egress_plan",
+           "export_policies", "host_prefix", "network_policy", "node_addresses", "policy_routing"]
 
 log = get_logger("calc")
 
@@ -127,6 +127,57 @@ def own_blocks(state: ClusterState, node: str) -> list[str]:
     return sorted(c for (n, c), confirmed in state.affinities.items() if n == node and confirmed)
 
 
+def host_prefix(address: str) -> str:
+    """An address as a /32 or /128."""
+    addr = ipaddress.ip_address(address)
+    return f"{addr}/{addr.max_prefixlen}"
+
+
+def _pools_holding(wep: res.WorkloadEndpoint, pools: Mapping[str, res.IPPool]) -> set[str]:
+    """The names of the pools an endpoint has addresses in."""
+    out = set()
+    for cidr in wep.ip_networks:
+        pool = _pool_of(ipaddress.ip_network(cidr, strict=False), pools)
+        if pool is not None:
+            out.add(pool.name)
+    return out
+
+
+def egress_exports(state: ClusterState, node: str) -> set[str]:
+    """The egress addresses (/32, /128) this node announces: those of the pools it holds
+    pods of, so replies to the pods' translated traffic come back to it."""
+    pools = {p.name: p for p in state.pools.values() if p.egress and p.egress.address}
+    if not pools:
+        return set()
+    held: set[str] = set()
+    for wep in state.weps.values():
+        if wep.node == node and wep.interface_name:
+            held |= _pools_holding(wep, pools)
+    return {host_prefix(pools[name].egress.address) for name in held}
+
+
+def export_policies(state: ClusterState, peers: Iterable) -> tuple[ExportPolicy, ...]:
+    """Per pool, how its exports go out (`IPPool.spec.bgp`): its blocks to the external
+    peers (routers) whose BGPPeer labels match `bgp.peers` and to every other tortie node
+    (pods must reach pods), with its communities and prepending; its egress address only
+    to those external peers (all of them without `bgp.peers`), never to other nodes (they
+    would route the replies of this node's flows to another node)."""
+    peers = list(peers)
+    external = [p for p in peers if p.external]
+    internal = frozenset(p.address for p in peers if not p.external)
+    out = []
+    for pool in sorted(state.pools.values(), key=lambda p: p.name):
+        b = pool.bgp or res.PoolBGP()
+        chosen = frozenset(p.address for p in external if b.peers is None or (
+            (bp := state.bgp_peers.get(p.name)) is not None and b.selects(bp.labels)))
+        if b.peers is not None or b.communities or b.as_path_prepend:
+            out.append(ExportPolicy(pool.cidr, None if b.peers is None else internal | chosen,
+                                    b.communities, b.as_path_prepend))
+        if pool.egress and pool.egress.address:
+            out.append(ExportPolicy(host_prefix(pool.egress.address), chosen, b.communities, b.as_path_prepend))
+    return tuple(out)
+
+
 def desired(
     state: ClusterState,
     node: str,
@@ -165,6 +216,7 @@ def desired(
             if pool is not None and not pool.disable_bgp_export:
                 exports.add(str(net))  # borrowed: the owner's block route is less specific
 
+    exports |= egress_exports(state, node)
     own = set(blocks)
     bgp_routes = set()
     refused = {}
@@ -197,6 +249,7 @@ class EgressPlan:
     problem: str | None = None  # set when route is None
     fallback: str = "none"  # "main": no floor under the table (see policy_routing)
     bfd: tuple[tuple[str, int, int, int], ...] = ()  # next hops BFD watches (Egress.bfd)
+    address: str | None = None  # egress address (Egress.address)
 
 
 def egress_plan(state: ClusterState, bfd_up: frozenset[str] = frozenset()) -> tuple[EgressPlan, ...]:
@@ -217,12 +270,12 @@ def egress_plan(state: ClusterState, bfd_up: frozenset[str] = frozenset()) -> tu
             problem = f"table {e.table} is pool {first.pool}'s, with next hops {', '.join(first.next_hops)}"
         if problem is not None:
             log.warning("egress not installable", pool=p.name, why=problem, fallback=e.fallback)
-            plans.append(EgressPlan(p.name, p.cidr, e.table, hops, None, problem, e.fallback, e.bfd))
+            plans.append(EgressPlan(p.name, p.cidr, e.table, hops, None, problem, e.fallback, e.bfd, e.address))
             continue
         # With `interface`, the next hops are reached through that device only (the route
         # waits for the device like any other).
         route = Route(dst="0.0.0.0/0" if version == 4 else "::/0", table=e.table, gateways=hops, dev=e.interface)
-        plan = EgressPlan(p.name, p.cidr, e.table, hops, route, None, e.fallback, e.bfd)
+        plan = EgressPlan(p.name, p.cidr, e.table, hops, route, None, e.fallback, e.bfd, e.address)
         taken.setdefault((e.table, version), plan)
         plans.append(plan)
     return tuple(plans)
@@ -238,6 +291,11 @@ def policy_routing(state: ClusterState, bfd_up: frozenset[str] = frozenset()) ->
 
     Only while some pool has egress routing; then every pool's range is first sent to the
     main table, so traffic between pods (any pool) never takes an egress uplink.
+
+    An egress address gets a blackhole in the main table: replies to the pool's flows are
+    un-NATed (conntrack, prerouting) before any route is looked up, so only packets no flow
+    of this node knows meet it, and they stop here instead of bouncing off the default
+    route back to the router that sent them.
     """
     plans = egress_plan(state, bfd_up)
     if not plans:
@@ -248,7 +306,9 @@ def policy_routing(state: ClusterState, bfd_up: frozenset[str] = frozenset()) ->
             rules.add(Rule(priority=PRIO_EGRESS, src=plan.cidr, table=plan.table))
         if plan.fallback == "none":
             rules.add(Rule(priority=PRIO_EGRESS_FLOOR, src=plan.cidr, action="unreachable"))
-    return frozenset(rules), frozenset(p.route for p in plans if p.route is not None)
+    routes = {p.route for p in plans if p.route is not None}
+    routes |= {Route(dst=host_prefix(p.address), type="blackhole") for p in plans if p.address}
+    return frozenset(rules), frozenset(routes)
 
 
 def network_policy(state: ClusterState, node: str) -> netpol.Filter:
@@ -312,6 +372,18 @@ class _RouteOut:
         return RouteDelta(self.cls, tuple(routes), tuple(removed))
 
 
+def _count(counts: dict[str, int], before: Iterable[str], after: Iterable[str]) -> None:
+    """Reference counts: one less for each of `before`, one more for each of `after`."""
+    for k in before:
+        n = counts[k] - 1
+        if n:
+            counts[k] = n
+        else:
+            del counts[k]
+    for k in after:
+        counts[k] = counts.get(k, 0) + 1
+
+
 def _wep_routes(wep: res.WorkloadEndpoint) -> list[Route]:
     return [Route(dst=str(ipaddress.ip_network(c, strict=False)), dev=wep.interface_name, scope="link")
             for c in wep.ip_networks]
@@ -343,6 +415,8 @@ class Calculation:
         self._local_prefixes: Counter[str] = Counter()
         self._elsewhere: Counter[str] = Counter()
         self.refused: dict[str, str] = {}  # learned prefixes not installed -> why
+        self._pool_pods: dict[str, int] = {}  # pool name -> local endpoints with addresses in it
+        self._egress_exports: set[str] = set()  # egress addresses of the pools we hold pods of
         self._export_added: set[str] = set()
         self._export_removed: set[str] = set()
         self._rules: frozenset[Rule] | None = None
@@ -520,17 +594,21 @@ class Calculation:
             for r in want.values():
                 out.set(r)
             before, after = self._borrowed_of(old), self._borrowed_of(new)
-            if before != after:
-                for net in before:
-                    n = self._borrowed[net] - 1
-                    if n:
-                        self._borrowed[net] = n
-                    else:
-                        del self._borrowed[net]
-                for net in after:
-                    self._borrowed[net] = self._borrowed.get(net, 0) + 1
-                self._set_exports(self._block_exports | self._borrowed.keys())
+            pools_before, pools_after = self._pools_of(old), self._pools_of(new)
+            if before != after or pools_before != pools_after:
+                _count(self._borrowed, before, after)
+                _count(self._pool_pods, pools_before, pools_after)
+                self._egress_exports = self._held_egress()
+                self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports)
         self.policy.on_wep(old, new)
+
+    def _pools_of(self, wep: res.WorkloadEndpoint | None) -> set[str]:
+        return _pools_holding(wep, self.state.pools) if self._local(wep) else set()
+
+    def _held_egress(self) -> set[str]:
+        pools = self.state.pools
+        return {host_prefix(p.egress.address) for name in self._pool_pods
+                if (p := pools.get(name)) is not None and p.egress and p.egress.address}
 
     def _borrowed_of(self, wep: res.WorkloadEndpoint | None) -> list[str]:
         """A local endpoint's addresses outside our blocks, in a pool that exports: announced
@@ -573,11 +651,12 @@ class Calculation:
             pool = _pool_of(net, pools)
             if pool is not None and not pool.disable_bgp_export:
                 self._block_exports.add(c)
-        self._borrowed = {}
+        self._borrowed, self._pool_pods = {}, {}
         for wep in self.state.weps.values():
-            for net in self._borrowed_of(wep):
-                self._borrowed[net] = self._borrowed.get(net, 0) + 1
-        self._set_exports(self._block_exports | self._borrowed.keys())
+            _count(self._borrowed, (), self._borrowed_of(wep))
+            _count(self._pool_pods, (), self._pools_of(wep))
+        self._egress_exports = self._held_egress()
+        self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports)
 
     def _set_exports(self, exports: set[str]) -> None:
         for p in exports - self._exports:
@@ -635,7 +714,8 @@ class Calculation:
         pools = self.state.pools.values()
         msg = NatUpdate(frozenset(p.cidr for p in pools if p.nat_outgoing),
                         frozenset(p.cidr for p in pools),
-                        frozenset(node_addresses(self.state)))
+                        frozenset(node_addresses(self.state)),
+                        frozenset((p.cidr, p.egress.address) for p in pools if p.egress and p.egress.address))
         if msg != self._nat:
             self._nat = self._nat_msg = msg
 
@@ -644,7 +724,7 @@ class Calculation:
         conf = st.bgp_config(self.node)
         peers = bgp_peers(st, self.node)
         msg = BGPConfigUpdate(peers, frozenset(p.cidr for p in st.pools.values()),
-                              tuple(getattr(conf, "communities", ()) or ()))
+                              tuple(getattr(conf, "communities", ()) or ()), export_policies(st, peers))
         if msg != self._bgp:
             self._bgp = self._bgp_msg = msg
         self.bfd_peers = {p.address: p.bfd for p in peers if p.bfd}

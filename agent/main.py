@@ -27,7 +27,7 @@ from dataclasses import replace
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
-from tortie.agent.calc import EGRESS, WORKLOADS, Calculation
+from tortie.agent.calc import EGRESS, WORKLOADS, Calculation, host_prefix
 from tortie.agent.cni_server import ETCD_TIMEOUT as CNI_ETCD_TIMEOUT
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
@@ -317,8 +317,11 @@ class Agent:
             if why is not None and plan.fallback == "main":
                 why += " (fallback: the main table's routes)"
             down = sorted({b[0] for b in plan.bfd} - self.calc.bfd_up)
-            out.append({"pool": plan.pool, "table": plan.table, "nextHop": ",".join(plan.next_hops),
-                        "up": why is None, "reason": why, "bfdDown": down})
+            o = {"pool": plan.pool, "table": plan.table, "nextHop": ",".join(plan.next_hops),
+                 "up": why is None, "reason": why, "bfdDown": down}
+            if plan.address:
+                o.update(address=plan.address, advertised=host_prefix(plan.address) in self.calc.exports)
+            out.append(o)
         if out == self.egress_status:
             return
         for o in out:

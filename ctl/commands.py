@@ -248,11 +248,9 @@ def _with_egress_state(ctx, pools: list[dict]) -> list[dict]:
             continue
         if not node or (doc.get("updated") is not None and now - doc["updated"] > STALE_AFTER):
             continue
-        if doc.get("bfd"):
-            print("  BFD: " + ", ".join(f"{peer} {state}" for peer, state in sorted(doc["bfd"].items())),
-                  file=ctx.out)
         for e in doc.get("egress") or ():
-            by_pool.setdefault(e.get("pool"), {})[node] = {"up": bool(e.get("up")), "reason": e.get("reason")}
+            by_pool.setdefault(e.get("pool"), {})[node] = {"up": bool(e.get("up")), "reason": e.get("reason"),
+                                                           "advertised": bool(e.get("advertised"))}
     return [{**p, "status": {"egress": by_pool[p["metadata"]["name"]]}} if p["metadata"]["name"] in by_pool
             else p for p in pools]
 
@@ -341,6 +339,9 @@ def cmd_node_status(ctx, args) -> int:
             state = "up" if e.get("up") else f"DOWN: {e.get('reason')}"
             if e.get("up") and e.get("bfdDown"):
                 state += f" (BFD down, left out: {', '.join(e['bfdDown'])})"
+            if e.get("address"):
+                state += f"; address {e['address']} " + ("announced (a pod of the pool is here)" if e.get("advertised")
+                                                         else "not announced (no pod of the pool here)")
             print(f"  egress of pool {e.get('pool')} (table {e.get('table')} via {e.get('nextHop')}): {state}",
                   file=ctx.out)
         for prefix, why in sorted((doc.get("refused") or {}).items()):

@@ -253,10 +253,7 @@ class Lab:
             nsutil.ip_batch(ns, [f"addr add {addr} dev {ifname}", f"link set {ifname} up", *default])
         for t in plan.tors:
             nsutil.sysctl(t.netns, "net.ipv4.ip_forward", "1")
-            # Each router reaches the other routers' uplink segments over the core, so a reply
-            # that the ECMP hash sends through the other router still finds its way back.
-            nsutil.ip_batch(t.netns, [f"route add {o.segment.subnet} via {o.ip}"
-                                      for o in plan.tors if o is not t and o.segment])
+            nsutil.ip_batch(t.netns, _cross_routes(plan, t))
         # The nodes' uplinks: onto a bridge, or point to point into a router.
         far: dict[str, list[str]] = {}
         for n in plan.nodes:
@@ -367,6 +364,13 @@ class Lab:
         """A router's BFD sessions: node address -> state (Up, Down, Init)."""
         _, _, tor = self._tor(router)
         return self._router(tor).bfd_sessions(self.plan())
+
+    def birdc(self, router: str, *args: str) -> str:
+        """A BIRD router's answer to `birdc ARGS` (e.g. "show", "route", "all")."""
+        _, _, tor = self._tor(router)
+        if tor.kind != "bird":
+            raise ValidationError(f"router {router} is {tor.kind}, not bird", field="router")
+        return routers.birdc(tor.netns, self._router(tor).control, *args)
 
     def bgp_sessions(self) -> dict[str, dict[str, str]]:
         """Per router: its BGP sessions' states by node name (Established, Active, ...)."""
@@ -522,6 +526,7 @@ class Lab:
         if st.proc(tor.name) is not None:
             raise AlreadyExists(f"router {name} is running; stop it first")
         self._router_links(tor, up=True)
+        nsutil.ip_batch(tor.netns, _cross_routes(plan, tor))  # its links going down took them
         self._start_router(st, plan, tor, time.monotonic() + timeout)
 
     def agent_stop(self, node: str, sig: signal.Signals = signal.SIGTERM) -> None:
@@ -780,6 +785,12 @@ class Lab:
             cls = NotFound if err.get("type") == "NotFound" else TortieError
             raise cls(f"datastore {args[0]}: {err.get('error')}")
         return json.loads(r.stdout)
+
+
+def _cross_routes(plan: Plan, tor: TorPlan) -> list[str]:
+    """Each router reaches the other routers' uplink segments over the core, so a reply that
+    the ECMP hash sends through the other router still finds its way back."""
+    return [f"route replace {o.segment.subnet} via {o.ip}" for o in plan.tors if o is not tor and o.segment]
 
 
 def _default_route(gateways: Sequence[str]) -> str:

@@ -333,6 +333,7 @@ def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False) -> lis
     """Mesh off; each node peers with each router on its link to it, and keeps its own AS.
 
     Nodes accept from the routers what lies in POD_SPACE or in `pool` (the lab's pool).
+    Each BGPPeer carries the label `router: <router name>`.
     `bfd`: the BGPPeers ask for BFD (the routers run it: `bird_config(bfd=True)`)."""
     if not plan.tors:
         return []
@@ -346,7 +347,9 @@ def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False) -> lis
     res += [{"apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": f"node.{n.name}"},
              "spec": {"asNumber": n.as_number}} for n in plan.nodes]
     for tor in plan.tors:
-        res += [{"apiVersion": API_VERSION, "kind": "BGPPeer", "metadata": {"name": f"{tor.name}-{n.name}"},
+        # labelled with the router's name, for IPPool.spec.bgp.peers (router == 'tor1')
+        res += [{"apiVersion": API_VERSION, "kind": "BGPPeer",
+                 "metadata": {"name": f"{tor.name}-{n.name}", "labels": {"router": tor.name}},
                  "spec": {"node": n.name, "peerIP": link.gateway, "asNumber": tor.as_number,
                           "holdTime": f"{HOLD_TIME}s", "acceptPrefixes": accept, **({"bfd": LAB_BFD} if bfd else {})}}
                 for n, link in plan.links_of(tor.name)]

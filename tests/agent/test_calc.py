@@ -171,3 +171,72 @@ def test_node_addresses_are_the_bgp_ones_and_every_listed_one():
     put(s, "resources/node/n2", {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n2"},
                                  "spec": {"bgp": {"ipv4Address": "10.99.101.12/24", "ipv6Address": "fd00::12/64"}}})
     assert node_addresses(s) == ["10.99.101.11", "10.99.101.12", "10.99.102.11", "fd00::11", "fd00::12"]
+
+
+def node(state, name, addr):
+    put(state, f"resources/node/{name}", {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": name},
+                                          "spec": {"bgp": {"ipv4Address": addr + "/24"}}})
+
+
+def bgp_peer(state, name, ip, labels=None):
+    put(state, f"resources/bgppeer/{name}", {
+        "apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": name, "labels": labels or {}},
+        "spec": {"peerIP": ip, "asNumber": 65000}})
+
+
+def test_pool_bgp_peers_narrow_the_external_peers_and_keep_the_mesh():
+    from tortie.agent.calc import bgp_peers, export_policies
+    from tortie.bgp.messages import ExportPolicy
+
+    s = make_state()
+    node(s, "n1", "10.0.0.1")
+    node(s, "n2", "10.0.0.2")  # a mesh peer of n1
+    bgp_peer(s, "tor1", "10.0.0.251", {"router": "tor1"})
+    bgp_peer(s, "tor2", "10.0.0.252", {"router": "tor2"})
+    pool(s, "a", "10.70.0.0/16", bgp={"peers": "router == 'tor1'", "communities": ["65010:7"], "asPathPrepend": 2},
+         egress={"table": 101, "nextHop": "10.0.0.251", "address": "192.0.2.9"})
+    pool(s, "b", "10.71.0.0/16", egress={"table": 102, "nextHop": "10.0.0.252", "address": "192.0.2.10"})
+    pols = export_policies(s, bgp_peers(s, "n1"))
+    assert pols == (
+        ExportPolicy("10.70.0.0/16", frozenset({"10.0.0.2", "10.0.0.251"}), ("65010:7",), 2),
+        ExportPolicy("192.0.2.9/32", frozenset({"10.0.0.251"}), ("65010:7",), 2),  # never to the mesh
+        ExportPolicy("192.0.2.10/32", frozenset({"10.0.0.251", "10.0.0.252"})),  # every router
+    )  # the default pool has no spec.bgp: no policy, every peer
+    bgp_peer(s, "tor2", "10.0.0.252", {"router": "tor1"})  # labels are what selects
+    assert export_policies(s, bgp_peers(s, "n1"))[0].peers == {"10.0.0.2", "10.0.0.251", "10.0.0.252"}
+
+
+def test_egress_address_is_exported_while_a_local_pod_of_the_pool_lives():
+    from tortie.agent.calc import Calculation
+    from tortie.bgp.messages import ExportDelta
+    from tortie.policy.messages import NatUpdate
+
+    calc = Calculation("n1", prefix=P)
+    calc.on_snapshot({f"{P}resources/ippool/a": json.dumps({
+        "apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": "a"},
+        "spec": {"cidr": "10.70.0.0/16", "egress": {"table": 101, "nextHop": "10.0.0.251",
+                                                    "address": "192.0.2.9"}}}).encode()})
+    msgs = calc.take_messages()
+    nat = next(m for m in msgs if isinstance(m, NatUpdate))
+    assert nat.egress_addresses == {("10.70.0.0/16", "192.0.2.9")}
+    assert Route(dst="192.0.2.9/32", type="blackhole") in calc.routes("egress").values()
+    assert "192.0.2.9/32" not in calc.exports  # no pod of the pool here yet
+
+    def put_wep(name, node_name, ip):
+        key = f"{P}resources/workloadendpoint/default/{name}"
+        calc.on_update(key, json.dumps({
+            "apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"node": node_name, "pod": name, "containerID": "c" + name, "endpoint": "eth0",
+                     "interfaceName": "tor" + name, "ipNetworks": [ip], "orchestrator": "k8s"}}).encode())
+
+    put_wep("x", "n2", "10.70.0.9/32")  # another node's pod: not ours to announce
+    assert "192.0.2.9/32" not in calc.exports
+    put_wep("p", "n1", "10.70.0.5/32")
+    put_wep("q", "n1", "10.70.0.6/32")
+    assert ExportDelta(frozenset({"192.0.2.9/32", "10.70.0.5/32", "10.70.0.6/32"})) in calc.take_messages()
+    calc.on_update(f"{P}resources/workloadendpoint/default/p", None)
+    assert "192.0.2.9/32" in calc.exports  # q still holds it
+    calc.on_update(f"{P}resources/workloadendpoint/default/q", None)
+    assert ExportDelta(frozenset(), frozenset({"192.0.2.9/32", "10.70.0.5/32", "10.70.0.6/32"})) \
+        in calc.take_messages()  # the last pod gone: withdrawn
+

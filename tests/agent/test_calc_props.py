@@ -2,7 +2,8 @@
 messages it emitted equals what a fresh calculation computes whole from the final state.
 
 Events: pods added, relabelled, moved, given other container ports and deleted (local and
-remote), policies (numeric and named ports) added, changed and deleted, namespace labels, pools (NAT, export, egress), block affinities,
+remote), policies (numeric and named ports) added, changed and deleted, namespace labels, pools (NAT, export, egress, egress
+addresses, per-pool BGP export policy), block affinities,
 nodes, BGP peers and configuration, and learned-route flaps (including our own blocks and
 next hops that are our own addresses coming back).
 """
@@ -179,6 +180,11 @@ def pool_event(draw):
     if draw(st.booleans()):
         spec["egress"] = {"table": draw(st.sampled_from([101, 102])),
                           "nextHop": draw(st.sampled_from(["10.99.1.1", "10.99.2.1"]))}
+        if draw(st.booleans()):
+            spec["egress"]["address"] = draw(st.sampled_from(["192.0.2.4", "192.0.2.5"]))
+    if draw(st.booleans()):
+        spec["bgp"] = draw(st.sampled_from([{"peers": "router == 'tor1'"}, {"communities": ["65000:9"]},
+                                            {"peers": "has(router)", "asPathPrepend": 2}]))
     return key, _doc("IPPool", name, spec)
 
 
@@ -211,7 +217,8 @@ def bgp_event(draw):
         key = P + keys.resource_key("bgppeer", "tor")
         if draw(st.booleans()):
             return key, None
-        return key, _doc("BGPPeer", "tor", {"peerIP": "10.99.0.254", "asNumber": 65000})
+        return key, _doc("BGPPeer", "tor", {"peerIP": "10.99.0.254", "asNumber": 65000},
+                         labels=draw(st.sampled_from([None, {"router": "tor1"}, {"router": "tor2"}])))
     key = P + keys.resource_key("bgpconfiguration", "default")
     if draw(st.booleans()):
         return key, None

@@ -110,8 +110,9 @@ class SpeakerProc:
     def import_pools(self, cidrs: list[str]) -> None:
         self._call({"op": "import_pools", "cidrs": cidrs})
 
-    def exports(self, prefixes: list[str], communities: list[str] = ()) -> dict:
-        return self._call({"op": "exports", "prefixes": prefixes, "communities": list(communities)})
+    def exports(self, prefixes: list[str], communities: list[str] = (), policies: list[dict] = ()) -> dict:
+        return self._call({"op": "exports", "prefixes": prefixes, "communities": list(communities),
+                           "policies": list(policies)})
 
     def status(self) -> dict:
         return self._call({"op": "status"})
