@@ -73,10 +73,11 @@ _BY_KIND = {r.kind: r for r in RESOURCES.values()}
 
 @dataclass(frozen=True)
 class Write:
-    """One create or replace made over HTTP: when (time.monotonic() in this process), how,
-    and the object as stored."""
+    """One create or replace made over HTTP: when (time.monotonic() in this process, and
+    time.time() to compare with other processes' logs), how, and the object as stored."""
 
     at: float
+    wall: float
     verb: str  # POST, PUT
     resource: str  # plural
     obj: dict
@@ -239,6 +240,11 @@ class FakeAPIServer:
         with self._cond:
             return copy.deepcopy(self._lookup(kind, name, namespace)[2])
 
+    def objects(self, kind: str) -> list[dict]:
+        """Every object of a kind, as stored."""
+        with self._cond:
+            return [copy.deepcopy(o) for o in self._objects[_BY_KIND[kind].plural].values()]
+
     def _lookup(self, kind: str, name: str, namespace: str | None) -> tuple[Resource, str | None, dict]:
         """(resource, namespace, the stored object); NotFound. Call holding the lock."""
         res = _BY_KIND[kind]
@@ -266,7 +272,7 @@ class FakeAPIServer:
                 raise APIError(409, "AlreadyExists", f'{res.plural}.{_group(res)} "{name}" already exists')
             obj["metadata"].pop("resourceVersion", None)
             out = self.add(obj)
-            self.writes.append(Write(time.monotonic(), "POST", res.plural, copy.deepcopy(out)))
+            self.writes.append(Write(time.monotonic(), time.time(), "POST", res.plural, copy.deepcopy(out)))
             return out
 
     def http_replace(self, res: Resource, ns: str | None, name: str, obj: dict) -> tuple[int, dict]:
@@ -289,7 +295,7 @@ class FakeAPIServer:
                 if rv and rv != cur["metadata"]["resourceVersion"]:
                     raise APIError(409, "Conflict", _conflict(res, name))
                 code, out = 200, self.modify(obj)
-            self.writes.append(Write(time.monotonic(), "PUT", res.plural, copy.deepcopy(out)))
+            self.writes.append(Write(time.monotonic(), time.time(), "PUT", res.plural, copy.deepcopy(out)))
             return code, out
 
     def _checked_body(self, res: Resource, ns: str | None, name: str | None, obj: dict) -> dict:
