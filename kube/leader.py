@@ -159,6 +159,7 @@ class LeaderElector:
         self._lock = threading.Lock()
         self._leading = False
         self._valid_until = 0.0  # monotonic: leading ends here unless renewed
+        self._current: dict | None = None  # the Lease as last read or written
         self._seen_rv: str | None = None
         self._expires = 0.0  # monotonic: the holder's lease as we time it
         self._last_look: float | None = None  # when our latest answered GET was sent
@@ -241,6 +242,11 @@ class LeaderElector:
 
     def _round(self, started: float) -> None:
         cfg = self.config
+        if self._current is not None and self.holder not in ("", self.identity) and self.clock() >= self._expires:
+            # The holder's lease ran out as we time it: claim it with the version we saw,
+            # without another look first (a renewal since then makes this a 409).
+            self._write(started, self._current, self._taken_over(self._current.get("spec") or {}))
+            return
         try:
             resp = self.coord.read_namespaced_lease(cfg.name, cfg.namespace, _preload_content=False,
                                                     _request_timeout=self._timeout())
@@ -250,6 +256,7 @@ class LeaderElector:
                 raise
             current = None
         seen = self.clock()
+        self._current = current
         if current is None:
             now = _micro_time(time.time())
             self._write(started, None, {"holderIdentity": self.identity, "leaseDurationSeconds": int(cfg.lease_duration),
@@ -276,12 +283,16 @@ class LeaderElector:
             self._step_down(f"the lease is held by {holder}")
             return
         else:  # free, released or expired: take it over
-            new = {**spec, "holderIdentity": self.identity, "leaseDurationSeconds": int(cfg.lease_duration),
-                   "acquireTime": _micro_time(now), "renewTime": _micro_time(now),
-                   "leaseTransitions": self.transitions + 1}
-            new.pop("preferredHolder", None)
-            new.pop("strategy", None)
+            new = self._taken_over(spec)
         self._write(started, current, new)
+
+    def _taken_over(self, spec: dict) -> dict:
+        now = _micro_time(time.time())
+        new = {**spec, "holderIdentity": self.identity, "leaseDurationSeconds": int(self.config.lease_duration),
+               "acquireTime": now, "renewTime": now, "leaseTransitions": int(spec.get("leaseTransitions") or 0) + 1}
+        new.pop("preferredHolder", None)  # coordinated election's fields: not ours to keep
+        new.pop("strategy", None)
+        return new
 
     def _write(self, started: float, current: dict | None, spec: dict) -> None:
         cfg = self.config
@@ -299,11 +310,11 @@ class LeaderElector:
         except k8s.ApiException as exc:
             if exc.status == 409:  # someone else wrote first: they won
                 self._step_down("lost the lease (409 Conflict)")
-                self._seen_rv = None  # time the winner's lease from our next look
+                self._seen_rv = self._current = None  # look again, and time the winner's lease from then
                 return
             raise
         stored = json.loads(resp.data)
-        self._seen_rv = stored["metadata"]["resourceVersion"]
+        self._current, self._seen_rv = stored, stored["metadata"]["resourceVersion"]
         self.holder, self.transitions = self.identity, int(spec.get("leaseTransitions") or 0)
         self._lead(started + cfg.renew_deadline)
 
