@@ -316,6 +316,9 @@ class Controller:
                                                "datastore writes refused because this replica did not lead")
         self._m_leader = self.metrics.gauge("tortie_controller_leader",
                                             "1 while this replica holds the lease and may write, else 0")
+        for op in sorted(STORE_WRITES | IPAM_WRITES):  # every series exists before the first scrape,
+            self._m_writes.inc(0, op=op)                # so the loop never adds one while it renders
+        self._m_refused.inc(0)
         self.elector: LeaderElector | None = None
         if config.leader.enabled:
             self.health.register("leader-election", deadline=config.watch_timeout + 60.0)
@@ -412,6 +415,7 @@ class Controller:
                     log.info("writing as leader", identity=self.identity)
                     self.scan |= set(KINDS)
                     next_gc, retry_at = now, None
+                    self.gc.forget()  # leaks seen in an earlier term may have come and gone since
                 elif was_leading and not leading:
                     log.warning("not leading: writes stop", identity=self.identity,
                                 holder=self.elector.holder if self.elector else None)
