@@ -72,6 +72,7 @@ MAX_REQUEST = 1.5 * 1024 * 1024  # etcd --max-request-bytes default
 QUOTA_DEFAULT = 2 * 1024**3  # etcd --quota-backend-bytes default
 QUOTA_SUGGESTED_MAX = 8 * 1024**3
 RR_CLUSTER_ID = "244.0.0.1"
+CLAIMERS = 2  # claimer processes
 AS_NUMBER = 64512
 
 
@@ -159,6 +160,7 @@ class StandIn:
         self.seen_rev = array.array("q")
         self.seen_t = array.array("d")
         self.register_s = 0.0
+        self.register_retries = 0
         self.status_bytes = 0
         self.status_writes = 0
         self.errors: list[str] = []
@@ -184,10 +186,23 @@ class StandIn:
                           "spec": {"bgp": bgp, "addresses": [{"address": node_ip(self.index),
                                                               "type": "CalicoNodeIP"}]}})
 
-    async def start(self) -> None:
+    async def register(self) -> None:
+        """Register as `Agent.run` does: again after RETRY_DELAY while etcd does not answer
+        within the CNI client's deadline (N stand-ins starting at once do meet that)."""
+        from tortie.agent.main import RETRY_DELAY
+        from tortie.errors import DatastoreUnavailable
+
         t0 = time.monotonic()
-        await self._run(self.register_node)
+        while True:
+            try:
+                await self._run(self.register_node)
+                break
+            except DatastoreUnavailable:
+                self.register_retries += 1
+                await asyncio.sleep(RETRY_DELAY)
         self.register_s = time.monotonic() - t0
+
+    def start(self) -> None:
         self.tasks = [asyncio.create_task(self.follow()), asyncio.create_task(self.monitor.run())]
 
     async def follow(self) -> None:
@@ -244,27 +259,6 @@ class StandIn:
                 self.errors.append(f"status: {exc}")
             await asyncio.sleep(interval)
 
-    def claim(self) -> dict:
-        """One block claim, as the first pod on a node makes it (blocking: a worker thread)."""
-        from tortie.datastore.ipam_blocks import DEFAULT_NETWORK
-        from tortie.errors import TortieError
-
-        counts = {"rpcs": 0, "txn_ok": 0, "txn_failed": 0}
-        self.cni_client.track.counts = counts
-        t0 = time.monotonic()
-        error = None
-        try:
-            self.ipam.auto_assign(f"{DEFAULT_NETWORK}.sim-{self.name}", self.name, num_v4=1,
-                                  attrs={"namespace": "sim", "pod": f"{self.name}-p0"})
-        except TortieError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self.cni_client.track.counts = None
-        latency = time.monotonic() - t0
-        commit = self.cni_client.confirms[-1] if self.cni_client.confirms else (0, 0.0, 0.0)
-        return {"node": self.name, "latency": latency, "error": error, **counts,
-                "confirm_rev": commit[0], "confirm_sent": commit[1], "confirm_rtt": commit[2] - commit[1]}
-
     def stop(self) -> None:
         if self.syncer is not None:
             self.syncer.stop()
@@ -272,6 +266,70 @@ class StandIn:
             t.cancel()
         self.client.close()
         self.cni_client.close()
+
+
+def claim(name: str, client) -> dict:
+    """One block claim as the first pod on a node makes it: a fresh IPAM (what a just
+    started agent holds) on a warm connection; blocking, in a claimer's thread."""
+    from tortie.datastore.ipam import IPAM
+    from tortie.datastore.ipam_blocks import DEFAULT_NETWORK
+    from tortie.errors import TortieError
+
+    counts = {"rpcs": 0, "txn_ok": 0, "txn_failed": 0}
+    client.track.counts = counts
+    client.confirms.clear()
+    t0 = time.monotonic()
+    error = None
+    try:
+        IPAM(client).auto_assign(f"{DEFAULT_NETWORK}.sim-{name}", name, num_v4=1,
+                                 attrs={"namespace": "sim", "pod": f"{name}-p0"})
+    except TortieError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        client.track.counts = None
+    latency = time.monotonic() - t0
+    commit = client.confirms[-1] if client.confirms else (0, 0.0, 0.0)
+    return {"node": name, "latency": latency, "error": error, **counts,
+            "confirm_rev": commit[0], "confirm_sent": commit[1], "confirm_rtt": commit[2] - commit[1]}
+
+
+async def claimer_main(args) -> None:
+    """A claimer process: the stand-ins' block claims, M/claimers at once, each on one of
+    a pool of warm connections (the CNI client's deadline). Claims run apart from the
+    watching stand-ins so that their latency is not the watchers' GIL queue: on a real
+    cluster the claiming agent has its node's CPU to itself."""
+    from tortie import log as tlog
+    from tortie.agent.main import CNI_ETCD_TIMEOUT
+    from tortie.datastore.etcd import EtcdConfig
+
+    tlog.configure(level=os.environ.get("TORTIE_SIM_LOG_LEVEL", "critical"), fmt="json")
+    loop = asyncio.get_running_loop()
+    config = EtcdConfig(endpoints=(args.endpoint,), prefix=args.prefix, timeout=CNI_ETCD_TIMEOUT)
+    client_cls = _counting_client_class()
+    pool: asyncio.Queue = asyncio.Queue()
+    for i in range(args.concurrent):
+        with own_connection(f"claimer-{args.slot}-{i}"):
+            c = client_cls(config)
+        c.revision()  # connect now: an agent's connection is long open when a pod arrives
+        pool.put_nowait(c)
+    executor = ThreadPoolExecutor(max_workers=args.concurrent, thread_name_prefix="claim")
+
+    async def one(name: str) -> dict:
+        c = await pool.get()
+        try:
+            return await loop.run_in_executor(executor, claim, name, c)
+        finally:
+            pool.put_nowait(c)
+
+    print(json.dumps({"event": "ready"}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] != "claim":
+            break
+        await asyncio.sleep(max(0.0, cmd["at"] - time.monotonic()))
+        results = await asyncio.gather(*(one(n) for n in cmd["names"]))
+        print(json.dumps({"event": "claimed", "results": results}), flush=True)
+    executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _rss_kb(pid: int | str = "self") -> int:
@@ -297,8 +355,8 @@ async def worker_main(args) -> None:
     loop = asyncio.get_running_loop()
     # round robin: the M stand-ins of a claim wave spread over every worker
     indexes = range(args.slot, args.nodes, args.nworkers)
-    # threads for the blocking etcd calls (registration, M/workers claims at once, probes, status)
-    executor = ThreadPoolExecutor(max_workers=max(16, args.concurrent + 8), thread_name_prefix="etcd")
+    # threads for the blocking etcd calls (registration, probes, status writes)
+    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="etcd")
     loop.set_default_executor(executor)
     config = EtcdConfig(endpoints=(args.endpoint,), prefix=args.prefix)
     out_lock = threading.Lock()
@@ -317,12 +375,20 @@ async def worker_main(args) -> None:
 
     threading.Thread(target=read_stdin, daemon=True, name="commands").start()
     standins = [StandIn(i, args.nodes, config, args.topology, executor) for i in indexes]
-    by_name = {s.name: s for s in standins}
-    # register at a pace etcd sees from a rolling start, not all in one instant
-    await asyncio.gather(*(s.start() for s in standins))
+    # every node registers, then every agent starts (a snapshot each): the cluster after a
+    # restart of all agents. Nodes joining one by one would make every stand-in fold each
+    # Node as an event, N^2 in all, which the simulator's two cores cannot do for 1,000;
+    # what such an event costs one agent is measured separately (agent_calc).
+    await asyncio.gather(*(s.register() for s in standins))
+    send({"event": "registered", "register_s": [s.register_s for s in standins],
+          "register_retries": sum(s.register_retries for s in standins)})
+    cmd = await commands.get()
+    assert cmd["cmd"] == "sync", cmd
+    for s in standins:
+        s.start()
     while any(len(s.state.nodes) < args.nodes for s in standins):
         await asyncio.sleep(0.1)
-    send({"event": "ready", "register_s": [s.register_s for s in standins], "rss_kb": _rss_kb()})
+    send({"event": "ready", "rss_kb": _rss_kb()})
     interval = args.status_interval or STATUS_REFRESH_INTERVAL
     if args.status_interval >= 0:
         for s in standins:
@@ -330,12 +396,7 @@ async def worker_main(args) -> None:
     while True:
         cmd = await commands.get()
         what = cmd["cmd"]
-        if what == "claim":
-            mine = [by_name[n] for n in cmd["names"] if n in by_name]
-            await asyncio.sleep(max(0.0, cmd["at"] - time.monotonic()))
-            results = await asyncio.gather(*(s._run(s.claim) for s in mine))
-            send({"event": "claimed", "results": results})
-        elif what == "converge":
+        if what == "converge":
             deadline = time.monotonic() + cmd["timeout"]
             while any(s.confirmed() < cmd["want"] for s in standins) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -352,7 +413,7 @@ async def worker_main(args) -> None:
                         unknown += 1
             send({"event": "collected", "fanout_ms": base64.b64encode(lat.tobytes()).decode(),
                   "unknown": unknown, "rss_kb": _rss_kb(),
-                  "peers": max((getattr(s, "peers", 0) for s in standins), default=0),
+                  "peers": [getattr(s, "peers", 0) for s in standins],
                   "status_bytes": max(s.status_bytes for s in standins),
                   "status_writes": sum(s.status_writes for s in standins),
                   "syncer_resyncs": sum(s.syncer.resyncs for s in standins if s.syncer),
@@ -370,8 +431,10 @@ async def worker_main(args) -> None:
 
 
 class Worker:
-    def __init__(self, args_list: list[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", *args_list],
+    """A worker process (`--worker`: watching stand-ins; `--claimer`: claims) on JSON lines."""
+
+    def __init__(self, mode: str, args_list: list[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, *args_list],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      start_new_session=True, bufsize=1)
 
@@ -561,28 +624,40 @@ def run(n: int, *, workers: int, concurrent: int, topology: str, idle: float, po
         setup_datastore(client, pool, topology)
         m_start = etcd_metrics(etcd.endpoint)
 
-        # 1. start: register and sync
+        # 1. register every node, then start every stand-in (a snapshot each)
         phase = Phase(probe, [])
         for slot in range(workers):
-            procs.append(Worker(["--endpoint", etcd.endpoint, "--prefix", prefix, "--nodes", str(n),
-                                 "--slot", str(slot), "--nworkers", str(workers), "--topology", topology,
-                                 "--concurrent", str(math.ceil(concurrent / workers)),
-                                 "--status-interval", str(status_interval)]))
+            procs.append(Worker("--worker", [
+                "--endpoint", etcd.endpoint, "--prefix", prefix, "--nodes", str(n), "--slot", str(slot),
+                "--nworkers", str(workers), "--topology", topology, "--status-interval", str(status_interval)]))
         phase.workers = procs
         register = []
-        rss_ready = 0
+        retries = rss_ready = 0
         for w in procs:
-            msg = w.recv("ready")
+            msg = w.recv("registered")
             register += msg["register_s"]
-            rss_ready += msg["rss_kb"]
-            probe.rss_kb()
-        result["start"] = phase.end() | {
+            retries += msg["register_retries"]
+        result["register"] = phase.end() | {
             "register_p50_ms": round(1000 * pct(register, 50), 1), "register_p99_ms": round(1000 * pct(register, 99), 1),
-            "standins_rss_mb": round(rss_ready / 1024, 1)}
+            "register_retries": retries}
+        phase = Phase(probe, procs)
+        for w in procs:
+            w.send({"cmd": "sync"})
+        for w in procs:
+            rss_ready += w.recv("ready")["rss_kb"]
+            probe.rss_kb()
+        result["start"] = phase.end() | {"standins_rss_mb": round(rss_ready / 1024, 1)}
+        result["etcd_sockets"] = probe.sockets()
+        claimers = [Worker("--claimer", ["--endpoint", etcd.endpoint, "--prefix", prefix, "--slot", str(i),
+                                         "--concurrent", str(math.ceil(concurrent / CLAIMERS))])
+                    for i in range(CLAIMERS)]
+        procs += claimers
+        for c in claimers:
+            c.recv("ready")
+        watchers = procs[:workers]
         m_ready = etcd_metrics(etcd.endpoint)
         result["watchers"] = m_ready["watchers"]
         result["watch_streams"] = m_ready["watch_streams"]
-        result["etcd_sockets"] = probe.sockets()
 
         # 2. idle: probes and status writes only
         phase = Phase(probe, procs)
@@ -608,25 +683,23 @@ def run(n: int, *, workers: int, concurrent: int, topology: str, idle: float, po
         solo_n = max(1, min(10, n // 10))
         solo: list[dict] = []
         for name in names[:solo_n]:
-            for w in procs:
-                w.send({"cmd": "claim", "at": 0, "names": [name]})
-            for w in procs:
-                solo += w.recv("claimed")["results"]
+            claimers[0].send({"cmd": "claim", "at": 0, "names": [name]})
+            solo += claimers[0].recv("claimed")["results"]
         phase = Phase(probe, procs)
         claims: list[dict] = []
         for wave in range(solo_n, n, concurrent):
             batch = names[wave:wave + concurrent]
             at = time.monotonic() + 0.3
-            for w in procs:
-                w.send({"cmd": "claim", "at": at, "names": batch})
-            for w in procs:
-                claims += w.recv("claimed")["results"]
+            for i, c in enumerate(claimers):
+                c.send({"cmd": "claim", "at": at, "names": batch[i::CLAIMERS]})
+            for c in claimers:
+                claims += c.recv("claimed")["results"]
                 probe.rss_kb()
         # every stand-in should now hold every confirmed block (a claim that failed has none)
         want = sum(1 for c in (*solo, *claims) if not c["error"])
-        for w in procs:
+        for w in watchers:
             w.send({"cmd": "converge", "want": want, "timeout": timeout})
-        short = sum(w.recv("converged")["short"] for w in procs)
+        short = sum(w.recv("converged")["short"] for w in watchers)
         claim_phase = phase.end()
         # from the moment the confirm transaction was sent: its commit lies between that and
         # the reply, and watchers are told before the claimer hears back, so the send is the
@@ -637,15 +710,15 @@ def run(n: int, *, workers: int, concurrent: int, topology: str, idle: float, po
         solo_ms = [c["latency"] * 1000 for c in solo if not c["error"]]
         fanout: list[float] = []
         extra = {"unknown": 0, "status_writes": 0, "syncer_resyncs": 0, "monitor_down": 0}
-        rss_end, peers, status_bytes, errors = 0, 0, 0, []
-        for w in procs:
+        rss_end, peers, status_bytes, errors = 0, [], 0, []
+        for w in watchers:
             w.send({"cmd": "collect", "commits": {str(k): v for k, v in commits.items()}})
             msg = w.recv("collected")
             lat = array.array("f")
             lat.frombytes(base64.b64decode(msg["fanout_ms"]))
             fanout += lat.tolist()
             rss_end += msg["rss_kb"]
-            peers = max(peers, msg["peers"])
+            peers += msg["peers"]
             status_bytes = max(status_bytes, msg["status_bytes"])
             errors += msg["errors"]
             for k in extra:
@@ -673,7 +746,8 @@ def run(n: int, *, workers: int, concurrent: int, topology: str, idle: float, po
         result["claims"] = claim_phase
         result["claim_error_samples"] = sorted({c["error"] for c in (*solo, *claims) if c["error"]})[:5]
         result["standins"] = {"rss_mb": round(rss_end / 1024, 1), "rss_kb_each": round(rss_end / n),
-                              "peers_each": peers, "status_doc_bytes": status_bytes,
+                              "peers_median": statistics.median(peers), "peers_max": max(peers),
+                              "status_doc_bytes_max": status_bytes,
                               "errors": errors[:5], **extra}
         result["etcd"] = {
             "rss_peak_mb": round(probe.rss_peak_kb / 1024, 1), "rss_end_mb": round(probe.rss_kb() / 1024, 1),
@@ -741,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     # a worker process (started by the parent)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--claimer", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", help=argparse.SUPPRESS)
     ap.add_argument("--prefix", help=argparse.SUPPRESS)
     ap.add_argument("--slot", type=int, help=argparse.SUPPRESS)
@@ -749,6 +824,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         args.nodes = int(args.nodes)
         asyncio.run(worker_main(args))
+        return 0
+    if args.claimer:
+        asyncio.run(claimer_main(args))
         return 0
     from tortie import log as tlog
 
@@ -773,8 +851,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(f"N={r['nodes']}: agent Calculation at N: snapshot {r['agent_calc']['snapshot_ms']} ms, "
                   f"one Node event {r['agent_calc']['node_event_ms']} ms, one affinity "
-                  f"{r['agent_calc']['affinity_event_ms']} ms; status doc {r['standins']['status_doc_bytes']} B "
-                  f"({r['standins']['peers_each']} peers); etcd sockets {r['etcd_sockets']}; "
+                  f"{r['agent_calc']['affinity_event_ms']} ms; largest status doc {r['standins']['status_doc_bytes_max']} B "
+                  f"(median {r['standins']['peers_median']} peers, max {r['standins']['peers_max']}); etcd sockets {r['etcd_sockets']}; "
                   f"{r['claims']['rpcs_per_claim']} round trips a claim; "
                   f"quota reached in {r['limits']['minutes_to_default_quota_without_compaction']} min "
                   "without compaction")

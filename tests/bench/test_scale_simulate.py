@@ -29,6 +29,7 @@ def test_etcd_sees_one_watch_stream_and_connection_per_standin(result):
     assert result["watch_streams"] == N
     assert result["watchers"] == 2 * N
     # each stand-in on a TCP connection of its own, plus the parent's and etcd's listeners
+    # (counted before the claimers connect)
     assert N <= result["etcd_sockets"] <= N + 6
 
 
@@ -49,7 +50,7 @@ def test_etcd_figures_and_limits(result):
     assert e["keys"] >= 3 * N  # a Node, a block and an affinity per stand-in (and a handle)
     assert result["start"]["etcd_cpu_pct"] > 0
     # mesh: each status document lists the N-1 other nodes
-    assert result["standins"]["peers_each"] == N - 1
+    assert result["standins"]["peers_median"] == result["standins"]["peers_max"] == N - 1
     assert result["limits"]["request_ok"] and result["limits"]["db_ok"]
     assert result["result"] == "PASS"
 
