@@ -73,6 +73,7 @@ QUOTA_DEFAULT = 2 * 1024**3  # etcd --quota-backend-bytes default
 QUOTA_SUGGESTED_MAX = 8 * 1024**3
 RR_CLUSTER_ID = "244.0.0.1"
 CLAIMERS = 2  # claimer processes
+WATCHER_NICE = 10
 AS_NUMBER = 64512
 
 
@@ -357,6 +358,11 @@ async def worker_main(args) -> None:
     # 1,000 stand-ins would repeat each warning 1,000 times; what matters is counted instead
     # (probes that timed out, status writes refused, syncer resyncs) and sent to the parent
     tlog.configure(level=os.environ.get("TORTIE_SIM_LOG_LEVEL", "critical"), fmt="json")
+    # On a cluster each agent has its node's CPU and etcd its own. Here N watchers share two
+    # cores with etcd and the claimers; at their own priority they starved etcd (a claim's
+    # commit waited a second for the CPU). Niced, they take what is left: etcd's figures stay
+    # etcd's, and the fan-out they measure is an upper bound.
+    os.nice(WATCHER_NICE)
     loop = asyncio.get_running_loop()
     # round robin: the M stand-ins of a claim wave spread over every worker
     indexes = range(args.slot, args.nodes, args.nworkers)
@@ -497,12 +503,16 @@ def etcd_metrics(endpoint: str, before: dict | None = None) -> dict:
     for k, name in names.items():
         v = metric_sum(m, name)
         out[k] = v if v is not None else float("nan")
-    # unary requests etcd answered with an error (quota, too large, ...); watch streams end
-    # Canceled or Unavailable when a stand-in stops, which is not a refusal
+    # unary requests that did not end OK: refused by etcd's limits (the quota and the request
+    # size are ResourceExhausted / InvalidArgument) or given up by the client (its deadline)
     out["raw"] = m
-    out["grpc_errors"] = sum(v for labels, v in m.get("grpc_server_handled_total", {}).items()
-                             if dict(labels).get("grpc_type") == "unary"
-                             and dict(labels).get("grpc_code") != "OK")
+    codes: dict[str, float] = {}
+    for labels, v in m.get("grpc_server_handled_total", {}).items():
+        d = dict(labels)
+        if d.get("grpc_type") == "unary" and d.get("grpc_code") != "OK":
+            codes[d["grpc_code"]] = codes.get(d["grpc_code"], 0.0) + v
+    out["refused"] = codes.get("ResourceExhausted", 0.0) + codes.get("InvalidArgument", 0.0)
+    out["grpc_errors"] = sum(codes.values())
     return out
 
 
@@ -765,6 +775,7 @@ def run(n: int, *, workers: int, concurrent: int, topology: str, idle: float, po
             "quota_mb": round(m_end["quota_bytes"] / 1e6), "keys": m_end["keys"],
             "revisions": int(m_end["puts"] + m_end["txns"]), "slow_watchers": m_end["slow_watchers"],
             "grpc_errors": m_end["grpc_errors"] - m_start["grpc_errors"],
+            "refused": m_end["refused"] - m_start["refused"],
             "largest_request_bytes": status_bytes,
         }
         result["agent_calc"] = agent_calc_cost(client, prefix, node_name(0))
@@ -781,10 +792,11 @@ def run(n: int, *, workers: int, concurrent: int, topology: str, idle: float, po
     result["limits"] = {
         "request_ok": e["largest_request_bytes"] < MAX_REQUEST,
         "db_ok": e["db_mb"] * 1e6 < QUOTA_DEFAULT,
-        "no_refusals": e["grpc_errors"] == 0,
+        "no_refusals": e["refused"] == 0,
         "minutes_to_default_quota_without_compaction": round(minutes_to_quota, 1),
     }
     ok = all(v for k, v in result["limits"].items() if k.endswith(("_ok", "refusals")))
+    result["limits"]["etcd_within"] = ok
     complete = result["claims"]["claim_errors"] == 0 and result["claims"]["fanout_short_at_end"] == 0
     result["result"] = "PASS" if ok and complete else "MISS"
     return result
@@ -866,8 +878,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['claims']['rpcs_per_claim']} round trips a claim; "
                   f"quota reached in {r['limits']['minutes_to_default_quota_without_compaction']} min "
                   "without compaction")
-        print("etcd limits (request < 1.5 MiB, db < 2 GiB quota, nothing refused): "
-              + ", ".join(f"{r['nodes']}: {r['result']}" for r in results))
+        print("etcd within its documented limits (request < 1.5 MiB, db < 2 GiB quota, nothing refused): "
+              + ", ".join(f"{r['nodes']}: {'yes' if r['limits']['etcd_within'] else 'NO'}" for r in results))
+        print("every claim done and seen by every stand-in: "
+              + ", ".join(f"{r['nodes']}: {r['result']} ({r['claims']['claim_errors']} claims failed)"
+                          for r in results))
     return 0 if all(r["result"] == "PASS" for r in results) else 1
 
 
