@@ -359,9 +359,9 @@ async def worker_main(args) -> None:
     # (probes that timed out, status writes refused, syncer resyncs) and sent to the parent
     tlog.configure(level=os.environ.get("TORTIE_SIM_LOG_LEVEL", "critical"), fmt="json")
     # On a cluster each agent has its node's CPU and etcd its own. Here N watchers share two
-    # cores with etcd and the claimers; at their own priority they starved etcd (a claim's
-    # commit waited a second for the CPU). Niced, they take what is left: etcd's figures stay
-    # etcd's, and the fan-out they measure is an upper bound.
+    # cores with etcd, the claimers and other people's work: niced, they yield first. That
+    # is not enough at 1,000 (the scheduler weighs threads, and they are thousands): during
+    # claim waves etcd still waits for the CPU, which docs/scale.md reports as such.
     os.nice(WATCHER_NICE)
     loop = asyncio.get_running_loop()
     # round robin: the M stand-ins of a claim wave spread over every worker
