@@ -85,3 +85,24 @@ def timed_add(lab, node: str) -> tuple[float, str]:
 def ipam_check(lab) -> tuple[str, int]:
     out = lab.ctl("ipam", "check").stdout
     return out, int(re.search(r"(\d+) allocations", out).group(1))
+
+
+def converged(lab, nodes, victim: str, new_pod: tuple[str, str], back: float) -> dict[str, float | None]:
+    """Seconds from `back` (etcd answering again) until every node is ready, an ADD (of
+    new_pod: node, namespace/name) works and the victim's endpoint and address are gone;
+    None for what did not happen within CONVERGE."""
+    figures = {"ready again": wait_until(lambda: all(readiness(lab, n)[0] == 200 for n in nodes),
+                                         CONVERGE, since=back)}
+
+    def add_works() -> bool:
+        try:
+            lab.pod_add(*new_pod)
+            return True
+        except DataplaneError:
+            return False
+
+    figures["ADD works"] = wait_until(add_works, CONVERGE, step=0.1, since=back)
+    figures["victim released"] = wait_until(
+        lambda: lab.wep(victim) is None and ipam_check(lab)[1] == len(lab.state().pods), CONVERGE,
+        step=0.1, since=back)
+    return figures

@@ -20,9 +20,7 @@ import time
 
 import faulthelpers
 import pytest
-from faulthelpers import ADD_ANSWER, CONVERGE, Prober, ipam_check, readiness, timed_add, wait_until
-
-from tortie.errors import DataplaneError
+from faulthelpers import ADD_ANSWER, Prober, converged, ipam_check, readiness, timed_add, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -107,19 +105,7 @@ def test_etcd_member_leader_and_quorum_loss(lab, case):
                     back = time.monotonic()  # a quorum again
                     first = False
         if case == "quorum":
-            figures["ready again"] = wait_until(lambda: all_ready(lab), CONVERGE, since=back)
-
-            def add_works() -> bool:
-                try:
-                    lab.pod_add("node2", "default/after-quorum")
-                    return True
-                except DataplaneError:
-                    return False
-
-            figures["ADD works"] = wait_until(add_works, CONVERGE, step=0.1, since=back)
-            figures["victim released"] = wait_until(
-                lambda: lab.wep(victim) is None and ipam_check(lab)[1] == len(lab.state().pods), CONVERGE,
-                step=0.1, since=back)
+            figures.update(converged(lab, NODES, victim, ("node2", "default/after-quorum"), back))
     finally:
         for p in probers:
             p.halt.set()

@@ -21,9 +21,8 @@ import time
 
 import faulthelpers
 import pytest
-from faulthelpers import ADD_ANSWER, CONVERGE, Prober, ipam_check, readiness, timed_add, wait_until
+from faulthelpers import ADD_ANSWER, Prober, converged, ipam_check, readiness, timed_add, wait_until
 
-from tortie.errors import DataplaneError
 from tortie.lab import routers
 
 pytestmark = pytest.mark.slow
@@ -112,21 +111,8 @@ def test_etcd_outage(lab, mode):
                 lab.etcd_start()  # returns once etcd is healthy
             else:
                 lab.etcd_resume()
-        back = time.monotonic()
-        figures["ready again"] = wait_until(
-            lambda: all(readiness(lab, n)[0] == 200 for n in ("node1", "node2")), CONVERGE, since=back)
-
-        def add_works() -> bool:
-            try:
-                lab.pod_add("node2", f"default/after-{mode}")
-                return True
-            except DataplaneError:
-                return False
-
-        figures["ADD works"] = wait_until(add_works, CONVERGE, step=0.1, since=back)
-        figures["victim released"] = wait_until(
-            lambda: lab.wep(victim) is None and ipam_check(lab)[1] == len(lab.state().pods), CONVERGE,
-            step=0.1, since=back)
+        figures.update(converged(lab, ("node1", "node2"), victim, ("node2", f"default/after-{mode}"),
+                                 time.monotonic()))
     finally:
         for p in probers:
             p.halt.set()
