@@ -160,6 +160,12 @@ def _stat(pid: int) -> list[str] | None:
     return text[text.rfind(")") + 2:].split()
 
 
+def proc_state(pid: int) -> str | None:
+    """The process's state letter (R, S, T for stopped, Z, ...), None if it is gone."""
+    st = _stat(pid)
+    return st[0] if st else None
+
+
 def start_time(pid: int) -> int:
     st = _stat(pid)
     return int(st[19]) if st else 0
@@ -217,6 +223,7 @@ def stop(proc: Proc, grace: float = 5.0, first: signal.Signals = signal.SIGTERM)
             break
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, signal.SIGCONT)  # a frozen process (etcd pause) acts on it too
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             child = _children.get(proc.pid)

@@ -1,6 +1,9 @@
-"""manifests/: every Kubernetes object validates against the API schema, and the
-controller's Deployment can run as it says: two replicas electing a leader through a Lease
-its RBAC lets it get, create and update, with settings the controller accepts."""
+"""manifests/: every Kubernetes object valid against the API's own schema (strict: no
+unknown fields), every tortie resource valid by tortie's own validation; the etcd wiring
+(every component gets all members over https and the client certificate from the
+tortie-etcd-certs Secret, which is required); and the controller's Deployment can run as
+it says: two replicas electing a leader through a Lease its RBAC lets it get, create and
+update, with settings the controller accepts."""
 
 from __future__ import annotations
 
@@ -11,26 +14,46 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tortie.datastore.resources import validate
 from tortie.kube.leader import LeaderElectionConfig
 
-MANIFESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "manifests")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = [(os.path.basename(path), doc) for path in sorted(glob.glob(os.path.join(ROOT, "manifests", "*.yaml")))
+        for doc in yaml.safe_load_all(open(path)) if doc]
 
 
-def _docs() -> list[dict]:
-    out = []
-    for path in sorted(glob.glob(os.path.join(MANIFESTS, "*.yaml"))):
-        with open(path) as f:
-            out += [d for d in yaml.safe_load_all(f) if d]
-    return out
+@pytest.mark.parametrize("name,doc", DOCS, ids=[f"{n}:{d['kind']}/{d['metadata']['name']}" for n, d in DOCS])
+def test_manifest_is_valid(name, doc):
+    if doc["apiVersion"].startswith("tortie.io/"):
+        validate(doc)
+    else:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
 
 def _k8s_docs() -> list[dict]:
-    return [d for d in _docs() if not d["apiVersion"].startswith("tortie.io/")]  # tortiectl's, not the API's
+    return [d for _, d in DOCS if not d["apiVersion"].startswith("tortie.io/")]  # tortiectl's, not the API's
 
 
-@pytest.mark.parametrize("doc", _k8s_docs(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
-def test_kubernetes_objects_validate(doc):
-    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+def test_every_component_gets_every_etcd_member_and_the_client_certificate():
+    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in DOCS}
+    secret = docs[("Secret", "tortie-etcd-certs")]
+    assert set(secret["stringData"]) == {"ca.crt", "tls.crt", "tls.key"}
+    endpoints = docs[("ConfigMap", "tortie-config")]["data"]["etcd_endpoints"].split(",")
+    assert len(endpoints) == 3 and all(e.startswith("https://") for e in endpoints)
+    workloads = [d for d in docs.values() if d["kind"] in ("DaemonSet", "Deployment")]
+    assert {d["metadata"]["name"] for d in workloads} == {"tortie-node", "tortie-controller"}
+    for d in workloads:
+        pod = d["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for c in pod["containers"]:
+            env = {e["name"]: e for e in c["env"]}
+            assert env["TORTIE_ETCD_ENDPOINTS"]["valueFrom"]["configMapKeyRef"]["key"] == "etcd_endpoints"
+            mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/tortie/etcd")
+            source = volumes[mount["name"]]["secret"]
+            assert source["secretName"] == "tortie-etcd-certs" and not source.get("optional")
+            files = {"CA": "ca.crt", "CERT": "tls.crt", "KEY": "tls.key"}
+            assert {k: env[f"TORTIE_ETCD_{k}"]["value"] for k in files} == {
+                k: f"/etc/tortie/etcd/{f}" for k, f in files.items()}
 
 
 def _one(kind: str, name: str) -> dict:
