@@ -32,8 +32,8 @@ from tortie.policy.messages import NatUpdate
 from tortie.routing.messages import RouteDelta, RouteKey, RulesUpdate
 from tortie.routing.model import MAIN_TABLE, Route, Rule, learned_route, route_key
 
-__all__ = ["Calculation", "ClusterState", "Desired", "EgressPlan", "desired", "egress_exports", "egress_plan",
-           "export_policies", "host_prefix", "network_policy", "node_addresses", "policy_routing"]
+__all__ = ["Calculation", "ClusterState", "Desired", "EgressPlan", "desired", "egress_exports", "egress_imports",
+           "egress_plan", "export_policies", "host_prefix", "network_policy", "node_addresses", "policy_routing"]
 
 log = get_logger("calc")
 
@@ -184,6 +184,7 @@ def desired(
     learned: Mapping[str, tuple[str, ...]] = (),
     own_addresses: frozenset[str] = frozenset(),
     bfd_up: frozenset[str] = frozenset(),
+    egress_learned: EgressLearned | None = None,
 ) -> Desired:
     """What this node's managers should hold.
 
@@ -232,62 +233,135 @@ def desired(
             refused[prefix] = why
             continue
         bgp_routes.add(learned_route(prefix, hops))  # canonical from ExaBGP: no re-validation
-    rules, egress_routes = policy_routing(state, bfd_up)
+    rules, egress_routes = policy_routing(state, bfd_up, node, egress_learned)
     return Desired(frozenset(block_routes), frozenset(workload_routes), frozenset(bgp_routes),
                    frozenset(exports), rules, egress_routes, refused)
 
 
 @dataclass(frozen=True)
 class EgressPlan:
-    """One egress pool on this node: the default route its table should get, or why none."""
+    """One egress pool on this node: the routes its table should get, or why none."""
 
     pool: str
     cidr: str
     table: int
-    next_hops: tuple[str, ...]
-    route: Route | None
-    problem: str | None = None  # set when route is None
+    next_hops: tuple[str, ...]  # all the routes' next hops (static, or learned: fromPeers)
+    routes: tuple[Route, ...]  # the default route (fromPeers: one per prefix some peer announces)
+    problem: str | None = None  # set when routes is empty
     fallback: str = "none"  # "main": no floor under the table (see policy_routing)
     bfd: tuple[tuple[str, int, int, int], ...] = ()  # next hops BFD watches (Egress.bfd)
+    from_peers: str | None = None  # the BGPPeer selector the next hops are learned from
+    missing: tuple[str, ...] = ()  # fromPeers prefixes no selected peer announces now
     address: str | None = None  # egress address (Egress.address)
 
 
-def egress_plan(state: ClusterState, bfd_up: frozenset[str] = frozenset()) -> tuple[EgressPlan, ...]:
-    """Per egress pool (by name): the default route of its table (ECMP over its usable next
-    hops), or the reason it has none (its traffic is then refused: see `policy_routing`).
-    A next hop watched by BFD is usable only while its session is Up (`bfd_up`)."""
+# What a peer announced that egress pools take (IPPool egress.fromPeers): peer address ->
+# prefix -> next hop, only while its session is established (the speaker's egress view).
+EgressLearned = Mapping[str, Mapping[str, str]]
+
+
+def _default(version: int) -> str:
+    return "0.0.0.0/0" if version == 4 else "::/0"
+
+
+def egress_peers(state: ClusterState, node: str, pool: res.IPPool) -> list:
+    """The BGP peers of this node a fromPeers pool takes its next hops from: those made by a
+    BGPPeer whose labels the selector matches, of the pool's family."""
+    from tortie.datastore import selector
+
+    sel = selector.parse(pool.egress.from_peers)
+    names = {bp.name for bp in state.bgp_peers.values() if sel.matches(bp.labels)}
+    return [p for p in bgp_peers(state, node) if p.name in names and p.version == pool.version]
+
+
+def egress_imports(state: ClusterState, node: str) -> dict[str, frozenset[str]]:
+    """Per BGP peer address: the prefixes fromPeers pools take from it (the speaker keeps
+    them out of the learned table and hands them to the agent apart)."""
+    out: dict[str, set[str]] = {}
+    for p in state.pools.values():
+        if p.egress and p.egress.from_peers is not None:
+            prefixes = p.egress.prefixes or (_default(p.version),)
+            for peer in egress_peers(state, node, p):
+                out.setdefault(peer.address, set()).update(prefixes)
+    return {a: frozenset(v) for a, v in out.items()}
+
+
+def _learned_plan(state: ClusterState, node: str, p: res.IPPool, bfd_up: frozenset[str],
+                  learned: EgressLearned) -> tuple[list[Route], tuple[str, ...], str | None]:
+    """A fromPeers pool's routes: per prefix, ECMP over the selected peers that announce it
+    (a peer watched by BFD counts only while its session is Up); the prefixes none
+    announces; why there is no route at all."""
+    e = p.egress
+    selected = egress_peers(state, node, p)
+    silenced = sorted(q.address for q in selected if q.bfd and q.address not in bfd_up)
+    routes, missing = [], []
+    for prefix in e.prefixes or (_default(p.version),):
+        hops = sorted({learned[q.address][prefix] for q in selected
+                       if q.address not in silenced and prefix in learned.get(q.address, {})},
+                      key=ipaddress.ip_address)
+        if hops:
+            routes.append(Route(dst=prefix, table=e.table, gateways=tuple(hops)))
+        else:
+            missing.append(prefix)
+    problem = None
+    if not selected:
+        problem = f"no BGP peer of this node matches fromPeers {e.from_peers!r}"
+    elif not routes:
+        problem = f"no next hop: no BGP peer matching {e.from_peers!r} announces {', '.join(missing)}"
+        if silenced:
+            problem += f" (BFD down: {', '.join(silenced)})"
+    return routes, tuple(missing), problem
+
+
+def egress_plan(state: ClusterState, bfd_up: frozenset[str] = frozenset(), node: str = "",
+                learned: EgressLearned | None = None) -> tuple[EgressPlan, ...]:
+    """Per egress pool (by name): the routes of its table (the default route by ECMP over its
+    usable next hops; for fromPeers, what the selected peers announce), or the reason it has
+    none (its traffic is then refused: see `policy_routing`). A next hop watched by BFD is
+    usable only while its session is Up (`bfd_up`)."""
     plans: list[EgressPlan] = []
     taken: dict[tuple[int, int], EgressPlan] = {}
     for p in sorted((p for p in state.pools.values() if p.egress), key=lambda p: p.name):
         e = p.egress
         version = ipaddress.ip_network(p.cidr).version
-        watched = {b[0] for b in e.bfd}
-        hops = tuple(sorted(h for h in e.next_hops if h not in watched or h in bfd_up))
-        problem = None  # (next hops of the pool's family: the schema refuses others)
-        if not hops:
-            problem = "no next hop is up (BFD down: " + ", ".join(sorted(watched)) + ")"
-        elif (first := taken.get((e.table, version))) is not None and first.next_hops != hops:
+        missing: tuple[str, ...] = ()
+        if e.from_peers is not None:
+            routes, missing, problem = _learned_plan(state, node, p, bfd_up, learned or {})
+            hops = tuple(sorted({h for r in routes for h in r.gateways}, key=ipaddress.ip_address))
+        else:
+            watched = {b[0] for b in e.bfd}
+            hops = tuple(sorted(h for h in e.next_hops if h not in watched or h in bfd_up))
+            problem = None  # (next hops of the pool's family: the schema refuses others)
+            # With `interface`, the next hops are reached through that device only (the
+            # route waits for the device like any other).
+            routes = [Route(dst=_default(version), table=e.table, gateways=hops, dev=e.interface)] if hops else []
+            if not hops:
+                problem = "no next hop is up (BFD down: " + ", ".join(sorted(watched)) + ")"
+        if problem is None and (first := taken.get((e.table, version))) is not None \
+                and set(first.routes) != set(routes):
             problem = f"table {e.table} is pool {first.pool}'s, with next hops {', '.join(first.next_hops)}"
         if problem is not None:
             log.warning("egress not installable", pool=p.name, why=problem, fallback=e.fallback)
-            plans.append(EgressPlan(p.name, p.cidr, e.table, hops, None, problem, e.fallback, e.bfd, e.address))
+            plans.append(EgressPlan(p.name, p.cidr, e.table, hops, (), problem, e.fallback, e.bfd,
+                                    e.from_peers, missing, e.address))
             continue
-        # With `interface`, the next hops are reached through that device only (the route
-        # waits for the device like any other).
-        route = Route(dst="0.0.0.0/0" if version == 4 else "::/0", table=e.table, gateways=hops, dev=e.interface)
-        plan = EgressPlan(p.name, p.cidr, e.table, hops, route, None, e.fallback, e.bfd, e.address)
+        plan = EgressPlan(p.name, p.cidr, e.table, hops, tuple(routes), None, e.fallback, e.bfd,
+                          e.from_peers, missing, e.address)
         taken.setdefault((e.table, version), plan)
         plans.append(plan)
     return tuple(plans)
 
 
-def policy_routing(state: ClusterState, bfd_up: frozenset[str] = frozenset()) -> tuple[frozenset[Rule], frozenset[Route]]:
+def policy_routing(state: ClusterState, bfd_up: frozenset[str] = frozenset(), node: str = "",
+                   learned: EgressLearned | None = None,
+                   plans: tuple[EgressPlan, ...] | None = None) -> tuple[frozenset[Rule], frozenset[Route]]:
     """Per-pool egress: `from <pool> lookup <table>`, the table's default via the pool's
     next hop, and under it `from <pool> unreachable`: fail closed. When the table has no
-    route (the next hop is on no up link, the kernel refused it, the link went down) the
-    pool's traffic is refused; it never falls through to the main table and leaves by
-    another uplink. A pool whose route cannot be planned gets the floor only. A pool with
-    `fallback: main` has no floor: what its table does not route takes the main table.
+    route (the next hop is on no up link, the kernel refused it, the link went down, no
+    selected peer announces it) the pool's traffic is refused; it never falls through to
+    the main table and leaves by another uplink. A pool whose route cannot be planned gets
+    the floor only. A pool with `fallback: main` has no floor: what its table does not
+    route takes the main table.
 
     Only while some pool has egress routing; then every pool's range is first sent to the
     main table, so traffic between pods (any pool) never takes an egress uplink.
@@ -297,16 +371,17 @@ def policy_routing(state: ClusterState, bfd_up: frozenset[str] = frozenset()) ->
     of this node knows meet it, and they stop here instead of bouncing off the default
     route back to the router that sent them.
     """
-    plans = egress_plan(state, bfd_up)
+    if plans is None:
+        plans = egress_plan(state, bfd_up, node, learned)
     if not plans:
         return frozenset(), frozenset()
     rules = {Rule(priority=PRIO_TO_POOLS, dst=p.cidr, table=MAIN_TABLE) for p in state.pools.values()}
     for plan in plans:
-        if plan.route is not None:
+        if plan.routes:
             rules.add(Rule(priority=PRIO_EGRESS, src=plan.cidr, table=plan.table))
         if plan.fallback == "none":
             rules.add(Rule(priority=PRIO_EGRESS_FLOOR, src=plan.cidr, action="unreachable"))
-    routes = {p.route for p in plans if p.route is not None}
+    routes = {r for p in plans for r in p.routes}
     routes |= {Route(dst=host_prefix(p.address), type="blackhole") for p in plans if p.address}
     return frozenset(rules), frozenset(routes)
 
@@ -421,6 +496,8 @@ class Calculation:
         self._export_removed: set[str] = set()
         self._rules: frozenset[Rule] | None = None
         self.egress: tuple[EgressPlan, ...] = ()  # this node's egress pools (for status)
+        self.egress_learned: dict[str, dict[str, str]] = {}  # the speaker's egress view (EgressLearned)
+        self.egress_imports: dict[str, frozenset[str]] = {}  # what the speaker should set apart for it
         self.bfd_up: frozenset[str] = frozenset()  # BFD peers whose session is Up
         self.bfd_peers: dict[str, tuple[int, int, int]] = {}  # BGP peers watched by BFD: timers
         self._silenced: frozenset[str] = frozenset()  # of those, the ones not Up
@@ -473,9 +550,19 @@ class Calculation:
         elif kind == "node":
             self._nat_recompute()
             self._bgp_recompute()
+            self._peers_changed()
         elif kind in ("bgppeer", "bgpconfiguration"):
             self._bgp_recompute()
+            self._peers_changed()
         return True
+
+    def on_egress_learned(self, view: EgressLearned) -> None:
+        """The speaker's egress view changed: per established peer, what it announces of the
+        prefixes fromPeers pools take (see `egress_imports`)."""
+        view = {peer: dict(routes) for peer, routes in view.items()}
+        if view != self.egress_learned:
+            self.egress_learned = view
+            self._policy_routing()
 
     def on_learned(self, changed: Mapping[str, tuple[str, ...]], removed: Iterable[str] = ()) -> None:
         """Routes the speaker learned (prefix -> next hops) and withdrew."""
@@ -550,7 +637,7 @@ class Calculation:
         self._local_prefixes, self._elsewhere = Counter(), Counter()
         for wep in st.weps.values():
             self._count_wep(wep, 1)
-        want = desired(st, self.node, self.learned, self.own_addresses, self.bfd_up)
+        want = desired(st, self.node, self.learned, self.own_addresses, self.bfd_up, self.egress_learned)
         for prefix in set(want.refused) - set(self.refused):
             log.warning("learned route refused", prefix=prefix, why=want.refused[prefix])
         self.refused = dict(want.refused)
@@ -558,7 +645,8 @@ class Calculation:
         self._out[WORKLOADS].replace(want.workload_routes)
         self._out[BGP].replace(want.bgp_routes)
         self._out[EGRESS].replace(want.egress_routes)
-        self.egress = egress_plan(st, self.bfd_up)
+        self.egress = egress_plan(st, self.bfd_up, self.node, self.egress_learned)
+        self.egress_imports = egress_imports(st, self.node)
         self._set_rules(want.rules)
         self._exports_recompute()  # builds the borrowed index; equals want.exports (tested)
         self._nat_recompute()
@@ -700,10 +788,17 @@ class Calculation:
             self._refresh_silenced()
 
     def _policy_routing(self) -> None:
-        self.egress = egress_plan(self.state, self.bfd_up)
-        rules, routes = policy_routing(self.state, self.bfd_up)
+        st = self.state
+        self.egress = egress_plan(st, self.bfd_up, self.node, self.egress_learned)
+        self.egress_imports = egress_imports(st, self.node)
+        rules, routes = policy_routing(st, plans=self.egress)
         self._set_rules(rules)
         self._out[EGRESS].replace(routes)
+
+    def _peers_changed(self) -> None:
+        """The BGP peers (or their labels) changed: fromPeers pools may select others."""
+        if any(p.egress and p.egress.from_peers is not None for p in self.state.pools.values()):
+            self._policy_routing()
 
     def _set_rules(self, rules: frozenset[Rule]) -> None:
         if rules != self._rules:

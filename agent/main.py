@@ -145,10 +145,16 @@ class Agent:
             self.m_sent.inc(len(msgs))
             self.driver.send(msgs)
         self._update_egress()
+        if self.bgp is not None:  # what the speaker sets apart for egress pools (fromPeers)
+            self.bgp.set_egress_imports(self.calc.egress_imports)
         self._check_speaker()
 
     def _on_learned_changes(self, changed: dict[str, tuple[str, ...]], removed: frozenset[str]) -> None:
         self._calc("learned", self.calc.on_learned, changed, removed)
+
+    def _on_egress_learned(self, view: dict[str, dict[str, str]]) -> None:
+        """What the peers that fromPeers pools select announce, from established sessions."""
+        self._calc("egress", self.calc.on_egress_learned, view)
 
     def _on_released(self) -> None:
         """The speaker's first table is complete (every peer's end-of-RIB, or its settle
@@ -245,6 +251,9 @@ class Agent:
             log_severity=log_severity,
         )
         speaker.on_status = lambda: self._bgp_status_changed(speaker)
+        speaker.on_egress_routes = self._on_egress_learned
+        speaker.set_egress_imports(self.calc.egress_imports)
+        self._calc("egress", self.calc.on_egress_learned, {})  # a new speaker: nothing learned yet
         self._bgp_identity = identity
         if "bgp" not in self.health.components:
             self.health.register("bgp", deadline=max(3 * self.cfg.resync_interval, 30))
@@ -310,18 +319,21 @@ class Agent:
         self._update_bfd()
         out = []
         for plan in self.calc.egress:
-            if plan.route is None:
+            if not plan.routes:
                 why = plan.problem
-            else:
-                why = self._egress_routes.get(plan.route.key, "not written yet")
+            else:  # fromPeers with several prefixes: up while any of its routes is in
+                whys = [self._egress_routes.get(r.key, "not written yet") for r in plan.routes]
+                why = None if None in whys else whys[0]
             if why is not None and plan.fallback == "main":
                 why += " (fallback: the main table's routes)"
             down = sorted({b[0] for b in plan.bfd} - self.calc.bfd_up)
-            o = {"pool": plan.pool, "table": plan.table, "nextHop": ",".join(plan.next_hops),
-                 "up": why is None, "reason": why, "bfdDown": down}
+            entry = {"pool": plan.pool, "table": plan.table, "nextHop": ",".join(plan.next_hops),
+                     "up": why is None, "reason": why, "bfdDown": down}
+            if plan.from_peers is not None:  # the next hops are the ones learned just now
+                entry.update(fromPeers=plan.from_peers, notAnnounced=list(plan.missing))
             if plan.address:
-                o.update(address=plan.address, advertised=host_prefix(plan.address) in self.calc.exports)
-            out.append(o)
+                entry.update(address=plan.address, advertised=host_prefix(plan.address) in self.calc.exports)
+            out.append(entry)
         if out == self.egress_status:
             return
         for o in out:

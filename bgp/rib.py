@@ -166,6 +166,10 @@ class LearnedRoutes:
     def is_stale(self, peer: str) -> bool:
         return bool(self._stale.get(peer))
 
+    def stale(self, peer: str) -> frozenset[str]:
+        """The peer's prefixes kept over its restart, not announced again yet."""
+        return frozenset(self._stale.get(peer, ()))
+
     def count(self, peer: str) -> int:
         return len(self._routes.get(peer, ()))
 

@@ -55,7 +55,7 @@ import ipaddress
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from tortie.bgp import config as cfg
 from tortie.bgp import diagnose, reflection
@@ -125,6 +125,8 @@ class BGPSpeaker:
             raise ValueError("on_routes, or on_route_changes with on_released, is required")
         self._full_sent = False
         self.on_status: Callable[[], None] | None = None  # status() may read differently now
+        # optional: the egress view changed (see set_egress_imports, egress_routes)
+        self.on_egress_routes: Callable[[dict[str, dict[str, str]]], None] | None = None
         self._unsettled = asyncio.Event()  # a session is not up: diagnose it (see _diagnose_loop)
         self.cluster_id = cluster_id  # routeReflectorClusterID; router id when None
         self.batch = batch
@@ -152,8 +154,11 @@ class BGPSpeaker:
         self._sent: Counter[str] = Counter()  # prefixes per peer (status)
         self._state: dict[str, PeerState] = {}
         self._import_pools: tuple[str, ...] = ()
+        self._egress_imports: dict[str, frozenset[str]] = {}  # peer -> prefixes egress pools take
+        self._egress_sent: dict[str, dict[str, str]] = {}  # the egress view last handed over
+        self._egress_pending = False
         self._filters: dict[str, Callable[[str], bool]] = {}  # peer -> import filter (see _accepts)
-        self._filters_for: tuple = (None, None)  # the (peers, pools) they were made for
+        self._filters_for: tuple = (None, None, None)  # the (peers, pools, egress imports) they were made for
         self._rib = LearnedRoutes(self._accepts, filter_for=self._peer_filter)
         self._reflected: dict[str, dict[str, str]] = {}  # what ExaBGP was told to reflect, per peer
         self._routes_pending = False
@@ -258,6 +263,31 @@ class BGPSpeaker:
             self._import_pools = cidrs
             self._rib.set_filter(self._accepts)
             self._routes_changed()
+
+    def set_egress_imports(self, wanted: Mapping[str, Iterable[str]]) -> None:
+        """Per peer, the prefixes egress pools take from it (IPPool `egress.fromPeers`): kept
+        out of the learned table (the main table never sees a router's default route) and
+        handed over apart, by `on_egress_routes`, while the peer's session is established."""
+        wanted = {peer: frozenset(prefixes) for peer, prefixes in wanted.items() if prefixes}
+        if wanted != self._egress_imports:
+            self._egress_imports = wanted
+            self._rib.set_filter(self._accepts)
+            self._routes_changed()
+
+    def egress_routes(self) -> dict[str, dict[str, str]]:
+        """The egress view: per peer whose session is established, what it announces now of
+        the prefixes set apart for egress (prefix -> next hop). A peer that is down counts for
+        nothing, whatever graceful restart keeps: egress fails over to the peers that are up."""
+        out = {}
+        for peer, prefixes in self._egress_imports.items():
+            st = self._state.get(peer)
+            if st is None or st.state != "established":
+                continue
+            paths, stale = self._rib.paths(peer), self._rib.stale(peer)
+            got = {p: paths[p][0] for p in prefixes if p in paths and p not in stale}
+            if got:
+                out[peer] = got
+        return out
 
     async def apply(self) -> None:
         async with self._lock:
@@ -657,8 +687,24 @@ class BGPSpeaker:
             self._status_changed()
 
     def _status_changed(self) -> None:
+        # every change of a session or of what a peer announced passes here
         if self.on_status is not None:
             self.on_status()
+        if (self._egress_imports or self._egress_sent) and not self._egress_pending:
+            self._egress_pending = True
+            asyncio.get_running_loop().call_soon(self._emit_egress)
+
+    def _emit_egress(self) -> None:
+        self._egress_pending = False
+        view = self.egress_routes()
+        if view == self._egress_sent:
+            return
+        self._egress_sent = view
+        if self.on_egress_routes is not None:
+            try:
+                self.on_egress_routes(view)
+            except Exception:
+                log.exception("on_egress_routes failed")
 
     def _local_for(self, peer: Peer) -> str | None:
         """The address we speak to `peer` from."""
@@ -715,13 +761,16 @@ class BGPSpeaker:
         return self._peer_filter(peer)(prefix)
 
     def _peer_filter(self, peer: str) -> Callable[[str], bool]:
-        # the peer's filter is compiled once per peer set (set_peers and set_import_pools
-        # replace these objects, never change them in place); the RIB asks once per update
-        if self._filters_for[0] is not self._peers or self._filters_for[1] is not self._import_pools:
-            self._filters, self._filters_for = {}, (self._peers, self._import_pools)
+        # the peer's filter is compiled once per peer set (set_peers, set_import_pools and
+        # set_egress_imports replace these objects, never change them in place); the RIB asks
+        # once per update
+        made_for = (self._peers, self._import_pools, self._egress_imports)
+        if any(a is not b for a, b in zip(self._filters_for, made_for, strict=True)):
+            self._filters, self._filters_for = {}, made_for
         f = self._filters.get(peer)
         if f is None:
-            f = self._filters[peer] = import_filter(self._peers.get(peer), self._import_pools)
+            f = self._filters[peer] = import_filter(self._peers.get(peer), self._import_pools,
+                                                    self._egress_imports.get(peer, frozenset()))
         return f
 
     # --- route reflection ----------------------------------------------------------------

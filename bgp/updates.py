@@ -37,13 +37,19 @@ def parse_update(update: dict, router_id: str, cluster: str | None) -> tuple[dic
     return announce, withdraw
 
 
-def import_filter(peer: Peer | None, import_pools: tuple[str, ...]) -> Callable[[str], bool]:
+def import_filter(peer: Peer | None, import_pools: tuple[str, ...],
+                  egress: frozenset[str] = frozenset()) -> Callable[[str], bool]:
     """What a peer may give us: node peers anything, external peers their acceptPrefixes
-    and the IP pools; an unknown peer nothing."""
+    and the IP pools; an unknown peer nothing. `egress`: the prefixes egress pools take from
+    this peer (fromPeers): those go to the pools' tables only, never the learned table."""
     if peer is None:
         return lambda prefix: False
     if not peer.external:
-        return lambda prefix: True
-    # Pod routes are always welcome: a top-of-rack router passing on another rack's
-    # blocks (or a borrowed /32) must not need its own acceptPrefixes for them.
-    return prefix_filter(tuple(peer.accept_prefixes) + import_pools)
+        accepts = lambda prefix: True  # noqa: E731
+    else:
+        # Pod routes are always welcome: a top-of-rack router passing on another rack's
+        # blocks (or a borrowed /32) must not need its own acceptPrefixes for them.
+        accepts = prefix_filter(tuple(peer.accept_prefixes) + import_pools)
+    if not egress:
+        return accepts
+    return lambda prefix: prefix not in egress and accepts(prefix)

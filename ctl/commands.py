@@ -236,7 +236,8 @@ def cmd_get(ctx, args) -> int:
 
 def _with_egress_state(ctx, pools: list[dict]) -> list[dict]:
     """The pools with what each node publishes about their egress (for display only):
-    status.egress = {node: {"up": bool, "reason": str | None}}; stale statuses are left out."""
+    status.egress = {node: {"up": bool, "reason": str | None, "nextHop": "a,b"}}; stale statuses
+    are left out."""
     prefix = ctx.config.prefix
     kvs, _ = ctx.client.get_prefix(prefix + keys.BGP_STATUS)
     now, by_pool = time.time(), {}
@@ -250,7 +251,8 @@ def _with_egress_state(ctx, pools: list[dict]) -> list[dict]:
             continue
         for e in doc.get("egress") or ():
             by_pool.setdefault(e.get("pool"), {})[node] = {"up": bool(e.get("up")), "reason": e.get("reason"),
-                                                           "advertised": bool(e.get("advertised"))}
+                                                           "advertised": bool(e.get("advertised")),
+                                                           "nextHop": e.get("nextHop") or ""}
     return [{**p, "status": {"egress": by_pool[p["metadata"]["name"]]}} if p["metadata"]["name"] in by_pool
             else p for p in pools]
 
@@ -342,8 +344,13 @@ def cmd_node_status(ctx, args) -> int:
             if e.get("address"):
                 state += f"; address {e['address']} " + ("announced (a pod of the pool is here)" if e.get("advertised")
                                                          else "not announced (no pod of the pool here)")
-            print(f"  egress of pool {e.get('pool')} (table {e.get('table')} via {e.get('nextHop')}): {state}",
-                  file=ctx.out)
+            if e.get("fromPeers") is not None:  # next hops learned from those BGP peers
+                via = f"from peers {e['fromPeers']}: via {e.get('nextHop') or 'nothing learned'}"
+                if e.get("up") and e.get("notAnnounced"):
+                    state += f" (not announced: {', '.join(e['notAnnounced'])})"
+            else:
+                via = f"via {e.get('nextHop')}"
+            print(f"  egress of pool {e.get('pool')} (table {e.get('table')} {via}): {state}", file=ctx.out)
         for prefix, why in sorted((doc.get("refused") or {}).items()):
             print(f"  learned route {prefix} refused: {why}", file=ctx.out)
     if args.output == "json":

@@ -34,7 +34,13 @@ def _pool(res: dict) -> tuple[str, ...]:
 def _pool_wide(res: dict) -> tuple[str, ...]:
     e = res["spec"].get("egress")
     egress = "-"
-    if e:
+    if e and e.get("fromPeers") is not None:
+        egress = f"table {e['table']} from peers {e['fromPeers']}"
+        if e.get("prefixes"):
+            egress += " for " + ",".join(e["prefixes"])
+        if e.get("fallback") == "main":
+            egress += " (fallback main)"
+    elif e:
         hops = e.get("nextHops") or [{"address": e.get("nextHop"), "interface": e.get("interface")}]
         egress = f"table {e['table']} via " + ",".join(
             h["address"] + (f" dev {h['interface']}" if h.get("interface") else "") for h in hops)
@@ -63,12 +69,16 @@ def _egress_state(res: dict) -> str:
     if not nodes:
         return "unknown (no agent reports it)"
     down = {n: s for n, s in sorted(nodes.items()) if not s["up"]}
+    learned = ""
+    if (res["spec"].get("egress") or {}).get("fromPeers") is not None:
+        # the next hops each node learned from the peers (not in the spec): show them
+        learned = " (" + "; ".join(f"{n} via {s.get('nextHop') or 'nothing'}" for n, s in sorted(nodes.items())) + ")"
     if not down:
         held = sorted(n for n, s in nodes.items() if s.get("advertised"))
-    return f"up on {len(nodes)}/{len(nodes)} nodes" + (
-        f"; address announced by {', '.join(held)}" if held else "")
+        return f"up on {len(nodes)}/{len(nodes)} nodes{learned}" + (
+            f"; address announced by {', '.join(held)}" if held else "")
     first = next(iter(down.values()))["reason"]
-    return f"DOWN on {', '.join(down)} of {len(nodes)} nodes: {first}"
+    return f"DOWN on {', '.join(down)} of {len(nodes)} nodes: {first}{learned}"
 
 
 def _ipam_config(res: dict) -> tuple[str, ...]:

@@ -137,7 +137,32 @@ def _pool_spec(f: Fields, meta: dict) -> None:
         where = "spec.egress"
         if e.raw("nextHop") is not None and e.raw("nextHops") is not None:
             raise ValidationError("give nextHop or nextHops, not both", field=f"{where}.nextHops")
-        if e.raw("nextHops") is None:
+        if e.raw("fromPeers") is not None:
+            # Next hops learned from BGP: the peers' own announcements say where to go, so
+            # static next hops beside them would be a second, conflicting source of truth.
+            for static in ("nextHop", "nextHops", "interface"):
+                if e.raw(static) is not None:
+                    raise ValidationError(f"give fromPeers or {static}, not both (fromPeers learns the next hops)",
+                                          field=f"{where}.fromPeers")
+            e.selector("fromPeers")
+
+            def prefix(value, at: str) -> str:
+                p = parse_cidr(string(value, at), at)
+                if p.version != net.version:
+                    raise ValidationError(f"{value!r} is not an IPv{net.version} prefix (the pool's family)", field=at)
+                return str(p)
+
+            prefixes = e.list("prefixes", prefix)
+            if prefixes is not None and not prefixes:
+                raise ValidationError("must name at least one prefix (leave it out for the default route)",
+                                      field=f"{where}.prefixes")
+            if prefixes and len(set(prefixes)) != len(prefixes):
+                raise ValidationError("names a prefix twice", field=f"{where}.prefixes")
+        elif e.raw("prefixes") is not None:
+            raise ValidationError("needs fromPeers (static next hops take the default route)", field=f"{where}.prefixes")
+        elif e.raw("nextHops") is None:
+            if e.raw("nextHop") is None:
+                raise ValidationError("is required (or nextHops, or fromPeers)", field=f"{where}.nextHop")
             e.ip("nextHop", required=True, version=net.version)
             e.str("interface", pattern=IFNAME)
         else:

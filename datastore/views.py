@@ -68,9 +68,16 @@ class Egress:
     # while their session is Up.
     bfd: tuple[tuple[str, int, int, int], ...] = ()
     address: str | None = None  # the pool's traffic leaves source-NATed to it (egress address)
+    # Next hops learned from BGP instead (fromPeers): the BGPPeers this selector matches,
+    # for these prefixes (the default route when none are given); next_hops is then empty.
+    from_peers: str | None = None
+    prefixes: tuple[str, ...] = ()
 
     @classmethod
     def from_spec(cls, e: dict) -> Egress:
+        if e.get("fromPeers") is not None:
+            return cls(e["table"], (), fallback=e.get("fallback", "none"), from_peers=e["fromPeers"],
+                       prefixes=tuple(e.get("prefixes") or ()), address=e.get("address"))
         hops = e.get("nextHops")
         if hops is None:
             return cls(e["table"], (e["nextHop"],), e.get("interface"), e.get("fallback", "none"),

@@ -10,16 +10,19 @@ Not a test fixture: the benches under bench/ run as scripts and import this modu
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 
-from tortie.lab.nsutil import stop_group
+from tortie.lab.nsutil import socket_in, stop_group
 
 Labels = tuple[tuple[str, str], ...]
 Metrics = dict[str, dict[Labels, float]]
@@ -357,3 +360,87 @@ def memory_mb(pids: list[int]) -> dict[str, float]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return {"rss_mb": round(rss / 1024, 1), "pss_mb": round(pss / 1024, 1)}
+
+
+# --- a UDP probe stream (bench/egress): datagrams every few ms, the gaps in the replies ----------
+
+class UDPEcho:
+    """Echoes every datagram back to its sender, on `address:port` inside `netns` (a thread of
+    this process; the socket lives in the namespace). `stop()` closes it."""
+
+    def __init__(self, netns: str, address: str, port: int) -> None:
+        self.sock = socket_in(netns, socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, port))
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="udp-echo")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(2048)
+                self.sock.sendto(data, peer)
+            except OSError:  # timeout, or an ICMP error from a reply that went nowhere
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+class UDPStream:
+    """A datagram every `interval` s from namespace `netns` to `dst:port`, each numbered; the
+    arrival time of every reply. The loss window of a failure is the longest gap between
+    consecutive replies (`longest_gap`)."""
+
+    def __init__(self, netns: str, dst: str, port: int, interval: float = 0.01) -> None:
+        self.sock = socket_in(netns, socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.connect((dst, port))  # one flow: the same 5-tuple for every datagram
+        self.sock.settimeout(0.2)
+        self.interval = interval
+        self.replies: list[float] = []  # monotonic arrival times
+        self.sent = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, daemon=True, name="udp-send"),
+                         threading.Thread(target=self._receive, daemon=True, name="udp-recv")]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def local_port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def _send(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.sock.send(self.sent.to_bytes(8, "big"))
+            except OSError:  # ICMP unreachable reported on a connected socket: keep going
+                pass
+            self.sent += 1
+            next_at += self.interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sock.recv(64)
+            except OSError:
+                continue
+            self.replies.append(time.monotonic())
+
+    def replied_since(self, t: float) -> int:
+        return sum(1 for r in self.replies if r >= t)
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """The longest time without a reply between `start` and `end` (both ends count)."""
+        marks = [start, *(r for r in self.replies if start < r < end), end]
+        return max(b - a for a, b in itertools.pairwise(marks))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self.sock.close()

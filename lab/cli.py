@@ -5,6 +5,8 @@
     tortie-lab pod del NS/NAME
     tortie-lab pod label NS/NAME k=v ... [k- ...]
     tortie-lab agent stop|start|restart NODE [--kill]
+    tortie-lab router stop|start NAME | router bfd on|off | router announce|withdraw NAME PREFIX
+    tortie-lab link down|up NODE IFNAME
     tortie-lab etcd stop|start [MEMBER|leader] [--kill] | etcd pause|resume
     tortie-lab exec NS/NAME -- CMD ...
     tortie-lab probe SRC DST_POD|IP PORT [--udp]
@@ -104,9 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
 
     rt = sub.add_parser("router", parents=[common], help="power a router off (daemon killed, links down) or on; "
-                        "BFD on every router: router bfd on|off")
-    rt.add_argument("action", choices=("stop", "start", "bfd"))
+                        "BFD on every router: router bfd on|off; router announce|withdraw NAME PREFIX")
+    rt.add_argument("action", choices=("stop", "start", "bfd", "announce", "withdraw"))
     rt.add_argument("router", metavar="NAME|on|off", help="tor, tor1, tor2, ... (see status); on|off after bfd")
+    rt.add_argument("prefix", nargs="?", metavar="PREFIX",
+                    help="announce|withdraw: a prefix the router originates to its nodes, e.g. 0.0.0.0/0")
 
     et = sub.add_parser("etcd", parents=[common], help="stop or start an etcd member, or freeze every member "
                         "(pause) and thaw them")
@@ -234,6 +238,14 @@ def run(argv: list[str]) -> int:
             lab.router_bfd(args.router == "on")
             print(f"BFD on the routers: {args.router}")
             return 0
+        if args.action in ("announce", "withdraw"):
+            if not args.prefix:
+                raise ValidationError(f"router {args.action} NAME PREFIX: no prefix given", field="prefix")
+            lab.router_announce(args.router, args.prefix, on=args.action == "announce")
+            print(f"router {args.router}: {'announces' if args.action == 'announce' else 'withdrew'} {args.prefix}")
+            return 0
+        if args.prefix:
+            raise ValidationError(f"router {args.action} takes no prefix", field="prefix")
         (lab.router_stop if args.action == "stop" else lab.router_start)(args.router)
         print(f"router {args.router}: {'stopped' if args.action == 'stop' else 'running'}")
         return 0

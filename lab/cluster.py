@@ -18,6 +18,7 @@ made, so `teardown()` can always finish the job, also after a crash part way.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -375,12 +376,13 @@ class Lab:
                 cmds.append(_default_route(n.gateways))
             nsutil.ip_batch(n.netns, cmds)
 
-    def _router(self, tor: TorPlan) -> routers.RouterRun:
+    def _router(self, tor: TorPlan, st: LabState | None = None) -> routers.RouterRun:
         lab_dir = state.lab_dir(self.name)
-        return routers.RouterRun(tor, os.path.join(lab_dir, tor.name), os.path.join(lab_dir, "logs"))
+        announce = tuple((st or self.state()).router_announce.get(tor.name, ()))
+        return routers.RouterRun(tor, os.path.join(lab_dir, tor.name), os.path.join(lab_dir, "logs"), announce)
 
     def _start_router(self, st: LabState, plan: Plan, tor: TorPlan, deadline: float) -> None:
-        run = self._router(tor)
+        run = self._router(tor, st)
         os.makedirs(run.rdir, exist_ok=True)
         self._record(lambda s: s.data_dirs.extend(run.leftovers()))
         cmd = run.prepare(plan, st.bgp_passwords, st.router_bfd)
@@ -428,7 +430,7 @@ class Lab:
         if not plan.tors:
             raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
         for tor in plan.tors:
-            self._router(tor).set_password(plan, st.bgp_passwords, n.name)
+            self._router(tor, st).set_password(plan, st.bgp_passwords, n.name, st.router_bfd)
 
     def router_bfd(self, on: bool) -> None:
         """BFD (100 ms x 3) on every router with every node's address on its links, for
@@ -442,12 +444,12 @@ class Lab:
         # neither side takes BFD going away for a dead path.
         if on:
             for tor in plan.tors:
-                self._router(tor).set_bfd(plan, st.bgp_passwords, on)
+                self._router(tor, st).set_bfd(plan, st.bgp_passwords, on)
         names = {f"{tor.name}-{n.name}" for tor in plan.tors for n, _ in plan.links_of(tor.name)}
         peers = [p for p in json.loads(self.ctl("get", "bgppeers", "-o", "json").stdout)["items"]
                  if p["metadata"]["name"] in names]
         for p in peers:
-            p["metadata"] = {"name": p["metadata"]["name"]}
+            p["metadata"] = {k: v for k, v in p["metadata"].items() if k in ("name", "labels")}
             p["spec"].pop("bfd", None)
             if on:
                 p["spec"]["bfd"] = routers.LAB_BFD
@@ -457,10 +459,33 @@ class Lab:
             # (a node's egress next hops may keep a session Up: then this just waits 3 s)
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline and any(
-                    "Up" in self._router(tor).bfd_sessions(plan).values() for tor in plan.tors):
+                    "Up" in self._router(tor, st).bfd_sessions(plan).values() for tor in plan.tors):
                 time.sleep(0.1)
             for tor in plan.tors:
-                self._router(tor).set_bfd(plan, st.bgp_passwords, on)
+                self._router(tor, st).set_bfd(plan, st.bgp_passwords, on)
+
+    def router_announce(self, name: str, prefix: str, on: bool = True) -> None:
+        """The router originates `prefix` to every node it peers with (on), or withdraws it;
+        kept across router restarts. For IPPool egress.fromPeers: `0.0.0.0/0` is the default
+        route an uplink router gives its nodes."""
+        _, _, tor = self._tor(name)
+        if tor.kind != "bird":
+            raise ValidationError("announcing from the lab's FRR routers is not supported yet (use --tor bird)",
+                                  field="router")
+        try:
+            net = ipaddress.ip_network(prefix)
+        except ValueError:
+            raise ValidationError(f"{prefix!r} is not a CIDR", field="prefix") from None
+        if net.version != 4:
+            raise ValidationError(f"{prefix}: the lab's routers speak IPv4 only", field="prefix")
+
+        def put(s: LabState) -> None:
+            have = [p for p in s.router_announce.get(tor.name, []) if p != str(net)]
+            s.router_announce[tor.name] = [*have, str(net)] if on else have
+
+        st = self._record(put)
+        if st.proc(tor.name) is not None:  # a stopped router takes it when it starts
+            self._router(tor, st).reconfigure(_plan_from(st), st.bgp_passwords, st.router_bfd)
 
     def bfd_sessions(self, router: str) -> dict[str, str]:
         """A router's BFD sessions: node address -> state (Up, Down, Init)."""
@@ -617,9 +642,12 @@ class Lab:
         proc = self.state().proc(tor.name)
         if proc is None:
             raise NotFound(f"router {name} is not running")
+        # Links first: a daemon killed while they are up has its kernel close the sessions
+        # (FIN/RST), which a router losing power never sends; its peers must find out by
+        # themselves (hold time, BFD, neighbour state).
+        self._router_links(tor, up=False)
         state.stop(proc, first=signal.SIGKILL)
         self._record(lambda s: s.procs.remove(proc) if proc in s.procs else None)
-        self._router_links(tor, up=False)
 
     def router_start(self, name: str, timeout: float = 30.0) -> None:
         """The router back: links up, its daemon started with the lab's configuration."""

@@ -15,7 +15,7 @@ import pwd
 import re
 import shlex
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tortie.errors import DataplaneError, ValidationError
@@ -40,12 +40,14 @@ def check_password(password: str) -> str:
 
 
 def bird_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, str] | None = None,
-                bfd: bool = False) -> str:
+                bfd: bool = False, announce: Sequence[str] = ()) -> str:
     """BIRD 2 configuration: one eBGP session per node, learned routes to the kernel.
 
     `passwords`: node name -> the TCP MD5 password of that node's session. `bfd`: BFD
     sessions (100 ms x 3) with every node's address on this router's links, for the
-    nodes' egress next hops."""
+    nodes' egress next hops. `announce`: prefixes the router originates to every node
+    (`tortie-lab router announce`, e.g. a default route for IPPool egress.fromPeers); only
+    announced: they never enter the router's own kernel, which forwards by its links."""
     lines = [
         f'log "{log_path}" {{ info, warning, error, fatal }};',
         f"router id {tor.ip};",
@@ -60,9 +62,12 @@ def bird_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str,
         f"  hold time {HOLD_TIME};",
         "  connect retry time 1;",
         "  error wait time 1, 10;",
-        "  ipv4 { import all; export where source = RTS_BGP; next hop self; };",
+        # what the nodes gave it, and what it originates itself (protocol static "announced")
+        '  ipv4 { import all; export where source = RTS_BGP || proto = "announced"; next hop self; };',
         "}",
     ]
+    if announce:
+        lines.append("protocol static announced { ipv4; " + "".join(f"route {p} blackhole; " for p in announce) + "}")
     for node, link in plan.links_of(tor.name):
         lines += [
             f"protocol bgp {node.name} from node {{",
@@ -211,6 +216,7 @@ class RouterRun:
     tor: TorPlan
     rdir: str
     log_dir: str
+    announce: tuple[str, ...] = ()  # prefixes it originates (`tortie-lab router announce`)
 
     @property
     def conf(self) -> str:
@@ -226,7 +232,7 @@ class RouterRun:
 
     def _write_config(self, plan: Plan, passwords: Mapping[str, str] | None, bfd: bool = False) -> None:
         if self.tor.kind == "bird":
-            text = bird_config(plan, self.tor, self.log_path, passwords, bfd)
+            text = bird_config(plan, self.tor, self.log_path, passwords, bfd, self.announce)
         else:
             text = frr_config(plan, self.tor, self.log_path, passwords, bfd)
         with open(self.conf, "w") as f:
@@ -235,12 +241,10 @@ class RouterRun:
     def set_bfd(self, plan: Plan, passwords: Mapping[str, str], on: bool) -> None:
         """BFD with every node on this router's links, on or off (reconfigured live: BIRD
         rereads its file, FRR takes the same lines through vtysh)."""
-        self._write_config(plan, passwords, on)
         if self.tor.kind == "bird":
-            out = birdc(self.tor.netns, self.control, "configure")
-            if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
-                raise DataplaneError(f"birdc configure: {out.strip()}")
+            self.reconfigure(plan, passwords, on)
             return
+        self._write_config(plan, passwords, on)
         links = plan.links_of(self.tor.name)
         if on:
             cmds = [line.strip() for line in frr_bfd_lines(plan, self.tor)]
@@ -274,6 +278,14 @@ class RouterRun:
         names = {"up": "Up", "down": "Down", "init": "Init", "shutdown": "AdminDown"}
         return {p["peer"]: names.get(p.get("status", ""), p.get("status", "?")) for p in peers if "peer" in p}
 
+    def reconfigure(self, plan: Plan, passwords: Mapping[str, str], bfd: bool) -> None:
+        """Write the configuration again and make the running BIRD take it (sessions whose
+        definition is unchanged stay up)."""
+        self._write_config(plan, passwords, bfd)
+        out = birdc(self.tor.netns, self.control, "configure")
+        if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
+            raise DataplaneError(f"birdc configure: {out.strip()}")
+
     def prepare(self, plan: Plan, passwords: Mapping[str, str] | None = None, bfd: bool = False) -> list[str]:
         """Write the configuration; the command that runs the router in the foreground."""
         if self.tor.kind == "bird":
@@ -287,15 +299,13 @@ class RouterRun:
             frr_prepare_dir(self.log_path)
         return cmd
 
-    def set_password(self, plan: Plan, passwords: Mapping[str, str], node: str) -> None:
+    def set_password(self, plan: Plan, passwords: Mapping[str, str], node: str, bfd: bool = False) -> None:
         """Rewrite the config with `passwords` and make the running router use them for `node`'s
         session (which restarts that session)."""
-        self._write_config(plan, passwords)
         if self.tor.kind == "bird":
-            out = birdc(self.tor.netns, self.control, "configure")
-            if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
-                raise DataplaneError(f"birdc configure: {out.strip()}")
+            self.reconfigure(plan, passwords, bfd)
             return
+        self._write_config(plan, passwords, bfd)
         pw = passwords.get(node)
         cmds = []
         for n, link in plan.links_of(self.tor.name):
@@ -347,7 +357,7 @@ def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False) -> lis
     res += [{"apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": f"node.{n.name}"},
              "spec": {"asNumber": n.as_number}} for n in plan.nodes]
     for tor in plan.tors:
-        # labelled with the router's name, for IPPool.spec.bgp.peers (router == 'tor1')
+        # labelled with the router's name, for IPPool.spec.bgp.peers and egress.fromPeers
         res += [{"apiVersion": API_VERSION, "kind": "BGPPeer",
                  "metadata": {"name": f"{tor.name}-{n.name}", "labels": {"router": tor.name}},
                  "spec": {"node": n.name, "peerIP": link.gateway, "asNumber": tor.as_number,

@@ -84,6 +84,7 @@ class LabState:
     bgp_passwords: dict[str, str] = field(default_factory=dict)  # node -> the routers' MD5 password for it
     router_bfd: bool = False  # the routers run BFD with every node (`router bfd on`)
     reflectors: int = 0  # the last that many nodes are route reflectors, the mesh off
+    router_announce: dict[str, list[str]] = field(default_factory=dict)  # router -> prefixes it originates
     etcd_prefix: str = "/tortie/"
     bin_dir: str = ""
     created: float = field(default_factory=time.time)

@@ -149,7 +149,7 @@ def test_policy_routing_only_while_a_pool_has_egress():
     assert Rule(priority=PRIO_EGRESS_FLOOR, src="10.68.0.0/16", action="unreachable") in d.rules
     assert not any(r.src == "10.68.0.0/16" and r.action == "lookup" for r in d.rules)
     (c,) = [p for p in egress_plan(s) if p.pool == "c"]
-    assert c.route is None and c.problem == "table 101 is pool a's, with next hops 192.0.2.1"
+    assert not c.routes and c.problem == "table 101 is pool a's, with next hops 192.0.2.1"
     pool(s, "c", "10.68.0.0/16")
     pool(s, "a", "10.67.0.0/16", egress={"table": 101, "nextHop": "192.0.2.1", "interface": "eth1"})
     assert desired(s, "n1").egress_routes == {
@@ -240,3 +240,57 @@ def test_egress_address_is_exported_while_a_local_pod_of_the_pool_lives():
     assert ExportDelta(frozenset(), frozenset({"192.0.2.9/32", "10.70.0.5/32", "10.70.0.6/32"})) \
         in calc.take_messages()  # the last pod gone: withdrawn
 
+
+
+def _peer(state, name, ip, labels, **spec):
+    put(state, f"resources/bgppeer/{name}", {
+        "apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": name, "labels": labels},
+        "spec": {"peerIP": ip, "asNumber": 65000, **spec}})
+
+
+def test_from_peers_takes_what_the_selected_peers_announce_into_the_pools_table_only():
+    from tortie.agent.calc import PRIO_EGRESS, PRIO_EGRESS_FLOOR, egress_imports, egress_plan
+    from tortie.routing.model import Rule
+
+    s = make_state()
+    put(s, "resources/node/n1", {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n1"},
+                                 "spec": {"bgp": {"ipv4Address": "10.99.101.11/24"}}})
+    _peer(s, "tor1-n1", "10.99.101.1", {"router": "tor1"})
+    _peer(s, "tor2-n1", "10.99.102.1", {"router": "tor2"}, bfd={"minTx": 100, "minRx": 100, "multiplier": 3})
+    pool(s, "a", "10.67.0.0/16", egress={"table": 101, "fromPeers": "router == 'tor1'"})
+    pool(s, "b", "10.68.0.0/16", egress={"table": 102, "fromPeers": "has(router)", "fallback": "main",
+                                         "prefixes": ["0.0.0.0/0", "192.0.2.0/24"]})
+    # what the speaker must set apart: per peer, the prefixes some pool takes from it
+    assert egress_imports(s, "n1") == {"10.99.101.1": {"0.0.0.0/0", "192.0.2.0/24"},
+                                       "10.99.102.1": {"0.0.0.0/0", "192.0.2.0/24"}}
+    # nothing announced yet: pool a refused (floor), pool b to the main table (no floor)
+    d = desired(s, "n1")
+    assert not d.egress_routes
+    assert Rule(priority=PRIO_EGRESS_FLOOR, src="10.67.0.0/16", action="unreachable") in d.rules
+    assert not [r for r in d.rules if r.src == "10.68.0.0/16"]
+    (a, b) = egress_plan(s, node="n1")
+    assert a.problem == "no next hop: no BGP peer matching \"router == 'tor1'\" announces 0.0.0.0/0"
+    # tor1 announces a default: pool a's table and pool b's; tor2 (BFD not Up yet) counts for nothing
+    learned = {"10.99.101.1": {"0.0.0.0/0": "10.99.101.1"},
+               "10.99.102.1": {"0.0.0.0/0": "10.99.102.1", "192.0.2.0/24": "10.99.102.1"}}
+    d = desired(s, "n1", egress_learned=learned)
+    assert d.egress_routes == {Route(dst="0.0.0.0/0", table=101, gateways=("10.99.101.1",)),
+                               Route(dst="0.0.0.0/0", table=102, gateways=("10.99.101.1",))}
+    assert not d.bgp_routes  # the main table never sees it
+    assert Rule(priority=PRIO_EGRESS, src="10.67.0.0/16", table=101) in d.rules
+    (a, b) = egress_plan(s, node="n1", learned=learned)
+    assert b.missing == ("192.0.2.0/24",) and b.next_hops == ("10.99.101.1",)
+    # tor2's BFD session Up: ECMP over both for the default, and its own prefix
+    d = desired(s, "n1", bfd_up=frozenset({"10.99.102.1"}), egress_learned=learned)
+    assert d.egress_routes == {Route(dst="0.0.0.0/0", table=101, gateways=("10.99.101.1",)),
+                               Route(dst="0.0.0.0/0", table=102, gateways=("10.99.101.1", "10.99.102.1")),
+                               Route(dst="192.0.2.0/24", table=102, gateways=("10.99.102.1",))}
+    # tor1 withdraws: pool a fails closed again, pool b keeps tor2
+    learned = {"10.99.102.1": learned["10.99.102.1"]}
+    d = desired(s, "n1", bfd_up=frozenset({"10.99.102.1"}), egress_learned=learned)
+    assert {r.table for r in d.egress_routes} == {102}
+    assert Rule(priority=PRIO_EGRESS_FLOOR, src="10.67.0.0/16", action="unreachable") in d.rules
+    # a selector that matches no peer of this node says so
+    pool(s, "a", "10.67.0.0/16", egress={"table": 101, "fromPeers": "router == 'tor9'"})
+    (a, _) = egress_plan(s, node="n1", learned=learned)
+    assert a.problem == "no BGP peer of this node matches fromPeers \"router == 'tor9'\""

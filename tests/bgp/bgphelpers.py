@@ -71,6 +71,7 @@ class SpeakerProc:
         self.events: queue.Queue[dict] = queue.Queue()
         self.routes: dict[str, list[str]] | None = None
         self.route_history: list[tuple[float, dict]] = []
+        self.egress: dict[str, dict[str, str]] = {}  # the speaker's egress view, as last handed over
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, SPEAKER_HOST],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(os.path.join(state_dir, "host.err"), "ab"),
@@ -85,6 +86,8 @@ class SpeakerProc:
             if doc.get("event") == "routes":
                 self.routes = doc["routes"]
                 self.route_history.append((doc["t"], doc["routes"]))
+            elif doc.get("event") == "egress":
+                self.egress = doc["view"]
             else:
                 self.events.put(doc)
 
@@ -109,6 +112,9 @@ class SpeakerProc:
 
     def import_pools(self, cidrs: list[str]) -> None:
         self._call({"op": "import_pools", "cidrs": cidrs})
+
+    def egress_imports(self, imports: dict[str, list[str]]) -> None:
+        self._call({"op": "egress_imports", "imports": imports})
 
     def exports(self, prefixes: list[str], communities: list[str] = (), policies: list[dict] = ()) -> dict:
         return self._call({"op": "exports", "prefixes": prefixes, "communities": list(communities),

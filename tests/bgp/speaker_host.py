@@ -8,9 +8,11 @@ ExaBGP must live in the node's network namespace, so the BGP tests run
            {"op": "exports", "prefixes": [...], "communities": [...],
             "policies": [{ExportPolicy fields}, ...]}                 set_exports + apply
            {"op": "import_pools", "cidrs": [...]}                      set_import_pools
+           {"op": "egress_imports", "imports": {peer: [prefixes]}}     set_egress_imports
            {"op": "status"} | {"op": "stop"}
     stdout {"event": "ready"} | {"event": "routes", "routes": {prefix: [next hops]}, "t": ...}
            {"event": "status", "peers": [...], ...} | {"event": "ok", "op": ...}
+           {"event": "egress", "view": {peer: {prefix: next hop}}, "t": ...}
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ async def main() -> int:
         if op == "start":
             speaker = BGPSpeaker(on_routes=lambda r: _emit(
                 {"event": "routes", "t": time.time(), "routes": {p: list(n) for p, n in r.items()}}), **cmd)
+            speaker.on_egress_routes = lambda v: _emit({"event": "egress", "t": time.time(), "view": v})
             await speaker.start()
         elif op == "peers":
             assert speaker
@@ -51,6 +54,9 @@ async def main() -> int:
         elif op == "import_pools":
             assert speaker
             speaker.set_import_pools(cmd["cidrs"])
+        elif op == "egress_imports":
+            assert speaker
+            speaker.set_egress_imports(cmd["imports"])
         elif op == "exports":
             assert speaker
             policies = [ExportPolicy(cidr=p["cidr"], peers=None if p.get("peers") is None else frozenset(p["peers"]),

@@ -82,6 +82,61 @@ def test_external_peer_routes_inside_the_pools_are_imported_without_accept_prefi
              what="pod routes from the router imported once the pool is known")
 
 
+def test_a_default_route_set_apart_for_egress_never_reaches_the_learned_table(lab, pair):
+    """IPPool egress.fromPeers: the router's default route goes to the egress view only,
+    even when the peer's acceptPrefixes would take it; a withdraw or a session that drops
+    (graceful restart or not) takes it out of the view at once."""
+    node, router = pair
+    bird = tor(lab, router, statics=("0.0.0.0/0", "10.50.0.0/24"))
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([bird_peer(R, accept=("0.0.0.0/0",))])  # would accept anything, the default too
+    sp.exports([])
+    sp.wait_state(R)
+    wait_for(lambda: sp.routes == {"0.0.0.0/0": [R], "10.50.0.0/24": [R]}, what="both in the learned table")
+    sp.egress_imports({R: ["0.0.0.0/0"]})
+    wait_for(lambda: sp.routes == {"10.50.0.0/24": [R]} and sp.egress == {R: {"0.0.0.0/0": R}},
+             what="the default moves from the learned table to the egress view")
+    # withdrawn by the router: out of the view
+    with open(bird.conf) as f:
+        conf = f.read()
+    with open(bird.conf, "w") as f:
+        f.write(conf.replace("route 0.0.0.0/0 blackhole; ", ""))
+    assert "Reconfigured" in bird.birdc("configure")
+    wait_for(lambda: sp.egress == {}, what="the withdraw empties the egress view")
+    assert sp.routes == {"10.50.0.0/24": [R]}
+    with open(bird.conf, "w") as f:
+        f.write(conf)
+    assert "Reconfigured" in bird.birdc("configure")
+    wait_for(lambda: sp.egress == {R: {"0.0.0.0/0": R}}, what="announced again")
+    # the session drops (the router keeps graceful restart: the learned table keeps its
+    # routes as stale, the egress view does not)
+    bird.birdc("disable", "n1")
+    wait_for(lambda: sp.egress == {}, what="a session that is down counts for nothing")
+    assert sp.routes == {"10.50.0.0/24": [R]}
+    bird.birdc("enable", "n1")
+    wait_for(lambda: sp.egress == {R: {"0.0.0.0/0": R}}, what="back with the session")
+    sp.egress_imports({})  # no pool takes it: the acceptPrefixes decide again
+    wait_for(lambda: sp.routes == {"0.0.0.0/0": [R], "10.50.0.0/24": [R]} and sp.egress == {},
+             what="the default back in the learned table")
+
+
+def test_bfd_timers_alone_do_not_redefine_the_session(lab, pair):
+    """A BGPPeer that only gains or loses `bfd` (the agent's business, not ExaBGP's) keeps its
+    session, and the speaker still says it is established (it once said 'reconfigured' and
+    idle for good, while ExaBGP kept the session up)."""
+    node, router = pair
+    bird = tor(lab, router)
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([bird_peer(R)])
+    sp.exports([])
+    since = sp.wait_state(R)["since"]
+    sp.peers([{**bird_peer(R), "bfd": [300, 300, 3]}])
+    time.sleep(1.0)
+    st = sp.peer(R)
+    assert st["state"] == "established" and st["since"] == since, st
+    assert bird.established("n1")
+
+
 def node_status(etcd, etcd_config, doc: dict, *args: str) -> tuple[int, str]:
     """Publish a speaker's status as the agent does, and read it back with tortiectl."""
     doc = {k: v for k, v in doc.items() if k not in ("event", "synced", "rib_ready")}

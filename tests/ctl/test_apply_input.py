@@ -3,6 +3,8 @@ change to the datastore -- not a traceback."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 POOL = ("apiVersion: tortie.io/v1\nkind: IPPool\nmetadata:\n  name: café-pool\n"
@@ -121,3 +123,40 @@ def test_egress_address_inside_another_pool_is_refused_both_ways(ctl, etcd, tmp_
     spec = ctl.json("get", "ippool", "p")["spec"]
     assert spec["egress"]["address"] == "192.0.2.8"
     assert spec["bgp"] == {"peers": "router == 'tor1'", "communities": ["65010:7", "65010:1:2"], "asPathPrepend": 2}
+
+
+def _egress_pool(egress: dict) -> str:
+    return json.dumps({"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": "egress-pool"},
+                       "spec": {"cidr": "10.78.0.0/16", "egress": {"table": 201, **egress}}})
+
+
+@pytest.mark.parametrize("egress, field, words", [
+    ({"nextHop": "nope"}, "spec.egress.nextHop", "not an IP address"),
+    ({"nextHops": []}, "spec.egress.nextHops", "at least one next hop"),
+    ({"nextHops": [{"address": "10.99.101.1", "bfd": {"minTx": 5}}]}, "spec.egress.nextHops[0].bfd.minTx",
+     "between 10 and 60000"),
+    ({"nextHops": [{"address": "10.99.101.1", "bfd": {"minRx": "9ms"}}]}, "spec.egress.nextHops[0].bfd.minRx",
+     "between 10 and 60000"),
+    ({"fromPeers": "router == "}, "spec.egress.fromPeers", "selector"),
+    ({"fromPeers": "has(router", "prefixes": ["0.0.0.0/0"]}, "spec.egress.fromPeers", "selector"),
+    ({"fromPeers": "all()", "prefixes": ["default"]}, "spec.egress.prefixes[0]", "not a CIDR"),
+    ({"fromPeers": "all()", "prefixes": ["::/0"]}, "spec.egress.prefixes[0]", "not an IPv4 prefix"),
+    ({"fromPeers": "all()", "prefixes": "0.0.0.0/0"}, "spec.egress.prefixes", "must be a list"),
+    ({"fromPeers": "all()", "nextHop": "10.99.101.1"}, "spec.egress.fromPeers", "not both"),
+    ({"prefixes": ["0.0.0.0/0"], "nextHop": "10.99.101.1"}, "spec.egress.prefixes", "needs fromPeers"),
+])
+def test_bad_egress_is_one_line_naming_the_field(ctl, etcd, tmp_path, egress, field, words):
+    """Issue 11's bad-input line: a next hop that is not an address, an empty nextHops list,
+    a BFD interval under 10 ms, a fromPeers selector that does not parse, prefixes that are
+    not CIDRs or of the other family: one line naming the field, nothing stored."""
+    path = tmp_path / "pool.json"
+    path.write_text(_egress_pool(egress))
+    err = _refused(ctl, etcd, path, words)
+    assert f"{field}:" in err, err
+
+
+def test_bgp_peer_bfd_interval_under_10ms_is_refused(ctl, etcd, tmp_path):
+    path = tmp_path / "peer.yaml"
+    path.write_text("apiVersion: tortie.io/v1\nkind: BGPPeer\nmetadata:\n  name: tor1\nspec:\n"
+                    "  peerIP: 10.99.101.1\n  asNumber: 65000\n  bfd:\n    minRx: 5ms\n")
+    _refused(ctl, etcd, path, "spec.bfd.minRx:", "between 10 and 60000")

@@ -79,3 +79,13 @@ def test_agent_cpu_counts_this_process():
     sum(i * i for i in range(300_000))
     assert cpu.seconds() > t0
     assert cpu.ticks_seconds() >= 0
+
+
+def test_udp_stream_gap_is_the_longest_silence_between_replies():
+    from tortie.lab.benchutil import UDPStream
+
+    s = UDPStream.__new__(UDPStream)  # no socket: only the arithmetic
+    s.replies = [1.0, 1.01, 1.02, 1.5, 1.51, 3.0]
+    assert s.longest_gap(0.995, 1.6) == pytest.approx(0.48)
+    assert s.longest_gap(1.505, 2.0) == pytest.approx(0.49)  # none after 1.51: the end counts
+    assert s.longest_gap(2.0, 2.5) == pytest.approx(0.5)  # no reply at all

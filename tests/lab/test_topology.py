@@ -163,6 +163,14 @@ def test_router_config_and_bgp_resources():
         routers.check_password('a"b')
     default = next(r for r in res if r["metadata"]["name"] == "default")
     assert default["spec"]["nodeToNodeMeshEnabled"] is False
+    # each BGPPeer says which router it is (IPPool egress.fromPeers selects by it)
+    assert {r["metadata"]["labels"]["router"] for r in res if r["kind"] == "BGPPeer"} == {"tor"}
+    # prefixes the router originates (`router announce`): to the nodes only, not its kernel
+    assert "protocol static announced" not in conf
+    announcing = routers.bird_config(plan, plan.tors[0], "/x.log", announce=("0.0.0.0/0",))
+    assert "protocol static announced { ipv4; route 0.0.0.0/0 blackhole; }" in announcing
+    assert 'export where source = RTS_BGP || proto = "announced"; next hop self;' in announcing
+    assert "ipv4 { import none; export where source = RTS_BGP; };" in announcing  # the kernel protocol
     assert routers.bgp_resources(topology.make_plan("lab1", 2)) == []
 
 
