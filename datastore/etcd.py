@@ -439,7 +439,8 @@ class EtcdClient:
     # Unguarded puts and deletes are idempotent: a retry on another member after an
     # attempt that may have been applied changes nothing.
 
-    def put(self, key: str, value: bytes) -> int:
+    def put(self, key: str, value: bytes | str) -> int:
+        value = value.encode() if isinstance(value, str) else value
         resp, _ = self.rpc("Put", etcdrpc.PutRequest(key=key.encode(), value=value))
         return resp.header.revision
 
