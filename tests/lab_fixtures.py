@@ -113,5 +113,5 @@ def agent_metric(lab: Lab, node: str, name: str, **labels: str) -> float | None:
     """One sample of a node's agent's /metrics (None when it has no such sample)."""
     body = lab.http_get(node, 9091, "/metrics")[1]
     want = ",".join(f'{k}="{re.escape(v)}"' for k, v in labels.items())
-    m = re.search(rf"^{name}\{{{want}\}} (\S+)", body, re.M)
+    m = re.search(rf"^{name}" + (rf"\{{{want}\}}" if want else "") + r" (\S+)", body, re.M)
     return float(m.group(1)) if m else None
