@@ -102,11 +102,11 @@ def _counting_client_class():
             self.track = threading.local()
             self.confirms: list[tuple[int, float, float]] = []  # (revision, sent, answered)
 
-        def _call(self, fn, *args, **kwargs):
+        def rpc(self, *args, **kwargs):  # every unary call to etcd goes through it
             counts = getattr(self.track, "counts", None)
             if counts is not None:
                 counts["rpcs"] += 1
-            return super()._call(fn, *args, **kwargs)
+            return super().rpc(*args, **kwargs)
 
         def transaction(self, txn):
             sent = time.monotonic()
