@@ -16,12 +16,13 @@ No I/O here.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from tortie.agent.calc_policy import PolicyCalculator
 from tortie.agent.state import ClusterState
-from tortie.bgp.messages import BGPConfigUpdate, ExportDelta
+from tortie.bgp.messages import BGPConfigUpdate, ExportDelta, ExportPolicy
 from tortie.bgp.peers import compute_peers
 from tortie.datastore import keys
 from tortie.datastore import resources as res
@@ -31,8 +32,8 @@ from tortie.policy.messages import NatUpdate
 from tortie.routing.messages import RouteDelta, RouteKey, RulesUpdate
 from tortie.routing.model import MAIN_TABLE, Route, Rule, learned_route, route_key
 
-__all__ = ["Calculation", "ClusterState", "Desired", "EgressPlan", "desired", "egress_imports", "egress_plan",
-           "network_policy", "node_addresses", "policy_routing"]
+__all__ = ["Calculation", "ClusterState", "Desired", "EgressPlan", "desired", "egress_exports", "egress_imports",
+           "egress_plan", "export_policies", "host_prefix", "network_policy", "node_addresses", "policy_routing"]
 
 log = get_logger("calc")
 
@@ -51,6 +52,7 @@ class Desired:
     exports: frozenset[str]
     rules: frozenset[Rule] = frozenset()
     egress_routes: frozenset[Route] = frozenset()
+    refused: Mapping[str, str] = field(default_factory=dict)  # learned prefix -> why not installed
 
 
 def _pool_of(net: ipaddress._BaseNetwork, pools: Mapping[str, res.IPPool]) -> res.IPPool | None:
@@ -86,9 +88,94 @@ def bfd_silenced(state: ClusterState, node: str, bfd_up: frozenset[str]) -> froz
     return frozenset(p.address for p in bgp_peers(state, node) if p.bfd and p.address not in bfd_up)
 
 
+def import_refusal(prefix: str, blocks: Sequence[tuple[str, ipaddress._BaseNetwork]],
+                   local: Container[str], elsewhere: Container[str]) -> str | None:
+    """Why a learned prefix must not be installed, or None: it would take traffic for a
+    local pod (its own /32), or for a part of one of this node's blocks, away from this
+    node. A /32 in our block that a pod on another node holds is no hijack: that pod
+    borrowed the address, and its node announces it."""
+    if prefix in local:
+        return "a local pod's address"
+    plen = int(prefix.rsplit("/", 1)[1])
+    if not any(plen > b.prefixlen for _, b in blocks):
+        return None  # nothing of ours is less specific (the common case: others' blocks)
+    net = ipaddress.ip_network(prefix)
+    for cidr, b in blocks:
+        if net.version == b.version and net.prefixlen > b.prefixlen and net.subnet_of(b):
+            return None if prefix in elsewhere else f"inside this node's block {cidr}"
+    return None
+
+
+def workload_prefixes(state: ClusterState, node: str) -> tuple[set[str], set[str]]:
+    """The host prefixes of this node's wired pods, and of pods on other nodes."""
+    local: set[str] = set()
+    elsewhere: set[str] = set()
+    for wep in state.weps.values():
+        if wep.node == node and wep.interface_name:
+            local.update(_prefixes(wep))
+        elif wep.node != node:
+            elsewhere.update(_prefixes(wep))
+    return local, elsewhere
+
+
+def _prefixes(wep: res.WorkloadEndpoint) -> list[str]:
+    return [str(ipaddress.ip_network(c, strict=False)) for c in wep.ip_networks]
+
+
 def own_blocks(state: ClusterState, node: str) -> list[str]:
     """This node's confirmed blocks."""
     return sorted(c for (n, c), confirmed in state.affinities.items() if n == node and confirmed)
+
+
+def host_prefix(address: str) -> str:
+    """An address as a /32 or /128."""
+    addr = ipaddress.ip_address(address)
+    return f"{addr}/{addr.max_prefixlen}"
+
+
+def _pools_holding(wep: res.WorkloadEndpoint, pools: Mapping[str, res.IPPool]) -> set[str]:
+    """The names of the pools an endpoint has addresses in."""
+    out = set()
+    for cidr in wep.ip_networks:
+        pool = _pool_of(ipaddress.ip_network(cidr, strict=False), pools)
+        if pool is not None:
+            out.add(pool.name)
+    return out
+
+
+def egress_exports(state: ClusterState, node: str) -> set[str]:
+    """The egress addresses (/32, /128) this node announces: those of the pools it holds
+    pods of, so replies to the pods' translated traffic come back to it."""
+    pools = {p.name: p for p in state.pools.values() if p.egress and p.egress.address}
+    if not pools:
+        return set()
+    held: set[str] = set()
+    for wep in state.weps.values():
+        if wep.node == node and wep.interface_name:
+            held |= _pools_holding(wep, pools)
+    return {host_prefix(pools[name].egress.address) for name in held}
+
+
+def export_policies(state: ClusterState, peers: Iterable) -> tuple[ExportPolicy, ...]:
+    """Per pool, how its exports go out (`IPPool.spec.bgp`): its blocks to the external
+    peers (routers) whose BGPPeer labels match `bgp.peers` and to every other tortie node
+    (pods must reach pods), with its communities and prepending; its egress address only
+    to those external peers (all of them without `bgp.peers`), never to other nodes (they
+    would route the replies of this node's flows to another node)."""
+    peers = list(peers)
+    external = [p for p in peers if p.external]
+    internal = frozenset(p.address for p in peers if not p.external)
+    out = []
+    for pool in sorted(state.pools.values(), key=lambda p: p.name):
+        b = pool.bgp or res.PoolBGP()
+        chosen = frozenset(p.address for p in external if b.peers is None or (
+            (bp := state.bgp_peers.get(p.name)) is not None and b.selects(bp.labels)))
+        if b.peers is not None or b.communities or b.as_path_prepend:
+            out.append(ExportPolicy(pool.cidr, None if b.peers is None else internal | chosen,
+                                    b.communities, b.as_path_prepend))
+        if pool.egress and pool.egress.address:
+            out.append(ExportPolicy(host_prefix(pool.egress.address), chosen, b.communities, b.as_path_prepend))
+    return tuple(out)
 
 
 def desired(
@@ -130,17 +217,25 @@ def desired(
             if pool is not None and not pool.disable_bgp_export:
                 exports.add(str(net))  # borrowed: the owner's block route is less specific
 
+    exports |= egress_exports(state, node)
     own = set(blocks)
     bgp_routes = set()
+    refused = {}
     skip = own_addresses | bfd_silenced(state, node, bfd_up)
+    local, elsewhere = workload_prefixes(state, node)
+    owned = list(zip(blocks, block_nets, strict=True))
     for prefix, hops in dict(learned).items():
         hops = tuple(sorted(h for h in hops if h not in skip))
         if prefix in own or not hops:
             continue
+        why = import_refusal(prefix, owned, local, elsewhere)
+        if why:
+            refused[prefix] = why
+            continue
         bgp_routes.add(learned_route(prefix, hops))  # canonical from ExaBGP: no re-validation
     rules, egress_routes = policy_routing(state, bfd_up, node, egress_learned)
     return Desired(frozenset(block_routes), frozenset(workload_routes), frozenset(bgp_routes),
-                   frozenset(exports), rules, egress_routes)
+                   frozenset(exports), rules, egress_routes, refused)
 
 
 @dataclass(frozen=True)
@@ -157,6 +252,7 @@ class EgressPlan:
     bfd: tuple[tuple[str, int, int, int], ...] = ()  # next hops BFD watches (Egress.bfd)
     from_peers: str | None = None  # the BGPPeer selector the next hops are learned from
     missing: tuple[str, ...] = ()  # fromPeers prefixes no selected peer announces now
+    address: str | None = None  # egress address (Egress.address)
 
 
 # What a peer announced that egress pools take (IPPool egress.fromPeers): peer address ->
@@ -247,10 +343,10 @@ def egress_plan(state: ClusterState, bfd_up: frozenset[str] = frozenset(), node:
         if problem is not None:
             log.warning("egress not installable", pool=p.name, why=problem, fallback=e.fallback)
             plans.append(EgressPlan(p.name, p.cidr, e.table, hops, (), problem, e.fallback, e.bfd,
-                                    e.from_peers, missing))
+                                    e.from_peers, missing, e.address))
             continue
         plan = EgressPlan(p.name, p.cidr, e.table, hops, tuple(routes), None, e.fallback, e.bfd,
-                          e.from_peers, missing)
+                          e.from_peers, missing, e.address)
         taken.setdefault((e.table, version), plan)
         plans.append(plan)
     return tuple(plans)
@@ -269,6 +365,11 @@ def policy_routing(state: ClusterState, bfd_up: frozenset[str] = frozenset(), no
 
     Only while some pool has egress routing; then every pool's range is first sent to the
     main table, so traffic between pods (any pool) never takes an egress uplink.
+
+    An egress address gets a blackhole in the main table: replies to the pool's flows are
+    un-NATed (conntrack, prerouting) before any route is looked up, so only packets no flow
+    of this node knows meet it, and they stop here instead of bouncing off the default
+    route back to the router that sent them.
     """
     if plans is None:
         plans = egress_plan(state, bfd_up, node, learned)
@@ -280,7 +381,9 @@ def policy_routing(state: ClusterState, bfd_up: frozenset[str] = frozenset(), no
             rules.add(Rule(priority=PRIO_EGRESS, src=plan.cidr, table=plan.table))
         if plan.fallback == "none":
             rules.add(Rule(priority=PRIO_EGRESS_FLOOR, src=plan.cidr, action="unreachable"))
-    return frozenset(rules), frozenset(r for p in plans for r in p.routes)
+    routes = {r for p in plans for r in p.routes}
+    routes |= {Route(dst=host_prefix(p.address), type="blackhole") for p in plans if p.address}
+    return frozenset(rules), frozenset(routes)
 
 
 def network_policy(state: ClusterState, node: str) -> netpol.Filter:
@@ -344,6 +447,18 @@ class _RouteOut:
         return RouteDelta(self.cls, tuple(routes), tuple(removed))
 
 
+def _count(counts: dict[str, int], before: Iterable[str], after: Iterable[str]) -> None:
+    """Reference counts: one less for each of `before`, one more for each of `after`."""
+    for k in before:
+        n = counts[k] - 1
+        if n:
+            counts[k] = n
+        else:
+            del counts[k]
+    for k in after:
+        counts[k] = counts.get(k, 0) + 1
+
+
 def _wep_routes(wep: res.WorkloadEndpoint) -> list[Route]:
     return [Route(dst=str(ipaddress.ip_network(c, strict=False)), dev=wep.interface_name, scope="link")
             for c in wep.ip_networks]
@@ -370,6 +485,13 @@ class Calculation:
         self._exports: set[str] = set()
         self._block_exports: set[str] = set()
         self._borrowed: dict[str, int] = {}  # local addresses outside our blocks -> endpoints
+        # host prefixes of wired local pods, and of pods on other nodes (endpoint counts):
+        # what a learned route may not take over, and what it may (see import_refusal)
+        self._local_prefixes: Counter[str] = Counter()
+        self._elsewhere: Counter[str] = Counter()
+        self.refused: dict[str, str] = {}  # learned prefixes not installed -> why
+        self._pool_pods: dict[str, int] = {}  # pool name -> local endpoints with addresses in it
+        self._egress_exports: set[str] = set()  # egress addresses of the pools we hold pods of
         self._export_added: set[str] = set()
         self._export_removed: set[str] = set()
         self._rules: frozenset[Rule] | None = None
@@ -512,7 +634,13 @@ class Calculation:
         blocks = own_blocks(st, self.node)
         self._blocks = [(c, ipaddress.ip_network(c)) for c in blocks]
         self._block_set = frozenset(blocks)
+        self._local_prefixes, self._elsewhere = Counter(), Counter()
+        for wep in st.weps.values():
+            self._count_wep(wep, 1)
         want = desired(st, self.node, self.learned, self.own_addresses, self.bfd_up, self.egress_learned)
+        for prefix in set(want.refused) - set(self.refused):
+            log.warning("learned route refused", prefix=prefix, why=want.refused[prefix])
+        self.refused = dict(want.refused)
         self._out[BLOCKS].replace(want.block_routes)
         self._out[WORKLOADS].replace(want.workload_routes)
         self._out[BGP].replace(want.bgp_routes)
@@ -528,7 +656,22 @@ class Calculation:
     def _local(self, wep: res.WorkloadEndpoint | None) -> bool:
         return wep is not None and wep.node == self.node and bool(wep.interface_name)
 
+    def _count_wep(self, wep: res.WorkloadEndpoint | None, n: int) -> None:
+        if wep is None:
+            return
+        counter = self._local_prefixes if self._local(wep) else self._elsewhere if wep.node != self.node else None
+        if counter is not None:
+            for prefix in _prefixes(wep):
+                counter[prefix] += n
+                if counter[prefix] <= 0:
+                    del counter[prefix]
+
     def _wep_changed(self, old: res.WorkloadEndpoint | None, new: res.WorkloadEndpoint | None) -> None:
+        self._count_wep(old, -1)
+        self._count_wep(new, 1)
+        for prefix in {*(_prefixes(old) if old else ()), *(_prefixes(new) if new else ())}:
+            if prefix in self.learned:  # a learned /32 may now take over a pod, or may no longer
+                self._learned_one(prefix)
         if self._local(old) or self._local(new):
             out = self._out[WORKLOADS]
             want = {r.key: r for r in _wep_routes(new)} if self._local(new) else {}
@@ -539,17 +682,21 @@ class Calculation:
             for r in want.values():
                 out.set(r)
             before, after = self._borrowed_of(old), self._borrowed_of(new)
-            if before != after:
-                for net in before:
-                    n = self._borrowed[net] - 1
-                    if n:
-                        self._borrowed[net] = n
-                    else:
-                        del self._borrowed[net]
-                for net in after:
-                    self._borrowed[net] = self._borrowed.get(net, 0) + 1
-                self._set_exports(self._block_exports | self._borrowed.keys())
+            pools_before, pools_after = self._pools_of(old), self._pools_of(new)
+            if before != after or pools_before != pools_after:
+                _count(self._borrowed, before, after)
+                _count(self._pool_pods, pools_before, pools_after)
+                self._egress_exports = self._held_egress()
+                self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports)
         self.policy.on_wep(old, new)
+
+    def _pools_of(self, wep: res.WorkloadEndpoint | None) -> set[str]:
+        return _pools_holding(wep, self.state.pools) if self._local(wep) else set()
+
+    def _held_egress(self) -> set[str]:
+        pools = self.state.pools
+        return {host_prefix(p.egress.address) for name in self._pool_pods
+                if (p := pools.get(name)) is not None and p.egress and p.egress.address}
 
     def _borrowed_of(self, wep: res.WorkloadEndpoint | None) -> list[str]:
         """A local endpoint's addresses outside our blocks, in a pool that exports: announced
@@ -575,9 +722,14 @@ class Calculation:
         self._block_set = frozenset(blocks)
         self._out[BLOCKS].replace(Route(dst=c, type="blackhole") for c in blocks)
         self._exports_recompute()
-        for prefix in before ^ self._block_set:  # our own block coming back is never routed
+        changed = before ^ self._block_set
+        for prefix in changed:  # our own block coming back is never routed
             if prefix in self.learned:
                 self._learned_one(prefix)
+        # ... nor what is more specific than a block of ours (see import_refusal)
+        shortest = min(ipaddress.ip_network(c).prefixlen for c in changed)
+        for prefix in [p for p in self.learned if int(p.rsplit("/", 1)[1]) > shortest]:
+            self._learned_one(prefix)
 
     def _exports_recompute(self) -> None:
         """Blocks of pools that export, and local addresses outside our blocks (borrowed)."""
@@ -587,11 +739,12 @@ class Calculation:
             pool = _pool_of(net, pools)
             if pool is not None and not pool.disable_bgp_export:
                 self._block_exports.add(c)
-        self._borrowed = {}
+        self._borrowed, self._pool_pods = {}, {}
         for wep in self.state.weps.values():
-            for net in self._borrowed_of(wep):
-                self._borrowed[net] = self._borrowed.get(net, 0) + 1
-        self._set_exports(self._block_exports | self._borrowed.keys())
+            _count(self._borrowed, (), self._borrowed_of(wep))
+            _count(self._pool_pods, (), self._pools_of(wep))
+        self._egress_exports = self._held_egress()
+        self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports)
 
     def _set_exports(self, exports: set[str]) -> None:
         for p in exports - self._exports:
@@ -613,8 +766,17 @@ class Calculation:
             own, silenced = self.own_addresses, self._silenced
             hops = tuple(sorted(h for h in hops if h not in own and h not in silenced))
             if hops:
-                out.set(learned_route(prefix, hops))
+                why = import_refusal(prefix, self._blocks, self._local_prefixes, self._elsewhere)
+                if why is None:
+                    self.refused.pop(prefix, None)
+                    out.set(learned_route(prefix, hops))
+                    return
+                if self.refused.get(prefix) != why:
+                    log.warning("learned route refused", prefix=prefix, why=why, via=hops)
+                    self.refused[prefix] = why
+                out.remove(route_key(prefix))
                 return
+        self.refused.pop(prefix, None)
         out.remove(route_key(prefix))
 
     def on_bfd(self, peer: str, up: bool) -> None:
@@ -647,7 +809,8 @@ class Calculation:
         pools = self.state.pools.values()
         msg = NatUpdate(frozenset(p.cidr for p in pools if p.nat_outgoing),
                         frozenset(p.cidr for p in pools),
-                        frozenset(node_addresses(self.state)))
+                        frozenset(node_addresses(self.state)),
+                        frozenset((p.cidr, p.egress.address) for p in pools if p.egress and p.egress.address))
         if msg != self._nat:
             self._nat = self._nat_msg = msg
 
@@ -656,7 +819,7 @@ class Calculation:
         conf = st.bgp_config(self.node)
         peers = bgp_peers(st, self.node)
         msg = BGPConfigUpdate(peers, frozenset(p.cidr for p in st.pools.values()),
-                              tuple(getattr(conf, "communities", ()) or ()))
+                              tuple(getattr(conf, "communities", ()) or ()), export_policies(st, peers))
         if msg != self._bgp:
             self._bgp = self._bgp_msg = msg
         self.bfd_peers = {p.address: p.bfd for p in peers if p.bfd}

@@ -27,7 +27,7 @@ from dataclasses import replace
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
-from tortie.agent.calc import EGRESS, WORKLOADS, Calculation
+from tortie.agent.calc import EGRESS, WORKLOADS, Calculation, host_prefix
 from tortie.agent.cni_server import ETCD_TIMEOUT as CNI_ETCD_TIMEOUT
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
@@ -40,6 +40,7 @@ from tortie.routing.model import MAIN_TABLE
 
 log = tlog.get_logger("agent")
 
+STATUS_REFUSED_MAX = 50  # refused learned routes listed in the status document (all are counted)
 STATUS_PUBLISH_INTERVAL = 2.0  # at most one BGP status write per interval while it changes
 # unchanged, the status is written again this often: `tortiectl node status` calls one older
 # than 30 s stale (the agent is probably down)
@@ -89,12 +90,15 @@ class Agent:
         self.m_failures = m.counter("tortie_dataplane_failures_total", "Failed applies, by manager")
         self.m_exports = m.gauge("tortie_bgp_exports", "Prefixes this node announces")
         self.m_routes = m.gauge("tortie_desired_routes", "Desired routes, by class")
+        self.m_refused = m.gauge("tortie_bgp_routes_refused", "Learned routes not installed because they "
+                                 "would take over a local pod or a part of this node's blocks")
         self.m_datastore = m.gauge("tortie_datastore_up", "1 while etcd answers the agent's probe; "
                                    "0 while it does not (CNI ADD answers 'try again later')")
         self.m_datastore.set(1)
         self.m_egress = m.gauge("tortie_egress_up", "Per egress pool: 1 while its table routes by its "
                                 "next hop, 0 while its traffic is refused (node status says why)")
         self.m_bfd = m.gauge("tortie_bfd_up", "Per BFD peer (an egress next hop or a BGP peer): 1 while Up")
+        self.m_sessions = m.gauge("tortie_bgp_session_up", "Per BGP peer: 1 while the session is established")
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
         self._egress_seen: dict | None = None  # the same, on the driver thread
@@ -246,7 +250,7 @@ class Agent:
             local_address6=self.cfg.node_ip6.split("/")[0] if self.cfg.node_ip6 else None,
             log_severity=log_severity,
         )
-        speaker.on_status = self._status_dirty.set
+        speaker.on_status = lambda: self._bgp_status_changed(speaker)
         speaker.on_egress_routes = self._on_egress_learned
         speaker.set_egress_imports(self.calc.egress_imports)
         self._calc("egress", self.calc.on_egress_learned, {})  # a new speaker: nothing learned yet
@@ -327,6 +331,8 @@ class Agent:
                      "up": why is None, "reason": why, "bfdDown": down}
             if plan.from_peers is not None:  # the next hops are the ones learned just now
                 entry.update(fromPeers=plan.from_peers, notAnnounced=list(plan.missing))
+            if plan.address:
+                entry.update(address=plan.address, advertised=host_prefix(plan.address) in self.calc.exports)
             out.append(entry)
         if out == self.egress_status:
             return
@@ -372,6 +378,10 @@ class Agent:
         self.m_bfd.set(1 if up else 0, peer=peer)
         self._status_dirty.set()
         self._calc("bfd", self.calc.on_bfd, peer, up)
+        if not up and peer in self.calc.bfd_peers and self.bgp is not None:
+            # the calculation already leaves the peer's routes out; closing the session also
+            # tells the peer, and a session that comes back re-sends its table from scratch
+            self.bgp.teardown(peer, "BFD Down")
 
     def _manager_status(self, name: str, error: str | None) -> None:
         if name not in self.health.components:
@@ -425,6 +435,7 @@ class Agent:
         self.m_exports.set(len(self.calc.exports))
         for cls in ("blocks", "workloads", "bgp"):
             self.m_routes.set(self.calc.route_count(cls), **{"class": cls})
+        self.m_refused.set(len(self.calc.refused))
 
     async def _sample_lag(self) -> None:
         """Event-loop lag at a scrape: how long a callback made ready now waits for the loop.
@@ -447,7 +458,8 @@ class Agent:
             self._status_dirty.clear()
             if self.bgp is None or not self.in_sync:
                 continue
-            body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status,
+            refused = dict(sorted(self.calc.refused.items())[:STATUS_REFUSED_MAX])
+            body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status, "refused": refused,
                                "bfd": {p: st["state"] for p, st in self.bfd.states().items()} if self.bfd else {}},
                               sort_keys=True).encode()
             try:
@@ -455,6 +467,15 @@ class Agent:
             except errors.DatastoreUnavailable:
                 self._status_dirty.set()  # again after the pause
             await asyncio.sleep(STATUS_PUBLISH_INTERVAL)
+
+    def _bgp_status_changed(self, speaker) -> None:
+        """The metric at once; the status document in etcd at the publisher's pace."""
+        up = {p.peer: p.state == "established" for p in speaker.status()}
+        for key in [k for k in self.m_sessions.values if dict(k).get("peer") not in up]:
+            del self.m_sessions.values[key]
+        for peer, established in up.items():
+            self.m_sessions.set(1 if established else 0, peer=peer)
+        self._status_dirty.set()
 
     def _own_addresses(self) -> frozenset[str]:
         return frozenset(a.split("/")[0] for a in (self.cfg.node_ip, self.cfg.node_ip6) if a)

@@ -62,7 +62,7 @@ class BGPExportManager:
         async def push() -> None:
             speaker.set_peers(config.peers)
             speaker.set_import_pools(config.import_pools)
-            speaker.set_exports(exports, config.communities)
+            speaker.set_exports(exports, config.communities, config.policies)
             await speaker.apply()
 
         self._dirty = False

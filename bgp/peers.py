@@ -30,6 +30,9 @@ from functools import lru_cache
 from typing import Any
 
 DEFAULT_AS = 64512
+# An external peer (a router) with no maxPrefixes: enough for the routes a fabric gives a
+# node (pod blocks, defaults, the bench's 10,000), far below what would exhaust it.
+DEFAULT_MAX_PREFIXES_EXTERNAL = 50_000
 KINDS = ("mesh", "global", "node", "reflector", "rr-client")
 
 
@@ -52,6 +55,8 @@ class Peer:
     # BFD timers (minTx ms, minRx ms, multiplier): while its session is not Up, the routes
     # this peer is the next hop of are left out (the agent runs the sessions)
     bfd: tuple[int, int, int] | None = None
+    # more prefixes than this from the peer close its session for a while (None: no limit)
+    max_prefixes: int | None = None
 
     @property
     def external(self) -> bool:
@@ -174,7 +179,8 @@ def compute_peers(node: Any, nodes: Sequence[Any], bgp_peers: Iterable[Any], con
         kind = "global" if bp.node is None and bp.node_selector is None else "node"
         hold = getattr(bp, "hold_time", None)
         timers = dict(password=getattr(bp, "password", None) or None, hold_time=hold,
-                      keepalive=getattr(bp, "keepalive_time", None), bfd=getattr(bp, "bfd", None))
+                      keepalive=getattr(bp, "keepalive_time", None), bfd=getattr(bp, "bfd", None),
+                      max_prefixes=getattr(bp, "max_prefixes", None))
         if bp.peer_ip:
             addr = str(ipaddress.ip_address(bp.peer_ip))
             version = ipaddress.ip_address(addr).version
@@ -185,7 +191,7 @@ def compute_peers(node: Any, nodes: Sequence[Any], bgp_peers: Iterable[Any], con
                 address=addr, as_number=bp.as_number or default_as, port=port, kind=kind,
                 passive=bool(getattr(bp, "passive", False)),
                 accept_prefixes=tuple(getattr(bp, "accept_prefixes", ()) or ()),
-                name=bp.name, **timers)
+                name=bp.name, **{**timers, "max_prefixes": timers["max_prefixes"] or DEFAULT_MAX_PREFIXES_EXTERNAL})
         else:  # peerSelector: the nodes it picks (none without one)
             for other in bp.peer_nodes(others):
                 add_node_peer(other, kind, **timers)

@@ -14,6 +14,7 @@ an import filter: a 10,000-route table arrives in bursts and is handed over many
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 # A path: (next hop, originator id or "", cluster list). Reflection needs the last two.
@@ -47,16 +48,21 @@ class LearnedRoutes:
         self._stale: dict[str, set[str]] = {}  # peer -> prefixes kept over its restart
         self._table: dict[str, dict[str, str]] = {}  # prefix -> peer -> next hop (accepted only)
         self._touched: set[str] = set()  # prefixes whose table entry may differ since take_changes()
+        self._accepted: Counter[str] = Counter()  # peer -> its routes in the table (the rest: filtered)
 
     # -- the accepted table, kept in step with _routes -------------------------------------
     def _put(self, peer: str, prefix: str, next_hop: str) -> None:
         if self._accepts(peer, prefix):
-            self._table.setdefault(prefix, {})[peer] = next_hop
+            by_peer = self._table.setdefault(prefix, {})
+            if peer not in by_peer:
+                self._accepted[peer] += 1
+            by_peer[peer] = next_hop
             self._touched.add(prefix)
 
     def _drop(self, peer: str, prefix: str) -> None:
         by_peer = self._table.get(prefix)
         if by_peer is not None and by_peer.pop(peer, None) is not None:
+            self._accepted[peer] -= 1
             self._touched.add(prefix)
             if not by_peer:
                 del self._table[prefix]
@@ -66,6 +72,7 @@ class LearnedRoutes:
         self._accepts = accepts
         self._touched.update(self._table)
         self._table = {}
+        self._accepted = Counter()
         for peer, routes in self._routes.items():
             for prefix, path in routes.items():
                 self._put(peer, prefix, path[0])
@@ -92,6 +99,7 @@ class LearnedRoutes:
 
             def ok(prefix: str) -> bool:
                 return accepts(peer, prefix)
+        accepted = 0
         for prefix, value in announce.items():
             path = value if type(value) is tuple else _path(value)
             old = routes.get(prefix)
@@ -103,11 +111,15 @@ class LearnedRoutes:
                         by_peer = table.get(prefix)
                         if by_peer is None:
                             table[prefix] = {peer: path[0]}
+                            accepted += 1
                         else:
+                            accepted += peer not in by_peer
                             by_peer[peer] = path[0]
                         touched.add(prefix)
             if stale:
                 stale.discard(prefix)
+        if accepted:
+            self._accepted[peer] += accepted
         return changed or before != len(self._table)
 
     def peer_down(self, peer: str, graceful: bool) -> bool:
@@ -160,6 +172,10 @@ class LearnedRoutes:
 
     def count(self, peer: str) -> int:
         return len(self._routes.get(peer, ()))
+
+    def accepted(self, peer: str) -> int:
+        """How many of the peer's routes its import filter let in (the rest are counted, not used)."""
+        return self._accepted.get(peer, 0)
 
     def peers(self) -> list[str]:
         return list(self._routes)

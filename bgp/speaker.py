@@ -54,13 +54,15 @@ import dataclasses
 import ipaddress
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from tortie.bgp import config as cfg
 from tortie.bgp import diagnose, reflection
 from tortie.bgp.api import APIStream, announce_lines, withdraw_lines
 from tortie.bgp.exabgp import ExaBGPProcess
-from tortie.bgp.peers import Peer
+from tortie.bgp.messages import ExportPolicy
+from tortie.bgp.peers import Peer, prefix_filter
 from tortie.bgp.rib import LearnedRoutes, family_of
 from tortie.bgp.session import PeerState, source_for
 from tortie.bgp.status import PeerStatus, document, notification_text
@@ -71,13 +73,30 @@ from tortie.log import get_logger
 
 log = get_logger("bgp")
 
+def _community_attrs(comms: tuple[str, ...]) -> str:
+    """` community [ .. ] large-community [ .. ]` for ExaBGP, from `AS:VALUE` / `A:B:C`."""
+    standard = [c for c in comms if c.count(":") == 1]
+    large = [c for c in comms if c.count(":") == 2]
+    if len(standard) + len(large) != len(comms):
+        raise ValidationError(f"communities must be AS:VALUE or A:B:C, got {list(comms)}", field="communities")
+    out = ""
+    if standard:
+        out += " community [ " + " ".join(standard) + " ]"
+    if large:
+        out += " large-community [ " + " ".join(large) + " ]"
+    return out
+
+
+def _target(peers: Iterable[str]) -> str:
+    """The API's neighbor selector naming these sessions."""
+    return " , ".join(f"neighbor {a}" for a in peers)
+
+
 RoutesCallback = Callable[[dict[str, tuple[str, ...]]], None]
 ChangesCallback = Callable[[dict[str, tuple[str, ...]], frozenset[str]], None]
-
-
-def _session_of(peer: Peer) -> Peer:
-    """What ExaBGP's definition of the session is made of (the BFD timers are not)."""
-    return dataclasses.replace(peer, bfd=None)
+CEASE_BFD_DOWN = 10  # the Cease NOTIFICATION subcode RFC 9384 gives a BFD Down
+CEASE_MAX_PREFIXES = 1  # Cease, "Maximum Number of Prefixes Reached" (RFC 4486)
+PREFIX_LIMIT_HOLD = 300.0  # seconds a peer over its maxPrefixes stays shut before it may try again
 
 
 class BGPSpeaker:
@@ -87,7 +106,8 @@ class BGPSpeaker:
                  batch: int = 500, settle_time: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
                  exabgp: str | None = None, cluster_id: str | None = None,
                  on_route_changes: ChangesCallback | None = None,
-                 on_released: Callable[[], None] | None = None, log_severity: str = "Info") -> None:
+                 on_released: Callable[[], None] | None = None, log_severity: str = "Info",
+                 prefix_limit_hold: float = PREFIX_LIMIT_HOLD) -> None:
         self.node_name = node_name
         self.local = cfg.LocalSettings(router_id=router_id, local_as=local_as, local_address=local_address,
                                        local_address6=local_address6, listen_port=listen_port,
@@ -121,9 +141,17 @@ class BGPSpeaker:
         self._api.waker = self._waker
 
         self._peers: dict[str, Peer] = {}  # desired, by address
+        # peers over their maxPrefixes: left out of ExaBGP's file until the hold ends -> why
+        self._held: dict[str, str] = {}
+        self.prefix_limit_hold = prefix_limit_hold
         self._loaded: dict[str, Peer] | None = None  # what ExaBGP's file says
-        self._exports: dict[str, str] | None = None  # desired prefix -> attribute text
-        self._announced: dict[str, str] = {}  # what ExaBGP holds for all neighbors
+        self._exports: dict[str, ExportPolicy | None] | None = None  # desired prefix -> its policy
+        self._communities: tuple[str, ...] = ()  # on every export (BGPConfiguration)
+        self._policies: tuple[ExportPolicy, ...] = ()
+        self._resolve: list[tuple[Callable[[str], bool], ExportPolicy]] = []  # most specific first
+        # what ExaBGP was told per prefix: {peer: attribute text} of the established sessions
+        self._announced: dict[str, dict[str, str]] = {}
+        self._sent: Counter[str] = Counter()  # prefixes per peer (status)
         self._state: dict[str, PeerState] = {}
         self._import_pools: tuple[str, ...] = ()
         self._egress_imports: dict[str, frozenset[str]] = {}  # peer -> prefixes egress pools take
@@ -204,20 +232,29 @@ class BGPSpeaker:
             wanted[p.address] = p
         self._peers = wanted
 
-    def set_exports(self, prefixes: Iterable[str], communities: Iterable[str] = ()) -> None:
+    def set_exports(self, prefixes: Iterable[str], communities: Iterable[str] = (),
+                    policies: Iterable[ExportPolicy] = ()) -> None:
         """The prefixes this node announces (next hop: its own address), with the
-        BGPConfiguration's communities: `AS:VALUE`, or `A:B:C` for large communities."""
-        attrs = "next-hop self"
-        comms = sorted(set(communities))
-        standard = [c for c in comms if c.count(":") == 1]
-        large = [c for c in comms if c.count(":") == 2]
-        if len(standard) + len(large) != len(comms):
-            raise ValidationError(f"communities must be AS:VALUE or A:B:C, got {comms}", field="communities")
-        if standard:
-            attrs += " community [ " + " ".join(standard) + " ]"
-        if large:
-            attrs += " large-community [ " + " ".join(large) + " ]"
-        self._exports = {str(ipaddress.ip_network(p, strict=False)): attrs for p in prefixes}
+        BGPConfiguration's communities (`AS:VALUE`, or `A:B:C` for large communities) on
+        every one; `policies` narrow the peers of the prefixes inside them and add
+        communities and AS-path prepending (see `ExportPolicy`)."""
+        comms = tuple(sorted(set(communities)))
+        _community_attrs(comms)  # refused here, not later on the API stream
+        policies = tuple(policies)
+        for pol in policies:
+            _community_attrs(pol.communities)
+        if policies != self._policies:
+            self._policies = policies
+            # most specific first: an egress address's /32 inside a pool's range is its own
+            self._resolve = [(prefix_filter((pol.cidr,)), pol) for pol in
+                             sorted(policies, key=lambda pol: -ipaddress.ip_network(pol.cidr).prefixlen)]
+        self._communities = comms
+        resolve = self._resolve
+        exports: dict[str, ExportPolicy | None] = {}
+        for p in prefixes:
+            prefix = str(ipaddress.ip_network(p, strict=False))
+            exports[prefix] = next((pol for inside, pol in resolve if inside(prefix)), None)
+        self._exports = exports
 
     def set_import_pools(self, cidrs: Iterable[str]) -> None:
         """The IP pools: prefixes inside them are imported from external peers too."""
@@ -256,17 +293,35 @@ class BGPSpeaker:
         async with self._lock:
             await self._reconcile()
 
+    def teardown(self, peer: str, why: str) -> None:
+        """Close an established session at once (Cease, subcode 10 "BFD Down", RFC 9384):
+        what the peer announced goes as on any session loss, without waiting for the hold
+        time. ExaBGP dials again as usual; a peer that really is gone stays down."""
+        st = self._state.get(peer)
+        if st is None or st.state != "established" or not self._api.connected:
+            return
+        st.last_error = why
+
+        async def send() -> None:
+            try:
+                await self._api.send([f"neighbor {peer} teardown {CEASE_BFD_DOWN}"])
+                log.info("bgp session torn down", peer=peer, why=why)
+            except DataplaneError as exc:  # the API went away: the session goes with ExaBGP
+                log.warning("bgp teardown failed", peer=peer, error=str(exc))
+        self._spawn(send())
+
     def status(self) -> list[PeerStatus]:
         out = []
         for addr, peer in self._peers.items():
             st = self._state.get(addr) or PeerState()
             up = st.state == "established"
-            sent = sum(1 for p in self._announced if family_of(p) == family_of(addr)) if up and self._synced else 0
-            error = "" if up else "; ".join(e for e in (st.last_error, st.probe_error) if e)
+            sent = self._sent.get(addr, 0) if up and self._synced else 0
+            error = "" if up else self._held.get(addr) or "; ".join(e for e in (st.last_error, st.probe_error) if e)
             if not up and not error and peer.passive:
                 error = "waiting for the peer to connect (this side is passive)"
             out.append(PeerStatus(peer=addr, kind=peer.kind, state=st.state, since=st.since,
                                   prefixes_received=self._rib.count(addr), prefixes_sent=sent,
+                                  prefixes_filtered=self._rib.count(addr) - self._rib.accepted(addr),
                                   last_error=error, name=peer.name, port=peer.port, passive=peer.passive,
                                   stale=self._rib.is_stale(addr)))
         return out
@@ -321,111 +376,161 @@ class BGPSpeaker:
     # --- reconcile ---------------------------------------------------------------------
 
     async def _reconcile(self) -> None:
-        if self._peers != self._loaded:
+        if self._configured() != self._loaded:
             self._reload_peers()
         if not self._api.connected or self._exports is None:
             return  # nothing to talk to yet, or the agent has not said what to export
-        withdraw = [p for p in self._announced if p not in self._exports]
-        changed: dict[str, list[str]] = {}
-        for prefix, attrs in self._exports.items():
-            if self._announced.get(prefix) != attrs:
-                changed.setdefault(attrs, []).append(prefix)
-        if withdraw or changed:
-            lines = []
-            for family in ("ipv4 unicast", "ipv6 unicast"):
-                # only established sessions: a change queued for a session that is down sits in
-                # ExaBGP as pending and makes it drop every SIGUSR1 (5.0.15); a session that
-                # comes up gets the whole set anyway
-                targets = self._established(family)
-                if not targets:
-                    continue
-                lines += withdraw_lines(targets, [p for p in withdraw if family_of(p) == family], self.batch)
-                for attrs, prefixes in changed.items():
-                    lines += announce_lines(targets, attrs, [p for p in prefixes if family_of(p) == family],
-                                            self.batch)
-            if lines:
-                await self._api.send(lines)
-            for prefix in withdraw:
-                del self._announced[prefix]
-            for attrs, prefixes in changed.items():
-                self._announced.update(dict.fromkeys(prefixes, attrs))
-            log.info("exports sent", announced=sum(map(len, changed.values())), withdrawn=len(withdraw),
-                     lines=len(lines), total=len(self._announced))
+        # Only established sessions: a change queued for a session that is down sits in
+        # ExaBGP as pending and makes it drop every SIGUSR1 (5.0.15). A session that came up
+        # (needs_full) holds nothing of ours: ExaBGP keeps no adj-rib-out.
+        loaded = self._loaded or {}
+        up = {a: loaded[a] for a, st in self._state.items() if st.state == "established" and a in loaded}
+        fresh = {a for a in up if self._state[a].needs_full}
+        withdraw, announce, now_held = self._export_diff(up, fresh)
+        lines = []
+        for peers, prefixes in withdraw.items():
+            lines += withdraw_lines(_target(peers), prefixes, self.batch)
+        for (attrs, peers), prefixes in announce.items():
+            lines += announce_lines(_target(peers), attrs, prefixes, self.batch)
+        if lines:
+            await self._api.send(lines)
+        for prefix, held in now_held.items():  # once sent: a broken stream leaves the old books
+            if held:
+                self._announced[prefix] = held
+            else:
+                self._announced.pop(prefix, None)
+        if lines:
+            log.info("exports sent", announced=sum(map(len, announce.values())),
+                     withdrawn=sum(map(len, withdraw.values())), lines=len(lines), total=len(self._announced))
+        if lines or fresh:
+            self._sent = Counter(a for peers in self._announced.values() for a in peers)
             self._status_changed()
         if not self._synced:
             self._synced = True
             self._status_changed()
-            log.info("export set complete; end-of-RIB may go out", prefixes=len(self._announced))
+            log.info("export set complete; end-of-RIB may go out", prefixes=len(self._exports))
         # reflected routes go out before the end-of-RIB of a session that just came up
         await self._reconcile_reflection()
-        await self._send_owed()
+        await self._send_owed(fresh)
 
-    def _established(self, family: str) -> str:
-        """The neighbor selector naming every established session of `family` ('' if none)."""
-        return " , ".join(f"neighbor {addr}" for addr, st in self._state.items()
-                          if st.state == "established" and family_of(addr) == family
-                          and addr in (self._loaded or {}))
+    def _export_diff(self, up: dict[str, Peer], fresh: set[str]) -> tuple[dict, dict, dict]:
+        """What to tell ExaBGP so that each established peer holds exactly its exports:
+        withdrawals {peers: [prefix]} and announcements {(attrs, peers): [prefix]}, grouped
+        so that one line carries many prefixes, and the entries of `_announced` that change."""
+        exports, announced = self._exports or {}, self._announced
+        audiences: dict[tuple, dict[str, str]] = {}
+        withdraw: dict[tuple[str, ...], list[str]] = {}
+        announce: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+        nothing: dict[str, str] = {}
+        held: dict[str, dict[str, str]] = {}
+        for prefix in [*exports, *(p for p in announced if p not in exports)]:
+            if prefix in exports:
+                family = family_of(prefix)
+                pol = exports[prefix]
+                want = audiences.get((pol, family))
+                if want is None:
+                    want = audiences[(pol, family)] = self._audience(pol, family, up)
+            else:
+                want = nothing
+            have = old = announced.get(prefix, nothing)
+            if fresh and have:
+                have = {a: attrs for a, attrs in have.items() if a not in fresh}
+            differs = want != have
+            if differs:
+                gone = tuple(a for a in have if a not in want and a in up)
+                if gone:
+                    withdraw.setdefault(gone, []).append(prefix)
+                by_attrs: dict[str, list[str]] = {}
+                for a, attrs in want.items():
+                    if have.get(a) != attrs:
+                        by_attrs.setdefault(attrs, []).append(a)
+                for attrs, peers in by_attrs.items():
+                    announce.setdefault((attrs, tuple(peers)), []).append(prefix)
+            if differs if have is old else want != old:
+                held[prefix] = want  # also when a down peer only leaves the books (nothing sent)
+        return withdraw, announce, held
 
-    async def _send_owed(self) -> None:
-        """Peers that came up get the whole export set, then our end-of-RIB."""
-        for addr, st in list(self._state.items()):
-            if not st.needs_full or st.state != "established" or addr not in (self._loaded or {}):
+    def _audience(self, pol: ExportPolicy | None, family: str, up: dict[str, Peer]) -> dict[str, str]:
+        """The established peers of `family` that a prefix under `pol` goes to, and the
+        attributes each gets."""
+        comms = self._communities + (pol.communities if pol else ())
+        attrs = "next-hop self" + _community_attrs(tuple(sorted(set(comms))))
+        prepended = attrs
+        if pol and pol.prepend:
+            asn = str(self.local.local_as)
+            prepended += " as-path [ " + " ".join([asn] * (pol.prepend + 1)) + " ]"
+        return {a: prepended if peer.as_number != self.local.local_as else attrs
+                for a, peer in sorted(up.items()) if family_of(a) == family
+                and (pol is None or pol.peers is None or a in pol.peers)}
+
+    async def _send_owed(self, fresh: set[str]) -> None:
+        """Peers that came up have had their whole export set (see _reconcile): our end-of-RIB."""
+        for addr in sorted(fresh):
+            st = self._state.get(addr)
+            if st is None or not st.needs_full or st.state != "established":
                 continue
             st.needs_full = False
-            family = family_of(addr)
-            lines = []
-            by_attrs: dict[str, list[str]] = {}
-            for prefix, attrs in self._announced.items():
-                if family_of(prefix) == family:
-                    by_attrs.setdefault(attrs, []).append(prefix)
-            for attrs, prefixes in by_attrs.items():
-                lines += announce_lines(f"neighbor {addr}", attrs, prefixes, self.batch)
-            lines.append(f"neighbor {addr} announce eor {family}")
-            await self._api.send(lines)
-            log.info("end-of-RIB sent", peer=addr, prefixes=sum(map(len, by_attrs.values())))
+            await self._api.send([f"neighbor {addr} announce eor {family_of(addr)}"])
+            log.info("end-of-RIB sent", peer=addr, prefixes=self._sent.get(addr, 0))
+
+    def _configured(self) -> dict[str, Peer]:
+        """The peers ExaBGP's file should hold: the desired ones not held down."""
+        if not self._held:
+            return self._peers
+        return {a: p for a, p in self._peers.items() if a not in self._held}
 
     def _reload_peers(self) -> None:
         old = self._loaded or {}
         self._write_config()
-        if any(old.get(a) != p for a, p in self._peers.items()):
+        peers = self._loaded
+        if any(old.get(a) != p for a, p in peers.items()):
             self._rib.set_filter(self._accepts)  # import filters may have changed
             self._routes_changed()
-        for addr in set(old) - set(self._peers):
-            st = self._state.pop(addr, None)
+        for addr in set(old) - set(peers):
+            held = addr in self._held  # its state stays: status says why it is down
+            st = self._state.get(addr) if held else self._state.pop(addr, None)
             if st and st.expiry:
                 st.expiry.cancel()
+                st.expiry = None
+            if held and st:
+                st.state, st.since = "down", time.time()
             self._rib.drop(addr)
             self._routes_changed()
         now = time.time()
-        for addr, peer in self._peers.items():
-            if addr in old and _session_of(old[addr]) != _session_of(peer) \
-                    and (st := self._state.get(addr)) is not None:
-                # ExaBGP re-establishes a redefined session: as if it went down (BFD timers are
-                # the agent's, not in ExaBGP's file: a session that only changed them stays up)
+        for addr, peer in peers.items():
+            if addr in old and self._redefined(old[addr], peer) and (st := self._state.get(addr)) is not None:
+                # ExaBGP re-establishes a redefined session: as if it went down
                 if st.state == "established":
                     self._peer_gone(addr, st)
                 st.state, st.since, st.needs_full = "idle", now, False
                 st.last_error, st.probe_error = "reconfigured", ""
-        if any(old.get(a) != p for a, p in self._peers.items()):
+        if any(a not in old or self._redefined(old[a], p) for a, p in peers.items()):
             self._waker.settle()  # sessions to set up: its listener and connects are not polled
             self._unsettled.set()
         self._check_settled()
         self._status_changed()
         if self._api_ready():
             # only once its API runs: before that SIGUSR1 kills it, and it has not read the file yet
-            log.info("exabgp reload", peers=len(self._peers),
-                     added=sorted(set(self._peers) - set(old)), removed=sorted(set(old) - set(self._peers)))
+            log.info("exabgp reload", peers=len(peers),
+                     added=sorted(set(peers) - set(old)), removed=sorted(set(old) - set(peers)))
             self._exabgp.request_reload()
+
+    def _redefined(self, old: Peer, new: Peer) -> bool:
+        """Whether ExaBGP sees another neighbor (it compares what its file says, field by
+        field): settings only tortie reads (BFD, maxPrefixes, accepted prefixes) keep the
+        session as it is."""
+        return cfg.neighbor_block(old, self.local) != cfg.neighbor_block(new, self.local)
 
     def _api_ready(self) -> bool:
         pid = self._exabgp.pid
         return pid is not None and self._api_pid == pid and self._api.connected
 
     def _write_config(self) -> None:
-        cfg.write(self.conf_path, cfg.render(self._peers.values(), self.local, self.sock_path))
-        self._loaded = dict(self._peers)
+        peers = self._configured()
+        cfg.write(self.conf_path, cfg.render(peers.values(), self.local, self.sock_path))
+        self._loaded = dict(peers)
         self._config_gen += 1
-        for addr in self._peers:
+        for addr in peers:
             self._state.setdefault(addr, PeerState())
 
     # --- the API stream ----------------------------------------------------------------
@@ -550,7 +655,7 @@ class BGPSpeaker:
 
     def _check_settled(self) -> None:
         """Every session up: no wakes, no diagnosis."""
-        if all(self._state.get(a, PeerState()).state == "established" for a in self._peers):
+        if all(self._state.get(a, PeerState()).state == "established" for a in self._configured()):
             self._waker.settled()
             self._unsettled.clear()
 
@@ -578,7 +683,7 @@ class BGPSpeaker:
         while True:
             await self._unsettled.wait()
             await asyncio.sleep(every)
-            await diagnose.diagnose(self._peers, self._state, self._local_for)
+            await diagnose.diagnose(self._configured(), self._state, self._local_for)
             self._status_changed()
 
     def _status_changed(self) -> None:
@@ -617,9 +722,40 @@ class BGPSpeaker:
                 self._routes_changed()
             self._maybe_release()
             return
+        if peer in self._held:
+            return  # what was on its way when we closed the session
         parsed = parse_update(message.get("update") or {}, self.local.router_id, self._cluster_id)
         if parsed is not None and self._rib.update(peer, *parsed):
             self._routes_changed()
+        limit = getattr(self._peers.get(peer), "max_prefixes", None)
+        if limit and self._rib.count(peer) > limit:
+            self._over_limit(peer, limit)
+
+    def _over_limit(self, peer: str, limit: int) -> None:
+        """More prefixes than the peer's maxPrefixes (BIRD's `receive limit`, FRR's
+        `maximum-prefix`): its routes go at once, the session is closed with Cease 1 and left
+        out of ExaBGP's file for `prefix_limit_hold` seconds, then it may come back."""
+        received = self._rib.count(peer)
+        why = (f"maxPrefixes {limit} exceeded ({received} received): session closed, "
+               f"retried after {self.prefix_limit_hold:.0f}s")
+        log.warning("bgp peer over its prefix limit", peer=peer, limit=limit, received=received)
+        self._held[peer] = why
+        st = self._peer_state(peer)
+        st.last_error = why
+        if self._rib.peer_down(peer, graceful=False):
+            self._routes_changed()
+
+        async def shut() -> None:
+            with contextlib.suppress(DataplaneError):  # the reload below closes it anyway
+                await self._api.send([f"neighbor {peer} teardown {CEASE_MAX_PREFIXES}"])
+            await self._apply_quietly()  # its neighbor leaves the file
+        self._spawn(shut())
+        asyncio.get_running_loop().call_later(self.prefix_limit_hold, self._release_held, peer)
+
+    def _release_held(self, peer: str) -> None:
+        if self._held.pop(peer, None) is not None:
+            log.info("bgp peer may try again after its prefix limit", peer=peer)
+            self._spawn(self._apply_quietly())
 
     def _accepts(self, peer: str, prefix: str) -> bool:
         return self._peer_filter(peer)(prefix)

@@ -31,6 +31,7 @@ _NOTIFICATIONS = {
     (6, 5): "connection rejected",
     (6, 6): "other configuration change",
     (6, 7): "connection collision resolution",
+    (6, 10): "BFD down",  # RFC 9384
 }
 
 
@@ -52,6 +53,7 @@ class PeerStatus:
     port: int = 179
     passive: bool = False
     stale: bool = False  # its routes are kept over a graceful restart
+    prefixes_filtered: int = 0  # received, and refused by the import filter
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,12 +92,12 @@ def _ago(since: float, now: float) -> str:
 def table(peers: Iterable[PeerStatus], now: float | None = None) -> str:
     """Aligned text, one row per peer; the reason column is empty for a healthy peer."""
     now = time.time() if now is None else now
-    rows = [("PEER", "TYPE", "STATE", "SINCE", "RECEIVED", "SENT", "INFO")]
+    rows = [("PEER", "TYPE", "STATE", "SINCE", "RECEIVED", "FILTERED", "SENT", "INFO")]
     for p in peers:
         address = p.peer if p.port == 179 else f"{p.peer}:{p.port}"
         info = p.last_error if p.state != "established" else ("stale routes kept" if p.stale else "")
         rows.append((address, p.kind, p.state, _ago(p.since, now), str(p.prefixes_received),
-                     str(p.prefixes_sent), info))
+                     str(p.prefixes_filtered), str(p.prefixes_sent), info))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)).rstrip() + ("  " + r[-1] if r[-1] else "")

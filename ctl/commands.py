@@ -251,6 +251,7 @@ def _with_egress_state(ctx, pools: list[dict]) -> list[dict]:
             continue
         for e in doc.get("egress") or ():
             by_pool.setdefault(e.get("pool"), {})[node] = {"up": bool(e.get("up")), "reason": e.get("reason"),
+                                                           "advertised": bool(e.get("advertised")),
                                                            "nextHop": e.get("nextHop") or ""}
     return [{**p, "status": {"egress": by_pool[p["metadata"]["name"]]}} if p["metadata"]["name"] in by_pool
             else p for p in pools]
@@ -340,6 +341,9 @@ def cmd_node_status(ctx, args) -> int:
             state = "up" if e.get("up") else f"DOWN: {e.get('reason')}"
             if e.get("up") and e.get("bfdDown"):
                 state += f" (BFD down, left out: {', '.join(e['bfdDown'])})"
+            if e.get("address"):
+                state += f"; address {e['address']} " + ("announced (a pod of the pool is here)" if e.get("advertised")
+                                                         else "not announced (no pod of the pool here)")
             if e.get("fromPeers") is not None:  # next hops learned from those BGP peers
                 via = f"from peers {e['fromPeers']}: via {e.get('nextHop') or 'nothing learned'}"
                 if e.get("up") and e.get("notAnnounced"):
@@ -347,6 +351,8 @@ def cmd_node_status(ctx, args) -> int:
             else:
                 via = f"via {e.get('nextHop')}"
             print(f"  egress of pool {e.get('pool')} (table {e.get('table')} {via}): {state}", file=ctx.out)
+        for prefix, why in sorted((doc.get("refused") or {}).items()):
+            print(f"  learned route {prefix} refused: {why}", file=ctx.out)
     if args.output == "json":
         print(json.dumps(docs, indent=2, sort_keys=True), file=ctx.out)
     return rc

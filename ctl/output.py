@@ -46,7 +46,20 @@ def _pool_wide(res: dict) -> tuple[str, ...]:
             h["address"] + (f" dev {h['interface']}" if h.get("interface") else "") for h in hops)
         if e.get("fallback") == "main":
             egress += " (fallback main)"
-    return (*_pool(res), _yn(not res["spec"].get("disableBGPExport")), egress, _egress_state(res) if e else "-")
+        if e.get("address"):
+            egress += f" as {e['address']}"
+    return (*_pool(res), _bgp_export(res["spec"]), egress, _egress_state(res) if e else "-")
+
+
+def _bgp_export(spec: dict) -> str:
+    """Whether the blocks are announced, and to which routers with what (spec.bgp)."""
+    if spec.get("disableBGPExport"):
+        return "false"
+    b = spec.get("bgp") or {}
+    out = [f"peers {b['peers']}"] if b.get("peers") else []
+    out += [f"communities {','.join(b['communities'])}"] if b.get("communities") else []
+    out += [f"prepend {b['asPathPrepend']}"] if b.get("asPathPrepend") else []
+    return "true" + (f" ({'; '.join(out)})" if out else "")
 
 
 def _egress_state(res: dict) -> str:
@@ -61,7 +74,9 @@ def _egress_state(res: dict) -> str:
         # the next hops each node learned from the peers (not in the spec): show them
         learned = " (" + "; ".join(f"{n} via {s.get('nextHop') or 'nothing'}" for n, s in sorted(nodes.items())) + ")"
     if not down:
-        return f"up on {len(nodes)}/{len(nodes)} nodes{learned}"
+        held = sorted(n for n, s in nodes.items() if s.get("advertised"))
+        return f"up on {len(nodes)}/{len(nodes)} nodes{learned}" + (
+            f"; address announced by {', '.join(held)}" if held else "")
     first = next(iter(down.values()))["reason"]
     return f"DOWN on {', '.join(down)} of {len(nodes)} nodes: {first}{learned}"
 

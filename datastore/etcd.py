@@ -9,10 +9,17 @@ write that can race goes through `transaction()`, guarded by mod_revisions
 from __future__ import annotations
 
 import os
+import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+# gRPC's C core writes its own lines to stderr (a refused TLS handshake: a dozen per
+# second); the adapter says the same in one line of its own. GRPC_VERBOSITY set by the
+# operator still wins. Read when gRPC loads, so before the import.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import etcd3
 import grpc
@@ -117,7 +124,8 @@ class Txn:
 
 
 def is_endpoints_failed(exc: BaseException) -> bool:
-    """The etcd client's way of saying every endpoint is benched after a failure."""
+    """The etcd client's way of saying every endpoint is benched after a failure (kept for
+    callers of older versions: tortie's adapter never benches all members any more)."""
     return isinstance(exc, ValueError) and "failed node" in str(exc)
 
 
@@ -140,8 +148,66 @@ def _parse_endpoint(url: str) -> tuple[str, int, bool]:
     return parts.hostname, parts.port or 2379, parts.scheme == "https"
 
 
+# Failover between members (issue 12). The library's MultiEndpointEtcd3Client moves to
+# another member only when one of its own wrappers (get, put, ...) sees the error, never
+# retries, and benches every member that failed recently with a bare ValueError. tortie
+# calls the gRPC stubs directly (transactions, paged reads, the watch), so a dead member
+# was never left: the agent kept calling it until it came back. The adapter therefore
+# picks the member itself: each call goes to the current member; a member that is gone
+# (UNAVAILABLE) or holds the call past its share of the deadline (frozen, or without a
+# leader) is benched for BENCH seconds and the call goes on to the next one, until the
+# call's own deadline. Nothing is refused without trying a member.
+_FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+BENCH = 1.0  # seconds a failed member is passed over while another one is there
+MIN_ATTEMPT = 0.5  # the least share of a call's deadline one member gets
+ROUND_PAUSE = 0.05  # after every member failed once in a row: no busy loop while none answers
+
+
+@dataclass
+class _Member:
+    url: str
+    endpoint: etcd3.Endpoint  # owns the gRPC channel
+    failed_at: float = -1e9
+    stubs: dict = field(default_factory=dict)
+
+    def kv(self):
+        stub = self.stubs.get("kv")
+        if stub is None:
+            stub = self.stubs["kv"] = etcdrpc.KVStub(self.endpoint.channel)
+        return stub
+
+    def maintenance(self):
+        stub = self.stubs.get("maintenance")
+        if stub is None:
+            stub = self.stubs["maintenance"] = etcdrpc.MaintenanceStub(self.endpoint.channel)
+        return stub
+
+
+def _transient(exc: grpc.RpcError) -> bool:
+    """The member is gone or cannot answer now (no leader, an election): try another.
+    etcd answers a call whose deadline ran out inside the server with UNKNOWN "context
+    deadline exceeded" (seen when a leader died under a forwarded write)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    if code in _FAILOVER_CODES:
+        return True
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    return code == grpc.StatusCode.UNKNOWN and "context deadline exceeded" in details
+
+
+def _details(exc: grpc.RpcError) -> str:
+    return " ".join(((exc.details() if hasattr(exc, "details") else "") or "").split())
+
+
+def _refused(exc: grpc.RpcError) -> bool:
+    """The member refused the connection itself (a TLS handshake, or a TLS server closing
+    a plaintext one): trying it again within the same call cannot help."""
+    d = _details(exc).lower()
+    return "failed to connect" in d and any(
+        s in d for s in ("handshake", "unwrap failed", "tsi_", "ssl", "socket closed"))
+
+
 class EtcdClient:
-    """Synchronous etcd v3 access with tortie's error mapping."""
+    """Synchronous etcd v3 access with tortie's error mapping and failover between members."""
 
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
@@ -149,30 +215,34 @@ class EtcdClient:
         if config.ca or config.cert or config.key:
             if not config.ca:
                 raise ValidationError("a client certificate needs the CA too", field="etcd-ca")
+            if bool(config.cert) != bool(config.key):
+                raise ValidationError("a client certificate needs its key and the key its certificate",
+                                      field="etcd-cert" if not config.cert else "etcd-key")
             try:
                 creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(config.ca, config.key, config.cert)
             except OSError as exc:
                 raise ValidationError(f"cannot read TLS file: {exc}", field="etcd-ca") from exc
-        endpoints = []
+        parsed = []
         for url in config.endpoints:
             host, port, secure = _parse_endpoint(url)
             if secure and creds is None:
                 creds = grpc.ssl_channel_credentials()
-            endpoints.append((host, port, secure))
-        if not endpoints:
+            parsed.append((url, host, port, secure))
+        if not parsed:
             raise ValidationError("no etcd endpoints given", field="etcd-endpoints")
-        # The client benches a failed endpoint for time_retry seconds and then refuses every
-        # call with a bare ValueError. With one endpoint there is nothing to fail over to,
-        # so never bench it: the next call simply tries again.
-        retry = 0.0 if len(endpoints) == 1 else 1.0
-        endpoints = [
-            etcd3.Endpoint(host, port, secure=secure, creds=creds if secure else None, time_retry=retry,
-                           opts=list(CHANNEL_OPTIONS))
-            for host, port, secure in endpoints
+        # time_retry 0: the library never benches a member; the adapter does (see above).
+        self._members = [
+            _Member(url, etcd3.Endpoint(host, port, secure=secure, creds=creds if secure else None,
+                                        time_retry=0.0, opts=list(CHANNEL_OPTIONS)))
+            for url, host, port, secure in parsed
         ]
+        self._lock = threading.Lock()
+        # Start on a random member, so that many agents spread over the cluster.
+        self._current = random.randrange(len(self._members))
         self.raw = etcd3.MultiEndpointEtcd3Client(
-            endpoints=endpoints, timeout=config.timeout, failover=len(endpoints) > 1
+            endpoints=[m.endpoint for m in self._members], timeout=config.timeout, failover=len(parsed) > 1
         )
+        self._follow()
 
     def close(self) -> None:
         self.raw.close()
@@ -183,36 +253,152 @@ class EtcdClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # --- members ---------------------------------------------------------------------
+
+    @property
+    def member(self) -> str:
+        """The endpoint calls go to now."""
+        return self._members[self._current].url
+
+    def _follow(self) -> None:
+        """The library's own calls (leases) go to the member the adapter uses."""
+        self.raw._current_endpoint_label = self._members[self._current].endpoint.netloc
+
+    def _pick(self) -> _Member:
+        with self._lock:
+            now = time.monotonic()
+            n = len(self._members)
+            for step in range(n):
+                m = self._members[(self._current + step) % n]
+                if now - m.failed_at >= BENCH:
+                    break
+            else:  # all benched: the one benched longest ago
+                m = min(self._members, key=lambda x: x.failed_at)
+            i = self._members.index(m)
+            if i != self._current:
+                self._current = i
+                self._follow()
+                log.debug("etcd member in use", endpoint=m.url)
+            return m
+
+    def failed(self, which: grpc.Channel | str | None = None) -> None:
+        """A call found a member gone (None: the current one; else its channel or URL):
+        bench it, so the next call goes to another member. The syncer calls this for its
+        watch stream."""
+        if len(self._members) == 1:
+            return
+        with self._lock:
+            for i, m in enumerate(self._members):
+                if (which is None and i == self._current) or which in (m.endpoint.channel, m.url):
+                    fresh = time.monotonic() - m.failed_at >= BENCH
+                    m.failed_at = time.monotonic()
+                    if fresh:
+                        log.info("etcd member failed; trying another", endpoint=m.url)
+                    return
+
+    def channel(self) -> grpc.Channel:
+        """The channel of the member to use now (for streams: the syncer's watch)."""
+        return self._pick().endpoint.channel
+
     # --- error mapping -------------------------------------------------------------
 
+    def _unavailable(self, why: str | grpc.RpcError) -> DatastoreUnavailable:
+        if isinstance(why, grpc.RpcError):
+            why = self._why(why)
+        return DatastoreUnavailable(f"etcd unreachable at {','.join(self.config.endpoints)}: {why}")
+
+    def _why(self, exc: grpc.RpcError) -> str:
+        """The gRPC status and, for a refused connection, what to check, in one line."""
+        code = exc.code() if hasattr(exc, "code") else None
+        name = code.name if code is not None else type(exc).__name__
+        low = _details(exc).lower()
+        secure = any(url.startswith("https") for url in self.config.endpoints)
+        if "certificate_verify_failed" in low:
+            return f"{name}: etcd's certificate is not signed by the CA given (--etcd-ca, TORTIE_ETCD_CA)"
+        if _refused(exc) and secure and not self.config.cert:
+            return (f"{name}: etcd refused the TLS connection; no client certificate was given "
+                    "(--etcd-cert/--etcd-key, TORTIE_ETCD_CERT/_KEY)")
+        if _refused(exc) and not secure:
+            return f"{name}: etcd closed the connection; does it want TLS (https:// endpoints and a CA)?"
+        if _refused(exc):
+            return f"{name}: etcd refused the TLS connection (is the client certificate signed by its CA?)"
+        if code == grpc.StatusCode.UNKNOWN and low:
+            return f"{name}: {low[:120]}"
+        return name
+
     def _call(self, fn: Callable, *args, **kwargs):
+        """A call through the library (leases): its errors mapped, no failover."""
         try:
             return fn(*args, **kwargs)
         except _UNAVAILABLE as exc:
-            raise DatastoreUnavailable(
-                f"etcd unreachable at {','.join(self.config.endpoints)}: {type(exc).__name__}"
-            ) from exc
+            self.failed()
+            raise self._unavailable(type(exc).__name__) from exc
         except ValueError as exc:
             if not is_endpoints_failed(exc):
                 raise
-            raise DatastoreUnavailable(
-                f"etcd unreachable at {','.join(self.config.endpoints)}: every endpoint failed recently"
-            ) from exc
+            raise self._unavailable("every endpoint failed recently") from exc
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise DatastoreUnavailable(
-                    f"etcd unreachable at {','.join(self.config.endpoints)}: {code.name}"
-                ) from exc
+            if _transient(exc):
+                raise self._unavailable(exc) from exc
             raise
+
+    def rpc(self, method: str, req, timeout: float | None = None, *, stub: str = "kv") -> tuple[object, bool]:
+        """One unary call with failover: (reply, whether an earlier attempt failed on the
+        way, so that a write may have been applied by it)."""
+        budget = self.config.timeout if timeout is None else timeout
+        if len(self._members) == 1:  # nothing to fail over to: as fast as a plain call
+            m = self._members[0]
+            try:
+                return getattr(getattr(m, stub)(), method)(req, budget, metadata=self.raw.metadata), False
+            except grpc.RpcError as exc:
+                if _transient(exc) or exc.code() == grpc.StatusCode.INTERNAL:
+                    raise self._unavailable(exc) from exc
+                raise
+        deadline = time.monotonic() + budget
+        share = max(budget / len(self._members), MIN_ATTEMPT)
+        failures = 0
+        refused: set[str] = set()
+        while True:
+            m = self._pick()
+            left = deadline - time.monotonic()
+            try:
+                reply = getattr(getattr(m, stub)(), method)(req, min(left, share), metadata=self.raw.metadata)
+                return reply, failures > 0
+            except grpc.RpcError as exc:
+                if not _transient(exc):
+                    if exc.code() == grpc.StatusCode.INTERNAL:
+                        raise self._unavailable(exc) from exc
+                    raise
+                self.failed(m.url)
+                failures += 1
+                if _refused(exc):
+                    refused.add(m.url)
+                left = deadline - time.monotonic()
+                if left <= 0.01 or len(refused) == len(self._members):
+                    raise self._unavailable(exc) from exc
+                if failures % len(self._members) == 0:
+                    time.sleep(min(ROUND_PAUSE, left))
+
+    def member_status(self, timeout: float = 1.0) -> list[dict]:
+        """Each member's own word: {endpoint, id, leader, term, error} (for the lab's status)."""
+        out = []
+        for m in self._members:
+            try:
+                r = m.maintenance().Status(etcdrpc.StatusRequest(), timeout, metadata=self.raw.metadata)
+                out.append({"endpoint": m.url, "id": f"{r.header.member_id:x}", "leader": f"{r.leader:x}",
+                            "term": r.raftTerm, "error": None})
+            except grpc.RpcError as exc:
+                out.append({"endpoint": m.url, "id": None, "leader": None, "term": None, "error": self._why(exc)})
+        return out
 
     # --- reads ----------------------------------------------------------------------
 
     def get(self, key: str) -> KV | None:
-        value, meta = self._call(self.raw.get, key)
-        if value is None:
+        resp, _ = self.rpc("Range", etcdrpc.RangeRequest(key=key.encode()))
+        if not resp.kvs:
             return None
-        return KV(key, value, meta.mod_revision, meta.create_revision)
+        kv = resp.kvs[0]
+        return KV(key, kv.value, kv.mod_revision, kv.create_revision)
 
     def get_prefix(self, prefix: str, page: int = 500) -> tuple[list[KV], int]:
         """All keys under prefix and the store revision they were read at (for a watch).
@@ -226,8 +412,7 @@ class EtcdClient:
         while True:
             req = etcdrpc.RangeRequest(key=start, range_end=end, limit=page, revision=revision)
             try:
-                resp = self._call(self.raw.kvstub.Range, req, self.raw.timeout,
-                                  credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+                resp, _ = self.rpc("Range", req)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or page == 1:
                     raise
@@ -246,21 +431,26 @@ class EtcdClient:
         """One linearizable read with its own deadline (a frozen etcd or a lost quorum
         answers nothing: DatastoreUnavailable after `timeout`); the store revision."""
         req = etcdrpc.RangeRequest(key=self.config.prefix.encode(), limit=1, keys_only=True)
-        resp = self._call(self.raw.kvstub.Range, req, timeout,
-                          credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+        resp, _ = self.rpc("Range", req, timeout)
         return resp.header.revision
 
     # --- writes ---------------------------------------------------------------------
 
-    def put(self, key: str, value: bytes) -> int:
-        resp = self._call(self.raw.put, key, value)
+    # Unguarded puts and deletes are idempotent: a retry on another member after an
+    # attempt that may have been applied changes nothing.
+
+    def put(self, key: str, value: bytes | str) -> int:
+        value = value.encode() if isinstance(value, str) else value
+        resp, _ = self.rpc("Put", etcdrpc.PutRequest(key=key.encode(), value=value))
         return resp.header.revision
 
     def delete(self, key: str) -> bool:
-        return bool(self._call(self.raw.delete, key))
+        resp, _ = self.rpc("DeleteRange", etcdrpc.DeleteRangeRequest(key=key.encode()))
+        return resp.deleted > 0
 
     def delete_prefix(self, prefix: str) -> int:
-        resp = self._call(self.raw.delete_prefix, prefix)
+        req = etcdrpc.DeleteRangeRequest(key=prefix.encode(), range_end=etcd3.utils.prefix_range_end(prefix.encode()))
+        resp, _ = self.rpc("DeleteRange", req)
         return resp.deleted
 
     def transaction(self, txn: Txn) -> tuple[bool, int]:
@@ -281,12 +471,32 @@ class EtcdClient:
                 for k in txn.deletes]
         req = etcdrpc.TxnRequest(compare=compare, success=ops, failure=[])
         try:
-            resp = self._call(self.raw.kvstub.Txn, req, self.raw.timeout,
-                              credentials=self.raw.call_credentials, metadata=self.raw.metadata)
+            resp, retried = self.rpc("Txn", req)
         except grpc.RpcError as exc:
             _refused_as_too_large(exc, req.ByteSize())
             raise
+        if retried and not resp.succeeded and (txn.puts or txn.deletes) and (txn.guards or txn.quiet):
+            # An attempt that failed on the way (its member died, or it timed out waiting
+            # for an election) may have been applied all the same; then the retry finds its
+            # own write and fails the guards. Read back: our exact values in place (and the
+            # deleted keys gone) mean the first attempt landed.
+            landed = self._landed(txn)
+            if landed:
+                log.info("a transaction retried after a failed member had been applied", revision=landed)
+                return True, landed
         return resp.succeeded, resp.header.revision
+
+    def _landed(self, txn: Txn) -> int:
+        """The revision that holds every write of txn, or 0."""
+        revision = 0
+        for key, value in txn.puts:
+            kv = self.get(key)
+            if kv is None or kv.value != value:
+                return 0
+            revision = max(revision, kv.mod_revision)
+        if any(self.get(key) is not None for key in txn.deletes):
+            return 0
+        return revision or self.revision()
 
     def cas(self, key: str, mod_revision: int, value: bytes | None) -> tuple[bool, int]:
         """Put (or delete, value None) key only if its mod_revision is still mod_revision."""

@@ -190,8 +190,33 @@ def _pool_spec(f: Fields, meta: dict) -> None:
         # What the pool's traffic does when no next hop can be used: refused (none), or the
         # main table's routes (main).
         e.str("fallback", choices=("none", "main"), default="none")
+        # The pool's traffic to outside every pool is source-NATed to this address; nodes with
+        # pods of the pool announce it (/32, /128) so replies come back (other pools: the store).
+        address = e.ip("address", version=net.version)
+        if address is not None and ipaddress.ip_address(address) in net:
+            raise ValidationError(f"{address} is inside the pool's own range {net}", field=f"{where}.address")
 
     f.obj_field("egress", egress)
+
+    def bgp(b: Fields) -> None:
+        # To which external peers (BGPPeers by label) the pool's blocks go, and with what.
+        b.selector("peers")
+        b.list("communities", community)
+        b.int("asPathPrepend", 0, 10, default=0)
+
+    f.obj_field("bgp", bgp)
+
+
+_COMMUNITY_MAX = {1: 0xFFFF, 2: 0xFFFFFFFF}  # by the number of ':': standard a:b, large a:b:c
+
+
+def community(v: Any, where: str) -> str:
+    """A BGP community `AS:VALUE` (16 bits each) or large community `A:B:C` (32 bits each)."""
+    if not isinstance(v, str) or not _COMMUNITY.fullmatch(v) or \
+            any(int(x) > _COMMUNITY_MAX[v.count(":")] for x in v.split(":")):
+        raise ValidationError(f"{v!r} is not a community (a:b, 0-65535 each) or large community "
+                              "(a:b:c, 0-4294967295 each)", field=where)
+    return v
 
 
 def _ipam_config_spec(f: Fields, meta: dict) -> None:
@@ -261,6 +286,9 @@ def _bgp_peer_spec(f: Fields, meta: dict) -> None:
     f.str("password", max_len=80)  # TCP MD5 (RFC 2385) key
     f.list("acceptPrefixes", lambda v, where: str(parse_cidr(string(v, where), where)))
     f.obj_field("bfd", bfd_spec)  # a BFD Down withdraws what the peer announced at once
+    # received prefixes above this close the session for a while (external peers: 50,000
+    # unless set; see bgp.peers.DEFAULT_MAX_PREFIXES_EXTERNAL)
+    f.int("maxPrefixes", 1, 10_000_000)
     if f.raw("node") and f.raw("nodeSelector"):
         raise ValidationError("give node or nodeSelector, not both", field="spec.nodeSelector")
     if (peer_ip is None) == (f.raw("peerSelector") is None):
@@ -287,11 +315,6 @@ def _bgp_config_spec(f: Fields, meta: dict) -> None:
         if f.list(name, cidr_item):  # Services (issue 9) will advertise them
             raise ValidationError("is not supported yet (Service addresses are not advertised)",
                                   field=f"spec.{name}")
-
-    def community(v: Any, where: str) -> str:
-        if not isinstance(v, str) or not _COMMUNITY.fullmatch(v):
-            raise ValidationError(f"{v!r} is not a community (a:b) or large community (a:b:c)", field=where)
-        return v
 
     f.list("communities", community)  # attached to every prefix this node exports
 

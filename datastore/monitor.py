@@ -6,6 +6,11 @@ nothing and a return is seen at once. A caller whose own etcd call failed says s
 `report()`: down now, and probed fast from then on. etcd killed (refused), frozen (no
 answer) or without quorum (no answer) all show as down, and up again at the first answer.
 `up` starts true: the agent has just read and written etcd to register its node.
+
+With several members, a failed probe is first probed again (at the fast rate) and only a
+second failure in a row says down: a cluster that lost its leader answers nothing for
+the second it takes to elect the next, and a node that called itself down for that
+second would answer CNI ADDs with "try again later" that a moment later would succeed.
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ log = get_logger("datastore")
 
 class DatastoreMonitor:
     def __init__(self, client: EtcdClient, *, interval: float = 3.0, interval_down: float = 0.5,
-                 deadline: float = 1.0, on_change: Callable[[bool, str | None], None] | None = None) -> None:
+                 deadline: float = 1.0, on_change: Callable[[bool, str | None], None] | None = None,
+                 strikes: int | None = None) -> None:
         self.client = client
+        # failed probes in a row that make it down (see above)
+        self.strikes = strikes or (1 if len(client.config.endpoints) == 1 else 2)
+        self._failed = 0
         self.interval = interval
         self.interval_down = interval_down
         self.deadline = deadline
@@ -52,8 +61,13 @@ class DatastoreMonitor:
         try:
             await asyncio.to_thread(self.client.ping, self.deadline)
         except DatastoreUnavailable as exc:
-            self._set(False, str(exc))
+            self._failed += 1
+            if self._failed >= self.strikes or not self.up:
+                self._set(False, str(exc))
+            else:
+                log.info("datastore probe failed; probing again before calling it down", error=str(exc))
         else:
+            self._failed = 0
             self._set(True, None)
         return self.up
 
@@ -71,7 +85,7 @@ class DatastoreMonitor:
         while True:
             t0 = time.monotonic()
             await self.probe()
-            interval = self.interval if self.up else self.interval_down
+            interval = self.interval if self.up and not self._failed else self.interval_down
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, interval - (time.monotonic() - t0)))

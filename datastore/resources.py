@@ -39,6 +39,7 @@ from tortie.datastore.views import (
     PolicyPeer,
     PolicyPort,
     PolicyRule,
+    PoolBGP,
     View,
     WorkloadEndpoint,
     effective_bgp_config,
@@ -47,6 +48,6 @@ from tortie.datastore.views import (
 __all__ = [
     "API_VERSION", "DEFAULT_AS", "KINDS", "VIEWS", "BGPConfiguration", "BGPPeer", "Egress", "EndpointPort", "FrozenLabels",
     "IPAMConfig", "IPPool", "Kind", "Namespace", "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort",
-    "PolicyRule", "View", "WorkloadEndpoint", "effective_bgp_config", "key_for", "kind_for", "parse_key",
+    "PolicyRule", "PoolBGP", "View", "WorkloadEndpoint", "effective_bgp_config", "key_for", "kind_for", "parse_key",
     "split_peer_ip", "validate",
 ]

@@ -201,6 +201,7 @@ def _check_pool(new: dict, old: dict | None, pools: list[dict]) -> None:
                 raise ValidationError(f"cannot change from {old['spec'].get(field)} (delete and recreate "
                                       "the pool once it is empty)", field=f"spec.{field}")
     net = ipaddress.ip_network(new["spec"]["cidr"])
+    mine = (new["spec"].get("egress") or {}).get("address")
     for other in pools:
         if other["metadata"]["name"] == new["metadata"]["name"]:
             continue
@@ -208,6 +209,13 @@ def _check_pool(new: dict, old: dict | None, pools: list[dict]) -> None:
         if theirs.version == net.version and net.overlaps(theirs):
             raise ValidationError(f"{net} overlaps IPPool {other['metadata']['name']!r} ({theirs})",
                                   field="spec.cidr")
+        # An egress address inside a pool could be handed to a pod (and would be routed as one).
+        if mine and ipaddress.ip_address(mine) in theirs:
+            raise ValidationError(f"{mine} is inside IPPool {other['metadata']['name']!r} ({theirs})",
+                                  field="spec.egress.address")
+        if (addr := (other["spec"].get("egress") or {}).get("address")) and ipaddress.ip_address(addr) in net:
+            raise ValidationError(f"{net} holds {addr}, the egress address of IPPool "
+                                  f"{other['metadata']['name']!r}", field="spec.cidr")
 
 
 def _check_pool_nodes(pool: dict, nodes: list) -> None:

@@ -67,6 +67,7 @@ class Egress:
     # Next hops watched by BFD: (address, minTx ms, minRx ms, multiplier); they count only
     # while their session is Up.
     bfd: tuple[tuple[str, int, int, int], ...] = ()
+    address: str | None = None  # the pool's traffic leaves source-NATed to it (egress address)
     # Next hops learned from BGP instead (fromPeers): the BGPPeers this selector matches,
     # for these prefixes (the default route when none are given); next_hops is then empty.
     from_peers: str | None = None
@@ -76,14 +77,32 @@ class Egress:
     def from_spec(cls, e: dict) -> Egress:
         if e.get("fromPeers") is not None:
             return cls(e["table"], (), fallback=e.get("fallback", "none"), from_peers=e["fromPeers"],
-                       prefixes=tuple(e.get("prefixes") or ()))
+                       prefixes=tuple(e.get("prefixes") or ()), address=e.get("address"))
         hops = e.get("nextHops")
         if hops is None:
-            return cls(e["table"], (e["nextHop"],), e.get("interface"), e.get("fallback", "none"))
+            return cls(e["table"], (e["nextHop"],), e.get("interface"), e.get("fallback", "none"),
+                       address=e.get("address"))
         bfd = tuple((h["address"], h["bfd"]["minTx"], h["bfd"]["minRx"], h["bfd"]["multiplier"])
                     for h in hops if h.get("bfd"))
         return cls(e["table"], tuple(h["address"] for h in hops), hops[0].get("interface"),
-                   e.get("fallback", "none"), bfd)
+                   e.get("fallback", "none"), bfd, e.get("address"))
+
+
+@dataclass(frozen=True)
+class PoolBGP:
+    """`IPPool.spec.bgp`: the external peers its blocks go to (a BGPPeer selector; None: all)
+    and what they carry."""
+
+    peers: str | None = None
+    communities: tuple[str, ...] = ()
+    as_path_prepend: int = 0
+
+    @classmethod
+    def from_spec(cls, b: dict) -> PoolBGP:
+        return cls(b.get("peers"), tuple(b.get("communities") or ()), b.get("asPathPrepend", 0))
+
+    def selects(self, peer_labels: Mapping[str, str]) -> bool:
+        return self.peers is None or selector.parse(self.peers).matches(peer_labels)
 
 
 @dataclass(frozen=True)
@@ -96,14 +115,15 @@ class IPPool(View):
     disable_bgp_export: bool = False
     node_selector: str = "all()"
     egress: Egress | None = None
+    bgp: PoolBGP | None = None
 
     @staticmethod
     def _spec(meta: dict, spec: dict) -> dict:
-        e = spec.get("egress")
+        e, b = spec.get("egress"), spec.get("bgp")
         return dict(cidr=spec["cidr"], block_size=spec["blockSize"], nat_outgoing=spec["natOutgoing"],
                     disabled=spec["disabled"], disable_bgp_export=spec["disableBGPExport"],
                     node_selector=spec["nodeSelector"],
-                    egress=Egress.from_spec(e) if e else None)
+                    egress=Egress.from_spec(e) if e else None, bgp=PoolBGP.from_spec(b) if b else None)
 
     @property
     def network(self) -> IPNetwork:
@@ -173,6 +193,7 @@ class BGPPeer(View):
     password: str | None = None
     accept_prefixes: tuple[str, ...] = ()  # what may be imported from an external peer
     bfd: tuple[int, int, int] | None = None  # BFD timers (minTx ms, minRx ms, multiplier)
+    max_prefixes: int | None = None  # received prefixes above this close the session
 
     @staticmethod
     def _spec(meta: dict, spec: dict) -> dict:
@@ -184,7 +205,8 @@ class BGPPeer(View):
                     passive=spec.get("passive", False), hold_time=spec.get("holdTime"),
                     keepalive_time=spec.get("keepAliveTime"), password=spec.get("password"),
                     accept_prefixes=tuple(spec.get("acceptPrefixes", ())),
-                    bfd=(b["minTx"], b["minRx"], b["multiplier"]) if b else None)
+                    bfd=(b["minTx"], b["minRx"], b["multiplier"]) if b else None,
+                    max_prefixes=spec.get("maxPrefixes"))
 
     def applies_to(self, node: Node) -> bool:
         """Whether `node` is one of the nodes that open this peering."""
@@ -382,6 +404,6 @@ VIEWS: dict[str, type[View]] = {
 
 __all__ = [
     "DEFAULT_AS", "VIEWS", "BGPConfiguration", "BGPPeer", "Egress", "EndpointPort", "FrozenLabels", "IPAMConfig", "IPPool",
-    "Namespace", "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort", "PolicyRule", "View", "WorkloadEndpoint",
+    "Namespace", "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort", "PolicyRule", "PoolBGP", "View", "WorkloadEndpoint",
     "effective_bgp_config",
 ]

@@ -204,7 +204,7 @@ class Syncer:
             end = prefix_range_end(start)
             while True:
                 req = etcdrpc.RangeRequest(key=start, range_end=end, limit=self.page_size, revision=revision)
-                resp = self._rpc(self.client.raw.kvstub.Range, req)
+                resp, _ = self.client.rpc("Range", req)
                 revision = revision or resp.header.revision
                 for kv in resp.kvs:
                     items[kv.key.decode()] = kv.value
@@ -212,11 +212,6 @@ class Syncer:
                     break
                 start = resp.kvs[-1].key + b"\0"
         return Snapshot(revision, items)
-
-    def _rpc(self, method, req):
-        raw = self.client.raw
-        return self.client._call(method, req, raw.timeout, credentials=raw.call_credentials,
-                                 metadata=raw.metadata)
 
     def _watch(self, deliver: Callable[[Event | None], None], on_live: Callable[[], None]) -> None:
         """Deliver changes after each prefix's revision until the stream ends or stop()."""
@@ -234,9 +229,8 @@ class Syncer:
             while (req := sends.get()) is not None:
                 yield req
 
-        raw = self.client.raw
-        call = etcdrpc.WatchStub(raw.channel).Watch(requests(), credentials=raw.call_credentials,
-                                                    metadata=raw.metadata)
+        channel = self.client.channel()
+        call = etcdrpc.WatchStub(channel).Watch(requests(), metadata=self.client.raw.metadata)
         with self._lock:
             self._call = call
         try:
@@ -266,10 +260,13 @@ class Syncer:
                 # present rather than from a long-compacted past.
                 if not resp.events and not resp.created and resp.header.revision > self._revs[prefix]:
                     self._revs[prefix] = resp.header.revision
+            self.client.failed(channel)  # a member shutting down ends its streams
             raise DatastoreUnavailable("watch stream ended")
         except grpc.RpcError as exc:
             if self._stop.is_set() and exc.code() == grpc.StatusCode.CANCELLED:
                 return
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.client.failed(channel)  # resume on another member, if there is one
             raise
         finally:
             sends.put(None)

@@ -15,10 +15,20 @@ dirty for a retry. A full list of a kind also scans the datastore for copies of 
 kind the controller once wrote and Kubernetes no longer has. A slow timer repeats
 that scan (drift repair); another runs the IPAM garbage collector (`gc.py`).
 
+Replicas elect a leader through a Lease (`leader.py`); every replica lists, watches and
+keeps its view current (a hot standby), but only the leader writes: the datastore store
+and IPAM are wrapped in a fence that refuses each write unless this replica leads at that
+moment (fail closed: a replica that lost the Lease, or could not renew it before its
+renew deadline, writes nothing more, even in the middle of a pass). A new leader starts
+by comparing everything with the datastore.
+
 Environment: TORTIE_ETCD_* (the datastore); TORTIE_K8S_API (a plain http URL, for
 tests), else KUBECONFIG, else the in-cluster service account; TORTIE_CONTROLLER_RESYNC,
 TORTIE_CONTROLLER_GC_INTERVAL and TORTIE_CONTROLLER_GC_GRACE in seconds;
-TORTIE_CONTROLLER_HEALTH=host:port serves /liveness and /readiness (ready once in sync).
+TORTIE_CONTROLLER_HEALTH=host:port serves /liveness and /readiness (ready once in sync;
+the body says whether this replica leads) and /metrics; TORTIE_CONTROLLER_LEADER_ELECT,
+TORTIE_CONTROLLER_LEASE_NAME / _NAMESPACE, TORTIE_CONTROLLER_LEASE_DURATION,
+TORTIE_CONTROLLER_RENEW_DEADLINE and TORTIE_CONTROLLER_RETRY_PERIOD (`leader.py`).
 """
 
 from __future__ import annotations
@@ -48,8 +58,10 @@ from tortie.errors import Conflict, DatastoreUnavailable, NotFound, TortieError,
 from tortie.health import Health
 from tortie.kube import mirror
 from tortie.kube.gc import IPAMGarbageCollector
+from tortie.kube.leader import LeaderElectionConfig, LeaderElector
 from tortie.kube.podinfo import api_client
 from tortie.log import get_logger
+from tortie.metrics import Registry
 
 log = get_logger("controller")
 
@@ -67,7 +79,8 @@ class ControllerConfig:
     gc_grace: float = 300.0  # a leaked pod address is released after this long
     watch_timeout: int = 300  # server-side watch timeout; the stream is renewed after it
     retry_interval: float = 1.0
-    health: str | None = None  # "host:port" for /liveness and /readiness; None: not served
+    health: str | None = None  # "host:port" for /liveness, /readiness and /metrics; None: not served
+    leader: LeaderElectionConfig = field(default_factory=LeaderElectionConfig)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ControllerConfig:
@@ -76,6 +89,8 @@ class ControllerConfig:
                               "k8s_api": env.get("TORTIE_K8S_API") or None,
                               "kubeconfig": env.get("KUBECONFIG") or None,
                               "health": env.get("TORTIE_CONTROLLER_HEALTH") or None}
+        if "leader" not in overrides:
+            kw["leader"] = LeaderElectionConfig.from_env(env)
         for name, var in (("resync_interval", "TORTIE_CONTROLLER_RESYNC"),
                           ("gc_interval", "TORTIE_CONTROLLER_GC_INTERVAL"),
                           ("gc_grace", "TORTIE_CONTROLLER_GC_GRACE")):
@@ -229,6 +244,48 @@ class Reflector:
         return rv
 
 
+# --- only the leader writes -------------------------------------------------------------
+
+
+class NotLeader(Exception):
+    """A write refused because this replica does not lead (now)."""
+
+
+STORE_WRITES = frozenset({"create", "replace", "apply", "delete"})
+IPAM_WRITES = frozenset({"release_node", "release_from_report", "release_handle", "release_ips"})
+
+
+class Fenced:
+    """The target with its writing methods (`writes`) let through only while `allowed()`
+    is true at the moment of the call; `on_write(method, args)` sees each one let through."""
+
+    def __init__(self, target: Any, writes: frozenset[str], allowed: Callable[[], bool],
+                 on_write: Callable[[str, tuple], None]) -> None:
+        self._target, self._writes, self._allowed, self._on_write = target, writes, allowed, on_write
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if name not in self._writes:
+            return attr
+
+        def guarded(*args, **kwargs):
+            if not self._allowed():
+                raise NotLeader(f"{name} refused: this replica does not lead")
+            self._on_write(name, args)
+            return attr(*args, **kwargs)
+
+        return guarded
+
+
+def _what(args: tuple) -> str:
+    """A short name for what a write touches, for the debug log."""
+    first = args[0] if args else None
+    if isinstance(first, Mapping):
+        meta = first.get("metadata") or {}
+        return "/".join(filter(None, (str(first.get("kind") or ""), meta.get("namespace"), meta.get("name"))))
+    return "/".join(str(a) for a in args[:3] if isinstance(a, str))
+
+
 # --- the controller ----------------------------------------------------------------------
 
 
@@ -247,13 +304,30 @@ class Controller:
         self.config = config
         self.etcd = etcd or EtcdClient(config.etcd)
         self._own_etcd = etcd is None
-        self.store = ResourceStore(self.etcd)
-        self.gc = IPAMGarbageCollector(IPAM(self.etcd), config.gc_grace)
         self.api = api or kube_api_client(config)
         self.queue: queue.Queue = queue.Queue()
         self.health = Health()
         self.health.register("loop", deadline=30.0)
         self.health.register("datastore", deadline=max(120.0, 4 * config.retry_interval))
+        self.metrics = Registry()
+        self._m_writes = self.metrics.counter("tortie_controller_datastore_writes_total",
+                                              "datastore writes this replica made, by operation")
+        self._m_refused = self.metrics.counter("tortie_controller_writes_refused_total",
+                                               "datastore writes refused because this replica did not lead")
+        self._m_leader = self.metrics.gauge("tortie_controller_leader",
+                                            "1 while this replica holds the lease and may write, else 0")
+        for op in sorted(STORE_WRITES | IPAM_WRITES):  # every series exists before the first scrape,
+            self._m_writes.inc(0, op=op)                # so the loop never adds one while it renders
+        self._m_refused.inc(0)
+        self.elector: LeaderElector | None = None
+        if config.leader.enabled:
+            self.health.register("leader-election", deadline=config.watch_timeout + 60.0)
+            self.elector = LeaderElector(config.leader, self.api, on_round=self._on_election_round)
+        self.metrics.collectors.append(
+            lambda: self._m_leader.set(1 if self.leading() else 0, identity=self.identity))
+        self.store = Fenced(ResourceStore(self.etcd), STORE_WRITES, self.leading, self._wrote)
+        self.gc = IPAMGarbageCollector(Fenced(IPAM(self.etcd), IPAM_WRITES, self.leading, self._wrote),
+                                       config.gc_grace)
         self._health_server: ThreadingHTTPServer | None = None
         self._stop = threading.Event()
         self.synced = threading.Event()  # every kind listed and reconciled once
@@ -280,6 +354,32 @@ class Controller:
         self.resyncs = 0  # completed passes that compared every kind with the datastore
         self.gc_rounds = 0
 
+    # --- leadership -----------------------------------------------------------------------
+
+    @property
+    def identity(self) -> str:
+        return self.elector.identity if self.elector is not None else "leader-election-disabled"
+
+    def leading(self) -> bool:
+        """May this replica write now? Always, without leader election."""
+        return self.elector is None or self.elector.is_leader()
+
+    def _wrote(self, method: str, args: tuple) -> None:
+        self._m_writes.inc(op=method)
+        log.debug("datastore write", op=method, target=_what(args), identity=self.identity)
+
+    def _on_election_round(self, error: str | None) -> None:
+        if error is None:
+            self.health.ok("leader-election")
+        else:
+            self.health.failed("leader-election", error)
+
+    def leader_status(self) -> dict:
+        if self.elector is None:
+            return {"enabled": False, "leading": True}
+        return {"enabled": True, "identity": self.identity, "leading": self.leading(),
+                "holder": self.elector.holder or None, "lease": self.config.leader.lease}
+
     # --- lifecycle --------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -295,36 +395,58 @@ class Controller:
                  kubernetes=self.api.configuration.host)
         if self.config.health:
             self._serve_health(self.config.health)
+        if self.elector is not None:
+            self.elector.start()
         for r in self.reflectors.values():
             r.start()
         wep_thread = threading.Thread(target=self._pump_weps, name="wep syncer", daemon=True)
         wep_thread.start()
         now = time.monotonic()
         next_resync, next_gc, retry_at = now + self.config.resync_interval, now, None
+        was_leading = False
         try:
             while not self._stop.is_set():
                 self._drain(timeout=0.2)
                 self.health.ok("loop")
                 now = time.monotonic()
+                leading = self.leading()
+                if leading and not was_leading:
+                    # A new term: whatever the last leader did or left undone, compare it all.
+                    log.info("writing as leader", identity=self.identity)
+                    self.scan |= set(KINDS)
+                    next_gc, retry_at = now, None
+                    self.gc.forget()  # leaks seen in an earlier term may have come and gone since
+                elif was_leading and not leading:
+                    log.warning("not leading: writes stop", identity=self.identity,
+                                holder=self.elector.holder if self.elector else None)
+                was_leading = leading
                 if now >= next_resync:
                     self.scan |= set(KINDS)
                     next_resync = now + self.config.resync_interval
-                if retry_at is None or now >= retry_at:
+                if not leading:
+                    self.health.ok("datastore")  # a standby writes nothing, so no write can be failing
+                elif retry_at is None or now >= retry_at:
                     scanning = bool(self.scan)
                     retry_at = None if self._reconcile() else now + self.config.retry_interval
                     if retry_at is None:
                         self.health.ok("datastore")
                     if scanning and not self.scan and retry_at is None:
                         self.resyncs += 1
-                if self._ready() and retry_at is None and not self.synced.is_set():
+                # In sync: the leader once its first pass wrote the difference; a standby
+                # once its view is complete and it knows it does not lead.
+                decided = self.elector is None or self.elector.decided.is_set()
+                if self._ready() and decided and retry_at is None and not self.synced.is_set() \
+                        and leading == self.leading():
                     self.synced.set()
                     self.health.ready = True
-                    log.info("in sync", nodes=len(self.nodes), pods=len(self.pods), endpoints=len(self.weps),
-                             **{k.lower() + "s": len(v) for k, v in self.objects.items()})
-                if self._ready() and now >= next_gc:
+                    log.info("in sync", leading=leading, nodes=len(self.nodes), pods=len(self.pods),
+                             endpoints=len(self.weps), **{k.lower() + "s": len(v) for k, v in self.objects.items()})
+                if leading and self._ready() and now >= next_gc:
                     self._collect()
                     next_gc = now + self.config.gc_interval
         finally:
+            if self.elector is not None:  # the loop has ended: no write after this, so hand over
+                self.elector.stop(release=True)
             for r in self.reflectors.values():
                 r.stop()
             self._wep_syncer.stop()
@@ -344,15 +466,21 @@ class Controller:
 
     def _serve_health(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
-        health = self.health
+        health, controller = self.health, self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                live, ready, detail = health.report()
-                ok = {"/liveness": live, "/readiness": ready}.get(self.path.split("?")[0])
-                body = json.dumps({"ok": ok, "ready": ready, "components": detail}).encode() + b"\n"
-                self.send_response(404 if ok is None else 200 if ok else 503)
-                self.send_header("Content-Type", "application/json")
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    code, ctype, body = 200, "text/plain; version=0.0.4", controller.metrics.render().encode()
+                else:
+                    live, ready, detail = health.report()
+                    ok = {"/liveness": live, "/readiness": ready}.get(path)
+                    body = json.dumps({"ok": ok, "ready": ready, "leader": controller.leader_status(),
+                                       "components": detail}).encode() + b"\n"
+                    code, ctype = (404 if ok is None else 200 if ok else 503), "application/json"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -501,6 +629,8 @@ class Controller:
                     try:
                         self._sync(kind, key, stored)
                         self.dirty[kind].discard(key)
+                    except NotLeader:
+                        raise
                     except Conflict as exc:
                         log.info("write conflict; will retry", kind=kind, key=str(key), error=str(exc))
                         ok = False
@@ -518,6 +648,9 @@ class Controller:
                         log.warning("sync failed; will retry", kind=kind, key=str(key),
                                     error=f"{type(exc).__name__}: {exc}")
                         ok = False
+            except NotLeader:  # the term ended mid-pass: what is left stays dirty for the next leader
+                self._m_refused.inc()
+                return False
             except Exception as exc:  # DatastoreUnavailable, or an error the adapter does not map
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("datastore write pass failed; will retry", kind=kind, error=error)
@@ -630,6 +763,8 @@ class Controller:
             self._delete_stale_endpoints()
             self.gc.collect(set(self.pods), set(self.nodes))
             self.gc_rounds += 1
+        except NotLeader:
+            self._m_refused.inc()
         except Exception as exc:  # next round retries; the controller keeps running
             log.warning("IPAM garbage collection failed; next round will retry",
                         error=f"{type(exc).__name__}: {exc}")
@@ -657,10 +792,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", help="default KUBECONFIG, else the in-cluster service account")
     parser.add_argument("--gc-interval", type=float, help="seconds between IPAM leak checks")
     parser.add_argument("--gc-grace", type=float, help="seconds a leaked pod address waits before release")
+    parser.add_argument("--leader-elect", metavar="true|false",
+                        help="elect a leader through a Lease; only it writes (default TORTIE_CONTROLLER_LEADER_ELECT, true)")
+    parser.add_argument("--leader-elect-resource-name", help="the Lease's name (default tortie-controller)")
+    parser.add_argument("--leader-elect-resource-namespace", help="the Lease's namespace (default kube-system)")
+    parser.add_argument("--leader-elect-lease-duration", metavar="SECONDS",
+                        help="how long standbys wait for a silent leader (whole seconds, default 15)")
+    parser.add_argument("--leader-elect-renew-deadline", metavar="SECONDS",
+                        help="the leader stops writing if it has not renewed for this long (default 10)")
+    parser.add_argument("--leader-elect-retry-period", metavar="SECONDS",
+                        help="between renewals and attempts to acquire (default 2)")
     args = parser.parse_args(argv)
     try:
+        leader = LeaderElectionConfig.from_env(
+            enabled=args.leader_elect, name=args.leader_elect_resource_name,
+            namespace=args.leader_elect_resource_namespace, lease_duration=args.leader_elect_lease_duration,
+            renew_deadline=args.leader_elect_renew_deadline, retry_period=args.leader_elect_retry_period)
         config = ControllerConfig.from_env(k8s_api=args.k8s_api, kubeconfig=args.kubeconfig,
-                                           gc_interval=args.gc_interval, gc_grace=args.gc_grace)
+                                           gc_interval=args.gc_interval, gc_grace=args.gc_grace, leader=leader)
         controller = Controller(config)
     except TortieError as exc:
         print(f"tortie-controller: {exc}", file=sys.stderr)

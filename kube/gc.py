@@ -77,6 +77,10 @@ class IPAMGarbageCollector:
         self.endpoints_first_seen: dict[str, float] = {}
         self.released_total = 0
 
+    def forget(self) -> None:
+        """Start every grace period over (the rounds were not watching in between)."""
+        self.first_seen, self.endpoints_first_seen = {}, {}
+
     def stale_endpoints(self, orphans: Iterable[str]) -> list[str]:
         """Of the endpoints (keys) whose pod Kubernetes does not have, those that have
         been so for the grace period: the controller deletes them, and their addresses

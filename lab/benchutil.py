@@ -321,6 +321,48 @@ def summarize_profile(path: str, threads: tuple[str, ...], top: int = 25) -> Non
             f.write(f"  {100 * n / total:5.1f}%  {fr}\n")
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of a process (over all its threads)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def memory_mb(pids: list[int]) -> dict[str, float]:
+    """Resident memory of the processes: RSS summed (counts shared pages once per process)
+    and PSS (shared pages split among their sharers: sums to what they really hold)."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return {"rss_mb": round(rss / 1024, 1), "pss_mb": round(pss / 1024, 1)}
+
+
 # --- a UDP probe stream (bench/egress): datagrams every few ms, the gaps in the replies ----------
 
 class UDPEcho:

@@ -7,7 +7,7 @@
     tortie-lab agent stop|start|restart NODE [--kill]
     tortie-lab router stop|start NAME | router bfd on|off | router announce|withdraw NAME PREFIX
     tortie-lab link down|up NODE IFNAME
-    tortie-lab etcd stop|start [MEMBER] [--kill] | etcd pause|resume
+    tortie-lab etcd stop|start [MEMBER|leader] [--kill] | etcd pause|resume
     tortie-lab exec NS/NAME -- CMD ...
     tortie-lab probe SRC DST_POD|IP PORT [--udp]
     tortie-lab matrix [--port P]
@@ -77,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--pool", default=topology.DEFAULT_POOL_CIDR, help="the default IPPool's CIDR")
     up.add_argument("--block-size", type=int, default=topology.DEFAULT_BLOCK_SIZE)
     up.add_argument("--timeout", type=float, default=60.0, help="seconds until everything is ready")
-    up.add_argument("--bfd", action="store_true", help="the routers run BFD (100 ms x 3) with every node (--tor bird)")
+    up.add_argument("--bfd", action="store_true", help="the routers run BFD (100 ms x 3) with every node (--tor bird or frr)")
+    up.add_argument("--reflectors", type=int, default=0, metavar="N",
+                    help="mesh off; the last N nodes are route reflectors, the others their clients (--tor none)")
+    up.add_argument("--etcd-members", type=int, default=1, choices=topology.ETCD_MEMBER_COUNTS,
+                    help="etcd members, each in its own namespace when more than one")
+    up.add_argument("--etcd-tls", action="store_true",
+                    help="etcd over TLS (clients and peers), certificates of a lab CA")
 
     pod = sub.add_parser("pod", parents=[common], help="add, delete, label pods")
     psub = pod.add_subparsers(dest="pod_cmd", required=True)
@@ -106,9 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("prefix", nargs="?", metavar="PREFIX",
                     help="announce|withdraw: a prefix the router originates to its nodes, e.g. 0.0.0.0/0")
 
-    et = sub.add_parser("etcd", parents=[common], help="stop or start etcd, or freeze it (pause) and thaw it")
+    et = sub.add_parser("etcd", parents=[common], help="stop or start an etcd member, or freeze every member "
+                        "(pause) and thaw them")
     et.add_argument("action", choices=("stop", "start", "pause", "resume"))
-    et.add_argument("member", nargs="?", metavar="MEMBER", help="stop/start: the member (the lab runs one, n1)")
+    et.add_argument("member", nargs="?", metavar="MEMBER",
+                    help="stop/start: n1, n2, n3 or leader (optional when the lab runs one member)")
     et.add_argument("--kill", action="store_true", help="stop with SIGKILL, as a crash")
 
     ln = sub.add_parser("link", parents=[common], help="take a node's link down or up (an uplink cut)")
@@ -148,7 +156,15 @@ def _interrupt(signum, frame) -> None:
 
 def _print_status(s: dict) -> None:
     print(f"lab {s['name']} ({s['phase']}), tor {s['tor_kind']}, cni {s['cni']}, state {s['state_dir']}")
-    print(f"etcd        {', '.join(s['etcd_endpoints'])} in {s['etcd']['namespace']}")
+    e = s["etcd"]
+    if len(e["members"]) == 1:
+        print(f"etcd        {', '.join(s['etcd_endpoints'])} in {e['namespace']}{' (TLS)' if e['tls'] else ''}")
+    else:
+        print(f"etcd        {len(e['members'])} members{' (TLS)' if e['tls'] else ''}")
+    for m in e["members"] if len(e["members"]) > 1 else ():
+        how = "paused" if m["paused"] else "running" if m["running"] else "STOPPED"
+        print(f"  member    {m['name']:<10} {m['namespace']:<20} {m['endpoint']:<24} {how}"
+              f"{'  leader' if m['leader'] else ''}")
     u = s["underlay"]
     print(f"underlay    {u['subnet']} on {u['bridge']} in {u['namespace']}")
     for n in s["nodes"]:
@@ -180,7 +196,8 @@ def run(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
         Lab.up(name, args.nodes, args.tor, uplinks=args.uplinks, cni=args.cni, agent=args.agent,
                agent_env=_kv(args.agent_env, "agent-env"), pool=args.pool, block_size=args.block_size,
-               timeout=args.timeout, bfd=args.bfd, echo=print)
+               timeout=args.timeout, bfd=args.bfd, reflectors=args.reflectors, etcd_members=args.etcd_members,
+               etcd_tls=args.etcd_tls, echo=print)
         print(f"next: tortie-lab pod add node1 default/a   (then: tortie-lab matrix; tortie-lab down"
               f"{'' if name == topology.DEFAULT_LAB else ' --name ' + name})")
         return 0
@@ -235,13 +252,15 @@ def run(argv: list[str]) -> int:
     if args.cmd == "etcd":
         if args.member and args.action in ("pause", "resume"):
             raise ValidationError(f"etcd {args.action} acts on every member: no MEMBER", field="member")
+        who = "etcd"
         if args.action == "stop":
-            lab.etcd_stop(args.member, signal.SIGKILL if args.kill else signal.SIGTERM)
+            who = f"etcd member {lab.etcd_stop(args.member, signal.SIGKILL if args.kill else signal.SIGTERM)}"
         elif args.action == "start":
             lab.etcd_start(args.member)
+            who = f"etcd member {args.member}" if args.member else who
         else:
             (lab.etcd_pause if args.action == "pause" else lab.etcd_resume)()
-        print(f"etcd: {dict(stop='stopped', start='running', pause='paused', resume='running')[args.action]}")
+        print(f"{who}: {dict(stop='stopped', start='running', pause='paused', resume='running')[args.action]}")
         return 0
     if args.cmd == "link":
         lab.link_set(args.node, args.ifname, up=args.action == "up")

@@ -32,7 +32,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from tortie.errors import AlreadyExists, DataplaneError, NotFound, TortieError, ValidationError
-from tortie.lab import cniexec, nsutil, podserver, routers, state, topology
+from tortie.lab import cniexec, nsutil, pki, podserver, routers, state, topology
 from tortie.lab.cniexec import PTP_SUBNET
 from tortie.lab.etcd_server import EtcdServer
 from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
@@ -55,6 +55,21 @@ def _plan_from(st: LabState) -> Plan:
     return topology.plan_from_dict(st.plan)
 
 
+RR_CLUSTER_ID = "244.0.0.1"  # the lab's reflectors share one cluster id, as redundant reflectors do
+
+
+def reflector_resources(plan: Plan, count: int) -> list[dict]:
+    """Mesh off; the last `count` nodes are route reflectors (the others peer with them)."""
+    if not count:
+        return []
+    res: list[dict] = [{"apiVersion": routers.API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": "default"},
+                        "spec": {"nodeToNodeMeshEnabled": False}}]
+    res += [{"apiVersion": routers.API_VERSION, "kind": "Node",
+             "metadata": {"name": n.name, "labels": {"route-reflector": "true"}},
+             "spec": {"bgp": {"routeReflectorClusterID": RR_CLUSTER_ID}}} for n in plan.nodes[-count:]]
+    return res
+
+
 def resolve_agent(mode: str) -> str:
     """Which per-node daemon to run: `auto` is the agent (it serves CNI through agent.cni_server)."""
     if mode not in AGENT_MODES:
@@ -74,13 +89,20 @@ class Lab:
     def up(cls, name: str = topology.DEFAULT_LAB, nodes: int = 1, tor: str = "none", *,
            uplinks: int = 1, cni: str = "tortie", agent: str = "auto", agent_env: Mapping[str, str] | None = None,
            pool: str = topology.DEFAULT_POOL_CIDR, block_size: int = topology.DEFAULT_BLOCK_SIZE,
-           timeout: float = 60.0, bfd: bool = False, echo: Echo = quiet) -> Lab:
+           timeout: float = 60.0, bfd: bool = False, reflectors: int = 0, etcd_members: int = 1,
+           etcd_tls: bool = False, echo: Echo = quiet) -> Lab:
         """Build the lab and wait until it is ready; on any failure tear down what was made.
-        `bfd`: the routers run BFD with every node (for egress next hops that ask for it)."""
-        plan = topology.make_plan(name, nodes, tor, uplinks)
-        if bfd and tor != "bird":
-            raise ValidationError("--bfd needs --tor bird (BFD on the lab's FRR routers is not supported yet)",
-                                  field="bfd")
+        `bfd`: the routers run BFD with every node (for egress next hops that ask for it).
+        `reflectors`: the mesh is off and the last that many nodes are route reflectors
+        (one cluster id), every other node their client.
+        `etcd_members` 3: a cluster, each member in its own namespace; `etcd_tls`: every
+        client and peer link over TLS with certificates of a lab CA."""
+        plan = topology.make_plan(name, nodes, tor, uplinks, etcd_members=etcd_members, etcd_tls=etcd_tls)
+        if bfd and tor == "none":
+            raise ValidationError("--bfd needs routers (--tor bird or frr)", field="bfd")
+        if reflectors and (tor != "none" or not 0 < reflectors < nodes):
+            raise ValidationError(f"--reflectors wants --tor none and 1-{max(nodes - 1, 1)} of the {nodes} nodes",
+                                  field="reflectors")
         if cni not in CNI_MODES:
             raise ValidationError(f"--cni {cni!r}: want one of {', '.join(CNI_MODES)}", field="cni")
         agent_mode = resolve_agent(agent) if cni == "tortie" else "none"
@@ -93,7 +115,8 @@ class Lab:
                 raise AlreadyExists(f"namespaces of lab {name!r} exist ({', '.join(leftovers[:3])}...); "
                                     f"`tortie-lab down --name {name}` first")
             st = LabState(name=name, dir=state.lab_dir(name), tor=tor, cni=cni, agent=agent_mode,
-                          plan=asdict(plan), agent_env=dict(agent_env or {}), router_bfd=bfd)
+                          plan=asdict(plan), agent_env=dict(agent_env or {}), router_bfd=bfd,
+                          reflectors=reflectors)
             os.makedirs(os.path.join(st.dir, "logs"), exist_ok=True)
             state.save(st)
         try:
@@ -125,14 +148,21 @@ class Lab:
             echo(f"underlay {plan.subnet} on {plan.bridge} in {plan.net_netns}; "
                  f"{len(plan.nodes)} node namespace(s)")
 
-        etcd_dir = os.path.join(st.dir, "etcd")
-        self._record(lambda s: s.data_dirs.append(etcd_dir))
-        os.makedirs(etcd_dir, mode=0o700, exist_ok=True)
+        if plan.etcd_tls:
+            pki.make_pki(self._pki_dir(), [(m.name, m.ip) for m in plan.members])
+            echo(f"lab CA and certificates in {self._pki_dir()} (a member certificate each, a client one)")
+        dirs = [self._etcd_dir(plan, m) for m in plan.members]
+        self._record(lambda s: s.data_dirs.extend(dirs))
         self._start_etcd(st, plan, max(deadline - time.monotonic(), 5.0))
-        echo(f"etcd healthy at {plan.etcd_endpoint} (in {plan.ctl_netns})")
+        if len(plan.members) == 1:
+            echo(f"etcd healthy at {plan.etcd_endpoint} (in {plan.ctl_netns})")
+        else:
+            echo(f"etcd cluster healthy: {', '.join(f'{m.name} {m.ip} in {m.netns}' for m in plan.members)}"
+                 f"{' (TLS)' if plan.etcd_tls else ''}")
 
         if st.cni == "tortie":
-            extra = [a for r in routers.bgp_resources(plan, pool, st.router_bfd) for a in ("--resource", json.dumps(r))]
+            resources = routers.bgp_resources(plan, pool, st.router_bfd) + reflector_resources(plan, st.reflectors)
+            extra = [a for r in resources for a in ("--resource", json.dumps(r))]
             created = self._dsops("bootstrap", "--cidr", pool, "--block-size", str(block_size), *extra)
             echo(f"IPPool default-ipv4 {pool} blockSize {block_size} "
                  f"({'created' if created.get('ippool') else 'exists'}); IPAMConfig default")
@@ -157,53 +187,144 @@ class Lab:
         self._record(lambda s: setattr(s, "phase", "ready"))
         echo(f"lab {self.name} ready in {time.monotonic() - t0:.1f}s")
 
-    def _start_etcd(self, st: LabState, plan: Plan, timeout: float) -> Proc:
-        etcd = EtcdServer(host=plan.ctl_address.split("/")[0], client_port=topology.ETCD_PORT,
-                          peer_port=topology.ETCD_PORT + 1, data_dir=os.path.join(st.dir, "etcd"),
-                          netns=plan.ctl_netns)
+    # --- etcd: one member in <lab>-ctl, or three in namespaces of their own ---------------
+
+    def _pki_dir(self) -> str:
+        return os.path.join(state.lab_dir(self.name), "pki")
+
+    def _etcd_dir(self, plan: Plan, member: topology.EtcdMember) -> str:
+        name = "etcd" if len(plan.members) == 1 else f"etcd-{member.name}"
+        return os.path.join(state.lab_dir(self.name), name)
+
+    @staticmethod
+    def _etcd_role(plan: Plan, member: topology.EtcdMember) -> str:
+        return "etcd" if len(plan.members) == 1 else f"etcd:{member.name}"
+
+    def _etcd_server(self, plan: Plan, member: topology.EtcdMember) -> EtcdServer:
+        cluster = None
+        if len(plan.members) > 1:
+            scheme = "https" if plan.etcd_tls else "http"
+            cluster = ",".join(f"{m.name}={scheme}://{m.ip}:{topology.ETCD_PORT + 1}" for m in plan.members)
+        data = self._etcd_dir(plan, member)
+        return EtcdServer(host=member.ip, client_port=topology.ETCD_PORT, peer_port=topology.ETCD_PORT + 1,
+                          data_dir=data, netns=member.netns, name=member.name, initial_cluster=cluster,
+                          pki=pki.Pki(self._pki_dir()) if plan.etcd_tls else None, log_path=data + ".log")
+
+    def _etcd_env(self, st: LabState, plan: Plan) -> dict[str, str]:
+        """What every component needs to reach the lab's etcd: all members, and the
+        client certificate with TLS (set empty otherwise, so a caller's own is not used)."""
+        env = {"TORTIE_ETCD_ENDPOINTS": ",".join(plan.etcd_endpoints), "TORTIE_ETCD_PREFIX": st.etcd_prefix,
+               "TORTIE_ETCD_CA": "", "TORTIE_ETCD_CERT": "", "TORTIE_ETCD_KEY": ""}
+        if plan.etcd_tls:
+            p = pki.Pki(self._pki_dir())
+            env.update(TORTIE_ETCD_CA=p.ca, TORTIE_ETCD_CERT=p.client[0], TORTIE_ETCD_KEY=p.client[1])
+        return env
+
+    def _start_etcd(self, st: LabState, plan: Plan, timeout: float, only: str | None = None) -> None:
+        """Start the members (all, or `only`) together, then wait until each is healthy: a
+        member of a cluster is healthy only once a quorum runs."""
+        servers = [self._etcd_server(plan, m) for m in plan.members if only in (None, m.name)]
+        for etcd, member in zip(servers, [m for m in plan.members if only in (None, m.name)], strict=True):
+            etcd.launch()
+            assert etcd.proc is not None
+            state._children[etcd.proc.pid] = etcd.proc
+            proc = Proc(role=self._etcd_role(plan, member), pid=etcd.proc.pid, start=state.start_time(etcd.proc.pid),
+                        netns=member.netns, log=etcd.log_path or "", cmd=("etcd", member.name))
+            self._record(lambda s, proc=proc: s.procs.append(proc))
         try:
-            etcd.start(timeout=timeout)
+            for etcd in servers:
+                etcd.wait_healthy(timeout)
         except RuntimeError as exc:
             raise DataplaneError(str(exc)) from exc
-        assert etcd.proc is not None
-        state._children[etcd.proc.pid] = etcd.proc
-        proc = Proc(role="etcd", pid=etcd.proc.pid, start=state.start_time(etcd.proc.pid),
-                    netns=plan.ctl_netns, log=os.path.join(st.dir, "etcd.log"), cmd=("etcd",))
-        self._record(lambda s: s.procs.append(proc))
-        return proc
 
-    # --- etcd faults: the lab runs one member, "n1" (stop/start take its name or none) ---
+    def _member(self, member: str | None) -> topology.EtcdMember:
+        plan = self.plan()
+        names = [m.name for m in plan.members]
+        if member in (None, "etcd") and len(names) == 1:
+            return plan.members[0]
+        if member == "leader":
+            name = self.etcd_leader()
+            if name is None:
+                raise NotFound(f"the etcd cluster of lab {self.name} has no leader now")
+            member = name
+        for m in plan.members:
+            if m.name == member:
+                return m
+        if member is None:
+            raise ValidationError(f"lab {self.name} runs {len(names)} etcd members: name one "
+                                  f"({', '.join(names)}, or leader)", field="member")
+        raise NotFound(f"lab {self.name} has no etcd member {member!r} (has: {', '.join(names)}, or leader)")
 
     def _etcd_proc(self, member: str | None = None, *, running: bool = True) -> Proc | None:
-        if member not in (None, "n1", "etcd"):
-            raise NotFound(f"lab {self.name} runs one etcd member, n1; no member {member!r}")
-        proc = self.state().proc("etcd")
+        m = self._member(member)
+        proc = self.state().proc(self._etcd_role(self.plan(), m))
         if running and (proc is None or not state.alive(proc)):
-            raise NotFound(f"etcd of lab {self.name} is not running")
+            raise NotFound(f"etcd member {m.name} of lab {self.name} is not running")
         return proc
 
-    def etcd_stop(self, member: str | None = None, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Stop the etcd member (SIGKILL: as a crash); its data stays for etcd_start."""
-        proc = self._etcd_proc(member)
+    def etcd_stop(self, member: str | None = None, sig: signal.Signals = signal.SIGTERM) -> str:
+        """Stop one etcd member (SIGKILL: as a crash); its data stays for etcd_start. Its name."""
+        m = self._member(member)
+        proc = self._etcd_proc(m.name)
         os.killpg(proc.pid, signal.SIGCONT)  # a paused member takes the signal too
         state.stop(proc, first=sig)
         self._record(lambda s: s.procs.remove(proc) if proc in s.procs else None)
+        return m.name
 
     def etcd_start(self, member: str | None = None, timeout: float = 30.0) -> None:
-        """Start the stopped etcd member again on its data; returns once it is healthy."""
-        old = self._etcd_proc(member, running=False)
+        """Start a stopped etcd member again on its data; returns once it is healthy (a
+        member of a cluster: once it has a leader again, so also once a quorum runs)."""
+        m = self._member(member)
+        old = self._etcd_proc(m.name, running=False)
         if old is not None and state.alive(old):
-            raise AlreadyExists(f"etcd of lab {self.name} is running; stop it first")
+            raise AlreadyExists(f"etcd member {m.name} of lab {self.name} is running; stop it first")
         self._record(lambda s: s.procs.remove(old) if old in s.procs else None)  # one that died
         st = self.state()
-        self._start_etcd(st, _plan_from(st), timeout)
+        self._start_etcd(st, _plan_from(st), timeout, only=m.name)
+
+    def _running_members(self) -> list[Proc]:
+        plan = self.plan()
+        st = self.state()
+        procs = [p for m in plan.members if (p := st.proc(self._etcd_role(plan, m))) and state.alive(p)]
+        if not procs:
+            raise NotFound(f"no etcd member of lab {self.name} is running")
+        return procs
 
     def etcd_pause(self) -> None:
-        """Freeze every etcd member (SIGSTOP): connections stay open, nothing answers."""
-        os.killpg(self._etcd_proc().pid, signal.SIGSTOP)
+        """Freeze every running etcd member (SIGSTOP): connections stay open, nothing answers."""
+        for proc in self._running_members():
+            os.killpg(proc.pid, signal.SIGSTOP)
 
     def etcd_resume(self) -> None:
-        os.killpg(self._etcd_proc().pid, signal.SIGCONT)
+        for proc in self._running_members():
+            os.killpg(proc.pid, signal.SIGCONT)
+
+    def etcd_members(self) -> list[dict]:
+        """Each member: name, namespace, address, endpoint, running, paused, leader (a bool;
+        each running member is asked whom it follows)."""
+        st = self.state()
+        plan = _plan_from(st)
+        out = []
+        for m, endpoint in zip(plan.members, plan.etcd_endpoints, strict=True):
+            proc = st.proc(self._etcd_role(plan, m))
+            alive = proc is not None and state.alive(proc)
+            out.append({"name": m.name, "namespace": m.netns, "address": m.address, "endpoint": endpoint,
+                        "pid": proc.pid if alive else None, "running": alive,
+                        "paused": alive and state.proc_state(proc.pid) == "T", "leader": False})
+        if len(out) == 1:  # a lone running member leads itself: no need to ask
+            out[0]["leader"] = out[0]["running"] and not out[0]["paused"]
+            return out
+        if not any(m["running"] and not m["paused"] for m in out):
+            return out
+        said = {s["endpoint"]: s for s in self._dsops("members")}
+        ids = {s["id"]: s["endpoint"] for s in said.values() if s.get("id")}
+        leaders = {ids.get(s["leader"]) for s in said.values() if s.get("leader") and s["leader"] != "0"}
+        for m in out:
+            m["leader"] = m["endpoint"] in leaders and len(leaders) == 1
+        return out
+
+    def etcd_leader(self) -> str | None:
+        return next((m["name"] for m in self.etcd_members() if m["leader"]), None)
 
     def _build_underlay(self, plan: Plan) -> None:
         names = plan.netns_names()
@@ -216,6 +337,8 @@ class Lab:
                                                 f"link set {br} up")])
         # The core segment: etcd, the routers' core side, the outside host.
         core = [(plan.ctl_netns, "ctl", "eth0", plan.ctl_address, plan.bridge)]
+        core += [(m.netns, f"etcd{m.name[1:]}", "eth0", m.address, plan.bridge)
+                 for m in plan.members if m.netns != plan.ctl_netns]
         core += [(t.netns, t.name, "eth0", t.address, plan.bridge) for t in plan.tors]
         if plan.ext_netns and plan.ext_address:
             core.append((plan.ext_netns, "ext", "eth0", plan.ext_address, plan.bridge))
@@ -233,10 +356,7 @@ class Lab:
             nsutil.ip_batch(ns, [f"addr add {addr} dev {ifname}", f"link set {ifname} up", *default])
         for t in plan.tors:
             nsutil.sysctl(t.netns, "net.ipv4.ip_forward", "1")
-            # Each router reaches the other routers' uplink segments over the core, so a reply
-            # that the ECMP hash sends through the other router still finds its way back.
-            nsutil.ip_batch(t.netns, [f"route add {o.segment.subnet} via {o.ip}"
-                                      for o in plan.tors if o is not t and o.segment])
+            nsutil.ip_batch(t.netns, _cross_routes(plan, t))
         # The nodes' uplinks: onto a bridge, or point to point into a router.
         far: dict[str, list[str]] = {}
         for n in plan.nodes:
@@ -319,9 +439,12 @@ class Lab:
         plan = _plan_from(st)
         if not plan.tors:
             raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
-        for tor in plan.tors:
-            self._router(tor, st).set_bfd(plan, st.bgp_passwords, on)
-        # ... and the lab's BGPPeers ask for it (or no longer)
+        # On: the routers first, then the lab's BGPPeers ask for it. Off: the other way round,
+        # and the routers only once the nodes have ended their sessions (AdminDown), so that
+        # neither side takes BFD going away for a dead path.
+        if on:
+            for tor in plan.tors:
+                self._router(tor, st).set_bfd(plan, st.bgp_passwords, on)
         names = {f"{tor.name}-{n.name}" for tor in plan.tors for n, _ in plan.links_of(tor.name)}
         peers = [p for p in json.loads(self.ctl("get", "bgppeers", "-o", "json").stdout)["items"]
                  if p["metadata"]["name"] in names]
@@ -332,6 +455,14 @@ class Lab:
                 p["spec"]["bfd"] = routers.LAB_BFD
         if peers:
             self.ctl("apply", "-f", "-", input="\n---\n".join(json.dumps(p) for p in peers))
+        if not on:
+            # (a node's egress next hops may keep a session Up: then this just waits 3 s)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and any(
+                    "Up" in self._router(tor, st).bfd_sessions(plan).values() for tor in plan.tors):
+                time.sleep(0.1)
+            for tor in plan.tors:
+                self._router(tor, st).set_bfd(plan, st.bgp_passwords, on)
 
     def router_announce(self, name: str, prefix: str, on: bool = True) -> None:
         """The router originates `prefix` to every node it peers with (on), or withdraws it;
@@ -359,10 +490,14 @@ class Lab:
     def bfd_sessions(self, router: str) -> dict[str, str]:
         """A router's BFD sessions: node address -> state (Up, Down, Init)."""
         _, _, tor = self._tor(router)
-        run = self._router(tor)
-        out = routers.birdc(tor.netns, run.control, "show", "bfd", "sessions")
-        return {cols[0]: cols[2] for line in out.splitlines() if len(cols := line.split()) >= 3
-                and cols[0][0].isdigit()}
+        return self._router(tor).bfd_sessions(self.plan())
+
+    def birdc(self, router: str, *args: str) -> str:
+        """A BIRD router's answer to `birdc ARGS` (e.g. "show", "route", "all")."""
+        _, _, tor = self._tor(router)
+        if tor.kind != "bird":
+            raise ValidationError(f"router {router} is {tor.kind}, not bird", field="router")
+        return routers.birdc(tor.netns, self._router(tor).control, *args)
 
     def bgp_sessions(self) -> dict[str, dict[str, str]]:
         """Per router: its BGP sessions' states by node name (Established, Active, ...)."""
@@ -423,8 +558,7 @@ class Lab:
         sock = self.cni_socket(node.name)
         env = {
             "TORTIE_NODENAME": node.name,
-            "TORTIE_ETCD_ENDPOINTS": plan.etcd_endpoint,
-            "TORTIE_ETCD_PREFIX": st.etcd_prefix,
+            **self._etcd_env(st, plan),
             "TORTIE_NODE_IP": node.address,
             "TORTIE_AS_NUMBER": str(node.as_number),
             "TORTIE_CNI_SOCKET": sock,
@@ -521,6 +655,7 @@ class Lab:
         if st.proc(tor.name) is not None:
             raise AlreadyExists(f"router {name} is running; stop it first")
         self._router_links(tor, up=True)
+        nsutil.ip_batch(tor.netns, _cross_routes(plan, tor))  # its links going down took them
         self._start_router(st, plan, tor, time.monotonic() + timeout)
 
     def agent_stop(self, node: str, sig: signal.Signals = signal.SIGTERM) -> None:
@@ -574,7 +709,7 @@ class Lab:
 
     @property
     def etcd_endpoints(self) -> list[str]:
-        return [self.plan().etcd_endpoint]
+        return list(self.plan().etcd_endpoints)
 
     def status(self) -> dict:
         """The lab's map (design.md, "The lab"): the document `status -o json` prints."""
@@ -598,8 +733,12 @@ class Lab:
             "tor_kind": st.tor,
             "cni": st.cni,
             "state_dir": st.dir,
-            "etcd": {"namespace": plan.ctl_netns, "endpoints": [plan.etcd_endpoint], "prefix": st.etcd_prefix},
-            "etcd_endpoints": [plan.etcd_endpoint],
+            "etcd": {"namespace": plan.members[0].netns, "endpoints": list(plan.etcd_endpoints),
+                     "prefix": st.etcd_prefix, "members": self.etcd_members(),
+                     "tls": {k.removeprefix("TORTIE_ETCD_").lower(): v for k, v in self._etcd_env(st, plan).items()
+                             if k in ("TORTIE_ETCD_CA", "TORTIE_ETCD_CERT", "TORTIE_ETCD_KEY")}
+                     if plan.etcd_tls else None},
+            "etcd_endpoints": list(plan.etcd_endpoints),
             "underlay": {"namespace": plan.net_netns, "bridge": plan.bridge, "subnet": plan.subnet},
             "nodes": nodes,
             "tors": [{"kind": t.kind, "name": t.name, "namespace": t.netns, "address": t.address,
@@ -753,11 +892,13 @@ class Lab:
         """Run cmd inside a pod's (or node's) namespace; kwargs go to subprocess.run."""
         return subprocess.run(["ip", "netns", "exec", self.netns_of(who), *cmd], **kw)
 
-    def ctl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        """tortiectl ARGS inside the control namespace, against the lab's etcd."""
+    def ctl(self, *args: str, input: str | None = None, check: bool = True,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+        """tortiectl ARGS inside the control namespace, against the lab's etcd (every
+        member, and the client certificate with TLS); `env` overrides (tests)."""
         st = self.state()
         plan = _plan_from(st)
-        env = self._env({"TORTIE_ETCD_ENDPOINTS": plan.etcd_endpoint, "TORTIE_ETCD_PREFIX": st.etcd_prefix})
+        env = self._env({**self._etcd_env(st, plan), **(env or {})})
         r = subprocess.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-c",
                             "import sys; from tortie.ctl.main import main; sys.exit(main())", *args],
                            input=input, capture_output=True, text=True, env=env)
@@ -769,8 +910,8 @@ class Lab:
         st = self.state()
         plan = _plan_from(st)
         r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-m", "tortie.lab.dsops",
-                        "--endpoints", plan.etcd_endpoint, "--prefix", st.etcd_prefix, *args],
-                       check=False, env=self._env({"TORTIE_LOG_LEVEL": "warning"}))
+                        "--endpoints", ",".join(plan.etcd_endpoints), "--prefix", st.etcd_prefix, *args],
+                       check=False, env=self._env({**self._etcd_env(st, plan), "TORTIE_LOG_LEVEL": "warning"}))
         if r.returncode != 0:
             try:
                 err = json.loads(r.stderr.strip().splitlines()[-1])
@@ -779,6 +920,12 @@ class Lab:
             cls = NotFound if err.get("type") == "NotFound" else TortieError
             raise cls(f"datastore {args[0]}: {err.get('error')}")
         return json.loads(r.stdout)
+
+
+def _cross_routes(plan: Plan, tor: TorPlan) -> list[str]:
+    """Each router reaches the other routers' uplink segments over the core, so a reply that
+    the ECMP hash sends through the other router still finds its way back."""
+    return [f"route replace {o.segment.subnet} via {o.ip}" for o in plan.tors if o is not tor and o.segment]
 
 
 def _default_route(gateways: Sequence[str]) -> str:

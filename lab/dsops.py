@@ -88,12 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("pod")
     lb.add_argument("--set", action="append", default=[], metavar="K=V")
     lb.add_argument("--remove", action="append", default=[], metavar="K")
+    sub.add_parser("members", help="each member's id and the leader it follows")
     args = ap.parse_args(argv)
-    config = EtcdConfig.from_env({}, endpoints=args.endpoints, prefix=args.prefix)
+    # TLS files (TORTIE_ETCD_CA/_CERT/_KEY) come from the environment the lab gives us.
+    config = EtcdConfig.from_env(endpoints=args.endpoints, prefix=args.prefix)
     try:
         with EtcdClient(config) as client:
             store = ResourceStore(client)
-            if args.op == "bootstrap":
+            if args.op == "members":
+                out = client.member_status()
+            elif args.op == "bootstrap":
                 out = bootstrap(store, args.cidr, args.block_size, args.resource)
             elif args.op == "wep":
                 out = find_wep(store, args.namespace, args.pod)

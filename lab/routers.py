@@ -116,12 +116,18 @@ def bird_ready(netns: str, control: str) -> bool:
 FRR_DIR = "/usr/lib/frr"
 
 
-def frr_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, str] | None = None) -> str:
-    """FRR configuration: one eBGP session per node; zebra puts the learned routes in the kernel."""
+def frr_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, str] | None = None,
+               bfd: bool = False) -> str:
+    """FRR configuration: one eBGP session per node; zebra puts the learned routes in the kernel.
+
+    `bfd`: bfdd runs a session (100 ms x 3) with every node's address on this router's links
+    (for the nodes' egress next hops), and the BGP sessions follow it."""
     lines = [
         "frr defaults datacenter",
         f"hostname {tor.netns}",
         f"log file {log_path}",
+    ]
+    lines += [
         f"router bgp {tor.as_number}",
         f" bgp router-id {tor.ip}",
         " no bgp ebgp-requires-policy",
@@ -134,21 +140,44 @@ def frr_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, 
                   f" neighbor {link.ip} timers connect 1"]
         if pw := (passwords or {}).get(node.name):
             lines.append(f" neighbor {link.ip} password {check_password(pw)}")
+        if bfd:
+            lines.append(f" neighbor {link.ip} bfd profile {FRR_BFD_PROFILE}")
     lines += [" address-family ipv4 unicast", "  maximum-paths 16", " exit-address-family"]
+    if bfd:  # last: every daemon reads the whole file, and bgpd stops at bfdd's top-level `exit`
+        lines += frr_bfd_lines(plan, tor)
     return "\n".join(lines) + "\n"
 
 
-def frr_command(rdir: str, conf: str, name: str) -> list[str]:
-    """zebra and bgpd in one process group (a shell that execs bgpd once zebra listens).
+FRR_BFD_PROFILE = "lab"
+
+
+def frr_bfd_lines(plan: Plan, tor: TorPlan) -> list[str]:
+    """bfdd's part: the lab's timers as a profile, and a static session per node address."""
+    lines = ["bfd", f" profile {FRR_BFD_PROFILE}",
+             f"  receive-interval {LAB_BFD['minRx']}", f"  transmit-interval {LAB_BFD['minTx']}",
+             f"  detect-multiplier {LAB_BFD['multiplier']}", " exit"]
+    for _node, link in plan.links_of(tor.name):
+        lines += [f" peer {link.ip} local-address {link.gateway}", f"  profile {FRR_BFD_PROFILE}", " exit"]
+    return [*lines, "exit"]
+
+
+def frr_command(rdir: str, conf: str, name: str, daemons: tuple[str, ...] = ("bfdd", "bgpd")) -> list[str]:
+    """zebra and `daemons` in one process group (a shell that starts zebra, waits until it
+    listens, starts the daemons and execs the last), so stopping the group stops the router
+    as a power failure would.
 
     Every path is in the lab's dir; the daemons run as Debian's `frr` user, which owns it.
     """
-    common = (f"-N {shlex.quote(name)} --vty_socket {shlex.quote(rdir)} -z {shlex.quote(rdir)}/zserv.api "
-              f"-f {shlex.quote(conf)} -A 127.0.0.1 -P 0")
-    zserv = shlex.quote(os.path.join(rdir, "zserv.api"))
-    script = (f"{FRR_DIR}/zebra {common} -i {shlex.quote(rdir)}/zebra.pid & "
-              f"for i in $(seq 100); do [ -S {zserv} ] && break; sleep 0.05; done; "
-              f"exec {FRR_DIR}/bgpd {common} -i {shlex.quote(rdir)}/bgpd.pid -p 179")
+    q = shlex.quote
+    common = f"-N {q(name)} --vty_socket {q(rdir)} -z {q(rdir)}/zserv.api -f {q(conf)} -A 127.0.0.1 -P 0"
+    extra = {"bfdd": f" --bfdctl {q(rdir)}/bfdd.sock", "bgpd": " -p 179"}
+
+    def daemon(d: str) -> str:
+        return f"{FRR_DIR}/{d} {common} -i {q(rdir)}/{d}.pid{extra.get(d, '')}"
+
+    zserv = q(os.path.join(rdir, "zserv.api"))
+    script = (f"{daemon('zebra')} & for i in $(seq 100); do [ -S {zserv} ] && break; sleep 0.05; done; "
+              + "".join(f"{daemon(d)} & " for d in daemons[:-1]) + f"exec {daemon(daemons[-1])}")
     return ["sh", "-c", script]
 
 
@@ -205,15 +234,49 @@ class RouterRun:
         if self.tor.kind == "bird":
             text = bird_config(plan, self.tor, self.log_path, passwords, bfd, self.announce)
         else:
-            text = frr_config(plan, self.tor, self.log_path, passwords)
+            text = frr_config(plan, self.tor, self.log_path, passwords, bfd)
         with open(self.conf, "w") as f:
             f.write(text)
 
     def set_bfd(self, plan: Plan, passwords: Mapping[str, str], on: bool) -> None:
-        """BFD with every node on this router's links, on or off (BIRD reconfigured live)."""
-        if self.tor.kind != "bird":
-            raise ValidationError("BFD on the lab's FRR routers is not supported yet (use --tor bird)", field="bfd")
-        self.reconfigure(plan, passwords, on)
+        """BFD with every node on this router's links, on or off (reconfigured live: BIRD
+        rereads its file, FRR takes the same lines through vtysh)."""
+        if self.tor.kind == "bird":
+            self.reconfigure(plan, passwords, on)
+            return
+        self._write_config(plan, passwords, on)
+        links = plan.links_of(self.tor.name)
+        if on:
+            cmds = [line.strip() for line in frr_bfd_lines(plan, self.tor)]
+            cmds += [f"router bgp {self.tor.as_number}",
+                     *(f"neighbor {link.ip} bfd profile {FRR_BFD_PROFILE}" for _n, link in links), "exit"]
+        else:
+            cmds = [f"router bgp {self.tor.as_number}", *(f"no neighbor {link.ip} bfd" for _n, link in links),
+                    "exit", "bfd", *(f"no peer {link.ip} local-address {link.gateway}" for _n, link in links),
+                    f"no profile {FRR_BFD_PROFILE}", "exit"]
+        self._vtysh_config(cmds)
+
+    def _vtysh_config(self, cmds: list[str]) -> None:
+        args = ["ip", "netns", "exec", self.tor.netns, "vtysh", "--vty_socket", self.rdir, "-c", "configure terminal"]
+        for c in cmds:
+            args += ["-c", c]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=10)
+        if r.returncode != 0 or "%" in r.stdout:
+            raise DataplaneError(f"vtysh: {(r.stdout + r.stderr).strip()}")
+
+    def bfd_sessions(self, plan: Plan) -> dict[str, str]:
+        """BFD sessions: node address -> state as BIRD writes it (Up, Down, Init, AdminDown)."""
+        if self.tor.kind == "bird":
+            out = birdc(self.tor.netns, self.control, "show", "bfd", "sessions")
+            return {cols[0]: cols[2] for line in out.splitlines() if len(cols := line.split()) >= 3
+                    and cols[0][0].isdigit()}
+        r = vtysh(self.tor.netns, self.rdir, "show bfd peers json")
+        try:
+            peers = json.loads(r.stdout or "[]")
+        except ValueError:
+            return {}
+        names = {"up": "Up", "down": "Down", "init": "Init", "shutdown": "AdminDown"}
+        return {p["peer"]: names.get(p.get("status", ""), p.get("status", "?")) for p in peers if "peer" in p}
 
     def reconfigure(self, plan: Plan, passwords: Mapping[str, str], bfd: bool) -> None:
         """Write the configuration again and make the running BIRD take it (sessions whose
@@ -242,20 +305,14 @@ class RouterRun:
         if self.tor.kind == "bird":
             self.reconfigure(plan, passwords, bfd)
             return
-        self._write_config(plan, passwords)
+        self._write_config(plan, passwords, bfd)
         pw = passwords.get(node)
         cmds = []
         for n, link in plan.links_of(self.tor.name):
             if n.name == node:
                 cmds.append(f"neighbor {link.ip} password {check_password(pw)}" if pw
                             else f"no neighbor {link.ip} password")
-        args = ["ip", "netns", "exec", self.tor.netns, "vtysh", "--vty_socket", self.rdir,
-                "-c", "configure terminal", "-c", f"router bgp {self.tor.as_number}"]
-        for c in cmds:
-            args += ["-c", c]
-        r = subprocess.run(args, capture_output=True, text=True, timeout=10)
-        if r.returncode != 0:
-            raise DataplaneError(f"vtysh: {(r.stdout + r.stderr).strip()}")
+        self._vtysh_config([f"router bgp {self.tor.as_number}", *cmds])
 
     def leftovers(self) -> list[str]:
         """Directories the router makes outside the lab dir (FRR's per-pathspace run dir)."""
@@ -286,6 +343,7 @@ def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False) -> lis
     """Mesh off; each node peers with each router on its link to it, and keeps its own AS.
 
     Nodes accept from the routers what lies in POD_SPACE or in `pool` (the lab's pool).
+    Each BGPPeer carries the label `router: <router name>`.
     `bfd`: the BGPPeers ask for BFD (the routers run it: `bird_config(bfd=True)`)."""
     if not plan.tors:
         return []
@@ -299,8 +357,8 @@ def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False) -> lis
     res += [{"apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": f"node.{n.name}"},
              "spec": {"asNumber": n.as_number}} for n in plan.nodes]
     for tor in plan.tors:
+        # labelled with the router's name, for IPPool.spec.bgp.peers and egress.fromPeers
         res += [{"apiVersion": API_VERSION, "kind": "BGPPeer",
-                 # labelled with the router's name: IPPool egress.fromPeers selects by it
                  "metadata": {"name": f"{tor.name}-{n.name}", "labels": {"router": tor.name}},
                  "spec": {"node": n.name, "peerIP": link.gateway, "asNumber": tor.as_number,
                           "holdTime": f"{HOLD_TIME}s", "acceptPrefixes": accept, **({"bfd": LAB_BFD} if bfd else {})}}

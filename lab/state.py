@@ -83,6 +83,7 @@ class LabState:
     agent_env: dict[str, str] = field(default_factory=dict)  # extra agent environment (--agent-env)
     bgp_passwords: dict[str, str] = field(default_factory=dict)  # node -> the routers' MD5 password for it
     router_bfd: bool = False  # the routers run BFD with every node (`router bfd on`)
+    reflectors: int = 0  # the last that many nodes are route reflectors, the mesh off
     router_announce: dict[str, list[str]] = field(default_factory=dict)  # router -> prefixes it originates
     etcd_prefix: str = "/tortie/"
     bin_dir: str = ""
@@ -160,6 +161,12 @@ def _stat(pid: int) -> list[str] | None:
     return text[text.rfind(")") + 2:].split()
 
 
+def proc_state(pid: int) -> str | None:
+    """The process's state letter (R, S, T for stopped, Z, ...), None if it is gone."""
+    st = _stat(pid)
+    return st[0] if st else None
+
+
 def start_time(pid: int) -> int:
     st = _stat(pid)
     return int(st[19]) if st else 0
@@ -217,6 +224,7 @@ def stop(proc: Proc, grace: float = 5.0, first: signal.Signals = signal.SIGTERM)
             break
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, signal.SIGCONT)  # a frozen process (etcd pause) acts on it too
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             child = _children.get(proc.pid)

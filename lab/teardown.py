@@ -37,7 +37,7 @@ def teardown(name: str, echo: Echo = quiet) -> list[str]:
             st.phase = "tearing-down"
             state.save(st)
         # Processes first (agents before etcd, so they do not spin on a vanished datastore).
-        for proc in sorted(st.procs, key=lambda p: p.role == "etcd"):
+        for proc in sorted(st.procs, key=lambda p: p.role.partition(":")[0] == "etcd"):
             try:
                 state.stop(proc)
             except OSError as exc:

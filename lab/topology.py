@@ -19,6 +19,11 @@ the core segment (br0) with etcd and the outside host; the nodes peer with the r
 10.99.(100+K).0/24), each with its own router <lab>-torK (.1 there, 10.99.0.(3+K) on the
 core, tor1 keeps 10.99.0.1); node I is .(10+I) on each, eth(K-1), default route over all.
 
+`--etcd-members 3` (issue 12): three members, each in its own namespace on the core
+segment: <lab>-etcdI eth0 10.99.0.(5+I)/24, peers of each other; <lab>-ctl keeps the pod
+server and tortiectl. One member (the default) runs in <lab>-ctl on 10.99.0.2 as before.
+`--etcd-tls`: https on client and peer ports, certificates of a lab CA (lab/pki.py).
+
 Node I has AS 64512+I behind routers with AS 65000+K (one AS per node, so a router's
 re-announcements never carry the receiving node's own AS).
 """
@@ -42,6 +47,7 @@ TOR_AS = 65000    # router K has TOR_AS + K - 1
 ETCD_PORT = 2379
 MAX_NODES = 200
 MAX_UPLINKS = 2
+ETCD_MEMBER_COUNTS = (1, 3)
 
 # Lab names carry no '-' so `<lab>-<role>` can never be mistaken for another lab's namespace.
 _LAB_RE = re.compile(r"^[a-z][a-z0-9]{0,15}$")
@@ -111,6 +117,17 @@ class TorPlan:
 
 
 @dataclass(frozen=True)
+class EtcdMember:
+    name: str      # n1 (etcd's --name)
+    netns: str
+    address: str   # on the core segment, with prefix length
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+
+@dataclass(frozen=True)
 class Plan:
     lab: str
     tor: str
@@ -125,10 +142,22 @@ class Plan:
     ext_address: str | None = None
     core_gateways: tuple[str, ...] = ()  # default route of ctl and ext (the routers)
     uplinks: int = 1
+    etcd_members: tuple[EtcdMember, ...] = ()  # empty in records of older labs: one, in ctl
+    etcd_tls: bool = False
+
+    @property
+    def members(self) -> tuple[EtcdMember, ...]:
+        return self.etcd_members or (EtcdMember("n1", self.ctl_netns, self.ctl_address),)
+
+    @property
+    def etcd_endpoints(self) -> tuple[str, ...]:
+        scheme = "https" if self.etcd_tls else "http"
+        return tuple(f"{scheme}://{m.ip}:{ETCD_PORT}" for m in self.members)
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"http://{self.ctl_address.split('/')[0]}:{ETCD_PORT}"
+        """The first member's endpoint (the only one of a one-member lab)."""
+        return self.etcd_endpoints[0]
 
     @property
     def segments(self) -> tuple[Segment, ...]:
@@ -137,6 +166,7 @@ class Plan:
     def netns_names(self) -> list[str]:
         """Every namespace of the plan, in build order (teardown goes in reverse)."""
         extra = [t.netns for t in self.tors] + ([self.ext_netns] if self.ext_netns else [])
+        extra += [m.netns for m in self.members if m.netns != self.ctl_netns]
         return [self.net_netns, self.ctl_netns, *extra, *(n.netns for n in self.nodes)]
 
     def links_of(self, router: str) -> list[tuple[NodePlan, Uplink]]:
@@ -152,8 +182,12 @@ def check_lab_name(name: str) -> str:
     return name
 
 
-def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1) -> Plan:
+def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1, *,
+              etcd_members: int = 1, etcd_tls: bool = False) -> Plan:
     check_lab_name(lab)
+    if etcd_members not in ETCD_MEMBER_COUNTS:
+        raise ValidationError(f"--etcd-members {etcd_members}: want one of "
+                              f"{', '.join(map(str, ETCD_MEMBER_COUNTS))}", field="etcd-members")
     if tor not in TOR_KINDS:
         raise ValidationError(f"unknown tor {tor!r} (want one of {', '.join(TOR_KINDS)})", field="tor")
     if not 1 <= nodes <= MAX_NODES:
@@ -165,8 +199,11 @@ def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1) -> Plan
     net = ipaddress.ip_network(UNDERLAY_SUBNET)
     base, plen = net.network_address, net.prefixlen
     net_netns = f"{lab}-net"
+    members = () if etcd_members == 1 else tuple(
+        EtcdMember(f"n{i}", f"{lab}-etcd{i}", f"{base + 5 + i}/{plen}") for i in range(1, etcd_members + 1))
     common = dict(lab=lab, tor=tor, ctl_netns=f"{lab}-ctl", ctl_address=f"{base + 2}/{plen}",
-                  net_netns=net_netns, bridge="br0", subnet=str(net), uplinks=uplinks)
+                  net_netns=net_netns, bridge="br0", subnet=str(net), uplinks=uplinks,
+                  etcd_members=members, etcd_tls=etcd_tls)
     if tor == "none":
         # No router: the outside host sits on the segment and enters through node1 (a
         # gateway node, which knows every block over the mesh); pods answer it directly.
@@ -211,6 +248,7 @@ def plan_from_dict(d: dict) -> Plan:
     p["tors"] = tuple(TorPlan(**{**t, "segment": Segment(**t["segment"]) if t.get("segment") else None})
                       for t in p.get("tors", ()))
     p["core_gateways"] = tuple(p.get("core_gateways", ()))
+    p["etcd_members"] = tuple(EtcdMember(**m) for m in p.get("etcd_members", ()))
     return Plan(**p)
 
 
@@ -234,4 +272,4 @@ def pod_netns(lab: str, namespace: str, name: str) -> str:
 
 def is_lab_netns(lab: str, netns: str) -> bool:
     """Whether a namespace name belongs to lab `lab` (by the naming scheme alone)."""
-    return bool(re.match(rf"^{re.escape(lab)}-(ctl|net|ext|tor\d*|node\d+|pod-.+)$", netns))
+    return bool(re.match(rf"^{re.escape(lab)}-(ctl|net|ext|tor\d*|etcd\d+|node\d+|pod-.+)$", netns))

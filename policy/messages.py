@@ -25,11 +25,12 @@ class EndpointFilterUpdate:
 
 @dataclass(frozen=True, slots=True)
 class NatUpdate:
-    """natOutgoing's inputs, whole (a few CIDRs and addresses)."""
+    """natOutgoing's and the egress addresses' inputs, whole (a few CIDRs and addresses)."""
 
     nat_pools: frozenset[str]
     all_pools: frozenset[str]
     node_addresses: frozenset[str]
+    egress_addresses: frozenset[tuple[str, str]] = frozenset()  # (pool CIDR, its egress address)
 
 
 def filter_messages(old: Filter | None, new: Filter) -> list[PolicyUpdate | EndpointFilterUpdate]:

@@ -108,6 +108,7 @@ class Session:
         self.next_tx = 0.0
         self.detect_at: float | None = None
         self.since = time.monotonic()
+        self.reported_up = False  # what the client was last told (see BFD._set_state)
 
     @property
     def min_tx(self) -> float:
@@ -219,6 +220,7 @@ class BFD:
             for peer in [p for p in self._sessions if p not in want]:
                 s = self._sessions.pop(peer)
                 self._by_disc.pop(s.my_disc, None)
+                self._say_goodbye(s)
                 s.sock.close()
             for peer, timers in want.items():
                 s = self._sessions.get(peer)
@@ -228,6 +230,17 @@ class BFD:
                     s.timers = timers
                     s.poll = s.state == UP  # the new timers through a Poll Sequence
                     s.next_tx = 0.0
+
+    def _say_goodbye(self, s: Session) -> None:
+        """A session we end goes AdminDown first (RFC 5880 6.8.16), so the peer's clients
+        know it is no path failure (RFC 5882 3.2); a few copies, as a lost one would leave
+        the peer to detect a failure after all."""
+        if s.state != UP or not s.remote_disc:
+            return
+        s.state, s.diag, s.poll = ADMIN_DOWN, DIAG_ADMIN_DOWN, False
+        for _ in range(3):
+            with contextlib.suppress(OSError):
+                s.sock.sendto(s.packet(), (s.peer, PORT))
 
     def _new_session(self, peer: str, timers: Timers) -> Session:
         family = socket.AF_INET6 if ":" in peer else socket.AF_INET
@@ -286,7 +299,9 @@ class BFD:
             return
         if pkt.state == ADMIN_DOWN:
             if s.state != DOWN:
-                self._set_state(s, DOWN, DIAG_NEIGHBOR_DOWN)
+                # the peer turned BFD off, which says nothing about the path: the client is
+                # not told (RFC 5882 3.2), and keeps what it had until BFD comes back
+                self._set_state(s, DOWN, DIAG_NEIGHBOR_DOWN, tell=False)
         elif s.state == DOWN:
             if pkt.state == DOWN:
                 self._set_state(s, INIT, DIAG_NONE)
@@ -299,7 +314,7 @@ class BFD:
             self._set_state(s, DOWN, DIAG_NEIGHBOR_DOWN)
         s.detect_at = time.monotonic() + s.detect_time() if s.remote_mult else None
 
-    def _set_state(self, s: Session, state: int, diag: int) -> None:
+    def _set_state(self, s: Session, state: int, diag: int, tell: bool = True) -> None:
         was = s.state
         with self._lock:
             s.state, s.diag, s.since = state, diag, time.monotonic()
@@ -309,7 +324,9 @@ class BFD:
         s.next_tx = 0.0
         (log.info if state == UP else log.warning)(
             "bfd session " + STATE_NAMES[state], peer=s.peer, was=STATE_NAMES[was], diag=diag)
-        if (state == UP) != (was == UP) and self.on_change is not None:
+        # Init is on the way up: the client hears of Up, and of Down (a failure)
+        if tell and state != INIT and (state == UP) != s.reported_up and self.on_change is not None:
+            s.reported_up = state == UP
             try:
                 self.on_change(s.peer, state == UP)
             except Exception:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import time
 import uuid
 
@@ -106,3 +107,11 @@ def policies(lab):
         lab.ctl("delete", "networkpolicy", name, "-n", ns, "--ignore-not-found")
     # Back to "allow everything" before the next test starts.
     assert eventually(lambda: lab.matrix(timeout=PROBE).ok, True, 5), "policies deleted but traffic still blocked"
+
+
+def agent_metric(lab: Lab, node: str, name: str, **labels: str) -> float | None:
+    """One sample of a node's agent's /metrics (None when it has no such sample)."""
+    body = lab.http_get(node, 9091, "/metrics")[1]
+    want = ",".join(f'{k}="{re.escape(v)}"' for k, v in labels.items())
+    m = re.search(rf"^{name}" + (rf"\{{{want}\}}" if want else "") + r" (\S+)", body, re.M)
+    return float(m.group(1)) if m else None

@@ -38,27 +38,12 @@ import tempfile
 import time
 import uuid
 
-from tortie.lab.benchutil import _stat_seconds, _task_ns
+from tortie.lab.benchutil import _stat_seconds, _task_ns, children
 from tortie.lab.nsutil import stop_group
 
 TARGET_PCT = 0.5  # agent + speaker, % of one core, per node
 BIRD_AS = 64512
 BIRD_HOLD = 90  # tortie's mesh default (bgp.config.DEFAULT_HOLD_TIME)
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return out
 
 
 def cmdline(pid: int) -> str:

@@ -76,13 +76,37 @@ def test_learned_routes_skip_own_blocks_and_own_next_hops_and_keep_ecmp():
         "10.65.1.0/26": ("10.0.0.2",),  # our own block reflected back
         "10.65.3.0/26": ("10.0.0.3", "10.0.0.2"),  # ECMP
         "10.65.4.0/26": ("10.0.0.1",),  # next hop is us
-        "10.65.1.7/32": ("10.0.0.3",),  # someone borrowed from our block: /32 beats our blackhole
+        "10.65.1.7/32": ("10.0.0.3",),  # a pod on n3 borrowed from our block: /32 beats our blackhole
     }
+    wep(s, "default", "borrower", "n3", "10.65.1.7/32", "cali3")
     d = desired(s, "n1", learned, frozenset({"10.0.0.1"}))
     assert d.bgp_routes == {
         Route(dst="10.65.3.0/26", gateways=("10.0.0.2", "10.0.0.3")),
         Route(dst="10.65.1.7/32", gateways=("10.0.0.3",)),
     }
+    assert d.refused == {}
+
+
+def test_learned_routes_never_take_over_local_pods_or_parts_of_our_blocks():
+    """Issue 12 item 3: a peer's /32 of a local pod, a more specific of one of our blocks,
+    a /32 in our block that no pod elsewhere holds: refused, and said why."""
+    s = make_state()
+    affinity(s, "n1", "10.65.1.0/26")
+    wep(s, "default", "mine", "n1", "10.65.1.5/32", "cali1")
+    wep(s, "default", "outside", "n1", "10.65.9.5/32", "cali2")  # borrowed by us from n2's block
+    learned = {
+        "10.65.1.5/32": ("10.0.0.9",),  # our pod's own address
+        "10.65.9.5/32": ("10.0.0.9",),  # our borrowed pod's address
+        "10.65.1.0/28": ("10.0.0.9",),  # a part of our block
+        "10.65.1.8/32": ("10.0.0.9",),  # an address of our block no pod elsewhere holds
+        "10.65.0.0/16": ("10.0.0.9",),  # less specific: our routes still win
+        "10.65.9.0/26": ("10.0.0.2",),  # n2's block
+    }
+    d = desired(s, "n1", learned, frozenset({"10.0.0.1"}))
+    assert {r.dst for r in d.bgp_routes} == {"10.65.0.0/16", "10.65.9.0/26"}
+    assert d.refused == {"10.65.1.5/32": "a local pod's address", "10.65.9.5/32": "a local pod's address",
+                         "10.65.1.0/28": "inside this node's block 10.65.1.0/26",
+                         "10.65.1.8/32": "inside this node's block 10.65.1.0/26"}
 
 
 def test_deletions_and_resync_clear_state():
@@ -147,6 +171,75 @@ def test_node_addresses_are_the_bgp_ones_and_every_listed_one():
     put(s, "resources/node/n2", {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n2"},
                                  "spec": {"bgp": {"ipv4Address": "10.99.101.12/24", "ipv6Address": "fd00::12/64"}}})
     assert node_addresses(s) == ["10.99.101.11", "10.99.101.12", "10.99.102.11", "fd00::11", "fd00::12"]
+
+
+def node(state, name, addr):
+    put(state, f"resources/node/{name}", {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": name},
+                                          "spec": {"bgp": {"ipv4Address": addr + "/24"}}})
+
+
+def bgp_peer(state, name, ip, labels=None):
+    put(state, f"resources/bgppeer/{name}", {
+        "apiVersion": "tortie.io/v1", "kind": "BGPPeer", "metadata": {"name": name, "labels": labels or {}},
+        "spec": {"peerIP": ip, "asNumber": 65000}})
+
+
+def test_pool_bgp_peers_narrow_the_external_peers_and_keep_the_mesh():
+    from tortie.agent.calc import bgp_peers, export_policies
+    from tortie.bgp.messages import ExportPolicy
+
+    s = make_state()
+    node(s, "n1", "10.0.0.1")
+    node(s, "n2", "10.0.0.2")  # a mesh peer of n1
+    bgp_peer(s, "tor1", "10.0.0.251", {"router": "tor1"})
+    bgp_peer(s, "tor2", "10.0.0.252", {"router": "tor2"})
+    pool(s, "a", "10.70.0.0/16", bgp={"peers": "router == 'tor1'", "communities": ["65010:7"], "asPathPrepend": 2},
+         egress={"table": 101, "nextHop": "10.0.0.251", "address": "192.0.2.9"})
+    pool(s, "b", "10.71.0.0/16", egress={"table": 102, "nextHop": "10.0.0.252", "address": "192.0.2.10"})
+    pols = export_policies(s, bgp_peers(s, "n1"))
+    assert pols == (
+        ExportPolicy("10.70.0.0/16", frozenset({"10.0.0.2", "10.0.0.251"}), ("65010:7",), 2),
+        ExportPolicy("192.0.2.9/32", frozenset({"10.0.0.251"}), ("65010:7",), 2),  # never to the mesh
+        ExportPolicy("192.0.2.10/32", frozenset({"10.0.0.251", "10.0.0.252"})),  # every router
+    )  # the default pool has no spec.bgp: no policy, every peer
+    bgp_peer(s, "tor2", "10.0.0.252", {"router": "tor1"})  # labels are what selects
+    assert export_policies(s, bgp_peers(s, "n1"))[0].peers == {"10.0.0.2", "10.0.0.251", "10.0.0.252"}
+
+
+def test_egress_address_is_exported_while_a_local_pod_of_the_pool_lives():
+    from tortie.agent.calc import Calculation
+    from tortie.bgp.messages import ExportDelta
+    from tortie.policy.messages import NatUpdate
+
+    calc = Calculation("n1", prefix=P)
+    calc.on_snapshot({f"{P}resources/ippool/a": json.dumps({
+        "apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": "a"},
+        "spec": {"cidr": "10.70.0.0/16", "egress": {"table": 101, "nextHop": "10.0.0.251",
+                                                    "address": "192.0.2.9"}}}).encode()})
+    msgs = calc.take_messages()
+    nat = next(m for m in msgs if isinstance(m, NatUpdate))
+    assert nat.egress_addresses == {("10.70.0.0/16", "192.0.2.9")}
+    assert Route(dst="192.0.2.9/32", type="blackhole") in calc.routes("egress").values()
+    assert "192.0.2.9/32" not in calc.exports  # no pod of the pool here yet
+
+    def put_wep(name, node_name, ip):
+        key = f"{P}resources/workloadendpoint/default/{name}"
+        calc.on_update(key, json.dumps({
+            "apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"node": node_name, "pod": name, "containerID": "c" + name, "endpoint": "eth0",
+                     "interfaceName": "tor" + name, "ipNetworks": [ip], "orchestrator": "k8s"}}).encode())
+
+    put_wep("x", "n2", "10.70.0.9/32")  # another node's pod: not ours to announce
+    assert "192.0.2.9/32" not in calc.exports
+    put_wep("p", "n1", "10.70.0.5/32")
+    put_wep("q", "n1", "10.70.0.6/32")
+    assert ExportDelta(frozenset({"192.0.2.9/32", "10.70.0.5/32", "10.70.0.6/32"})) in calc.take_messages()
+    calc.on_update(f"{P}resources/workloadendpoint/default/p", None)
+    assert "192.0.2.9/32" in calc.exports  # q still holds it
+    calc.on_update(f"{P}resources/workloadendpoint/default/q", None)
+    assert ExportDelta(frozenset(), frozenset({"192.0.2.9/32", "10.70.0.5/32", "10.70.0.6/32"})) \
+        in calc.take_messages()  # the last pod gone: withdrawn
+
 
 
 def _peer(state, name, ip, labels, **spec):

@@ -2,7 +2,8 @@
 messages it emitted equals what a fresh calculation computes whole from the final state.
 
 Events: pods added, relabelled, moved, given other container ports and deleted (local and
-remote), policies (numeric and named ports) added, changed and deleted, namespace labels, pools (NAT, export, egress), block affinities,
+remote), policies (numeric and named ports) added, changed and deleted, namespace labels, pools (NAT, export, egress, egress
+addresses, per-pool BGP export policy), block affinities,
 nodes, BGP peers and configuration, and learned-route flaps (including our own blocks and
 next hops that are our own addresses coming back).
 """
@@ -180,8 +181,13 @@ def pool_event(draw):
     if kind == 1:
         spec["egress"] = {"table": draw(st.sampled_from([101, 102])),
                           "nextHop": draw(st.sampled_from(["10.99.1.1", "10.99.2.1"]))}
+        if draw(st.booleans()):
+            spec["egress"]["address"] = draw(st.sampled_from(["192.0.2.4", "192.0.2.5"]))
     elif kind == 2:
         spec["egress"] = _from_peers(draw)
+    if draw(st.booleans()):
+        spec["bgp"] = draw(st.sampled_from([{"peers": "router == 'tor1'"}, {"communities": ["65000:9"]},
+                                            {"peers": "has(router)", "asPathPrepend": 2}]))
     return key, _doc("IPPool", name, spec)
 
 
@@ -235,7 +241,10 @@ def bgp_event(draw):
 
 @st.composite
 def learned_event(draw):
-    prefix = draw(st.sampled_from(["10.65.0.0/26", "10.65.0.64/26", "10.65.9.0/26", "10.70.0.1/32"]))
+    # others' blocks, our blocks coming back, a more specific of ours, pods' /32s (ours,
+    # other nodes', or nobody's), outside every pool
+    prefix = draw(st.sampled_from(["10.65.0.0/26", "10.65.0.64/26", "10.65.9.0/26", "10.65.0.16/28",
+                                   "10.65.0.1/32", "10.65.0.3/32", "10.65.0.2/32", "10.70.0.1/32"]))
     if draw(st.booleans()):
         return ("learned", {}, [prefix])
     hops = tuple(sorted(set(draw(st.lists(st.sampled_from(["10.99.0.2", "10.99.0.3", OWN_ADDR]),
@@ -274,6 +283,7 @@ def _fresh(items: dict, learned: dict, egress: dict | None = None, bfd_up: froze
     assert acc.rules.get("egress", frozenset()) == want.rules
     assert set(acc.routes.get("workloads", {}).values()) == set(want.workload_routes)
     assert set(acc.routes.get("bgp", {}).values()) == set(want.bgp_routes)
+    assert calc.refused == dict(want.refused)
     full = network_policy(calc.state, ME)
     assert acc.pods == {f.interface: f for f in full.pods}
     assert acc.policies == {p.key: p for p in full.policies}

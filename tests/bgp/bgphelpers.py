@@ -116,8 +116,9 @@ class SpeakerProc:
     def egress_imports(self, imports: dict[str, list[str]]) -> None:
         self._call({"op": "egress_imports", "imports": imports})
 
-    def exports(self, prefixes: list[str], communities: list[str] = ()) -> dict:
-        return self._call({"op": "exports", "prefixes": prefixes, "communities": list(communities)})
+    def exports(self, prefixes: list[str], communities: list[str] = (), policies: list[dict] = ()) -> dict:
+        return self._call({"op": "exports", "prefixes": prefixes, "communities": list(communities),
+                           "policies": list(policies)})
 
     def status(self) -> dict:
         return self._call({"op": "status"})

@@ -5,7 +5,8 @@ ExaBGP must live in the node's network namespace, so the BGP tests run
 
     stdin  {"op": "start", "node_name": ..., "router_id": ..., ...}   (BGPSpeaker kwargs)
            {"op": "peers", "peers": [{Peer fields}, ...]}             set_peers + apply
-           {"op": "exports", "prefixes": [...], "communities": [...]} set_exports + apply
+           {"op": "exports", "prefixes": [...], "communities": [...],
+            "policies": [{ExportPolicy fields}, ...]}                 set_exports + apply
            {"op": "import_pools", "cidrs": [...]}                      set_import_pools
            {"op": "egress_imports", "imports": {peer: [prefixes]}}     set_egress_imports
            {"op": "status"} | {"op": "stop"}
@@ -21,6 +22,7 @@ import json
 import sys
 import time
 
+from tortie.bgp.messages import ExportPolicy
 from tortie.bgp.peers import Peer
 from tortie.bgp.speaker import BGPSpeaker
 
@@ -57,7 +59,10 @@ async def main() -> int:
             speaker.set_egress_imports(cmd["imports"])
         elif op == "exports":
             assert speaker
-            speaker.set_exports(cmd["prefixes"], cmd.get("communities", ()))
+            policies = [ExportPolicy(cidr=p["cidr"], peers=None if p.get("peers") is None else frozenset(p["peers"]),
+                                     communities=tuple(p.get("communities", ())), prepend=p.get("prepend", 0))
+                        for p in cmd.get("policies", ())]
+            speaker.set_exports(cmd["prefixes"], cmd.get("communities", ()), policies)
             await speaker.apply()
         elif op == "status":
             assert speaker

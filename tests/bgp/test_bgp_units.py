@@ -92,13 +92,16 @@ def test_rib_ecmp_and_filter():
     assert rib.table() == {"10.244.1.0/26": ("10.0.0.2", "10.0.0.3"), "10.244.9.9/32": ("10.0.0.2",),
                            "10.50.0.0/24": ("10.0.0.254",)}
     assert rib.count("10.0.0.254") == 2  # received, though one is filtered out
+    assert rib.accepted("10.0.0.254") == 1 and rib.accepted("10.0.0.2") == 2
     assert rib.update("10.0.0.3", {}, ["10.244.1.0/26"])
     assert not rib.update("10.0.0.3", {}, ["10.244.1.0/26"])  # nothing left to change
-    assert rib.table()["10.244.1.0/26"] == ("10.0.0.2",)
+    assert rib.table()["10.244.1.0/26"] == ("10.0.0.2",) and rib.accepted("10.0.0.3") == 0
+    rib.update("10.0.0.2", {"10.244.1.0/26": "10.0.0.9"}, [])  # a new path: still one route
+    assert rib.accepted("10.0.0.2") == 2
     rib.set_filter(lambda *_: True)  # the filter changed: the default route is now accepted
-    assert rib.table()["0.0.0.0/0"] == ("10.0.0.254",)
+    assert rib.table()["0.0.0.0/0"] == ("10.0.0.254",) and rib.accepted("10.0.0.254") == 2
     rib.drop("10.0.0.254")
-    assert set(rib.table()) == {"10.244.1.0/26", "10.244.9.9/32"}
+    assert set(rib.table()) == {"10.244.1.0/26", "10.244.9.9/32"} and rib.accepted("10.0.0.254") == 0
 
 
 def test_rib_graceful_restart_keeps_then_sweeps():
@@ -115,14 +118,14 @@ def test_rib_graceful_restart_keeps_then_sweeps():
 
 
 def test_status_round_trip_and_table():
-    peers = [PeerStatus("10.0.0.2", "mesh", "established", 1000.0, 3, 2),
+    peers = [PeerStatus("10.0.0.2", "mesh", "established", 1000.0, 3, 2, prefixes_filtered=1),
              PeerStatus("10.0.0.254", "global", "down", 990.0, 0, 0, "MD5 mismatch", port=1179)]
     doc, back = parse(to_json("n1", peers, {"router_id": "10.0.0.1"}))
     assert back == peers and doc["node"] == "n1" and doc["router_id"] == "10.0.0.1"
     text = table(back, now=1100.0)
     lines = text.splitlines()
-    assert lines[0].split()[:6] == ["PEER", "TYPE", "STATE", "SINCE", "RECEIVED", "SENT"]
-    assert lines[1].split() == ["10.0.0.2", "mesh", "established", "100s", "3", "2"]
+    assert lines[0].split()[:7] == ["PEER", "TYPE", "STATE", "SINCE", "RECEIVED", "FILTERED", "SENT"]
+    assert lines[1].split() == ["10.0.0.2", "mesh", "established", "100s", "3", "1", "2"]
     assert lines[2].startswith("10.0.0.254:1179") and lines[2].endswith("MD5 mismatch")
     assert notification_text(4, 0) == "hold timer expired (4/0)"
     assert notification_text(6, 99) == "cease (6/99)"

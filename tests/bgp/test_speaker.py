@@ -59,6 +59,7 @@ def test_exchange_with_bird(lab, pair):
     wait_for(lambda: sp.routes == {"10.50.0.0/24": [R]}, what="accepted import reaches on_routes")
     st = sp.peer(R)
     assert st["kind"] == "global" and st["prefixes_sent"] == 2 and st["prefixes_received"] == 2
+    assert st["prefixes_filtered"] == 1  # 10.60.0.0/24: counted, not used
     # the diff: one withdrawn, one added, the unchanged one untouched
     sp.exports(["10.244.1.0/26", "10.244.2.0/26"], ["64512:100"])
     wait_for(lambda: bird.kernel_routes() >= {"10.244.1.0/26", "10.244.2.0/26"}
@@ -273,3 +274,103 @@ def test_second_uplink_speaks_from_its_own_address(lab, netns):
     # next hop self is the node's address on each segment
     assert "via 10.95.0.1" in b2.birdc("show", "route", "10.244.1.0/26")
     assert f"via {A}" in b1.birdc("show", "route", "10.244.1.0/26")
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_peer_over_its_max_prefixes_is_shut_for_a_while(lab, pair):
+    """Issue 12 item 3: a router floods 20,000 prefixes into a session with maxPrefixes
+    1000: the session is closed (a Cease 1 is sent, though with the flood still in flight
+    the router mostly sees the connection reset), nothing it sent is kept, the status says why, and the speaker's memory does not grow with the flood. It
+    stays shut for the hold; a settings change that ExaBGP does not see (the limit) keeps a
+    session as it is; with the limit raised the peer comes back after the hold."""
+    node, router = pair
+    flood = [f"10.50.{i // 250}.{i % 250}/32" for i in range(20_000)]
+    bird = tor(lab, router, statics=flood)
+    sp = start_speaker(lab, node, "n1", A, prefix_limit_hold=5)
+    sp.exports([])
+    rss0 = _rss_mb(sp.proc.pid)
+    sp.peers([bird_peer(R) | {"max_prefixes": 1000}])
+    st = wait_for(lambda: "maxPrefixes 1000 exceeded" in (p := sp.peer(R))["last_error"] and p, 30,
+                  what="the session closed for its prefix limit")
+    assert st["state"] != "established" and st["prefixes_received"] == 0, st
+    assert not sp.routes
+    grew = _rss_mb(sp.proc.pid) - rss0
+    assert grew < 15, f"speaker RSS grew {grew:.1f} MB under a 20,000-prefix flood"
+    time.sleep(2)  # held: ExaBGP does not dial it again
+    assert not bird.established("n1") and "exceeded" in sp.peer(R)["last_error"]
+    # the limit raised: after the hold the session comes back with every route
+    sp.peers([bird_peer(R) | {"max_prefixes": 30_000}])
+    sp.wait_state(R, timeout=20)
+    wait_for(lambda: sp.routes is not None and len(sp.routes) == 20_000, 30, what="the 20,000 routes")
+    since = bird.protocol("n1")[4:6]
+    sp.peers([bird_peer(R) | {"max_prefixes": 40_000}])  # no change to ExaBGP's neighbor
+    time.sleep(1)
+    assert bird.protocol("n1")[4:6] == since and sp.peer(R)["state"] == "established"
+    print(f"speaker RSS: +{grew:.1f} MB through the cut flood, "
+          f"+{_rss_mb(sp.proc.pid) - rss0:.1f} MB holding the 20,000 routes")
+
+
+def bird_table(bird) -> dict[str, str]:
+    """BIRD's BGP routes with their attributes: prefix -> the `show route all` block."""
+    out, prefix, blocks = bird.birdc("show", "route", "all"), None, {}
+    for line in out.splitlines():
+        if line[:1].isdigit():
+            prefix = line.split()[0]
+            blocks[prefix] = line
+        elif prefix and line.startswith(("\t", " ")):
+            blocks[prefix] += "\n" + line.strip()
+    return {p: b for p, b in blocks.items() if "BGP.as_path" in b}
+
+
+def as_path(block: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in block.splitlines() if line.startswith("BGP.as_path"))
+
+
+def test_policies_pick_the_peers_and_carry_communities_and_prepending(lab, netns):
+    """Per-prefix export policies: a prefix goes only to its policy's peers (withdrawn
+    exactly from a peer it leaves), with its communities, and the AS-path prepended towards
+    a peer of another AS only; a session that comes back gets its own set, nothing more."""
+    node, r1, r2 = netns.new("node"), netns.new("tor1"), netns.new("tor2")
+    R2 = "10.91.0.3"
+    lan(node, f"{A}/24", [(r1, f"{R}/24"), (r2, f"{R2}/24")])
+    b1 = lab.bird(r1, "bird1", R, bird_bgp("n1", R, 65001, A, AS))  # eBGP
+    b2 = lab.bird(r2, "bird2", R2, bird_bgp("n1", R2, AS, A, AS))  # iBGP
+    sp = start_speaker(lab, node, "n1", A)
+    sp.peers([{**bird_peer(R), "as_number": 65001, "name": "tor1"}, {**bird_peer(R2), "name": "tor2"}])
+    pool_a = {"cidr": "10.244.0.0/16", "peers": [R], "communities": ["65010:7", "65010:1:2"], "prepend": 2}
+    egress = {"cidr": "192.0.2.9/32", "peers": [R2]}
+    prefixes = ["10.244.1.0/26", "10.244.9.7/32", "10.245.1.0/26", "192.0.2.9/32"]
+    sp.exports(prefixes, ["64512:100"], [pool_a, egress])
+    sp.wait_state(R)
+    sp.wait_state(R2)
+    wait_for(lambda: len(bird_table(b1)) == 3 and len(bird_table(b2)) == 2, what="both routers' tables")
+    t1, t2 = bird_table(b1), bird_table(b2)
+    assert set(t1) == {"10.244.1.0/26", "10.244.9.7/32", "10.245.1.0/26"}, t1
+    assert set(t2) == {"10.245.1.0/26", "192.0.2.9/32"}, t2  # the pool's blocks never reach tor2
+    for p in ("10.244.1.0/26", "10.244.9.7/32"):
+        assert as_path(t1[p]) == "64512 64512 64512", t1[p]  # ours once + twice prepended
+        assert "(65010,7)" in t1[p] and "(65010, 1, 2)" in t1[p] and "(64512,100)" in t1[p], t1[p]
+    assert as_path(t1["10.245.1.0/26"]) == "64512" and "65010" not in t1["10.245.1.0/26"]
+    assert {sp.peer(R)["prefixes_sent"], sp.peer(R2)["prefixes_sent"]} == {3, 2}
+
+    # The pool moves to tor2 (iBGP: no prepending there): withdrawn from tor1, nothing else moves.
+    sp.exports(prefixes, ["64512:100"], [{**pool_a, "peers": [R2], "prepend": 1}, egress])
+    wait_for(lambda: set(bird_table(b1)) == {"10.245.1.0/26"}
+             and set(bird_table(b2)) == {"10.244.1.0/26", "10.244.9.7/32", "10.245.1.0/26", "192.0.2.9/32"},
+             what="the pool's prefixes moved from tor1 to tor2")
+    t2 = bird_table(b2)
+    assert as_path(t2["10.244.1.0/26"]) == "" and "(65010,7)" in t2["10.244.1.0/26"], t2
+
+    # tor1's session restarts: it gets its own set again, and only that.
+    since = sp.peer(R)["since"]
+    b1.birdc("restart", "n1")
+    wait_for(lambda: (p := sp.peer(R))["since"] != since and p["state"] == "established", 30,
+             what="tor1's session back")
+    wait_for(lambda: b1.established("n1") and set(bird_table(b1)) == {"10.245.1.0/26"}, what="tor1 re-learned")
+    time.sleep(1)
+    assert set(bird_table(b1)) == {"10.245.1.0/26"}
+    assert sp.peer(R)["prefixes_sent"] == 1 and sp.peer(R2)["prefixes_sent"] == 4

@@ -80,6 +80,51 @@ def test_resource_over_one_mib(ctl, etcd, tmp_path):
     _refused(ctl, etcd, path, "bytes stored", "at most 1048576")
 
 
+def _pool_doc(name: str, cidr: str, extra: str = "") -> str:
+    return f"apiVersion: tortie.io/v1\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  cidr: {cidr}\n{extra}"
+
+
+EGRESS = "  egress:\n    table: 100\n    nextHop: 192.168.5.1\n    address: {}\n"
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (EGRESS.format("not-an-ip"), ("spec.egress.address", "is not an IP address")),
+    (EGRESS.format("fd00::5"), ("spec.egress.address", "is not an IPv4 address")),
+    (EGRESS.format("10.78.3.4"), ("spec.egress.address", "inside the pool's own range")),
+    ("  bgp:\n    peers: \"router == \"\n", ("spec.bgp.peers",)),
+    ("  bgp:\n    peers: \"has(\"\n", ("spec.bgp.peers",)),
+    ("  bgp:\n    communities: [\"65000\"]\n", ("spec.bgp.communities[0]", "is not a community")),
+    ("  bgp:\n    communities: [\"65000:70000\"]\n", ("spec.bgp.communities[0]", "0-65535")),
+    ("  bgp:\n    communities: [\"1:2:4294967296\"]\n", ("spec.bgp.communities[0]",)),
+    ("  bgp:\n    communities: [\"1:2:3:4\"]\n", ("spec.bgp.communities[0]",)),
+    ("  bgp:\n    communities: \"65000:1\"\n", ("spec.bgp.communities", "must be a list")),
+    ("  bgp:\n    asPathPrepend: 11\n", ("spec.bgp.asPathPrepend", "between 0 and 10")),
+    ("  bgp:\n    asPathPrepend: -1\n", ("spec.bgp.asPathPrepend",)),
+    ("  bgp:\n    asPathPrepend: \"2\"\n", ("spec.bgp.asPathPrepend", "integer")),
+    ("  bgp:\n    prefer: tor1\n", ("spec.bgp.prefer", "unknown field")),
+])
+def test_bad_egress_address_and_pool_bgp_are_refused_by_field(ctl, etcd, tmp_path, extra, words):
+    path = tmp_path / "pool.yaml"
+    path.write_text(_pool_doc("p", "10.78.0.0/16", extra))
+    _refused(ctl, etcd, path, *words)
+
+
+def test_egress_address_inside_another_pool_is_refused_both_ways(ctl, etcd, tmp_path):
+    ctl.ok("apply", "-f", ctl.file(_pool_doc("other", "10.79.0.0/16", EGRESS.format("192.0.2.7"))))
+    path = tmp_path / "pool.yaml"
+    path.write_text(_pool_doc("p", "10.78.0.0/16", EGRESS.format("10.79.0.9")))
+    _refused(ctl, etcd, path, "spec.egress.address", "inside IPPool 'other'")
+    # a new pool may not take in another pool's egress address either
+    path.write_text(_pool_doc("q", "192.0.2.0/24"))
+    _refused(ctl, etcd, path, "spec.cidr", "egress address of IPPool 'other'")
+    # what is valid is stored as given
+    ctl.ok("apply", "-f", ctl.file(_pool_doc("p", "10.78.0.0/16", EGRESS.format("192.0.2.8") + (
+        "  bgp:\n    peers: router == 'tor1'\n    communities: ['65010:7', '65010:1:2']\n    asPathPrepend: 2\n"))))
+    spec = ctl.json("get", "ippool", "p")["spec"]
+    assert spec["egress"]["address"] == "192.0.2.8"
+    assert spec["bgp"] == {"peers": "router == 'tor1'", "communities": ["65010:7", "65010:1:2"], "asPathPrepend": 2}
+
+
 def _egress_pool(egress: dict) -> str:
     return json.dumps({"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": "egress-pool"},
                        "spec": {"cidr": "10.78.0.0/16", "egress": {"table": 201, **egress}}})

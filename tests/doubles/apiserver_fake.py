@@ -2,7 +2,8 @@
 
 No API server can run here, so the controller and the CNI server are tested against
 this one through the official `kubernetes` client. It serves Nodes, Namespaces, Pods
-(`/api/v1/...`) and NetworkPolicies (`/apis/networking.k8s.io/v1/...`):
+(`/api/v1/...`), NetworkPolicies (`/apis/networking.k8s.io/v1/...`) and Leases
+(`/apis/coordination.k8s.io/v1/...`, for leader election):
 
 - GET of one object (404 as a `Status` when missing), and lists (`kind: PodList`,
   `metadata.resourceVersion`, items), optionally narrowed by an equality
@@ -12,10 +13,18 @@ this one through the official `kubernetes` client. It serves Nodes, Namespaces, 
   older than the retained history gets one `ERROR` event carrying a `410 Gone` Status,
   as the real server does. `timeoutSeconds` ends the stream (with a BOOKMARK first when
   `allowWatchBookmarks=true`).
+- POST (create: 201; `409 AlreadyExists`) and PUT (replace) of one object. A PUT whose
+  `metadata.resourceVersion` is not the stored one is `409 Conflict`, so only one of two
+  racing writers wins, as on the real server. Like the real Lease strategy, a Lease PUT
+  must carry a resourceVersion (422 without one) and may create a missing Lease. Every
+  write made over HTTP is appended to `writes` with the server's monotonic time, so a
+  test can tell who held a Lease when.
 
 The Python API changes the objects (`add`, `modify`, `delete`, each bumping the single
 resourceVersion counter), forgets history (`compact`) and cuts open watch streams
-mid-flight (`drop_watches`), so tests can force a resync and a reconnect.
+mid-flight (`drop_watches`), so tests can force a resync and a reconnect;
+`fail(plural, code)` makes every request for one resource answer `code` (an API server
+that cannot be reached or refuses), until `fail(plural, None)`.
 
     with FakeAPIServer() as api:
         api.add(node("n1", labels={"zone": "a"}))
@@ -43,6 +52,8 @@ class Resource:
     kind: str
     api_version: str
     namespaced: bool
+    unconditional_update: bool = True  # False: a PUT must name the resourceVersion it replaces
+    create_on_update: bool = False  # True: a PUT of a missing object creates it
 
     @property
     def base(self) -> str:
@@ -54,8 +65,30 @@ RESOURCES = {r.plural: r for r in (
     Resource("namespaces", "Namespace", "v1", False),
     Resource("pods", "Pod", "v1", True),
     Resource("networkpolicies", "NetworkPolicy", "networking.k8s.io/v1", True),
+    Resource("leases", "Lease", "coordination.k8s.io/v1", True, unconditional_update=False, create_on_update=True),
 )}
+_BASES = tuple(sorted({r.base + "/" for r in RESOURCES.values()}))
 _BY_KIND = {r.kind: r for r in RESOURCES.values()}
+
+
+@dataclass(frozen=True)
+class Write:
+    """One create or replace made over HTTP: when (time.monotonic() in this process, and
+    time.time() to compare with other processes' logs), how, and the object as stored."""
+
+    at: float
+    wall: float
+    verb: str  # POST, PUT
+    resource: str  # plural
+    obj: dict
+
+
+class APIError(Exception):
+    """A request the server refuses: its HTTP code and Status reason."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
 
 
 @dataclass(frozen=True)
@@ -94,6 +127,13 @@ def pod(ns: str, name: str, labels: dict | None = None, node_name: str = "node1"
             "status": {"phase": "Running"}}
 
 
+def lease(ns: str, name: str, holder: str | None = None, duration: int = 15, transitions: int = 0) -> dict:
+    spec: dict = {"leaseDurationSeconds": duration, "leaseTransitions": transitions}
+    if holder is not None:
+        spec["holderIdentity"] = holder
+    return {"kind": "Lease", "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
 def network_policy(ns: str, name: str, spec: dict | None = None) -> dict:
     return {"kind": "NetworkPolicy", "metadata": {"name": name, "namespace": ns},
             "spec": spec if spec is not None else {"podSelector": {}, "policyTypes": ["Ingress"]}}
@@ -117,6 +157,8 @@ class FakeAPIServer:
         self._streams: set[socket.socket] = set()
         self.watch_requests = 0  # how many watch streams were opened, for tests to wait on
         self.list_requests = 0
+        self.writes: list[Write] = []  # creates and replaces made over HTTP, in order
+        self._failing: dict[str, int] = {}  # plural -> the HTTP code every request gets
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -198,6 +240,11 @@ class FakeAPIServer:
         with self._cond:
             return copy.deepcopy(self._lookup(kind, name, namespace)[2])
 
+    def objects(self, kind: str) -> list[dict]:
+        """Every object of a kind, as stored."""
+        with self._cond:
+            return [copy.deepcopy(o) for o in self._objects[_BY_KIND[kind].plural].values()]
+
     def _lookup(self, kind: str, name: str, namespace: str | None) -> tuple[Resource, str | None, dict]:
         """(resource, namespace, the stored object); NotFound. Call holding the lock."""
         res = _BY_KIND[kind]
@@ -206,6 +253,70 @@ class FakeAPIServer:
         if cur is None:
             raise NotFound(f"{kind} {name} not found")
         return res, ns, cur
+
+    def fail(self, plural: str, code: int | None) -> None:
+        """Answer every request for one resource with `code` (503: an API server in
+        trouble); None: serve it again."""
+        with self._cond:
+            if code is None:
+                self._failing.pop(plural, None)
+            else:
+                self._failing[plural] = code
+
+    def http_create(self, res: Resource, ns: str | None, obj: dict) -> dict:
+        """POST: the stored object; APIError 409 AlreadyExists."""
+        with self._cond:
+            obj = self._checked_body(res, ns, None, obj)
+            name = obj["metadata"]["name"]
+            if (ns, name) in self._objects[res.plural]:
+                raise APIError(409, "AlreadyExists", f'{res.plural}.{_group(res)} "{name}" already exists')
+            obj["metadata"].pop("resourceVersion", None)
+            out = self.add(obj)
+            self.writes.append(Write(time.monotonic(), time.time(), "POST", res.plural, copy.deepcopy(out)))
+            return out
+
+    def http_replace(self, res: Resource, ns: str | None, name: str, obj: dict) -> tuple[int, dict]:
+        """PUT: (200 or 201, the stored object); APIError 409 Conflict when the body's
+        resourceVersion is not the stored one."""
+        with self._cond:
+            obj = self._checked_body(res, ns, name, obj)
+            cur = self._objects[res.plural].get((ns, name))
+            rv = obj["metadata"].get("resourceVersion")
+            if cur is None:
+                if not res.create_on_update:
+                    raise APIError(404, "NotFound", f'{res.plural}.{_group(res)} "{name}" not found')
+                if rv:  # replacing a version that no longer exists
+                    raise APIError(409, "Conflict", _conflict(res, name))
+                code, out = 201, self.add(obj)
+            else:
+                if not rv and not res.unconditional_update:
+                    raise APIError(422, "Invalid", f'{res.kind}.{_group(res)} "{name}" is invalid: '
+                                   "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update")
+                if rv and rv != cur["metadata"]["resourceVersion"]:
+                    raise APIError(409, "Conflict", _conflict(res, name))
+                code, out = 200, self.modify(obj)
+            self.writes.append(Write(time.monotonic(), time.time(), "PUT", res.plural, copy.deepcopy(out)))
+            return code, out
+
+    def _checked_body(self, res: Resource, ns: str | None, name: str | None, obj: dict) -> dict:
+        if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+            raise APIError(400, "BadRequest", "the body is not an object with metadata")
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        if obj.get("kind", res.kind) != res.kind:
+            raise APIError(400, "BadRequest", f"kind {obj['kind']!r} sent to the {res.plural} endpoint")
+        obj["kind"] = res.kind
+        if not meta.get("name"):
+            raise APIError(422, "Invalid", "metadata.name: Required value: name or generateName is required")
+        if name is not None and meta["name"] != name:
+            raise APIError(400, "BadRequest",
+                           f"the name of the object ({meta['name']}) does not match the name on the URL ({name})")
+        if meta.get("namespace") and meta["namespace"] != ns:
+            raise APIError(400, "BadRequest", "the namespace of the provided object does not match the "
+                                              "namespace sent on the request")
+        if ns is not None:
+            meta["namespace"] = ns
+        return obj
 
     def compact(self) -> None:
         """Forget all history: a watch from any resourceVersion before now gets 410 Gone."""
@@ -278,6 +389,15 @@ class FakeAPIServer:
             return self._rv, items
 
 
+def _group(res: Resource) -> str:
+    return res.api_version.rpartition("/")[0] or "core"
+
+
+def _conflict(res: Resource, name: str) -> str:
+    return (f'Operation cannot be fulfilled on {res.plural}.{_group(res)} "{name}": the object has been '
+            "modified; please apply your changes to the latest version and try again")
+
+
 def _selected(obj: dict, selector: dict[str, str]) -> bool:
     labels = obj["metadata"].get("labels") or {}
     return all(labels.get(k) == v for k, v in selector.items())
@@ -305,12 +425,57 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args) -> None:  # quiet: tests read their own logs
         pass
 
+    def _routed(self) -> tuple[Resource, str | None, str | None] | None:
+        """The request's route; None after answering 404, or the injected failure."""
+        path = urlsplit(self.path).path
+        route = self._route(path)
+        if route is None:
+            self._json(404, _status(404, "NotFound", f"the server could not find {path}"))
+            return None
+        with self.api._cond:
+            failing = self.api._failing.get(route[0].plural)
+        if failing is not None:
+            self._json(failing, _status(failing, "ServiceUnavailable" if failing == 503 else "InternalError",
+                                        f"injected failure for {route[0].plural}"))
+            return None
+        return route
+
+    def _body(self) -> dict | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            return json.loads(self.rfile.read(length) or b"null")
+        except ValueError:
+            return None
+
+    def do_POST(self) -> None:
+        self._write(collection=True)
+
+    def do_PUT(self) -> None:
+        self._write(collection=False)
+
+    def _write(self, collection: bool) -> None:
+        """POST to a collection creates; PUT to an object replaces."""
+        route = self._routed()
+        if route is None:
+            return
+        res, ns, name = route
+        body = self._body()
+        if (name is None) != collection:
+            return self._json(405, _status(405, "MethodNotAllowed", f"{self.command} not allowed on {self.path}"))
+        try:
+            if collection:
+                self._json(201, self.api.http_create(res, ns, body))
+            else:
+                self._json(*self.api.http_replace(res, ns, name, body))
+        except APIError as exc:
+            self._json(exc.code, _status(exc.code, exc.reason, exc.message))
+
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        route = self._route(parts.path)
+        route = self._routed()
         if route is None:
-            return self._json(404, _status(404, "NotFound", f"the server could not find {parts.path}"))
+            return
         res, ns, name = route
         try:
             selector = _parse_selector(query.get("labelSelector", ""))
@@ -332,7 +497,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, path: str) -> tuple[Resource, str | None, str | None] | None:
         """(resource, namespace, name) of a path, or None."""
-        for base in ("/api/v1/", "/apis/networking.k8s.io/v1/"):
+        for base in _BASES:
             if path.startswith(base):
                 parts = [p for p in path[len(base):].split("/") if p]
                 break
@@ -423,4 +588,4 @@ class _Handler(BaseHTTPRequestHandler):
                 api._streams.discard(self.connection)
 
 
-__all__ = ["RESOURCES", "FakeAPIServer", "namespace", "network_policy", "node", "pod"]
+__all__ = ["RESOURCES", "APIError", "FakeAPIServer", "Write", "lease", "namespace", "network_policy", "node", "pod"]

@@ -23,6 +23,7 @@ import sys
 import time
 
 import pytest
+from lab_fixtures import agent_metric
 
 from tortie.lab import nsutil
 
@@ -541,9 +542,7 @@ def test_bfd_takes_a_dead_routers_next_hop_out_within_a_second(elab):
 
 
 def _bfd_up(lab, node: str, peer: str) -> float | None:
-    body = lab.http_get(node, 9091, "/metrics")[1]
-    m = re.search(rf'^tortie_bfd_up\{{peer="{re.escape(peer)}"\}} (\S+)', body, re.M)
-    return float(m.group(1)) if m else None
+    return agent_metric(lab, node, "tortie_bfd_up", peer=peer)
 
 
 def _learned_via(lab, node: str, addr: str) -> set[str]:

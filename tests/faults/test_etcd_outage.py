@@ -17,46 +17,21 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
-import uuid
 
+import faulthelpers
 import pytest
+from faulthelpers import ADD_ANSWER, Prober, converged, ipam_check, readiness, timed_add, wait_until
 
-from tortie.errors import DataplaneError
-from tortie.lab import cniexec, nsutil, routers, topology
-from tortie.lab.state import Pod
+from tortie.lab import routers
 
 pytestmark = pytest.mark.slow
 
 OUTAGE = {"kill": 20.0, "pause": 8.0}  # seconds; TORTIE_OUTAGE_SECONDS overrides both
-ADD_ANSWER = 2.0
-CONVERGE = 5.0
 
 
 def outage_seconds(mode: str) -> float:
-    return float(os.environ.get("TORTIE_OUTAGE_SECONDS") or OUTAGE[mode])
-
-
-class Prober(threading.Thread):
-    """dst probed from src every 100 ms, TCP and UDP alternately, until stopped."""
-
-    def __init__(self, lab, src: str, dst: str) -> None:
-        super().__init__(daemon=True)
-        self.lab, self.src, self.dst = lab, src, dst
-        self.sent = 0
-        self.failed: list[str] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            t0 = time.monotonic()
-            udp = self.sent % 2 == 1
-            r = self.lab.probe(self.src, self.dst, 80, udp=udp, timeout=0.5)
-            self.sent += 1
-            if not r.ok:
-                self.failed.append(f"{r.proto} {self.src}->{self.dst}: {r.error}")
-            self.halt.wait(max(0.0, 0.1 - (time.monotonic() - t0)))
+    return faulthelpers.outage_seconds(OUTAGE[mode])
 
 
 @pytest.fixture(scope="module")
@@ -86,50 +61,6 @@ def dataplane(lab, skip: tuple[str, ...]) -> dict[str, str]:
         out[f"{t.name} routes"] = run("ip", "-n", t.netns, "route")
         out[f"{t.name} bgp"] = routers.birdc(t.netns, lab._router(t).control, "show", "protocols")
     return out
-
-
-def readiness(lab, node: str) -> tuple[int, dict]:
-    status, body = lab.http_get(node, 9099, "/readiness")
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, {}
-
-
-def wait_until(pred, seconds: float, step: float = 0.05, since: float | None = None) -> float | None:
-    """Seconds from `since` (default: now) until pred() held; None if not within `seconds`."""
-    since = time.monotonic() if since is None else since
-    while time.monotonic() - since < seconds:
-        if pred():
-            return time.monotonic() - since
-        time.sleep(step)
-    return None
-
-
-def timed_add(lab, node: str) -> tuple[float, str]:
-    """A CNI ADD (then DEL, as a runtime does after a failed ADD) of a new container in a
-    new namespace on `node`: (seconds the ADD took, its error)."""
-    st = lab.state()
-    name = f"x{uuid.uuid4().hex[:6]}"
-    pod = Pod("default", name, node, topology.pod_netns(lab.name, "default", name), uuid.uuid4().hex)
-    nsutil.netns_add(pod.netns)
-    try:
-        t0 = time.monotonic()
-        try:
-            cniexec.run_plugin(st, lab.plan(), pod, "ADD", lab.cni_socket(node))
-            error = ""
-        except DataplaneError as exc:
-            error = str(exc)
-        took = time.monotonic() - t0
-        cniexec.run_plugin(st, lab.plan(), pod, "DEL", lab.cni_socket(node))
-    finally:
-        nsutil.netns_del(pod.netns)
-    return took, error
-
-
-def ipam_check(lab) -> tuple[str, int]:
-    out = lab.ctl("ipam", "check").stdout
-    return out, int(re.search(r"(\d+) allocations", out).group(1))
 
 
 @pytest.mark.parametrize("mode", ["kill", "pause"])
@@ -180,21 +111,8 @@ def test_etcd_outage(lab, mode):
                 lab.etcd_start()  # returns once etcd is healthy
             else:
                 lab.etcd_resume()
-        back = time.monotonic()
-        figures["ready again"] = wait_until(
-            lambda: all(readiness(lab, n)[0] == 200 for n in ("node1", "node2")), CONVERGE, since=back)
-
-        def add_works() -> bool:
-            try:
-                lab.pod_add("node2", f"default/after-{mode}")
-                return True
-            except DataplaneError:
-                return False
-
-        figures["ADD works"] = wait_until(add_works, CONVERGE, step=0.1, since=back)
-        figures["victim released"] = wait_until(
-            lambda: lab.wep(victim) is None and ipam_check(lab)[1] == len(lab.state().pods), CONVERGE,
-            step=0.1, since=back)
+        figures.update(converged(lab, ("node1", "node2"), victim, ("node2", f"default/after-{mode}"),
+                                 time.monotonic()))
     finally:
         for p in probers:
             p.halt.set()

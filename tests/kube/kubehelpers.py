@@ -6,6 +6,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from tortie.datastore.store import ResourceStore
+from tortie.errors import NotFound, TortieError
 from tortie.kube.controller import Controller
 
 
@@ -33,3 +35,14 @@ class RunningController:
         self.controller.stop()
         self.thread.join(15)
         assert not self.thread.is_alive(), "controller did not stop"
+
+
+def namespace_present(store: ResourceStore, name: str) -> bool:
+    """Is the Namespace in the datastore? False too while etcd does not answer."""
+    try:
+        store.get("Namespace", name)
+        return True
+    except NotFound:
+        return False
+    except (TortieError, ValueError):  # ValueError: the etcd client's "failed node" window
+        return False

@@ -171,3 +171,64 @@ def test_namespaced_watch_sees_only_its_namespace(fake_api, kube_client):
     t.join()
     assert [(e["type"], e["object"].metadata.namespace, e["object"].metadata.name) for e in events] == [
         ("ADDED", "a", "p1")]
+
+
+def _lease_body(name: str, holder: str, rv: str | None = None) -> dict:
+    meta = {"name": name, "namespace": "kube-system"}
+    if rv is not None:
+        meta["resourceVersion"] = rv
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta,
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15}}
+
+
+def test_lease_create_get_and_optimistic_replace(fake_api, kube_client):
+    coord = k8s.CoordinationV1Api(kube_client)
+    with pytest.raises(k8s.ApiException) as exc:
+        coord.read_namespaced_lease("ctl", "kube-system")
+    assert exc.value.status == 404
+
+    made = coord.create_namespaced_lease("kube-system", _lease_body("ctl", "a"))
+    assert made.spec.holder_identity == "a" and made.metadata.namespace == "kube-system"
+    rv = made.metadata.resource_version
+    with pytest.raises(k8s.ApiException) as exc:  # a second create loses
+        coord.create_namespaced_lease("kube-system", _lease_body("ctl", "b"))
+    assert exc.value.status == 409 and '"reason": "AlreadyExists"' in exc.value.body
+
+    # Two writers replace the version both read: the first wins, the second gets 409 Conflict.
+    won = coord.replace_namespaced_lease("ctl", "kube-system", _lease_body("ctl", "b", rv))
+    assert won.spec.holder_identity == "b" and won.metadata.resource_version != rv
+    with pytest.raises(k8s.ApiException) as exc:
+        coord.replace_namespaced_lease("ctl", "kube-system", _lease_body("ctl", "c", rv))
+    assert exc.value.status == 409 and '"reason": "Conflict"' in exc.value.body
+    assert coord.read_namespaced_lease("ctl", "kube-system").spec.holder_identity == "b"
+    assert won.metadata.uid == made.metadata.uid
+
+    # A Lease update must say which version it replaces (the real Lease strategy).
+    with pytest.raises(k8s.ApiException) as exc:
+        coord.replace_namespaced_lease("ctl", "kube-system", _lease_body("ctl", "c"))
+    assert exc.value.status == 422
+    # ... and a PUT may create a missing one, unless it names a version.
+    assert coord.replace_namespaced_lease("other", "kube-system", _lease_body("other", "x")).spec.holder_identity == "x"
+    with pytest.raises(k8s.ApiException) as exc:
+        coord.replace_namespaced_lease("gone", "kube-system", _lease_body("gone", "x", "5"))
+    assert exc.value.status == 409
+    with pytest.raises(k8s.ApiException) as exc:
+        coord.replace_namespaced_lease("ctl", "kube-system", _lease_body("not-ctl", "x", rv))
+    assert exc.value.status == 400
+
+    assert [(w.verb, w.obj["spec"]["holderIdentity"]) for w in fake_api.writes] == [
+        ("POST", "a"), ("PUT", "b"), ("PUT", "x")]
+    assert [w.at for w in fake_api.writes] == sorted(w.at for w in fake_api.writes)
+
+
+def test_injected_failure_answers_every_request_of_a_resource(fake_api, kube_client):
+    coord, core = k8s.CoordinationV1Api(kube_client), k8s.CoreV1Api(kube_client)
+    fake_api.fail("leases", 503)
+    with pytest.raises(k8s.ApiException) as exc:
+        coord.read_namespaced_lease("ctl", "kube-system")
+    assert exc.value.status == 503
+    assert core.list_node().items == []  # other resources still answer
+    fake_api.fail("leases", None)
+    with pytest.raises(k8s.ApiException) as exc:
+        coord.read_namespaced_lease("ctl", "kube-system")
+    assert exc.value.status == 404

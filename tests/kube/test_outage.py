@@ -7,11 +7,10 @@ import tempfile
 
 import pytest
 from doubles.apiserver_fake import namespace, pod
-from kubehelpers import RunningController, wait_for
+from kubehelpers import RunningController, namespace_present, wait_for
 
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.datastore.store import ResourceStore
-from tortie.errors import NotFound, TortieError
 from tortie.kube.controller import Controller, ControllerConfig
 from tortie.lab.etcd_server import EtcdServer
 
@@ -22,16 +21,6 @@ def restartable_etcd(tmp_path):
     server.start()
     yield server
     server.stop()
-
-
-def _present(store: ResourceStore, name: str) -> bool:
-    try:
-        store.get("Namespace", name)
-        return True
-    except NotFound:
-        return False
-    except (TortieError, ValueError):  # ValueError: the etcd client's "failed node" window
-        return False
 
 
 def test_changes_during_etcd_outage_arrive_after_it(restartable_etcd, fake_api):
@@ -45,7 +34,7 @@ def test_changes_during_etcd_outage_arrive_after_it(restartable_etcd, fake_api):
     rc = RunningController(Controller(config, etcd=etcd))
     try:
         assert rc.controller.synced.wait(15)
-        assert _present(store, "before")
+        assert namespace_present(store, "before")
 
         restartable_etcd.stop()
         fake_api.add(namespace("during"))
@@ -53,8 +42,8 @@ def test_changes_during_etcd_outage_arrive_after_it(restartable_etcd, fake_api):
         wait_for(lambda: rc.controller.health.components["datastore"].last_error, what="outage noticed")
         restartable_etcd.start()
 
-        wait_for(lambda: _present(store, "during"), timeout=20, what="namespace written after the outage")
-        wait_for(lambda: not _present(store, "before"), timeout=20, what="namespace deleted after the outage")
+        wait_for(lambda: namespace_present(store, "during"), timeout=20, what="namespace written after the outage")
+        wait_for(lambda: not namespace_present(store, "before"), timeout=20, what="namespace deleted after the outage")
         assert rc.controller.health.components["datastore"].last_error is None
         # Endpoints written after the outage are still seen (the endpoint watch recovered).
         store.create({"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint",

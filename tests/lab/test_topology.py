@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 from tortie.errors import ValidationError
@@ -20,6 +22,25 @@ def test_plan_addresses_and_names():
     assert plan.netns_names() == ["lab1-net", "lab1-ctl", "lab1-ext", "lab1-node1", "lab1-node2", "lab1-node3"]
     # no router: the outside host enters through node1
     assert (plan.ext_address, plan.core_gateways) == ("10.99.0.3/24", ("10.99.0.11",))
+
+
+def test_plan_with_three_etcd_members_over_tls():
+    plan = topology.make_plan("lab1", 2, "bird", 2, etcd_members=3, etcd_tls=True)
+    assert [(m.name, m.netns, m.address) for m in plan.members] == [
+        ("n1", "lab1-etcd1", "10.99.0.6/24"), ("n2", "lab1-etcd2", "10.99.0.7/24"), ("n3", "lab1-etcd3", "10.99.0.8/24")]
+    assert plan.etcd_endpoints == tuple(f"https://10.99.0.{i}:2379" for i in (6, 7, 8))
+    # no address of the core segment twice (routers, ctl, the outside host, members)
+    core = [plan.ctl_address, plan.ext_address, *(t.address for t in plan.tors), *(m.address for m in plan.members)]
+    assert len(set(core)) == len(core)
+    assert {"lab1-etcd1", "lab1-etcd2", "lab1-etcd3"} <= set(plan.netns_names())
+    assert all(topology.is_lab_netns("lab1", m.netns) for m in plan.members)
+    # the record of a lab made before members existed reads back as one member in ctl
+    old = topology.plan_from_dict({k: v for k, v in asdict(topology.make_plan("lab1", 1)).items()
+                                   if k not in ("etcd_members", "etcd_tls")})
+    assert [(m.name, m.netns) for m in old.members] == [("n1", "lab1-ctl")]
+    assert topology.plan_from_dict(asdict(plan)) == plan
+    with pytest.raises(ValidationError, match="etcd-members"):
+        topology.make_plan("lab1", 1, etcd_members=2)
 
 
 @pytest.mark.parametrize("name", ["", "Tortie", "my-lab", "1lab", "a" * 17, "x/y"])
@@ -151,3 +172,19 @@ def test_router_config_and_bgp_resources():
     assert 'export where source = RTS_BGP || proto = "announced"; next hop self;' in announcing
     assert "ipv4 { import none; export where source = RTS_BGP; };" in announcing  # the kernel protocol
     assert routers.bgp_resources(topology.make_plan("lab1", 2)) == []
+
+
+def test_reflector_labs_turn_the_mesh_off_and_make_the_last_nodes_reflectors():
+    from tortie.datastore.kinds import validate
+    from tortie.lab.cluster import Lab, reflector_resources
+
+    plan = topology.make_plan("lab1", 5, "none")
+    res = reflector_resources(plan, 2)
+    assert res[0]["kind"] == "BGPConfiguration" and res[0]["spec"] == {"nodeToNodeMeshEnabled": False}
+    assert [r["metadata"]["name"] for r in res[1:]] == ["node4", "node5"]
+    for r in res:
+        validate(r)
+    assert reflector_resources(plan, 0) == []
+    for nodes, tor, k in ((5, "none", 5), (5, "bird", 1), (1, "none", 1)):
+        with pytest.raises(ValidationError, match="reflectors"):
+            Lab.up("lab1", nodes, tor, reflectors=k)

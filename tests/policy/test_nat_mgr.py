@@ -108,3 +108,39 @@ def test_hand_edit_is_repaired_after_a_resync(topo, netns):
     mgr.apply()
     assert list_table(node, "ip", TABLE) == before
     assert seen_source(netns, pod) == "192.0.2.1"
+
+
+def test_egress_address_translates_the_pools_traffic_and_replies_come_back(topo, netns):
+    """The pool's connection leaves as the egress address (not assigned anywhere on the
+    node), the outside host's reply to it is un-NATed by conntrack and reaches the pod, even
+    with the blackhole the agent keeps for that address; natOutgoing gives way to it."""
+    pod, node, ext = topo
+    egress = "198.51.100.7"
+    netns.run(ext, "ip", "route", "add", f"{egress}/32", "via", "192.0.2.1")
+    netns.run(node, "ip", "route", "add", "blackhole", f"{egress}/32")
+    mgr = NatManager(netns=node)
+    mgr.on_update(NatUpdate(frozenset({"10.65.0.0/16"}), frozenset({"10.65.0.0/16"}), frozenset({"192.0.2.1"}),
+                            frozenset({("10.65.0.0/16", egress)})))
+    mgr.apply()
+    assert seen_source(netns, pod) == egress  # the reply (the address the far end saw) came back
+    listing = list_table(node, "ip", TABLE)
+    assert f"10.65.0.0/16 : {egress}" in listing, listing
+    before = handles(node, "ip", TABLE)
+    mgr.resync()  # the map reads back as written: nothing to do
+    mgr.apply()
+    assert mgr.transactions == 1 and handles(node, "ip", TABLE) == before
+    # Another address is one element; without one, natOutgoing masquerades again.
+    mgr.on_update(NatUpdate(frozenset({"10.65.0.0/16"}), frozenset({"10.65.0.0/16"}), frozenset({"192.0.2.1"}),
+                            frozenset({("10.65.0.0/16", "198.51.100.8")})))
+    netns.run(ext, "ip", "route", "add", "198.51.100.8/32", "via", "192.0.2.1")
+    mgr.apply()
+    assert seen_source(netns, pod) == "198.51.100.8"
+    assert handles(node, "ip", TABLE).items() >= {k: v for k, v in before.items() if k[0] == "rule"}.items()
+    mgr.on_update(NatUpdate(frozenset({"10.65.0.0/16"}), frozenset({"10.65.0.0/16"}), frozenset({"192.0.2.1"})))
+    mgr.apply()
+    assert seen_source(netns, pod) == "192.0.2.1"
+    # An egress address alone (no natOutgoing pool) keeps the table.
+    mgr.on_update(NatUpdate(frozenset(), frozenset({"10.65.0.0/16"}), frozenset({"192.0.2.1"}),
+                            frozenset({("10.65.0.0/16", egress)})))
+    mgr.apply()
+    assert seen_source(netns, pod) == egress

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -77,12 +78,21 @@ def test_two_speakers_come_up_and_a_silent_peer_is_down_within_its_detection_tim
         time.sleep(0.5)  # the Poll Sequence moves both to 50 ms
         assert wa.bfd.states()[B]["state"] == "Up"
         t0 = time.monotonic()
-        wb.bfd.set_sessions({})  # B stops talking (as a dead router would)
+        subprocess.run(["ip", "-n", nb, "link", "set", "vb", "down"], check=True)  # the path dies
         down = wa.wait(B, False, 2) - t0
         assert down < 0.5, down  # 3 x 50 ms, plus B's last packet in flight
         assert wa.bfd.states()[B]["diag"] == b.DIAG_DETECT_EXPIRED
-        wb.bfd.set_sessions({A: FAST})  # and back
+        subprocess.run(["ip", "-n", nb, "link", "set", "vb", "up"], check=True)  # and back
         wa.wait(B, True, 5)
+        # B ends its session: AdminDown, which A's client is not told of as a failure
+        told = len(wa.events)
+        wb.bfd.set_sessions({})
+        deadline = time.monotonic() + 2
+        while wa.bfd.states()[B]["remote_state"] != "AdminDown":
+            assert time.monotonic() < deadline, wa.bfd.states()
+            time.sleep(0.02)
+        time.sleep(0.5)  # past A's detection time
+        assert len(wa.events) == told, wa.events[told:]
     finally:
         wa.bfd.stop()
         wb.bfd.stop()
@@ -103,23 +113,29 @@ def test_bird_as_the_peer(pair):
     conf = ("router id 10.77.0.2;\nprotocol device {}\n"
             "protocol bfd {\n  interface \"vb\" { min rx interval 50 ms; min tx interval 50 ms; multiplier 3; };\n"
             f"  neighbor {A};\n}}\n")
-    wa = Watch(na)
     with tempfile.TemporaryDirectory() as tmp:
-        bird = _bird(nb, conf, tmp)
-        try:
-            wa.bfd.set_sessions({B: FAST})
-            wa.wait(B, True, 10)
-            time.sleep(0.5)
-            t0 = time.monotonic()
-            os.killpg(bird.pid, signal.SIGKILL)
-            bird.wait()
-            down = wa.wait(B, False, 3) - t0
-            assert down < 0.5, down
-        finally:
-            if bird.poll() is None:
-                os.killpg(bird.pid, signal.SIGKILL)
-                bird.wait()
-            wa.bfd.stop()
+        _up_then_down_when_killed(na, _bird(nb, conf, tmp))
+
+
+def _up_then_down_when_killed(ns: str, peer: subprocess.Popen, check_up=lambda: None) -> None:
+    """Our BFD in `ns` comes Up with the peer process (its own process group), and goes
+    Down within the detection time once the peer is killed."""
+    wa = Watch(ns)
+    try:
+        wa.bfd.set_sessions({B: FAST})
+        wa.wait(B, True, 10)
+        time.sleep(0.5)
+        check_up()
+        t0 = time.monotonic()
+        os.killpg(peer.pid, signal.SIGKILL)
+        peer.wait()
+        down = wa.wait(B, False, 3) - t0
+        assert down < 0.5, down
+    finally:
+        if peer.poll() is None:
+            os.killpg(peer.pid, signal.SIGKILL)
+            peer.wait()
+        wa.bfd.stop()
 
 
 def test_timers_negotiate_as_rfc_5880_says():
@@ -147,3 +163,59 @@ def test_timers_negotiate_as_rfc_5880_says():
         sock.close()
         os.close(bfd._wake_r)
         os.close(bfd._wake_w)
+
+
+def test_a_peer_turning_bfd_off_is_not_a_path_failure():
+    """RFC 5882 3.2: a session the peer takes AdminDown goes Down, but the client is not
+    told (nothing is known about the path); when the peer turns BFD on again and the session
+    is Up, there is nothing new to tell either. A real failure after that is told."""
+    import socket
+
+    told: list[tuple[str, bool]] = []
+    bfd = b.BFD(on_change=lambda peer, up: told.append((peer, up)))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s = b.Session("10.77.0.2", FAST, 7, sock)
+        bfd._sessions[s.peer] = s
+        bfd._by_disc[s.my_disc] = s
+        bfd._on_packet(s.peer, b.Packet(0, b.INIT, False, False, 3, 99, 7, 0.05, 0.05))
+        assert s.state == b.UP and told == [(s.peer, True)]
+        bfd._on_packet(s.peer, b.Packet(b.DIAG_ADMIN_DOWN, b.ADMIN_DOWN, False, False, 3, 99, 7, 0.05, 0.05))
+        assert s.state == b.DOWN and told == [(s.peer, True)]
+        bfd._on_packet(s.peer, b.Packet(0, b.DOWN, False, False, 3, 99, 7, 0.05, 0.05))
+        bfd._on_packet(s.peer, b.Packet(0, b.UP, False, False, 3, 99, 7, 0.05, 0.05))
+        assert s.state == b.UP and told == [(s.peer, True)]
+        bfd._on_packet(s.peer, b.Packet(0, b.DOWN, False, False, 3, 99, 7, 0.05, 0.05))  # a real Down
+        assert s.state == b.DOWN and told == [(s.peer, True), (s.peer, False)]
+    finally:
+        sock.close()
+        os.close(bfd._wake_r)
+        os.close(bfd._wake_w)
+
+
+def test_frr_bfdd_as_the_peer(pair):
+    """FRR's bfdd (a static peer with 50 ms timers, zebra beside it) and ours: Up, and Down
+    within the detection time when bfdd dies."""
+    from tortie.lab import routers
+
+    na, nb = pair
+    rdir = tempfile.mkdtemp(prefix="tortie-frr-")  # under /tmp: bfdd runs as `frr`, pytest's tmp_path is 0700
+    conf = os.path.join(rdir, "frr.conf")
+    with open(conf, "w") as f:
+        f.write(f"frr defaults datacenter\nlog file {rdir}/frr.log\nbfd\n peer {A} local-address {B}\n"
+                "  receive-interval 50\n  transmit-interval 50\n  detect-multiplier 3\n exit\nexit\n")
+    open(os.path.join(rdir, "frr.log"), "a").close()
+    routers.frr_prepare_dir(rdir)
+    routers.frr_prepare_dir(os.path.join(rdir, "frr.log"))
+    frr = subprocess.Popen(["ip", "netns", "exec", nb, *routers.frr_command(rdir, conf, nb, daemons=("bfdd",))],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+    def bfdd_says_up() -> None:
+        out = routers.vtysh(nb, rdir, "show bfd peers json").stdout
+        assert '"status":"up"' in out.replace(" ", ""), out
+
+    try:
+        _up_then_down_when_killed(na, frr, bfdd_says_up)
+    finally:
+        for d in (rdir, os.path.join("/var/run/frr", nb)):
+            shutil.rmtree(d, ignore_errors=True)
