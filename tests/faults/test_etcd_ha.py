@@ -21,6 +21,7 @@ import time
 import faulthelpers
 import pytest
 from faulthelpers import ADD_ANSWER, Prober, converged, ipam_check, readiness, timed_add, wait_until
+from lab_fixtures import wait_matrix
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,8 @@ def lab(lab_factory):
     lab = lab_factory(nodes=3, tor="none", etcd_members=3)
     for i, node in enumerate(NODES, 1):
         lab.pod_add(node, f"default/p{i}")
+    m = wait_matrix(lab, 30)  # the mesh carries every pod's block before the first fault
+    assert m.ok, m.render()
     yield lab
     lab.down()
 
