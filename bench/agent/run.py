@@ -124,8 +124,9 @@ def announce_from_bird(lab: Lab, count: int):
     run = routers.RouterRun(tor, os.path.join(state.lab_dir(lab.name), tor.name),
                             os.path.join(state.lab_dir(lab.name), "logs"))
     conf = open(run.conf).read()
-    conf = conf.replace("export where source = RTS_BGP; next hop self;",
-                        "export where source ~ [RTS_BGP, RTS_STATIC]; next hop self;")
+    if "export where source = RTS_BGP" not in conf:  # the lab's BIRD config changed shape
+        raise RuntimeError("the lab's BIRD config has no 'export where source = RTS_BGP' to widen")
+    conf = conf.replace("export where source = RTS_BGP", "export where source ~ [RTS_BGP, RTS_STATIC]")
     base = int(ipaddress.ip_address("10.200.0.0"))
     routes = "\n".join(f"  route {ipaddress.ip_address(base + i)}/32 blackhole;" for i in range(count))
     conf += f"protocol static bench {{\n  ipv4;\n{routes}\n}}\n"
