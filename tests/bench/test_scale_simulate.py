@@ -48,7 +48,9 @@ def test_etcd_figures_and_limits(result):
     e = result["etcd"]
     assert e["rss_peak_mb"] > 1 and e["db_mb"] > 0 and e["quota_mb"] == 2147
     assert e["keys"] >= 3 * N  # a Node, a block and an affinity per stand-in (and a handle)
-    assert result["start"]["etcd_cpu_pct"] > 0
+    # etcd's CPU from /proc ticks (10 ms): a phase of 5 stand-ins may take less than one tick
+    cpu = [result[phase]["etcd_cpu_pct"] for phase in ("start", "idle", "claims")]
+    assert all(c >= 0 for c in cpu) and any(c > 0 for c in cpu), cpu
     # mesh: each status document lists the N-1 other nodes
     assert result["standins"]["peers_median"] == result["standins"]["peers_max"] == N - 1
     assert result["limits"]["request_ok"] and result["limits"]["db_ok"]
