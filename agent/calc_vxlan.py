@@ -1,0 +1,182 @@
+"""The VXLAN overlay's desired state for one node, from the datastore (pure, no I/O).
+
+A pool with `vxlanMode: Always` reaches other nodes' blocks through the node's VXLAN
+device; with `CrossSubnet` only the blocks of nodes on another subnet than this node's
+(the rest go straight to the node: no encapsulation where the fabric routes). `Never`
+leaves the pool to BGP. As in Calico, every node is a VTEP (VXLAN tunnel end point) whose
+tunnel address comes from a VXLAN pool's IPAM (`Node.spec.ipv4VXLANTunnelAddr`, written
+by `agent.vxlan_addr`) and whose MAC is `Node.spec.vxlanTunnelMACAddr` or derived from the
+node's name; nodes learn each other's VTEPs from the datastore, never by flooding, so the
+device has learning off and every remote VTEP is one FDB entry (MAC -> node address) and
+one permanent neighbour (tunnel address -> MAC).
+
+`VxlanCalc.update(state)` recomputes the plan when a key it reads changed (pools, nodes,
+block affinities: a few per node) and returns the messages for the driver: the device,
+FDB and neighbour entries whole (`VxlanUpdate`), and the routes as a `RouteDelta` of class
+"vxlan" (which wins over learned BGP routes for the same block).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+
+from tortie.datastore import keys
+from tortie.routing.messages import RouteDelta
+from tortie.routing.model import Route
+
+VXLAN_CLASS = "vxlan"
+DEVICE = {4: "vxlan.tortie", 6: "vxlan-v6.tortie"}  # Calico: vxlan.calico, vxlan-v6.calico
+PORT = 4789  # IANA's VXLAN port
+# Outer IP header + UDP 8 + VXLAN 8 + inner Ethernet 14.
+OVERHEAD = {4: 20 + 8 + 8 + 14, 6: 40 + 8 + 8 + 14}
+MODES = ("Never", "Always", "CrossSubnet")
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One VXLAN device: learning off, no remote (every peer is an FDB entry)."""
+
+    name: str
+    family: int
+    vni: int
+    local: str  # this node's underlay address: the outer source
+    mac: str
+    mtu: int
+    address: str  # the node's tunnel address (on the device, host prefix)
+    port: int = PORT
+
+
+@dataclass(frozen=True, slots=True)
+class VTEP:
+    node: str
+    tunnel: str  # tunnel address
+    mac: str
+    underlay: str  # the node's address: where its VXLAN packets go
+
+
+@dataclass(frozen=True, slots=True)
+class VxlanUpdate:
+    """Everything the VXLAN manager owns, whole: per family its device (None: none) and
+    the remote VTEPs it must reach (FDB + neighbour entries)."""
+
+    devices: tuple[Device, ...]
+    vteps: tuple[tuple[int, VTEP], ...]  # (family, remote VTEP)
+
+
+def vtep_mac(node: str) -> str:
+    """A node's VTEP MAC when none is set: stable across restarts (the other nodes' FDB
+    entries stay right), locally administered and unicast (first byte xxxxxx10)."""
+    b = bytearray(hashlib.sha256(node.encode()).digest()[:6])
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def _underlay(node, family: int) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
+    addr = node.ipv4_address if family == 4 else node.ipv6_address
+    return ipaddress.ip_interface(addr) if addr else None
+
+
+def _tunnel(node, family: int) -> str | None:
+    return node.vxlan_tunnel_addr if family == 4 else node.vxlan_tunnel_addr6
+
+
+def vxlan_pools(state, family: int) -> list:
+    return [p for p in state.pools.values() if p.vxlan_mode != "Never" and p.version == family]
+
+
+def device_mtu(pools, me, family: int, uplink_mtu: int) -> int:
+    """The node's setting, else the smallest the pools ask for, else the uplink's MTU
+    minus the encapsulation (a pod never sends what the device must fragment)."""
+    if me is not None and me.vxlan_mtu:
+        return me.vxlan_mtu
+    asked = [p.vxlan_mtu for p in pools if p.vxlan_mtu]
+    return min(asked) if asked else uplink_mtu - OVERHEAD[family]
+
+
+def plan(state, node: str, uplink_mtu: int = 1500) -> tuple[VxlanUpdate, dict]:
+    """(VxlanUpdate, {route key: Route}) for `node`: the whole desired overlay."""
+    me = state.nodes.get(node)
+    devices, vteps, routes = [], [], {}
+    for family in (4, 6):
+        pools = vxlan_pools(state, family)
+        mine = _underlay(me, family) if me else None
+        if not pools or mine is None or not _tunnel(me, family):
+            continue
+        name = DEVICE[family]
+        devices.append(Device(name, family, pools[0].vxlan_vni,
+                              str(mine.ip), me.vxlan_mac or vtep_mac(node),
+                              device_mtu(pools, me, family, uplink_mtu), _tunnel(me, family)))
+        remote: dict[str, VTEP] = {}
+        for other in state.nodes.values():
+            addr, tunnel = _underlay(other, family), _tunnel(other, family)
+            if other.name == node or addr is None or not tunnel:
+                continue
+            remote[other.name] = VTEP(other.name, tunnel, other.vxlan_mac or vtep_mac(other.name), str(addr.ip))
+            vteps.append((family, remote[other.name]))
+        nets = [(ipaddress.ip_network(p.cidr), p.vxlan_mode) for p in pools]
+        for (owner, block), confirmed in state.affinities.items():
+            if owner == node or not confirmed or owner not in remote:
+                continue
+            net = ipaddress.ip_network(block)
+            mode = next((m for n, m in nets if n.version == net.version and net.subnet_of(n)), None)
+            if mode is None:
+                continue
+            peer = remote[owner]
+            if mode == "CrossSubnet" and ipaddress.ip_address(peer.underlay) in mine.network:
+                # Same subnet: straight to the node, as the fabric carries it (no BGP needed).
+                r = Route(block, gateways=(peer.underlay,))
+            else:
+                r = Route(block, dev=name, gateways=(peer.tunnel,), onlink=True)
+            routes[r.key] = r
+    return VxlanUpdate(tuple(devices), tuple(vteps)), routes
+
+
+class VxlanCalc:
+    """The last plan sent, so only what changed goes to the driver."""
+
+    def __init__(self, node: str, uplink_mtu: int = 1500) -> None:
+        self.node = node
+        self.uplink_mtu = uplink_mtu
+        self.sent: VxlanUpdate | None = None
+        self.routes: dict = {}
+        self.dirty = True
+
+    def note(self, relative_key: str | None) -> None:
+        """A datastore key (relative to the prefix) changed: recompute only for what the
+        plan reads (pools, nodes, block affinities)."""
+        if relative_key is None:
+            return
+        found = keys.parse_resource(relative_key)
+        if (found is not None and found[0] in ("ippool", "node")) or keys.parse_affinity(relative_key):
+            self.dirty = True
+
+    def update(self, state) -> list:
+        if not self.dirty:
+            return []
+        self.dirty = False
+        want, routes = plan(state, self.node, self.uplink_mtu)
+        first = self.sent is None  # the first time, say it all (even "nothing")
+        msgs: list = []
+        if want != self.sent:
+            self.sent = want
+            msgs.append(want)
+        changed = tuple(r for k, r in routes.items() if self.routes.get(k) != r)
+        removed = tuple(k for k in self.routes if k not in routes)
+        if changed or removed or first:
+            msgs.append(RouteDelta(VXLAN_CLASS, changed, removed))
+        self.routes = routes
+        return msgs
+
+    def pod_mtu(self, state, ips: list[str]) -> int:
+        """The MTU of a pod with these addresses: its VXLAN pool's device MTU (0: leave
+        the default, as for pools that never encapsulate)."""
+        me = state.nodes.get(self.node)
+        out = []
+        for ip in ips:
+            addr = ipaddress.ip_address(ip.split("/")[0])
+            pools = vxlan_pools(state, addr.version)
+            if any(addr in ipaddress.ip_network(p.cidr) for p in pools):
+                out.append(device_mtu(pools, me, addr.version, self.uplink_mtu))
+        return min(out) if out else 0
