@@ -89,6 +89,7 @@ class CNIServer:
         # The pod's /32 has one owner, the route manager: the server hands it over and
         # waits until it is in the kernel (standalone: a route manager of its own).
         self.publish_routes = publish_routes or LocalRoutes(route_proto).publish
+        self.pod_mtu: Callable[[list[str]], int] | None = None  # the agent's: VXLAN pools' pods
         self.route_proto = route_proto
         self.set_forwarding = set_forwarding
         self.log = log or get_logger("cni")
@@ -404,7 +405,7 @@ class CNIServer:
         return self._result(req, link, ips).to_json(req.cni_version)
 
     async def _wire(self, req: p.CNIRequest, host_if: str, ips: list[str], mac: str) -> wiring.PodLink:
-        mtu = int(req.config.get("mtu") or 0)
+        mtu = int(req.config.get("mtu") or 0) or (self.pod_mtu(ips) if self.pod_mtu else 0)
         setup = functools.partial(wiring.setup_pod, req.netns, req.ifname, host_if,
                                   [_host_cidr(ip) for ip in ips], mtu=mtu, mac=mac)
         try:

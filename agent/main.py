@@ -27,7 +27,9 @@ from dataclasses import replace
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
+from tortie.agent import vxlan_addr
 from tortie.agent.calc import EGRESS, WORKLOADS, Calculation, host_prefix
+from tortie.agent.calc_vxlan import VxlanCalc
 from tortie.agent.cni_server import ETCD_TIMEOUT as CNI_ETCD_TIMEOUT
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
@@ -54,7 +56,7 @@ LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.
                0.1, 0.25, 0.5, 1.0)
 APPLY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                  1.0, 2.5)
-MANAGERS = ("routes", "rules", "sysctls", "nat", "filter")
+MANAGERS = ("vxlan", "routes", "rules", "sysctls", "nat", "filter")
 
 
 class Agent:
@@ -73,6 +75,9 @@ class Agent:
         self.datastore = DatastoreMonitor(self.cni_client, on_change=self._on_datastore)
         self.calc = Calculation(self.node, prefix=cfg.etcd.prefix, own_addresses=self._own_addresses())
         self.state = self.calc.state
+        self.vxlan = VxlanCalc(self.node)  # the overlay's plan, beside the calculation
+        self._tunnel_task: asyncio.Task | None = None
+        self._tunnel_again = False
         self.in_sync = False
         self.stopping = asyncio.Event()
         self.health = Health()
@@ -139,7 +144,7 @@ class Agent:
         if not self.in_sync:
             return
         t0 = time.thread_time()
-        msgs = self.calc.take_messages()
+        msgs = self._take()
         self.m_calc_cpu.inc(time.thread_time() - t0, input="take")
         if msgs:
             self.m_sent.inc(len(msgs))
@@ -148,6 +153,34 @@ class Agent:
         if self.bgp is not None:  # what the speaker sets apart for egress pools (fromPeers)
             self.bgp.set_egress_imports(self.calc.egress_imports)
         self._check_speaker()
+
+    def _take(self) -> list:
+        """The calculation's messages, and the overlay's (its device before its routes)."""
+        if self.vxlan.dirty:
+            self._check_tunnel()
+        return [*self.vxlan.update(self.state), *self.calc.take_messages()]
+
+    def _check_tunnel(self) -> None:
+        """The node's VTEP address follows the VXLAN pools (etcd: off the loop, one at a time)."""
+        if self._tunnel_task is not None and not self._tunnel_task.done():
+            self._tunnel_again = True
+            return
+        self._tunnel_again = False
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(vxlan_addr.reconcile, self.store, self.ipam, self.state.nodes.get(self.node),
+                                        list(self.state.pools.values()))
+                self.health.condition("vxlan-address", None)
+            except errors.TortieError as exc:
+                log.error("VXLAN tunnel address not set", error=str(exc))
+                self.health.condition("vxlan-address", f"no VXLAN tunnel address: {exc}")
+                await asyncio.sleep(RETRY_DELAY)
+                self._tunnel_again = True
+            if self._tunnel_again:
+                self._loop.call_soon(self._check_tunnel)
+
+        self._tunnel_task = asyncio.create_task(run(), name="vxlan-address")
 
     def _on_learned_changes(self, changed: dict[str, tuple[str, ...]], removed: frozenset[str]) -> None:
         self._calc("learned", self.calc.on_learned, changed, removed)
@@ -178,6 +211,7 @@ class Agent:
         try:
             async for event in syncer.events():
                 if isinstance(event, Snapshot):
+                    self.vxlan.dirty = True
                     self._calc("snapshot", self.calc.on_snapshot, event.items)
                     self.m_events.inc(type="snapshot")
                     log.info("datastore snapshot", revision=event.revision, keys=len(event.items))
@@ -185,6 +219,7 @@ class Agent:
                         self.in_sync = True
                         self._first_sync()
                 else:
+                    self.vxlan.note(self.state.relative(event.key))
                     self._calc("update", self.calc.on_update, event.key, event.value)
                     self.m_events.inc(type="update")
         finally:
@@ -198,7 +233,7 @@ class Agent:
             loop.call_soon_threadsafe(self._first_applied, errs)
 
         self._flush_scheduled = False
-        msgs = self.calc.take_messages()
+        msgs = self._take()
         self.driver.send(msgs, done=applied)
         self.driver.start()
         self._check_speaker()
@@ -272,6 +307,7 @@ class Agent:
         from tortie.policy.nftables import NftMonitor
         from tortie.routing.monitor import Monitor
         from tortie.routing.sysctl_mgr import SysctlManager
+        from tortie.routing.vxlan_mgr import VxlanManager, VxlanMonitor
 
         loop = self._loop
         self.bgp_exports = BGPExportManager(loop, lambda: self.bgp)
@@ -282,13 +318,18 @@ class Agent:
         def on_applied(name: str, seconds: float) -> None:
             self.m_apply.observe(seconds, manager=name)
 
+        # The VXLAN devices first: the routes through them wait for them.
+        self.vxlan_mgr = VxlanManager()
+        self.vxlan_mgr.on_repair = routes.request_resync
         self.driver = DataplaneDriver(
-            [routes, rules, SysctlManager(), nat, filt, self.bgp_exports],
+            [self.vxlan_mgr, routes, rules, SysctlManager(), nat, filt, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
             on_status=on_status, on_applied=on_applied,
             on_round=lambda ok: self._round_done(ok, routes))
         self.monitor = Monitor(route_mgr=routes, rule_mgr=rules)
         self.driver.watch(self.monitor, self.monitor.drain)
+        self.vxlan_monitor = VxlanMonitor(self.vxlan_mgr)
+        self.driver.watch(self.vxlan_monitor, self.vxlan_monitor.drain)
         # Someone else changed the ruleset (our own commits are recognised and ignored):
         # both nftables managers compare the kernel with what they want and repair.
         self.nft_monitor = NftMonitor()
@@ -524,6 +565,7 @@ class Agent:
             except errors.DatastoreUnavailable as exc:
                 log.warning("datastore unavailable; retrying", error=str(exc))
                 await asyncio.sleep(RETRY_DELAY)
+        self.vxlan.uplink_mtu = await asyncio.to_thread(vxlan_addr.uplink_mtu, self.cfg.node_ip)
         routes, rules = RouteManager(), RuleManager()
         # Adopt what a previous agent left in the kernel before anything is applied: learned
         # routes stay as they are until the peers' full tables arrive.
@@ -536,6 +578,7 @@ class Agent:
                              publish_routes=self._publish_routes, datastore_up=lambda: self.datastore.up,
                              datastore_failed=self.datastore.report,
                              state_dir=self.cfg.state_dir)
+        self.cni.pod_mtu = lambda ips: self.vxlan.pod_mtu(self.state, ips)
         await self.cni.start()
         self._tasks = [
             asyncio.create_task(self._follow_datastore(), name="syncer"),
@@ -565,6 +608,8 @@ class Agent:
             self.monitor.close()
         if getattr(self, "nft_monitor", None) is not None:
             self.nft_monitor.close()
+        if getattr(self, "vxlan_monitor", None) is not None:
+            self.vxlan_monitor.close()
         if self.bfd is not None:
             self.bfd.stop()
         if self.bgp is not None:

@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="mesh off; the last N nodes are route reflectors, the others their clients (--tor none)")
     up.add_argument("--etcd-members", type=int, default=1, choices=topology.ETCD_MEMBER_COUNTS,
                     help="etcd members, each in its own namespace when more than one")
+    up.add_argument("--subnets", type=int, default=1, choices=(1, 2),
+                    help="2: the nodes on two segments joined by a router that does not peer with tortie "
+                         "(--tor none); only VXLAN (IPPool vxlanMode) connects pods across it")
     up.add_argument("--etcd-tls", action="store_true",
                     help="etcd over TLS (clients and peers), certificates of a lab CA")
 
@@ -197,7 +200,7 @@ def run(argv: list[str]) -> int:
         Lab.up(name, args.nodes, args.tor, uplinks=args.uplinks, cni=args.cni, agent=args.agent,
                agent_env=_kv(args.agent_env, "agent-env"), pool=args.pool, block_size=args.block_size,
                timeout=args.timeout, bfd=args.bfd, reflectors=args.reflectors, etcd_members=args.etcd_members,
-               etcd_tls=args.etcd_tls, echo=print)
+               etcd_tls=args.etcd_tls, subnets=args.subnets, echo=print)
         print(f"next: tortie-lab pod add node1 default/a   (then: tortie-lab matrix; tortie-lab down"
               f"{'' if name == topology.DEFAULT_LAB else ' --name ' + name})")
         return 0

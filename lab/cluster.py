@@ -33,6 +33,7 @@ from typing import Any
 
 from tortie.errors import AlreadyExists, DataplaneError, NotFound, TortieError, ValidationError
 from tortie.lab import cniexec, nsutil, pki, podserver, routers, state, topology
+from tortie.lab import subnets as lab_subnets
 from tortie.lab.cniexec import PTP_SUBNET
 from tortie.lab.etcd_server import EtcdServer
 from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
@@ -90,14 +91,15 @@ class Lab:
            uplinks: int = 1, cni: str = "tortie", agent: str = "auto", agent_env: Mapping[str, str] | None = None,
            pool: str = topology.DEFAULT_POOL_CIDR, block_size: int = topology.DEFAULT_BLOCK_SIZE,
            timeout: float = 60.0, bfd: bool = False, reflectors: int = 0, etcd_members: int = 1,
-           etcd_tls: bool = False, echo: Echo = quiet) -> Lab:
+           etcd_tls: bool = False, subnets: int = 1, echo: Echo = quiet) -> Lab:
         """Build the lab and wait until it is ready; on any failure tear down what was made.
         `bfd`: the routers run BFD with every node (for egress next hops that ask for it).
         `reflectors`: the mesh is off and the last that many nodes are route reflectors
         (one cluster id), every other node their client.
         `etcd_members` 3: a cluster, each member in its own namespace; `etcd_tls`: every
         client and peer link over TLS with certificates of a lab CA."""
-        plan = topology.make_plan(name, nodes, tor, uplinks, etcd_members=etcd_members, etcd_tls=etcd_tls)
+        plan = topology.make_plan(name, nodes, tor, uplinks, etcd_members=etcd_members, etcd_tls=etcd_tls,
+                                  subnets=subnets)
         if bfd and tor == "none":
             raise ValidationError("--bfd needs routers (--tor bird or frr)", field="bfd")
         if reflectors and (tor != "none" or not 0 < reflectors < nodes):
@@ -335,6 +337,7 @@ class Lab:
         nsutil.ip_batch(plan.net_netns, [
             line for br in bridges for line in (f"link add {br} type bridge forward_delay 0 stp_state 0",
                                                 f"link set {br} up")])
+        lab_subnets.build_router(plan)  # --subnets 2: the second segment and its router
         # The core segment: etcd, the routers' core side, the outside host.
         core = [(plan.ctl_netns, "ctl", "eth0", plan.ctl_address, plan.bridge)]
         core += [(m.netns, f"etcd{m.name[1:]}", "eth0", m.address, plan.bridge)
@@ -375,6 +378,7 @@ class Lab:
             if n.gateways:
                 cmds.append(_default_route(n.gateways))
             nsutil.ip_batch(n.netns, cmds)
+        lab_subnets.add_routes(plan)
 
     def _router(self, tor: TorPlan, st: LabState | None = None) -> routers.RouterRun:
         lab_dir = state.lab_dir(self.name)

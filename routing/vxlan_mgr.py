@@ -57,6 +57,10 @@ class VxlanManager:
         self.errors: dict[str, str] = {}  # what the kernel refused, by device or entry
         self._resync = True
         self._have_update = False
+        # Called (on this thread) after a device was repaired or made again: the kernel may
+        # have dropped the routes through it without a notification (the agent: the route
+        # manager's request_resync).
+        self.on_repair = None
 
     # -- the manager protocol -------------------------------------------------------------
     def on_update(self, msg: object) -> None:
@@ -203,6 +207,8 @@ class VxlanManager:
         self.ipr.addr("add", index=index, address=dev.address, prefixlen=32 if dev.family == 4 else 128)
         self.ipr.link("set", index=index, state="up")
         self._forget_entries(dev.name)
+        if self.on_repair is not None:
+            self.on_repair()
         log.info("vxlan device created", device=dev.name, vni=dev.vni, local=dev.local, mac=dev.mac,
                  mtu=dev.mtu, address=dev.address)
 
@@ -219,15 +225,21 @@ class VxlanManager:
         if "address" in change:
             self._forget_entries(dev.name)
         if old.address != dev.address:
-            plen = 32 if dev.family == 4 else 128
+            # The new address first: a device left without IPv4 address loses every route
+            # through it, and the kernel tells no one.
+            if dev.address not in old.address.split(","):
+                self.ipr.addr("add", index=index, address=dev.address, prefixlen=32 if dev.family == 4 else 128)
             for a in old.address.split(","):
                 if a and a != dev.address:
                     self.ipr.addr("del", index=index, address=a,
                                   prefixlen=next(x["prefixlen"] for x in self.ipr.get_addr(index=index)
                                                  if x.get_attr("IFA_ADDRESS") == a))
-            if dev.address not in old.address.split(","):
-                self.ipr.addr("add", index=index, address=dev.address, prefixlen=plen)
-        log.info("vxlan device repaired", device=dev.name)
+        if not change and old.address == dev.address:
+            return
+        if self.on_repair is not None:  # routes through it may have gone silently: read them again
+            self.on_repair()
+        log.info("vxlan device repaired", device=dev.name, changed=sorted(change),
+                 address=dev.address if old.address != dev.address else None, was=old)
 
     def _apply_entries(self) -> None:
         t = self.entries
