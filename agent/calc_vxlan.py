@@ -180,3 +180,12 @@ class VxlanCalc:
             if any(addr in ipaddress.ip_network(p.cidr) for p in pools):
                 out.append(device_mtu(pools, me, addr.version, self.uplink_mtu))
         return min(out) if out else 0
+
+    def status(self, error: str | None) -> list[dict]:
+        """Per device wanted: what it is and whether it is in place (node status, metrics);
+        `error` is the VXLAN manager's last failure (None: its last apply succeeded)."""
+        if self.sent is None:
+            return []
+        return [{"device": d.name, "vni": d.vni, "address": d.address, "mac": d.mac, "mtu": d.mtu,
+                 "vteps": sum(1 for f, _ in self.sent.vteps if f == d.family), "up": error is None,
+                 "reason": error} for d in self.sent.devices]

@@ -103,6 +103,8 @@ class Agent:
         self.m_egress = m.gauge("tortie_egress_up", "Per egress pool: 1 while its table routes by its "
                                 "next hop, 0 while its traffic is refused (node status says why)")
         self.m_bfd = m.gauge("tortie_bfd_up", "Per BFD peer (an egress next hop or a BGP peer): 1 while Up")
+        self.m_vxlan = m.gauge("tortie_vxlan_up", "Per VXLAN device this node wants: 1 while the device and its "
+                               "FDB and neighbour entries are in place, 0 while the kernel refuses them")
         self.m_sessions = m.gauge("tortie_bgp_session_up", "Per BGP peer: 1 while the session is established")
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
@@ -477,6 +479,13 @@ class Agent:
         for cls in ("blocks", "workloads", "bgp"):
             self.m_routes.set(self.calc.route_count(cls), **{"class": cls})
         self.m_refused.set(len(self.calc.refused))
+        self.m_vxlan.values.clear()
+        for d in self._vxlan_status():
+            self.m_vxlan.set(1 if d["up"] else 0, device=d["device"])
+
+    def _vxlan_status(self) -> list[dict]:
+        st = self.driver.states.get("vxlan") if self.driver is not None else None
+        return self.vxlan.status(st.error if st is not None else "not applied yet")
 
     async def _sample_lag(self) -> None:
         """Event-loop lag at a scrape: how long a callback made ready now waits for the loop.
@@ -501,6 +510,7 @@ class Agent:
                 continue
             refused = dict(sorted(self.calc.refused.items())[:STATUS_REFUSED_MAX])
             body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status, "refused": refused,
+                               "vxlan": self._vxlan_status(),
                                "bfd": {p: st["state"] for p, st in self.bfd.states().items()} if self.bfd else {}},
                               sort_keys=True).encode()
             try:

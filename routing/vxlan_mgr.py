@@ -95,8 +95,10 @@ class VxlanManager:
     def apply(self) -> None:
         if not self._have_update:
             return  # before the first plan, nothing is known to be unwanted
+        if self.errors:  # the driver's retry after a failure: read the kernel, try all again
+            self._resync = True
         if self._resync:
-            self.errors = {}  # everything held is tried again after the read
+            self.errors = {}
             self._read_kernel()
         self._apply_devices()
         self._apply_entries()
@@ -172,10 +174,10 @@ class VxlanManager:
                 else:
                     self._fix(have, want[0])
             except Exception as exc:  # the kernel's word, reported per device
-                self.errors[name] = str(exc)
-                log.error("vxlan device not set up", device=name, error=str(exc))
-                self.devices.hold(name, str(exc))
-                self._resync = True
+                code = getattr(exc, "code", None)
+                self.errors[name] = f"{nl.errno_name(code)} ({exc.args[-1]})" if isinstance(code, int) else str(exc)
+                log.error("vxlan device not set up", device=name, error=self.errors[name])
+                self.devices.hold(name, self.errors[name])
                 continue
             self.errors.pop(name, None)
             self.devices.mark_written(name)
@@ -266,7 +268,6 @@ class VxlanManager:
             if err is not None and not (mtype == neigh.RTM_DELNEIGH and err[0] == 2):  # ENOENT: gone
                 self.errors[where] = f"{nl.errno_name(err[0])} {err[1]}".strip()
                 t.hold(key, self.errors[where])
-                self._resync = True  # the driver's retry reads the kernel and tries again
                 continue
             self.errors.pop(where, None)
             if mtype == neigh.RTM_DELNEIGH:

@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+from lab_fixtures import agent_metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -96,6 +97,15 @@ def test_cross_subnet_encapsulates_only_across_the_router(lab):
     route = node_ip(lab, "node1", "-j", "route", "show", lab.wep("default/p2")["spec"]["ipNetworks"][0]
                     .split("/")[0]).stdout
     assert DEV not in route
+    # Said so: the metric, and node status (published with the BGP status, every 10 s at worst).
+    assert agent_metric(lab, "node1", "tortie_vxlan_up", device=DEV) == 1
+
+    def status() -> dict:
+        docs = json.loads(lab.ctl("node", "status", "node3", "-o", "json").stdout)
+        return (docs[0].get("vxlan") or [{}])[0]
+    assert wait(lambda: status().get("vteps") == 2, 15, step=0.5) is not None
+    assert status()["up"] is True and status()["mtu"] == 1450
+    assert "remote VTEP(s): up" in lab.ctl("node", "status", "node3").stdout
 
 
 def test_switching_modes_converges_within_2s_without_restarting_agents(lab):

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from tortie.agent.calc_vxlan import VTEP, Device, VxlanUpdate
+from tortie.errors import DataplaneError
 from tortie.routing.model import Route
 from tortie.routing.route_mgr import RouteManager
 from tortie.routing.vxlan_mgr import VxlanManager, VxlanMonitor
@@ -172,3 +173,19 @@ def test_a_new_manager_adopts_what_is_there(pair):
     finally:
         fresh.close()
 
+
+
+def test_a_refused_device_is_reported_and_retried(pair):
+    ns, mgrs = pair
+    a = mgrs["a"]
+    # Another device already holds VNI 4096 on this address and port: the kernel says no.
+    ip(ns["a"], "link", "add", "vxother", "type", "vxlan", "id", "4096", "local", UNDER["a"], "dstport", "4789")
+    a.on_update(plan("a", "b"))
+    with pytest.raises(DataplaneError, match=r"vxlan\.tortie: EEXIST"):
+        a.apply()
+    assert device(ns["a"]) is None and not a.dirty  # held: the driver retries after its delay
+    with pytest.raises(DataplaneError):  # the retry, while the other device is there
+        a.apply()
+    ip(ns["a"], "link", "del", "vxother")
+    a.apply()  # the next retry
+    assert device(ns["a"]) is not None and neighbours(ns["a"]) == [(TUN["b"], MAC["b"])]
