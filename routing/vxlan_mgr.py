@@ -37,6 +37,7 @@ log = get_logger("vxlan")
 
 OWNED = ("vxlan.tortie", "vxlan-v6.tortie")  # device names that are tortie's alone
 _IFF_UP = 0x1
+IFA_F_NODAD = 0x02
 
 
 def _device_state(dev) -> tuple:
@@ -206,13 +207,19 @@ class VxlanManager:
                       vxlan_learning=0, address=dev.mac, mtu=dev.mtu, **local)
         index = self.ipr.link_lookup(ifname=dev.name)[0]
         self.index[dev.name] = index
-        self.ipr.addr("add", index=index, address=dev.address, prefixlen=32 if dev.family == 4 else 128)
+        self._add_address(index, dev)
         self.ipr.link("set", index=index, state="up")
         self._forget_entries(dev.name)
         if self.on_repair is not None:
             self.on_repair()
         log.info("vxlan device created", device=dev.name, vni=dev.vni, local=dev.local, mac=dev.mac,
                  mtu=dev.mtu, address=dev.address)
+
+    def _add_address(self, index: int, dev) -> None:
+        # IPv6: no duplicate address detection (the address is the pool's, handed out once):
+        # a tentative address would hold up the node's own traffic through the tunnel.
+        extra = {} if dev.family == 4 else {"flags": IFA_F_NODAD}
+        self.ipr.addr("add", index=index, address=dev.address, prefixlen=32 if dev.family == 4 else 128, **extra)
 
     def _fix(self, have: tuple, dev) -> None:
         old, up, learning = have
@@ -230,7 +237,7 @@ class VxlanManager:
             # The new address first: a device left without IPv4 address loses every route
             # through it, and the kernel tells no one.
             if dev.address not in old.address.split(","):
-                self.ipr.addr("add", index=index, address=dev.address, prefixlen=32 if dev.family == 4 else 128)
+                self._add_address(index, dev)
             for a in old.address.split(","):
                 if a and a != dev.address:
                     self.ipr.addr("del", index=index, address=a,

@@ -116,3 +116,17 @@ def test_pod_mtu_only_for_vxlan_pools():
     calc = VxlanCalc("n1", uplink_mtu=1500)
     assert calc.pod_mtu(s, ["10.65.1.5"]) == 1450
     assert calc.pod_mtu(s, ["10.70.0.5"]) == 0
+
+
+def test_ipv6_pools_get_their_own_device():
+    s = ClusterState(prefix=P)
+    pool(s, "Always", name="v6", cidr="fd00:65::/48", blockSize=122)
+    for i in (1, 2):
+        put(s, f"resources/node/n{i}", {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": f"n{i}"},
+                                        "spec": {"bgp": {"ipv6Address": f"fd00:99::{i}/64"},
+                                                 "ipv6VXLANTunnelAddr": f"fd00:65::{i}:0"}})
+        affinity(s, f"n{i}", f"fd00:65::{i}:0/122")
+    update, routes = plan(s, "n1")
+    (dev,) = update.devices
+    assert (dev.name, dev.family, dev.local, dev.mtu, dev.address) == (DEVICE[6], 6, "fd00:99::1", 1430, "fd00:65::1:0")
+    assert list(routes.values()) == [Route("fd00:65::2:0/122", dev=DEVICE[6], gateways=("fd00:65::2:0",), onlink=True)]

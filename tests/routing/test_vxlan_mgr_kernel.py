@@ -189,3 +189,50 @@ def test_a_refused_device_is_reported_and_retried(pair):
     ip(ns["a"], "link", "del", "vxother")
     a.apply()  # the next retry
     assert device(ns["a"]) is not None and neighbours(ns["a"]) == [(TUN["b"], MAC["b"])]
+
+
+def test_ipv6_over_vxlan(netns):
+    """An IPv6 underlay, IPv6 tunnel addresses, an IPv6 pod route through the tunnel."""
+    under, tun, block = {"a": "fd00:50::1", "b": "fd00:50::2"}, {"a": "fd00:66::1", "b": "fd00:66:1::1"}, \
+        {"a": "fd00:66::/64", "b": "fd00:66:1::/64"}
+    ns = {"a": netns.new("vx6a"), "b": netns.new("vx6b")}
+    ip(ns["a"], "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", ns["b"])
+    mgrs = {}
+    try:
+        for me, other in (("a", "b"), ("b", "a")):
+            ip(ns[me], "-6", "addr", "add", f"{under[me]}/64", "dev", "eth0", "nodad")
+            ip(ns[me], "link", "set", "eth0", "up")
+            mgrs[me] = VxlanManager(ns[me])
+            dev = Device("vxlan-v6.tortie", 6, 4096, under[me], MAC[me], 1430, tun[me])
+            mgrs[me].on_update(VxlanUpdate((dev,), ((6, VTEP(other, tun[other], MAC[other], under[other])),)))
+            mgrs[me].apply()
+            routes = RouteManager(netns=ns[me])
+            routes.set_routes("vxlan", [Route(block[other], dev="vxlan-v6.tortie", gateways=(tun[other],), onlink=True)])
+            assert not routes.apply().errors
+            routes.close()
+        d = json.loads(ip(ns["a"], "-d", "-j", "link", "show", "dev", "vxlan-v6.tortie").stdout)[0]
+        assert (d["linkinfo"]["info_data"]["local6"], d["mtu"]) == (under["a"], 1430)
+        out = json.loads(ip(ns["a"], "-6", "-j", "neigh", "show", "dev", "vxlan-v6.tortie").stdout)
+        assert [(e["dst"], e["lladdr"]) for e in out if "PERMANENT" in e["state"]] == [(tun["b"], MAC["b"])]
+        reply = subprocess.run(["ip", "netns", "exec", ns["a"], "python3", "-c",
+                                "import socket,subprocess,sys,time\n"
+                                f"srv = subprocess.Popen(['ip','netns','exec','{ns['b']}','python3','-c',"
+                                "\"import socket; s=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); "
+                                f"s.bind(('{tun['b']}', 7000)); s.settimeout(10); d,a=s.recvfrom(2000); s.sendto(d,a)\"])\n"
+                                "s=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(0.2)\n"
+                                f"s.bind(('{tun['a']}', 0))\n"
+                                "for _ in range(40):\n"
+                                f"    s.sendto(b'x'*1300, ('{tun['b']}', 7000))\n"
+                                "    try: print(len(s.recv(2000))); break\n"
+                                "    except OSError: time.sleep(0.05)\n"
+                                "srv.kill()\n"], capture_output=True, text=True, timeout=30)
+        assert reply.stdout.strip() == "1300", reply.stderr
+        fresh = VxlanManager(ns["a"])  # a restarted agent adopts the IPv6 device as it is
+        mgrs["fresh"] = fresh
+        fresh.on_update(VxlanUpdate((Device("vxlan-v6.tortie", 6, 4096, under["a"], MAC["a"], 1430, tun["a"]),),
+                                    ((6, VTEP("b", tun["b"], MAC["b"], under["b"])),)))
+        fresh.apply()
+        assert not fresh.devices.pending_updates and not fresh.entries.pending_updates
+    finally:
+        for m in mgrs.values():
+            m.close()
