@@ -116,21 +116,47 @@ def plan(state, node: str, uplink_mtu: int = 1500) -> tuple[VxlanUpdate, dict]:
             remote[other.name] = VTEP(other.name, tunnel, other.vxlan_mac or vtep_mac(other.name), str(addr.ip))
             vteps.append((family, remote[other.name]))
         nets = [(ipaddress.ip_network(p.cidr), p.vxlan_mode) for p in pools]
-        for (owner, block), confirmed in state.affinities.items():
-            if owner == node or not confirmed or owner not in remote:
-                continue
-            net = ipaddress.ip_network(block)
-            mode = next((m for n, m in nets if n.version == net.version and net.subnet_of(n)), None)
-            if mode is None:
-                continue
-            peer = remote[owner]
-            if mode == "CrossSubnet" and ipaddress.ip_address(peer.underlay) in mine.network:
-                # Same subnet: straight to the node, as the fabric carries it (no BGP needed).
-                r = Route(block, gateways=(peer.underlay,))
-            else:
-                r = Route(block, dev=name, gateways=(peer.tunnel,), onlink=True)
-            routes[r.key] = r
+        routes.update(_routes(state, node, family, Link(name, mine, remote, nets)))
     return VxlanUpdate(tuple(devices), tuple(vteps)), routes
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """What routing one family through the overlay needs to know."""
+
+    device: str
+    mine: ipaddress.IPv4Interface | ipaddress.IPv6Interface  # this node's underlay, with its subnet
+    remote: dict  # node -> VTEP
+    nets: list  # (pool network, mode)
+
+    def route(self, dst, owner: str) -> Route | None:
+        mode = next((m for n, m in self.nets if n.version == dst.version and dst.subnet_of(n)), None)
+        if mode is None or owner not in self.remote:
+            return None
+        peer = self.remote[owner]
+        if mode == "CrossSubnet" and ipaddress.ip_address(peer.underlay) in self.mine.network:
+            # Same subnet: straight to the node, as the fabric carries it (no BGP needed).
+            return Route(str(dst), gateways=(peer.underlay,))
+        return Route(str(dst), dev=self.device, gateways=(peer.tunnel,), onlink=True)
+
+
+def _routes(state, node: str, family: int, link: Link) -> dict:
+    """Other nodes' confirmed blocks of VXLAN pools, and the addresses their pods borrowed
+    from blocks not their node's (this node's too): host routes to their node, more
+    specific than the block's route or blackhole."""
+    blocks_of: dict[str, list] = {}
+    for (owner, block), confirmed in state.affinities.items():
+        if confirmed:
+            blocks_of.setdefault(owner, []).append(ipaddress.ip_network(block))
+    found = [link.route(block, owner) for owner, blocks in blocks_of.items() if owner != node for block in blocks]
+    for wep in state.weps.values():
+        if wep.node == node or wep.node not in link.remote:
+            continue
+        for cidr in wep.ip_networks:
+            addr = ipaddress.ip_interface(cidr).ip
+            if addr.version == family and not any(addr in b for b in blocks_of.get(wep.node, ())):
+                found.append(link.route(ipaddress.ip_network(addr), wep.node))
+    return {r.key: r for r in found if r is not None}
 
 
 class VxlanCalc:
@@ -151,6 +177,8 @@ class VxlanCalc:
         found = keys.parse_resource(relative_key)
         if (found is not None and found[0] in ("ippool", "node")) or keys.parse_affinity(relative_key):
             self.dirty = True
+        elif found is not None and found[0] == "workloadendpoint" and self.sent and self.sent.devices:
+            self.dirty = True  # a pod elsewhere may hold an address borrowed from another block
 
     def update(self, state) -> list:
         if not self.dirty:

@@ -130,3 +130,21 @@ def test_ipv6_pools_get_their_own_device():
     (dev,) = update.devices
     assert (dev.name, dev.family, dev.local, dev.mtu, dev.address) == (DEVICE[6], 6, "fd00:99::1", 1430, "fd00:65::1:0")
     assert list(routes.values()) == [Route("fd00:65::2:0/122", dev=DEVICE[6], gateways=("fd00:65::2:0",), onlink=True)]
+
+
+def test_borrowed_addresses_get_host_routes_to_their_node():
+    s = three_nodes("Always")
+    # n3 borrowed 10.65.1.9 from n1's block and 10.65.2.7 from n2's; n2's own pod needs nothing.
+    for name, node_, ip in (("b1", "n3", "10.65.1.9/32"), ("b2", "n3", "10.65.2.7/32"), ("own", "n2", "10.65.2.5/32")):
+        put(s, f"resources/workloadendpoint/default/{name}", {
+            "apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"node": node_, "pod": name, "containerID": "c" + name, "ipNetworks": [ip]}})
+    _, routes = plan(s, "n1")
+    tunnel3 = dict(dev=DEVICE[4], gateways=("10.65.3.0",), onlink=True)
+    assert Route("10.65.1.9/32", **tunnel3) in routes.values()  # from our own block: beats the blackhole
+    assert Route("10.65.2.7/32", **tunnel3) in routes.values()
+    assert not any(r.dst == "10.65.2.5/32" for r in routes.values())
+    calc = VxlanCalc("n1")
+    calc.update(s)
+    calc.note("resources/workloadendpoint/default/b1")
+    assert calc.dirty
