@@ -29,6 +29,7 @@ from tortie import log as tlog
 from tortie.agent import config as agent_config
 from tortie.agent import vxlan_addr
 from tortie.agent.calc import EGRESS, WORKLOADS, Calculation, host_prefix
+from tortie.agent.calc_vxlan import DEVICE as VXLAN_DEVICE
 from tortie.agent.calc_vxlan import VxlanCalc
 from tortie.agent.cni_server import ETCD_TIMEOUT as CNI_ETCD_TIMEOUT
 from tortie.datastore import keys
@@ -630,6 +631,7 @@ class Agent:
 
 
 NODE_ADDRESS_TYPE = "CalicoNodeIP"  # the Node.spec.addresses entries the agent owns
+VXLAN_DEVICES = frozenset(VXLAN_DEVICE.values())
 
 
 def local_addresses() -> list[str]:
@@ -641,8 +643,10 @@ def local_addresses() -> list[str]:
     if proc.returncode != 0:
         log.warning("cannot list the node's addresses", error=proc.stderr.strip())
         return []
+    # not the VXLAN devices' tunnel addresses: those are the pools', handed out by IPAM
     found = {str(ipaddress.ip_interface(f"{a['local']}/{a.get('prefixlen', 128 if ':' in a['local'] else 32)}"))
-             for link in json.loads(proc.stdout or "[]") for a in link.get("addr_info", []) if a.get("local")}
+             for link in json.loads(proc.stdout or "[]") if link.get("ifname") not in VXLAN_DEVICES
+             for a in link.get("addr_info", []) if a.get("local")}
     return sorted(found, key=lambda a: (ipaddress.ip_interface(a).version, ipaddress.ip_interface(a)))
 
 

@@ -8,6 +8,7 @@ One lab for the module; the tests run in file order and each sets the mode it ne
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 
@@ -217,6 +218,19 @@ for _ in range(30):
 t.settimeout(5); t.sendall(b"t" * 65536); t.shutdown(socket.SHUT_WR)
 print("tcp", t.recv(100).decode())
 """
+
+
+def test_a_killed_agent_leaves_the_overlay_up_and_its_successor_adopts_it(lab):
+    set_mode(lab, "CrossSubnet")
+    assert wait(lambda: converged(lab, "CrossSubnet"), 10) is not None
+    index = json.loads(node_ip(lab, "node1", "-j", "link", "show", "dev", DEV).stdout)[0]["ifindex"]
+    fdb, neigh = _fdb(lab, "node1"), _neigh(lab, "node1")
+    lab.agent_stop("node1", signal.SIGKILL)
+    assert reach(lab, "default/p1", "default/p3") and reach(lab, "default/p3", "default/p1")
+    lab.agent_start("node1")
+    assert reach(lab, "default/p1", "default/p3")
+    assert json.loads(node_ip(lab, "node1", "-j", "link", "show", "dev", DEV).stdout)[0]["ifindex"] == index
+    assert (_fdb(lab, "node1"), _neigh(lab, "node1")) == (fdb, neigh)
 
 
 def test_bad_input_is_refused_in_one_line_and_nothing_is_stored(lab):
