@@ -23,11 +23,11 @@ log = get_logger("vxlan")
 FIELD = {4: "ipv4VXLANTunnelAddr", 6: "ipv6VXLANTunnelAddr"}
 
 
-def wanted_pools(pools, me, family: int) -> list:
-    """The enabled VXLAN pools of a family that select this node (by name)."""
-    return sorted((p for p in pools
-                   if p.vxlan_mode != "Never" and not p.disabled and p.version == family and p.selects(me.labels)),
-                  key=lambda p: p.name)
+def wanted_pools(pools, me, family: int, *, disabled: bool = False) -> list:
+    """The VXLAN pools of a family that select this node (by name); disabled ones too if
+    asked (an address held in one is kept: disabling a pool stops new addresses only)."""
+    return sorted((p for p in pools if p.vxlan_mode != "Never" and (disabled or not p.disabled)
+                   and p.version == family and p.selects(me.labels)), key=lambda p: p.name)
 
 
 def reconcile(store, ipam, me, pools) -> dict[int, str | None]:
@@ -48,7 +48,7 @@ def reconcile(store, ipam, me, pools) -> dict[int, str | None]:
         usable = wanted_pools(pools, me, family)
         ours = [ip for ip in held if ipaddress.ip_address(ip).version == family]
         fits = [ip for ip in ([have] if have else []) + ours
-                if any(ipaddress.ip_address(ip) in p.network for p in usable)]
+                if any(ipaddress.ip_address(ip) in p.network for p in wanted_pools(pools, me, family, disabled=True))]
         new = fits[0] if fits else None
         if new is None and usable:
             counts = {"num_v4": 1, "num_v6": 0} if family == 4 else {"num_v4": 0, "num_v6": 1}
