@@ -753,6 +753,7 @@ class Lab:
                                 for n, u in plan.links_of(t.name)}}
                      for t in plan.tors],
             "uplink_segments": [{"namespace": plan.net_netns, **asdict(seg)} for seg in plan.segments],
+            "subnets": lab_subnets.status(plan),
             "outside": {"namespace": plan.ext_netns, "address": plan.ext_address,
                         "ip": plan.ext_address.split("/")[0]} if plan.ext_netns and plan.ext_address else None,
             "pods": [

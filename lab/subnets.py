@@ -87,3 +87,13 @@ def add_routes(plan) -> None:
     core += [n.netns for n in plan.nodes if not n.uplinks[0].gateway]
     for ns in core:
         nsutil.ip_batch(ns, [f"route replace {SECOND_SUBNET} via {via}"])
+
+
+def status(plan) -> dict | None:
+    """The second segment and its router, for `status -o json` (None with one subnet)."""
+    if plan.subnets != 2:
+        return None
+    core, second = gateways(plan.subnet)
+    return {"router": {"namespace": router_netns(plan.lab), "core_address": core, "address": second, "bgp": False},
+            "segment": {"namespace": plan.net_netns, "bridge": BRIDGE, "subnet": SECOND_SUBNET},
+            "nodes": {n.name: n.uplinks[0].address for n in plan.nodes}}

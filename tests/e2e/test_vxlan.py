@@ -75,6 +75,12 @@ def converged(lab, mode: str) -> bool:
     return all(reach(lab, s, d) == want for s, d, want in pairs)
 
 
+def test_the_lab_map_shows_the_two_subnets(lab):
+    sub = lab.status()["subnets"]
+    assert sub["segment"]["subnet"] == "10.99.200.0/24" and sub["router"]["bgp"] is False
+    assert [a.rsplit(".", 1)[0] for a in sub["nodes"].values()] == ["10.99.0", "10.99.0", "10.99.200"]
+
+
 def test_never_leaves_the_other_subnet_unreachable(lab):
     set_mode(lab, "Never")
     assert wait(lambda: converged(lab, "Never"), 10) is not None
