@@ -79,6 +79,7 @@ class Agent:
         self.vxlan = VxlanCalc(self.node)  # the overlay's plan, beside the calculation
         self._tunnel_task: asyncio.Task | None = None
         self._tunnel_again = False
+        self._tunnel_done: tuple | None = None  # what the last successful run was given
         self.in_sync = False
         self.stopping = asyncio.Event()
         self.health = Health()
@@ -169,11 +170,15 @@ class Agent:
             self._tunnel_again = True
             return
         self._tunnel_again = False
+        me, pools = self.state.nodes.get(self.node), list(self.state.pools.values())
+        inputs = vxlan_addr.inputs(me, pools)
+        if inputs == self._tunnel_done:
+            return  # nothing it reads changed (a pod came or went): no etcd round trip
 
         async def run() -> None:
             try:
-                await asyncio.to_thread(vxlan_addr.reconcile, self.store, self.ipam, self.state.nodes.get(self.node),
-                                        list(self.state.pools.values()))
+                await asyncio.to_thread(vxlan_addr.reconcile, self.store, self.ipam, me, pools)
+                self._tunnel_done = inputs
                 self.health.condition("vxlan-address", None)
             except errors.TortieError as exc:
                 log.error("VXLAN tunnel address not set", error=str(exc))

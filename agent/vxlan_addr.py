@@ -30,6 +30,14 @@ def wanted_pools(pools, me, family: int, *, disabled: bool = False) -> list:
                    and p.version == family and p.selects(me.labels)), key=lambda p: p.name)
 
 
+def inputs(me, pools) -> tuple | None:
+    """What `reconcile` decides by: when it is unchanged, so is its answer."""
+    if me is None:
+        return None
+    return (me.name, me.labels, me.vxlan_tunnel_addr, me.vxlan_tunnel_addr6,
+            tuple(sorted((p.name, p.cidr, p.vxlan_mode, p.disabled, p.node_selector) for p in pools)))
+
+
 def reconcile(store, ipam, me, pools) -> dict[int, str | None]:
     """Make the Node's tunnel addresses match the VXLAN pools; returns them by family.
     `me` (the Node view, for its name and labels) and `pools` are the loop's, copied: this
