@@ -113,6 +113,7 @@ def test_cross_subnet_encapsulates_only_across_the_router(lab):
     assert wait(lambda: status().get("vteps") == 2, 15, step=0.5) is not None
     assert status()["up"] is True and status()["mtu"] == 1450
     assert "remote VTEP(s): up" in lab.ctl("node", "status", "node3").stdout
+    assert "CrossSubnet (VNI 4096)" in lab.ctl("get", "ippools", "-o", "wide").stdout
 
 
 def test_switching_modes_converges_within_2s_without_restarting_agents(lab):
