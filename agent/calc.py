@@ -727,9 +727,10 @@ class Calculation:
         for prefix in changed:  # our own block coming back is never routed
             if prefix in self.learned:
                 self._learned_one(prefix)
-        # ... nor what is more specific than a block of ours (see import_refusal)
-        shortest = min(ipaddress.ip_network(c).prefixlen for c in changed)
-        for prefix in [p for p in self.learned if int(p.rsplit("/", 1)[1]) > shortest]:
+        # ... nor what is more specific than a block of ours (see import_refusal): only what
+        # lies inside a block that came or went can change its answer
+        inside = BlockIndex((c, ipaddress.ip_network(c)) for c in changed).containing
+        for prefix in [p for p in self.learned if inside(p)]:
             self._learned_one(prefix)
 
     def _exports_recompute(self) -> None:
