@@ -143,7 +143,7 @@ def _pools_holding(wep: res.WorkloadEndpoint, pools: Mapping[str, res.IPPool]) -
 def egress_exports(state: ClusterState, node: str) -> set[str]:
     """The egress addresses (/32, /128) this node announces: those of the pools it holds
     pods of, so replies to the pods' translated traffic come back to it."""
-    pools = {p.name: p for p in state.pools.values() if p.egress and p.egress.address}
+    pools = {p.name: p for p in state.pools.values() if _announces_egress(p)}
     if not pools:
         return set()
     held: set[str] = set()
@@ -151,6 +151,12 @@ def egress_exports(state: ClusterState, node: str) -> set[str]:
         if wep.node == node and wep.interface_name:
             held |= _pools_holding(wep, pools)
     return {host_prefix(pools[name].egress.address) for name in held}
+
+
+def _announces_egress(pool: res.IPPool) -> bool:
+    """A pool's egress address goes out over BGP unless the pool exports nothing: then the
+    replies must come back by routes of the operator's own (disableBGPExport)."""
+    return bool(pool.egress and pool.egress.address) and not pool.disable_bgp_export
 
 
 def export_policies(state: ClusterState, peers: Iterable) -> tuple[ExportPolicy, ...]:
@@ -693,7 +699,7 @@ class Calculation:
     def _held_egress(self) -> set[str]:
         pools = self.state.pools
         return {host_prefix(p.egress.address) for name in self._pool_pods
-                if (p := pools.get(name)) is not None and p.egress and p.egress.address}
+                if (p := pools.get(name)) is not None and _announces_egress(p)}
 
     def _borrowed_of(self, wep: res.WorkloadEndpoint | None) -> list[str]:
         """A local endpoint's addresses outside our blocks, in a pool that exports: announced
