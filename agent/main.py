@@ -405,8 +405,9 @@ class Agent:
     def _update_bfd(self) -> None:
         """BFD sessions to the egress next hops and BGP peers that ask for them (started on
         first use: it listens on UDP 3784)."""
-        want = {h: bfd.Timers(tx / 1000, rx / 1000, mult) for plan in self.calc.egress for h, tx, rx, mult in plan.bfd}
-        want.update((a, bfd.Timers(tx / 1000, rx / 1000, mult)) for a, (tx, rx, mult) in self.calc.bfd_peers.items())
+        asks = [(h, tx, rx, mult) for plan in self.calc.egress for h, tx, rx, mult in plan.bfd]
+        asks += [(a, *timers) for a, timers in self.calc.bfd_peers.items()]
+        want = bfd.fastest((a, bfd.Timers(tx / 1000, rx / 1000, mult)) for a, tx, rx, mult in asks)
         if want == self._bfd_want:
             return
         self._bfd_want = want

@@ -356,6 +356,9 @@ class Lab:
         router_ns = {t.netns for t in plan.tors}
         for ns, _, ifname, addr, _ in core:
             default = [] if ns in router_ns or not plan.core_gateways else [_default_route(plan.core_gateways)]
+            if default and len(plan.core_gateways) > 1:  # --uplinks 2: replies go back the way they came
+                default += [f"route add {t.segment.subnet} via {t.ip}" for t in plan.tors if t.segment]
+                nsutil.multipath_failover(ns, [ifname])
             nsutil.ip_batch(ns, [f"addr add {addr} dev {ifname}", f"link set {ifname} up", *default])
         for t in plan.tors:
             nsutil.sysctl(t.netns, "net.ipv4.ip_forward", "1")
@@ -378,6 +381,8 @@ class Lab:
             if n.gateways:
                 cmds.append(_default_route(n.gateways))
             nsutil.ip_batch(n.netns, cmds)
+            if len(n.gateways) > 1:
+                nsutil.multipath_failover(n.netns, [u.ifname for u in n.uplinks])
         lab_subnets.add_routes(plan)
 
     def _router(self, tor: TorPlan, st: LabState | None = None) -> routers.RouterRun:
