@@ -259,3 +259,17 @@ def test_never_again_removes_the_device_and_frees_the_tunnel_addresses(lab):
     nodes = json.loads(lab.ctl("get", "nodes", "-o", "json").stdout)
     items = nodes.get("items", [nodes])
     assert all("ipv4VXLANTunnelAddr" not in n["spec"] for n in items)
+
+
+def test_the_overlay_needs_no_bgp(lab_factory):
+    """Agents without BGP: every route across the router comes from the datastore alone."""
+    lab = lab_factory(nodes=2, subnets=2, agent_env={"TORTIE_BGP_ENABLED": "false"})
+    try:
+        lab.pod_add("node1", "default/q1")
+        lab.pod_add("node2", "default/q2")
+        assert not reach(lab, "default/q1", "default/q2")
+        set_mode(lab, "CrossSubnet")
+        took = wait(lambda: reach(lab, "default/q1", "default/q2") and reach(lab, "default/q2", "default/q1"), 10)
+        assert took is not None and took <= CONVERGE, took
+    finally:
+        lab.down()
