@@ -25,44 +25,20 @@ from dataclasses import dataclass
 from tortie.datastore import keys
 from tortie.routing.messages import RouteDelta
 from tortie.routing.model import Route
+from tortie.routing.vxlan_model import (
+    DEVICE,
+    MODES,
+    OVERHEAD,
+    PORT,
+    VTEP,
+    VXLAN_CLASS,
+    Device,
+    VxlanUpdate,
+)
 
-VXLAN_CLASS = "vxlan"
-DEVICE = {4: "vxlan.tortie", 6: "vxlan-v6.tortie"}  # Calico: vxlan.calico, vxlan-v6.calico
-PORT = 4789  # IANA's VXLAN port
-# Outer IP header + UDP 8 + VXLAN 8 + inner Ethernet 14.
-OVERHEAD = {4: 20 + 8 + 8 + 14, 6: 40 + 8 + 8 + 14}
-MODES = ("Never", "Always", "CrossSubnet")
-
-
-@dataclass(frozen=True, slots=True)
-class Device:
-    """One VXLAN device: learning off, no remote (every peer is an FDB entry)."""
-
-    name: str
-    family: int
-    vni: int
-    local: str  # this node's underlay address: the outer source
-    mac: str
-    mtu: int
-    address: str  # the node's tunnel address (on the device, host prefix)
-    port: int = PORT
-
-
-@dataclass(frozen=True, slots=True)
-class VTEP:
-    node: str
-    tunnel: str  # tunnel address
-    mac: str
-    underlay: str  # the node's address: where its VXLAN packets go
-
-
-@dataclass(frozen=True, slots=True)
-class VxlanUpdate:
-    """Everything the VXLAN manager owns, whole: per family its device (None: none) and
-    the remote VTEPs it must reach (FDB + neighbour entries)."""
-
-    devices: tuple[Device, ...]
-    vteps: tuple[tuple[int, VTEP], ...]  # (family, remote VTEP)
+# The values are the routing layer's (routing.vxlan_model); re-exported for the agent.
+__all__ = ["DEVICE", "MODES", "OVERHEAD", "PORT", "VTEP", "VXLAN_CLASS", "Device", "VxlanCalc", "VxlanUpdate",
+           "plan", "vtep_mac"]
 
 
 def vtep_mac(node: str) -> str:

@@ -32,6 +32,7 @@ from tortie.log import get_logger
 
 from . import neigh
 from . import netlink as nl
+from .vxlan_model import Device, VxlanUpdate
 
 log = get_logger("vxlan")
 
@@ -65,8 +66,6 @@ class VxlanManager:
 
     # -- the manager protocol -------------------------------------------------------------
     def on_update(self, msg: object) -> None:
-        from tortie.agent.calc_vxlan import VxlanUpdate  # the message type (no cycle at import)
-
         if not isinstance(msg, VxlanUpdate):
             return
         self._have_update = True
@@ -119,8 +118,6 @@ class VxlanManager:
 
     def _read_device(self, name: str) -> tuple | None:
         from pyroute2.netlink.exceptions import NetlinkError
-
-        from tortie.agent.calc_vxlan import Device
 
         try:
             msg = self.ipr.link("get", ifname=name)[0]

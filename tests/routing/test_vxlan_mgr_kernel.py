@@ -9,11 +9,11 @@ import subprocess
 
 import pytest
 
-from tortie.agent.calc_vxlan import VTEP, Device, VxlanUpdate
 from tortie.errors import DataplaneError
 from tortie.routing.model import Route
 from tortie.routing.route_mgr import RouteManager
 from tortie.routing.vxlan_mgr import VxlanManager, VxlanMonitor
+from tortie.routing.vxlan_model import VTEP, Device, VxlanUpdate
 
 pytestmark = pytest.mark.timeout(60)
 
