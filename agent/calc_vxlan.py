@@ -124,7 +124,13 @@ def _routes(state, node: str, family: int, link: Link) -> dict:
     for (owner, block), confirmed in state.affinities.items():
         if confirmed:
             blocks_of.setdefault(owner, []).append(ipaddress.ip_network(block))
-    found = [link.route(block, owner) for owner, blocks in blocks_of.items() if owner != node for block in blocks]
+    found: list[Route | None] = []
+    if family == 6:
+        # IPv6 checks an onlink gateway against the routing table: the remote tunnel address
+        # lies in its node's block, whose learned route (through the uplink) would be a
+        # "device mismatch" when it is replaced. A host route on the device comes first.
+        found += [Route(f"{v.tunnel}/128", dev=link.device) for v in link.remote.values()]
+    found += [link.route(block, owner) for owner, blocks in blocks_of.items() if owner != node for block in blocks]
     for wep in state.weps.values():
         if wep.node == node or wep.node not in link.remote:
             continue

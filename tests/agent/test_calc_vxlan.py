@@ -129,7 +129,8 @@ def test_ipv6_pools_get_their_own_device():
     update, routes = plan(s, "n1")
     (dev,) = update.devices
     assert (dev.name, dev.family, dev.local, dev.mtu, dev.address) == (DEVICE[6], 6, "fd00:99::1", 1430, "fd00:65::1:0")
-    assert list(routes.values()) == [Route("fd00:65::2:0/122", dev=DEVICE[6], gateways=("fd00:65::2:0",), onlink=True)]
+    assert list(routes.values()) == [Route("fd00:65::2:0/128", dev=DEVICE[6]),  # first: see _routes
+                                     Route("fd00:65::2:0/122", dev=DEVICE[6], gateways=("fd00:65::2:0",), onlink=True)]
 
 
 def test_borrowed_addresses_get_host_routes_to_their_node():
