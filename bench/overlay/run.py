@@ -14,8 +14,11 @@ node, then, interleaved rep by rep, between node1's side and node2's:
   latency     TCP request/response of 1 byte (TCP_NODELAY), --rtts round trips: p50, p99
 
 Target (issue 13): VXLAN throughput at least 0.5x direct (medians of the reps). A MISS
-exits 1. Also asked for: the ADD latency of a dual-stack pod against a single-stack one;
-not measured here: the dual-stack lab (issue 13 items 1-2) is not in this tree yet.
+exits 1. Also: the CNI ADD latency of a dual-stack pod against a single-stack one (the
+tortie plugin exec'd in the node as a runtime does (through `ip netns exec`, so above
+bench/cni's figures), in a 1-node dual-stack lab and a
+1-node IPv4 lab, interleaved; --adds of each; no target). That part needs the dual-stack
+lab (`Lab.up(ip_family=...)`, issue 13 items 1-2); without it the run says it was left out.
 
     python bench/overlay/run.py [--reps 3] [--seconds 2] [--rtts 2000] [--json]
 
@@ -26,6 +29,7 @@ than as absolutes.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import subprocess
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--rtts", type=int, default=2000)
+    ap.add_argument("--adds", type=int, default=30, help="pod ADDs of each kind (dual-stack, IPv4 only)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     name = f"ov{uuid.uuid4().hex[:8]}"
@@ -146,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         encapsulated = _vxlan_tx(lab) - before
     finally:
         lab.down()
+    adds = add_latency(args.adds) if "ip_family" in inspect.signature(Lab.up).parameters else None
     direct, vx = out["direct (pool Never)"]["gbps"], out["VXLAN (pool Always)"]["gbps"]
     ratio = vx / direct if direct else 0.0
     ok = ratio >= TARGET_RATIO and encapsulated > 0
     if args.json:
         print(json.dumps({"results": out, "vxlan_over_direct": ratio, "vxlan_tx_packets": encapsulated,
-                          "target": TARGET_RATIO, "pass": ok}, indent=2))
+                          "target": TARGET_RATIO, "pass": ok, "add_ms": adds}, indent=2))
     else:
         print(f"bench/overlay: TCP pod to pod across 2 nodes on the lab's veth links, medians of {args.reps} "
               f"interleaved reps ({args.seconds:g} s streams, {args.rtts} round trips)")
@@ -160,9 +166,45 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<26}{r['gbps']:>9.2f} Gb/s{r['p50_us']:>11.0f} us{r['p99_us']:>7.0f} us")
         print(f"VXLAN / direct throughput: {ratio:.2f}x (target >= {TARGET_RATIO}x): {'PASS' if ok else 'MISS'}"
               f"; {encapsulated} packets left node1's vxlan.tortie")
-        print("dual-stack vs single-stack pod ADD latency: not measured (the dual-stack lab, issue 13 "
-              "items 1-2, is not in this tree yet)")
+        if adds is None:
+            print("dual-stack vs single-stack pod ADD latency: not measured (the dual-stack lab, issue 13 "
+                  "items 1-2, is not in this tree yet)")
+        else:
+            d, v4 = adds["dual-stack"], adds["IPv4 only"]
+            print(f"pod ADD, {args.adds} of each, interleaved: dual-stack p50 {d['p50']:.1f} ms p99 {d['p99']:.1f} ms; "
+                  f"IPv4 only p50 {v4['p50']:.1f} ms p99 {v4['p99']:.1f} ms; dual / single p50 "
+                  f"{d['p50'] / v4['p50']:.2f}x (no target)")
     return 0 if ok else 1
+
+
+def add_latency(count: int) -> dict:
+    """CNI ADD wall time (ms) of a dual-stack pod and of an IPv4-only one: each in a 1-node
+    lab of its family, the plugin exec'd in the node as a runtime does, one of each in turn."""
+    from tortie.lab import cniexec, nsutil, topology
+    from tortie.lab.cluster import Lab
+    from tortie.lab.state import Pod
+
+    labs = {}
+    try:
+        labs["dual-stack"] = Lab.up(f"ad{uuid.uuid4().hex[:8]}", 1, "none", ip_family="dual", timeout=90)
+        labs["IPv4 only"] = Lab.up(f"as{uuid.uuid4().hex[:8]}", 1, "none", timeout=90)
+        took: dict[str, list[float]] = {k: [] for k in labs}
+        for i in range(count):
+            for kind, lab in labs.items():
+                st, plan = lab.state(), lab.plan()
+                pod = Pod("default", f"add{i}", "node1", topology.pod_netns(lab.name, "default", f"add{i}"),
+                          uuid.uuid4().hex)
+                nsutil.netns_add(pod.netns)
+                t0 = time.perf_counter()
+                cniexec.run_plugin(st, plan, pod, "ADD", lab.cni_socket("node1"))
+                took[kind].append((time.perf_counter() - t0) * 1000)
+                cniexec.run_plugin(st, plan, pod, "DEL", lab.cni_socket("node1"))
+                nsutil.netns_del(pod.netns)
+    finally:
+        for lab in labs.values():
+            lab.down()
+    return {k: {"p50": statistics.median(v), "p99": sorted(v)[min(len(v) - 1, int(len(v) * 0.99))]}
+            for k, v in took.items()}
 
 
 def _vxlan_tx(lab) -> int:
