@@ -26,12 +26,14 @@ BRIDGE = "br1"
 SUBNET_COUNTS = (1, 2)
 
 
-def check(subnets: int, nodes: int, tor: str, uplinks: int) -> None:
+def check(subnets: int, nodes: int, tor: str, uplinks: int, ip_family: str = "ipv4") -> None:
     if subnets not in SUBNET_COUNTS:
         raise ValidationError(f"--subnets {subnets}: want 1 or 2", field="subnets")
     if subnets == 2 and (tor != "none" or uplinks != 1):
         raise ValidationError("--subnets 2 wants --tor none and one uplink (its router does not peer "
                               "with tortie)", field="subnets")
+    if subnets == 2 and ip_family != "ipv4":  # the second segment and its router are IPv4 only so far
+        raise ValidationError(f"--subnets 2 with --ip-family {ip_family} is not supported yet", field="subnets")
     if subnets == 2 and nodes < 2:
         raise ValidationError("--subnets 2 wants at least 2 nodes", field="subnets")
 

@@ -25,3 +25,12 @@ def test_refused_in_one_line(kw, nodes):
     with pytest.raises(ValidationError) as exc:
         topology.make_plan("sub", nodes, kw.pop("tor"), **kw)
     assert exc.value.field == "subnets"
+
+
+def test_not_yet_with_ipv6():
+    from tortie.lab import subnets
+
+    with pytest.raises(ValidationError, match="not supported yet") as exc:
+        subnets.check(2, 3, "none", 1, ip_family="dual")
+    assert exc.value.field == "subnets"
+    subnets.check(1, 3, "none", 1, ip_family="dual")  # one subnet: nothing to refuse
