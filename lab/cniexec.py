@@ -8,7 +8,7 @@ import json
 import os
 
 from tortie.errors import DataplaneError, NotFound
-from tortie.lab import nsutil
+from tortie.lab import family, nsutil
 from tortie.lab.state import LabState, Pod
 from tortie.lab.topology import Plan
 
@@ -48,8 +48,10 @@ def run_plugin(st: LabState, plan: Plan, pod: Pod, command: str, agent_socket: s
             "agentSocket": agent_socket,
             "args": {"cni": {"labels": pod.labels, **({"ports": pod.ports} if pod.ports else {})}},
         }
-        if pod.pool:
+        if pod.pool and plan.ip_family == "ipv4":
             config["ipam"] = {"type": "tortie-ipam", "ipv4_pools": [pod.pool]}
+        elif plan.ip_family != "ipv4":
+            config["ipam"] = family.ipam_config(plan.ip_family, pod.pool)
         plugin = os.path.join(st.bin_dir, "tortie")
         env["CNI_PATH"] = f"{st.bin_dir}:{REF_CNI_DIR}"
     r = nsutil.run(["ip", "netns", "exec", node.netns, plugin], check=False,

@@ -29,13 +29,14 @@ def _create_if_absent(store: ResourceStore, resource: dict) -> bool:
     return True
 
 
-def bootstrap(store: ResourceStore, cidr: str, block_size: int, extra: list[dict] = ()) -> dict:
-    """The default IPPool and IPAMConfig (and `extra` resources), unless they exist already."""
+def bootstrap(store: ResourceStore, cidr: str | None, block_size: int, extra: list[dict] = ()) -> dict:
+    """The default IPPool (none without `cidr`: an IPv6-only lab) and IPAMConfig (and
+    `extra` resources), unless they exist already."""
     pool = {"apiVersion": API_VERSION, "kind": "IPPool", "metadata": {"name": "default-ipv4"},
             "spec": {"cidr": cidr, "blockSize": block_size, "natOutgoing": False, "disabled": False}}
     ipam = {"apiVersion": API_VERSION, "kind": "IPAMConfig", "metadata": {"name": "default"},
             "spec": {"strictAffinity": False, "autoAllocateBlocks": True}}
-    out = {"ippool": _create_if_absent(store, pool), "ipamconfig": _create_if_absent(store, ipam)}
+    out = {"ippool": bool(cidr) and _create_if_absent(store, pool), "ipamconfig": _create_if_absent(store, ipam)}
     for res in extra:
         out[f"{res['kind'].lower()}/{res['metadata']['name']}"] = _create_if_absent(store, res)
     return out
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix", default="/tortie/")
     sub = ap.add_subparsers(dest="op", required=True)
     b = sub.add_parser("bootstrap")
-    b.add_argument("--cidr", required=True)
-    b.add_argument("--block-size", type=int, required=True)
+    b.add_argument("--cidr", help="the default IPv4 pool's CIDR (none: no IPv4 pool)")
+    b.add_argument("--block-size", type=int, default=26)
     b.add_argument("--resource", action="append", default=[], type=json.loads, metavar="JSON",
                    help="another resource to create if absent")
     w = sub.add_parser("wep")
