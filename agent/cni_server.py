@@ -271,6 +271,7 @@ class CNIServer:
         v4, v6 = int(flag("assign_ipv4", True)), int(flag("assign_ipv6", False))
         if not v4 and not v6:
             raise p.CNIError(p.INVALID_CONFIG, "ipam: assign_ipv4 and assign_ipv6 are both off")
+        p.check_mtu(req.config, ipv6=bool(v6))  # before anything is allocated
         pools = [*(asked[0] or ipam.get("ipv4_pools") or []), *(asked[1] or ipam.get("ipv6_pools") or [])]
         return v4, v6, pools or None
 
