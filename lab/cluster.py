@@ -957,7 +957,8 @@ class Lab:
 def _cross_routes(plan: Plan, tor: TorPlan) -> list[str]:
     """Each router reaches the other routers' uplink segments over the core, so a reply that
     the ECMP hash sends through the other router still finds its way back."""
-    return [f"route replace {o.segment.subnet} via {o.ip}" for o in plan.tors if o is not tor and o.segment]
+    return [f"route replace {family.of(o.segment.subnet, v)} via {family.of(o.ip, v)}"
+            for v in plan.versions for o in plan.tors if o is not tor and o.segment]
 
 
 def _tail(path: str, lines: int = 15) -> str:

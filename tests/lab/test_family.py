@@ -97,7 +97,7 @@ def test_ipam_config_and_pod_addresses_by_family():
 
 
 @pytest.mark.parametrize("kw, field", [
-    (dict(tor="bird", uplinks=2, ip_family="dual"), "uplinks"),
+    (dict(tor="bird", uplinks=2, ip_family="ipv6"), "uplinks"),
     (dict(tor="none", ip_family="ipv6", etcd_members=3), "ip-family"),
     (dict(tor="none", ip_family="ipv5"), "ip-family"),
 ])
