@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("node")
     add.add_argument("pod", metavar="NAMESPACE/NAME")
     add.add_argument("--label", action="append", default=[], metavar="K=V")
-    add.add_argument("--pool", help="the pod's IPPool; in a dual-stack lab one per family, comma-separated")
+    add.add_argument("--pool", help="the pod's IPPool(s), comma-separated; with IPv6 each goes to its family "
+                     "(a family without one takes the default pool)")
     add.add_argument("--port", action="append", default=[], metavar="NAME=PORT[/PROTO]",
                      help="a named container port (PROTO: TCP, UDP or SCTP; default TCP); repeatable")
     dele = psub.add_parser("del", parents=[common])

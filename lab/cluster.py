@@ -808,7 +808,10 @@ class Lab:
         st = self._record(claim)
         try:
             nsutil.netns_add(netns)
-            result = self._cni(st, pod, "ADD")
+            versions = None  # a dual-stack pod's pools go to their family's list
+            if pool and _plan_from(st).ip_family != "ipv4":
+                versions = self._dsops("pool-versions", *[x for x in pool.split(",") if x])
+            result = self._cni(st, pod, "ADD", versions)
             ips = result.get("ips") or []
             if not ips:
                 raise DataplaneError(f"CNI ADD for {pod.ref} returned no address: {result}")
@@ -866,9 +869,9 @@ class Lab:
     def _podserver_sock(self) -> str:
         return os.path.join(state.lab_dir(self.name), "podserver.sock")
 
-    def _cni(self, st: LabState, pod: Pod, command: str) -> dict:
+    def _cni(self, st: LabState, pod: Pod, command: str, pool_versions: dict[str, int] | None = None) -> dict:
         """Exec the CNI plugin inside the pod's node namespace, as a container runtime does."""
-        return cniexec.run_plugin(st, _plan_from(st), pod, command, self.cni_socket(pod.node))
+        return cniexec.run_plugin(st, _plan_from(st), pod, command, self.cni_socket(pod.node), pool_versions)
 
     # --- using the lab --------------------------------------------------------------
 

@@ -71,6 +71,19 @@ def set_labels(store: ResourceStore, namespace: str, pod: str,
     raise Conflict(f"gave up labelling {namespace}/{pod} after {retries} conflicting writes")
 
 
+def pool_versions(store: ResourceStore, names: list[str]) -> dict[str, int]:
+    """The IP version of each named IPPool (a pod's pools, sorted into ipv4_pools and
+    ipv6_pools); NotFound names the first that does not exist."""
+    out = {}
+    for name in names:
+        try:
+            cidr = store.get("IPPool", name)["spec"]["cidr"]
+        except NotFound:
+            raise NotFound(f"no IPPool {name!r}") from None
+        out[name] = 6 if ":" in cidr else 4
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tortie-lab-dsops")
     ap.add_argument("--endpoints", required=True)
@@ -90,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--set", action="append", default=[], metavar="K=V")
     lb.add_argument("--remove", action="append", default=[], metavar="K")
     sub.add_parser("members", help="each member's id and the leader it follows")
+    pv = sub.add_parser("pool-versions", help="the IP version of each named pool")
+    pv.add_argument("pools", nargs="+")
     args = ap.parse_args(argv)
     # TLS files (TORTIE_ETCD_CA/_CERT/_KEY) come from the environment the lab gives us.
     config = EtcdConfig.from_env(endpoints=args.endpoints, prefix=args.prefix)
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = client.member_status()
             elif args.op == "bootstrap":
                 out = bootstrap(store, args.cidr, args.block_size, args.resource)
+            elif args.op == "pool-versions":
+                out = pool_versions(store, args.pools)
             elif args.op == "wep":
                 out = find_wep(store, args.namespace, args.pod)
             else:

@@ -97,14 +97,13 @@ def node_env(address: str, family: str) -> dict[str, str]:
     return {names[v]: of(address, v) for v in versions(family)}
 
 
-def ipam_config(family: str, pools: str | None = None) -> dict:
+def ipam_config(family: str, pools: dict[str, int] | None = None) -> dict:
     """The CNI network config's ipam section for a pod of a lab of `family`. `pools`: the
-    pod's pools, comma-separated names (one per family in a dual-stack lab); each family
-    takes the ones of its version (tortie's IPAM picks by version from the list)."""
-    names = [p for p in (pools or "").split(",") if p]
+    pod's pools by name with their IP version, each into its family's list (a family
+    without one takes the node's pools of that family, as in Calico)."""
     conf: dict = {"type": "tortie-ipam", "assign_ipv4": 4 in versions(family), "assign_ipv6": 6 in versions(family)}
-    if names:
-        conf["ipv4_pools"] = conf["ipv6_pools"] = names
+    for name, version in (pools or {}).items():
+        conf.setdefault(f"ipv{version}_pools", []).append(name)
     return conf
 
 

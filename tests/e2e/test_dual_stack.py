@@ -130,3 +130,33 @@ def test_cli_pod_add_prints_both_addresses_and_probes_either_family(lab):
             assert (lines[1] if flag and flag[-1].endswith("6") else lines[0]) in p.stdout
     finally:
         lab.pod_del("default/cli")
+
+
+def test_networkpolicy_pod_selector_peers_hold_over_ipv6(lab, policies):
+    policies(netpol("default", "p1-from-p2", podSelector={"matchLabels": {"app": "p1"}}, policyTypes=["Ingress"],
+                    ingress=[{"from": [{"podSelector": {"matchLabels": {"app": "p2"}}}]}]))
+
+    def reach(src: str, family: int) -> bool:
+        return lab.probe(src, "default/p1", 80, family=family, timeout=PROBE).ok
+
+    assert eventually(lambda: reach("default/p3", 6), False)
+    assert not reach("default/p3", 4)
+    assert reach("default/p2", 6) and reach("default/p2", 4)  # the peer pod, by each of its addresses
+
+
+def test_a_pod_naming_only_an_ipv4_pool_takes_ipv6_from_the_default_pool(lab):
+    lab.ctl("apply", "-f", "-", input=json.dumps({"apiVersion": "tortie.io/v1", "kind": "IPPool",
+                                                  "metadata": {"name": "extra4"},
+                                                  "spec": {"cidr": "10.72.0.0/24", "blockSize": 28}}))
+    try:
+        lab.pod_add("node3", "default/x4", pool="extra4")
+        v4, v6 = (ipaddress.ip_address(a) for a in lab.pod("default/x4").addresses)
+        assert v4 in ipaddress.ip_network("10.72.0.0/24") and v6 in ipaddress.ip_network("fd65::/48")
+        for family in (4, 6):  # the new block's route reaches the router and the other nodes
+            assert eventually(lambda f=family: lab.probe("default/p1", "default/x4", family=f, timeout=PROBE).ok,
+                              True, 10), family
+        with pytest.raises(Exception, match="no IPPool 'nope'"):
+            lab.pod_add("node3", "default/x5", pool="nope")
+    finally:
+        lab.pod_del("default/x4")
+        lab.ctl("delete", "ippool", "extra4", check=False)

@@ -88,8 +88,10 @@ def test_bgp_peers_per_family_with_their_accepted_prefixes():
 
 def test_ipam_config_and_pod_addresses_by_family():
     assert family.ipam_config("dual") == {"type": "tortie-ipam", "assign_ipv4": True, "assign_ipv6": True}
-    assert family.ipam_config("ipv6", "p6") == {"type": "tortie-ipam", "assign_ipv4": False, "assign_ipv6": True,
-                                                "ipv4_pools": ["p6"], "ipv6_pools": ["p6"]}
+    assert family.ipam_config("ipv6", {"p6": 6}) == {"type": "tortie-ipam", "assign_ipv4": False,
+                                                     "assign_ipv6": True, "ipv6_pools": ["p6"]}
+    assert family.ipam_config("dual", {"a": 4, "b6": 6, "c": 4}) == {
+        "type": "tortie-ipam", "assign_ipv4": True, "assign_ipv6": True, "ipv4_pools": ["a", "c"], "ipv6_pools": ["b6"]}
     pod = Pod("default", "a", "node1", "x-pod", "c", address="10.65.0.1", addresses=["10.65.0.1", "fd65::1"])
     assert (pod.address_of(4), pod.address_of(6)) == ("10.65.0.1", "fd65::1")
     old = Pod("default", "a", "node1", "x-pod", "c", address="10.65.0.1")  # recorded before dual-stack
