@@ -501,7 +501,8 @@ class Lab:
         except ValueError:
             raise ValidationError(f"{prefix!r} is not a CIDR", field="prefix") from None
         if net.version != 4:
-            raise ValidationError(f"{prefix}: the lab's routers speak IPv4 only", field="prefix")
+            raise ValidationError(f"{prefix}: the routers announce IPv4 prefixes only (IPv6 is not supported yet)",
+                                  field="prefix")
 
         def put(s: LabState) -> None:
             have = [p for p in s.router_announce.get(tor.name, []) if p != str(net)]

@@ -1,8 +1,8 @@
 """One process per lab that serves TCP and UDP on ports 80 and 81 in every pod.
 
 Cheaper than a server process per pod: for each pod it switches its thread into the
-pod's namespace, creates the four listening sockets there, and switches back (a
-socket stays in the namespace it was made in). TCP answers each connection with the
+pod's namespace, creates the listening sockets there (TCP and UDP, IPv4 and IPv6), and
+switches back (a socket stays in the namespace it was made in). TCP answers each connection with the
 pod's name and closes; UDP answers each datagram with the pod's name.
 
 Pods are added and removed over a control socket (one JSON object per line):

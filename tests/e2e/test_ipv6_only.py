@@ -1,7 +1,7 @@
 """Issue 13 item 2: IPv6-only nodes (`--ip-family ipv6`). No IPv4 address on any node,
 router, etcd or the outside host: BGP runs over IPv6 and carries IPv6 routes, and each
 node's router ID is derived from its name (Calico's `hash` behaviour), since there is no
-IPv4 address to take it from. One lab behind BIRD and one full mesh (node to node).
+IPv4 address to take it from. One lab behind BIRD, one behind FRR, one full mesh.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def status(lab) -> dict[str, dict]:
     return {d["node"]: d for d in json.loads(lab.ctl("node", "status", "-o", "json").stdout)}
 
 
-@pytest.fixture(scope="module", params=["bird", "none"])
+@pytest.fixture(scope="module", params=["bird", "frr", "none"])
 def lab(request, lab_factory):
     lab = lab_factory(nodes=3, tor=request.param, ip_family="ipv6")
     for i, node in enumerate(NODES, 1):
@@ -63,12 +63,17 @@ def test_bgp_over_ipv6_with_derived_router_ids(lab):
         assert all(p["prefixes_received"] >= 1 for p in d["peers"]) if lab.plan().tors else True
     assert len({d["router_id"] for d in docs.values()}) == 3
     plan = lab.plan()
-    if plan.tors:  # the router sees each node's derived ID in its OPEN
+    if plan.tors and plan.tors[0].kind == "bird":  # the router sees each node's derived ID in its OPEN
         tor = plan.tors[0]
         for node in NODES:
             out = lab.birdc(tor.name, "show", "protocols", "all", f"{node}{routers.V6_SUFFIX}")
             assert f"Neighbor ID:      {router_id.from_name(node)}" in out, out
             assert "Channel ipv6" in out and "Channel ipv4" not in out
+    elif plan.tors:
+        tor = plan.tors[0]
+        r = routers.vtysh(tor.netns, lab._router(tor).rdir, "show bgp neighbors json")
+        seen = {addr: n.get("remoteRouterId") for addr, n in json.loads(r.stdout).items()}
+        assert seen == {f"fd99:0:{i}::2": router_id.from_name(n) for i, n in enumerate(NODES, 1)}, seen
     else:  # the mesh: every node peers with every other over IPv6
         for node in NODES:
             assert sorted(p["peer"] for p in docs[node]["peers"]) == sorted(

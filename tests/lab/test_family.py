@@ -3,6 +3,9 @@ BGPPeers and the pods' IPAM config (pure: no kernel)."""
 
 from __future__ import annotations
 
+import os
+import uuid
+
 import pytest
 
 from tortie.errors import ValidationError
@@ -107,3 +110,19 @@ def test_combinations_not_supported_yet_are_refused_naming_the_field(kw, field):
     with pytest.raises(ValidationError) as e:
         topology.make_plan("lab1", 2, **kw)
     assert e.value.field == field and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--ip-family", "ipv6", "--tor", "bird", "--uplinks", "2"], "uplinks"),
+    (["--ip-family", "ipv6", "--tor", "bird", "--bfd"], "bfd"),
+    (["--ip-family", "dual", "--cni", "ptp"], "cni"),
+])
+def test_up_refuses_what_ipv6_does_not_support_yet_in_one_line_and_makes_nothing(args, field, capsys):
+    from tortie.lab import cli, nsutil, state
+
+    name = f"fam{uuid.uuid4().hex[:8]}"
+    assert cli.main(["up", "--name", name, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tortie-lab: {field}: ") and "\n" not in err, err
+    assert not os.path.exists(state.lab_dir(name))
+    assert not [n for n in nsutil.netns_list() if topology.is_lab_netns(name, n)]
