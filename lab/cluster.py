@@ -104,8 +104,6 @@ class Lab:
                                   ip_family=ip_family)
         if ip_family != "ipv4" and cni != "tortie":
             raise ValidationError(f"--cni {cni} with --ip-family {ip_family} is not supported yet", field="cni")
-        if bfd and ip_family == "ipv6":
-            raise ValidationError("--bfd with --ip-family ipv6 is not supported yet", field="bfd")
         if bfd and tor == "none":
             raise ValidationError("--bfd needs routers (--tor bird or frr)", field="bfd")
         if reflectors and (tor != "none" or not 0 < reflectors < nodes):
@@ -351,6 +349,8 @@ class Lab:
         self._record(lambda s: s.netns.extend(names))  # recorded first: teardown finds them
         for ns in names:
             nsutil.netns_add(ns)
+            if 6 in plan.versions:  # a link cut and restored (router stop, link down) keeps its IPv6 addresses
+                nsutil.sysctl(ns, "net.ipv6.conf.all.keep_addr_on_down", "1")
         bridges = [plan.bridge, *(seg.bridge for seg in plan.segments)]
         nsutil.ip_batch(plan.net_netns, [
             line for br in bridges for line in (f"link add {br} type bridge forward_delay 0 stp_state 0",
@@ -469,7 +469,8 @@ class Lab:
         if on:
             for tor in plan.tors:
                 self._router(tor, st).set_bfd(plan, st.bgp_passwords, on)
-        names = {f"{tor.name}-{n.name}" for tor in plan.tors for n, _ in plan.links_of(tor.name)}
+        names = {f"{tor.name}-{n.name}{sfx}" for tor in plan.tors for n, _ in plan.links_of(tor.name)
+                 for sfx in ("", "-v6")}  # each family's BGPPeer (-v6: labs with IPv6)
         peers = [p for p in json.loads(self.ctl("get", "bgppeers", "-o", "json").stdout)["items"]
                  if p["metadata"]["name"] in names]
         for p in peers:

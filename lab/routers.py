@@ -31,6 +31,14 @@ GRACEFUL_RESTART = 6
 KERNEL_PROTO = {"bird": "bird", "frr": "bgp"}  # the route protocol each puts on learned routes
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def check_password(password: str) -> str:
     # both configs take it as a double-quoted / bare token: refuse what would break them
     if not password or not password.isprintable() or any(c in password for c in "\"\\ ;{}"):
@@ -81,7 +89,7 @@ def bird_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str,
     if bfd:
         lines += ["protocol bfd {",
                   '  interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; };',
-                  *(f"  neighbor {link.ip};" for _node, link in plan.links_of(tor.name)),
+                  *(f"  neighbor {ip};" for _node, ip, _local in sessions_of(plan, tor)),
                   "}"]
     return "\n".join(lines) + "\n"
 
@@ -111,6 +119,13 @@ def bird_ipv6_lines(plan: Plan, tor: TorPlan, passwords: Mapping[str, str] | Non
 
 
 V6_SUFFIX = "_v6"  # a node's IPv6 session, as the routers name it (node1_v6)
+
+
+def sessions_of(plan: Plan, tor: TorPlan) -> list[tuple]:
+    """(node, its address, the router's address) of each session the router has, per link
+    and per family of the lab, IPv4 first."""
+    return [(node, family.of(link.ip, v), family.of(link.gateway, v))
+            for v in plan.versions for node, link in plan.links_of(tor.name)]
 
 
 def bird_command(conf: str, control: str) -> list[str]:
@@ -169,6 +184,8 @@ def frr_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, 
                   f" neighbor {ip6} timers 3 {HOLD_TIME}", f" neighbor {ip6} timers connect 1"]
         if pw := (passwords or {}).get(node.name):
             lines.append(f" neighbor {ip6} password {check_password(pw)}")
+        if bfd:
+            lines.append(f" neighbor {ip6} bfd profile {FRR_BFD_PROFILE}")
     for node, link in plan.links_of(tor.name) if 4 in plan.versions else ():
         lines += [f" neighbor {link.ip} remote-as {node.as_number}",
                   f" neighbor {link.ip} update-source {link.gateway}",
@@ -196,8 +213,8 @@ def frr_bfd_lines(plan: Plan, tor: TorPlan) -> list[str]:
     lines = ["bfd", f" profile {FRR_BFD_PROFILE}",
              f"  receive-interval {LAB_BFD['minRx']}", f"  transmit-interval {LAB_BFD['minTx']}",
              f"  detect-multiplier {LAB_BFD['multiplier']}", " exit"]
-    for _node, link in plan.links_of(tor.name):
-        lines += [f" peer {link.ip} local-address {link.gateway}", f"  profile {FRR_BFD_PROFILE}", " exit"]
+    for _node, ip, local in sessions_of(plan, tor):
+        lines += [f" peer {ip} local-address {local}", f"  profile {FRR_BFD_PROFILE}", " exit"]
     return [*lines, "exit"]
 
 
@@ -287,14 +304,14 @@ class RouterRun:
             self.reconfigure(plan, passwords, on)
             return
         self._write_config(plan, passwords, on)
-        links = plan.links_of(self.tor.name)
+        links = sessions_of(plan, self.tor)
         if on:
             cmds = [line.strip() for line in frr_bfd_lines(plan, self.tor)]
             cmds += [f"router bgp {self.tor.as_number}",
-                     *(f"neighbor {link.ip} bfd profile {FRR_BFD_PROFILE}" for _n, link in links), "exit"]
+                     *(f"neighbor {ip} bfd profile {FRR_BFD_PROFILE}" for _n, ip, _l in links), "exit"]
         else:
-            cmds = [f"router bgp {self.tor.as_number}", *(f"no neighbor {link.ip} bfd" for _n, link in links),
-                    "exit", "bfd", *(f"no peer {link.ip} local-address {link.gateway}" for _n, link in links),
+            cmds = [f"router bgp {self.tor.as_number}", *(f"no neighbor {ip} bfd" for _n, ip, _l in links),
+                    "exit", "bfd", *(f"no peer {ip} local-address {local}" for _n, ip, local in links),
                     f"no profile {FRR_BFD_PROFILE}", "exit"]
         self._vtysh_config(cmds)
 
@@ -311,7 +328,7 @@ class RouterRun:
         if self.tor.kind == "bird":
             out = birdc(self.tor.netns, self.control, "show", "bfd", "sessions")
             return {cols[0]: cols[2] for line in out.splitlines() if len(cols := line.split()) >= 3
-                    and cols[0][0].isdigit()}
+                    and _is_ip(cols[0])}
         r = vtysh(self.tor.netns, self.rdir, "show bfd peers json")
         try:
             peers = json.loads(r.stdout or "[]")
@@ -350,10 +367,9 @@ class RouterRun:
         self._write_config(plan, passwords, bfd)
         pw = passwords.get(node)
         cmds = []
-        for n, link in plan.links_of(self.tor.name):
+        for n, ip, _local in sessions_of(plan, self.tor):
             if n.name == node:
-                cmds.append(f"neighbor {link.ip} password {check_password(pw)}" if pw
-                            else f"no neighbor {link.ip} password")
+                cmds.append(f"neighbor {ip} password {check_password(pw)}" if pw else f"no neighbor {ip} password")
         self._vtysh_config([f"router bgp {self.tor.as_number}", *cmds])
 
     def leftovers(self) -> list[str]:
@@ -408,6 +424,6 @@ def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False, pool6:
                  "metadata": {"name": f"{tor.name}-{n.name}{'-v6' if v == 6 else ''}", "labels": {"router": tor.name}},
                  "spec": {"node": n.name, "peerIP": family.of(link.gateway, v), "asNumber": tor.as_number,
                           "holdTime": f"{HOLD_TIME}s", "acceptPrefixes": accept[v],
-                          **({"bfd": LAB_BFD} if bfd and v == 4 else {})}}
+                          **({"bfd": LAB_BFD} if bfd else {})}}
                 for v in plan.versions for n, link in plan.links_of(tor.name)]
     return res

@@ -114,7 +114,6 @@ def test_combinations_not_supported_yet_are_refused_naming_the_field(kw, field):
 
 @pytest.mark.parametrize("args, field", [
     (["--ip-family", "ipv6", "--tor", "bird", "--uplinks", "2"], "uplinks"),
-    (["--ip-family", "ipv6", "--tor", "bird", "--bfd"], "bfd"),
     (["--ip-family", "dual", "--cni", "ptp"], "cni"),
 ])
 def test_up_refuses_what_ipv6_does_not_support_yet_in_one_line_and_makes_nothing(args, field, capsys):
