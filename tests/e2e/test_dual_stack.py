@@ -160,3 +160,21 @@ def test_a_pod_naming_only_an_ipv4_pool_takes_ipv6_from_the_default_pool(lab):
     finally:
         lab.pod_del("default/x4")
         lab.ctl("delete", "ippool", "extra4", check=False)
+
+
+def test_networkpolicy_named_port_holds_over_ipv6(lab, policies):
+    lab.pod_add("node1", "default/named", labels={"app": "named"}, ports=[{"name": "web", "protocol": "TCP",
+                                                                          "port": 81}])
+    try:
+        policies(netpol("default", "named-in", podSelector={"matchLabels": {"app": "named"}},
+                        policyTypes=["Ingress"], ingress=[{"ports": [{"port": "web"}]}]))
+
+        def reach(port: int, family: int) -> bool:
+            return lab.probe("default/p2", "default/named", port, family=family, timeout=PROBE).ok
+
+        assert eventually(lambda: reach(80, 6), False)  # not the named port
+        assert reach(81, 6) and reach(81, 4)  # "web" is 81, over either family
+        assert not reach(80, 4)
+    finally:
+        lab.ctl("delete", "networkpolicy", "named-in", "-n", "default", "--ignore-not-found")
+        lab.pod_del("default/named")
