@@ -27,7 +27,7 @@ from dataclasses import replace
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
-from tortie.agent import vxlan_addr
+from tortie.agent import router_id, vxlan_addr
 from tortie.agent.calc import EGRESS, WORKLOADS, Calculation, host_prefix
 from tortie.agent.calc_vxlan import DEVICE as VXLAN_DEVICE
 from tortie.agent.calc_vxlan import VxlanCalc
@@ -258,7 +258,7 @@ class Agent:
     # --- the BGP speaker (its identity comes from the datastore) ---------------------
 
     def _check_speaker(self) -> None:
-        if not (self.cfg.bgp_enabled and self.cfg.node_address):
+        if not (self.cfg.bgp_enabled and (self.cfg.node_address or self.cfg.node_ip6)):
             return
         if self._speaker_task is not None and not self._speaker_task.done():
             return  # a (re)start is under way; it checks again when done
@@ -284,8 +284,11 @@ class Agent:
             old, self.bgp = self.bgp, None
             await old.stop()
         local_as, cluster_id, port, log_severity = identity
+        rid, source = router_id.derive(self.node, self.cfg.node_address, self.cfg.router_id)
+        if source == "hash":
+            log.info("router ID derived from the node name (no IPv4 address)", router_id=rid)
         speaker = BGPSpeaker(
-            node_name=self.node, router_id=self.cfg.node_address, local_as=local_as,
+            node_name=self.node, router_id=rid, local_as=local_as,
             local_address=self.cfg.node_address, state_dir=self.cfg.state_dir,
             listen_port=port, cluster_id=cluster_id,
             on_route_changes=self._on_learned_changes, on_released=self._on_released,

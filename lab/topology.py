@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass
 
 from tortie.errors import ValidationError
+from tortie.lab import family
 from tortie.lab import subnets as lab_subnets
 
 TOR_KINDS = ("none", "bird", "frr")
@@ -146,6 +147,11 @@ class Plan:
     etcd_members: tuple[EtcdMember, ...] = ()  # empty in records of older labs: one, in ctl
     etcd_tls: bool = False
     subnets: int = 1  # 2: the nodes on two segments behind <lab>-gw (lab.subnets)
+    ip_family: str = family.DEFAULT_FAMILY  # ipv4 | ipv6 | dual (lab/family.py)
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return family.versions(self.ip_family)
 
     @property
     def members(self) -> tuple[EtcdMember, ...]:
@@ -154,7 +160,9 @@ class Plan:
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
         scheme = "https" if self.etcd_tls else "http"
-        return tuple(f"{scheme}://{m.ip}:{ETCD_PORT}" for m in self.members)
+        # etcd is reached over IPv4 wherever the lab has it (an IPv6-only lab: over IPv6)
+        v = self.versions[0]
+        return tuple(f"{scheme}://{family.bracket(family.of(m.ip, v))}:{ETCD_PORT}" for m in self.members)
 
     @property
     def etcd_endpoint(self) -> str:
@@ -186,9 +194,16 @@ def check_lab_name(name: str) -> str:
 
 
 def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1, *,
-              etcd_members: int = 1, etcd_tls: bool = False, subnets: int = 1) -> Plan:
+              etcd_members: int = 1, etcd_tls: bool = False, subnets: int = 1,
+              ip_family: str = family.DEFAULT_FAMILY) -> Plan:
     check_lab_name(lab)
     lab_subnets.check(subnets, nodes, tor, uplinks)
+    family.check(ip_family)
+    if ip_family == "ipv6" and uplinks > 1:
+        raise ValidationError(f"--uplinks {uplinks} with --ip-family ipv6 is not supported yet", field="uplinks")
+    if ip_family == "ipv6" and (etcd_members > 1 or etcd_tls):
+        raise ValidationError("--etcd-members 3 and --etcd-tls with --ip-family ipv6 are not supported yet",
+                              field="ip-family")
     if etcd_members not in ETCD_MEMBER_COUNTS:
         raise ValidationError(f"--etcd-members {etcd_members}: want one of "
                               f"{', '.join(map(str, ETCD_MEMBER_COUNTS))}", field="etcd-members")
@@ -207,7 +222,7 @@ def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1, *,
         EtcdMember(f"n{i}", f"{lab}-etcd{i}", f"{base + 5 + i}/{plen}") for i in range(1, etcd_members + 1))
     common = dict(lab=lab, tor=tor, ctl_netns=f"{lab}-ctl", ctl_address=f"{base + 2}/{plen}",
                   net_netns=net_netns, bridge="br0", subnet=str(net), uplinks=uplinks,
-                  etcd_members=members, etcd_tls=etcd_tls, subnets=subnets)
+                  etcd_members=members, etcd_tls=etcd_tls, subnets=subnets, ip_family=ip_family)
     if tor == "none":
         # No router: the outside host sits on the segment and enters through node1 (a
         # gateway node, which knows every block over the mesh); pods answer it directly.
