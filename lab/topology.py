@@ -197,8 +197,8 @@ def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1, *,
               etcd_members: int = 1, etcd_tls: bool = False, subnets: int = 1,
               ip_family: str = family.DEFAULT_FAMILY) -> Plan:
     check_lab_name(lab)
-    lab_subnets.check(subnets, nodes, tor, uplinks)
     family.check(ip_family)
+    lab_subnets.check(subnets, nodes, tor, uplinks, ip_family)
     if ip_family == "ipv6" and uplinks > 1:
         raise ValidationError(f"--uplinks {uplinks} with --ip-family ipv6 is not supported yet", field="uplinks")
     if ip_family == "ipv6" and (etcd_members > 1 or etcd_tls):

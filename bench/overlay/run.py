@@ -17,8 +17,7 @@ Target (issue 13): VXLAN throughput at least 0.5x direct (medians of the reps). 
 exits 1. Also: the CNI ADD latency of a dual-stack pod against a single-stack one (the
 tortie plugin exec'd in the node as a runtime does (through `ip netns exec`, so above
 bench/cni's figures), in a 1-node dual-stack lab and a
-1-node IPv4 lab, interleaved; --adds of each; no target). That part needs the dual-stack
-lab (`Lab.up(ip_family=...)`, issue 13 items 1-2); without it the run says it was left out.
+1-node IPv4 lab, interleaved; --adds of each; no target).
 
     python bench/overlay/run.py [--reps 3] [--seconds 2] [--rtts 2000] [--json]
 
@@ -29,7 +28,6 @@ than as absolutes.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import subprocess
@@ -151,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         encapsulated = _vxlan_tx(lab) - before
     finally:
         lab.down()
-    adds = add_latency(args.adds) if "ip_family" in inspect.signature(Lab.up).parameters else None
+    adds = add_latency(args.adds)
     direct, vx = out["direct (pool Never)"]["gbps"], out["VXLAN (pool Always)"]["gbps"]
     ratio = vx / direct if direct else 0.0
     ok = ratio >= TARGET_RATIO and encapsulated > 0
@@ -166,14 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<26}{r['gbps']:>9.2f} Gb/s{r['p50_us']:>11.0f} us{r['p99_us']:>7.0f} us")
         print(f"VXLAN / direct throughput: {ratio:.2f}x (target >= {TARGET_RATIO}x): {'PASS' if ok else 'MISS'}"
               f"; {encapsulated} packets left node1's vxlan.tortie")
-        if adds is None:
-            print("dual-stack vs single-stack pod ADD latency: not measured (the dual-stack lab, issue 13 "
-                  "items 1-2, is not in this tree yet)")
-        else:
-            d, v4 = adds["dual-stack"], adds["IPv4 only"]
-            print(f"pod ADD, {args.adds} of each, interleaved: dual-stack p50 {d['p50']:.1f} ms p99 {d['p99']:.1f} ms; "
-                  f"IPv4 only p50 {v4['p50']:.1f} ms p99 {v4['p99']:.1f} ms; dual / single p50 "
-                  f"{d['p50'] / v4['p50']:.2f}x (no target)")
+        d, v4 = adds["dual-stack"], adds["IPv4 only"]
+        print(f"pod ADD, {args.adds} of each, interleaved: dual-stack p50 {d['p50']:.1f} ms p99 {d['p99']:.1f} ms; "
+              f"IPv4 only p50 {v4['p50']:.1f} ms p99 {v4['p99']:.1f} ms; dual / single p50 "
+              f"{d['p50'] / v4['p50']:.2f}x (no target)")
     return 0 if ok else 1
 
 

@@ -1,21 +1,15 @@
 """IPv6 over VXLAN in a dual-stack lab (issue 13): the IPv6 pool in Always mode carries
 the pods' IPv6 traffic through vxlan-v6.tortie while IPv4 keeps its direct routes; back to
-Never, IPv6 goes direct again. Needs `tortie-lab up --ip-family dual` (the dual-stack
-half of issue 13); until that is in the tree this module is skipped, and says why."""
+Never, IPv6 goes direct again (`tortie-lab up --ip-family dual`)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 
 import pytest
 
-from tortie.lab.cluster import Lab
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300),
-              pytest.mark.skipif("ip_family" not in inspect.signature(Lab.up).parameters,
-                                 reason="needs the dual-stack lab (tortie-lab up --ip-family dual)")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 DEV6 = "vxlan-v6.tortie"
 
