@@ -6,7 +6,8 @@ carries pod traffic between them.
                                                              <lab>-gw eth0 10.99.0.1/24
     <lab>-nodeK+1.. eth0 10.99.200.(10+I)/24 ── br1 in <lab>-net           ┘ eth1 10.99.200.1/24
 
-The first half of the nodes (rounded up) sit on the core segment, the rest on the second;
+In dual-stack and IPv6 labs each address has its IPv6 twin (lab.family: 10.99.200.13/24
+is fd99:0:200::13/64). The first half of the nodes (rounded up) sit on the core segment, the rest on the second;
 the router forwards between them and holds no route to any pod. Nodes of the second
 segment route by default through it; the core's hosts and nodes know the second segment
 through it. The nodes keep their full BGP mesh (its sessions cross the router), but a
@@ -26,14 +27,12 @@ BRIDGE = "br1"
 SUBNET_COUNTS = (1, 2)
 
 
-def check(subnets: int, nodes: int, tor: str, uplinks: int, ip_family: str = "ipv4") -> None:
+def check(subnets: int, nodes: int, tor: str, uplinks: int) -> None:
     if subnets not in SUBNET_COUNTS:
         raise ValidationError(f"--subnets {subnets}: want 1 or 2", field="subnets")
     if subnets == 2 and (tor != "none" or uplinks != 1):
         raise ValidationError("--subnets 2 wants --tor none and one uplink (its router does not peer "
                               "with tortie)", field="subnets")
-    if subnets == 2 and ip_family != "ipv4":  # the second segment and its router are IPv4 only so far
-        raise ValidationError(f"--subnets 2 with --ip-family {ip_family} is not supported yet", field="subnets")
     if subnets == 2 and nodes < 2:
         raise ValidationError("--subnets 2 wants at least 2 nodes", field="subnets")
 
@@ -62,7 +61,7 @@ def second_uplink(i: int) -> dict:
 
 def build_router(plan) -> None:
     """The second segment's bridge and the router between the two (before the nodes)."""
-    from tortie.lab import nsutil
+    from tortie.lab import family, nsutil
 
     if plan.subnets != 2:
         return
@@ -72,23 +71,26 @@ def build_router(plan) -> None:
         f"link add {BRIDGE} type bridge forward_delay 0 stp_state 0", f"link set {BRIDGE} up",
         f"link add gw type veth peer name eth0 netns {gw}", f"link set gw master {plan.bridge} up",
         f"link add gws type veth peer name eth1 netns {gw}", f"link set gws master {BRIDGE} up"])
-    nsutil.ip_batch(gw, [f"addr add {core} dev eth0", "link set eth0 up",
-                         f"addr add {second} dev eth1", "link set eth1 up"])
-    nsutil.sysctl(gw, "net.ipv4.ip_forward", "1")
+    nsutil.ip_batch(gw, [*family.addr_lines(core, "eth0", plan.ip_family), "link set eth0 up",
+                         *family.addr_lines(second, "eth1", plan.ip_family), "link set eth1 up"])
+    for key, value in family.forwarding_sysctls(plan.ip_family):
+        nsutil.sysctl(gw, key, value)
 
 
 def add_routes(plan) -> None:
     """The core's hosts and nodes reach the second segment through the router."""
-    from tortie.lab import nsutil
+    from tortie.lab import family, nsutil
 
     if plan.subnets != 2:
         return
     via = gateways(plan.subnet)[0].split("/")[0]
+    lines = [f"route replace {family.of(SECOND_SUBNET, v)} via {family.of(via, v)}"
+             for v in family.versions(plan.ip_family)]
     core = [plan.ctl_netns, *(m.netns for m in plan.members if m.netns != plan.ctl_netns)]
     core += [plan.ext_netns] if plan.ext_netns else []
     core += [n.netns for n in plan.nodes if not n.uplinks[0].gateway]
     for ns in core:
-        nsutil.ip_batch(ns, [f"route replace {SECOND_SUBNET} via {via}"])
+        nsutil.ip_batch(ns, lines)
 
 
 def status(plan) -> dict | None:

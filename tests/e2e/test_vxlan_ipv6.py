@@ -56,3 +56,26 @@ def test_ipv6_pods_through_the_tunnel_ipv4_direct(lab_factory):
                     and lab.probe("default/a", b6, 80, timeout=0.5).ok, 10) is not None
     finally:
         lab.down()
+
+
+def test_cross_subnet_over_ipv6_behind_the_router(lab_factory):
+    """--subnets 2 --ip-family dual: with the IPv6 pool in CrossSubnet, IPv6 to the pod
+    behind the router goes through the tunnel, to the pod on the same subnet straight."""
+    lab = lab_factory(nodes=3, subnets=2, ip_family="dual")
+    try:
+        for i in (1, 2, 3):
+            lab.pod_add(f"node{i}", f"default/c{i}")
+        v6 = {i: next(a for a in lab.wep(f"default/c{i}")["spec"]["ipNetworks"] if ":" in a).split("/")[0]
+              for i in (2, 3)}
+        assert not lab.probe("default/c1", v6[3], 80, timeout=0.5).ok  # Never: no way across
+        set_v6_mode(lab, "CrossSubnet")
+        took = wait(lambda: lab.probe("default/c1", v6[3], 80, timeout=0.5).ok
+                    and lab.probe("default/c1", v6[2], 80, timeout=0.5).ok, 10)
+        assert took is not None and took <= 2.0, took
+        before = tx(lab, "node1")
+        assert lab.probe("default/c1", v6[2], 80).ok
+        assert tx(lab, "node1") == before  # same subnet: not encapsulated
+        assert lab.probe("default/c1", v6[3], 80).ok
+        assert tx(lab, "node1") > before  # across the router: through the tunnel
+    finally:
+        lab.down()

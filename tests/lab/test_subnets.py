@@ -27,10 +27,6 @@ def test_refused_in_one_line(kw, nodes):
     assert exc.value.field == "subnets"
 
 
-def test_not_yet_with_ipv6():
-    from tortie.lab import subnets
-
-    with pytest.raises(ValidationError, match="not supported yet") as exc:
-        subnets.check(2, 3, "none", 1, ip_family="dual")
-    assert exc.value.field == "subnets"
-    subnets.check(1, 3, "none", 1, ip_family="dual")  # one subnet: nothing to refuse
+def test_dual_stack_twins():
+    plan = topology.make_plan("sub", 3, "none", subnets=2, ip_family="dual")
+    assert plan.nodes[2].address == "10.99.200.13/24" and plan.ip_family == "dual"
