@@ -38,7 +38,7 @@ from tortie.routing.vxlan_model import (
 
 # The values are the routing layer's (routing.vxlan_model); re-exported for the agent.
 __all__ = ["DEVICE", "MODES", "OVERHEAD", "PORT", "VTEP", "VXLAN_CLASS", "Device", "VxlanCalc", "VxlanUpdate",
-           "plan", "vtep_mac"]
+           "plan", "vtep_mac", "vxlan_refused"]
 
 
 def vtep_mac(node: str) -> str:
@@ -141,6 +141,16 @@ def _routes(state, node: str, family: int, link: Link) -> dict:
     return {r.key: r for r in found if r is not None}
 
 
+def vxlan_refused(status: dict) -> str | None:
+    """From the route manager's `class_status("vxlan")`: None while every route through
+    the overlay is in the kernel or on its way, else how many are not and the first why."""
+    bad = sorted((str(k[2]), why) for k, why in status.items()
+                 if why is not None and why != "not written yet" and not why.startswith("waiting for"))
+    if not bad:
+        return None
+    return f"{len(bad)} route(s) through the tunnel not in the kernel: {bad[0][0]}: {bad[0][1]}"
+
+
 class VxlanCalc:
     """The last plan sent, so only what changed goes to the driver."""
 
@@ -150,6 +160,7 @@ class VxlanCalc:
         self.sent: VxlanUpdate | None = None
         self.routes: dict = {}
         self.dirty = True
+        self.refused: str | None = None  # why routes through the tunnel are not in the kernel
 
     def note(self, relative_key: str | None) -> None:
         """A datastore key (relative to the prefix) changed: recompute only for what the
@@ -193,9 +204,11 @@ class VxlanCalc:
 
     def status(self, error: str | None) -> list[dict]:
         """Per device wanted: what it is and whether it is in place (node status, metrics);
-        `error` is the VXLAN manager's last failure (None: its last apply succeeded)."""
+        `error` is the VXLAN manager's last failure (None: its last apply succeeded), else
+        the route manager's word on the routes through it (`refused`)."""
         if self.sent is None:
             return []
+        error = error or self.refused
         return [{"device": d.name, "vni": d.vni, "address": d.address, "mac": d.mac, "mtu": d.mtu,
                  "vteps": sum(1 for f, _ in self.sent.vteps if f == d.family), "up": error is None,
                  "reason": error} for d in self.sent.devices]

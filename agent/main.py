@@ -30,7 +30,7 @@ from tortie.agent import config as agent_config
 from tortie.agent import router_id, vxlan_addr
 from tortie.agent.calc import EGRESS, WORKLOADS, Calculation, host_prefix
 from tortie.agent.calc_vxlan import DEVICE as VXLAN_DEVICE
-from tortie.agent.calc_vxlan import VxlanCalc
+from tortie.agent.calc_vxlan import VXLAN_CLASS, VxlanCalc, vxlan_refused
 from tortie.agent.cni_server import ETCD_TIMEOUT as CNI_ETCD_TIMEOUT
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
@@ -79,6 +79,7 @@ class Agent:
         self.vxlan = VxlanCalc(self.node)  # the overlay's plan, beside the calculation
         self._tunnel_task: asyncio.Task | None = None
         self._tunnel_again = False
+        self._vxlan_refused: str | None = None  # on the driver thread
         self._tunnel_done: tuple | None = None  # what the last successful run was given
         self.in_sync = False
         self.stopping = asyncio.Event()
@@ -360,6 +361,15 @@ class Agent:
         if status != self._egress_seen:
             self._egress_seen = status
             self._loop.call_soon_threadsafe(self._on_egress_routes, status)
+        refused = vxlan_refused(routes.class_status(VXLAN_CLASS)) if self.vxlan.routes else None
+        if refused != self._vxlan_refused:  # the overlay's routes the kernel will not take
+            self._vxlan_refused = refused
+            self._loop.call_soon_threadsafe(self._on_vxlan_routes, refused)
+
+    def _on_vxlan_routes(self, refused: str | None) -> None:
+        self.vxlan.refused = refused
+        self.health.condition("vxlan", refused)
+        self._status_dirty.set()
 
     def _on_egress_routes(self, status: dict) -> None:
         self._egress_routes = status

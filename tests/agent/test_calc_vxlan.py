@@ -149,3 +149,19 @@ def test_borrowed_addresses_get_host_routes_to_their_node():
     calc.update(s)
     calc.note("resources/workloadendpoint/default/b1")
     assert calc.dirty
+
+
+def test_refused_routes_say_so_in_the_status():
+    from tortie.agent.calc_vxlan import vxlan_refused
+
+    ok = {(2, 254, "10.65.2.0/26"): None, (2, 254, "10.65.3.0/26"): "not written yet",
+          (2, 254, "10.65.4.0/26"): "waiting for its device"}
+    assert vxlan_refused(ok) is None
+    bad = {**ok, (10, 254, "fd00::/122"): "replace fd00::/122: EINVAL (device mismatch)"}
+    why = vxlan_refused(bad)
+    assert why.startswith("1 route(s) through the tunnel not in the kernel: fd00::/122: replace")
+    calc = VxlanCalc("n1")
+    calc.update(three_nodes("Always"))
+    assert calc.status(None)[0]["up"] is True
+    calc.refused = why
+    assert calc.status(None)[0] == {**calc.status(None)[0], "up": False, "reason": why}
