@@ -54,7 +54,7 @@ LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.
                0.1, 0.25, 0.5, 1.0)
 APPLY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                  1.0, 2.5)
-MANAGERS = ("routes", "rules", "sysctls", "nat", "filter")
+MANAGERS = ("routes", "rules", "sysctls", "nat", "antispoof", "filter")
 
 
 class Agent:
@@ -269,12 +269,16 @@ class Agent:
     def _make_driver(self, routes, rules, nat, filt) -> None:
         from tortie.agent.driver import DataplaneDriver
         from tortie.bgp.export_mgr import BGPExportManager
+        from tortie.policy.antispoof_mgr import AntiSpoofManager
         from tortie.policy.nftables import NftMonitor
         from tortie.routing.monitor import Monitor
         from tortie.routing.sysctl_mgr import SysctlManager
 
         loop = self._loop
         self.bgp_exports = BGPExportManager(loop, lambda: self.bgp)
+        # Fed the pod routes ("workloads") like the route manager: a pod's sources are
+        # allowed in the round that installs its route, before its CNI ADD is answered.
+        spoof = AntiSpoofManager()
 
         def on_status(name: str, error: str | None) -> None:
             loop.call_soon_threadsafe(self._manager_status, name, error)
@@ -283,7 +287,7 @@ class Agent:
             self.m_apply.observe(seconds, manager=name)
 
         self.driver = DataplaneDriver(
-            [routes, rules, SysctlManager(), nat, filt, self.bgp_exports],
+            [routes, rules, SysctlManager(), nat, spoof, filt, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
             on_status=on_status, on_applied=on_applied,
             on_round=lambda ok: self._round_done(ok, routes))
@@ -296,6 +300,7 @@ class Agent:
         def nft_changed() -> None:
             if self.nft_monitor.drain():
                 nat.resync()
+                spoof.resync()
                 filt.resync()
 
         self.driver.watch(self.nft_monitor, nft_changed)
