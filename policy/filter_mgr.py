@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 
 from tortie.log import get_logger
 from tortie.policy import netpol
@@ -76,18 +77,26 @@ def pod_chain(interface: str, direction: str) -> str:
     return f"pod-{direction}-{_readable(interface)}"
 
 
-def _ports_match(ports: tuple[PortRange, ...] | None) -> list[str]:
-    """nft match expressions, one per protocol (an empty string: any protocol)."""
+def _items(rs: Iterable[PortRange]) -> str:
+    return ", ".join(str(r.low) if r.high == r.low else f"{r.low}-{r.high}" for r in rs)
+
+
+def _ports_match(ports: tuple[PortRange, ...] | None, not_ports: tuple[PortRange, ...] = ()) -> list[str]:
+    """nft match expressions, one per protocol (an empty string: any protocol); `not_ports`
+    (Calico's notPorts, of the rule's one protocol) excluded from each."""
     if ports is None:
-        return [""]
+        ports = tuple(PortRange(r.protocol) for r in not_ports)
+        if not ports:
+            return [""]
     out = []
     for proto in sorted({r.protocol for r in ports}):
         rs = [r for r in ports if r.protocol == proto]
+        nots = [r for r in not_ports if r.protocol == proto]
+        excluded = f" th dport != {{ {_items(nots)} }}" if nots else ""
         if any(r.low is None for r in rs):
-            out.append(f"meta l4proto {_PROTOS[proto]}")
+            out.append(f"meta l4proto {_PROTOS[proto]}{excluded}")
             continue
-        items = ", ".join(str(r.low) if r.high == r.low else f"{r.low}-{r.high}" for r in rs)
-        out.append(f"meta l4proto {_PROTOS[proto]} th dport {{ {items} }}")
+        out.append(f"meta l4proto {_PROTOS[proto]} th dport {{ {_items(rs)} }}{excluded}")
     return out
 
 
@@ -116,15 +125,26 @@ def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tu
     field = "saddr" if direction == IN else "daddr"
     rules: list[str] = []
     sets: PeerSets = {}
-    accept = f'counter name "{counter}" accept'
     for i, a in enumerate(pol.ingress if direction == IN else pol.egress):
-        ports = _ports_match(a.ports)
+        accept = _verdict(a.action, counter, f"{pol.key} {direction} {i}")
+        ports = _ports_match(a.ports, a.not_ports)
+        proto = _proto_match(a)
         for version, fam, typ in _FAMILIES:
             v6 = version == 6
             named = tuple(f"{addr} . {_PROTOS[proto]} . {port}" for addr, proto, port in a.named
                           if (":" in addr) == v6)
             # ingress: the peers are the source, and the named ports' triples the pod itself
             want_peers = bool(ports) or (direction == IN and bool(named))
+            # notNets / notSelector: per family, a set the peer must not be in
+            excluded = ""
+            if a.not_peers:
+                members = tuple(n for n in a.not_peers if (":" in n) == v6)
+                if members:
+                    name = f"{counter}-{i}-{version}x"
+                    sets[name] = (Obj("set", typ, flags=("interval",)), members)
+                    excluded = f"{fam} {field} != @{name}"
+                else:
+                    excluded = f"meta nfproto ipv{version}"
             addr = [""] if a.peers is None else []
             if a.peers is not None and want_peers:
                 for suffix, members, obj in ((f"{version}", a.peers, Obj("set", typ, flags=("interval",))),
@@ -134,15 +154,52 @@ def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tu
                         name = f"{counter}-{i}-{suffix}"
                         sets[name] = (obj, elements)
                         addr.append(f"{fam} {field} @{name}")
-            if a.peers is not None or version == 4:  # any address: the port rules once
-                rules += (" ".join(x for x in (am, pm, accept) if x) for am in addr for pm in ports)
+            if a.peers is not None or a.not_peers or version == 4:  # any address: the port rules once
+                rules += (" ".join(x for x in (am, excluded, proto, pm, accept) if x) for am in addr for pm in ports)
             if named:
                 name = f"{counter}-{i}-{version}n"
                 sets[name] = (Obj("set", f"{typ} . inet_proto . inet_service"), named)
                 match = f"{fam} daddr . meta l4proto . th dport @{name}"
                 sources = addr if direction == IN else [""]
-                rules += (" ".join(x for x in (am, match, accept) if x) for am in sources)
+                rules += (" ".join(x for x in (am, excluded, match, accept) if x) for am in sources)
     return tuple(rules), sets
+
+
+# Calico's Pass: the policy chain marks the packet and returns; the pod's tier chain
+# returns at once when it sees the mark, and the next tier starts with it cleared.
+PASS_MARK = 0x00010000
+_PASSED = f"meta mark & {PASS_MARK:#010x} == {PASS_MARK:#010x} return"
+_CLEAR_PASS = f"meta mark set meta mark & {~PASS_MARK & 0xFFFFFFFF:#010x}"
+_ICMP = {"ICMP": ("icmp", "icmp"), "1": ("icmp", "icmp"), "ICMPv6": ("ipv6-icmp", "icmpv6"),
+         "58": ("ipv6-icmp", "icmpv6")}
+
+
+def _verdict(action: str, counter: str, where: str) -> str:
+    """What a matching rule does. Allow counts into the policy's counter and accepts (ends
+    this hook); Deny drops; Pass leaves the tier; Log logs and goes on to the next rule."""
+    if action == "Deny":
+        return "drop"
+    if action == "Pass":
+        return f"meta mark set meta mark | {PASS_MARK:#010x} return"
+    if action == "Log":
+        return f'log prefix "{_UNSAFE_LOG.sub("_", where)[:100]}: "'
+    return f'counter name "{counter}" accept'
+
+
+_UNSAFE_LOG = re.compile(r'[^A-Za-z0-9_./:* -]')
+
+
+def _proto_match(a) -> str:
+    """A Calico rule's protocol without ports, and its ICMP type and code."""
+    if a.proto is None:
+        return ""
+    l4, icmp = _ICMP.get(a.proto, (a.proto.lower() if not a.proto.isdigit() else a.proto, None))
+    out = f"meta l4proto {l4}"
+    if a.icmp is not None and icmp is not None:
+        out += f" {icmp} type {a.icmp[0]}"
+        if a.icmp[1] is not None:
+            out += f" {icmp} code {a.icmp[1]}"
+    return out
 
 
 class FilterManager(TablesManager):
@@ -213,14 +270,35 @@ class FilterManager(TablesManager):
                     self.table.objects.set_desired(policy_chain(key, direction), Obj("counter"))
                 users.add(interface)
             chain = pod_chain(interface, direction)
+            groups = _tiers(pod, direction) if after is not None else ()
             if pod is None or after is None:
                 self.table.chains.delete_desired(chain)
                 self.table.elements.delete_desired((MAPS[direction], interface))
-            elif before != after:
-                jumps = tuple(f"jump {policy_chain(k, direction)}" for k in after)
-                self.table.chains.set_desired(chain, Chain((*jumps, "drop")))
+            elif before != after or _tiers(old, direction) != groups:
+                self.table.chains.set_desired(chain, Chain(self._pod_rules(chain, after, groups, direction)))
                 self.table.elements.set_desired((MAPS[direction], interface), f"jump {chain}")
+            for n in range(len(groups), len(_tiers(old, direction)) if old is not None else 0):
+                self.table.chains.delete_desired(f"{chain}-t{n}")
         self.table.want = bool(self.pods)
+
+    def _pod_rules(self, chain: str, keys: tuple[str, ...], groups: tuple[int, ...],
+                   direction: str) -> tuple[str, ...]:
+        """Only Kubernetes policies (no groups): jump to each, drop the rest. With Calico
+        tiers: a chain per tier (`<chain>-t<n>`: its policies in order, a return after
+        each when it passed, the end-of-tier drop), jumped in tier order with the pass
+        mark cleared; what passes every tier goes on (allowed)."""
+        if not groups:
+            return (*(f"jump {policy_chain(k, direction)}" for k in keys), "drop")
+        rules: list[str] = []
+        start = 0
+        for n, size in enumerate(groups):
+            tier_rules = []
+            for k in keys[start:start + size]:
+                tier_rules += [f"jump {policy_chain(k, direction)}", _PASSED]
+            start += size
+            self.table.chains.set_desired(f"{chain}-t{n}", Chain((*tier_rules, "drop")))
+            rules += [_CLEAR_PASS, f"jump {chain}-t{n}"]
+        return tuple(rules)
 
     def _unuse(self, key: str, direction: str, interface: str) -> None:
         users = self._users.get((key, direction), set())
@@ -233,6 +311,12 @@ class FilterManager(TablesManager):
 
     def applied(self) -> None:
         log.info("filter table applied", isolated_pods=len(self.pods), policies=len(self.policies))
+
+
+def _tiers(pod: PodFilter | None, direction: str) -> tuple[int, ...]:
+    if pod is None:
+        return ()
+    return pod.ingress_tiers if direction == IN else pod.egress_tiers
 
 
 def _keys(pod: PodFilter | None, direction: str) -> tuple[str, ...] | None:

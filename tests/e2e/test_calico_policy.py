@@ -1,0 +1,146 @@
+"""Calico's policy model end to end (issue 10 item 2): tortie.io/v1 NetworkPolicy,
+GlobalNetworkPolicy and Tier, applied with tortiectl, judged by real TCP probes.
+
+One 2-node lab for the file: namespaces x and y; web pods x/web (node1) and y/web (node2),
+clients x/client (node2) and y/client (node1), and x/other (node1) that is neither.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from lab_fixtures import PROBE, eventually, netpol, wait_matrix
+
+pytestmark = pytest.mark.slow
+
+PODS = {"x/web": ("node1", "web"), "y/web": ("node2", "web"), "x/client": ("node2", "client"),
+        "y/client": ("node1", "client"), "x/other": ("node1", "other")}
+SETTLE = 6.0
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory):
+    lab = lab_factory(nodes=2)
+    for ref, (node, app) in PODS.items():
+        lab.pod_add(node, ref, labels={"app": app})
+    m = wait_matrix(lab)
+    assert m.ok, m
+    return lab
+
+
+@pytest.fixture
+def apply(lab):
+    made: list[tuple[str, str, str | None]] = []
+
+    def go(*docs: dict) -> None:
+        for d in docs:
+            lab.ctl("apply", "-f", "-", input=json.dumps(d))
+            kind = {"tortie.io/v1": d["kind"].lower()}.get(d["apiVersion"], "networkpolicy")
+            if kind == "networkpolicy":
+                kind = "tnp" if d["apiVersion"] == "tortie.io/v1" else "networkpolicy"
+            made.append((kind, d["metadata"]["name"], d["metadata"].get("namespace")))
+
+    yield go
+    for kind, name, ns in reversed(made):
+        lab.ctl("delete", kind, name, *(("-n", ns) if ns else ()), "--ignore-not-found")
+    assert eventually(lambda: lab.matrix(timeout=PROBE, nodes=False).ok, True, 8), "policies deleted, traffic still blocked"
+
+
+def policy(kind: str, name: str, ns: str | None = None, **spec) -> dict:
+    meta = {"name": name, **({"namespace": ns} if ns else {})}
+    return {"apiVersion": "tortie.io/v1", "kind": kind, "metadata": meta, "spec": spec}
+
+
+def reach(lab, src: str, dst: str) -> bool:
+    return lab.probe(src, dst, 80, timeout=PROBE).ok
+
+
+def expect(lab, want: dict[tuple[str, str], bool], seconds: float = SETTLE) -> None:
+    got = {}
+
+    def now():
+        got.clear()
+        got.update({k: reach(lab, *k) for k in want})
+        return got
+    assert eventually(now, want, seconds), {k: v for k, v in got.items() if want[k] != v}
+
+
+def test_deny_at_order_10_beats_allow_at_order_20(lab, apply):
+    web = "app == 'web'"
+    apply(policy("NetworkPolicy", "allow-all", "x", order=20, selector=web, ingress=[{"action": "Allow"}]),
+          policy("NetworkPolicy", "deny-clients", "x", order=10, selector=web,
+                 ingress=[{"action": "Deny", "source": {"selector": "app == 'client'"}}]))
+    # x/client is denied first; y/client is not in the namespaced rule's reach: allowed at 20
+    expect(lab, {("x/client", "x/web"): False, ("y/client", "x/web"): True, ("x/other", "x/web"): True,
+                 ("x/client", "y/web"): True})
+    # The same deny after the allow (order 30) never gets its turn.
+    apply(policy("NetworkPolicy", "deny-clients", "x", order=30, selector=web,
+                 ingress=[{"action": "Deny", "source": {"selector": "app == 'client'"}}]))
+    expect(lab, {("x/client", "x/web"): True, ("y/client", "x/web"): True})
+
+
+def test_pass_hands_the_decision_to_the_next_tier(lab, apply):
+    """Tier security (order 100): a GlobalNetworkPolicy on every web pod passes clients and
+    denies the rest. Default tier: a Kubernetes NetworkPolicy in x allows x's clients."""
+    apply(policy("Tier", "security", order=100),
+          policy("GlobalNetworkPolicy", "web-guard", tier="security", order=1, selector="app == 'web'",
+                 ingress=[{"action": "Pass", "source": {"selector": "app == 'client'"}},
+                          {"action": "Deny"}]),
+          netpol("x", "web-from-clients", podSelector={"matchLabels": {"app": "web"}},
+                 ingress=[{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]))
+    expect(lab, {
+        ("x/client", "x/web"): True,    # passed, then allowed by the Kubernetes policy
+        ("y/client", "x/web"): False,   # passed, then denied at the end of the default tier
+        ("x/other", "x/web"): False,    # denied in tier security
+        ("y/client", "y/web"): True,    # passed; no policy of the default tier selects y/web
+        ("x/client", "y/web"): True,    # the global policy reaches every namespace...
+        ("x/other", "y/web"): False,    # ...and denies there too
+    })
+
+
+def test_global_policy_applies_in_every_namespace_and_kubernetes_policy_still_applies(lab, apply):
+    """A GlobalNetworkPolicy (tier security) denies x/other to every web pod and passes the
+    rest; in the default tier a Kubernetes policy lets into y/web only what comes from x."""
+    apply(policy("Tier", "security", order=100),
+          policy("GlobalNetworkPolicy", "no-other", tier="security", order=5, selector="app == 'web'",
+                 ingress=[{"action": "Deny", "source": {"selector": "app == 'other'"}}, {"action": "Pass"}]),
+          netpol("y", "web-only-x", podSelector={"matchLabels": {"app": "web"}},
+                 ingress=[{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}}]}]))
+    expect(lab, {
+        ("x/other", "x/web"): False, ("x/other", "y/web"): False,  # both namespaces
+        ("x/other", "y/client"): True,    # not selected by the global policy
+        ("x/client", "x/web"): True, ("y/client", "x/web"): True,
+        ("x/client", "y/web"): True,      # from x: allowed by the Kubernetes policy
+        ("y/client", "y/web"): False,     # from y: not, though the Calico policy passed it
+    })
+
+
+def test_pass_in_the_default_tier_skips_its_kubernetes_policies(lab, apply):
+    """Calico's rule, not a bug: Pass leaves the whole tier, the Kubernetes policies at
+    order 1000 in it included; what passes the last tier is allowed."""
+    apply(netpol("y", "web-only-x", podSelector={"matchLabels": {"app": "web"}},
+                 ingress=[{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}}]}]))
+    expect(lab, {("y/client", "y/web"): False, ("x/client", "y/web"): True})
+    apply(policy("GlobalNetworkPolicy", "pass-clients", order=5, selector="app == 'web'",
+                 ingress=[{"action": "Pass", "source": {"selector": "app == 'client'"}}]))
+    expect(lab, {("y/client", "y/web"): True, ("x/client", "y/web"): True, ("x/other", "y/web"): True,
+                 ("x/other", "x/web"): False})  # x/web: selected in the tier, matched by nothing
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"ingress": [{"action": "Reject"}]}, "spec.ingress[0].action"),
+    ({"selector": "app ==="}, "spec.selector"),
+    ({"order": "first"}, "spec.order"),
+    ({"ingress": [{"action": "Allow", "protocol": "TCP", "destination": {"ports": ["90:80"]}}]},
+     "spec.ingress[0].destination.ports[0]"),
+    ({"ingress": [{"action": "Allow", "protocol": "ICMP", "icmp": {"code": 0}}]}, "spec.ingress[0].icmp.code"),
+])
+def test_bad_input_is_one_line_naming_the_field_and_nothing_is_stored(lab, spec, field):
+    doc = policy("GlobalNetworkPolicy", "bad-one", **spec)
+    r = lab.ctl("apply", "-f", "-", input=json.dumps(doc), check=False)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], r.stderr
+    got = lab.ctl("get", "globalnetworkpolicy", "bad-one", check=False)
+    assert got.returncode != 0
