@@ -72,11 +72,12 @@ class _Rule:
     networks of the pods it matches (counted), and its named ports' (address, protocol,
     port) triples (counted), so a pod event updates only what that pod is part of."""
 
-    __slots__ = ("allow", "direction", "named", "node", "not_peers", "p", "pod_peers", "ports", "rule", "static")
+    __slots__ = ("allow", "direction", "index", "named", "node", "not_peers", "p", "pod_peers", "ports", "rule",
+                 "static")
 
     def __init__(self, rule: res.PolicyRule, p: res.NetworkPolicy, direction: str, node: str,
-                 weps, ns_labels) -> None:
-        self.rule, self.p, self.direction, self.node = rule, p, direction, node
+                 weps, ns_labels, index: int = 0) -> None:
+        self.rule, self.p, self.direction, self.node, self.index = rule, p, direction, node, index
         self.ports = netpol.rule_ports(rule)
         self.static = [netpol.net_range(n) for peer in rule.peers if peer.cidr is not None
                        for n in netpol.peer_block(peer)]
@@ -111,7 +112,7 @@ class _Rule:
     def _make(self) -> netpol.Allow | None:
         networks = [n for _, counted in self.pod_peers for n in counted]
         return netpol.make_allow(self.rule, self.ports, self.static, networks, self.named,
-                                 [n for _, counted in self.not_peers for n in counted])
+                                 [n for _, counted in self.not_peers for n in counted], self.index)
 
     def on_wep(self, old, new, ns_labels, namespace: str) -> bool:
         changed = False
@@ -139,9 +140,9 @@ class _Policy:
     def __init__(self, p: res.NetworkPolicy, node: str, weps, ns_labels) -> None:
         self.p, self.key = p, netpol.policy_key(p)
         weps = tuple(weps)
-        self.ingress = [_Rule(r, p, netpol.INGRESS, node, weps, ns_labels) for r in p.ingress] \
+        self.ingress = [_Rule(r, p, netpol.INGRESS, node, weps, ns_labels, i) for i, r in enumerate(p.ingress)] \
             if netpol.INGRESS in p.policy_types else []
-        self.egress = [_Rule(r, p, netpol.EGRESS, node, weps, ns_labels) for r in p.egress] \
+        self.egress = [_Rule(r, p, netpol.EGRESS, node, weps, ns_labels, i) for i, r in enumerate(p.egress)] \
             if netpol.EGRESS in p.policy_types else []
 
     def resolved(self) -> netpol.ResolvedPolicy:

@@ -99,6 +99,12 @@ class Agent:
                                 "next hop, 0 while its traffic is refused (node status says why)")
         self.m_bfd = m.gauge("tortie_bfd_up", "Per BFD peer (an egress next hop or a BGP peer): 1 while Up")
         self.m_sessions = m.gauge("tortie_bgp_session_up", "Per BGP peer: 1 while the session is established")
+        self.m_pol_packets = m.counter("tortie_policy_packets_total", "Packets each policy rule matched, by "
+                                       "policy, direction, rule (its index in the spec) and action")
+        self.m_pol_bytes = m.counter("tortie_policy_bytes_total", "Bytes each policy rule matched")
+        self.m_pol_logged = m.counter("tortie_policy_log_lines_total", "Packets Log rules handed to the agent, "
+                                      "each written as one 'policy log' line")
+        self.filter = None  # the FilterManager, once the driver is made
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
         self._egress_seen: dict | None = None  # the same, on the driver thread
@@ -286,6 +292,7 @@ class Agent:
         def on_applied(name: str, seconds: float) -> None:
             self.m_apply.observe(seconds, manager=name)
 
+        self.filter = filt
         self.driver = DataplaneDriver(
             [routes, rules, SysctlManager(), nat, spoof, filt, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
@@ -442,6 +449,32 @@ class Agent:
             self.m_routes.set(self.calc.route_count(cls), **{"class": cls})
         self.m_refused.set(len(self.calc.refused))
 
+    def _start_policy_log(self) -> None:
+        """`action: Log` packets arrive over NFLOG (policy.nflog); read on the loop, non-blocking."""
+        from tortie.policy.nflog import NflogReader
+
+        try:
+            reader = NflogReader()
+        except OSError as exc:
+            log.warning("policy Log rules cannot be read: their packets are not logged", error=str(exc))
+            return
+        self._loop.add_reader(reader.fileno(), lambda: self.m_pol_logged.inc(reader.log_all()))
+
+    async def _on_scrape(self) -> None:
+        await self._sample_lag()
+        if self.filter is not None:  # the rules' counters, read off the loop
+            try:
+                counts = await asyncio.to_thread(self.filter.read_counters)
+            except errors.DataplaneError as exc:
+                log.warning("policy counters not read", error=str(exc))
+                return
+            for metric in (self.m_pol_packets, self.m_pol_bytes):
+                metric.values.clear()  # rules gone are gone from the metrics too
+            for (policy, direction, rule, action), (packets, size) in counts.items():
+                labels = dict(policy=policy, direction=direction, rule=str(rule), action=action)
+                self.m_pol_packets.set(packets, **labels)
+                self.m_pol_bytes.set(size, **labels)
+
     async def _sample_lag(self) -> None:
         """Event-loop lag at a scrape: how long a callback made ready now waits for the loop.
         Work measures it where it happens (the calculation's flush, a CNI request's route); an
@@ -535,8 +568,9 @@ class Agent:
         await asyncio.to_thread(routes.resync)
         self.calc.adopt(r for r in routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
         self._make_driver(routes, rules, NatManager(), FilterManager())
+        self._start_policy_log()
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
-                         self.cfg.metrics_host, self.cfg.metrics_port, on_scrape=self._sample_lag)
+                         self.cfg.metrics_host, self.cfg.metrics_port, on_scrape=self._on_scrape)
         self.cni = CNIServer(self.cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
                              publish_routes=self._publish_routes, datastore_up=lambda: self.datastore.up,
                              datastore_failed=self.datastore.report,

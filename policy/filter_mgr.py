@@ -36,7 +36,7 @@ import re
 from collections.abc import Iterable
 
 from tortie.log import get_logger
-from tortie.policy import netpol
+from tortie.policy import netpol, nflog
 from tortie.policy.messages import EndpointFilterUpdate, PolicyUpdate, filter_messages
 from tortie.policy.netpol import PodFilter, PortRange, ResolvedPolicy
 from tortie.policy.nftables import Base, Chain, Nft, NftTable, Obj, TablesManager
@@ -126,7 +126,10 @@ def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tu
     rules: list[str] = []
     sets: PeerSets = {}
     for i, a in enumerate(pol.ingress if direction == IN else pol.egress):
-        accept = _verdict(a.action, counter, f"{pol.key} {direction} {i}")
+        # every rule counts what it matched in a counter of its own (kept across updates)
+        rule_counter = f"{counter}-r{a.index}"
+        sets[rule_counter] = (Obj("counter"), ())
+        accept = f'counter name "{rule_counter}" ' + _verdict(a.action, counter, f"{pol.key} {direction} {a.index}")
         ports = _ports_match(a.ports, a.not_ports)
         proto = _proto_match(a)
         for version, fam, typ in _FAMILIES:
@@ -181,8 +184,8 @@ def _verdict(action: str, counter: str, where: str) -> str:
         return "drop"
     if action == "Pass":
         return f"meta mark set meta mark | {PASS_MARK:#010x} return"
-    if action == "Log":
-        return f'log prefix "{_UNSAFE_LOG.sub("_", where)[:100]}: "'
+    if action == "Log":  # to the agent's NFLOG reader (policy.nflog: why not the kernel log)
+        return f'log prefix "{_UNSAFE_LOG.sub("_", where)[:100]}: " group {nflog.GROUP}'
     return f'counter name "{counter}" accept'
 
 
@@ -216,6 +219,11 @@ class FilterManager(TablesManager):
         self.pods: dict[str, PodFilter] = {}
         self._users: dict[tuple[str, str], set[str]] = {}  # (policy, direction) -> interfaces
         self._sets: dict[tuple[str, str], PeerSets] = {}  # (policy, direction) -> its peer sets
+        # (policy, direction) -> {rule counter: (policy, direction, rule, action)}; `counters`
+        # is the whole of it as written, swapped in after each transaction (read by the
+        # metrics' thread)
+        self._rule_counters: dict[tuple[str, str], dict[str, tuple[str, str, int, str]]] = {}
+        self.counters: dict[str, tuple[str, str, int, str]] = {}
 
     # -- desired -------------------------------------------------------------------------
     def on_update(self, msg: object) -> None:
@@ -235,7 +243,11 @@ class FilterManager(TablesManager):
 
     def _set_policy_chain(self, key: str, direction: str) -> None:
         name = policy_chain(key, direction)
-        rules, sets = policy_rules(self.policies.get(key), direction, name)
+        pol = self.policies.get(key)
+        rules, sets = policy_rules(pol, direction, name)
+        allows = () if pol is None else pol.ingress if direction == IN else pol.egress
+        self._rule_counters[(key, direction)] = {f"{name}-r{a.index}": (key, direction, a.index, a.action)
+                                                 for a in allows}
         self.table.chains.set_desired(name, Chain(rules))
         old = self._sets.pop((key, direction), {})
         for set_name, (obj, elements) in sets.items():
@@ -308,9 +320,24 @@ class FilterManager(TablesManager):
             self.table.chains.delete_desired(policy_chain(key, direction))
             self.table.objects.delete_desired(policy_chain(key, direction))
             self._drop_sets(self._sets.pop((key, direction), {}))
+            self._rule_counters.pop((key, direction), None)
 
     def applied(self) -> None:
+        self.counters = {n: v for by_name in self._rule_counters.values() for n, v in by_name.items()}
         log.info("filter table applied", isolated_pods=len(self.pods), policies=len(self.policies))
+
+    def read_counters(self) -> dict[tuple[str, str, int, str], tuple[int, int]]:
+        """(policy, direction, rule, action) -> (packets, bytes) of every rule in the table,
+        listed now (any thread: one netlink dump of the table's counters)."""
+        names = self.counters
+        if not names or self._nft is None:
+            return {}
+        out = {}
+        for item in self.nft.list_table(FAMILY, TABLE, "counters") or ():
+            c = item.get("counter")
+            if c is not None and c["name"] in names:
+                out[names[c["name"]]] = (c["packets"], c["bytes"])
+        return out
 
 
 def _tiers(pod: PodFilter | None, direction: str) -> tuple[int, ...]:

@@ -84,6 +84,7 @@ class Allow:
     icmp: tuple[int | None, int | None] | None = None
     not_peers: tuple[str, ...] = ()
     not_ports: tuple[PortRange, ...] = ()
+    index: int = 0  # the rule's position in the policy's spec (its counter, its log prefix)
 
 
 @dataclass(frozen=True)
@@ -237,26 +238,26 @@ def in_ranges(ranges: Iterable[Range]) -> Callable[[str], bool]:
     return check
 
 
-def _calico_parts(rule, not_networks: Iterable[str]) -> dict:
-    """A Calico rule's extra match fields for its Allow; {} for a Kubernetes rule."""
+def _calico_parts(rule, not_networks: Iterable[str], index: int) -> dict:
+    """A Calico rule's extra match fields for its Allow; only the index for a Kubernetes rule."""
     action = getattr(rule, "action", None)
     if action is None:
-        return {}
+        return {"index": index}
     icmp = None if rule.icmp_type is None else (rule.icmp_type, rule.icmp_code)
     not_ports = rule_ports(res.PolicyRule(ports=rule.not_ports)).ranges or () if rule.not_ports else ()
     return dict(action=action, proto=rule.protocol, icmp=icmp,
-                not_peers=collapse_ranges(map(cidr_range, not_networks)), not_ports=not_ports)
+                not_peers=collapse_ranges(map(cidr_range, not_networks)), not_ports=not_ports, index=index)
 
 
 def make_allow(rule: res.PolicyRule, ports: RulePorts, ranges: Iterable[Range], pod_networks: Iterable[str],
-               named: Iterable[Named] = (), not_networks: Iterable[str] = ()) -> Allow | None:
+               named: Iterable[Named] = (), not_networks: Iterable[str] = (), index: int = 0) -> Allow | None:
     """The Allow of a rule from its ports (`rule_ports`), its ipBlocks' address ranges,
     the networks of the pods its peers match and its named ports' triples (and, for a
     Calico rule, the networks its notNets and notSelector name)."""
     named = tuple(sorted(set(named)))
     if ports.names and not named and not ports.ranges:
         return None  # only named ports, and no pod declares them
-    extra = _calico_parts(rule, not_networks)
+    extra = _calico_parts(rule, not_networks, index)
     if not rule.peers:
         return Allow(None, ports.ranges, (), named, **extra)
     ranges = list(ranges)
@@ -295,7 +296,8 @@ def named_target(wep: res.WorkloadEndpoint, policy: res.NetworkPolicy, direction
 
 
 def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy, direction: str, node: str,
-                  weps: Iterable[res.WorkloadEndpoint], ns_labels: Mapping[str, dict[str, str]]) -> Allow | None:
+                  weps: Iterable[res.WorkloadEndpoint], ns_labels: Mapping[str, dict[str, str]],
+                  index: int = 0) -> Allow | None:
     """The rule as address and port sets; None when it can match nothing."""
     ports = rule_ports(rule)
     ranges: list[Range] = []
@@ -314,7 +316,7 @@ def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy, direction: st
             if target is not None:
                 named += named_elements(wep, ports.names, target)
     return make_allow(rule, ports, ranges, pod_networks, named,
-                      not_networks(rule, policy, weps, ns_labels))
+                      not_networks(rule, policy, weps, ns_labels), index)
 
 
 def not_networks(rule, policy, weps: Iterable[res.WorkloadEndpoint],
@@ -346,7 +348,7 @@ def resolve(p: res.NetworkPolicy, weps: Iterable[res.WorkloadEndpoint],
     weps = tuple(weps)
 
     def rules(items: tuple[res.PolicyRule, ...], direction: str) -> tuple[Allow, ...]:
-        allows = (_resolve_rule(r, p, direction, node, weps, ns_labels) for r in items)
+        allows = (_resolve_rule(r, p, direction, node, weps, ns_labels, i) for i, r in enumerate(items))
         return tuple(a for a in allows if a is not None)
 
     return ResolvedPolicy(policy_key(p),

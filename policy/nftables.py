@@ -122,12 +122,13 @@ class Nft:
             raise DataplaneError(f"nft rejected the transaction: {err.strip()}")
         return out
 
-    def list_table(self, family: str, name: str) -> list[dict] | None:
-        """The objects nft lists for the table (`{"chain": {...}}`, `{"rule": ...}`, ...)."""
+    def list_table(self, family: str, name: str, what: str = "table") -> list[dict] | None:
+        """The objects nft lists for the table (`{"chain": {...}}`, `{"rule": ...}`, ...);
+        `what` "counters": only its named counters (`list counters table ...`)."""
         with self._lock:
             self._ctx.set_json_output(True)
             try:
-                rc, out, err = self._ctx.cmd(f"list table {family} {name}")
+                rc, out, err = self._ctx.cmd(f"list {what} {'table ' if what != 'table' else ''}{family} {name}")
             finally:
                 self._ctx.set_json_output(False)
         if rc != 0:

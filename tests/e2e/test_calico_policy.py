@@ -8,9 +8,10 @@ clients x/client (node2) and y/client (node1), and x/other (node1) that is neith
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
-from lab_fixtures import PROBE, eventually, netpol, wait_matrix
+from lab_fixtures import PROBE, agent_metric, eventually, netpol, wait_matrix
 
 pytestmark = pytest.mark.slow
 
@@ -144,3 +145,42 @@ def test_bad_input_is_one_line_naming_the_field_and_nothing_is_stored(lab, spec,
     assert len(lines) == 1 and field in lines[0], r.stderr
     got = lab.ctl("get", "globalnetworkpolicy", "bad-one", check=False)
     assert got.returncode != 0
+
+
+SEND_UDP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[2])):
+    s.sendto(b"x", (sys.argv[1], 80))
+"""
+
+
+def log_lines(lab, node: str, needle: str) -> int:
+    path = lab.status()["nodes"][int(node[-1]) - 1]["agent"]["log"]
+    with open(path) as f:
+        return sum(1 for line in f if "policy log" in line and needle in line)
+
+
+def rule_packets(lab, node: str, policy_key: str, rule: int, action: str) -> float:
+    return agent_metric(lab, node, "tortie_policy_packets_total", action=action, direction="in",
+                        policy=policy_key, rule=str(rule)) or 0.0
+
+
+def test_log_rule_writes_one_line_per_packet_and_the_rules_count_what_they_matched(lab, apply):
+    key = "*/GlobalNetworkPolicy:audit"
+    apply(policy("GlobalNetworkPolicy", "audit", order=1, selector="app == 'web'",
+                 ingress=[{"action": "Log", "protocol": "UDP", "source": {"selector": "app == 'client'"}},
+                          {"action": "Allow", "source": {"selector": "app == 'client'"}},
+                          {"action": "Deny"}]))
+    expect(lab, {("x/other", "x/web"): False, ("x/client", "x/web"): True})  # in place on node1
+    logged, log0, allow0 = (log_lines(lab, "node1", key), rule_packets(lab, "node1", key, 0, "Log"),
+                            rule_packets(lab, "node1", key, 1, "Allow"))
+    lab.exec("x/client", [sys.executable, "-c", SEND_UDP, lab.pod("x/web").address, "3"], check=True)
+    assert reach(lab, "x/client", "x/web")  # TCP: not logged (the Log rule is UDP), allowed by rule 1
+    assert eventually(lambda: log_lines(lab, "node1", key) - logged, 3, 5), "one log line per UDP packet"
+    assert eventually(lambda: rule_packets(lab, "node1", key, 0, "Log") - log0, 3, 5)
+    assert rule_packets(lab, "node1", key, 1, "Allow") - allow0 == 4  # 3 datagrams and one SYN
+    denied = rule_packets(lab, "node1", key, 2, "Deny")
+    assert not reach(lab, "x/other", "x/web")
+    assert rule_packets(lab, "node1", key, 2, "Deny") > denied
+    assert log_lines(lab, "node1", key) - logged == 3  # what was not a client's UDP was never logged
