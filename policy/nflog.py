@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass
 
 from tortie.log import get_logger
+from tortie.policy.nftables import nfnl_messages
 
 log = get_logger("policy-log")
 
@@ -69,27 +70,12 @@ def _parse_packet(payload: bytes) -> tuple[str, str, str]:
 def parse(data: bytes) -> list[LogRecord]:
     """Every NFULNL_MSG_PACKET in one netlink read."""
     out = []
-    off = 0
-    want = NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET
-    while off + _HDR.size <= len(data):
-        length, mtype, _flags, _seq, _port = _HDR.unpack_from(data, off)
-        if length < _HDR.size:
-            break
-        if mtype == want:
-            attrs: dict[int, bytes] = {}
-            a, end = off + _HDR.size + _NFGEN.size, off + length
-            while a + _ATTR.size <= end:
-                alen, atype = _ATTR.unpack_from(data, a)
-                if alen < _ATTR.size:
-                    break
-                attrs[atype & 0x3FFF] = data[a + _ATTR.size:a + alen]
-                a += (alen + 3) & ~3
-            src, dst, proto = _parse_packet(attrs.get(NFULA_PAYLOAD, b""))
-            dev = {k: struct.unpack(">I", attrs[k])[0] for k in (NFULA_IFINDEX_INDEV, NFULA_IFINDEX_OUTDEV)
-                   if len(attrs.get(k, b"")) == 4}
-            out.append(LogRecord(attrs.get(NFULA_PREFIX, b"").rstrip(b"\0").decode(errors="replace").strip(),
-                                 src, dst, proto, dev.get(NFULA_IFINDEX_INDEV), dev.get(NFULA_IFINDEX_OUTDEV)))
-        off += (length + 3) & ~3
+    for _port, attrs in nfnl_messages(data, NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET):
+        src, dst, proto = _parse_packet(attrs.get(NFULA_PAYLOAD, b""))
+        dev = {k: struct.unpack(">I", attrs[k])[0] for k in (NFULA_IFINDEX_INDEV, NFULA_IFINDEX_OUTDEV)
+               if len(attrs.get(k, b"")) == 4}
+        out.append(LogRecord(attrs.get(NFULA_PREFIX, b"").rstrip(b"\0").decode(errors="replace").strip(),
+                             src, dst, proto, dev.get(NFULA_IFINDEX_INDEV), dev.get(NFULA_IFINDEX_OUTDEV)))
     return out
 
 
