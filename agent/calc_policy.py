@@ -275,6 +275,10 @@ class PolicyCalculator:
         for key in [k for k in self.resolved if k not in want_policies]:
             self._drop(key)
 
+    def usage(self) -> dict[str, int]:
+        """Policy key -> how many local endpoints it is active on (either direction)."""
+        return {key: len(ifaces) for key, ifaces in self._users.items()}
+
     def take(self) -> list:
         sets: list = []
         drops: list = []

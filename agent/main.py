@@ -105,6 +105,7 @@ class Agent:
         self.m_pol_logged = m.counter("tortie_policy_log_lines_total", "Packets Log rules handed to the agent, "
                                       "each written as one 'policy log' line")
         self.filter = None  # the FilterManager, once the driver is made
+        self._policy_usage: dict[str, int] = {}  # policy key -> local endpoints it is active on
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
         self._egress_seen: dict | None = None  # the same, on the driver thread
@@ -151,6 +152,10 @@ class Agent:
             self.m_sent.inc(len(msgs))
             self.driver.send(msgs)
         self._update_egress()
+        usage = self.calc.policy.usage()
+        if usage != self._policy_usage:  # for `tortiectl get ... -o wide`, in the status document
+            self._policy_usage = usage
+            self._status_dirty.set()
         if self.bgp is not None:  # what the speaker sets apart for egress pools (fromPeers)
             self.bgp.set_egress_imports(self.calc.egress_imports)
         self._check_speaker()
@@ -498,6 +503,7 @@ class Agent:
                 continue
             refused = dict(sorted(self.calc.refused.items())[:STATUS_REFUSED_MAX])
             body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status, "refused": refused,
+                               "policies": self._policy_usage,
                                "bfd": {p: st["state"] for p, st in self.bfd.states().items()} if self.bfd else {}},
                               sort_keys=True).encode()
             try:

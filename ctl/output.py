@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import yaml
 
+from tortie.ctl import policy_output
+
 FORMATS = ("table", "wide", "yaml", "json", "name")
 
 Row = Callable[[dict], tuple[str, ...]]
@@ -137,6 +139,8 @@ def _namespace(res: dict) -> tuple[str, ...]:
     return (res["metadata"]["name"], _labels(res))
 
 
+_CALICO_HEADERS = ("NAME", "TIER", "ORDER", "SELECTOR", "TYPES")
+
 # kind -> (headers, row, wide headers, wide row)
 TABLES: dict[str, tuple[tuple[str, ...], Row, tuple[str, ...], Row]] = {
     "ippool": (("NAME", "CIDR", "BLOCKSIZE", "NAT", "DISABLED", "SELECTOR"), _pool,
@@ -148,7 +152,13 @@ TABLES: dict[str, tuple[tuple[str, ...], Row, tuple[str, ...], Row]] = {
     "bgpconfiguration": (("NAME", "ASN", "MESH", "LISTEN-PORT"), _bgp_config, (), _bgp_config),
     "workloadendpoint": (("NAME", "NODE", "POD", "NETWORKS", "INTERFACE"), _wep,
                          ("CONTAINER", "LABELS"), _wep_wide),
-    "networkpolicy": (("NAME", "POD-SELECTOR", "POLICY-TYPES"), _netpol, (), _netpol),
+    "networkpolicy": (("NAME", "POD-SELECTOR", "POLICY-TYPES"), _netpol, ("ACTIVE-ON",),
+                      lambda r: (*_netpol(r), policy_output.active_on(r))),
+    "networkpolicy.tortie.io": (_CALICO_HEADERS, policy_output.calico_policy, ("ACTIVE-ON",),
+                                lambda r: (*policy_output.calico_policy(r), policy_output.active_on(r))),
+    "globalnetworkpolicy": (_CALICO_HEADERS, policy_output.calico_policy, ("ACTIVE-ON",),
+                            lambda r: (*policy_output.calico_policy(r), policy_output.active_on(r))),
+    "tier": (("NAME", "ORDER"), policy_output.tier, (), policy_output.tier),
     "namespace": (("NAME", "LABELS"), _namespace, (), _namespace),
 }
 

@@ -184,3 +184,27 @@ def test_log_rule_writes_one_line_per_packet_and_the_rules_count_what_they_match
     assert not reach(lab, "x/other", "x/web")
     assert rule_packets(lab, "node1", key, 2, "Deny") > denied
     assert log_lines(lab, "node1", key) - logged == 3  # what was not a client's UDP was never logged
+
+
+def active_on(lab, *args: str) -> str:
+    out = lab.ctl("get", *args, "-o", "wide").stdout.splitlines()
+    return out[1].split()[-1] if len(out) > 1 else ""
+
+
+def test_get_wide_shows_on_how_many_endpoints_of_each_node_a_policy_is_active(lab, apply):
+    apply(policy("GlobalNetworkPolicy", "webs", order=1, selector="app == 'web'", ingress=[{"action": "Pass"}]),
+          policy("GlobalNetworkPolicy", "not-web", order=1, selector="app != 'web'", ingress=[{"action": "Pass"}]),
+          policy("NetworkPolicy", "x-all", "x", order=1, ingress=[{"action": "Pass"}]),
+          netpol("y", "y-web", podSelector={"matchLabels": {"app": "web"}}, ingress=[{}]))
+    want = {("globalnetworkpolicy", "webs"): "node1=1,node2=1",
+            ("globalnetworkpolicy", "not-web"): "node1=2,node2=1",
+            ("tnp", "x-all", "-n", "x"): "node1=2,node2=1",
+            ("networkpolicy", "y-web", "-n", "y"): "node2=1"}
+    got = {}
+
+    def now():
+        got.update({args: active_on(lab, *args) for args in want})
+        return got
+    assert eventually(now, want, 8), got
+    header = lab.ctl("get", "gnp", "-o", "wide").stdout.splitlines()[0].split()
+    assert header == ["NAME", "TIER", "ORDER", "SELECTOR", "TYPES", "ACTIVE-ON"]
