@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from tortie import __version__
-from tortie.ctl import output, policy_output
+from tortie.ctl import output, policy_output, statusdocs
 from tortie.datastore import keys, selector
 from tortie.datastore import resources as res
 from tortie.errors import Conflict, NotFound, TortieError, ValidationError
@@ -242,17 +242,8 @@ def _with_egress_state(ctx, pools: list[dict]) -> list[dict]:
     """The pools with what each node publishes about their egress (for display only):
     status.egress = {node: {"up": bool, "reason": str | None, "nextHop": "a,b"}}; stale statuses
     are left out."""
-    prefix = ctx.config.prefix
-    kvs, _ = ctx.client.get_prefix(prefix + keys.BGP_STATUS)
-    now, by_pool = time.time(), {}
-    for kv in kvs:
-        node = keys.parse_bgp_status(kv.key[len(prefix):])
-        try:
-            doc = json.loads(kv.value)
-        except ValueError:
-            continue
-        if not node or (doc.get("updated") is not None and now - doc["updated"] > STALE_AFTER):
-            continue
+    by_pool: dict = {}
+    for node, doc in statusdocs.live(ctx.client, ctx.config.prefix, STALE_AFTER):
         for e in doc.get("egress") or ():
             by_pool.setdefault(e.get("pool"), {})[node] = {"up": bool(e.get("up")), "reason": e.get("reason"),
                                                            "advertised": bool(e.get("advertised")),

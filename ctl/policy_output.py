@@ -4,10 +4,7 @@ the agents publish: `policies` {policy key: endpoints} in `status/bgp/<node>`)."
 
 from __future__ import annotations
 
-import json
-import time
-
-from tortie.datastore import keys
+from tortie.ctl import statusdocs
 from tortie.policy.tiers import policy_key
 
 POLICY_KINDS = ("networkpolicy", "networkpolicy.tortie.io", "globalnetworkpolicy")
@@ -46,16 +43,8 @@ class _Key:
 def with_usage(client, prefix: str, items: list[dict], stale_after: float) -> list[dict]:
     """The policies with status.activeOn = {node: endpoints} (display only); the documents
     of agents that stopped publishing are left out."""
-    kvs, _ = client.get_prefix(prefix + keys.BGP_STATUS)
-    now, by_key = time.time(), {}
-    for kv in kvs:
-        node = keys.parse_bgp_status(kv.key[len(prefix):])
-        try:
-            doc = json.loads(kv.value)
-        except ValueError:
-            continue
-        if not node or (doc.get("updated") is not None and now - doc["updated"] > stale_after):
-            continue
+    by_key: dict[str, dict[str, int]] = {}
+    for node, doc in statusdocs.live(client, prefix, stale_after):
         for key, n in (doc.get("policies") or {}).items():
             by_key.setdefault(key, {})[node] = n
     out = []
