@@ -390,7 +390,7 @@ def network_policy(state: ClusterState, node: str) -> netpol.Filter:
     """This node's pods under the cluster's NetworkPolicies (see `policy.netpol`)."""
     return netpol.compute(node, [*state.weps.values()],
                           [*state.policies.values(), *state.calico_policies.values(), *state.global_policies.values()],
-                          state.namespaces, state.tiers)
+                          state.namespaces, state.tiers, state.host_endpoints.values())
 
 
 # --- the incremental calculation ----------------------------------------------------------
@@ -481,7 +481,7 @@ class Calculation:
         self.state = ClusterState(prefix=prefix)
         st = self.state
         self.policy = PolicyCalculator(node, st.weps, st.policies, st.namespaces, st.calico_policies,
-                                       st.global_policies, st.tiers)
+                                       st.global_policies, st.tiers, st.host_endpoints)
         self.learned: dict[str, tuple[str, ...]] = {}
         self._out = {c: _RouteOut(c) for c in (BLOCKS, WORKLOADS, BGP, ADOPTED, EGRESS)}
         self._blocks: list[tuple[str, ipaddress._BaseNetwork]] = []  # own confirmed blocks
@@ -544,7 +544,7 @@ class Calculation:
             self._wep_changed(old, new)
         elif kind in ("networkpolicy", "networkpolicy.tortie.io", "globalnetworkpolicy"):
             self.policy.on_policy(netpol.policy_key(old or new))
-        elif kind == "tier":
+        elif kind in ("tier", "hostendpoint"):
             self.policy.on_tier()
         elif kind == "namespace":
             self.policy.on_namespace(name)

@@ -186,13 +186,15 @@ class PolicyCalculator:
     def __init__(self, node: str, weps: dict[WepKey, res.WorkloadEndpoint],
                  policies: dict[WepKey, res.NetworkPolicy],
                  namespaces: dict[str, res.Namespace], calico_policies: dict | None = None,
-                 global_policies: dict | None = None, tiers: dict | None = None) -> None:
+                 global_policies: dict | None = None, tiers: dict | None = None,
+                 host_endpoints: dict | None = None) -> None:
         # The ClusterState's own tables (read only here; the state folds the events).
         self.node = node
         self.weps, self.namespaces = weps, namespaces
         self.policies = AllPolicies(policies, calico_policies if calico_policies is not None else {},
                                     global_policies if global_policies is not None else {})
         self.tiers = tiers if tiers is not None else {}
+        self.host_endpoints = host_endpoints if host_endpoints is not None else {}
         self._ns_labels = _NamespaceLabels(namespaces)
         # local endpoints by host interface (normally one each)
         self._by_iface: dict[str, dict[WepKey, res.WorkloadEndpoint]] = {}
@@ -233,13 +235,24 @@ class PolicyCalculator:
         for iface, by_key in list(self._by_iface.items()):
             if namespace == "*" or any(ns == namespace for ns, _ in by_key):
                 self._refresh_pod(iface)
+        if namespace == "*":
+            self._refresh_hosts()
         if key in self._users:
             self._resolve(key)
 
     def on_tier(self) -> None:
-        """A Tier's order changed: every local pod's policy order may have."""
+        """A Tier's order changed (or a HostEndpoint): every local endpoint's policies may have."""
         for iface in list(self._by_iface):
             self._refresh_pod(iface)
+        self._refresh_hosts()
+
+    def _refresh_hosts(self) -> None:
+        """This node's host endpoints, whole (a node has a few)."""
+        want = netpol.host_filters(self.node, self.host_endpoints.values(), self.policies.values(), self.tiers)
+        for key in [k for k, f in self.pod_filters.items() if f.host and k not in want]:
+            self._set_pod(key, None)
+        for key, f in want.items():
+            self._set_pod(key, f)
 
     def on_namespace(self, name: str) -> None:
         self._ns_labels.pop(name, None)
@@ -260,6 +273,8 @@ class PolicyCalculator:
                 self._by_iface.setdefault(w.interface_name, {})[(ns, name)] = w
         want_pods = netpol.pod_filters(self.node, self.weps.values(), self.policies.values(),
                                        self._ns_labels, self.tiers)
+        want_pods.update(netpol.host_filters(self.node, self.host_endpoints.values(), self.policies.values(),
+                                             self.tiers))
         used = {k for f in want_pods.values() for k in (f.ingress or ()) + (f.egress or ())}
         self._index = {}
         for key, p in self.policies.items():

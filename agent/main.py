@@ -57,6 +57,16 @@ APPLY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 MANAGERS = ("routes", "rules", "sysctls", "nat", "antispoof", "filter")
 
 
+
+def failsafe_ports(cfg) -> dict:
+    """The host endpoints' failsafe ports (validated by config.load): the agent's own health
+    port always among the inbound ones."""
+    from tortie.policy.host_rules import parse_ports
+
+    inbound = parse_ports(cfg.failsafe_inbound_host_ports, "TORTIE_FAILSAFE_INBOUND_HOST_PORTS")
+    return {"failsafe_in": tuple(sorted({*inbound, ("tcp", cfg.health_port)})),
+            "failsafe_out": parse_ports(cfg.failsafe_outbound_host_ports, "TORTIE_FAILSAFE_OUTBOUND_HOST_PORTS")}
+
 class Agent:
     def __init__(self, cfg: agent_config.AgentConfig) -> None:
         from tortie.datastore.ipam import IPAM
@@ -573,7 +583,7 @@ class Agent:
         # routes stay as they are until the peers' full tables arrive.
         await asyncio.to_thread(routes.resync)
         self.calc.adopt(r for r in routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
-        self._make_driver(routes, rules, NatManager(), FilterManager())
+        self._make_driver(routes, rules, NatManager(), FilterManager(**failsafe_ports(self.cfg)))
         self._start_policy_log()
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
                          self.cfg.metrics_host, self.cfg.metrics_port, on_scrape=self._on_scrape)

@@ -36,6 +36,7 @@ class ClusterState:
     calico_policies: dict[tuple[str, str], res.CalicoNetworkPolicy] = field(default_factory=dict)
     global_policies: dict[str, res.GlobalNetworkPolicy] = field(default_factory=dict)
     tiers: dict[str, res.Tier] = field(default_factory=dict)
+    host_endpoints: dict[str, res.HostEndpoint] = field(default_factory=dict)
 
     KINDS = {
         "ippool": ("pools", res.IPPool),
@@ -45,6 +46,7 @@ class ClusterState:
         "namespace": ("namespaces", res.Namespace),
         "globalnetworkpolicy": ("global_policies", res.GlobalNetworkPolicy),
         "tier": ("tiers", res.Tier),
+        "hostendpoint": ("host_endpoints", res.HostEndpoint),
     }
     NAMESPACED = {
         "workloadendpoint": ("weps", res.WorkloadEndpoint),
@@ -54,7 +56,7 @@ class ClusterState:
 
     def clear(self) -> None:
         for name in ("pools", "nodes", "bgp_peers", "bgp_configs", "weps", "affinities", "policies",
-                     "namespaces", "calico_policies", "global_policies", "tiers"):
+                     "namespaces", "calico_policies", "global_policies", "tiers", "host_endpoints"):
             getattr(self, name).clear()
 
     def relative(self, key: str) -> str | None:

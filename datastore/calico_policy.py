@@ -19,7 +19,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tortie.datastore.fields import DNS_LABEL, PORT_NAME, Fields, parse_cidr, string
+from tortie.datastore.fields import (
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    IFNAME,
+    PORT_NAME,
+    Fields,
+    parse_cidr,
+    parse_ip,
+    string,
+)
 from tortie.errors import ValidationError
 
 ACTIONS = ("Allow", "Deny", "Log", "Pass")
@@ -159,3 +168,18 @@ def tier_spec(f: Fields, meta: dict) -> None:
     if not DNS_LABEL.fullmatch(meta["name"]):
         raise ValidationError(f"{meta['name']!r} is not valid (a DNS label)", field="metadata.name")
     _order(f)
+
+
+def host_endpoint_spec(f: Fields, meta: dict) -> None:
+    """A node's own interface (`*`: all of them but the pods'), protected by the
+    GlobalNetworkPolicies whose selector matches the endpoint's labels."""
+    f.str("node", required=True, pattern=DNS_SUBDOMAIN)
+    name = f.raw("interfaceName", required=True)
+    if name != "*":
+        f.str("interfaceName", required=True, pattern=IFNAME)
+    else:
+        f.keep("interfaceName", name)
+    f.list("expectedIPs", lambda v, where: str(parse_ip(string(v, where), where)))
+    for name in ("profiles", "ports"):
+        if f.raw(name):
+            raise ValidationError("is not supported yet on host endpoints", field=f.at(name))

@@ -130,4 +130,19 @@ class Tier(View):
         return dict(order=_order(spec))
 
 
-VIEWS = {"networkpolicy.tortie.io": CalicoNetworkPolicy, "globalnetworkpolicy": GlobalNetworkPolicy, "tier": Tier}
+@dataclass(frozen=True)
+class HostEndpoint(View):
+    KIND: ClassVar[str] = "HostEndpoint"
+    API: ClassVar[str] = "tortie.io/v1"
+    node: str = ""
+    interface_name: str = ""  # "*": every interface of the node but the pods'
+    expected_ips: tuple[str, ...] = ()
+
+    @staticmethod
+    def _spec(meta: dict, spec: dict) -> dict:
+        return dict(node=spec["node"], interface_name=spec["interfaceName"],
+                    expected_ips=tuple(spec.get("expectedIPs") or ()))
+
+
+VIEWS = {"networkpolicy.tortie.io": CalicoNetworkPolicy, "globalnetworkpolicy": GlobalNetworkPolicy, "tier": Tier,
+         "hostendpoint": HostEndpoint}

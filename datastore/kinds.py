@@ -441,6 +441,7 @@ KINDS: dict[str, Kind] = {
         Kind("GlobalNetworkPolicy", API_VERSION, False, calico_policy.policy_spec(global_=True),
              ("globalnetworkpolicies", "gnp", "gnps")),
         Kind("Tier", API_VERSION, False, calico_policy.tier_spec, ("tiers",), spec_required=False),
+        Kind("HostEndpoint", API_VERSION, False, calico_policy.host_endpoint_spec, ("hostendpoints", "hep", "heps")),
     )
 }
 _ALIASES = {a: k for k in KINDS.values() for a in (k.key, *k.aliases)}

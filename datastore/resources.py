@@ -14,7 +14,13 @@ resources as res`; `res.IPPool`, `res.validate`, `res.kind_for`, ...). It is spl
 from __future__ import annotations
 
 from tortie.datastore.calico_views import VIEWS as _CALICO_VIEWS
-from tortie.datastore.calico_views import CalicoNetworkPolicy, CalicoRule, GlobalNetworkPolicy, Tier
+from tortie.datastore.calico_views import (
+    CalicoNetworkPolicy,
+    CalicoRule,
+    GlobalNetworkPolicy,
+    HostEndpoint,
+    Tier,
+)
 from tortie.datastore.kinds import (
     API_VERSION,
     KINDS,
@@ -52,7 +58,7 @@ VIEWS = {**VIEWS, **_CALICO_VIEWS}
 
 __all__ = [
     "API_VERSION", "DEFAULT_AS", "KINDS", "VIEWS", "BGPConfiguration", "BGPPeer", "CalicoNetworkPolicy", "CalicoRule",
-    "Egress", "EndpointPort", "FrozenLabels", "GlobalNetworkPolicy", "IPAMConfig", "IPPool", "Kind", "Namespace",
+    "Egress", "EndpointPort", "FrozenLabels", "GlobalNetworkPolicy", "HostEndpoint", "IPAMConfig", "IPPool", "Kind", "Namespace",
     "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort", "PolicyRule", "PoolBGP", "Tier", "View", "WorkloadEndpoint",
     "effective_bgp_config", "key_for", "kind_for", "kind_of", "parse_key", "split_peer_ip", "validate",
 ]

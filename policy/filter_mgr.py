@@ -36,7 +36,7 @@ import re
 from collections.abc import Iterable
 
 from tortie.log import get_logger
-from tortie.policy import netpol, nflog
+from tortie.policy import host_rules, netpol, nflog
 from tortie.policy.messages import EndpointFilterUpdate, PolicyUpdate, filter_messages
 from tortie.policy.netpol import PodFilter, PortRange, ResolvedPolicy
 from tortie.policy.nftables import Base, Chain, Nft, NftTable, Obj, TablesManager
@@ -208,7 +208,14 @@ def _proto_match(a) -> str:
 class FilterManager(TablesManager):
     name = "filter"
 
-    def __init__(self, nft: Nft | None = None, *, netns: str | None = None) -> None:
+    def __init__(self, nft: Nft | None = None, *, netns: str | None = None,
+                 failsafe_in: tuple[tuple[str, int], ...] | None = None,
+                 failsafe_out: tuple[tuple[str, int], ...] | None = None) -> None:
+        self.failsafe_in = host_rules.parse_ports(host_rules.FAILSAFE_INBOUND, "") if failsafe_in is None \
+            else failsafe_in
+        self.failsafe_out = host_rules.parse_ports(host_rules.FAILSAFE_OUTBOUND, "") if failsafe_out is None \
+            else failsafe_out
+        self._host_base: tuple | None = None  # what the host base chains were made for
         self.table = NftTable(FAMILY, TABLE)
         super().__init__([self.table], nft, netns)
         for name in MAPS.values():
@@ -269,9 +276,13 @@ class FilterManager(TablesManager):
         old = self.pods.pop(interface, None)
         if pod is not None:
             self.pods[interface] = pod
+        host = interface.startswith(host_rules.HOST_KEY)
+        ifname = interface.removeprefix(host_rules.HOST_KEY)
         for direction in (IN, OUT):
             before = _keys(old, direction)
             after = _keys(pod, direction)
+            maps = host_rules.HOST_MAPS if host else MAPS
+            element = None if host and ifname == "*" else (maps[direction], ifname)
             for key in before or ():
                 if key not in (after or ()):
                     self._unuse(key, direction, interface)
@@ -281,17 +292,41 @@ class FilterManager(TablesManager):
                     self._set_policy_chain(key, direction)
                     self.table.objects.set_desired(policy_chain(key, direction), Obj("counter"))
                 users.add(interface)
-            chain = pod_chain(interface, direction)
+            chain = host_rules.host_chain(ifname, direction) if host else pod_chain(interface, direction)
             groups = _tiers(pod, direction) if after is not None else ()
             if pod is None or after is None:
                 self.table.chains.delete_desired(chain)
-                self.table.elements.delete_desired((MAPS[direction], interface))
-            elif before != after or _tiers(old, direction) != groups:
+                if element is not None:
+                    self.table.elements.delete_desired(element)
+            elif before != after or _tiers(old, direction) != groups or old is None:
                 self.table.chains.set_desired(chain, Chain(self._pod_rules(chain, after, groups, direction)))
-                self.table.elements.set_desired((MAPS[direction], interface), f"jump {chain}")
+                if element is not None:
+                    self.table.elements.set_desired(element, f"jump {chain}")
             for n in range(len(groups), len(_tiers(old, direction)) if old is not None else 0):
                 self.table.chains.delete_desired(f"{chain}-t{n}")
+        if host:
+            self._set_host_base()
         self.table.want = bool(self.pods)
+
+    def _set_host_base(self) -> None:
+        """The host base chains and maps while this node has host endpoints (host_rules)."""
+        hosts = [p for p in self.pods.values() if p.host]
+        want = (self.failsafe_in, self.failsafe_out, any(p.interface == host_rules.HOST_KEY + "*" for p in hosts)) \
+            if hosts else None
+        if want == self._host_base:
+            return
+        self._host_base = want
+        chains = host_rules.base_chains(*want) if want else host_rules.base_chains((), (), False)
+        for name, chain in chains.items():
+            if want:
+                self.table.chains.set_desired(name, chain)
+            else:
+                self.table.chains.delete_desired(name)
+        for name in host_rules.HOST_MAPS.values():
+            if want:
+                self.table.objects.set_desired(name, Obj("map", "ifname", "verdict"))
+            else:
+                self.table.objects.delete_desired(name)
 
     def _pod_rules(self, chain: str, keys: tuple[str, ...], groups: tuple[int, ...],
                    direction: str) -> tuple[str, ...]:

@@ -107,6 +107,10 @@ class PodFilter:
     egress: tuple[str, ...] | None
     ingress_tiers: tuple[int, ...] = ()
     egress_tiers: tuple[int, ...] = ()
+    # A HostEndpoint of this node (`interface` "host:" + its interfaceName, "*" for all;
+    # `name` the HostEndpoint's): filtered on the input and output hooks, and denied what no
+    # policy allows even when none selects it (Calico's default for host endpoints).
+    host: bool = False
 
 
 @dataclass(frozen=True)
@@ -357,7 +361,8 @@ def resolve(p: res.NetworkPolicy, weps: Iterable[res.WorkloadEndpoint],
 
 
 def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[res.NetworkPolicy],
-            namespaces: Mapping[str, res.Namespace], tiers: Mapping[str, res.Tier] | None = None) -> Filter:
+            namespaces: Mapping[str, res.Namespace], tiers: Mapping[str, res.Tier] | None = None,
+            host_endpoints: Iterable[res.HostEndpoint] = ()) -> Filter:
     """Which of this node's pods are isolated, by which policies (Kubernetes' and
     Calico's, in evaluation order), and what those allow."""
     weps = sorted(weps, key=lambda w: (w.namespace, w.name))
@@ -365,6 +370,7 @@ def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[
     ns_labels = {name: namespace_labels(namespaces, name)
                  for name in {w.namespace for w in weps} | set(namespaces)}
     pods = pod_filters(node, weps, policies, ns_labels, tiers)
+    pods.update(host_filters(node, host_endpoints, policies, tiers or {}))
     used = {k for f in pods.values() for k in (f.ingress or ()) + (f.egress or ())}
     resolved = tuple(resolve(p, weps, ns_labels, node) for p in policies if policy_key(p) in used)
     return Filter(tuple(pods.values()), resolved)
@@ -392,6 +398,29 @@ def pod_filters(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Itera
         # one filter per interface: the last endpoint (by namespace/name) naming it wins
         pods[wep.interface_name] = want
     return pods
+
+
+def host_key(interface: str) -> str:
+    """A host endpoint's key among the filters (its `interface`: apart from the pods')."""
+    return f"host:{interface}"
+
+
+def host_filters(node: str, heps: Iterable[res.HostEndpoint], policies: Iterable,
+                 tiers: Mapping[str, res.Tier]) -> dict[str, PodFilter]:
+    """This node's host endpoints, by `host_key`: the GlobalNetworkPolicies selecting each
+    (without a namespaceSelector: a host has no namespace). One per interface: the first
+    by name."""
+    policies = [p for p in policies if getattr(p, "GLOBAL", False) and p.namespace_selector is None]
+    out: dict[str, PodFilter] = {}
+    for hep in sorted(heps, key=lambda h: h.name, reverse=True):
+        if hep.node != node or not (hep.interface_name == "*" or interface_usable(hep.interface_name)):
+            continue
+        selecting = [p for p in policies if p.pod_selector.matches(hep.labels)]
+        ing, ing_t = tiering.ordered((p for p in selecting if INGRESS in p.policy_types), tiers)
+        egr, egr_t = tiering.ordered((p for p in selecting if EGRESS in p.policy_types), tiers)
+        key = host_key(hep.interface_name)
+        out[key] = PodFilter(key, "", hep.name, ing, egr, ing_t, egr_t, host=True)
+    return out
 
 
 def pod_filter(wep: res.WorkloadEndpoint, policies: Iterable, ns_labels: Mapping[str, dict[str, str]],

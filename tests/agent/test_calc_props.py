@@ -212,6 +212,17 @@ def calico_policy_event(draw):
 
 
 @st.composite
+def host_endpoint_event(draw):
+    """HostEndpoints of this node and another, one interface or all ("*")."""
+    name = draw(st.sampled_from(["h1", "h2"]))
+    key = P + keys.resource_key("hostendpoint", name)
+    if draw(st.integers(0, 3)) == 0:
+        return key, None
+    spec = {"node": draw(st.sampled_from([ME, ME, OTHER])), "interfaceName": draw(st.sampled_from(["eth0", "*"]))}
+    return key, _doc("HostEndpoint", name, spec, labels={"app": draw(APPS)})
+
+
+@st.composite
 def namespace_event(draw):
     name = draw(NSS)
     key = P + keys.resource_key("namespace", name)
@@ -313,7 +324,7 @@ def egress_learned_event(draw):
 
 
 EVENT = st.one_of(egress_learned_event(), wep_event(), wep_event(), wep_event(), policy_event(), policy_event(),
-                  calico_policy_event(), calico_policy_event(), namespace_event(), namespace_event(), pool_event(), affinity_event(), node_event(),
+                  calico_policy_event(), calico_policy_event(), host_endpoint_event(), namespace_event(), namespace_event(), pool_event(), affinity_event(), node_event(),
                   bgp_event(), learned_event())
 
 

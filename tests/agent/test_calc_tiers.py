@@ -106,3 +106,21 @@ def test_pod_joining_a_not_selector_changes_the_rule():
     assert fed.policies["*/GlobalNetworkPolicy:g"].ingress[0].not_peers == ("10.65.0.2/31",)
     fed.update(*wep("b", "10.65.0.2/32", "web"))
     assert fed.policies["*/GlobalNetworkPolicy:g"].ingress[0].not_peers == ("10.65.0.3/32",)
+
+
+def test_host_endpoints_take_global_policies_and_deny_by_default():
+    hep_key = P + keys.resource_key("hostendpoint", "n1-eth0")
+    items = dict([gnp("uplink", "default", 1, selector="role == 'uplink'", ingress=[{"action": "Deny"}]),
+                  gnp("ns-bound", "default", 1, selector="all()", namespaceSelector="all()",
+                      ingress=[{"action": "Deny"}])])
+    fed = Fed(items)
+    fed.update(hep_key, doc("HostEndpoint", "n1-eth0", {"node": ME, "interfaceName": "eth0"}))
+    f = fed.pods["host:eth0"]
+    assert f.host and f.ingress == () and f.egress == ()  # selected by nothing: denied (Calico)
+    fed.update(hep_key, doc("HostEndpoint", "n1-eth0", {"node": ME, "interfaceName": "eth0"},
+                            labels={"role": "uplink"}))
+    assert fed.pods["host:eth0"].ingress == ("*/GlobalNetworkPolicy:uplink",)  # a namespaceSelector: pods only
+    fed.update(*gnp("uplink", "default", 1, selector="role == 'none'", ingress=[{"action": "Deny"}]))
+    assert fed.pods["host:eth0"].ingress == ()
+    fed.update(hep_key, doc("HostEndpoint", "n1-eth0", {"node": "n2", "interfaceName": "eth0"}))
+    assert "host:eth0" not in fed.pods  # another node's

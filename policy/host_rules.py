@@ -1,0 +1,69 @@
+"""Host endpoints in the filter table: the base chains that guard a node's own interfaces,
+and the failsafe ports that stay open whatever the policies say (Calico's
+failsafeInboundHostPorts / failsafeOutboundHostPorts).
+
+    chain host-input  (hook input, priority filter)
+        ct state established,related accept
+        iifname "lo" accept ; IPv6 neighbour discovery accept
+        <failsafe inbound>  tcp dport { 22, 179, 2379, 2380, ... } accept
+        iifname vmap @host-in               "<interface>" : jump hep-in-<interface>
+        iifname != "tor*" jump hep-in-all   (a HostEndpoint with interfaceName "*")
+    chain host-output (hook output, priority filter): the same, oifname, outbound ports
+
+Forwarded traffic (pods through the uplink) is not a host endpoint's: the forward hook is
+left to the pods' own policies (GlobalNetworkPolicy applyOnForward is refused as not
+supported yet). Replies of accepted connections pass, so a session opened on a failsafe
+port (BGP, etcd) lives on.
+"""
+
+from __future__ import annotations
+
+from tortie.cni.wiring import HOST_PREFIX
+from tortie.errors import ValidationError
+from tortie.policy.nftables import Base, Chain
+
+# Calico's defaults (Felix's FailsafeInboundHostPorts / FailsafeOutboundHostPorts)
+FAILSAFE_INBOUND = "tcp:22,udp:68,tcp:179,tcp:2379,tcp:2380,tcp:5473,tcp:6443,tcp:6666,tcp:6667"
+FAILSAFE_OUTBOUND = "udp:53,udp:67,tcp:179,tcp:2379,tcp:2380,tcp:5473,tcp:6443,tcp:6666,tcp:6667"
+HOST_MAPS = {"in": "host-in", "out": "host-out"}
+HOST_KEY = "host:"
+_ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept"
+
+
+def parse_ports(text: str, field: str) -> tuple[tuple[str, int], ...]:
+    """"tcp:22,udp:68" (or "none") as ((protocol, port), ...); one line naming the field."""
+    if text.strip().lower() == "none":
+        return ()
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        proto, sep, port = item.partition(":")
+        if not sep or proto.lower() not in ("tcp", "udp", "sctp") or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValidationError(f"{item!r} is not protocol:port (tcp, udp or sctp; 1-65535)", field=field)
+        out.append((proto.lower(), int(port)))
+    return tuple(sorted(set(out)))
+
+
+def _failsafe(ports: tuple[tuple[str, int], ...]) -> list[str]:
+    out = []
+    for proto in sorted({p for p, _ in ports}):
+        numbers = ", ".join(str(n) for p, n in ports if p == proto)
+        out.append(f"meta l4proto {proto} th dport {{ {numbers} }} accept")
+    return out
+
+
+def host_chain(interface: str, direction: str) -> str:
+    return f"hep-{direction}-all" if interface == "*" else f"hep-{direction}-{interface}"
+
+
+def base_chains(inbound: tuple[tuple[str, int], ...], outbound: tuple[tuple[str, int], ...],
+                any_interface: bool) -> dict[str, Chain]:
+    """The two base chains, given the failsafe ports and whether a `*` host endpoint exists."""
+    out = {}
+    for name, hook, field, direction, ports in (("host-input", "input", "iifname", "in", inbound),
+                                                ("host-output", "output", "oifname", "out", outbound)):
+        rules = ["ct state established,related accept", f'{field} "lo" accept', _ND, *_failsafe(ports),
+                 f"{field} vmap @{HOST_MAPS[direction]}"]
+        if any_interface:
+            rules.append(f'{field} != "{HOST_PREFIX}*" jump {host_chain("*", direction)}')
+        out[name] = Chain(tuple(rules), Base("filter", hook, 0))
+    return out

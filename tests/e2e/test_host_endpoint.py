@@ -1,0 +1,120 @@
+"""Host endpoints end to end (issue 10 item 3): a node's uplink as a HostEndpoint, guarded
+by GlobalNetworkPolicies, behind a BIRD router. A policy that denies everything to the
+uplink leaves its BGP session (failsafe port 179) and the pods' traffic through it
+(forwarded, not the host's) up, and blocks the outside host's probe to the node's own
+address (a TCP server on the node)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from lab_fixtures import PROBE, eventually, wait_matrix
+
+pytestmark = pytest.mark.slow
+
+SERVER = """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7070)); s.listen(16); print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(b"node1\\n"); c.close()
+"""
+HOLD = 9.0  # the lab routers' hold time: a session that survives longer was never cut
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory):
+    lab = lab_factory(nodes=2, tor="bird")
+    lab.pod_add("node1", "x/p1")
+    lab.pod_add("node2", "x/p2")
+    m = wait_matrix(lab, 30)
+    assert m.ok, m
+    return lab
+
+
+@pytest.fixture(scope="module")
+def node_server(lab):
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.netns_of("node1"), sys.executable, "-c", SERVER],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield lab.status()["nodes"][0]["ip"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def apply(lab, *docs):
+    for d in docs:
+        lab.ctl("apply", "-f", "-", input=json.dumps(d))
+
+
+def doc(kind, name, **spec):
+    meta = {"name": name}
+    if "labels" in spec:
+        meta["labels"] = spec.pop("labels")
+    return {"apiVersion": "tortie.io/v1", "kind": kind, "metadata": meta, "spec": spec}
+
+
+def established(lab) -> bool:
+    return lab.bgp_sessions()["tor"].get("node1") == "Established"
+
+
+def session_since(lab) -> str:
+    """When BIRD's session with node1 last changed state (a new session: a new time)."""
+    line = next(x for x in lab.birdc("tor", "show", "protocols", "node1").splitlines() if x.startswith("node1 "))
+    return line.split()[4]
+
+
+def pods_ok(lab) -> bool:
+    return all(lab.probe(s, d, 80, timeout=PROBE).ok for s, d in (("ext", "x/p1"), ("x/p2", "x/p1"), ("x/p1", "x/p2")))
+
+
+def test_uplink_denied_everything_keeps_bgp_and_pods_and_blocks_the_node(lab, node_server):
+    node_ip = node_server
+    assert lab.probe("ext", node_ip, 7070, timeout=PROBE).ok  # the node answers before anything
+    assert established(lab)
+    try:
+        apply(lab, doc("HostEndpoint", "node1-uplink", node="node1", interfaceName="eth0",
+                       expectedIPs=[node_ip], labels={"role": "uplink"}),
+              doc("GlobalNetworkPolicy", "uplink-allow-7070", order=20, selector="role == 'uplink'",
+                  types=["Ingress"], ingress=[{"action": "Allow", "protocol": "TCP", "destination": {"ports": [7070]}}]))
+        # the host endpoint's policy allows 7070: still answered
+        assert eventually(lambda: lab.probe("ext", node_ip, 7070, timeout=PROBE).ok, True, 6)
+        apply(lab, doc("GlobalNetworkPolicy", "uplink-deny-all", order=10, selector="role == 'uplink'",
+                       types=["Ingress", "Egress"], ingress=[{"action": "Deny"}], egress=[{"action": "Deny"}]))
+        assert eventually(lambda: lab.probe("ext", node_ip, 7070, timeout=PROBE).ok, False, 6), \
+            "the outside host still reaches the node"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < HOLD + 3:  # past the hold time: keepalives pass (failsafe)
+            assert established(lab), "BGP session with the router went down"
+            assert pods_ok(lab), "pods' traffic through the uplink stopped"
+            time.sleep(1)
+        assert not lab.probe("ext", node_ip, 7070, timeout=PROBE).ok
+        # A new session (conntrack knows nothing of it) comes up through failsafe port 179.
+        before = session_since(lab)
+        lab.birdc("tor", "restart", "node1")
+        assert eventually(lambda: established(lab) and session_since(lab) != before, True, 30), \
+            "no new BGP session through the denied uplink"
+        # the agent's health port is failsafe too: readiness is read from outside the node
+        assert lab.http_get("node1", 9099, "/readiness")[0] == 200
+    finally:
+        for kind, name in (("globalnetworkpolicy", "uplink-deny-all"), ("globalnetworkpolicy", "uplink-allow-7070"),
+                           ("hostendpoint", "node1-uplink")):
+            lab.ctl("delete", kind, name, "--ignore-not-found")
+    assert eventually(lambda: lab.probe("ext", node_ip, 7070, timeout=PROBE).ok, True, 6)
+
+
+def test_a_host_endpoint_no_policy_selects_is_denied_but_failsafe(lab, node_server):
+    node_ip = node_server
+    try:
+        apply(lab, doc("HostEndpoint", "node1-all", node="node1", interfaceName="*"))
+        assert eventually(lambda: lab.probe("ext", node_ip, 7070, timeout=PROBE).ok, False, 6)
+        assert established(lab) and pods_ok(lab)
+    finally:
+        lab.ctl("delete", "hostendpoint", "node1-all", "--ignore-not-found")
+    assert eventually(lambda: lab.probe("ext", node_ip, 7070, timeout=PROBE).ok, True, 6)
