@@ -40,9 +40,8 @@ K8S_ORDER = 1000.0  # Kubernetes NetworkPolicies, in the default tier
 _RANGE = re.compile(r"(\d{1,5}):(\d{1,5})")
 # Accepted (Calico has them) but not implemented yet: refused with this reason.
 _NOT_YET = {
-    "applyOnForward": "host endpoints are not implemented yet",
-    "preDNAT": "host endpoints are not implemented yet",
-    "doNotTrack": "host endpoints are not implemented yet",
+    "preDNAT": "host endpoint policy before DNAT is not implemented yet",
+    "doNotTrack": "untracked host endpoint policy is not implemented yet",
 }
 
 
@@ -148,6 +147,8 @@ def policy_spec(global_: bool) -> Any:
         f.selector("selector", default="all()")
         if global_:
             f.selector("namespaceSelector")
+        if global_:
+            f.bool("applyOnForward")  # also the traffic a host endpoint forwards (pods')
         for name, why in _NOT_YET.items():
             if global_ and f.bool(name):
                 raise ValidationError(f"is not supported yet ({why})", field=f.at(name))

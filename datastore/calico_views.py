@@ -89,6 +89,7 @@ class CalicoNetworkPolicy(View):
     policy_types: tuple[str, ...] = ("Ingress",)
     ingress: tuple[CalicoRule, ...] = ()
     egress: tuple[CalicoRule, ...] = ()
+    apply_on_forward: bool = False  # a host endpoint's forwarded traffic too (global only)
 
     @classmethod
     def _spec(cls, meta: dict, spec: dict) -> dict:
@@ -98,7 +99,7 @@ class CalicoNetworkPolicy(View):
                     pod_selector=selector.parse(spec.get("selector", "all()")),
                     namespace_selector=(selector.parse(spec["namespaceSelector"])
                                         if spec.get("namespaceSelector") is not None else None),
-                    policy_types=tuple(spec["types"]),
+                    policy_types=tuple(spec["types"]), apply_on_forward=bool(spec.get("applyOnForward")),
                     ingress=tuple(CalicoRule.from_spec(r, "ingress", namespaced) for r in spec.get("ingress") or ()),
                     egress=tuple(CalicoRule.from_spec(r, "egress", namespaced) for r in spec.get("egress") or ()))
 

@@ -276,12 +276,13 @@ class FilterManager(TablesManager):
         old = self.pods.pop(interface, None)
         if pod is not None:
             self.pods[interface] = pod
-        host = interface.startswith(host_rules.HOST_KEY)
-        ifname = interface.removeprefix(host_rules.HOST_KEY)
+        forward = interface.startswith(host_rules.FORWARD_KEY)
+        host = forward or interface.startswith(host_rules.HOST_KEY)
+        ifname = interface.partition(":")[2] if host else interface
         for direction in (IN, OUT):
             before = _keys(old, direction)
             after = _keys(pod, direction)
-            maps = host_rules.HOST_MAPS if host else MAPS
+            maps = host_rules.FORWARD_MAPS if forward else host_rules.HOST_MAPS if host else MAPS
             element = None if host and ifname == "*" else (maps[direction], ifname)
             for key in before or ():
                 if key not in (after or ()):
@@ -292,7 +293,7 @@ class FilterManager(TablesManager):
                     self._set_policy_chain(key, direction)
                     self.table.objects.set_desired(policy_chain(key, direction), Obj("counter"))
                 users.add(interface)
-            chain = host_rules.host_chain(ifname, direction) if host else pod_chain(interface, direction)
+            chain = host_rules.host_chain(ifname, direction, forward) if host else pod_chain(interface, direction)
             groups = _tiers(pod, direction) if after is not None else ()
             if pod is None or after is None:
                 self.table.chains.delete_desired(chain)
@@ -311,18 +312,18 @@ class FilterManager(TablesManager):
     def _set_host_base(self) -> None:
         """The host base chains and maps while this node has host endpoints (host_rules)."""
         hosts = [p for p in self.pods.values() if p.host]
-        want = (self.failsafe_in, self.failsafe_out, any(p.interface == host_rules.HOST_KEY + "*" for p in hosts)) \
-            if hosts else None
+        want = (self.failsafe_in, self.failsafe_out, any(p.interface == host_rules.HOST_KEY + "*" for p in hosts),
+                any(p.interface == host_rules.FORWARD_KEY + "*" for p in hosts)) if hosts else None
         if want == self._host_base:
             return
         self._host_base = want
-        chains = host_rules.base_chains(*want) if want else host_rules.base_chains((), (), False)
+        chains = host_rules.base_chains(*want) if want else host_rules.base_chains((), (), False, False)
         for name, chain in chains.items():
             if want:
                 self.table.chains.set_desired(name, chain)
             else:
                 self.table.chains.delete_desired(name)
-        for name in host_rules.HOST_MAPS.values():
+        for name in (*host_rules.HOST_MAPS.values(), *host_rules.FORWARD_MAPS.values()):
             if want:
                 self.table.objects.set_desired(name, Obj("map", "ifname", "verdict"))
             else:

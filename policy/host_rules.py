@@ -10,10 +10,12 @@ failsafeInboundHostPorts / failsafeOutboundHostPorts).
         iifname != "tor*" jump hep-in-all   (a HostEndpoint with interfaceName "*")
     chain host-output (hook output, priority filter): the same, oifname, outbound ports
 
-Forwarded traffic (pods through the uplink) is not a host endpoint's: the forward hook is
-left to the pods' own policies (GlobalNetworkPolicy applyOnForward is refused as not
-supported yet). Replies of accepted connections pass, so a session opened on a failsafe
-port (BGP, etcd) lives on.
+    chain host-forward-in / host-forward-out (hook forward): iifname / oifname vmap
+        @hostfwd-in|out -> hepfwd-in|out-<interface>: the applyOnForward policies only
+
+Forwarded traffic (pods' through the uplink) meets only the policies with applyOnForward,
+and passes when none selects the endpoint. Replies of accepted connections pass, so a
+session opened on a failsafe port (BGP, etcd) lives on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from tortie.policy.nftables import Base, Chain
 FAILSAFE_INBOUND = "tcp:22,udp:68,tcp:179,tcp:2379,tcp:2380,tcp:5473,tcp:6443,tcp:6666,tcp:6667"
 FAILSAFE_OUTBOUND = "udp:53,udp:67,tcp:179,tcp:2379,tcp:2380,tcp:5473,tcp:6443,tcp:6666,tcp:6667"
 HOST_MAPS = {"in": "host-in", "out": "host-out"}
-HOST_KEY = "host:"
+FORWARD_MAPS = {"in": "hostfwd-in", "out": "hostfwd-out"}
+HOST_KEY, FORWARD_KEY = "host:", "hostfwd:"
 _ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept"
 
 
@@ -51,13 +54,17 @@ def _failsafe(ports: tuple[tuple[str, int], ...]) -> list[str]:
     return out
 
 
-def host_chain(interface: str, direction: str) -> str:
-    return f"hep-{direction}-all" if interface == "*" else f"hep-{direction}-{interface}"
+def host_chain(interface: str, direction: str, forward: bool = False) -> str:
+    prefix = "hepfwd" if forward else "hep"
+    return f"{prefix}-{direction}-all" if interface == "*" else f"{prefix}-{direction}-{interface}"
 
 
 def base_chains(inbound: tuple[tuple[str, int], ...], outbound: tuple[tuple[str, int], ...],
-                any_interface: bool) -> dict[str, Chain]:
-    """The two base chains, given the failsafe ports and whether a `*` host endpoint exists."""
+                any_interface: bool, any_forward: bool) -> dict[str, Chain]:
+    """The base chains, given the failsafe ports and whether a `*` host endpoint exists
+    (and has applyOnForward policies). Forwarded traffic is checked as it arrives on a host
+    endpoint (ingress) and as it leaves by one (egress), each in its own base chain: an
+    accept ends only its own chain."""
     out = {}
     for name, hook, field, direction, ports in (("host-input", "input", "iifname", "in", inbound),
                                                 ("host-output", "output", "oifname", "out", outbound)):
@@ -66,4 +73,9 @@ def base_chains(inbound: tuple[tuple[str, int], ...], outbound: tuple[tuple[str,
         if any_interface:
             rules.append(f'{field} != "{HOST_PREFIX}*" jump {host_chain("*", direction)}')
         out[name] = Chain(tuple(rules), Base("filter", hook, 0))
+    for name, field, direction in (("host-forward-in", "iifname", "in"), ("host-forward-out", "oifname", "out")):
+        rules = ["ct state established,related accept", f"{field} vmap @{FORWARD_MAPS[direction]}"]
+        if any_forward:
+            rules.append(f'{field} != "{HOST_PREFIX}*" jump {host_chain("*", direction, forward=True)}')
+        out[name] = Chain(tuple(rules), Base("filter", "forward", 0))
     return out

@@ -109,7 +109,8 @@ class PodFilter:
     egress_tiers: tuple[int, ...] = ()
     # A HostEndpoint of this node (`interface` "host:" + its interfaceName, "*" for all;
     # `name` the HostEndpoint's): filtered on the input and output hooks, and denied what no
-    # policy allows even when none selects it (Calico's default for host endpoints).
+    # policy allows even when none selects it (Calico's default for host endpoints);
+    # "hostfwd:" + interfaceName: the same endpoint's forwarded traffic (applyOnForward).
     host: bool = False
 
 
@@ -400,9 +401,10 @@ def pod_filters(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Itera
     return pods
 
 
-def host_key(interface: str) -> str:
-    """A host endpoint's key among the filters (its `interface`: apart from the pods')."""
-    return f"host:{interface}"
+def host_key(interface: str, forward: bool = False) -> str:
+    """A host endpoint's key among the filters (its `interface`: apart from the pods'):
+    "host:<if>" for its own traffic, "hostfwd:<if>" for what it forwards."""
+    return f"{'hostfwd' if forward else 'host'}:{interface}"
 
 
 def host_filters(node: str, heps: Iterable[res.HostEndpoint], policies: Iterable,
@@ -416,11 +418,21 @@ def host_filters(node: str, heps: Iterable[res.HostEndpoint], policies: Iterable
         if hep.node != node or not (hep.interface_name == "*" or interface_usable(hep.interface_name)):
             continue
         selecting = [p for p in policies if p.pod_selector.matches(hep.labels)]
-        ing, ing_t = tiering.ordered((p for p in selecting if INGRESS in p.policy_types), tiers)
-        egr, egr_t = tiering.ordered((p for p in selecting if EGRESS in p.policy_types), tiers)
         key = host_key(hep.interface_name)
-        out[key] = PodFilter(key, "", hep.name, ing, egr, ing_t, egr_t, host=True)
+        out[key] = _host_filter(key, hep, selecting, tiers)
+        # Forwarded traffic (pods') only meets the applyOnForward policies, and only when
+        # one selects the endpoint: without any it passes (Calico's default).
+        forward = [p for p in selecting if p.apply_on_forward]
+        if forward:
+            key = host_key(hep.interface_name, forward=True)
+            out[key] = _host_filter(key, hep, forward, tiers)
     return out
+
+
+def _host_filter(key: str, hep: res.HostEndpoint, selecting: list, tiers: Mapping[str, res.Tier]) -> PodFilter:
+    ing, ing_t = tiering.ordered((p for p in selecting if INGRESS in p.policy_types), tiers)
+    egr, egr_t = tiering.ordered((p for p in selecting if EGRESS in p.policy_types), tiers)
+    return PodFilter(key, "", hep.name, ing, egr, ing_t, egr_t, host=True)
 
 
 def pod_filter(wep: res.WorkloadEndpoint, policies: Iterable, ns_labels: Mapping[str, dict[str, str]],

@@ -120,7 +120,12 @@ def test_host_endpoints_take_global_policies_and_deny_by_default():
     fed.update(hep_key, doc("HostEndpoint", "n1-eth0", {"node": ME, "interfaceName": "eth0"},
                             labels={"role": "uplink"}))
     assert fed.pods["host:eth0"].ingress == ("*/GlobalNetworkPolicy:uplink",)  # a namespaceSelector: pods only
+    assert "hostfwd:eth0" not in fed.pods  # forwarded traffic: no applyOnForward policy, not filtered
+    fed.update(*gnp("uplink", "default", 1, selector="role == 'uplink'", applyOnForward=True,
+                    ingress=[{"action": "Deny"}]))
+    assert fed.pods["hostfwd:eth0"].ingress == ("*/GlobalNetworkPolicy:uplink",)
     fed.update(*gnp("uplink", "default", 1, selector="role == 'none'", ingress=[{"action": "Deny"}]))
+    assert "hostfwd:eth0" not in fed.pods
     assert fed.pods["host:eth0"].ingress == ()
     fed.update(hep_key, doc("HostEndpoint", "n1-eth0", {"node": "n2", "interfaceName": "eth0"}))
     assert "host:eth0" not in fed.pods  # another node's

@@ -47,7 +47,8 @@ def test_accepted_and_normalized():
     (lambda s: s["ingress"][0]["destination"].update(notPorts=["http"]), "spec.ingress[0].destination.notPorts"),
     (lambda s: s["ingress"][2]["source"].update(selector="all()"), "spec.ingress[2].source.nets"),
     (lambda s: s.update(doNotTrack=True), "spec.doNotTrack"),
-    (lambda s: s.update(applyOnForward=True), "spec.applyOnForward"),
+    (lambda s: s.update(preDNAT=True), "spec.preDNAT"),
+    (lambda s: s.update(applyOnForward="yes"), "spec.applyOnForward"),
     (lambda s: s.update(types=["Ingress", "Ingress"]), "spec.types"),
     (lambda s: s.update(serviceAccountSelector="x"), "spec.serviceAccountSelector"),
 ])

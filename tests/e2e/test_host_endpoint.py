@@ -118,3 +118,33 @@ def test_a_host_endpoint_no_policy_selects_is_denied_but_failsafe(lab, node_serv
     finally:
         lab.ctl("delete", "hostendpoint", "node1-all", "--ignore-not-found")
     assert eventually(lambda: lab.probe("ext", node_ip, 7070, timeout=PROBE).ok, True, 6)
+
+
+def test_apply_on_forward_guards_what_the_uplink_forwards(lab, node_server):
+    """One policy on the uplink denies the outside host and allows the rest. With
+    applyOnForward it also stops the outside host's traffic to node1's pod; without, only
+    its traffic to the node itself."""
+    node_ip, ext_ip = node_server, lab.status()["outside"]["ip"]
+
+    def gnp(forward: bool) -> dict:
+        return doc("GlobalNetworkPolicy", "no-ext", order=10, selector="role == 'uplink'", applyOnForward=forward,
+                   types=["Ingress"], ingress=[{"action": "Deny", "source": {"nets": [f"{ext_ip}/32"]}},
+                                               {"action": "Allow"}])
+
+    def reach(src: str, dst: str, port: int = 80) -> bool:
+        return lab.probe(src, dst, port, timeout=PROBE).ok
+
+    try:
+        apply(lab, doc("HostEndpoint", "node1-uplink", node="node1", interfaceName="eth0",
+                       labels={"role": "uplink"}), gnp(True))
+        assert eventually(lambda: reach("ext", "x/p1"), False, 6), "forwarded traffic from ext not denied"
+        assert reach("x/p2", "x/p1") and reach("ext", "x/p2")  # not from ext / not through node1's uplink
+        assert not reach("ext", node_ip, 7070)
+        assert established(lab)
+        apply(lab, gnp(False))
+        assert eventually(lambda: reach("ext", "x/p1"), True, 6), "forwarded traffic still filtered"
+        assert not reach("ext", node_ip, 7070)  # the node's own traffic still is
+        assert established(lab)
+    finally:
+        for kind, name in (("globalnetworkpolicy", "no-ext"), ("hostendpoint", "node1-uplink")):
+            lab.ctl("delete", kind, name, "--ignore-not-found")
