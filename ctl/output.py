@@ -159,6 +159,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Row, tuple[str, ...], Row]] = {
     "globalnetworkpolicy": (_CALICO_HEADERS, policy_output.calico_policy, ("ACTIVE-ON",),
                             lambda r: (*policy_output.calico_policy(r), policy_output.active_on(r))),
     "tier": (("NAME", "ORDER"), policy_output.tier, (), policy_output.tier),
+    "hostendpoint": (("NAME", "NODE", "INTERFACE", "EXPECTED-IPS", "LABELS"), policy_output.host_endpoint, (),
+                     policy_output.host_endpoint),
     "namespace": (("NAME", "LABELS"), _namespace, (), _namespace),
 }
 

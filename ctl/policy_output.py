@@ -24,6 +24,13 @@ def tier(res: dict) -> tuple[str, ...]:
     return (res["metadata"]["name"], _order(res.get("spec") or {}))
 
 
+def host_endpoint(res: dict) -> tuple[str, ...]:
+    s = res["spec"]
+    labels = ",".join(f"{k}={v}" for k, v in sorted((res["metadata"].get("labels") or {}).items())) or "<none>"
+    return (res["metadata"]["name"], s["node"], s["interfaceName"], ",".join(s.get("expectedIPs") or ()) or "-",
+            labels)
+
+
 def active_on(res: dict) -> str:
     usage = (res.get("status") or {}).get("activeOn") or {}
     return ",".join(f"{node}={n}" for node, n in sorted(usage.items())) or "-"
