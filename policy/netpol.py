@@ -422,17 +422,21 @@ def host_filters(node: str, heps: Iterable[res.HostEndpoint], policies: Iterable
         out[key] = _host_filter(key, hep, selecting, tiers)
         # Forwarded traffic (pods') only meets the applyOnForward policies, and only when
         # one selects the endpoint: without any it passes (Calico's default).
+        # ...and per direction: a direction no such policy covers is not filtered.
         forward = [p for p in selecting if p.apply_on_forward]
         if forward:
             key = host_key(hep.interface_name, forward=True)
-            out[key] = _host_filter(key, hep, forward, tiers)
+            out[key] = _host_filter(key, hep, forward, tiers, unselected=None)
     return out
 
 
-def _host_filter(key: str, hep: res.HostEndpoint, selecting: list, tiers: Mapping[str, res.Tier]) -> PodFilter:
+def _host_filter(key: str, hep: res.HostEndpoint, selecting: list, tiers: Mapping[str, res.Tier],
+                 unselected: tuple | None = ()) -> PodFilter:
+    """`unselected`: a direction no policy selects: () denied (the host's own traffic),
+    None not filtered (forwarded traffic)."""
     ing, ing_t = tiering.ordered((p for p in selecting if INGRESS in p.policy_types), tiers)
     egr, egr_t = tiering.ordered((p for p in selecting if EGRESS in p.policy_types), tiers)
-    return PodFilter(key, "", hep.name, ing, egr, ing_t, egr_t, host=True)
+    return PodFilter(key, "", hep.name, ing or unselected, egr or unselected, ing_t, egr_t, host=True)
 
 
 def pod_filter(wep: res.WorkloadEndpoint, policies: Iterable, ns_labels: Mapping[str, dict[str, str]],

@@ -124,6 +124,8 @@ def test_host_endpoints_take_global_policies_and_deny_by_default():
     fed.update(*gnp("uplink", "default", 1, selector="role == 'uplink'", applyOnForward=True,
                     ingress=[{"action": "Deny"}]))
     assert fed.pods["hostfwd:eth0"].ingress == ("*/GlobalNetworkPolicy:uplink",)
+    assert fed.pods["hostfwd:eth0"].egress is None  # no egress policy forwards: not filtered
+    assert fed.pods["host:eth0"].egress == ()  # the host's own: denied
     fed.update(*gnp("uplink", "default", 1, selector="role == 'none'", ingress=[{"action": "Deny"}]))
     assert "hostfwd:eth0" not in fed.pods
     assert fed.pods["host:eth0"].ingress == ()

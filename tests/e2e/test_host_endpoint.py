@@ -139,6 +139,7 @@ def test_apply_on_forward_guards_what_the_uplink_forwards(lab, node_server):
                        labels={"role": "uplink"}), gnp(True))
         assert eventually(lambda: reach("ext", "x/p1"), False, 6), "forwarded traffic from ext not denied"
         assert reach("x/p2", "x/p1") and reach("ext", "x/p2")  # not from ext / not through node1's uplink
+        assert reach("x/p1", "x/p2")  # out through it: no egress policy with applyOnForward
         assert not reach("ext", node_ip, 7070)
         assert established(lab)
         apply(lab, gnp(False))
