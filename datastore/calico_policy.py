@@ -40,7 +40,6 @@ K8S_ORDER = 1000.0  # Kubernetes NetworkPolicies, in the default tier
 _RANGE = re.compile(r"(\d{1,5}):(\d{1,5})")
 # Accepted (Calico has them) but not implemented yet: refused with this reason.
 _NOT_YET = {
-    "preDNAT": "host endpoint policy before DNAT is not implemented yet",
     "doNotTrack": "untracked host endpoint policy is not implemented yet",
 }
 
@@ -149,6 +148,13 @@ def policy_spec(global_: bool) -> Any:
             f.selector("namespaceSelector")
         if global_:
             f.bool("applyOnForward")  # also the traffic a host endpoint forwards (pods')
+            # before DNAT, on what arrives on a host endpoint: ingress only, and forwarded
+            # traffic too (as Calico requires)
+            if f.bool("preDNAT"):
+                if not f.raw("applyOnForward"):
+                    raise ValidationError("preDNAT needs applyOnForward: true", field=f.at("applyOnForward"))
+                if f.raw("egress") or "Egress" in (f.raw("types") or ()):
+                    raise ValidationError("a preDNAT policy has ingress rules only", field=f.at("egress"))
         for name, why in _NOT_YET.items():
             if global_ and f.bool(name):
                 raise ValidationError(f"is not supported yet ({why})", field=f.at(name))

@@ -276,13 +276,16 @@ class FilterManager(TablesManager):
         old = self.pods.pop(interface, None)
         if pod is not None:
             self.pods[interface] = pod
-        forward = interface.startswith(host_rules.FORWARD_KEY)
-        host = forward or interface.startswith(host_rules.HOST_KEY)
-        ifname = interface.partition(":")[2] if host else interface
+        stage, sep, rest = interface.partition(":")
+        host = bool(sep)  # a host endpoint's stage ("host", "hostfwd", "hostpre") and interface
+        ifname = rest if host else interface
+        maps = {"host": host_rules.HOST_MAPS, "hostfwd": host_rules.FORWARD_MAPS,
+                "hostpre": host_rules.PRE_MAPS}.get(stage, MAPS)
+        # before DNAT, what no rule matches goes on to the later stages: no final drop
+        final = () if stage == "hostpre" else ("drop",)
         for direction in (IN, OUT):
             before = _keys(old, direction)
             after = _keys(pod, direction)
-            maps = host_rules.FORWARD_MAPS if forward else host_rules.HOST_MAPS if host else MAPS
             element = None if host and ifname == "*" else (maps[direction], ifname)
             for key in before or ():
                 if key not in (after or ()):
@@ -293,14 +296,14 @@ class FilterManager(TablesManager):
                     self._set_policy_chain(key, direction)
                     self.table.objects.set_desired(policy_chain(key, direction), Obj("counter"))
                 users.add(interface)
-            chain = host_rules.host_chain(ifname, direction, forward) if host else pod_chain(interface, direction)
+            chain = host_rules.host_chain(ifname, direction, stage) if host else pod_chain(interface, direction)
             groups = _tiers(pod, direction) if after is not None else ()
             if pod is None or after is None:
                 self.table.chains.delete_desired(chain)
                 if element is not None:
                     self.table.elements.delete_desired(element)
             elif before != after or _tiers(old, direction) != groups or old is None:
-                self.table.chains.set_desired(chain, Chain(self._pod_rules(chain, after, groups, direction)))
+                self.table.chains.set_desired(chain, Chain(self._pod_rules(chain, after, groups, direction, final)))
                 if element is not None:
                     self.table.elements.set_desired(element, f"jump {chain}")
             for n in range(len(groups), len(_tiers(old, direction)) if old is not None else 0):
@@ -312,31 +315,33 @@ class FilterManager(TablesManager):
     def _set_host_base(self) -> None:
         """The host base chains and maps while this node has host endpoints (host_rules)."""
         hosts = [p for p in self.pods.values() if p.host]
-        want = (self.failsafe_in, self.failsafe_out, any(p.interface == host_rules.HOST_KEY + "*" for p in hosts),
-                any(p.interface == host_rules.FORWARD_KEY + "*" for p in hosts)) if hosts else None
+        want = (self.failsafe_in, self.failsafe_out,
+                *(any(p.interface == key + "*" for p in hosts)
+                  for key in (host_rules.HOST_KEY, host_rules.FORWARD_KEY, host_rules.PRE_KEY))) if hosts else None
         if want == self._host_base:
             return
         self._host_base = want
-        chains = host_rules.base_chains(*want) if want else host_rules.base_chains((), (), False, False)
+        chains = host_rules.base_chains(*want) if want else host_rules.base_chains((), (), False, False, False)
         for name, chain in chains.items():
             if want:
                 self.table.chains.set_desired(name, chain)
             else:
                 self.table.chains.delete_desired(name)
-        for name in (*host_rules.HOST_MAPS.values(), *host_rules.FORWARD_MAPS.values()):
+        for name in (*host_rules.HOST_MAPS.values(), *host_rules.FORWARD_MAPS.values(),
+                     *host_rules.PRE_MAPS.values()):
             if want:
                 self.table.objects.set_desired(name, Obj("map", "ifname", "verdict"))
             else:
                 self.table.objects.delete_desired(name)
 
     def _pod_rules(self, chain: str, keys: tuple[str, ...], groups: tuple[int, ...],
-                   direction: str) -> tuple[str, ...]:
+                   direction: str, final: tuple[str, ...] = ("drop",)) -> tuple[str, ...]:
         """Only Kubernetes policies (no groups): jump to each, drop the rest. With Calico
         tiers: a chain per tier (`<chain>-t<n>`: its policies in order, a return after
         each when it passed, the end-of-tier drop), jumped in tier order with the pass
         mark cleared; what passes every tier goes on (allowed)."""
         if not groups:
-            return (*(f"jump {policy_chain(k, direction)}" for k in keys), "drop")
+            return (*(f"jump {policy_chain(k, direction)}" for k in keys), *final)
         rules: list[str] = []
         start = 0
         for n, size in enumerate(groups):
@@ -344,7 +349,7 @@ class FilterManager(TablesManager):
             for k in keys[start:start + size]:
                 tier_rules += [f"jump {policy_chain(k, direction)}", _PASSED]
             start += size
-            self.table.chains.set_desired(f"{chain}-t{n}", Chain((*tier_rules, "drop")))
+            self.table.chains.set_desired(f"{chain}-t{n}", Chain((*tier_rules, *final)))
             rules += [_CLEAR_PASS, f"jump {chain}-t{n}"]
         return tuple(rules)
 

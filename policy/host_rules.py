@@ -13,6 +13,10 @@ failsafeInboundHostPorts / failsafeOutboundHostPorts).
     chain host-forward-in / host-forward-out (hook forward): iifname / oifname vmap
         @hostfwd-in|out -> hepfwd-in|out-<interface>: the applyOnForward policies only
 
+    chain host-prerouting (hook prerouting, priority -110: before DNAT): failsafe inbound,
+        iifname vmap @hostpre-in -> heppre-in-<interface>: the preDNAT policies, whose
+        Allow and Deny end only this stage; what no rule matches goes on to the rest
+
 Forwarded traffic (pods' through the uplink) meets only the policies with applyOnForward,
 and passes when none selects the endpoint. Replies of accepted connections pass, so a
 session opened on a failsafe port (BGP, etcd) lives on.
@@ -29,7 +33,9 @@ FAILSAFE_INBOUND = "tcp:22,udp:68,tcp:179,tcp:2379,tcp:2380,tcp:5473,tcp:6443,tc
 FAILSAFE_OUTBOUND = "udp:53,udp:67,tcp:179,tcp:2379,tcp:2380,tcp:5473,tcp:6443,tcp:6666,tcp:6667"
 HOST_MAPS = {"in": "host-in", "out": "host-out"}
 FORWARD_MAPS = {"in": "hostfwd-in", "out": "hostfwd-out"}
-HOST_KEY, FORWARD_KEY = "host:", "hostfwd:"
+PRE_MAPS = {"in": "hostpre-in", "out": "hostpre-out"}  # "out" stays empty: ingress only
+HOST_KEY, FORWARD_KEY, PRE_KEY = "host:", "hostfwd:", "hostpre:"
+PRE_DNAT_PRIORITY = -110  # before DNAT (dstnat, -100)
 _ND = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept"
 
 
@@ -54,13 +60,13 @@ def _failsafe(ports: tuple[tuple[str, int], ...]) -> list[str]:
     return out
 
 
-def host_chain(interface: str, direction: str, forward: bool = False) -> str:
-    prefix = "hepfwd" if forward else "hep"
+def host_chain(interface: str, direction: str, stage: str = "host") -> str:
+    prefix = {"host": "hep", "hostfwd": "hepfwd", "hostpre": "heppre"}[stage]
     return f"{prefix}-{direction}-all" if interface == "*" else f"{prefix}-{direction}-{interface}"
 
 
 def base_chains(inbound: tuple[tuple[str, int], ...], outbound: tuple[tuple[str, int], ...],
-                any_interface: bool, any_forward: bool) -> dict[str, Chain]:
+                any_interface: bool, any_forward: bool, any_pre: bool = False) -> dict[str, Chain]:
     """The base chains, given the failsafe ports and whether a `*` host endpoint exists
     (and has applyOnForward policies). Forwarded traffic is checked as it arrives on a host
     endpoint (ingress) and as it leaves by one (egress), each in its own base chain: an
@@ -76,6 +82,11 @@ def base_chains(inbound: tuple[tuple[str, int], ...], outbound: tuple[tuple[str,
     for name, field, direction in (("host-forward-in", "iifname", "in"), ("host-forward-out", "oifname", "out")):
         rules = ["ct state established,related accept", f"{field} vmap @{FORWARD_MAPS[direction]}"]
         if any_forward:
-            rules.append(f'{field} != "{HOST_PREFIX}*" jump {host_chain("*", direction, forward=True)}')
+            rules.append(f'{field} != "{HOST_PREFIX}*" jump {host_chain("*", direction, "hostfwd")}')
         out[name] = Chain(tuple(rules), Base("filter", "forward", 0))
+    rules = ["ct state established,related accept", 'iifname "lo" accept', _ND, *_failsafe(inbound),
+             f"iifname vmap @{PRE_MAPS['in']}"]
+    if any_pre:
+        rules.append(f'iifname != "{HOST_PREFIX}*" jump {host_chain("*", "in", "hostpre")}')
+    out["host-prerouting"] = Chain(tuple(rules), Base("filter", "prerouting", PRE_DNAT_PRIORITY))
     return out

@@ -110,7 +110,8 @@ class PodFilter:
     # A HostEndpoint of this node (`interface` "host:" + its interfaceName, "*" for all;
     # `name` the HostEndpoint's): filtered on the input and output hooks, and denied what no
     # policy allows even when none selects it (Calico's default for host endpoints);
-    # "hostfwd:" + interfaceName: the same endpoint's forwarded traffic (applyOnForward).
+    # "hostfwd:" + interfaceName: the same endpoint's forwarded traffic (applyOnForward);
+    # "hostpre:" + interfaceName: what arrives on it, before DNAT (preDNAT; ingress only).
     host: bool = False
 
 
@@ -401,10 +402,11 @@ def pod_filters(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Itera
     return pods
 
 
-def host_key(interface: str, forward: bool = False) -> str:
+def host_key(interface: str, stage: str = "host") -> str:
     """A host endpoint's key among the filters (its `interface`: apart from the pods'):
-    "host:<if>" for its own traffic, "hostfwd:<if>" for what it forwards."""
-    return f"{'hostfwd' if forward else 'host'}:{interface}"
+    "host:<if>" for its own traffic, "hostfwd:<if>" for what it forwards, "hostpre:<if>"
+    for what arrives on it, before DNAT."""
+    return f"{stage}:{interface}"
 
 
 def host_filters(node: str, heps: Iterable[res.HostEndpoint], policies: Iterable,
@@ -418,6 +420,11 @@ def host_filters(node: str, heps: Iterable[res.HostEndpoint], policies: Iterable
         if hep.node != node or not (hep.interface_name == "*" or interface_usable(hep.interface_name)):
             continue
         selecting = [p for p in policies if p.pod_selector.matches(hep.labels)]
+        pre = [p for p in selecting if p.pre_dnat]
+        if pre:  # before DNAT (their own stage: what no rule matches goes on to the rest)
+            key = host_key(hep.interface_name, stage="hostpre")
+            out[key] = _host_filter(key, hep, pre, tiers, unselected=None)
+        selecting = [p for p in selecting if not p.pre_dnat]
         key = host_key(hep.interface_name)
         out[key] = _host_filter(key, hep, selecting, tiers)
         # Forwarded traffic (pods') only meets the applyOnForward policies, and only when
@@ -425,7 +432,7 @@ def host_filters(node: str, heps: Iterable[res.HostEndpoint], policies: Iterable
         # ...and per direction: a direction no such policy covers is not filtered.
         forward = [p for p in selecting if p.apply_on_forward]
         if forward:
-            key = host_key(hep.interface_name, forward=True)
+            key = host_key(hep.interface_name, stage="hostfwd")
             out[key] = _host_filter(key, hep, forward, tiers, unselected=None)
     return out
 

@@ -126,8 +126,13 @@ def test_host_endpoints_take_global_policies_and_deny_by_default():
     assert fed.pods["hostfwd:eth0"].ingress == ("*/GlobalNetworkPolicy:uplink",)
     assert fed.pods["hostfwd:eth0"].egress is None  # no egress policy forwards: not filtered
     assert fed.pods["host:eth0"].egress == ()  # the host's own: denied
+    fed.update(*gnp("uplink", "default", 1, selector="role == 'uplink'", applyOnForward=True, preDNAT=True,
+                    ingress=[{"action": "Deny"}]))
+    assert fed.pods["hostpre:eth0"].ingress == ("*/GlobalNetworkPolicy:uplink",)
+    assert fed.pods["hostpre:eth0"].egress is None
+    assert "hostfwd:eth0" not in fed.pods and fed.pods["host:eth0"].ingress == ()  # its own stage only
     fed.update(*gnp("uplink", "default", 1, selector="role == 'none'", ingress=[{"action": "Deny"}]))
-    assert "hostfwd:eth0" not in fed.pods
+    assert "hostfwd:eth0" not in fed.pods and "hostpre:eth0" not in fed.pods
     assert fed.pods["host:eth0"].ingress == ()
     fed.update(hep_key, doc("HostEndpoint", "n1-eth0", {"node": "n2", "interfaceName": "eth0"}))
     assert "host:eth0" not in fed.pods  # another node's

@@ -149,3 +149,37 @@ def test_apply_on_forward_guards_what_the_uplink_forwards(lab, node_server):
     finally:
         for kind, name in (("globalnetworkpolicy", "no-ext"), ("hostendpoint", "node1-uplink")):
             lab.ctl("delete", kind, name, "--ignore-not-found")
+
+
+DNAT = """add table ip hepdnat
+add chain ip hepdnat pre { type nat hook prerouting priority -100; }
+add rule ip hepdnat pre tcp dport 7171 dnat to :7070
+"""
+
+
+def test_pre_dnat_policy_sees_the_original_destination(lab, node_server):
+    """A DNAT of port 7171 to the node's server on 7070 (by hand, as a NodePort would be):
+    a preDNAT policy denying 7171 stops it, while 7070 itself, matched by no preDNAT rule,
+    goes on to the normal policy, which allows everything."""
+    node_ip = node_server
+
+    def reach(port: int) -> bool:
+        return lab.probe("ext", node_ip, port, timeout=PROBE).ok
+
+    lab.exec("node1", ["nft", "-f", "-"], input=DNAT, text=True, check=True)
+    try:
+        apply(lab, doc("HostEndpoint", "node1-uplink", node="node1", interfaceName="eth0", labels={"role": "uplink"}),
+              doc("GlobalNetworkPolicy", "allow-in", order=10, selector="role == 'uplink'", types=["Ingress"],
+                  ingress=[{"action": "Allow"}]))
+        assert eventually(lambda: reach(7171) and reach(7070), True, 6)
+        apply(lab, doc("GlobalNetworkPolicy", "no-7171", order=1, selector="role == 'uplink'", preDNAT=True,
+                       applyOnForward=True, types=["Ingress"],
+                       ingress=[{"action": "Deny", "protocol": "TCP", "destination": {"ports": [7171]}}]))
+        assert eventually(lambda: reach(7171), False, 6), "the preDNAT policy did not see port 7171"
+        assert reach(7070), "no preDNAT rule matched 7070: the normal policy should have allowed it"
+        assert established(lab)
+    finally:
+        for kind, name in (("globalnetworkpolicy", "no-7171"), ("globalnetworkpolicy", "allow-in"),
+                           ("hostendpoint", "node1-uplink")):
+            lab.ctl("delete", kind, name, "--ignore-not-found")
+        lab.exec("node1", ["nft", "delete", "table", "ip", "hepdnat"], check=True)
