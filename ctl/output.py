@@ -210,12 +210,22 @@ def _tolerant(row: Row, width: int) -> Row:
     return safe
 
 
+def _kind(res: dict) -> str:
+    """The kind's key: `networkpolicy.tortie.io` apart from the Kubernetes `networkpolicy`."""
+    from tortie.datastore.kinds import kind_of
+
+    try:
+        return kind_of(res).key
+    except KeyError:  # written behind the store's back: show what it says
+        return str(res.get("kind", "")).lower()
+
+
 def _name(res: dict) -> str:
-    return f"{res['kind'].lower()}/{res['metadata']['name']}"
+    return f"{_kind(res)}/{res['metadata']['name']}"
 
 
 def describe(res: dict) -> str:
     """`ippool/default` or `networkpolicy/ns1/deny-all`: how apply/delete name what they did."""
     ns = res["metadata"].get("namespace")
-    return f"{res['kind'].lower()}/{ns}/{res['metadata']['name']}" if ns else _name(res)
+    return f"{_kind(res)}/{ns}/{res['metadata']['name']}" if ns else _name(res)
 
