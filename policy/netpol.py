@@ -490,6 +490,10 @@ def allows(f: Filter, interface: str, direction: str, peer: str, protocol: str =
     keys = None if pod is None else (pod.ingress if direction == INGRESS else pod.egress)
     if keys is None:
         return True
+    if pod.ingress_tiers or pod.egress_tiers or pod.host:
+        # Calico's tiers, actions and not-matches are judged by the lab tests against the
+        # real ruleset (tests/e2e/test_calico_policy.py); this evaluator knows Kubernetes'.
+        raise ValueError(f"{interface}: allows() evaluates Kubernetes policies only")
     for key in keys:
         pol = f.policy(key)
         if any(_allow_matches(a, direction, peer, local, protocol, port)
