@@ -39,9 +39,7 @@ DEFAULT_TIER_ORDER = 1_000_000.0  # Calico's, unless a Tier "default" says other
 K8S_ORDER = 1000.0  # Kubernetes NetworkPolicies, in the default tier
 _RANGE = re.compile(r"(\d{1,5}):(\d{1,5})")
 # Accepted (Calico has them) but not implemented yet: refused with this reason.
-_NOT_YET = {
-    "doNotTrack": "untracked host endpoint policy is not implemented yet",
-}
+_NOT_YET: dict[str, str] = {}
 
 
 # --- schemas -------------------------------------------------------------------------------
@@ -150,6 +148,12 @@ def policy_spec(global_: bool) -> Any:
             f.bool("applyOnForward")  # also the traffic a host endpoint forwards (pods')
             # before DNAT, on what arrives on a host endpoint: ingress only, and forwarded
             # traffic too (as Calico requires)
+            # before conntrack, on every packet in and out of a host endpoint (replies too)
+            if f.bool("doNotTrack"):
+                if not f.raw("applyOnForward"):
+                    raise ValidationError("doNotTrack needs applyOnForward: true", field=f.at("applyOnForward"))
+                if f.raw("preDNAT"):
+                    raise ValidationError("cannot be combined with doNotTrack", field=f.at("preDNAT"))
             if f.bool("preDNAT"):
                 if not f.raw("applyOnForward"):
                     raise ValidationError("preDNAT needs applyOnForward: true", field=f.at("applyOnForward"))

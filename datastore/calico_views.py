@@ -91,6 +91,7 @@ class CalicoNetworkPolicy(View):
     egress: tuple[CalicoRule, ...] = ()
     apply_on_forward: bool = False  # a host endpoint's forwarded traffic too (global only)
     pre_dnat: bool = False  # on what arrives on a host endpoint, before DNAT (global only)
+    do_not_track: bool = False  # before conntrack, every packet (global only)
 
     @classmethod
     def _spec(cls, meta: dict, spec: dict) -> dict:
@@ -101,7 +102,7 @@ class CalicoNetworkPolicy(View):
                     namespace_selector=(selector.parse(spec["namespaceSelector"])
                                         if spec.get("namespaceSelector") is not None else None),
                     policy_types=tuple(spec["types"]), apply_on_forward=bool(spec.get("applyOnForward")),
-                    pre_dnat=bool(spec.get("preDNAT")),
+                    pre_dnat=bool(spec.get("preDNAT")), do_not_track=bool(spec.get("doNotTrack")),
                     ingress=tuple(CalicoRule.from_spec(r, "ingress", namespaced) for r in spec.get("ingress") or ()),
                     egress=tuple(CalicoRule.from_spec(r, "egress", namespaced) for r in spec.get("egress") or ()))
 

@@ -45,6 +45,7 @@ log = get_logger("netpol")
 
 TABLE, FAMILY = netpol.TABLE, netpol.FAMILY
 IN, OUT = "in", "out"
+RAW = "raw"  # "rawin" / "rawout": a policy's chains for the untracked stage (doNotTrack)
 MAPS = {IN: "ingress-pods", OUT: "egress-pods"}
 _PROTOS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -122,6 +123,8 @@ def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tu
     """
     if pol is None:
         return (), {}
+    untracked = direction.startswith(RAW)  # a doNotTrack policy's own chain: Allow also `notrack`
+    direction = direction.removeprefix(RAW)
     field = "saddr" if direction == IN else "daddr"
     rules: list[str] = []
     sets: PeerSets = {}
@@ -129,7 +132,8 @@ def policy_rules(pol: ResolvedPolicy | None, direction: str, counter: str) -> tu
         # every rule counts what it matched in a counter of its own (kept across updates)
         rule_counter = f"{counter}-r{a.index}"
         sets[rule_counter] = (Obj("counter"), ())
-        accept = f'counter name "{rule_counter}" ' + _verdict(a.action, counter, f"{pol.key} {direction} {a.index}")
+        accept = f'counter name "{rule_counter}" ' + ("notrack " if untracked and a.action == "Allow" else "") \
+            + _verdict(a.action, counter, f"{pol.key} {direction} {a.index}")
         ports = _ports_match(a.ports, a.not_ports)
         proto = _proto_match(a)
         for version, fam, typ in _FAMILIES:
@@ -244,7 +248,7 @@ class FilterManager(TablesManager):
             self.policies.pop(key, None)
         else:
             self.policies[key] = pol
-        for direction in (IN, OUT):
+        for direction in (IN, OUT, RAW + IN, RAW + OUT):
             if self._users.get((key, direction)):
                 self._set_policy_chain(key, direction)
 
@@ -252,7 +256,7 @@ class FilterManager(TablesManager):
         name = policy_chain(key, direction)
         pol = self.policies.get(key)
         rules, sets = policy_rules(pol, direction, name)
-        allows = () if pol is None else pol.ingress if direction == IN else pol.egress
+        allows = () if pol is None else pol.ingress if direction.removeprefix(RAW) == IN else pol.egress
         self._rule_counters[(key, direction)] = {f"{name}-r{a.index}": (key, direction, a.index, a.action)
                                                  for a in allows}
         self.table.chains.set_desired(name, Chain(rules))
@@ -277,24 +281,24 @@ class FilterManager(TablesManager):
         if pod is not None:
             self.pods[interface] = pod
         stage, sep, rest = interface.partition(":")
-        host = bool(sep)  # a host endpoint's stage ("host", "hostfwd", "hostpre") and interface
+        host = bool(sep)  # a host endpoint's stage ("host", "hostfwd", "hostpre", "hostraw") and interface
         ifname = rest if host else interface
-        maps = {"host": host_rules.HOST_MAPS, "hostfwd": host_rules.FORWARD_MAPS,
-                "hostpre": host_rules.PRE_MAPS}.get(stage, MAPS)
-        # before DNAT, what no rule matches goes on to the later stages: no final drop
-        final = () if stage == "hostpre" else ("drop",)
+        maps = host_rules.STAGE_MAPS.get(stage, MAPS)
+        # before DNAT or conntrack, what no rule matches goes on to the later stages
+        final = () if stage in ("hostpre", "hostraw") else ("drop",)
         for direction in (IN, OUT):
             before = _keys(old, direction)
             after = _keys(pod, direction)
+            pdir = RAW + direction if stage == "hostraw" else direction  # the policies' chains
             element = None if host and ifname == "*" else (maps[direction], ifname)
             for key in before or ():
                 if key not in (after or ()):
-                    self._unuse(key, direction, interface)
+                    self._unuse(key, pdir, interface)
             for key in after or ():
-                users = self._users.setdefault((key, direction), set())
+                users = self._users.setdefault((key, pdir), set())
                 if not users:
-                    self._set_policy_chain(key, direction)
-                    self.table.objects.set_desired(policy_chain(key, direction), Obj("counter"))
+                    self._set_policy_chain(key, pdir)
+                    self.table.objects.set_desired(policy_chain(key, pdir), Obj("counter"))
                 users.add(interface)
             chain = host_rules.host_chain(ifname, direction, stage) if host else pod_chain(interface, direction)
             groups = _tiers(pod, direction) if after is not None else ()
@@ -303,7 +307,7 @@ class FilterManager(TablesManager):
                 if element is not None:
                     self.table.elements.delete_desired(element)
             elif before != after or _tiers(old, direction) != groups or old is None:
-                self.table.chains.set_desired(chain, Chain(self._pod_rules(chain, after, groups, direction, final)))
+                self.table.chains.set_desired(chain, Chain(self._pod_rules(chain, after, groups, pdir, final)))
                 if element is not None:
                     self.table.elements.set_desired(element, f"jump {chain}")
             for n in range(len(groups), len(_tiers(old, direction)) if old is not None else 0):
@@ -317,18 +321,18 @@ class FilterManager(TablesManager):
         hosts = [p for p in self.pods.values() if p.host]
         want = (self.failsafe_in, self.failsafe_out,
                 *(any(p.interface == key + "*" for p in hosts)
-                  for key in (host_rules.HOST_KEY, host_rules.FORWARD_KEY, host_rules.PRE_KEY))) if hosts else None
+                  for key in (host_rules.HOST_KEY, host_rules.FORWARD_KEY, host_rules.PRE_KEY, host_rules.RAW_KEY))) \
+            if hosts else None
         if want == self._host_base:
             return
         self._host_base = want
-        chains = host_rules.base_chains(*want) if want else host_rules.base_chains((), (), False, False, False)
+        chains = host_rules.base_chains(*want) if want else host_rules.base_chains((), (), False, False, False, False)
         for name, chain in chains.items():
             if want:
                 self.table.chains.set_desired(name, chain)
             else:
                 self.table.chains.delete_desired(name)
-        for name in (*host_rules.HOST_MAPS.values(), *host_rules.FORWARD_MAPS.values(),
-                     *host_rules.PRE_MAPS.values()):
+        for name in (n for maps in host_rules.STAGE_MAPS.values() for n in maps.values()):
             if want:
                 self.table.objects.set_desired(name, Obj("map", "ifname", "verdict"))
             else:

@@ -111,7 +111,8 @@ class PodFilter:
     # `name` the HostEndpoint's): filtered on the input and output hooks, and denied what no
     # policy allows even when none selects it (Calico's default for host endpoints);
     # "hostfwd:" + interfaceName: the same endpoint's forwarded traffic (applyOnForward);
-    # "hostpre:" + interfaceName: what arrives on it, before DNAT (preDNAT; ingress only).
+    # "hostpre:" + interfaceName: what arrives on it, before DNAT (preDNAT; ingress only);
+    # "hostraw:" + interfaceName: every packet in and out, before conntrack (doNotTrack).
     host: bool = False
 
 
@@ -405,7 +406,7 @@ def pod_filters(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Itera
 def host_key(interface: str, stage: str = "host") -> str:
     """A host endpoint's key among the filters (its `interface`: apart from the pods'):
     "host:<if>" for its own traffic, "hostfwd:<if>" for what it forwards, "hostpre:<if>"
-    for what arrives on it, before DNAT."""
+    for what arrives on it, before DNAT, "hostraw:<if>" untracked, before conntrack."""
     return f"{stage}:{interface}"
 
 
@@ -420,11 +421,14 @@ def host_filters(node: str, heps: Iterable[res.HostEndpoint], policies: Iterable
         if hep.node != node or not (hep.interface_name == "*" or interface_usable(hep.interface_name)):
             continue
         selecting = [p for p in policies if p.pod_selector.matches(hep.labels)]
-        pre = [p for p in selecting if p.pre_dnat]
-        if pre:  # before DNAT (their own stage: what no rule matches goes on to the rest)
-            key = host_key(hep.interface_name, stage="hostpre")
-            out[key] = _host_filter(key, hep, pre, tiers, unselected=None)
-        selecting = [p for p in selecting if not p.pre_dnat]
+        # before conntrack (doNotTrack) and before DNAT (preDNAT): stages of their own, where
+        # what no rule matches goes on to the rest
+        for stage, flag in (("hostraw", "do_not_track"), ("hostpre", "pre_dnat")):
+            early = [p for p in selecting if getattr(p, flag)]
+            if early:
+                key = host_key(hep.interface_name, stage=stage)
+                out[key] = _host_filter(key, hep, early, tiers, unselected=None)
+        selecting = [p for p in selecting if not p.pre_dnat and not p.do_not_track]
         key = host_key(hep.interface_name)
         out[key] = _host_filter(key, hep, selecting, tiers)
         # Forwarded traffic (pods') only meets the applyOnForward policies, and only when

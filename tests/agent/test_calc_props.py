@@ -210,6 +210,8 @@ def calico_policy_event(draw):
         spec["applyOnForward"] = True
         if draw(st.booleans()) and types == ["Ingress"]:
             spec["preDNAT"] = True
+        elif draw(st.booleans()):
+            spec["doNotTrack"] = True
     for d in types:
         spec[d.lower()] = [_calico_rule(draw, d.lower()) for _ in range(draw(st.integers(0, 2)))]
     return key, _doc("GlobalNetworkPolicy" if ns is None else "NetworkPolicy", name, spec, ns, api="tortie.io/v1")

@@ -131,8 +131,13 @@ def test_host_endpoints_take_global_policies_and_deny_by_default():
     assert fed.pods["hostpre:eth0"].ingress == ("*/GlobalNetworkPolicy:uplink",)
     assert fed.pods["hostpre:eth0"].egress is None
     assert "hostfwd:eth0" not in fed.pods and fed.pods["host:eth0"].ingress == ()  # its own stage only
+    fed.update(*gnp("uplink", "default", 1, selector="role == 'uplink'", applyOnForward=True, doNotTrack=True,
+                    types=["Ingress", "Egress"], ingress=[{"action": "Allow"}], egress=[{"action": "Allow"}]))
+    raw = fed.pods["hostraw:eth0"]
+    assert raw.ingress == raw.egress == ("*/GlobalNetworkPolicy:uplink",)
+    assert "hostpre:eth0" not in fed.pods and fed.pods["host:eth0"].ingress == ()
     fed.update(*gnp("uplink", "default", 1, selector="role == 'none'", ingress=[{"action": "Deny"}]))
-    assert "hostfwd:eth0" not in fed.pods and "hostpre:eth0" not in fed.pods
+    assert not {"hostfwd:eth0", "hostpre:eth0", "hostraw:eth0"} & set(fed.pods)
     assert fed.pods["host:eth0"].ingress == ()
     fed.update(hep_key, doc("HostEndpoint", "n1-eth0", {"node": "n2", "interfaceName": "eth0"}))
     assert "host:eth0" not in fed.pods  # another node's

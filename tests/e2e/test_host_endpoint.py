@@ -7,6 +7,7 @@ address (a TCP server on the node)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -183,3 +184,60 @@ def test_pre_dnat_policy_sees_the_original_destination(lab, node_server):
                            ("hostendpoint", "node1-uplink")):
             lab.ctl("delete", kind, name, "--ignore-not-found")
         lab.exec("node1", ["nft", "delete", "table", "ip", "hepdnat"], check=True)
+
+
+CONNECT_FROM = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.settimeout(1.0)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+try:
+    s.connect((sys.argv[1], 7070)); print(s.recv(16).decode().strip())
+except OSError:
+    print("fail")
+"""
+
+
+def test_do_not_track_policy_allows_without_conntrack(lab, node_server):
+    """The normal policy on the uplink denies everything; an untracked policy allows port
+    7070 in and the outside host out. The connection works, and conntrack never saw it."""
+    node_ip, ext_ip = node_server, lab.status()["outside"]["ip"]
+
+    def connect(sport: int) -> bool:
+        return lab.exec("ext", [sys.executable, "-c", CONNECT_FROM, node_ip, str(sport)],
+                        capture_output=True, text=True).stdout.strip() == "node1"
+
+    def tracked(sport: int) -> bool:
+        table = lab.exec("node1", ["cat", "/proc/net/nf_conntrack"], capture_output=True, text=True,
+                         check=True).stdout
+        return any(f"src={ext_ip}" in line and f"sport={sport} dport=7070" in line for line in table.splitlines())
+
+    sport = 41000 + os.getpid() % 1000
+    try:
+        # conntrack runs in the node once the filter table has stateful rules: a tracked
+        # connection is seen first (the check can tell)
+        apply(lab, doc("HostEndpoint", "node1-uplink", node="node1", interfaceName="eth0", labels={"role": "uplink"}),
+              doc("GlobalNetworkPolicy", "allow-7070", order=10, selector="role == 'uplink'", types=["Ingress"],
+                  ingress=[{"action": "Allow", "protocol": "TCP", "destination": {"ports": [7070]}}]))
+        assert eventually(lambda: connect(sport), True, 6) and tracked(sport)
+        apply(lab, doc("GlobalNetworkPolicy", "deny-all", order=5, selector="role == 'uplink'",
+                       types=["Ingress", "Egress"], ingress=[{"action": "Deny"}], egress=[{"action": "Deny"}]))
+        assert eventually(lambda: connect(sport + 1), False, 6)
+        apply(lab, doc("GlobalNetworkPolicy", "raw-7070", order=1, selector="role == 'uplink'", doNotTrack=True,
+                       applyOnForward=True, types=["Ingress", "Egress"],
+                       ingress=[{"action": "Allow", "protocol": "TCP", "destination": {"ports": [7070]}},
+                                {"action": "Deny"}],
+                       egress=[{"action": "Allow", "destination": {"nets": [f"{ext_ip}/32"]}}, {"action": "Deny"}]))
+        assert eventually(lambda: connect(sport + 2), True, 6), "the untracked policy did not let it through"
+        assert connect(sport + 3) and not tracked(sport + 3), "conntrack holds the untracked connection"
+        # the untracked stage denies the rest, every packet: BGP lives on its failsafe port
+        # (both ways: the session's packets and their replies) past the hold time
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < HOLD + 3:
+            assert established(lab), "BGP session went down under an untracked deny"
+            time.sleep(1)
+        lab.ctl("delete", "globalnetworkpolicy", "raw-7070")
+        assert eventually(lambda: connect(sport + 4), False, 6)
+    finally:
+        for kind, name in (("globalnetworkpolicy", "raw-7070"), ("globalnetworkpolicy", "deny-all"),
+                           ("globalnetworkpolicy", "allow-7070"), ("hostendpoint", "node1-uplink")):
+            lab.ctl("delete", kind, name, "--ignore-not-found")
