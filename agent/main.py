@@ -114,7 +114,10 @@ class Agent:
         self.m_pol_bytes = m.counter("tortie_policy_bytes_total", "Bytes each policy rule matched")
         self.m_pol_logged = m.counter("tortie_policy_log_lines_total", "Packets Log rules handed to the agent, "
                                       "each written as one 'policy log' line")
+        self.m_spoofed = m.counter("tortie_spoofed_packets_total", "Packets from pod interfaces with a source "
+                                   "address not the pod's own, dropped")
         self.filter = None  # the FilterManager, once the driver is made
+        self.antispoof = None  # the AntiSpoofManager, likewise
         self._policy_usage: dict[str, int] = {}  # policy key -> local endpoints it is active on
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
@@ -299,7 +302,7 @@ class Agent:
         self.bgp_exports = BGPExportManager(loop, lambda: self.bgp)
         # Fed the pod routes ("workloads") like the route manager: a pod's sources are
         # allowed in the round that installs its route, before its CNI ADD is answered.
-        spoof = AntiSpoofManager()
+        spoof = self.antispoof = AntiSpoofManager()
 
         def on_status(name: str, error: str | None) -> None:
             loop.call_soon_threadsafe(self._manager_status, name, error)
@@ -480,9 +483,12 @@ class Agent:
         if self.filter is not None:  # the rules' counters, read off the loop
             try:
                 counts = await asyncio.to_thread(self.filter.read_counters)
+                dropped = await asyncio.to_thread(self.antispoof.read_dropped)
             except errors.DataplaneError as exc:
                 log.warning("policy counters not read", error=str(exc))
                 return
+            if dropped is not None:
+                self.m_spoofed.set(dropped[0])
             for metric in (self.m_pol_packets, self.m_pol_bytes):
                 metric.values.clear()  # rules gone are gone from the metrics too
             for (policy, direction, rule, action), (packets, size) in counts.items():

@@ -91,3 +91,13 @@ class AntiSpoofManager(TablesManager):
 
     def applied(self) -> None:
         log.info("anti-spoofing table applied", sources=len(self._by_key))
+
+    def read_dropped(self) -> tuple[int, int] | None:
+        """(packets, bytes) the table dropped so far (any thread); None before its first write."""
+        if self._nft is None:
+            return None
+        for item in self.nft.list_table(FAMILY, TABLE, "counters") or ():
+            c = item.get("counter")
+            if c is not None and c["name"] == COUNTER:
+                return c["packets"], c["bytes"]
+        return None

@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from lab_fixtures import wait_matrix
+from lab_fixtures import agent_metric, wait_matrix
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +107,7 @@ def test_forged_source_reaches_nobody(lab, victim, target):
             send(lab, "x/attacker", addr, target)
         assert not listener.got(target, 1.5), f"a forged datagram reached {target}: {listener.lines}"
         assert spoofed(lab, "node1") >= before + 3
+        assert (agent_metric(lab, "node1", "tortie_spoofed_packets_total") or 0) >= before + 3
         # The attacker's own address still works, UDP and TCP.
         assert lab.probe("x/attacker", target, 80, udp=True).ok
         assert lab.probe("x/attacker", target, 80).ok

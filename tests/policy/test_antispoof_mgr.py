@@ -125,6 +125,7 @@ def test_only_a_pods_own_sources_pass_before_anything_else(netns, topo):
         assert not probe.arrives(pod, other), (pod, other)  # another pod's address
         assert not probe.arrives(pod, nobody), (pod, nobody)  # an address added by hand
     assert counter(node, FAMILY, TABLE, "spoofed")[0] == dropped + 8
+    assert mgr.read_dropped() == counter(node, FAMILY, TABLE, "spoofed")  # what the agent exports
 
     # A pod gone: its addresses no longer pass on its old interface; nothing else rewritten.
     mgr.on_update(RouteDelta("workloads", removed=(route_key(f"{B4}/32"), route_key(f"{B6}/128"))))
