@@ -391,7 +391,9 @@ def policy_routing(state: ClusterState, bfd_up: frozenset[str] = frozenset(), no
 
 def network_policy(state: ClusterState, node: str) -> netpol.Filter:
     """This node's pods under the cluster's NetworkPolicies (see `policy.netpol`)."""
-    return netpol.compute(node, state.weps.values(), state.policies.values(), state.namespaces)
+    return netpol.compute(node, [*state.weps.values()],
+                          [*state.policies.values(), *state.calico_policies.values(), *state.global_policies.values()],
+                          state.namespaces, state.tiers, state.host_endpoints.values())
 
 
 # --- the incremental calculation ----------------------------------------------------------
@@ -480,7 +482,9 @@ class Calculation:
         self.node = node
         self.own_addresses = frozenset(own_addresses)
         self.state = ClusterState(prefix=prefix)
-        self.policy = PolicyCalculator(node, self.state.weps, self.state.policies, self.state.namespaces)
+        st = self.state
+        self.policy = PolicyCalculator(node, st.weps, st.policies, st.namespaces, st.calico_policies,
+                                       st.global_policies, st.tiers, st.host_endpoints)
         self.learned: dict[str, tuple[str, ...]] = {}
         self._out = {c: _RouteOut(c) for c in (BLOCKS, WORKLOADS, BGP, ADOPTED, EGRESS)}
         self._blocks: list[tuple[str, ipaddress._BaseNetwork]] = []  # own confirmed blocks
@@ -542,8 +546,10 @@ class Calculation:
             return True
         if kind == "workloadendpoint":
             self._wep_changed(old, new)
-        elif kind == "networkpolicy":
-            self.policy.on_policy(f"{namespace}/{name}")
+        elif kind in ("networkpolicy", "networkpolicy.tortie.io", "globalnetworkpolicy"):
+            self.policy.on_policy(netpol.policy_key(old or new))
+        elif kind in ("tier", "hostendpoint"):
+            self.policy.on_tier()
         elif kind == "namespace":
             self.policy.on_namespace(name)
         elif kind == "ippool":

@@ -46,6 +46,7 @@ class _NamespaceLabels(dict):
 def _peers(p: res.NetworkPolicy) -> Iterable[res.PolicyPeer]:
     for rule in (*p.ingress, *p.egress):
         yield from rule.peers
+        yield from getattr(rule, "not_peers", ())
 
 
 def _has_namespace_selector(p: res.NetworkPolicy) -> bool:
@@ -71,11 +72,12 @@ class _Rule:
     networks of the pods it matches (counted), and its named ports' (address, protocol,
     port) triples (counted), so a pod event updates only what that pod is part of."""
 
-    __slots__ = ("allow", "direction", "named", "node", "p", "pod_peers", "ports", "rule", "static")
+    __slots__ = ("allow", "direction", "index", "named", "node", "not_peers", "p", "pod_peers", "ports", "rule",
+                 "static")
 
     def __init__(self, rule: res.PolicyRule, p: res.NetworkPolicy, direction: str, node: str,
-                 weps, ns_labels) -> None:
-        self.rule, self.p, self.direction, self.node = rule, p, direction, node
+                 weps, ns_labels, index: int = 0) -> None:
+        self.rule, self.p, self.direction, self.node, self.index = rule, p, direction, node, index
         self.ports = netpol.rule_ports(rule)
         self.static = [netpol.net_range(n) for peer in rule.peers if peer.cidr is not None
                        for n in netpol.peer_block(peer)]
@@ -88,6 +90,15 @@ class _Rule:
                 if peer.matches_pod(w.labels, w.namespace, ns_labels[w.namespace], p.namespace):
                     _count(nets, w.ip_networks, 1)
             self.pod_peers.append((peer, nets))
+        # a Calico rule's notNets (fixed) and notSelector (its pods' networks, counted)
+        self.not_peers: list[tuple[res.PolicyPeer, dict]] = []
+        for peer in getattr(rule, "not_peers", ()):
+            nets = {peer.cidr: 1} if peer.cidr is not None else {}
+            if peer.cidr is None:
+                for w in weps:
+                    if peer.matches_pod(w.labels, w.namespace, ns_labels[w.namespace], p.namespace):
+                        _count(nets, w.ip_networks, 1)
+            self.not_peers.append((peer, nets))
         self.named: dict[netpol.Named, int] = {}
         if self.ports.names:
             for w in weps:
@@ -100,11 +111,12 @@ class _Rule:
 
     def _make(self) -> netpol.Allow | None:
         networks = [n for _, counted in self.pod_peers for n in counted]
-        return netpol.make_allow(self.rule, self.ports, self.static, networks, self.named)
+        return netpol.make_allow(self.rule, self.ports, self.static, networks, self.named,
+                                 [n for _, counted in self.not_peers for n in counted], self.index)
 
     def on_wep(self, old, new, ns_labels, namespace: str) -> bool:
         changed = False
-        for peer, counted in self.pod_peers:
+        for peer, counted in (*self.pod_peers, *((q, c) for q, c in self.not_peers if q.cidr is None)):
             for w, step in ((old, -1), (new, 1)):
                 if w is not None and peer.matches_pod(w.labels, w.namespace, ns_labels[w.namespace], namespace):
                     changed |= _count(counted, w.ip_networks, step)
@@ -128,9 +140,9 @@ class _Policy:
     def __init__(self, p: res.NetworkPolicy, node: str, weps, ns_labels) -> None:
         self.p, self.key = p, netpol.policy_key(p)
         weps = tuple(weps)
-        self.ingress = [_Rule(r, p, netpol.INGRESS, node, weps, ns_labels) for r in p.ingress] \
+        self.ingress = [_Rule(r, p, netpol.INGRESS, node, weps, ns_labels, i) for i, r in enumerate(p.ingress)] \
             if netpol.INGRESS in p.policy_types else []
-        self.egress = [_Rule(r, p, netpol.EGRESS, node, weps, ns_labels) for r in p.egress] \
+        self.egress = [_Rule(r, p, netpol.EGRESS, node, weps, ns_labels, i) for i, r in enumerate(p.egress)] \
             if netpol.EGRESS in p.policy_types else []
 
     def resolved(self) -> netpol.ResolvedPolicy:
@@ -144,13 +156,45 @@ class _Policy:
         return changed
 
 
+class AllPolicies:
+    """Every policy kind of the state by policy key (`policy.tiers.policy_key`), read live
+    from the ClusterState's tables: Kubernetes', tortie.io/v1 namespaced and global."""
+
+    def __init__(self, *tables: dict) -> None:
+        self.tables = tables
+
+    def items(self) -> Iterable[tuple[str, res.NetworkPolicy]]:
+        for table in self.tables:
+            for p in table.values():
+                yield netpol.policy_key(p), p
+
+    def values(self) -> Iterable[res.NetworkPolicy]:
+        for table in self.tables:
+            yield from table.values()
+
+    def get(self, key: str):
+        ns, _, rest = key.partition("/")
+        kind, sep, name = rest.partition(":")
+        if not sep:
+            return self.tables[0].get((ns, rest))
+        if kind == "GlobalNetworkPolicy":
+            return self.tables[2].get(name) if len(self.tables) > 2 else None
+        return self.tables[1].get((ns, name)) if len(self.tables) > 1 else None
+
+
 class PolicyCalculator:
     def __init__(self, node: str, weps: dict[WepKey, res.WorkloadEndpoint],
                  policies: dict[WepKey, res.NetworkPolicy],
-                 namespaces: dict[str, res.Namespace]) -> None:
+                 namespaces: dict[str, res.Namespace], calico_policies: dict | None = None,
+                 global_policies: dict | None = None, tiers: dict | None = None,
+                 host_endpoints: dict | None = None) -> None:
         # The ClusterState's own tables (read only here; the state folds the events).
         self.node = node
-        self.weps, self.policies, self.namespaces = weps, policies, namespaces
+        self.weps, self.namespaces = weps, namespaces
+        self.policies = AllPolicies(policies, calico_policies if calico_policies is not None else {},
+                                    global_policies if global_policies is not None else {})
+        self.tiers = tiers if tiers is not None else {}
+        self.host_endpoints = host_endpoints if host_endpoints is not None else {}
         self._ns_labels = _NamespaceLabels(namespaces)
         # local endpoints by host interface (normally one each)
         self._by_iface: dict[str, dict[WepKey, res.WorkloadEndpoint]] = {}
@@ -186,20 +230,39 @@ class PolicyCalculator:
 
     def on_policy(self, key: str) -> None:
         self._index.pop(key, None)
-        # a policy selects pods of its own namespace only
+        # a namespaced policy selects pods of its own namespace only; a global one, any
         namespace = key.partition("/")[0]
         for iface, by_key in list(self._by_iface.items()):
-            if any(ns == namespace for ns, _ in by_key):
+            if namespace == "*" or any(ns == namespace for ns, _ in by_key):
                 self._refresh_pod(iface)
+        if namespace == "*":
+            self._refresh_hosts()
         if key in self._users:
             self._resolve(key)
 
+    def on_tier(self) -> None:
+        """A Tier's order changed (or a HostEndpoint): every local endpoint's policies may have."""
+        for iface in list(self._by_iface):
+            self._refresh_pod(iface)
+        self._refresh_hosts()
+
+    def _refresh_hosts(self) -> None:
+        """This node's host endpoints, whole (a node has a few)."""
+        want = netpol.host_filters(self.node, self.host_endpoints.values(), self.policies.values(), self.tiers)
+        for key in [k for k, f in self.pod_filters.items() if f.host and k not in want]:
+            self._set_pod(key, None)
+        for key, f in want.items():
+            self._set_pod(key, f)
+
     def on_namespace(self, name: str) -> None:
         self._ns_labels.pop(name, None)
-        for (pns, pname), p in self.policies.items():
-            key = f"{pns}/{pname}"
+        for key, p in list(self.policies.items()):
             if key in self._users and _has_namespace_selector(p):
                 self._resolve(key)
+        # a global policy's namespaceSelector may now select (or not) this namespace's pods
+        for iface, by_key in list(self._by_iface.items()):
+            if any(ns == name for ns, _ in by_key):
+                self._refresh_pod(iface)
 
     def recompute(self) -> None:
         """Everything from the state (a snapshot): emitted state is diffed, not reset."""
@@ -208,12 +271,15 @@ class PolicyCalculator:
         for (ns, name), w in self.weps.items():
             if w.node == self.node and w.interface_name:
                 self._by_iface.setdefault(w.interface_name, {})[(ns, name)] = w
-        want_pods = netpol.pod_filters(self.node, self.weps.values(), self.policies.values())
+        want_pods = netpol.pod_filters(self.node, self.weps.values(), self.policies.values(),
+                                       self._ns_labels, self.tiers)
+        want_pods.update(netpol.host_filters(self.node, self.host_endpoints.values(), self.policies.values(),
+                                             self.tiers))
         used = {k for f in want_pods.values() for k in (f.ingress or ()) + (f.egress or ())}
         self._index = {}
-        for (ns, name), p in self.policies.items():
-            if f"{ns}/{name}" in used:
-                self._index[f"{ns}/{name}"] = _Policy(p, self.node, self.weps.values(), self._ns_labels)
+        for key, p in self.policies.items():
+            if key in used:
+                self._index[key] = _Policy(p, self.node, self.weps.values(), self._ns_labels)
         want_policies = {key: idx.resolved() for key, idx in self._index.items()}
         for key, p in want_policies.items():
             if self.resolved.get(key) != p:
@@ -223,6 +289,10 @@ class PolicyCalculator:
             self._set_pod(iface, want_pods.get(iface))
         for key in [k for k in self.resolved if k not in want_policies]:
             self._drop(key)
+
+    def usage(self) -> dict[str, int]:
+        """Policy key -> how many local endpoints it is active on (either direction)."""
+        return {key: len(ifaces) for key, ifaces in self._users.items()}
 
     def take(self) -> list:
         sets: list = []
@@ -259,12 +329,7 @@ class PolicyCalculator:
         wep = self._local_wep(iface)
         want = None
         if wep is not None and netpol.interface_usable(iface):
-            selecting = sorted((p for p in self.policies.values() if p.selects(wep.labels, wep.namespace)),
-                               key=netpol.policy_key)
-            ing = tuple(netpol.policy_key(p) for p in selecting if netpol.INGRESS in p.policy_types)
-            egr = tuple(netpol.policy_key(p) for p in selecting if netpol.EGRESS in p.policy_types)
-            if ing or egr:
-                want = netpol.PodFilter(iface, wep.namespace, wep.name, ing or None, egr or None)
+            want = netpol.pod_filter(wep, self.policies.values(), self._ns_labels, self.tiers)
         self._set_pod(iface, want)
 
     def _set_pod(self, iface: str, want: netpol.PodFilter | None) -> None:
@@ -293,8 +358,7 @@ class PolicyCalculator:
 
     def _resolve(self, key: str) -> None:
         """Resolve a policy from scratch (it changed, or a pod starts using it)."""
-        ns, _, name = key.partition("/")
-        p = self.policies.get((ns, name))
+        p = self.policies.get(key)
         if p is None or key not in self._users:
             return
         idx = self._index[key] = _Policy(p, self.node, self.weps.values(), self._ns_labels)

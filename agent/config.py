@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from tortie.agent import router_id
 from tortie.datastore.etcd import EtcdConfig
 from tortie.errors import ValidationError
+from tortie.policy.host_rules import FAILSAFE_INBOUND, FAILSAFE_OUTBOUND, parse_ports
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class AgentConfig:
     # the restart time our OPEN offers: how long peers keep our routes after we vanish
     bgp_graceful_restart: int = 120
     log_format: str | None = None
+    # Calico's failsafeInbound/OutboundHostPorts: open on host endpoints whatever the
+    # policies say ("tcp:22,udp:68", or "none"); the health port is added to the inbound ones
+    failsafe_inbound_host_ports: str = FAILSAFE_INBOUND
+    failsafe_outbound_host_ports: str = FAILSAFE_OUTBOUND
 
     @property
     def node_address(self) -> str | None:
@@ -45,6 +50,7 @@ _BOOL_FIELDS = {"bgp_enabled"}
 _KEYS = (
     "nodename", "node_ip", "node_ip6", "router_id", "as_number", "cni_socket", "state_dir", "health_host",
     "health_port", "metrics_host", "metrics_port", "resync_interval", "bgp_enabled", "bgp_graceful_restart", "log_format",
+    "failsafe_inbound_host_ports", "failsafe_outbound_host_ports",
 )
 
 
@@ -111,6 +117,8 @@ def load(env: dict[str, str] | None = None) -> AgentConfig:
             ipaddress.ip_address(getattr(cfg, key))
         except ValueError:
             raise ValidationError(f"not an IP address: {getattr(cfg, key)!r}", field=f"TORTIE_{key.upper()}") from None
+    for key in ("failsafe_inbound_host_ports", "failsafe_outbound_host_ports"):
+        parse_ports(getattr(cfg, key), f"TORTIE_{key.upper()}")
     for key, version in (("node_ip", 4), ("node_ip6", 6)):
         value = getattr(cfg, key)
         try:

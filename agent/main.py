@@ -57,8 +57,18 @@ LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.
                0.1, 0.25, 0.5, 1.0)
 APPLY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                  1.0, 2.5)
-MANAGERS = ("vxlan", "routes", "rules", "sysctls", "nat", "filter")
+MANAGERS = ("vxlan", "routes", "rules", "sysctls", "nat", "antispoof", "filter")
 
+
+
+def failsafe_ports(cfg) -> dict:
+    """The host endpoints' failsafe ports (validated by config.load): the agent's own health
+    port always among the inbound ones."""
+    from tortie.policy.host_rules import parse_ports
+
+    inbound = parse_ports(cfg.failsafe_inbound_host_ports, "TORTIE_FAILSAFE_INBOUND_HOST_PORTS")
+    return {"failsafe_in": tuple(sorted({*inbound, ("tcp", cfg.health_port)})),
+            "failsafe_out": parse_ports(cfg.failsafe_outbound_host_ports, "TORTIE_FAILSAFE_OUTBOUND_HOST_PORTS")}
 
 class Agent:
     def __init__(self, cfg: agent_config.AgentConfig) -> None:
@@ -109,6 +119,16 @@ class Agent:
         self.m_vxlan = m.gauge("tortie_vxlan_up", "Per VXLAN device this node wants: 1 while the device and its "
                                "FDB and neighbour entries are in place, 0 while the kernel refuses them")
         self.m_sessions = m.gauge("tortie_bgp_session_up", "Per BGP peer: 1 while the session is established")
+        self.m_pol_packets = m.counter("tortie_policy_packets_total", "Packets each policy rule matched, by "
+                                       "policy, direction, rule (its index in the spec) and action")
+        self.m_pol_bytes = m.counter("tortie_policy_bytes_total", "Bytes each policy rule matched")
+        self.m_pol_logged = m.counter("tortie_policy_log_lines_total", "Packets Log rules handed to the agent, "
+                                      "each written as one 'policy log' line")
+        self.m_spoofed = m.counter("tortie_spoofed_packets_total", "Packets from pod interfaces with a source "
+                                   "address not the pod's own, dropped")
+        self.filter = None  # the FilterManager, once the driver is made
+        self.antispoof = None  # the AntiSpoofManager, likewise
+        self._policy_usage: dict[str, int] = {}  # policy key -> local endpoints it is active on
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
         self._egress_seen: dict | None = None  # the same, on the driver thread
@@ -155,6 +175,10 @@ class Agent:
             self.m_sent.inc(len(msgs))
             self.driver.send(msgs)
         self._update_egress()
+        usage = self.calc.policy.usage()
+        if usage != self._policy_usage:  # for `tortiectl get ... -o wide`, in the status document
+            self._policy_usage = usage
+            self._status_dirty.set()
         if self.bgp is not None:  # what the speaker sets apart for egress pools (fromPeers)
             self.bgp.set_egress_imports(self.calc.egress_imports)
         self._check_speaker()
@@ -316,6 +340,7 @@ class Agent:
     def _make_driver(self, routes, rules, nat, filt) -> None:
         from tortie.agent.driver import DataplaneDriver
         from tortie.bgp.export_mgr import BGPExportManager
+        from tortie.policy.antispoof_mgr import AntiSpoofManager
         from tortie.policy.nftables import NftMonitor
         from tortie.routing.monitor import Monitor
         from tortie.routing.sysctl_mgr import SysctlManager
@@ -323,6 +348,9 @@ class Agent:
 
         loop = self._loop
         self.bgp_exports = BGPExportManager(loop, lambda: self.bgp)
+        # Fed the pod routes ("workloads") like the route manager: a pod's sources are
+        # allowed in the round that installs its route, before its CNI ADD is answered.
+        spoof = self.antispoof = AntiSpoofManager()
 
         def on_status(name: str, error: str | None) -> None:
             loop.call_soon_threadsafe(self._manager_status, name, error)
@@ -330,11 +358,12 @@ class Agent:
         def on_applied(name: str, seconds: float) -> None:
             self.m_apply.observe(seconds, manager=name)
 
+        self.filter = filt
         # The VXLAN devices first: the routes through them wait for them.
         self.vxlan_mgr = VxlanManager()
         self.vxlan_mgr.on_repair = routes.request_resync
         self.driver = DataplaneDriver(
-            [self.vxlan_mgr, routes, rules, SysctlManager(), nat, filt, self.bgp_exports],
+            [self.vxlan_mgr, routes, rules, SysctlManager(), nat, spoof, filt, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
             on_status=on_status, on_applied=on_applied,
             on_round=lambda ok: self._round_done(ok, routes))
@@ -349,6 +378,7 @@ class Agent:
         def nft_changed() -> None:
             if self.nft_monitor.drain():
                 nat.resync()
+                spoof.resync()
                 filt.resync()
 
         self.driver.watch(self.nft_monitor, nft_changed)
@@ -507,6 +537,35 @@ class Agent:
         st = self.driver.states.get("vxlan") if self.driver is not None else None
         return self.vxlan.status(st.error if st is not None else "not applied yet")
 
+    def _start_policy_log(self) -> None:
+        """`action: Log` packets arrive over NFLOG (policy.nflog); read on the loop, non-blocking."""
+        from tortie.policy.nflog import NflogReader
+
+        try:
+            reader = NflogReader()
+        except OSError as exc:
+            log.warning("policy Log rules cannot be read: their packets are not logged", error=str(exc))
+            return
+        self._loop.add_reader(reader.fileno(), lambda: self.m_pol_logged.inc(reader.log_all()))
+
+    async def _on_scrape(self) -> None:
+        await self._sample_lag()
+        if self.filter is not None:  # the rules' counters, read off the loop
+            try:
+                counts = await asyncio.to_thread(self.filter.read_counters)
+                dropped = await asyncio.to_thread(self.antispoof.read_dropped)
+            except errors.DataplaneError as exc:
+                log.warning("policy counters not read", error=str(exc))
+                return
+            if dropped is not None:
+                self.m_spoofed.set(dropped[0])
+            for metric in (self.m_pol_packets, self.m_pol_bytes):
+                metric.values.clear()  # rules gone are gone from the metrics too
+            for (policy, direction, rule, action), (packets, size) in counts.items():
+                labels = dict(policy=policy, direction=direction, rule=str(rule), action=action)
+                self.m_pol_packets.set(packets, **labels)
+                self.m_pol_bytes.set(size, **labels)
+
     async def _sample_lag(self) -> None:
         """Event-loop lag at a scrape: how long a callback made ready now waits for the loop.
         Work measures it where it happens (the calculation's flush, a CNI request's route); an
@@ -531,6 +590,7 @@ class Agent:
             refused = dict(sorted(self.calc.refused.items())[:STATUS_REFUSED_MAX])
             body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status, "refused": refused,
                                "vxlan": self._vxlan_status(),
+                               "policies": self._policy_usage,
                                "bfd": {p: st["state"] for p, st in self.bfd.states().items()} if self.bfd else {}},
                               sort_keys=True).encode()
             try:
@@ -601,9 +661,10 @@ class Agent:
         # routes stay as they are until the peers' full tables arrive.
         await asyncio.to_thread(routes.resync)
         self.calc.adopt(r for r in routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
-        self._make_driver(routes, rules, NatManager(), FilterManager())
+        self._make_driver(routes, rules, NatManager(), FilterManager(**failsafe_ports(self.cfg)))
+        self._start_policy_log()
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
-                         self.cfg.metrics_host, self.cfg.metrics_port, on_scrape=self._sample_lag)
+                         self.cfg.metrics_host, self.cfg.metrics_port, on_scrape=self._on_scrape)
         self.cni = CNIServer(self.cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
                              publish_routes=self._publish_routes, datastore_up=lambda: self.datastore.up,
                              datastore_failed=self.datastore.report,

@@ -32,6 +32,11 @@ class ClusterState:
     affinities: dict[tuple[str, str], bool] = field(default_factory=dict)
     policies: dict[tuple[str, str], res.NetworkPolicy] = field(default_factory=dict)
     namespaces: dict[str, res.Namespace] = field(default_factory=dict)
+    # Calico's policy model: tortie.io/v1 NetworkPolicies, GlobalNetworkPolicies, Tiers
+    calico_policies: dict[tuple[str, str], res.CalicoNetworkPolicy] = field(default_factory=dict)
+    global_policies: dict[str, res.GlobalNetworkPolicy] = field(default_factory=dict)
+    tiers: dict[str, res.Tier] = field(default_factory=dict)
+    host_endpoints: dict[str, res.HostEndpoint] = field(default_factory=dict)
 
     KINDS = {
         "ippool": ("pools", res.IPPool),
@@ -39,15 +44,19 @@ class ClusterState:
         "bgppeer": ("bgp_peers", res.BGPPeer),
         "bgpconfiguration": ("bgp_configs", res.BGPConfiguration),
         "namespace": ("namespaces", res.Namespace),
+        "globalnetworkpolicy": ("global_policies", res.GlobalNetworkPolicy),
+        "tier": ("tiers", res.Tier),
+        "hostendpoint": ("host_endpoints", res.HostEndpoint),
     }
     NAMESPACED = {
         "workloadendpoint": ("weps", res.WorkloadEndpoint),
         "networkpolicy": ("policies", res.NetworkPolicy),
+        "networkpolicy.tortie.io": ("calico_policies", res.CalicoNetworkPolicy),
     }
 
     def clear(self) -> None:
         for name in ("pools", "nodes", "bgp_peers", "bgp_configs", "weps", "affinities", "policies",
-                     "namespaces"):
+                     "namespaces", "calico_policies", "global_policies", "tiers", "host_endpoints"):
             getattr(self, name).clear()
 
     def relative(self, key: str) -> str | None:

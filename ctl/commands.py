@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from tortie import __version__
-from tortie.ctl import output
+from tortie.ctl import output, policy_output, statusdocs
 from tortie.datastore import keys, selector
 from tortie.datastore import resources as res
 from tortie.errors import Conflict, NotFound, TortieError, ValidationError
@@ -215,6 +215,8 @@ def cmd_get(ctx, args) -> int:
             except NotFound as exc:
                 print(f"tortiectl: {exc}", file=ctx.err)
                 rc = rc or exc.exit_code
+        if found and kind.key in policy_output.POLICY_KINDS and args.output == "wide":
+            found = policy_output.with_usage(ctx.client, ctx.config.prefix, found, STALE_AFTER)
         if found:
             print(output.render(kind.key, found, args.output, single=len(args.names) == 1,
                                 namespaces=kind.namespaced and args.all_namespaces), file=ctx.out)
@@ -225,6 +227,8 @@ def cmd_get(ctx, args) -> int:
         items = [r for r in items if sel.matches(r["metadata"].get("labels") or {})]
     if kind.key == "ippool" and args.output == "wide":
         items = _with_egress_state(ctx, items)
+    if kind.key in policy_output.POLICY_KINDS and args.output == "wide":
+        items = policy_output.with_usage(ctx.client, ctx.config.prefix, items, STALE_AFTER)
     if not items and args.output in ("table", "wide"):
         where = f" in namespace {namespace}" if namespace else ""
         print(f"No {kind.name} resources found{where}.", file=ctx.err)
@@ -238,17 +242,8 @@ def _with_egress_state(ctx, pools: list[dict]) -> list[dict]:
     """The pools with what each node publishes about their egress (for display only):
     status.egress = {node: {"up": bool, "reason": str | None, "nextHop": "a,b"}}; stale statuses
     are left out."""
-    prefix = ctx.config.prefix
-    kvs, _ = ctx.client.get_prefix(prefix + keys.BGP_STATUS)
-    now, by_pool = time.time(), {}
-    for kv in kvs:
-        node = keys.parse_bgp_status(kv.key[len(prefix):])
-        try:
-            doc = json.loads(kv.value)
-        except ValueError:
-            continue
-        if not node or (doc.get("updated") is not None and now - doc["updated"] > STALE_AFTER):
-            continue
+    by_pool: dict = {}
+    for node, doc in statusdocs.live(ctx.client, ctx.config.prefix, STALE_AFTER):
         for e in doc.get("egress") or ():
             by_pool.setdefault(e.get("pool"), {})[node] = {"up": bool(e.get("up")), "reason": e.get("reason"),
                                                            "advertised": bool(e.get("advertised")),

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import yaml
 
+from tortie.ctl import policy_output
 from tortie.datastore.kinds import VXLAN_DEFAULT_VNI
 
 FORMATS = ("table", "wide", "yaml", "json", "name")
@@ -144,6 +145,8 @@ def _namespace(res: dict) -> tuple[str, ...]:
     return (res["metadata"]["name"], _labels(res))
 
 
+_CALICO_HEADERS = ("NAME", "TIER", "ORDER", "SELECTOR", "TYPES")
+
 # kind -> (headers, row, wide headers, wide row)
 TABLES: dict[str, tuple[tuple[str, ...], Row, tuple[str, ...], Row]] = {
     "ippool": (("NAME", "CIDR", "BLOCKSIZE", "NAT", "DISABLED", "SELECTOR"), _pool,
@@ -155,7 +158,15 @@ TABLES: dict[str, tuple[tuple[str, ...], Row, tuple[str, ...], Row]] = {
     "bgpconfiguration": (("NAME", "ASN", "MESH", "LISTEN-PORT"), _bgp_config, (), _bgp_config),
     "workloadendpoint": (("NAME", "NODE", "POD", "NETWORKS", "INTERFACE"), _wep,
                          ("CONTAINER", "LABELS"), _wep_wide),
-    "networkpolicy": (("NAME", "POD-SELECTOR", "POLICY-TYPES"), _netpol, (), _netpol),
+    "networkpolicy": (("NAME", "POD-SELECTOR", "POLICY-TYPES"), _netpol, ("ACTIVE-ON",),
+                      lambda r: (*_netpol(r), policy_output.active_on(r))),
+    "networkpolicy.tortie.io": (_CALICO_HEADERS, policy_output.calico_policy, ("ACTIVE-ON",),
+                                lambda r: (*policy_output.calico_policy(r), policy_output.active_on(r))),
+    "globalnetworkpolicy": (_CALICO_HEADERS, policy_output.calico_policy, ("ACTIVE-ON",),
+                            lambda r: (*policy_output.calico_policy(r), policy_output.active_on(r))),
+    "tier": (("NAME", "ORDER"), policy_output.tier, (), policy_output.tier),
+    "hostendpoint": (("NAME", "NODE", "INTERFACE", "EXPECTED-IPS", "LABELS"), policy_output.host_endpoint, (),
+                     policy_output.host_endpoint),
     "namespace": (("NAME", "LABELS"), _namespace, (), _namespace),
 }
 
@@ -205,12 +216,22 @@ def _tolerant(row: Row, width: int) -> Row:
     return safe
 
 
+def _kind(res: dict) -> str:
+    """The kind's key: `networkpolicy.tortie.io` apart from the Kubernetes `networkpolicy`."""
+    from tortie.datastore.kinds import kind_of
+
+    try:
+        return kind_of(res).key
+    except KeyError:  # written behind the store's back: show what it says
+        return str(res.get("kind", "")).lower()
+
+
 def _name(res: dict) -> str:
-    return f"{res['kind'].lower()}/{res['metadata']['name']}"
+    return f"{_kind(res)}/{res['metadata']['name']}"
 
 
 def describe(res: dict) -> str:
     """`ippool/default` or `networkpolicy/ns1/deny-all`: how apply/delete name what they did."""
     ns = res["metadata"].get("namespace")
-    return f"{res['kind'].lower()}/{ns}/{res['metadata']['name']}" if ns else _name(res)
+    return f"{_kind(res)}/{ns}/{res['metadata']['name']}" if ns else _name(res)
 

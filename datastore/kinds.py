@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tortie.datastore import keys, selector
+from tortie.datastore import calico_policy, keys, selector
 from tortie.datastore.fields import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
@@ -76,11 +76,12 @@ class Kind:
     name_pattern: re.Pattern = DNS_SUBDOMAIN
     spec_required: bool = True
     serialized: bool = False  # writes of this kind are linearized by a serial key
+    store_name: str = ""  # the key segment when the lower-case name is taken by another API's kind
 
     @property
     def key(self) -> str:
         """Lower-case singular: the key segment and the CLI's canonical name."""
-        return self.name.lower()
+        return self.store_name or self.name.lower()
 
     def prefix(self, namespace: str | None = None) -> str:
         """The key prefix of this kind (of one namespace of it), relative to the datastore prefix."""
@@ -461,9 +462,23 @@ KINDS: dict[str, Kind] = {
              ("networkpolicies", "netpol", "netpols", "policy", "policies")),
         Kind("Namespace", "v1", False, _namespace_spec, ("namespaces", "ns"),
              name_pattern=DNS_LABEL, spec_required=False),
+        # Calico's policy model (datastore.calico_policy); tortie.io/v1 NetworkPolicy is
+        # stored apart from the Kubernetes kind of the same name.
+        Kind("NetworkPolicy", API_VERSION, True, calico_policy.policy_spec(global_=False),
+             ("networkpolicies.tortie.io", "tnp", "tnps"), store_name="networkpolicy.tortie.io"),
+        Kind("GlobalNetworkPolicy", API_VERSION, False, calico_policy.policy_spec(global_=True),
+             ("globalnetworkpolicies", "gnp", "gnps")),
+        Kind("Tier", API_VERSION, False, calico_policy.tier_spec, ("tiers",), spec_required=False),
+        Kind("HostEndpoint", API_VERSION, False, calico_policy.host_endpoint_spec, ("hostendpoints", "hep", "heps")),
     )
 }
 _ALIASES = {a: k for k in KINDS.values() for a in (k.key, *k.aliases)}
+_BY_API = {(k.api_version, k.name): k for k in KINDS.values()}
+
+
+def kind_of(resource: Mapping) -> Kind:
+    """The kind of a validated resource (by apiVersion and kind)."""
+    return _BY_API[(resource["apiVersion"], resource["kind"])]
 
 
 def kind_for(name: str) -> Kind:
@@ -483,7 +498,7 @@ def validate(resource: Any) -> dict:
     kind_name = resource.get("kind")
     if not isinstance(kind_name, str):
         raise ValidationError("is required", field="kind")
-    kind = kind_for(kind_name)
+    kind = _BY_API.get((resource.get("apiVersion"), kind_name)) or kind_for(kind_name)
     if kind.name != kind_name:
         raise ValidationError(f"{kind_name!r} is not a kind; did you mean {kind.name!r}?", field="kind")
     if resource.get("apiVersion") != kind.api_version:
@@ -522,4 +537,4 @@ def parse_key(relative_key: str) -> tuple[Kind, str | None, str] | None:
     return kind, namespace, name
 
 
-__all__ = ["API_VERSION", "KINDS", "Kind", "key_for", "kind_for", "parse_key", "split_peer_ip", "validate"]
+__all__ = ["API_VERSION", "KINDS", "Kind", "key_for", "kind_for", "kind_of", "parse_key", "split_peer_ip", "validate"]

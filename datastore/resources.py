@@ -13,12 +13,21 @@ resources as res`; `res.IPPool`, `res.validate`, `res.kind_for`, ...). It is spl
 
 from __future__ import annotations
 
+from tortie.datastore.calico_views import VIEWS as _CALICO_VIEWS
+from tortie.datastore.calico_views import (
+    CalicoNetworkPolicy,
+    CalicoRule,
+    GlobalNetworkPolicy,
+    HostEndpoint,
+    Tier,
+)
 from tortie.datastore.kinds import (
     API_VERSION,
     KINDS,
     Kind,
     key_for,
     kind_for,
+    kind_of,
     parse_key,
     split_peer_ip,
     validate,
@@ -45,9 +54,11 @@ from tortie.datastore.views import (
     effective_bgp_config,
 )
 
+VIEWS = {**VIEWS, **_CALICO_VIEWS}
+
 __all__ = [
-    "API_VERSION", "DEFAULT_AS", "KINDS", "VIEWS", "BGPConfiguration", "BGPPeer", "Egress", "EndpointPort", "FrozenLabels",
-    "IPAMConfig", "IPPool", "Kind", "Namespace", "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort",
-    "PolicyRule", "PoolBGP", "View", "WorkloadEndpoint", "effective_bgp_config", "key_for", "kind_for", "parse_key",
-    "split_peer_ip", "validate",
+    "API_VERSION", "DEFAULT_AS", "KINDS", "VIEWS", "BGPConfiguration", "BGPPeer", "CalicoNetworkPolicy", "CalicoRule",
+    "Egress", "EndpointPort", "FrozenLabels", "GlobalNetworkPolicy", "HostEndpoint", "IPAMConfig", "IPPool", "Kind", "Namespace",
+    "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort", "PolicyRule", "PoolBGP", "Tier", "View", "WorkloadEndpoint",
+    "effective_bgp_config", "key_for", "kind_for", "kind_of", "parse_key", "split_peer_ip", "validate",
 ]

@@ -18,8 +18,8 @@ from functools import partial
 
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient, Txn
-from tortie.datastore.kinds import KINDS, VXLAN_DEFAULT_VNI, Kind, key_for, kind_for, validate
-from tortie.datastore.views import VIEWS
+from tortie.datastore.kinds import VXLAN_DEFAULT_VNI, Kind, key_for, kind_for, kind_of, validate
+from tortie.datastore.resources import VIEWS
 from tortie.errors import AlreadyExists, Conflict, NotFound, ValidationError
 from tortie.log import get_logger
 
@@ -145,7 +145,7 @@ class ResourceStore:
 
     def _write(self, resource: Mapping, mode: str, likely_new: bool = False) -> dict:
         res = validate(resource)
-        kind = KINDS[res["kind"].lower()]
+        kind = kind_of(res)
         meta = res["metadata"]
         name, namespace = meta["name"], meta.get("namespace")
         key = self._key(kind, name, namespace)

@@ -36,6 +36,7 @@ class View:
     """Common metadata of every typed view."""
 
     KIND: ClassVar[str] = ""
+    API: ClassVar[str] = ""  # the apiVersion, where two APIs share a kind's name
     name: str
     labels: Mapping[str, str]
     resource_version: int
@@ -47,7 +48,7 @@ class View:
     @classmethod
     def from_resource(cls, resource: Mapping):
         res = validate(resource)
-        if res["kind"] != cls.KIND:
+        if res["kind"] != cls.KIND or (cls.API and res["apiVersion"] != cls.API):
             raise ValidationError(f"expected a {cls.KIND}, got {res['kind']}", field="kind")
         meta, spec = res["metadata"], res["spec"]
         return cls(name=meta["name"], labels=FrozenLabels(meta.get("labels", {})),
@@ -375,6 +376,7 @@ class NetworkPolicy(View):
     """A networking.k8s.io/v1 NetworkPolicy with its selectors parsed."""
 
     KIND: ClassVar[str] = "NetworkPolicy"
+    API: ClassVar[str] = "networking.k8s.io/v1"
     namespace: str = "default"
     pod_selector: selector.Selector = selector.ALL
     policy_types: tuple[str, ...] = ("Ingress",)

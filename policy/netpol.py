@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from tortie.datastore import resources as res
 from tortie.log import get_logger
+from tortie.policy import tiers as tiering
 
 log = get_logger("netpol")
 
@@ -75,6 +76,15 @@ class Allow:
     # (only the peer pods' addresses are in it). With named ports `ports` is () when the
     # rule has no numeric ones.
     named: tuple[Named, ...] = ()
+    # Calico's rules (Kubernetes ones keep the defaults): what a match does, a protocol
+    # without ports ("ICMP", "ICMPv6", "47"), ICMP type and code, and what the peer and
+    # port must not be (collapsed CIDRs; port ranges).
+    action: str = "Allow"
+    proto: str | None = None
+    icmp: tuple[int | None, int | None] | None = None
+    not_peers: tuple[str, ...] = ()
+    not_ports: tuple[PortRange, ...] = ()
+    index: int = 0  # the rule's position in the policy's spec (its counter, its log prefix)
 
 
 @dataclass(frozen=True)
@@ -86,13 +96,24 @@ class ResolvedPolicy:
 
 @dataclass(frozen=True)
 class PodFilter:
-    """A local pod: the policies (keys) isolating it per direction; None: not isolated."""
+    """A local pod: the policies (keys) isolating it per direction, in evaluation order;
+    None: not isolated. `*_tiers`: the sizes of the tier groups of those keys (`()`: only
+    Kubernetes policies, one tier without Pass; see `policy.tiers`)."""
 
     interface: str
     namespace: str
     name: str
     ingress: tuple[str, ...] | None
     egress: tuple[str, ...] | None
+    ingress_tiers: tuple[int, ...] = ()
+    egress_tiers: tuple[int, ...] = ()
+    # A HostEndpoint of this node (`interface` "host:" + its interfaceName, "*" for all;
+    # `name` the HostEndpoint's): filtered on the input and output hooks, and denied what no
+    # policy allows even when none selects it (Calico's default for host endpoints);
+    # "hostfwd:" + interfaceName: the same endpoint's forwarded traffic (applyOnForward);
+    # "hostpre:" + interfaceName: what arrives on it, before DNAT (preDNAT; ingress only);
+    # "hostraw:" + interfaceName: every packet in and out, before conntrack (doNotTrack).
+    host: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,15 +245,28 @@ def in_ranges(ranges: Iterable[Range]) -> Callable[[str], bool]:
     return check
 
 
+def _calico_parts(rule, not_networks: Iterable[str], index: int) -> dict:
+    """A Calico rule's extra match fields for its Allow; only the index for a Kubernetes rule."""
+    action = getattr(rule, "action", None)
+    if action is None:
+        return {"index": index}
+    icmp = None if rule.icmp_type is None else (rule.icmp_type, rule.icmp_code)
+    not_ports = rule_ports(res.PolicyRule(ports=rule.not_ports)).ranges or () if rule.not_ports else ()
+    return dict(action=action, proto=rule.protocol, icmp=icmp,
+                not_peers=collapse_ranges(map(cidr_range, not_networks)), not_ports=not_ports, index=index)
+
+
 def make_allow(rule: res.PolicyRule, ports: RulePorts, ranges: Iterable[Range], pod_networks: Iterable[str],
-               named: Iterable[Named] = ()) -> Allow | None:
+               named: Iterable[Named] = (), not_networks: Iterable[str] = (), index: int = 0) -> Allow | None:
     """The Allow of a rule from its ports (`rule_ports`), its ipBlocks' address ranges,
-    the networks of the pods its peers match and its named ports' triples."""
+    the networks of the pods its peers match and its named ports' triples (and, for a
+    Calico rule, the networks its notNets and notSelector name)."""
     named = tuple(sorted(set(named)))
     if ports.names and not named and not ports.ranges:
         return None  # only named ports, and no pod declares them
+    extra = _calico_parts(rule, not_networks, index)
     if not rule.peers:
-        return Allow(None, ports.ranges, (), named)
+        return Allow(None, ports.ranges, (), named, **extra)
     ranges = list(ranges)
     hosts = set()
     for n in pod_networks:
@@ -243,7 +277,7 @@ def make_allow(rule: res.PolicyRule, ports: RulePorts, ranges: Iterable[Range], 
             hosts.add(host)
     if not ranges and not hosts:
         return None  # peers that are nobody allow nothing
-    return Allow(collapse_ranges(ranges), ports.ranges, tuple(sorted(hosts)), named)
+    return Allow(collapse_ranges(ranges), ports.ranges, tuple(sorted(hosts)), named, **extra)
 
 
 def peer_block(peer: res.PolicyPeer) -> list[Net]:
@@ -269,7 +303,8 @@ def named_target(wep: res.WorkloadEndpoint, policy: res.NetworkPolicy, direction
 
 
 def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy, direction: str, node: str,
-                  weps: Iterable[res.WorkloadEndpoint], ns_labels: Mapping[str, dict[str, str]]) -> Allow | None:
+                  weps: Iterable[res.WorkloadEndpoint], ns_labels: Mapping[str, dict[str, str]],
+                  index: int = 0) -> Allow | None:
     """The rule as address and port sets; None when it can match nothing."""
     ports = rule_ports(rule)
     ranges: list[Range] = []
@@ -287,11 +322,25 @@ def _resolve_rule(rule: res.PolicyRule, policy: res.NetworkPolicy, direction: st
             target = named_target(wep, policy, direction, node, rule.peers, ranges, ns_labels)
             if target is not None:
                 named += named_elements(wep, ports.names, target)
-    return make_allow(rule, ports, ranges, pod_networks, named)
+    return make_allow(rule, ports, ranges, pod_networks, named,
+                      not_networks(rule, policy, weps, ns_labels), index)
 
 
-def policy_key(p: res.NetworkPolicy) -> str:
-    return f"{p.namespace}/{p.name}"
+def not_networks(rule, policy, weps: Iterable[res.WorkloadEndpoint],
+                 ns_labels: Mapping[str, dict[str, str]]) -> list[str]:
+    """The networks a Calico rule's notNets and notSelector name (its pods' addresses)."""
+    out: list[str] = []
+    for peer in getattr(rule, "not_peers", ()):
+        if peer.cidr is not None:
+            out.append(peer.cidr)
+            continue
+        for wep in weps:
+            if peer.matches_pod(wep.labels, wep.namespace, ns_labels[wep.namespace], policy.namespace):
+                out += wep.ip_networks
+    return out
+
+
+policy_key = tiering.policy_key
 
 
 def interface_usable(name: str) -> bool:
@@ -306,7 +355,7 @@ def resolve(p: res.NetworkPolicy, weps: Iterable[res.WorkloadEndpoint],
     weps = tuple(weps)
 
     def rules(items: tuple[res.PolicyRule, ...], direction: str) -> tuple[Allow, ...]:
-        allows = (_resolve_rule(r, p, direction, node, weps, ns_labels) for r in items)
+        allows = (_resolve_rule(r, p, direction, node, weps, ns_labels, i) for i, r in enumerate(items))
         return tuple(a for a in allows if a is not None)
 
     return ResolvedPolicy(policy_key(p),
@@ -315,20 +364,24 @@ def resolve(p: res.NetworkPolicy, weps: Iterable[res.WorkloadEndpoint],
 
 
 def compute(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[res.NetworkPolicy],
-            namespaces: Mapping[str, res.Namespace]) -> Filter:
-    """Which of this node's pods are isolated, by which policies, and what those allow."""
+            namespaces: Mapping[str, res.Namespace], tiers: Mapping[str, res.Tier] | None = None,
+            host_endpoints: Iterable[res.HostEndpoint] = ()) -> Filter:
+    """Which of this node's pods are isolated, by which policies (Kubernetes' and
+    Calico's, in evaluation order), and what those allow."""
     weps = sorted(weps, key=lambda w: (w.namespace, w.name))
     policies = sorted(policies, key=policy_key)
     ns_labels = {name: namespace_labels(namespaces, name)
                  for name in {w.namespace for w in weps} | set(namespaces)}
-    pods = pod_filters(node, weps, policies)
+    pods = pod_filters(node, weps, policies, ns_labels, tiers)
+    pods.update(host_filters(node, host_endpoints, policies, tiers or {}))
     used = {k for f in pods.values() for k in (f.ingress or ()) + (f.egress or ())}
     resolved = tuple(resolve(p, weps, ns_labels, node) for p in policies if policy_key(p) in used)
     return Filter(tuple(pods.values()), resolved)
 
 
-def pod_filters(node: str, weps: Iterable[res.WorkloadEndpoint],
-                policies: Iterable[res.NetworkPolicy]) -> dict[str, PodFilter]:
+def pod_filters(node: str, weps: Iterable[res.WorkloadEndpoint], policies: Iterable[res.NetworkPolicy],
+                ns_labels: Mapping[str, dict[str, str]] | None = None,
+                tiers: Mapping[str, res.Tier] | None = None) -> dict[str, PodFilter]:
     """This node's isolated pods, by host interface: the policies selecting each."""
     weps = sorted(weps, key=lambda w: (w.namespace, w.name))
     policies = sorted(policies, key=policy_key)
@@ -341,16 +394,75 @@ def pod_filters(node: str, weps: Iterable[res.WorkloadEndpoint],
             log.warning("interface name not usable in nftables; pod not filtered",
                         endpoint=f"{wep.namespace}/{wep.name}", interface=wep.interface_name)
             continue
-        selecting = [p for p in policies if p.selects(wep.labels, wep.namespace)]
-        ing = tuple(policy_key(p) for p in selecting if INGRESS in p.policy_types)
-        egr = tuple(policy_key(p) for p in selecting if EGRESS in p.policy_types)
-        if not ing and not egr:
+        want = pod_filter(wep, policies, ns_labels if ns_labels is not None else {}, tiers or {})
+        if want is None:
             pods.pop(wep.interface_name, None)
             continue
         # one filter per interface: the last endpoint (by namespace/name) naming it wins
-        pods[wep.interface_name] = PodFilter(wep.interface_name, wep.namespace, wep.name,
-                                             ing or None, egr or None)
+        pods[wep.interface_name] = want
     return pods
+
+
+def host_key(interface: str, stage: str = "host") -> str:
+    """A host endpoint's key among the filters (its `interface`: apart from the pods'):
+    "host:<if>" for its own traffic, "hostfwd:<if>" for what it forwards, "hostpre:<if>"
+    for what arrives on it, before DNAT, "hostraw:<if>" untracked, before conntrack."""
+    return f"{stage}:{interface}"
+
+
+def host_filters(node: str, heps: Iterable[res.HostEndpoint], policies: Iterable,
+                 tiers: Mapping[str, res.Tier]) -> dict[str, PodFilter]:
+    """This node's host endpoints, by `host_key`: the GlobalNetworkPolicies selecting each
+    (without a namespaceSelector: a host has no namespace). One per interface: the first
+    by name."""
+    policies = [p for p in policies if getattr(p, "GLOBAL", False) and p.namespace_selector is None]
+    out: dict[str, PodFilter] = {}
+    for hep in sorted(heps, key=lambda h: h.name, reverse=True):
+        if hep.node != node or not (hep.interface_name == "*" or interface_usable(hep.interface_name)):
+            continue
+        selecting = [p for p in policies if p.pod_selector.matches(hep.labels)]
+        # before conntrack (doNotTrack) and before DNAT (preDNAT): stages of their own, where
+        # what no rule matches goes on to the rest
+        for stage, flag in (("hostraw", "do_not_track"), ("hostpre", "pre_dnat")):
+            early = [p for p in selecting if getattr(p, flag)]
+            if early:
+                key = host_key(hep.interface_name, stage=stage)
+                out[key] = _host_filter(key, hep, early, tiers, unselected=None)
+        selecting = [p for p in selecting if not p.pre_dnat and not p.do_not_track]
+        key = host_key(hep.interface_name)
+        out[key] = _host_filter(key, hep, selecting, tiers)
+        # Forwarded traffic (pods') only meets the applyOnForward policies, and only when
+        # one selects the endpoint: without any it passes (Calico's default).
+        # ...and per direction: a direction no such policy covers is not filtered.
+        forward = [p for p in selecting if p.apply_on_forward]
+        if forward:
+            key = host_key(hep.interface_name, stage="hostfwd")
+            out[key] = _host_filter(key, hep, forward, tiers, unselected=None)
+    return out
+
+
+def _host_filter(key: str, hep: res.HostEndpoint, selecting: list, tiers: Mapping[str, res.Tier],
+                 unselected: tuple | None = ()) -> PodFilter:
+    """`unselected`: a direction no policy selects: () denied (the host's own traffic),
+    None not filtered (forwarded traffic)."""
+    ing, ing_t = tiering.ordered((p for p in selecting if INGRESS in p.policy_types), tiers)
+    egr, egr_t = tiering.ordered((p for p in selecting if EGRESS in p.policy_types), tiers)
+    return PodFilter(key, "", hep.name, ing or unselected, egr or unselected, ing_t, egr_t, host=True)
+
+
+def pod_filter(wep: res.WorkloadEndpoint, policies: Iterable, ns_labels: Mapping[str, dict[str, str]],
+               tiers: Mapping[str, res.Tier]) -> PodFilter | None:
+    """One local pod's filter (None: no policy selects it)."""
+    try:
+        labels_ns = ns_labels[wep.namespace]
+    except KeyError:
+        labels_ns = {NAMESPACE_NAME_LABEL: wep.namespace}
+    selecting = [p for p in policies if tiering.selects(p, wep.labels, wep.namespace, labels_ns)]
+    ing, ing_t = tiering.ordered((p for p in selecting if INGRESS in p.policy_types), tiers)
+    egr, egr_t = tiering.ordered((p for p in selecting if EGRESS in p.policy_types), tiers)
+    if not ing and not egr:
+        return None
+    return PodFilter(wep.interface_name, wep.namespace, wep.name, ing or None, egr or None, ing_t, egr_t)
 
 
 # --- evaluation (the semantics of the rendered ruleset, for tests and debugging) ---------
@@ -382,6 +494,10 @@ def allows(f: Filter, interface: str, direction: str, peer: str, protocol: str =
     keys = None if pod is None else (pod.ingress if direction == INGRESS else pod.egress)
     if keys is None:
         return True
+    if pod.ingress_tiers or pod.egress_tiers or pod.host:
+        # Calico's tiers, actions and not-matches are judged by the lab tests against the
+        # real ruleset (tests/e2e/test_calico_policy.py); this evaluator knows Kubernetes'.
+        raise ValueError(f"{interface}: allows() evaluates Kubernetes policies only")
     for key in keys:
         pol = f.policy(key)
         if any(_allow_matches(a, direction, peer, local, protocol, port)

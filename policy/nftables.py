@@ -122,12 +122,13 @@ class Nft:
             raise DataplaneError(f"nft rejected the transaction: {err.strip()}")
         return out
 
-    def list_table(self, family: str, name: str) -> list[dict] | None:
-        """The objects nft lists for the table (`{"chain": {...}}`, `{"rule": ...}`, ...)."""
+    def list_table(self, family: str, name: str, what: str = "table") -> list[dict] | None:
+        """The objects nft lists for the table (`{"chain": {...}}`, `{"rule": ...}`, ...);
+        `what` "counters": only its named counters (`list counters table ...`)."""
         with self._lock:
             self._ctx.set_json_output(True)
             try:
-                rc, out, err = self._ctx.cmd(f"list table {family} {name}")
+                rc, out, err = self._ctx.cmd(f"list {what} {'table ' if what != 'table' else ''}{family} {name}")
             finally:
                 self._ctx.set_json_output(False)
         if rc != 0:
@@ -437,16 +438,15 @@ def _own_commit(port: int, pid: int) -> bool:
             or os.path.exists(f"/proc/self/task/{pid}"))
 
 
-def parse_newgen(data: bytes) -> list[tuple[int, int, str, int]]:
-    """(generation id, committing pid, process name, netlink port) of every NFT_MSG_NEWGEN."""
+def nfnl_messages(data: bytes, mtype: int) -> list[tuple[int, dict[int, bytes]]]:
+    """(netlink port, attributes by type) of every nfnetlink message of `mtype` in one read."""
     out = []
     off = 0
-    want = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
     while off + NLMSG_HDR.size <= len(data):
-        length, mtype, _flags, _seq, port = NLMSG_HDR.unpack_from(data, off)
+        length, kind, _flags, _seq, port = NLMSG_HDR.unpack_from(data, off)
         if length < NLMSG_HDR.size:
             break
-        if mtype == want:
+        if kind == mtype:
             attrs: dict[int, bytes] = {}
             a = off + NLMSG_HDR.size + NFGENMSG_LEN
             end = off + length
@@ -456,11 +456,19 @@ def parse_newgen(data: bytes) -> list[tuple[int, int, str, int]]:
                     break
                 attrs[atype & 0x3FFF] = data[a + NLA_HDR.size:a + alen]
                 a += (alen + 3) & ~3
-            gen = struct.unpack(">I", attrs[NFTA_GEN_ID])[0] if NFTA_GEN_ID in attrs else 0
-            pid = struct.unpack(">I", attrs[NFTA_GEN_PROC_PID])[0] if NFTA_GEN_PROC_PID in attrs else 0
-            name = attrs.get(NFTA_GEN_PROC_NAME, b"").rstrip(b"\0").decode(errors="replace")
-            out.append((gen, pid, name, port))
+            out.append((port, attrs))
         off += (length + 3) & ~3
+    return out
+
+
+def parse_newgen(data: bytes) -> list[tuple[int, int, str, int]]:
+    """(generation id, committing pid, process name, netlink port) of every NFT_MSG_NEWGEN."""
+    out = []
+    for port, attrs in nfnl_messages(data, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN):
+        gen = struct.unpack(">I", attrs[NFTA_GEN_ID])[0] if NFTA_GEN_ID in attrs else 0
+        pid = struct.unpack(">I", attrs[NFTA_GEN_PROC_PID])[0] if NFTA_GEN_PROC_PID in attrs else 0
+        name = attrs.get(NFTA_GEN_PROC_NAME, b"").rstrip(b"\0").decode(errors="replace")
+        out.append((gen, pid, name, port))
     return out
 
 

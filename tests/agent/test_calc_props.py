@@ -2,7 +2,8 @@
 messages it emitted equals what a fresh calculation computes whole from the final state.
 
 Events: pods added, relabelled, moved, given other container ports and deleted (local and
-remote), policies (numeric and named ports) added, changed and deleted, namespace labels, pools (NAT, export, egress, egress
+remote), policies (numeric and named ports; Kubernetes' and Calico's, in tiers) added, changed
+and deleted, namespace labels, pools (NAT, export, egress, egress
 addresses, per-pool BGP export policy), block affinities,
 nodes, BGP peers and configuration, and learned-route flaps (including our own blocks and
 next hops that are our own addresses coming back).
@@ -83,13 +84,13 @@ class Accumulated:
 
 # --- resources ------------------------------------------------------------------------------
 
-def _doc(kind, name, spec, namespace=None, labels=None):
+def _doc(kind, name, spec, namespace=None, labels=None, api=None):
     meta = {"name": name}
     if namespace:
         meta["namespace"] = namespace
     if labels:
         meta["labels"] = labels
-    api = {"NetworkPolicy": "networking.k8s.io/v1", "Namespace": "v1"}.get(kind, "tortie.io/v1")
+    api = api or {"NetworkPolicy": "networking.k8s.io/v1", "Namespace": "v1"}.get(kind, "tortie.io/v1")
     doc = {"apiVersion": api, "kind": kind, "metadata": meta}
     if spec is not None:
         doc["spec"] = spec
@@ -159,6 +160,72 @@ def policy_event(draw):
     for d, r in zip(types, rules, strict=True):
         spec["ingress" if d == "Ingress" else "egress"] = [r]
     return key, _doc("NetworkPolicy", name, spec, ns)
+
+
+def _calico_rule(draw, direction: str) -> dict:
+    side = "source" if direction == "ingress" else "destination"
+    rule: dict = {"action": draw(st.sampled_from(["Allow", "Deny", "Pass", "Log"]))}
+    peer = draw(st.sampled_from([{}, {"selector": "app == 'web'"}, {"namespaceSelector": "team == 'x'"},
+                                 {"nets": ["10.65.0.0/24"]}, {"notSelector": "app == 'db'"},
+                                 {"notNets": ["10.65.0.0/26"], "selector": "all()"}]))
+    if peer:
+        rule[side] = peer
+    proto = draw(st.sampled_from([None, "TCP", "UDP", "ICMP", 47]))
+    if proto is not None:
+        rule["protocol"] = proto
+    if proto in ("TCP", "UDP"):
+        rule.setdefault("destination", {})["ports"] = draw(st.sampled_from([[80], ["80:81"], ["http"], [81, "dns"]]))
+        if draw(st.booleans()):
+            rule["destination"]["notPorts"] = [81]
+    if proto == "ICMP" and draw(st.booleans()):
+        rule["icmp"] = {"type": 8, "code": 0}
+    return rule
+
+
+@st.composite
+def calico_policy_event(draw):
+    """tortie.io/v1 NetworkPolicies, GlobalNetworkPolicies (some by namespaceSelector) and
+    Tiers, mixed with the Kubernetes policies above (tier default, order 1000)."""
+    which = draw(st.integers(0, 2))
+    if which == 2:
+        name = draw(st.sampled_from(["default", "sec"]))
+        key = P + keys.resource_key("tier", name)
+        if draw(st.booleans()):
+            return key, None
+        return key, _doc("Tier", name, {"order": draw(st.sampled_from([1, 2000, 2_000_000]))})
+    name = draw(st.sampled_from(["c1", "c2"]))
+    ns = draw(NSS) if which == 0 else None
+    key = P + (keys.resource_key("networkpolicy.tortie.io", name, ns) if ns else
+               keys.resource_key("globalnetworkpolicy", name))
+    if draw(st.integers(0, 3)) == 0:
+        return key, None
+    types = draw(st.sampled_from([["Ingress"], ["Egress"], ["Ingress", "Egress"]]))
+    spec: dict = {"types": types, "tier": draw(st.sampled_from(["default", "sec"])),
+                  "selector": draw(st.sampled_from(["all()", "app == 'web'", "has(app) && app != 'db'"]))}
+    if draw(st.booleans()):
+        spec["order"] = draw(st.sampled_from([10, 1000, 1500.5]))
+    if ns is None and draw(st.booleans()):
+        spec["namespaceSelector"] = "team == 'x'"
+    if ns is None and draw(st.booleans()):
+        spec["applyOnForward"] = True
+        if draw(st.booleans()) and types == ["Ingress"]:
+            spec["preDNAT"] = True
+        elif draw(st.booleans()):
+            spec["doNotTrack"] = True
+    for d in types:
+        spec[d.lower()] = [_calico_rule(draw, d.lower()) for _ in range(draw(st.integers(0, 2)))]
+    return key, _doc("GlobalNetworkPolicy" if ns is None else "NetworkPolicy", name, spec, ns, api="tortie.io/v1")
+
+
+@st.composite
+def host_endpoint_event(draw):
+    """HostEndpoints of this node and another, one interface or all ("*")."""
+    name = draw(st.sampled_from(["h1", "h2"]))
+    key = P + keys.resource_key("hostendpoint", name)
+    if draw(st.integers(0, 3)) == 0:
+        return key, None
+    spec = {"node": draw(st.sampled_from([ME, ME, OTHER])), "interfaceName": draw(st.sampled_from(["eth0", "*"]))}
+    return key, _doc("HostEndpoint", name, spec, labels={"app": draw(APPS)})
 
 
 @st.composite
@@ -264,7 +331,7 @@ def egress_learned_event(draw):
 
 
 EVENT = st.one_of(egress_learned_event(), wep_event(), wep_event(), wep_event(), policy_event(), policy_event(),
-                  namespace_event(), namespace_event(), pool_event(), affinity_event(), node_event(),
+                  calico_policy_event(), calico_policy_event(), host_endpoint_event(), namespace_event(), namespace_event(), pool_event(), affinity_event(), node_event(),
                   bgp_event(), learned_event())
 
 

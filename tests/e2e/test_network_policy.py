@@ -138,7 +138,7 @@ def _policy_counter(lab, node: str, name_part: str) -> tuple[int, int]:
     out = lab.exec(node, ["nft", "-j", "list", "counters", "table", "inet", "tortie-filter"],
                    capture_output=True, text=True, check=True).stdout
     found = [o["counter"] for o in json.loads(out)["nftables"]
-             if "counter" in o and name_part in o["counter"]["name"]]
+             if "counter" in o and o["counter"]["name"].endswith(name_part)]  # not its rules' "-rN"
     assert len(found) == 1, found
     return found[0]["packets"], found[0]["handle"]
 
