@@ -60,7 +60,7 @@ def second_uplink(i: int) -> dict:
 
 def build_router(plan) -> None:
     """The second segment's bridge and the router between the two (before the nodes)."""
-    from tortie.lab import nsutil
+    from tortie.lab import family, nsutil
 
     if plan.subnets != 2:
         return
@@ -70,14 +70,16 @@ def build_router(plan) -> None:
         f"link add {BRIDGE} type bridge forward_delay 0 stp_state 0", f"link set {BRIDGE} up",
         f"link add gw type veth peer name eth0 netns {gw}", f"link set gw master {plan.bridge} up",
         f"link add gws type veth peer name eth1 netns {gw}", f"link set gws master {BRIDGE} up"])
-    nsutil.ip_batch(gw, [f"addr add {core} dev eth0", "link set eth0 up",
-                         f"addr add {second} dev eth1", "link set eth1 up"])
-    nsutil.sysctl(gw, "net.ipv4.ip_forward", "1")
+    fam = plan.ip_family  # each address of the plan in each of the lab's families
+    nsutil.ip_batch(gw, [*family.addr_lines(core, "eth0", fam), "link set eth0 up",
+                         *family.addr_lines(second, "eth1", fam), "link set eth1 up"])
+    for key, value in family.forwarding_sysctls(fam):
+        nsutil.sysctl(gw, key, value)
 
 
 def add_routes(plan) -> None:
     """The core's hosts and nodes reach the second segment through the router."""
-    from tortie.lab import nsutil
+    from tortie.lab import family, nsutil
 
     if plan.subnets != 2:
         return
@@ -86,7 +88,8 @@ def add_routes(plan) -> None:
     core += [plan.ext_netns] if plan.ext_netns else []
     core += [n.netns for n in plan.nodes if not n.uplinks[0].gateway]
     for ns in core:
-        nsutil.ip_batch(ns, [f"route replace {SECOND_SUBNET} via {via}"])
+        nsutil.ip_batch(ns, [f"route replace {family.of(SECOND_SUBNET, v)} via {family.of(via, v)}"
+                             for v in plan.versions])
 
 
 def status(plan) -> dict | None:
