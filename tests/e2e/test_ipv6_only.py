@@ -1,7 +1,8 @@
 """Issue 13 item 2: IPv6-only nodes (`--ip-family ipv6`). No IPv4 address on any node,
 router, etcd or the outside host: BGP runs over IPv6 and carries IPv6 routes, and each
 node's router ID is derived from its name (Calico's `hash` behaviour), since there is no
-IPv4 address to take it from. One lab behind BIRD, one behind FRR, one full mesh.
+IPv4 address to take it from. One lab behind BIRD, one behind FRR (with BFD over IPv6),
+one full mesh.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def status(lab) -> dict[str, dict]:
 
 @pytest.fixture(scope="module", params=["bird", "frr", "none"])
 def lab(request, lab_factory):
-    lab = lab_factory(nodes=3, tor=request.param, ip_family="ipv6")
+    # the FRR lab runs BFD (over IPv6, the only family there is) with every node as well
+    lab = lab_factory(nodes=3, tor=request.param, ip_family="ipv6", bfd=request.param == "frr")
     for i, node in enumerate(NODES, 1):
         lab.pod_add(node, f"default/p{i}")
     yield lab
@@ -74,6 +76,8 @@ def test_bgp_over_ipv6_with_derived_router_ids(lab):
         r = routers.vtysh(tor.netns, lab._router(tor).rdir, "show bgp neighbors json")
         seen = {addr: n.get("remoteRouterId") for addr, n in json.loads(r.stdout).items()}
         assert seen == {f"fd99:0:{i}::2": router_id.from_name(n) for i, n in enumerate(NODES, 1)}, seen
+        assert wait_for(lambda: lab.bfd_sessions(tor.name) == {a: "Up" for a in seen}, 10), lab.bfd_sessions(tor.name)
+        assert all(set(d["bfd"].values()) == {"Up"} for d in status(lab).values()), status(lab)
     else:  # the mesh: every node peers with every other over IPv6
         for node in NODES:
             assert sorted(p["peer"] for p in docs[node]["peers"]) == sorted(
