@@ -71,9 +71,10 @@ def build_router(plan) -> None:
         f"link add {BRIDGE} type bridge forward_delay 0 stp_state 0", f"link set {BRIDGE} up",
         f"link add gw type veth peer name eth0 netns {gw}", f"link set gw master {plan.bridge} up",
         f"link add gws type veth peer name eth1 netns {gw}", f"link set gws master {BRIDGE} up"])
-    nsutil.ip_batch(gw, [*family.addr_lines(core, "eth0", plan.ip_family), "link set eth0 up",
-                         *family.addr_lines(second, "eth1", plan.ip_family), "link set eth1 up"])
-    for key, value in family.forwarding_sysctls(plan.ip_family):
+    fam = plan.ip_family  # each address of the plan in each of the lab's families
+    nsutil.ip_batch(gw, [*family.addr_lines(core, "eth0", fam), "link set eth0 up",
+                         *family.addr_lines(second, "eth1", fam), "link set eth1 up"])
+    for key, value in family.forwarding_sysctls(fam):
         nsutil.sysctl(gw, key, value)
 
 

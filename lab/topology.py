@@ -199,8 +199,6 @@ def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1, *,
     check_lab_name(lab)
     family.check(ip_family)
     lab_subnets.check(subnets, nodes, tor, uplinks)
-    if ip_family == "ipv6" and uplinks > 1:
-        raise ValidationError(f"--uplinks {uplinks} with --ip-family ipv6 is not supported yet", field="uplinks")
     if ip_family == "ipv6" and (etcd_members > 1 or etcd_tls):
         raise ValidationError("--etcd-members 3 and --etcd-tls with --ip-family ipv6 are not supported yet",
                               field="ip-family")

@@ -1,7 +1,8 @@
 """Issue 13 item 2: IPv6-only nodes (`--ip-family ipv6`). No IPv4 address on any node,
 router, etcd or the outside host: BGP runs over IPv6 and carries IPv6 routes, and each
 node's router ID is derived from its name (Calico's `hash` behaviour), since there is no
-IPv4 address to take it from. One lab behind BIRD, one behind FRR, one full mesh.
+IPv4 address to take it from. One lab behind BIRD, one behind FRR (with BFD over IPv6),
+one full mesh, one with two uplinks a node.
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ def status(lab) -> dict[str, dict]:
     return {d["node"]: d for d in json.loads(lab.ctl("node", "status", "-o", "json").stdout)}
 
 
-@pytest.fixture(scope="module", params=["bird", "frr", "none"])
+# the FRR lab runs BFD (over IPv6, the only family there is) with every node as well; the
+# second BIRD lab has two uplinks a node (two routers, ECMP over both)
+LABS = {"bird": {"tor": "bird"}, "frr": {"tor": "frr", "bfd": True}, "none": {"tor": "none"},
+        "bird-uplinks2": {"tor": "bird", "uplinks": 2}}
+
+
+@pytest.fixture(scope="module", params=list(LABS))
 def lab(request, lab_factory):
-    lab = lab_factory(nodes=3, tor=request.param, ip_family="ipv6")
+    lab = lab_factory(nodes=3, ip_family="ipv6", **LABS[request.param])
     for i, node in enumerate(NODES, 1):
         lab.pod_add(node, f"default/p{i}")
     yield lab
@@ -74,6 +81,9 @@ def test_bgp_over_ipv6_with_derived_router_ids(lab):
         r = routers.vtysh(tor.netns, lab._router(tor).rdir, "show bgp neighbors json")
         seen = {addr: n.get("remoteRouterId") for addr, n in json.loads(r.stdout).items()}
         assert seen == {f"fd99:0:{i}::2": router_id.from_name(n) for i, n in enumerate(NODES, 1)}, seen
+        assert wait_for(lambda: lab.bfd_sessions(tor.name) == {a: "Up" for a in seen}, 10), lab.bfd_sessions(tor.name)
+        # the agents publish their status every few seconds
+        assert wait_for(lambda: all(set(d["bfd"].values()) == {"Up"} for d in status(lab).values()), 15), status(lab)
     else:  # the mesh: every node peers with every other over IPv6
         for node in NODES:
             assert sorted(p["peer"] for p in docs[node]["peers"]) == sorted(
@@ -89,5 +99,7 @@ def test_every_pod_node_and_the_outside_host_reach_every_pod_over_ipv6(lab):
     for node in NODES:
         out = lab.exec(node, ["ip", "-6", "-j", "route", "show", "proto", "77"], capture_output=True, text=True,
                        check=True).stdout
-        learned = [r for r in json.loads(out) if r.get("gateway")]
-        assert len(learned) == 2 and all(ipaddress.ip_address(r["gateway"]).version == 6 for r in learned), out
+        hops = [[h["gateway"] for h in r.get("nexthops", [r])] for r in json.loads(out) if r.get("gateway")
+                or r.get("nexthops")]  # ECMP over two routers: one next hop each
+        assert len(hops) == 2 and all(ipaddress.ip_address(g).version == 6 for h in hops for g in h), out
+        assert {len(h) for h in hops} == {len(lab.plan().nodes[0].uplinks)}, out

@@ -102,8 +102,8 @@ def test_ipam_config_and_pod_addresses_by_family():
 
 
 @pytest.mark.parametrize("kw, field", [
-    (dict(tor="bird", uplinks=2, ip_family="ipv6"), "uplinks"),
     (dict(tor="none", ip_family="ipv6", etcd_members=3), "ip-family"),
+    (dict(tor="none", ip_family="ipv6", etcd_tls=True), "ip-family"),
     (dict(tor="none", ip_family="ipv5"), "ip-family"),
 ])
 def test_combinations_not_supported_yet_are_refused_naming_the_field(kw, field):
@@ -113,7 +113,7 @@ def test_combinations_not_supported_yet_are_refused_naming_the_field(kw, field):
 
 
 @pytest.mark.parametrize("args, field", [
-    (["--ip-family", "ipv6", "--tor", "bird", "--uplinks", "2"], "uplinks"),
+    (["--ip-family", "ipv6", "--etcd-members", "3"], "ip-family"),
     (["--ip-family", "dual", "--cni", "ptp"], "cni"),
 ])
 def test_up_refuses_what_ipv6_does_not_support_yet_in_one_line_and_makes_nothing(args, field, capsys):
