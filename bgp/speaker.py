@@ -51,55 +51,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from tortie.bgp import config as cfg
-from tortie.bgp import diagnose, reflection
-from tortie.bgp.api import APIStream, announce_lines, withdraw_lines
+from tortie.bgp import diagnose
+from tortie.bgp.api import APIStream
 from tortie.bgp.exabgp import ExaBGPProcess
+from tortie.bgp.export_book import ExportBook
 from tortie.bgp.messages import ExportPolicy
-from tortie.bgp.peers import Peer, prefix_filter
+from tortie.bgp.peers import Peer
 from tortie.bgp.rib import LearnedRoutes, family_of
 from tortie.bgp.session import PeerState, source_for
+from tortie.bgp.speaker_import import ImportSide
 from tortie.bgp.status import PeerStatus, document, notification_text
-from tortie.bgp.updates import import_filter, parse_update
 from tortie.bgp.wake import Waker
-from tortie.errors import DataplaneError, ValidationError
+from tortie.errors import DataplaneError
 from tortie.log import get_logger
 
 log = get_logger("bgp")
 
-def _community_attrs(comms: tuple[str, ...]) -> str:
-    """` community [ .. ] large-community [ .. ]` for ExaBGP, from `AS:VALUE` / `A:B:C`."""
-    standard = [c for c in comms if c.count(":") == 1]
-    large = [c for c in comms if c.count(":") == 2]
-    if len(standard) + len(large) != len(comms):
-        raise ValidationError(f"communities must be AS:VALUE or A:B:C, got {list(comms)}", field="communities")
-    out = ""
-    if standard:
-        out += " community [ " + " ".join(standard) + " ]"
-    if large:
-        out += " large-community [ " + " ".join(large) + " ]"
-    return out
-
-
-def _target(peers: Iterable[str]) -> str:
-    """The API's neighbor selector naming these sessions."""
-    return " , ".join(f"neighbor {a}" for a in peers)
-
-
 RoutesCallback = Callable[[dict[str, tuple[str, ...]]], None]
 ChangesCallback = Callable[[dict[str, tuple[str, ...]], frozenset[str]], None]
 CEASE_BFD_DOWN = 10  # the Cease NOTIFICATION subcode RFC 9384 gives a BFD Down
-CEASE_MAX_PREFIXES = 1  # Cease, "Maximum Number of Prefixes Reached" (RFC 4486)
 PREFIX_LIMIT_HOLD = 300.0  # seconds a peer over its maxPrefixes stays shut before it may try again
 
 
-class BGPSpeaker:
+class BGPSpeaker(ImportSide):
     def __init__(self, *, node_name: str, router_id: str, local_as: int, local_address: str | None,
                  state_dir: str, listen_port: int = 179, on_routes: RoutesCallback | None = None,
                  local_address6: str | None = None, graceful_restart: int = cfg.GRACEFUL_RESTART_TIME,
@@ -145,13 +124,7 @@ class BGPSpeaker:
         self._held: dict[str, str] = {}
         self.prefix_limit_hold = prefix_limit_hold
         self._loaded: dict[str, Peer] | None = None  # what ExaBGP's file says
-        self._exports: dict[str, ExportPolicy | None] | None = None  # desired prefix -> its policy
-        self._communities: tuple[str, ...] = ()  # on every export (BGPConfiguration)
-        self._policies: tuple[ExportPolicy, ...] = ()
-        self._resolve: list[tuple[Callable[[str], bool], ExportPolicy]] = []  # most specific first
-        # what ExaBGP was told per prefix: {peer: attribute text} of the established sessions
-        self._announced: dict[str, dict[str, str]] = {}
-        self._sent: Counter[str] = Counter()  # prefixes per peer (status)
+        self._exports = ExportBook()  # what we announce, and what ExaBGP was told
         self._state: dict[str, PeerState] = {}
         self._import_pools: tuple[str, ...] = ()
         self._egress_imports: dict[str, frozenset[str]] = {}  # peer -> prefixes egress pools take
@@ -238,23 +211,7 @@ class BGPSpeaker:
         BGPConfiguration's communities (`AS:VALUE`, or `A:B:C` for large communities) on
         every one; `policies` narrow the peers of the prefixes inside them and add
         communities and AS-path prepending (see `ExportPolicy`)."""
-        comms = tuple(sorted(set(communities)))
-        _community_attrs(comms)  # refused here, not later on the API stream
-        policies = tuple(policies)
-        for pol in policies:
-            _community_attrs(pol.communities)
-        if policies != self._policies:
-            self._policies = policies
-            # most specific first: an egress address's /32 inside a pool's range is its own
-            self._resolve = [(prefix_filter((pol.cidr,)), pol) for pol in
-                             sorted(policies, key=lambda pol: -ipaddress.ip_network(pol.cidr).prefixlen)]
-        self._communities = comms
-        resolve = self._resolve
-        exports: dict[str, ExportPolicy | None] = {}
-        for p in prefixes:
-            prefix = str(ipaddress.ip_network(p, strict=False))
-            exports[prefix] = next((pol for inside, pol in resolve if inside(prefix)), None)
-        self._exports = exports
+        self._exports.set(prefixes, communities, policies)
 
     def set_import_pools(self, cidrs: Iterable[str]) -> None:
         """The IP pools: prefixes inside them are imported from external peers too."""
@@ -315,7 +272,7 @@ class BGPSpeaker:
         for addr, peer in self._peers.items():
             st = self._state.get(addr) or PeerState()
             up = st.state == "established"
-            sent = self._sent.get(addr, 0) if up and self._synced else 0
+            sent = self._exports.sent.get(addr, 0) if up and self._synced else 0
             error = "" if up else self._held.get(addr) or "; ".join(e for e in (st.last_error, st.probe_error) if e)
             if not up and not error and peer.passive:
                 error = "waiting for the peer to connect (this side is passive)"
@@ -379,7 +336,7 @@ class BGPSpeaker:
     async def _reconcile(self) -> None:
         if self._configured() != self._loaded:
             self._reload_peers()
-        if not self._api.connected or self._exports is None:
+        if not self._api.connected or self._exports.wanted is None:
             return  # nothing to talk to yet, or the agent has not said what to export
         # Only established sessions: a change queued for a session that is down sits in
         # ExaBGP as pending and makes it drop every SIGUSR1 (5.0.15). A session that came up
@@ -387,82 +344,23 @@ class BGPSpeaker:
         loaded = self._loaded or {}
         up = {a: loaded[a] for a, st in self._state.items() if st.state == "established" and a in loaded}
         fresh = {a for a in up if self._state[a].needs_full}
-        withdraw, announce, now_held = self._export_diff(up, fresh)
-        lines = []
-        for peers, prefixes in withdraw.items():
-            lines += withdraw_lines(_target(peers), prefixes, self.batch)
-        for (attrs, peers), prefixes in announce.items():
-            lines += announce_lines(_target(peers), attrs, prefixes, self.batch)
+        lines, now_held, announced, withdrawn = self._exports.diff(up, fresh, self.local.local_as, self.batch)
         if lines:
             await self._api.send(lines)
-        for prefix, held in now_held.items():  # once sent: a broken stream leaves the old books
-            if held:
-                self._announced[prefix] = held
-            else:
-                self._announced.pop(prefix, None)
+        self._exports.commit(now_held)  # once sent: a broken stream leaves the old books
         if lines:
-            log.info("exports sent", announced=sum(map(len, announce.values())),
-                     withdrawn=sum(map(len, withdraw.values())), lines=len(lines), total=len(self._announced))
+            log.info("exports sent", announced=announced, withdrawn=withdrawn, lines=len(lines),
+                     total=len(self._exports.told))
         if lines or fresh:
-            self._sent = Counter(a for peers in self._announced.values() for a in peers)
+            self._exports.count()
             self._status_changed()
         if not self._synced:
             self._synced = True
             self._status_changed()
-            log.info("export set complete; end-of-RIB may go out", prefixes=len(self._exports))
+            log.info("export set complete; end-of-RIB may go out", prefixes=len(self._exports.wanted))
         # reflected routes go out before the end-of-RIB of a session that just came up
         await self._reconcile_reflection()
         await self._send_owed(fresh)
-
-    def _export_diff(self, up: dict[str, Peer], fresh: set[str]) -> tuple[dict, dict, dict]:
-        """What to tell ExaBGP so that each established peer holds exactly its exports:
-        withdrawals {peers: [prefix]} and announcements {(attrs, peers): [prefix]}, grouped
-        so that one line carries many prefixes, and the entries of `_announced` that change."""
-        exports, announced = self._exports or {}, self._announced
-        audiences: dict[tuple, dict[str, str]] = {}
-        withdraw: dict[tuple[str, ...], list[str]] = {}
-        announce: dict[tuple[str, tuple[str, ...]], list[str]] = {}
-        nothing: dict[str, str] = {}
-        held: dict[str, dict[str, str]] = {}
-        for prefix in [*exports, *(p for p in announced if p not in exports)]:
-            if prefix in exports:
-                family = family_of(prefix)
-                pol = exports[prefix]
-                want = audiences.get((pol, family))
-                if want is None:
-                    want = audiences[(pol, family)] = self._audience(pol, family, up)
-            else:
-                want = nothing
-            have = old = announced.get(prefix, nothing)
-            if fresh and have:
-                have = {a: attrs for a, attrs in have.items() if a not in fresh}
-            differs = want != have
-            if differs:
-                gone = tuple(a for a in have if a not in want and a in up)
-                if gone:
-                    withdraw.setdefault(gone, []).append(prefix)
-                by_attrs: dict[str, list[str]] = {}
-                for a, attrs in want.items():
-                    if have.get(a) != attrs:
-                        by_attrs.setdefault(attrs, []).append(a)
-                for attrs, peers in by_attrs.items():
-                    announce.setdefault((attrs, tuple(peers)), []).append(prefix)
-            if differs if have is old else want != old:
-                held[prefix] = want  # also when a down peer only leaves the books (nothing sent)
-        return withdraw, announce, held
-
-    def _audience(self, pol: ExportPolicy | None, family: str, up: dict[str, Peer]) -> dict[str, str]:
-        """The established peers of `family` that a prefix under `pol` goes to, and the
-        attributes each gets."""
-        comms = self._communities + (pol.communities if pol else ())
-        attrs = "next-hop self" + _community_attrs(tuple(sorted(set(comms))))
-        prepended = attrs
-        if pol and pol.prepend:
-            asn = str(self.local.local_as)
-            prepended += " as-path [ " + " ".join([asn] * (pol.prepend + 1)) + " ]"
-        return {a: prepended if peer.as_number != self.local.local_as else attrs
-                for a, peer in sorted(up.items()) if family_of(a) == family
-                and (pol is None or pol.peers is None or a in pol.peers)}
 
     async def _send_owed(self, fresh: set[str]) -> None:
         """Peers that came up have had their whole export set (see _reconcile): our end-of-RIB."""
@@ -472,7 +370,7 @@ class BGPSpeaker:
                 continue
             st.needs_full = False
             await self._api.send([f"neighbor {addr} announce eor {family_of(addr)}"])
-            log.info("end-of-RIB sent", peer=addr, prefixes=self._sent.get(addr, 0))
+            log.info("end-of-RIB sent", peer=addr, prefixes=self._exports.sent.get(addr, 0))
 
     def _configured(self) -> dict[str, Peer]:
         """The peers ExaBGP's file should hold: the desired ones not held down."""
@@ -555,7 +453,7 @@ class BGPSpeaker:
         if pid != self._api_pid:
             # a new ExaBGP: its RIB is empty, and end-of-RIB waits until it is full again
             self._api_pid = pid
-            self._announced = {}
+            self._exports.forget()
             self._synced = False
         log.info("exabgp api connected", pid=pid)
         if self._config_gen != self._spawn_gen:
@@ -712,156 +610,6 @@ class BGPSpeaker:
         return peer.local_address or (
             self.local.local_address if family_of(peer.address) == "ipv4 unicast" else self.local.local_address6)
 
-    # --- the RIB ---------------------------------------------------------------------------
-
-    def _on_update(self, peer: str, message: dict) -> None:
-        if "eor" in message:
-            family = f"{message['eor'].get('afi')} {message['eor'].get('safi')}"
-            st = self._peer_state(peer)
-            st.eor.add(family)
-            if self._rib.end_of_rib(peer, family):
-                self._routes_changed()
-            self._maybe_release()
-            return
-        if peer in self._held:
-            return  # what was on its way when we closed the session
-        parsed = parse_update(message.get("update") or {}, self.local.router_id, self._cluster_id)
-        if parsed is not None and self._rib.update(peer, *parsed):
-            self._routes_changed()
-        limit = getattr(self._peers.get(peer), "max_prefixes", None)
-        if limit and self._rib.count(peer) > limit:
-            self._over_limit(peer, limit)
-
-    def _over_limit(self, peer: str, limit: int) -> None:
-        """More prefixes than the peer's maxPrefixes (BIRD's `receive limit`, FRR's
-        `maximum-prefix`): its routes go at once, the session is closed with Cease 1 and left
-        out of ExaBGP's file for `prefix_limit_hold` seconds, then it may come back."""
-        received = self._rib.count(peer)
-        why = (f"maxPrefixes {limit} exceeded ({received} received): session closed, "
-               f"retried after {self.prefix_limit_hold:.0f}s")
-        log.warning("bgp peer over its prefix limit", peer=peer, limit=limit, received=received)
-        self._held[peer] = why
-        st = self._peer_state(peer)
-        st.last_error = why
-        if self._rib.peer_down(peer, graceful=False):
-            self._routes_changed()
-
-        async def shut() -> None:
-            with contextlib.suppress(DataplaneError):  # the reload below closes it anyway
-                await self._api.send([f"neighbor {peer} teardown {CEASE_MAX_PREFIXES}"])
-            await self._apply_quietly()  # its neighbor leaves the file
-        self._spawn(shut())
-        asyncio.get_running_loop().call_later(self.prefix_limit_hold, self._release_held, peer)
-
-    def _release_held(self, peer: str) -> None:
-        if self._held.pop(peer, None) is not None:
-            log.info("bgp peer may try again after its prefix limit", peer=peer)
-            self._spawn(self._apply_quietly())
-
-    def _accepts(self, peer: str, prefix: str) -> bool:
-        return self._peer_filter(peer)(prefix)
-
-    def _peer_filter(self, peer: str) -> Callable[[str], bool]:
-        # the peer's filter is compiled once per peer set (set_peers, set_import_pools and
-        # set_egress_imports replace these objects, never change them in place); the RIB asks
-        # once per update
-        made_for = (self._peers, self._import_pools, self._egress_imports)
-        if any(a is not b for a, b in zip(self._filters_for, made_for, strict=True)):
-            self._filters, self._filters_for = {}, made_for
-        f = self._filters.get(peer)
-        if f is None:
-            f = self._filters[peer] = import_filter(self._peers.get(peer), self._import_pools,
-                                                    self._egress_imports.get(peer, frozenset()))
-        return f
-
-    # --- route reflection ----------------------------------------------------------------
-
-    @property
-    def _cluster_id(self) -> str | None:
-        """Set when this node reflects (it has route-reflector clients)."""
-        return reflection.cluster_id(self._peers, self.cluster_id, self.local.router_id)
-
-    async def _reconcile_reflection(self) -> None:
-        want = reflection.reflection(self._peers, self._state, self._rib, self._cluster_id)
-        lines = reflection.reflection_lines(self._reflected, want, self.batch)
-        if lines:
-            await self._api.send(lines)
-            log.info("reflected routes sent", lines=len(lines))
-
-    # --- routes to the agent -----------------------------------------------------------
-
-    def _routes_changed(self) -> None:
-        self._status_changed()
-        if self._cluster_id is not None and not self._reflect_pending:
-            self._reflect_pending = True
-            asyncio.get_running_loop().call_soon(self._reflect_soon)
-        if self._routes_pending or not (self._routes_released or self._streaming):
-            return
-        self._routes_pending = True
-        asyncio.get_running_loop().call_soon(self._emit_routes)
-
-    def _reflect_soon(self) -> None:
-        self._reflect_pending = False
-        if self._synced:
-            self._spawn(self._apply_quietly())
-
-    def learned_table(self) -> dict[str, tuple[str, ...]]:
-        """Every accepted route: prefix -> next hops (ECMP, sorted)."""
-        return self._rib.table()
-
-    @property
-    def _streaming(self) -> bool:
-        return self.on_released is not None and self.on_route_changes is not None
-
-    def _emit_routes(self) -> None:
-        self._routes_pending = False
-        try:
-            if self._streaming:
-                changed, removed = self._rib.take_changes()
-                if changed or removed:
-                    self.on_route_changes(changed, removed)
-                return
-            if self.on_route_changes is not None and self._full_sent:
-                changed, removed = self._rib.take_changes()
-                if changed or removed:
-                    self.on_route_changes(changed, removed)
-                return
-            self._rib.take_changes()
-            self._full_sent = True
-            self.on_routes(self._rib.table())
-        except Exception:
-            log.exception("on_routes failed")
-
-    def _maybe_release(self) -> None:
-        """Release the first table once every established peer sent its end-of-RIB."""
-        if self._routes_released:
-            return
-        for addr in self._peers:
-            st = self._state.get(addr)
-            if st and st.state == "established" and family_of(addr) not in st.eor:
-                return
-        if not any(st.state == "established" for st in self._state.values()):
-            return  # nothing learned yet: let the settle timer decide
-        self._release("end-of-RIB from every established peer")
-
-    def _release(self, why: str) -> None:
-        if self._routes_released:
-            return
-        self._routes_released = True
-        log.info("learned routes released to the agent", why=why)
-        if self._streaming:
-            self._emit_routes()  # what is still queued goes before the release
-            try:
-                self.on_released()
-            except Exception:
-                log.exception("on_released failed")
-            return
-        self._routes_changed()
-
-    async def _settle(self) -> None:
-        await asyncio.sleep(self.settle_time)
-        self._release(f"settle time {self.settle_time}s")
-
     # --- supervision -------------------------------------------------------------------
 
     async def _supervise(self) -> None:
@@ -877,7 +625,7 @@ class BGPSpeaker:
         self._unsettled.set()
         self._status_changed()
         self._synced = False
-        self._announced = {}
+        self._exports.forget()
         self._reflected = {}
         self._api_pid = None
         self._api.close()
