@@ -28,6 +28,7 @@ from tortie.datastore.fields import (
     parse_ip,
     string,
 )
+from tortie.datastore.kinds_service import endpoint_slice_body, service_spec, service_status
 from tortie.errors import ValidationError
 
 API_VERSION = "tortie.io/v1"
@@ -75,6 +76,10 @@ class Kind:
     name_pattern: re.Pattern = DNS_SUBDOMAIN
     spec_required: bool = True
     serialized: bool = False  # writes of this kind are linearized by a serial key
+    # Kinds whose content is not under spec (EndpointSlice): validates the top-level fields
+    # given (resource, metadata) and returns them, replacing spec.
+    body: Callable[[dict, dict], dict] | None = None
+    status: Callable[[Any], dict | None] | None = None  # kinds whose status is kept (Service)
 
     @property
     def key(self) -> str:
@@ -433,6 +438,10 @@ KINDS: dict[str, Kind] = {
              ("networkpolicies", "netpol", "netpols", "policy", "policies")),
         Kind("Namespace", "v1", False, _namespace_spec, ("namespaces", "ns"),
              name_pattern=DNS_LABEL, spec_required=False),
+        Kind("Service", "v1", True, service_spec, ("services", "svc"), name_pattern=DNS_LABEL,
+             status=service_status),
+        Kind("EndpointSlice", "discovery.k8s.io/v1", True, lambda f, meta: None,
+             ("endpointslices", "endpointslice", "eps"), spec_required=False, body=endpoint_slice_body),
     )
 }
 _ALIASES = {a: k for k in KINDS.values() for a in (k.key, *k.aliases)}
@@ -461,16 +470,23 @@ def validate(resource: Any) -> dict:
     if resource.get("apiVersion") != kind.api_version:
         raise ValidationError(f"{kind.name} is {kind.api_version!r}, not {resource.get('apiVersion')!r}",
                               field="apiVersion")
-    unknown = set(resource) - {"apiVersion", "kind", "metadata", "spec", "status"}
+    top = {"addressType", "endpoints", "ports"} if kind.body else {"spec"}
+    unknown = set(resource) - {"apiVersion", "kind", "metadata", "status"} - top
     if unknown:
         field = sorted(unknown)[0]
         raise ValidationError(f"unknown field {field!r}", field=field)
     meta = _metadata(kind, resource.get("metadata"))
+    if kind.body is not None:
+        return {"apiVersion": kind.api_version, "kind": kind.name, "metadata": meta, **kind.body(resource, meta)}
     if resource.get("spec") is None and kind.spec_required:
         raise ValidationError("is required", field="spec")
     spec = Fields(resource.get("spec"), "spec")
     kind.spec(spec, meta)
-    return {"apiVersion": kind.api_version, "kind": kind.name, "metadata": meta, "spec": spec.done()}
+    out = {"apiVersion": kind.api_version, "kind": kind.name, "metadata": meta, "spec": spec.done()}
+    status = kind.status(resource.get("status")) if kind.status else None
+    if status:
+        out["status"] = status
+    return out
 
 
 def key_for(kind: Kind, name: str, namespace: str | None = None) -> str:

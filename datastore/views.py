@@ -45,10 +45,16 @@ class View:
             object.__setattr__(self, "labels", FrozenLabels(self.labels))
 
     @classmethod
-    def from_resource(cls, resource: Mapping):
+    def checked(cls, resource: Mapping) -> dict:
+        """The validated resource, which must be of this view's kind."""
         res = validate(resource)
         if res["kind"] != cls.KIND:
             raise ValidationError(f"expected a {cls.KIND}, got {res['kind']}", field="kind")
+        return res
+
+    @classmethod
+    def from_resource(cls, resource: Mapping):
+        res = cls.checked(resource)
         meta, spec = res["metadata"], res["spec"]
         return cls(name=meta["name"], labels=FrozenLabels(meta.get("labels", {})),
                    resource_version=int(meta.get("resourceVersion", 0)), **cls._spec(meta, spec))
