@@ -1,6 +1,7 @@
 """tortie-controller: Kubernetes -> datastore mirroring and IPAM garbage collection.
 
-One reflector thread per Kubernetes kind (Nodes, Namespaces, NetworkPolicies, Pods)
+One reflector thread per Kubernetes kind (Nodes, Namespaces, NetworkPolicies, Services,
+EndpointSlices, Pods)
 lists, then watches from the list's resourceVersion, and hands raw objects to the main
 loop through one queue. A dropped stream is re-watched from the last resourceVersion
 seen; `410 Gone` (history compacted) means a fresh list. A datastore Syncer thread does
@@ -65,8 +66,8 @@ from tortie.metrics import Registry
 
 log = get_logger("controller")
 
-KINDS = ("Node", "Namespace", "NetworkPolicy", "Pod")
-MIRRORED = ("Namespace", "NetworkPolicy")
+KINDS = ("Node", "Namespace", "NetworkPolicy", "Service", "EndpointSlice", "Pod")
+MIRRORED = ("Namespace", "NetworkPolicy", "Service", "EndpointSlice")
 
 
 @dataclass(frozen=True)
@@ -334,6 +335,8 @@ class Controller:
         core, net = k8s.CoreV1Api(self.api), k8s.NetworkingV1Api(self.api)
         list_fns = {"Node": core.list_node, "Namespace": core.list_namespace,
                     "NetworkPolicy": net.list_network_policy_for_all_namespaces,
+                    "Service": core.list_service_for_all_namespaces,
+                    "EndpointSlice": k8s.DiscoveryV1Api(self.api).list_endpoint_slice_for_all_namespaces,
                     "Pod": core.list_pod_for_all_namespaces}
         self.reflectors = {kind: Reflector(kind, list_fns[kind], self.queue, watch_timeout=config.watch_timeout,
                                            retry_interval=config.retry_interval, health=self.health)

@@ -65,6 +65,8 @@ RESOURCES = {r.plural: r for r in (
     Resource("namespaces", "Namespace", "v1", False),
     Resource("pods", "Pod", "v1", True),
     Resource("networkpolicies", "NetworkPolicy", "networking.k8s.io/v1", True),
+    Resource("services", "Service", "v1", True),
+    Resource("endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True),
     Resource("leases", "Lease", "coordination.k8s.io/v1", True, unconditional_update=False, create_on_update=True),
 )}
 _BASES = tuple(sorted({r.base + "/" for r in RESOURCES.values()}))
