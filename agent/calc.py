@@ -21,6 +21,7 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tortie.agent.calc_policy import PolicyCalculator
+from tortie.agent.calc_services import ServiceCalculator
 from tortie.agent.state import ClusterState
 from tortie.bgp.messages import BGPConfigUpdate, ExportDelta, ExportPolicy
 from tortie.bgp.peers import compute_peers
@@ -478,6 +479,7 @@ class Calculation:
         self.own_addresses = frozenset(own_addresses)
         self.state = ClusterState(prefix=prefix)
         self.policy = PolicyCalculator(node, self.state.weps, self.state.policies, self.state.namespaces)
+        self.services = ServiceCalculator(node, self.state.services, self.state.slices, self.state.pools)
         self.learned: dict[str, tuple[str, ...]] = {}
         self._out = {c: _RouteOut(c) for c in (BLOCKS, WORKLOADS, BGP, ADOPTED, EGRESS)}
         self._blocks: list[tuple[str, ipaddress._BaseNetwork]] = []  # own confirmed blocks
@@ -542,7 +544,12 @@ class Calculation:
             self.policy.on_policy(f"{namespace}/{name}")
         elif kind == "namespace":
             self.policy.on_namespace(name)
+        elif kind == "service":
+            self.services.on_service(namespace, name)
+        elif kind == "endpointslice":
+            self.services.on_slice(namespace, name, old, new)
         elif kind == "ippool":
+            self.services.on_pools()
             self._exports_recompute()
             self._policy_routing()
             self._nat_recompute()
@@ -602,6 +609,7 @@ class Calculation:
             out.append(self._nat_msg)
             self._nat_msg = None
         out += self.policy.take()
+        out += self.services.take()
         if self._bgp_msg is not None:
             out.append(self._bgp_msg)
             self._bgp_msg = None
@@ -652,6 +660,7 @@ class Calculation:
         self._nat_recompute()
         self._bgp_recompute()
         self.policy.recompute()
+        self.services.recompute()
 
     def _local(self, wep: res.WorkloadEndpoint | None) -> bool:
         return wep is not None and wep.node == self.node and bool(wep.interface_name)

@@ -31,6 +31,9 @@ class AgentConfig:
     # the restart time our OPEN offers: how long peers keep our routes after we vanish
     bgp_graceful_restart: int = 120
     log_format: str | None = None
+    # Which Service proxy runs on this node: tortie's own (nftables) or none (a cluster that
+    # keeps kube-proxy: only the advertisement of Service addresses runs).
+    proxy_mode: str = "none"
 
     @property
     def node_address(self) -> str | None:
@@ -43,7 +46,9 @@ _BOOL_FIELDS = {"bgp_enabled"}
 _KEYS = (
     "nodename", "node_ip", "node_ip6", "as_number", "cni_socket", "state_dir", "health_host",
     "health_port", "metrics_host", "metrics_port", "resync_interval", "bgp_enabled", "bgp_graceful_restart", "log_format",
+    "proxy_mode",
 )
+PROXY_MODES = ("tortie", "none")
 
 
 def _coerce(key: str, value: str):
@@ -109,6 +114,9 @@ def load(env: dict[str, str] | None = None) -> AgentConfig:
             ipaddress.ip_address(getattr(cfg, key))
         except ValueError:
             raise ValidationError(f"not an IP address: {getattr(cfg, key)!r}", field=f"TORTIE_{key.upper()}") from None
+    if cfg.proxy_mode not in PROXY_MODES:
+        raise ValidationError(f"must be one of {', '.join(PROXY_MODES)}, not {cfg.proxy_mode!r}",
+                              field="TORTIE_PROXY_MODE")
     if cfg.node_ip:
         try:
             ipaddress.ip_interface(cfg.node_ip)

@@ -266,7 +266,7 @@ class Agent:
 
     # --- the dataplane driver --------------------------------------------------------
 
-    def _make_driver(self, routes, rules, nat, filt) -> None:
+    def _make_driver(self, routes, rules, nat, filt, proxy=()) -> None:
         from tortie.agent.driver import DataplaneDriver
         from tortie.bgp.export_mgr import BGPExportManager
         from tortie.policy.nftables import NftMonitor
@@ -283,7 +283,7 @@ class Agent:
             self.m_apply.observe(seconds, manager=name)
 
         self.driver = DataplaneDriver(
-            [routes, rules, SysctlManager(), nat, filt, self.bgp_exports],
+            [routes, rules, SysctlManager(), nat, filt, *proxy, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
             on_status=on_status, on_applied=on_applied,
             on_round=lambda ok: self._round_done(ok, routes))
@@ -295,8 +295,8 @@ class Agent:
 
         def nft_changed() -> None:
             if self.nft_monitor.drain():
-                nat.resync()
-                filt.resync()
+                for mgr in (nat, filt, *proxy):
+                    mgr.resync()
 
         self.driver.watch(self.nft_monitor, nft_changed)
 
@@ -529,7 +529,7 @@ class Agent:
         # routes stay as they are until the peers' full tables arrive.
         await asyncio.to_thread(routes.resync)
         self.calc.adopt(r for r in routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
-        self._make_driver(routes, rules, NatManager(), FilterManager())
+        self._make_driver(routes, rules, NatManager(), FilterManager(), self._proxy_managers())
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
                          self.cfg.metrics_host, self.cfg.metrics_port, on_scrape=self._sample_lag)
         self.cni = CNIServer(self.cfg.cni_socket, node_name=self.node, ipam=self.ipam, store=self.store,
@@ -551,6 +551,19 @@ class Agent:
         await self.shutdown()
         if stop not in done:
             raise errors.TortieError("a component of the agent died; see the log")
+
+    def _proxy_managers(self) -> tuple:
+        """tortie's Service proxy and its health check node ports (TORTIE_PROXY_MODE=tortie),
+        or none (kube-proxy serves Services)."""
+        if self.cfg.proxy_mode != "tortie":
+            return ()
+        from tortie.policy.healthcheck import HealthCheckManager
+        from tortie.policy.proxy_mgr import ProxyManager
+
+        managers = (ProxyManager(), HealthCheckManager())
+        for m in managers:
+            self.health.register(m.name, deadline=max(3 * self.cfg.resync_interval, 30))
+        return managers
 
     async def shutdown(self) -> None:
         """Stop serving; leave the kernel as it is so pods keep working (the next agent adopts it)."""

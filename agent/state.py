@@ -32,6 +32,8 @@ class ClusterState:
     affinities: dict[tuple[str, str], bool] = field(default_factory=dict)
     policies: dict[tuple[str, str], res.NetworkPolicy] = field(default_factory=dict)
     namespaces: dict[str, res.Namespace] = field(default_factory=dict)
+    services: dict[tuple[str, str], res.Service] = field(default_factory=dict)
+    slices: dict[tuple[str, str], res.EndpointSlice] = field(default_factory=dict)
 
     KINDS = {
         "ippool": ("pools", res.IPPool),
@@ -43,11 +45,13 @@ class ClusterState:
     NAMESPACED = {
         "workloadendpoint": ("weps", res.WorkloadEndpoint),
         "networkpolicy": ("policies", res.NetworkPolicy),
+        "service": ("services", res.Service),
+        "endpointslice": ("slices", res.EndpointSlice),
     }
 
     def clear(self) -> None:
         for name in ("pools", "nodes", "bgp_peers", "bgp_configs", "weps", "affinities", "policies",
-                     "namespaces"):
+                     "namespaces", "services", "slices"):
             getattr(self, name).clear()
 
     def relative(self, key: str) -> str | None:

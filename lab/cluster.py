@@ -567,6 +567,7 @@ class Lab:
             "TORTIE_METRICS_PORT": str(METRICS_PORT),
             "TORTIE_LOG_FORMAT": "json",
             "TORTIE_BGP_GRACEFUL_RESTART": str(routers.GRACEFUL_RESTART),
+            "TORTIE_PROXY_MODE": "tortie",  # the lab has no kube-proxy: tortie serves Services
             **st.agent_env,
         }
         if st.agent == "agent":
