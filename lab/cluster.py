@@ -36,6 +36,7 @@ from tortie.lab import cniexec, nsutil, pki, podserver, routers, state, topology
 from tortie.lab.cniexec import PTP_SUBNET
 from tortie.lab.etcd_server import EtcdServer
 from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
+from tortie.lab.services import LabServices
 from tortie.lab.state import LabState, Pod, Proc
 from tortie.lab.teardown import Echo, quiet, teardown
 from tortie.lab.topology import NodePlan, Plan, TorPlan
@@ -77,7 +78,7 @@ def resolve_agent(mode: str) -> str:
     return "agent" if mode == "auto" else mode
 
 
-class Lab:
+class Lab(LabServices):
     """A handle on a running lab; every method re-reads its state file."""
 
     def __init__(self, name: str = topology.DEFAULT_LAB) -> None:
@@ -757,6 +758,7 @@ class Lab:
                  "netns_path": nsutil.netns_path(p.netns), "address": p.address, "labels": p.labels}
                 for p in sorted(st.pods.values(), key=lambda p: p.ref)
             ],
+            "services": self.svc_list() if st.phase == "ready" else [],
         }
 
     # --- pods -----------------------------------------------------------------------
@@ -796,11 +798,13 @@ class Lab:
         except BaseException:
             self._remove_pod(pod, st)
             raise
+        self.svc_sync()
         return done.address or ""
 
     def pod_del(self, ref: str) -> None:
         pod = self.pod(ref)
         err = self._remove_pod(pod, self.state())
+        self.svc_sync()
         if err:
             raise err
 
@@ -830,6 +834,7 @@ class Lab:
         labels = self._dsops(*args)
         self._record(lambda s: s.pods.__setitem__(pod.ref, replace(s.pods[pod.ref], labels=labels))
                      if pod.ref in s.pods else None)
+        self.svc_sync()
         return labels
 
     def wep(self, ref: str) -> dict | None:
@@ -868,6 +873,8 @@ class Lab:
         """From node or pod src to pod dst (or an IP address); .ok iff it answered."""
         src_ns = self.netns_of(src)
         expect = None
+        if dst.startswith("svc:"):  # a Service: its cluster IP; any of its pods may answer
+            return probe(src_ns, self.svc_address(dst[4:]), port, udp=udp, timeout=timeout, src=src, dst=dst)
         try:
             socket.inet_aton(dst)
             addr = dst
@@ -907,10 +914,10 @@ class Lab:
             raise TortieError(f"tortiectl {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
         return r
 
-    def _dsops(self, *args: str):
+    def _dsops(self, *args: str, module: str = "tortie.lab.dsops"):
         st = self.state()
         plan = _plan_from(st)
-        r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-m", "tortie.lab.dsops",
+        r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-m", module,
                         "--endpoints", ",".join(plan.etcd_endpoints), "--prefix", st.etcd_prefix, *args],
                        check=False, env=self._env({**self._etcd_env(st, plan), "TORTIE_LOG_LEVEL": "warning"}))
         if r.returncode != 0:

@@ -1,0 +1,128 @@
+"""Services end to end (issue 9): a 3-node lab behind BIRD, no kube-proxy, tortie's proxy
+on every node; Services made with `tortie-lab svc add` (the lab allocates and keeps the
+EndpointSlices), judged by real TCP and UDP probes whose answers say which pod answered
+and which client address it saw.
+
+Pods: default/client on node1; default/web1 on node2, default/web2 and web3 on node3
+(app=web), so the Service's endpoints are all on other nodes than the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+
+import pytest
+from lab_fixtures import PROBE, eventually, netpol
+
+from tortie.errors import NotFound
+
+pytestmark = pytest.mark.slow
+
+WEBS = {"default/web1": "node2", "default/web2": "node3", "default/web3": "node3"}
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory):
+    lab = lab_factory(nodes=3, tor="bird")
+    lab.pod_add("node1", "default/client", labels={"role": "client"})
+    for ref, node in WEBS.items():
+        lab.pod_add(node, ref, labels={"app": "web"})
+    return lab
+
+
+@pytest.fixture
+def svc(lab):
+    made = []
+
+    def add(ref, *ports, **kw):
+        made.append(ref)
+        return lab.svc_add(ref, kw.pop("selector", "app=web"), list(ports) or ["80"], **kw)
+
+    yield add
+    for ref in made:
+        with contextlib.suppress(NotFound):  # a test may have removed it itself
+            lab.svc_del(ref)
+
+
+def answers(lab, src, dst, port, n, udp=False) -> list:
+    out = []
+    for _ in range(n):
+        r = lab.probe(src, dst, port, udp=udp, timeout=PROBE)
+        out.append(r if r.ok else None)
+    return out
+
+
+def test_cluster_ip_from_a_pod_and_a_node_tcp_and_udp(lab, svc):
+    doc = svc("default/web", "80", "81/udp")
+    assert doc["endpoints"] == sorted(WEBS) and doc["clusterIP"].startswith("10.96.")
+    for udp, port in ((False, 80), (True, 81)):
+        assert eventually(lambda u=udp, p=port: lab.probe("default/client", "svc:default/web", p, udp=u,
+                                                         timeout=PROBE).ok, True), (udp, port)
+        r = lab.probe("default/client", "svc:default/web", port, udp=udp, timeout=PROBE)
+        assert r.answered_by in WEBS and r.seen_as == lab.pod("default/client").address, r
+    assert eventually(lambda: lab.probe("node1", "svc:default/web", 80, timeout=PROBE).ok, True)
+
+
+def test_flows_spread_over_every_endpoint_and_affinity_holds(lab, svc):
+    svc("default/web")
+    assert eventually(lambda: lab.probe("default/client", "svc:default/web", 80, timeout=PROBE).ok, True)
+    got = answers(lab, "default/client", "svc:default/web", 80, 300)
+    assert all(got), [r for r in got if r is None][:1]
+    hits = Counter(r.answered_by for r in got)
+    assert set(hits) == set(WEBS) and max(hits.values()) <= 150, hits
+    svc("default/sticky", selector="app=web", affinity="ClientIP")
+    assert eventually(lambda: lab.probe("default/client", "svc:default/sticky", 80, timeout=PROBE).ok, True)
+    sticky = answers(lab, "default/client", "svc:default/sticky", 80, 30)
+    assert all(sticky) and len({r.answered_by for r in sticky}) == 1, Counter(r and r.answered_by for r in sticky)
+
+
+def test_no_endpoints_fails_at_once(lab, svc):
+    svc("default/nobody", "80", "80/udp", selector="app=none")
+    time.sleep(2.0)  # converged
+    for udp in (False, True):
+        r = lab.probe("default/client", "svc:default/nobody", 80, udp=udp, timeout=2.0)
+        assert not r.ok and r.ms < 500, r  # refused or reset, not a timeout
+
+
+def test_node_port_cluster_masquerades_and_local_keeps_the_source(lab, svc):
+    status = lab.status()
+    nodes = {n["name"]: n["ip"] for n in status["nodes"]}
+    ext = status["outside"]["ip"]
+    doc = svc("default/np", "80", kind="NodePort")
+    port = doc["nodePorts"]["80"]
+    assert eventually(lambda: lab.probe("ext", nodes["node1"], port, timeout=PROBE).ok, True)
+    r = lab.probe("ext", nodes["node1"], port, timeout=PROBE)
+    assert r.answered_by in WEBS and r.seen_as != ext, r  # Cluster: a node's address
+    doc = svc("default/np-local", "80", kind="NodePort", external_traffic_policy="Local")
+    port = doc["nodePorts"]["80"]
+    assert eventually(lambda: lab.probe("ext", nodes["node2"], port, timeout=PROBE).ok, True)
+    for _ in range(5):
+        r = lab.probe("ext", nodes["node2"], port, timeout=PROBE)
+        assert r.answered_by == "default/web1" and r.seen_as == ext, r  # Local: node2's own, source kept
+
+
+def test_network_policy_applies_through_the_service(lab, svc, policies):
+    svc("default/guarded", selector="app=web")
+    assert eventually(lambda: lab.probe("default/client", "svc:default/guarded", 80, timeout=PROBE).ok, True)
+    policies(netpol("default", "web-deny-client", podSelector={"matchLabels": {"app": "web"}},
+                    ingress=[{"from": [{"podSelector": {"matchLabels": {"role": "nobody"}}}]}]))
+    assert eventually(lambda: lab.probe("default/client", "svc:default/guarded", 80, timeout=PROBE).ok, False)
+    assert not any(answers(lab, "default/client", "svc:default/guarded", 80, 10))
+
+
+def test_removing_a_service_removes_every_trace_within_2s(lab, svc):
+    doc = svc("default/gone", "80", kind="NodePort")
+    cip = doc["clusterIP"]
+    assert eventually(lambda: lab.probe("default/client", "svc:default/gone", 80, timeout=PROBE).ok, True)
+    lab.svc_del("default/gone")
+    t0 = time.monotonic()
+
+    def clean() -> bool:
+        return all(cip not in lab.exec(n, ["nft", "list", "table", "ip", "tortie-proxy"], capture_output=True,
+                                       text=True).stdout for n in ("node1", "node2", "node3"))
+
+    while not clean():
+        assert time.monotonic() - t0 < 2.0, "a node still holds the Service after 2 s"
+        time.sleep(0.1)
