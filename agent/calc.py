@@ -21,7 +21,7 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tortie.agent.calc_policy import PolicyCalculator
-from tortie.agent.calc_services import ServiceCalculator
+from tortie.agent.calc_services import ServiceCalculator, service_export_policies, service_exports
 from tortie.agent.state import ClusterState
 from tortie.bgp.messages import BGPConfigUpdate, ExportDelta, ExportPolicy
 from tortie.bgp.peers import compute_peers
@@ -218,7 +218,7 @@ def desired(
             if pool is not None and not pool.disable_bgp_export:
                 exports.add(str(net))  # borrowed: the owner's block route is less specific
 
-    exports |= egress_exports(state, node)
+    exports |= egress_exports(state, node) | service_exports(state, node)
     own = set(blocks)
     bgp_routes = set()
     refused = {}
@@ -479,7 +479,7 @@ class Calculation:
         self.own_addresses = frozenset(own_addresses)
         self.state = ClusterState(prefix=prefix)
         self.policy = PolicyCalculator(node, self.state.weps, self.state.policies, self.state.namespaces)
-        self.services = ServiceCalculator(node, self.state.services, self.state.slices, self.state.pools)
+        self.services = ServiceCalculator(node, self.state)
         self.learned: dict[str, tuple[str, ...]] = {}
         self._out = {c: _RouteOut(c) for c in (BLOCKS, WORKLOADS, BGP, ADOPTED, EGRESS)}
         self._blocks: list[tuple[str, ipaddress._BaseNetwork]] = []  # own confirmed blocks
@@ -544,10 +544,14 @@ class Calculation:
             self.policy.on_policy(f"{namespace}/{name}")
         elif kind == "namespace":
             self.policy.on_namespace(name)
-        elif kind == "service":
-            self.services.on_service(namespace, name)
-        elif kind == "endpointslice":
-            self.services.on_slice(namespace, name, old, new)
+        elif kind in ("service", "endpointslice"):
+            before = self.services.exports
+            if kind == "service":
+                self.services.on_service(namespace, name)
+            else:
+                self.services.on_slice(namespace, name, old, new)
+            if self.services.exports != before:
+                self._exports_recompute()
         elif kind == "ippool":
             self.services.on_pools()
             self._exports_recompute()
@@ -559,6 +563,8 @@ class Calculation:
             self._bgp_recompute()
             self._peers_changed()
         elif kind in ("bgppeer", "bgpconfiguration"):
+            self.services.on_bgp_config()
+            self._exports_recompute()
             self._bgp_recompute()
             self._peers_changed()
         return True
@@ -656,11 +662,11 @@ class Calculation:
         self.egress = egress_plan(st, self.bfd_up, self.node, self.egress_learned)
         self.egress_imports = egress_imports(st, self.node)
         self._set_rules(want.rules)
+        self.services.recompute()  # before the exports: they hold the Services' announcements
         self._exports_recompute()  # builds the borrowed index; equals want.exports (tested)
         self._nat_recompute()
         self._bgp_recompute()
         self.policy.recompute()
-        self.services.recompute()
 
     def _local(self, wep: res.WorkloadEndpoint | None) -> bool:
         return wep is not None and wep.node == self.node and bool(wep.interface_name)
@@ -696,7 +702,7 @@ class Calculation:
                 _count(self._borrowed, before, after)
                 _count(self._pool_pods, pools_before, pools_after)
                 self._egress_exports = self._held_egress()
-                self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports)
+                self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports | self.services.exports)
         self.policy.on_wep(old, new)
 
     def _pools_of(self, wep: res.WorkloadEndpoint | None) -> set[str]:
@@ -753,7 +759,7 @@ class Calculation:
             _count(self._borrowed, (), self._borrowed_of(wep))
             _count(self._pool_pods, (), self._pools_of(wep))
         self._egress_exports = self._held_egress()
-        self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports)
+        self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports | self.services.exports)
 
     def _set_exports(self, exports: set[str]) -> None:
         for p in exports - self._exports:
@@ -828,7 +834,8 @@ class Calculation:
         conf = st.bgp_config(self.node)
         peers = bgp_peers(st, self.node)
         msg = BGPConfigUpdate(peers, frozenset(p.cidr for p in st.pools.values()),
-                              tuple(getattr(conf, "communities", ()) or ()), export_policies(st, peers))
+                              tuple(getattr(conf, "communities", ()) or ()),
+                              export_policies(st, peers) + service_export_policies(st, self.node, peers))
         if msg != self._bgp:
             self._bgp = self._bgp_msg = msg
         self.bfd_peers = {p.address: p.bfd for p in peers if p.bfd}

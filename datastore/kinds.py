@@ -317,9 +317,7 @@ def _bgp_config_spec(f: Fields, meta: dict) -> None:
         return c.done()
 
     for name in ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs"):
-        if f.list(name, cidr_item):  # Services (issue 9) will advertise them
-            raise ValidationError("is not supported yet (Service addresses are not advertised)",
-                                  field=f"spec.{name}")
+        f.list(name, cidr_item)  # announced to the routers (agent.calc_services.service_exports)
 
     f.list("communities", community)  # attached to every prefix this node exports
 

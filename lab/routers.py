@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from tortie.errors import DataplaneError, ValidationError
 from tortie.lab import nsutil
+from tortie.lab.services import CLUSTER_CIDR, LB_CIDR
 from tortie.lab.topology import Plan, TorPlan
 
 API_VERSION = "tortie.io/v1"
@@ -352,7 +353,9 @@ def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False) -> lis
         accept.append(pool)
     res: list[dict] = [{
         "apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": "default"},
-        "spec": {"nodeToNodeMeshEnabled": False, "asNumber": plan.nodes[0].as_number - 1},
+        "spec": {"nodeToNodeMeshEnabled": False, "asNumber": plan.nodes[0].as_number - 1,
+                 # the lab's Service ranges (lab.services), announced to the routers by every node
+                 "serviceClusterIPs": [{"cidr": CLUSTER_CIDR}], "serviceLoadBalancerIPs": [{"cidr": LB_CIDR}]},
     }]
     res += [{"apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": f"node.{n.name}"},
              "spec": {"asNumber": n.as_number}} for n in plan.nodes]

@@ -9,7 +9,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tortie.agent.calc import Calculation
+from tortie.agent.calc import Calculation, desired
 from tortie.datastore import keys
 from tortie.policy.svc_model import HealthCheckUpdate, ServicePortUpdate, health_checks, proxy_state
 
@@ -113,7 +113,17 @@ EVENTS = st.one_of(
     st.tuples(st.just("slice"), st.sampled_from(["s1", "s2", "s3"]), SERVICES, EPS, st.sampled_from([1, 2])),
     st.tuples(st.just("slice-del"), st.sampled_from(["s1", "s2", "s3"])),
     st.tuples(st.just("snapshot")),
+    st.tuples(st.just("ranges"), st.booleans(), st.booleans()),
 )
+
+
+def bgp_config(clusters: bool, lbs: bool) -> dict:
+    spec = {}
+    if clusters:
+        spec["serviceClusterIPs"] = [{"cidr": "10.96.0.0/16"}]
+    if lbs:
+        spec["serviceLoadBalancerIPs"] = [{"cidr": "10.97.0.0/24"}]
+    return {"apiVersion": "tortie.io/v1", "kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": spec}
 
 
 @settings(max_examples=150, deadline=None)
@@ -145,9 +155,29 @@ def test_incremental_equals_recompute(events):
             put(_slice_key("shop", sname), json.dumps(endpoint_slice(sname, svc, eps, nports=nports)).encode())
         elif ev[0] == "slice-del":
             put(_slice_key("shop", ev[1]), None)
+        elif ev[0] == "ranges":
+            put(PREFIX + keys.resource_key("bgpconfiguration", "default"), json.dumps(bgp_config(*ev[1:])).encode())
         else:
             calc.on_snapshot(dict(store))
         _fold(calc, emitted, health)
         want, want_health = _reference(calc)
         assert emitted == want
         assert health == want_health
+        assert calc.exports == desired(calc.state, NODE).exports
+
+
+def test_local_service_announced_only_where_it_has_a_ready_endpoint():
+    calc = Calculation(NODE, prefix=PREFIX)
+    calc.on_snapshot({PREFIX + keys.resource_key("bgpconfiguration", "default"):
+                      json.dumps(bgp_config(True, True)).encode()})
+    assert {"10.96.0.0/16", "10.97.0.0/24"} <= calc.exports
+    doc = service("web", etp="Local", hc=31000)
+    doc["status"] = {"loadBalancer": {"ingress": [{"ip": "10.97.0.5"}]}}
+    calc.on_update(_svc_key("shop", "web"), json.dumps(doc).encode())
+    assert "10.97.0.5/32" not in calc.exports
+    eps = [("10.65.0.1", NODE, True, True, False)]
+    calc.on_update(_slice_key("shop", "w1"), json.dumps(endpoint_slice("w1", "web", eps)).encode())
+    assert {"10.97.0.5/32", "10.96.0.10/32"} <= calc.exports
+    eps = [("10.65.0.1", "node2", True, True, False)]
+    calc.on_update(_slice_key("shop", "w1"), json.dumps(endpoint_slice("w1", "web", eps)).encode())
+    assert "10.97.0.5/32" not in calc.exports and "10.97.0.0/24" in calc.exports

@@ -1,4 +1,4 @@
-"""Services end to end (issue 9): a 3-node lab behind BIRD, no kube-proxy, tortie's proxy
+"""Services end to end (issue 9): a 3-node lab behind BIRD and one behind FRR, no kube-proxy, tortie's proxy
 on every node; Services made with `tortie-lab svc add` (the lab allocates and keeps the
 EndpointSlices), judged by real TCP and UDP probes whose answers say which pod answered
 and which client address it saw.
@@ -10,6 +10,7 @@ Pods: default/client on node1; default/web1 on node2, default/web2 and web3 on n
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections import Counter
 
@@ -23,9 +24,9 @@ pytestmark = pytest.mark.slow
 WEBS = {"default/web1": "node2", "default/web2": "node3", "default/web3": "node3"}
 
 
-@pytest.fixture(scope="module")
-def lab(lab_factory):
-    lab = lab_factory(nodes=3, tor="bird")
+@pytest.fixture(scope="module", params=["bird", "frr"])
+def lab(lab_factory, request):
+    lab = lab_factory(nodes=3, tor=request.param)
     lab.pod_add("node1", "default/client", labels={"role": "client"})
     for ref, node in WEBS.items():
         lab.pod_add(node, ref, labels={"app": "web"})
@@ -126,3 +127,40 @@ def test_removing_a_service_removes_every_trace_within_2s(lab, svc):
     while not clean():
         assert time.monotonic() - t0 < 2.0, "a node still holds the Service after 2 s"
         time.sleep(0.1)
+
+
+def _router_hops(lab, prefix: str) -> set[str]:
+    """The next hops the router's kernel holds for prefix (ECMP: one per node)."""
+    out = lab.exec("tor", ["ip", "route", "show", "exact", prefix], capture_output=True, text=True).stdout
+    return set(re.findall(r"via (\S+)", out))
+
+
+def test_load_balancer_from_outside_local_announced_by_its_nodes_only(lab, svc):
+    status = lab.status()
+    via = {n["name"]: n["ip"] for n in status["nodes"]}
+    ext = status["outside"]["ip"]
+    doc = svc("default/lb", "80", kind="LoadBalancer")
+    assert doc["loadBalancerIP"].startswith("10.97.0.")
+    assert eventually(lambda: lab.probe("ext", doc["loadBalancerIP"], 80, timeout=PROBE).ok, True, 10)
+    r = lab.probe("ext", doc["loadBalancerIP"], 80, timeout=PROBE)
+    assert r.answered_by in WEBS and r.seen_as != ext, r  # Cluster: masqueraded by the node
+    assert _router_hops(lab, "10.97.0.0/24") == set(via.values())  # the range, from every node
+
+    local = svc("default/lb-local", "80", kind="LoadBalancer", external_traffic_policy="Local")
+    lb = local["loadBalancerIP"]
+    assert eventually(lambda: _router_hops(lab, f"{lb}/32") == {via["node2"], via["node3"]}, True, 10), \
+        _router_hops(lab, f"{lb}/32")
+    assert eventually(lambda: lab.probe("ext", lb, 80, timeout=PROBE).ok, True)
+    seen = answers(lab, "ext", lb, 80, 20)
+    assert all(seen) and {r.seen_as for r in seen} == {ext}, seen  # Local: the outside host's own address
+    # node2's only endpoint goes: the router loses node2's path within 2 s
+    lab.pod_label("default/web1", remove=["app"])
+    t0 = time.monotonic()
+    while _router_hops(lab, f"{lb}/32") != {via["node3"]}:
+        assert time.monotonic() - t0 < 2.0, _router_hops(lab, f"{lb}/32")
+        time.sleep(0.05)
+    lab.pod_label("default/web1", {"app": "web"})
+    assert eventually(lambda: _router_hops(lab, f"{lb}/32") == {via["node2"], via["node3"]}, True, 10)
+    # the health check node port answers as kube-proxy's: 200 where there is a local endpoint
+    hc = local["healthCheckNodePort"]
+    assert lab.http_get("node2", hc, "/")[0] == 200 and lab.http_get("node1", hc, "/")[0] == 503
