@@ -164,3 +164,17 @@ def test_load_balancer_from_outside_local_announced_by_its_nodes_only(lab, svc):
     # the health check node port answers as kube-proxy's: 200 where there is a local endpoint
     hc = local["healthCheckNodePort"]
     assert lab.http_get("node2", hc, "/")[0] == 200 and lab.http_get("node1", hc, "/")[0] == 503
+
+
+def test_hand_edits_of_the_proxy_table_are_repaired(lab, svc):
+    doc = svc("default/edited", "80")
+    cip = doc["clusterIP"]
+    assert eventually(lambda: lab.probe("default/client", "svc:default/edited", 80, timeout=PROBE).ok, True)
+    r = lab.exec("node1", ["nft", "delete", "element", "ip", "tortie-proxy", "service-ips",
+                           f"{{ {cip} . tcp . 80 }}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # the agent sees another process's commit and puts the element back
+    assert eventually(lambda: lab.probe("default/client", "svc:default/edited", 80, timeout=PROBE).ok, True, 5)
+    listing = lab.exec("node1", ["nft", "list", "map", "ip", "tortie-proxy", "service-ips"],
+                       capture_output=True, text=True).stdout
+    assert f"{cip} . tcp . 80" in listing
