@@ -123,7 +123,7 @@ class ServiceCalculator:
         self.exports = frozenset(ranges.union(*self._local_exports.values()))
 
     def on_pools(self) -> None:
-        cidrs = frozenset(str(p.network) for p in self.pools.values())
+        cidrs = frozenset(str(p.network) for p in self.pools.values() if p.for_workloads)
         if cidrs != self._pod_cidrs:
             self._pod_cidrs = cidrs
             self._out.append(ProxyConfigUpdate(cidrs))

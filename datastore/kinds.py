@@ -129,6 +129,7 @@ def _pool_spec(f: Fields, meta: dict) -> None:
                               field="spec.blockSize")
     f.bool("natOutgoing", False)
     f.bool("disabled", False)
+    _allowed_uses(f)
     f.bool("disableBGPExport", False)
     f.selector("nodeSelector", default="all()")
     for mode in ("ipipMode", "vxlanMode"):  # accepted from Calico YAML, but tortie has no overlay
@@ -210,6 +211,27 @@ def _pool_spec(f: Fields, meta: dict) -> None:
         b.int("asPathPrepend", 0, 10, default=0)
 
     f.obj_field("bgp", bgp)
+
+
+POOL_USES = ("Workload", "Tunnel", "LoadBalancer")
+
+
+def _allowed_uses(f: Fields) -> None:
+    """Calico's allowedUses: what the pool's addresses are for (default Workload, Tunnel).
+    A LoadBalancer pool gives Services their load-balancer addresses and never a pod one;
+    as in Calico it has no other use."""
+    def use(v: Any, where: str) -> str:
+        if v not in POOL_USES:
+            raise ValidationError(f"{v!r} is not one of {', '.join(POOL_USES)}", field=where)
+        return v
+
+    uses = f.list("allowedUses", use)  # unset: the default, not stored (pools written before stay equal)
+    if uses is None:
+        pass
+    elif not uses or len(set(uses)) != len(uses):
+        raise ValidationError("must name distinct uses, at least one", field="spec.allowedUses")
+    elif "LoadBalancer" in uses and len(uses) > 1:
+        raise ValidationError("LoadBalancer cannot be combined with other uses", field="spec.allowedUses")
 
 
 _COMMUNITY_MAX = {1: 0xFFFF, 2: 0xFFFFFFFF}  # by the number of ':': standard a:b, large a:b:c

@@ -264,14 +264,15 @@ def _check_egress_next_hop(pool: dict, nodes: list) -> None:
 def _check_slice_addresses(eps: dict, pools: list[dict], nodes: list) -> None:
     """An endpoint is a pod (inside a pool) or a host-network pod (a node's address): any
     other address is most likely a typo that would send the Service's traffic off the cluster."""
-    nets = [ipaddress.ip_network(p["spec"]["cidr"]) for p in pools]
+    nets = [ipaddress.ip_network(p["spec"]["cidr"]) for p in pools
+            if "Workload" in p["spec"].get("allowedUses", ("Workload",))]
     hosts = {ipaddress.ip_interface(a).ip for n in nodes
              for a in (n.ipv4_address, n.ipv6_address, *n.addresses) if a}
     for i, endpoint in enumerate(eps.get("endpoints", ())):
         for j, addr in enumerate(endpoint["addresses"]):
             ip = ipaddress.ip_address(addr)
             if ip not in hosts and not any(ip in net for net in nets):
-                raise ValidationError(f"{addr} is outside every IPPool and is no node's address",
+                raise ValidationError(f"{addr} is outside every workload IPPool and is no node's address",
                                       field=f"endpoints[{i}].addresses[{j}]")
 
 

@@ -122,11 +122,18 @@ class IPPool(View):
     node_selector: str = "all()"
     egress: Egress | None = None
     bgp: PoolBGP | None = None
+    allowed_uses: tuple[str, ...] = ("Workload", "Tunnel")
+
+    @property
+    def for_workloads(self) -> bool:
+        """Whether pods get addresses from it (a LoadBalancer pool's are Services')."""
+        return "Workload" in self.allowed_uses
 
     @staticmethod
     def _spec(meta: dict, spec: dict) -> dict:
         e, b = spec.get("egress"), spec.get("bgp")
         return dict(cidr=spec["cidr"], block_size=spec["blockSize"], nat_outgoing=spec["natOutgoing"],
+                    allowed_uses=tuple(spec.get("allowedUses", ("Workload", "Tunnel"))),
                     disabled=spec["disabled"], disable_bgp_export=spec["disableBGPExport"],
                     node_selector=spec["nodeSelector"],
                     egress=Egress.from_spec(e) if e else None, bgp=PoolBGP.from_spec(b) if b else None)

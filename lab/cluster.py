@@ -36,7 +36,7 @@ from tortie.lab import cniexec, nsutil, pki, podserver, routers, state, topology
 from tortie.lab.cniexec import PTP_SUBNET
 from tortie.lab.etcd_server import EtcdServer
 from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
-from tortie.lab.services import LabServices
+from tortie.lab.services import LabServices, lab_resources
 from tortie.lab.state import LabState, Pod, Proc
 from tortie.lab.teardown import Echo, quiet, teardown
 from tortie.lab.topology import NodePlan, Plan, TorPlan
@@ -162,7 +162,8 @@ class Lab(LabServices):
                  f"{' (TLS)' if plan.etcd_tls else ''}")
 
         if st.cni == "tortie":
-            resources = routers.bgp_resources(plan, pool, st.router_bfd) + reflector_resources(plan, st.reflectors)
+            resources = (routers.bgp_resources(plan, pool, st.router_bfd) + reflector_resources(plan, st.reflectors)
+                         + lab_resources())
             extra = [a for r in resources for a in ("--resource", json.dumps(r))]
             created = self._dsops("bootstrap", "--cidr", pool, "--block-size", str(block_size), *extra)
             echo(f"IPPool default-ipv4 {pool} blockSize {block_size} "

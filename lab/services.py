@@ -2,7 +2,8 @@
 
 The lab's nodes run tortie's proxy (TORTIE_PROXY_MODE=tortie); the lab plays the API
 server's part (`lab.svcops`, run in the control namespace): it allocates cluster IPs from
-`CLUSTER_CIDR`, load-balancer addresses from `LB_CIDR` and node ports, and keeps each
+`CLUSTER_CIDR`, load-balancer addresses from the IPPool `lab-loadbalancer` (`LB_CIDR`,
+allowedUses LoadBalancer) and node ports, and keeps each
 Service's EndpointSlice current as pods come, go and change labels (`svc_sync`, called by
 the pod commands while the lab has Services).
 """
@@ -18,7 +19,7 @@ from typing import Any
 from tortie.errors import ValidationError
 
 CLUSTER_CIDR = "10.96.0.0/16"  # the lab's serviceClusterIPs
-LB_CIDR = "10.97.0.0/24"  # the lab's serviceLoadBalancerIPs
+LB_CIDR = "10.97.0.0/24"  # the lab's serviceLoadBalancerIPs, and its LoadBalancer IPPool
 _PORT = re.compile(r"(\d+)(?:/(tcp|udp|sctp))?(?::(\d+))?", re.I)
 
 
@@ -53,6 +54,12 @@ def service_spec(selector: str, ports: list[str], kind: str = "ClusterIP", etp: 
     return spec
 
 
+def lab_resources() -> list[dict]:
+    """What `up` writes for Services: the IPPool load-balancer addresses come from."""
+    return [{"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": "lab-loadbalancer"},
+             "spec": {"cidr": LB_CIDR, "allowedUses": ["LoadBalancer"], "disableBGPExport": True}}]
+
+
 class LabServices:
     """The Service half of `tortie.lab.cluster.Lab` (a mixin: it uses the lab's `_dsops`)."""
 
@@ -70,7 +77,7 @@ class LabServices:
         with open(self._services_marker(), "a"):
             pass  # from now on the pod commands keep the slices current
         return self._dsops("add", ref, "--spec", json.dumps(spec), "--cluster-cidr", CLUSTER_CIDR,  # type: ignore[attr-defined]
-                           "--lb-cidr", LB_CIDR, module="tortie.lab.svcops")
+                           module="tortie.lab.svcops")
 
     def svc_del(self, ref: str) -> None:
         self._dsops("del", ref, module="tortie.lab.svcops")  # type: ignore[attr-defined]
@@ -133,4 +140,5 @@ def run(lab, args) -> int:
     return 0
 
 
-__all__ = ["CLUSTER_CIDR", "LB_CIDR", "LabServices", "add_parser", "parse_svc_port", "run", "service_spec"]
+__all__ = ["CLUSTER_CIDR", "LB_CIDR", "LabServices", "add_parser", "lab_resources", "parse_svc_port", "run",
+           "service_spec"]

@@ -1,12 +1,13 @@
 """The lab's Service operations, run inside the lab's control namespace (as `dsops`).
 
 A lab has no Kubernetes API server, so this module does what it and its controllers do for
-a Service: allocate the cluster IP, node ports, the load-balancer address and the health
+a Service: allocate the cluster IP, node ports, the load-balancer address (`kube.lb_ipam`,
+as tortie-controller would) and the health
 check node port, and keep one EndpointSlice per Service (`<name>-lab`, managed-by
 tortie-lab) listing the ready WorkloadEndpoints its selector matches. `sync` redoes the
 slices after pods come, go or change labels. Each command prints one JSON document.
 
-    add NS/NAME --spec JSON --cluster-cidr C --lb-cidr C     -> show document
+    add NS/NAME --spec JSON --cluster-cidr C     -> show document (LB address from the LoadBalancer pools)
     del NS/NAME | show NS/NAME | list | sync
 """
 
@@ -21,6 +22,7 @@ from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.datastore.kinds_service import NODE_PORT_RANGE, SERVICE_NAME_LABEL
 from tortie.datastore.store import ResourceStore
 from tortie.errors import NotFound, TortieError, ValidationError
+from tortie.kube import lb_ipam
 
 MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
 LAB = "tortie-lab"
@@ -33,7 +35,7 @@ def _free(net: str, used: set[str]) -> str:
     raise ValidationError(f"no free address left in {net}", field="clusterIP")
 
 
-def add(store: ResourceStore, ref: str, spec: dict, cluster_cidr: str, lb_cidr: str) -> dict:
+def add(store: ResourceStore, ref: str, spec: dict, cluster_cidr: str) -> dict:
     ns, name = ref.split("/", 1)
     services = store.list("Service")
     used_ips = {a for s in services for a in (s["spec"].get("clusterIP"), *s["spec"].get("externalIPs", ()),
@@ -59,8 +61,10 @@ def add(store: ResourceStore, ref: str, spec: dict, cluster_cidr: str, lb_cidr: 
     if kind == "LoadBalancer":
         if spec.get("externalTrafficPolicy") == "Local":
             spec["healthCheckNodePort"] = node_port("TCP")
-        lb = spec.get("loadBalancerIP") or _free(lb_cidr, used_ips)
-        doc["status"] = {"loadBalancer": {"ingress": [{"ip": lb, "ipMode": "VIP"}]}}
+        # as tortie-controller does: from the IPPools with allowedUses [LoadBalancer]
+        lb = lb_ipam.choose(doc, store.list("IPPool"), used_ips)
+        if lb is not None:
+            doc["status"] = {"loadBalancer": {"ingress": [{"ip": lb, "ipMode": "VIP"}]}}
     store.create(doc)
     _sync_one(store, store.get("Service", name, ns))
     return show(store, ref)
@@ -157,13 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("ref", nargs="?")
     ap.add_argument("--spec")
     ap.add_argument("--cluster-cidr")
-    ap.add_argument("--lb-cidr")
     args = ap.parse_args(argv)
     client = EtcdClient(EtcdConfig.from_env(endpoints=args.endpoints, prefix=args.prefix))
     store = ResourceStore(client)
     try:
         if args.op == "add":
-            out = add(store, args.ref, json.loads(args.spec), args.cluster_cidr, args.lb_cidr)
+            out = add(store, args.ref, json.loads(args.spec), args.cluster_cidr)
         elif args.op == "del":
             out = delete(store, args.ref)
         elif args.op == "show":
