@@ -4,6 +4,8 @@ refuses is skipped, not stored half-read."""
 
 from __future__ import annotations
 
+import time
+
 from kubehelpers import wait_for
 
 from tortie.datastore.store import ResourceStore
@@ -80,3 +82,31 @@ def test_a_service_applied_with_tortiectl_is_never_deleted(etcd, fake_api, run_c
     ctl = run_controller()
     wait_for(lambda: ctl.resyncs >= 1, what="a resync pass")
     assert _get(store, "Service", "lab-only") is not None
+
+
+def test_load_balancer_addresses_assigned_from_the_load_balancer_pool(etcd, fake_api, run_controller):
+    store = ResourceStore(etcd)
+    store.create({"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": "lbs"},
+                  "spec": {"cidr": "10.97.0.0/24", "allowedUses": ["LoadBalancer"]}})
+    bare = _service("web")
+    bare.pop("status")
+    fake_api.add(bare)
+    fake_api.add({**_service("asks", loadBalancerIP="10.97.0.5", clusterIP="10.96.0.21", clusterIPs=["10.96.0.21"]),
+                  "status": {}})
+    fake_api.add({**_service("other", loadBalancerClass="example.com/lb", clusterIP="10.96.0.22",
+                             clusterIPs=["10.96.0.22"]), "status": {}})
+    fake_api.add({**_service("outside", loadBalancerIP="192.0.2.1", clusterIP="10.96.0.23",
+                             clusterIPs=["10.96.0.23"]), "status": {}})
+    run_controller()
+
+    def lb(name):
+        return ((fake_api.get("Service", name, "shop").get("status") or {}).get("loadBalancer") or {}).get("ingress")
+
+    assert wait_for(lambda: lb("web"), what="an address for web") == [{"ip": "10.97.0.1", "ipMode": "VIP"}]
+    assert wait_for(lambda: lb("asks"), what="the address asked for") == [{"ip": "10.97.0.5", "ipMode": "VIP"}]
+    # mirrored into the datastore like any other change, so the nodes serve and announce it
+    wait_for(lambda: ((_get(store, "Service", "web") or {}).get("status") or {}).get("loadBalancer"),
+             what="the address mirrored")
+    time.sleep(1.0)
+    assert lb("other") is None  # another load balancer's class: not ours
+    assert lb("outside") is None  # in no LoadBalancer pool: refused (logged), nothing written
