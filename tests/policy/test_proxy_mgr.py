@@ -214,3 +214,15 @@ def test_udp_conntrack_of_a_removed_endpoint_is_flushed(topo):
     assert answers[0] == "pod-a" and answers[-1] == "pod-b", answers  # the same socket moved over
     put(mgr, None, key)
     put(mgr, state())
+
+
+def test_sctp_is_programmed_like_tcp_and_udp(topo):
+    """This kernel has no SCTP sockets (EPROTONOSUPPORT), so no traffic: the ruleset only."""
+    _, mgr, ns = topo
+    key = "shop/sig/sctp/80/v4"
+    put(mgr, state(key=key, proto="sctp", node_port=30300, cluster_ips=("10.96.0.12",)), key)
+    listing = list_table(ns["node"], "ip", TABLE)
+    assert "10.96.0.12 . sctp . 80" in listing and "sctp . 30300" in listing
+    assert "meta l4proto sctp dnat to 10.65.1.2:8080" in listing
+    put(mgr, None, key)
+    assert "sctp" not in (list_table(ns["node"], "ip", TABLE) or "")
