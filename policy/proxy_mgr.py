@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
+from functools import lru_cache
 
 from tortie.log import get_logger
 from tortie.policy.nftables import Base, Chain, Nft, NftTable, Obj, TablesManager
@@ -43,25 +45,26 @@ MASQ_MARK = 0x4000  # kube-proxy's bit; only within this table's chains
 DSTNAT, SRCNAT, FILTER_PRIO = -100, 100, -10
 
 
-def _id(text: str) -> str:
-    return hashlib.blake2s(text.encode(), digest_size=4).hexdigest()
+_UNREADABLE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-def _readable(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:150]
+@lru_cache(maxsize=1 << 17)
+def _name(prefix: str, ident: str) -> str:
+    """`<prefix>-<hash>-<readable ident>`: unique by the hash, legible by the rest."""
+    digest = hashlib.blake2s(ident.encode(), digest_size=4).hexdigest()
+    return f"{prefix}-{digest}-{_UNREADABLE.sub('_', ident)[:150]}"
 
 
 def svc_chain(st: ServicePortState) -> str:
-    return f"svc-{_id(st.key)}-{_readable(st.key)}"
+    return _name("svc", st.key)
 
 
 def ext_chain(st: ServicePortState) -> str:
-    return f"ext-{_id(st.key)}-{_readable(st.key)}"
+    return _name("ext", st.key)
 
 
 def ep_name(prefix: str, st: ServicePortState, b: Backend) -> str:
-    ident = f"{st.key}__{b.address}/{b.port}"
-    return f"{prefix}-{_id(ident)}-{_readable(ident)}"
+    return _name(prefix, f"{st.key}__{b.address}/{b.port}")
 
 
 def _spread(st: ServicePortState, fam: str, backends: tuple[Backend, ...]) -> tuple[str, ...]:
