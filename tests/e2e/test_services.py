@@ -10,7 +10,10 @@ Pods: default/client on node1; default/web1 on node2, default/web2 and web3 on n
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -178,3 +181,39 @@ def test_hand_edits_of_the_proxy_table_are_repaired(lab, svc):
     listing = lab.exec("node1", ["nft", "list", "map", "ip", "tortie-proxy", "service-ips"],
                        capture_output=True, text=True).stdout
     assert f"{cip} . tcp . 80" in listing
+
+
+def test_hairpin_a_pod_reaches_itself_through_its_service(lab, svc):
+    lab.pod_label("default/web1", {"solo": "yes"})
+    try:
+        svc("default/solo", selector="solo=yes")
+        assert eventually(lambda: lab.probe("default/web1", "svc:default/solo", 80, timeout=PROBE).ok, True)
+        r = lab.probe("default/web1", "svc:default/solo", 80, timeout=PROBE)
+        assert r.answered_by == "default/web1" and r.seen_as != lab.pod("default/web1").address, r
+    finally:
+        lab.pod_label("default/web1", remove=["solo"])
+
+
+def test_the_cli(lab, svc):
+    """svc add prints the cluster IP last; svc show and status -o json list the Service;
+    probe --show prints the answer."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "tortie.lab.cli", *args, "--name", lab.name],
+                              capture_output=True, text=True, timeout=60)
+
+    r = cli("svc", "add", "default/cli", "--selector", "app=web", "--port", "80", "--type", "NodePort")
+    try:
+        assert r.returncode == 0, r.stderr
+        cip = r.stdout.strip().splitlines()[-1]
+        shown = json.loads(cli("svc", "show", "default/cli", "-o", "json").stdout)
+        assert shown["clusterIP"] == cip and shown["endpoints"] == sorted(WEBS)
+        assert set(shown["nodePorts"]) == {"80"} and shown["loadBalancerIP"] is None
+        status = json.loads(cli("status", "-o", "json").stdout)
+        assert any(s["name"] == "default/cli" and s["clusterIP"] == cip for s in status["services"])
+        assert eventually(lambda: cli("probe", "default/client", "svc:default/cli", "80").returncode == 0, True)
+        out = cli("probe", "default/client", "svc:default/cli", "80", "--show").stdout.splitlines()
+        assert out[0].split()[0] in WEBS and out[0].split()[1] == lab.pod("default/client").address, out
+        bad = cli("svc", "add", "default/bad", "--selector", "app=web", "--port", "70000")
+        assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "port" in bad.stderr, bad.stderr
+    finally:
+        cli("svc", "del", "default/cli")

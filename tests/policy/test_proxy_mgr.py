@@ -226,3 +226,20 @@ def test_sctp_is_programmed_like_tcp_and_udp(topo):
     assert "meta l4proto sctp dnat to 10.65.1.2:8080" in listing
     put(mgr, None, key)
     assert "sctp" not in (list_table(ns["node"], "ip", TABLE) or "")
+
+
+def test_ipv6_service_is_programmed_in_its_own_table(topo):
+    """The ip6 table takes the same shapes (bracketed dnat, ::1 left out of node ports,
+    affinity sets of ipv6_addr); no IPv6 traffic in this topology."""
+    _, mgr, ns = topo
+    key = "shop/web6/tcp/80/v6"
+    bs = (Backend("fd00:65::2", 8080, True), Backend("fd00:65::3", 8080, False))
+    st6 = ServicePortState(key=key, family=6, protocol="tcp", port=80, cluster_ips=("fd00:96::a",),
+                           node_port=30600, cluster_backends=bs, external_backends=bs, affinity=30)
+    put(mgr, st6, key)
+    listing = list_table(ns["node"], "ip6", TABLE)
+    assert "fd00:96::a . tcp . 80" in listing and "dnat to [fd00:65::2]:8080" in listing
+    assert "ip6 daddr != ::1" in listing and "type ipv6_addr" in listing
+    assert list_table(ns["node"], "ip", TABLE) is not None  # the IPv4 Services are untouched
+    put(mgr, None, key)
+    assert list_table(ns["node"], "ip6", TABLE) is None
