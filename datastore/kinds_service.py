@@ -11,6 +11,7 @@ the pools.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 from tortie.datastore.fields import DNS_SUBDOMAIN, PORT_NAME, Fields, label_map, parse_ip, string
@@ -167,6 +168,51 @@ def _choice(v: Any, where: str, choices: tuple[str, ...]) -> str:
     return v
 
 
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_TARGET_KEYS = frozenset(("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion", "fieldPath"))
+_CONDITION_KEYS = frozenset(("ready", "serving", "terminating"))
+_PLAIN_KEYS = frozenset(("addresses", "conditions", "nodeName", "targetRef", "hostname", "zone"))
+
+
+def _plain_endpoint(v: Any, version: int) -> dict | None:
+    """The common endpoint, checked fast (a slice holds up to 1,000 and a node reads them
+    all on start): exactly what the full check below would return, or None to run it
+    (anything unusual, and every error, goes the slow way, which names the field)."""
+    if not isinstance(v, dict) or not v.keys() <= _PLAIN_KEYS:
+        return None
+    addrs = v.get("addresses")
+    if not isinstance(addrs, list) or not 1 <= len(addrs) <= 100:
+        return None
+    af = _AF[version]
+    for a in addrs:
+        try:  # canonical text only: what ipaddress would write back
+            if not isinstance(a, str) or socket.inet_ntop(af, socket.inet_pton(af, a)) != a:
+                return None
+        except OSError:
+            return None
+    out: dict[str, Any] = {"addresses": list(addrs)}
+    cond = v.get("conditions")
+    if cond is not None:
+        if not isinstance(cond, dict) or not cond.keys() <= _CONDITION_KEYS or \
+                not all(isinstance(x, bool) for x in cond.values()):
+            return None
+        out["conditions"] = dict(cond)
+    ref = v.get("targetRef")
+    if ref is not None:
+        if not isinstance(ref, dict) or not ref.keys() <= _TARGET_KEYS or \
+                not all(isinstance(x, str) for x in ref.values()):
+            return None
+        out["targetRef"] = dict(ref)
+    for name, limit in (("nodeName", 253), ("hostname", 63), ("zone", 253)):
+        x = v.get(name)
+        if x is None:
+            continue
+        if not isinstance(x, str) or len(x) > limit or (name == "nodeName" and not DNS_SUBDOMAIN.fullmatch(x)):
+            return None
+        out[name] = x
+    return out
+
+
 def endpoint_slice_body(resource: dict, meta: dict) -> dict:
     """The top-level fields of an EndpointSlice (it has no spec): addressType, endpoints, ports."""
     f = Fields({k: v for k, v in resource.items() if k in ("addressType", "endpoints", "ports")}, "")
@@ -179,6 +225,9 @@ def endpoint_slice_body(resource: dict, meta: dict) -> dict:
         raise ValidationError(f"needs the label {SERVICE_NAME_LABEL} naming its Service", field="metadata.labels")
 
     def endpoint(v: Any, where: str) -> dict:
+        fast = _plain_endpoint(v, version)
+        if fast is not None:
+            return fast
         e = Fields(v, where)
         addrs = e.list("addresses", lambda a, w: str(parse_ip(string(a, w), w, version)), required=True)
         if not 1 <= len(addrs) <= 100:

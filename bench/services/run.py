@@ -199,7 +199,7 @@ def run(args, names: dict[str, str], client: EtcdClient, store: ResourceStore) -
         if not done.wait(10):
             raise RuntimeError("the change never reached the dataplane")
         changes.append((time.perf_counter() - t0) * 1e3)
-        want = f"dnat to {ep_address(s, args.endpoints - 1 + (i % 5) + 1)}:8080"
+        want = f"{ep_address(s, args.endpoints - 1 + (i % 5) + 1)} . 8080"  # the new endpoint, in its dnat map
         assert want in subprocess.run(["ip", "netns", "exec", names["tortie"], "nft", "list", "table", "ip", TABLE],
                                       capture_output=True, text=True).stdout, want
     syncer.stop()

@@ -223,7 +223,7 @@ def test_sctp_is_programmed_like_tcp_and_udp(topo):
     put(mgr, state(key=key, proto="sctp", node_port=30300, cluster_ips=("10.96.0.12",)), key)
     listing = list_table(ns["node"], "ip", TABLE)
     assert "10.96.0.12 . sctp . 80" in listing and "sctp . 30300" in listing
-    assert "meta l4proto sctp dnat to 10.65.1.2:8080" in listing
+    assert "meta l4proto sctp dnat ip to numgen random mod 2 map { 0 : 10.65.1.2 . 8080" in listing
     put(mgr, None, key)
     assert "sctp" not in (list_table(ns["node"], "ip", TABLE) or "")
 
