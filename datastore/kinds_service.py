@@ -191,18 +191,13 @@ def _plain_endpoint(v: Any, version: int) -> dict | None:
         except OSError:
             return None
     out: dict[str, Any] = {"addresses": list(addrs)}
-    cond = v.get("conditions")
-    if cond is not None:
-        if not isinstance(cond, dict) or not cond.keys() <= _CONDITION_KEYS or \
-                not all(isinstance(x, bool) for x in cond.values()):
+    for name, keys, kind in (("conditions", _CONDITION_KEYS, bool), ("targetRef", _TARGET_KEYS, str)):
+        sub = v.get(name)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict) or not sub.keys() <= keys or not all(isinstance(x, kind) for x in sub.values()):
             return None
-        out["conditions"] = dict(cond)
-    ref = v.get("targetRef")
-    if ref is not None:
-        if not isinstance(ref, dict) or not ref.keys() <= _TARGET_KEYS or \
-                not all(isinstance(x, str) for x in ref.values()):
-            return None
-        out["targetRef"] = dict(ref)
+        out[name] = dict(sub)
     for name, limit in (("nodeName", 253), ("hostname", 63), ("zone", 253)):
         x = v.get(name)
         if x is None:
