@@ -217,3 +217,15 @@ def test_the_cli(lab, svc):
         assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "port" in bad.stderr, bad.stderr
     finally:
         cli("svc", "del", "default/cli")
+
+
+def test_proxy_mode_none_leaves_services_to_kube_proxy_but_still_announces(lab_factory):
+    """TORTIE_PROXY_MODE=none (a cluster that keeps kube-proxy): no proxy table on the node,
+    the Service ranges still reach the router."""
+    lab = lab_factory(nodes=1, tor="bird", agent_env={"TORTIE_PROXY_MODE": "none"})
+    lab.pod_add("node1", "default/web1", labels={"app": "web"})
+    lab.svc_add("default/web", "app=web", ["80"])
+    time.sleep(2.0)
+    r = lab.exec("node1", ["nft", "list", "table", "ip", "tortie-proxy"], capture_output=True, text=True)
+    assert r.returncode != 0, r.stdout  # nothing programmed: kube-proxy's job
+    assert eventually(lambda: bool(_router_hops(lab, "10.96.0.0/16")), True, 10)
