@@ -117,15 +117,17 @@ def test_network_policy_applies_through_the_service(lab, svc, policies):
 
 
 def test_removing_a_service_removes_every_trace_within_2s(lab, svc):
-    doc = svc("default/gone", "80", kind="NodePort")
-    cip = doc["clusterIP"]
+    doc = svc("default/gone", "80", kind="LoadBalancer", external_traffic_policy="Local")
+    cip, lb, port = doc["clusterIP"], doc["loadBalancerIP"], doc["nodePorts"]["80"]
     assert eventually(lambda: lab.probe("default/client", "svc:default/gone", 80, timeout=PROBE).ok, True)
+    assert eventually(lambda: bool(_router_hops(lab, f"{lb}/32")), True, 10)
     lab.svc_del("default/gone")
     t0 = time.monotonic()
 
     def clean() -> bool:
-        return all(cip not in lab.exec(n, ["nft", "list", "table", "ip", "tortie-proxy"], capture_output=True,
-                                       text=True).stdout for n in ("node1", "node2", "node3"))
+        tables = [lab.exec(n, ["nft", "list", "table", "ip", "tortie-proxy"], capture_output=True, text=True).stdout
+                  for n in ("node1", "node2", "node3")]
+        return not any(x in t for t in tables for x in (cip, lb, f". {port} ")) and not _router_hops(lab, f"{lb}/32")
 
     while not clean():
         assert time.monotonic() - t0 < 2.0, "a node still holds the Service after 2 s"
