@@ -64,10 +64,8 @@ NODE_ADDRS = {"10.65.1.1", "10.65.2.1", "10.65.3.1", NODE_IP}
 
 
 @pytest.fixture(scope="module")
-def topo():
-    from conftest import Netns  # the root conftest's helper, shared by the module's tests
-
-    netns = Netns()
+def topo(netns_module):
+    netns = netns_module
     procs = []
     try:
         node, a, b, c, ext = (netns.new(n) for n in ("node", "pa", "pb", "pc", "ext"))
@@ -90,7 +88,6 @@ def topo():
         for p in procs:
             p.kill()
             p.wait()
-        netns.cleanup()
 
 
 def run(netns, ns, mode, addr, port, n=1, *extra) -> tuple[list[str], float]:
