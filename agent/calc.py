@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from tortie.agent.block_index import BlockIndex
 from tortie.agent.calc_policy import PolicyCalculator
 from tortie.agent.calc_services import ServiceCalculator, service_export_policies, service_exports
 from tortie.agent.state import ClusterState
@@ -89,22 +90,18 @@ def bfd_silenced(state: ClusterState, node: str, bfd_up: frozenset[str]) -> froz
     return frozenset(p.address for p in bgp_peers(state, node) if p.bfd and p.address not in bfd_up)
 
 
-def import_refusal(prefix: str, blocks: Sequence[tuple[str, ipaddress._BaseNetwork]],
-                   local: Container[str], elsewhere: Container[str]) -> str | None:
+def import_refusal(prefix: str, blocks: BlockIndex, local: Container[str],
+                   elsewhere: Container[str]) -> str | None:
     """Why a learned prefix must not be installed, or None: it would take traffic for a
     local pod (its own /32), or for a part of one of this node's blocks, away from this
     node. A /32 in our block that a pod on another node holds is no hijack: that pod
     borrowed the address, and its node announces it."""
     if prefix in local:
         return "a local pod's address"
-    plen = int(prefix.rsplit("/", 1)[1])
-    if not any(plen > b.prefixlen for _, b in blocks):
-        return None  # nothing of ours is less specific (the common case: others' blocks)
-    net = ipaddress.ip_network(prefix)
-    for cidr, b in blocks:
-        if net.version == b.version and net.prefixlen > b.prefixlen and net.subnet_of(b):
-            return None if prefix in elsewhere else f"inside this node's block {cidr}"
-    return None
+    cidr = blocks.containing(prefix)
+    if cidr is None or prefix in elsewhere:
+        return None
+    return f"inside this node's block {cidr}"
 
 
 def workload_prefixes(state: ClusterState, node: str) -> tuple[set[str], set[str]]:
@@ -147,7 +144,7 @@ def _pools_holding(wep: res.WorkloadEndpoint, pools: Mapping[str, res.IPPool]) -
 def egress_exports(state: ClusterState, node: str) -> set[str]:
     """The egress addresses (/32, /128) this node announces: those of the pools it holds
     pods of, so replies to the pods' translated traffic come back to it."""
-    pools = {p.name: p for p in state.pools.values() if p.egress and p.egress.address}
+    pools = {p.name: p for p in state.pools.values() if _announces_egress(p)}
     if not pools:
         return set()
     held: set[str] = set()
@@ -155,6 +152,12 @@ def egress_exports(state: ClusterState, node: str) -> set[str]:
         if wep.node == node and wep.interface_name:
             held |= _pools_holding(wep, pools)
     return {host_prefix(pools[name].egress.address) for name in held}
+
+
+def _announces_egress(pool: res.IPPool) -> bool:
+    """A pool's egress address goes out over BGP unless the pool exports nothing: then the
+    replies must come back by routes of the operator's own (disableBGPExport)."""
+    return bool(pool.egress and pool.egress.address) and not pool.disable_bgp_export
 
 
 def export_policies(state: ClusterState, peers: Iterable) -> tuple[ExportPolicy, ...]:
@@ -224,7 +227,7 @@ def desired(
     refused = {}
     skip = own_addresses | bfd_silenced(state, node, bfd_up)
     local, elsewhere = workload_prefixes(state, node)
-    owned = list(zip(blocks, block_nets, strict=True))
+    owned = BlockIndex(zip(blocks, block_nets, strict=True))
     for prefix, hops in dict(learned).items():
         hops = tuple(sorted(h for h in hops if h not in skip))
         if prefix in own or not hops:
@@ -483,6 +486,7 @@ class Calculation:
         self.learned: dict[str, tuple[str, ...]] = {}
         self._out = {c: _RouteOut(c) for c in (BLOCKS, WORKLOADS, BGP, ADOPTED, EGRESS)}
         self._blocks: list[tuple[str, ipaddress._BaseNetwork]] = []  # own confirmed blocks
+        self._block_index = BlockIndex()
         self._block_set: frozenset[str] = frozenset()
         self._exports: set[str] = set()
         self._block_exports: set[str] = set()
@@ -646,8 +650,7 @@ class Calculation:
     def _recompute(self) -> None:
         st = self.state
         blocks = own_blocks(st, self.node)
-        self._blocks = [(c, ipaddress.ip_network(c)) for c in blocks]
-        self._block_set = frozenset(blocks)
+        self._set_blocks(blocks)
         self._local_prefixes, self._elsewhere = Counter(), Counter()
         for wep in st.weps.values():
             self._count_wep(wep, 1)
@@ -711,7 +714,7 @@ class Calculation:
     def _held_egress(self) -> set[str]:
         pools = self.state.pools
         return {host_prefix(p.egress.address) for name in self._pool_pods
-                if (p := pools.get(name)) is not None and p.egress and p.egress.address}
+                if (p := pools.get(name)) is not None and _announces_egress(p)}
 
     def _borrowed_of(self, wep: res.WorkloadEndpoint | None) -> list[str]:
         """A local endpoint's addresses outside our blocks, in a pool that exports: announced
@@ -728,22 +731,27 @@ class Calculation:
                 out.append(str(net))
         return out
 
+    def _set_blocks(self, blocks: list[str]) -> None:
+        self._blocks = [(c, ipaddress.ip_network(c)) for c in blocks]
+        self._block_index = BlockIndex(self._blocks)
+        self._block_set = frozenset(blocks)
+
     def _blocks_changed(self) -> None:
         blocks = own_blocks(self.state, self.node)
         if frozenset(blocks) == self._block_set:
             return
         before = self._block_set
-        self._blocks = [(c, ipaddress.ip_network(c)) for c in blocks]
-        self._block_set = frozenset(blocks)
+        self._set_blocks(blocks)
         self._out[BLOCKS].replace(Route(dst=c, type="blackhole") for c in blocks)
         self._exports_recompute()
         changed = before ^ self._block_set
         for prefix in changed:  # our own block coming back is never routed
             if prefix in self.learned:
                 self._learned_one(prefix)
-        # ... nor what is more specific than a block of ours (see import_refusal)
-        shortest = min(ipaddress.ip_network(c).prefixlen for c in changed)
-        for prefix in [p for p in self.learned if int(p.rsplit("/", 1)[1]) > shortest]:
+        # ... nor what is more specific than a block of ours (see import_refusal): only what
+        # lies inside a block that came or went can change its answer
+        inside = BlockIndex((c, ipaddress.ip_network(c)) for c in changed).containing
+        for prefix in [p for p in self.learned if inside(p)]:
             self._learned_one(prefix)
 
     def _exports_recompute(self) -> None:
@@ -781,7 +789,7 @@ class Calculation:
             own, silenced = self.own_addresses, self._silenced
             hops = tuple(sorted(h for h in hops if h not in own and h not in silenced))
             if hops:
-                why = import_refusal(prefix, self._blocks, self._local_prefixes, self._elsewhere)
+                why = import_refusal(prefix, self._block_index, self._local_prefixes, self._elsewhere)
                 if why is None:
                     self.refused.pop(prefix, None)
                     out.set(learned_route(prefix, hops))

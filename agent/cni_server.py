@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from tortie import errors
+from tortie.agent import cni_request
 from tortie.agent.cni_pending import Cleanup, PendingCleanups
 from tortie.agent.cni_routes import LocalRoutes
 from tortie.cni import protocol as p
@@ -89,6 +90,7 @@ class CNIServer:
         # The pod's /32 has one owner, the route manager: the server hands it over and
         # waits until it is in the kernel (standalone: a route manager of its own).
         self.publish_routes = publish_routes or LocalRoutes(route_proto).publish
+        self.pod_mtu: Callable[[list[str]], int] | None = None  # the agent's: VXLAN pools' pods
         self.route_proto = route_proto
         self.set_forwarding = set_forwarding
         self.log = log or get_logger("cni")
@@ -258,22 +260,6 @@ class CNIServer:
 
     # ---- request details ----------------------------------------------------------------
 
-    def _counts(self, req: p.CNIRequest, asked: tuple[list[str], list[str]] = ([], [])
-                ) -> tuple[int, int, list[str] | None]:
-        """(IPv4 count, IPv6 count, pools or None). `asked`: the pod's annotations, which
-        override the network config's `ipv4_pools` / `ipv6_pools` per family (as in Calico)."""
-        ipam = req.ipam_config
-
-        def flag(name: str, default: bool) -> bool:
-            v = ipam.get(name, default)
-            return v if isinstance(v, bool) else str(v).lower() == "true"
-
-        v4, v6 = int(flag("assign_ipv4", True)), int(flag("assign_ipv6", False))
-        if not v4 and not v6:
-            raise p.CNIError(p.INVALID_CONFIG, "ipam: assign_ipv4 and assign_ipv6 are both off")
-        pools = [*(asked[0] or ipam.get("ipv4_pools") or []), *(asked[1] or ipam.get("ipv6_pools") or [])]
-        return v4, v6, pools or None
-
     async def _allocate(self, req: p.CNIRequest) -> tuple[list[str], bool, list[dict]]:
         """(addresses, newly allocated, the pod's named ports as the API gives them): the
         handle's existing addresses make ADD idempotent. The API is asked on a first ADD
@@ -287,7 +273,7 @@ class CNIServer:
             if self.pod_lookup is not None and req.pod_name:
                 found = self.pod_lookup(req.pod_namespace or "default", req.pod_name)
                 asked, ports = (found.v4_pools, found.v6_pools), found.ports
-            v4, v6, pools = self._counts(req, asked)
+            v4, v6, pools = cni_request.counts(req, asked)
             attrs = {"namespace": req.pod_namespace, "pod": req.pod_name or req.container_id,
                      "node": self.node}
             ips = self.ipam.auto_assign(req.handle, self.node, num_v4=v4, num_v6=v6, pools=pools,
@@ -404,7 +390,7 @@ class CNIServer:
         return self._result(req, link, ips).to_json(req.cni_version)
 
     async def _wire(self, req: p.CNIRequest, host_if: str, ips: list[str], mac: str) -> wiring.PodLink:
-        mtu = int(req.config.get("mtu") or 0)
+        mtu = int(req.config.get("mtu") or 0) or (self.pod_mtu(ips) if self.pod_mtu else 0)
         setup = functools.partial(wiring.setup_pod, req.netns, req.ifname, host_if,
                                   [_host_cidr(ip) for ip in ips], mtu=mtu, mac=mac)
         try:

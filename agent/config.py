@@ -9,6 +9,7 @@ import os
 import socket
 from dataclasses import dataclass, field, replace
 
+from tortie.agent import router_id
 from tortie.datastore.etcd import EtcdConfig
 from tortie.errors import ValidationError
 
@@ -18,7 +19,8 @@ class AgentConfig:
     nodename: str
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     node_ip: str | None = None  # IPv4 interface address with prefix, e.g. 10.99.0.11/24
-    node_ip6: str | None = None
+    node_ip6: str | None = None  # IPv6 interface address with prefix: BGP over IPv6, IPv6 peers
+    router_id: str | None = None  # an IPv4 address or "hash" (agent.router_id); None: derived
     as_number: int | None = None
     cni_socket: str = "/run/tortie/cni.sock"
     state_dir: str = "/run/tortie"
@@ -44,7 +46,7 @@ _INT_FIELDS = {"as_number", "health_port", "metrics_port", "bgp_graceful_restart
 _FLOAT_FIELDS = {"resync_interval"}
 _BOOL_FIELDS = {"bgp_enabled"}
 _KEYS = (
-    "nodename", "node_ip", "node_ip6", "as_number", "cni_socket", "state_dir", "health_host",
+    "nodename", "node_ip", "node_ip6", "router_id", "as_number", "cni_socket", "state_dir", "health_host",
     "health_port", "metrics_host", "metrics_port", "resync_interval", "bgp_enabled", "bgp_graceful_restart", "log_format",
     "proxy_mode",
 )
@@ -117,11 +119,15 @@ def load(env: dict[str, str] | None = None) -> AgentConfig:
     if cfg.proxy_mode not in PROXY_MODES:
         raise ValidationError(f"must be one of {', '.join(PROXY_MODES)}, not {cfg.proxy_mode!r}",
                               field="TORTIE_PROXY_MODE")
-    if cfg.node_ip:
+    for key, version in (("node_ip", 4), ("node_ip6", 6)):
+        value = getattr(cfg, key)
         try:
-            ipaddress.ip_interface(cfg.node_ip)
+            if value and ipaddress.ip_interface(value).version != version:
+                raise ValueError
         except ValueError:
-            raise ValidationError(f"not an address: {cfg.node_ip!r}", field="TORTIE_NODE_IP") from None
-    elif cfg.bgp_enabled:
+            raise ValidationError(f"not an IPv{version} address: {value!r}", field=f"TORTIE_{key.upper()}") from None
+    if cfg.router_id:
+        router_id.check(cfg.router_id)
+    if not cfg.node_ip and cfg.bgp_enabled:
         cfg = replace(cfg, node_ip=_autodetect_ipv4())
     return cfg

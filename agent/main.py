@@ -27,7 +27,10 @@ from dataclasses import replace
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
+from tortie.agent import router_id, vxlan_addr
 from tortie.agent.calc import EGRESS, WORKLOADS, Calculation, host_prefix
+from tortie.agent.calc_vxlan import DEVICE as VXLAN_DEVICE
+from tortie.agent.calc_vxlan import VxlanCalc
 from tortie.agent.cni_server import ETCD_TIMEOUT as CNI_ETCD_TIMEOUT
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
@@ -54,7 +57,7 @@ LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.
                0.1, 0.25, 0.5, 1.0)
 APPLY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                  1.0, 2.5)
-MANAGERS = ("routes", "rules", "sysctls", "nat", "filter")
+MANAGERS = ("vxlan", "routes", "rules", "sysctls", "nat", "filter")
 
 
 class Agent:
@@ -73,6 +76,10 @@ class Agent:
         self.datastore = DatastoreMonitor(self.cni_client, on_change=self._on_datastore)
         self.calc = Calculation(self.node, prefix=cfg.etcd.prefix, own_addresses=self._own_addresses())
         self.state = self.calc.state
+        self.vxlan = VxlanCalc(self.node)  # the overlay's plan, beside the calculation
+        self._tunnel_task: asyncio.Task | None = None
+        self._tunnel_again = False
+        self._tunnel_done: tuple | None = None  # what the last successful run was given
         self.in_sync = False
         self.stopping = asyncio.Event()
         self.health = Health()
@@ -98,6 +105,8 @@ class Agent:
         self.m_egress = m.gauge("tortie_egress_up", "Per egress pool: 1 while its table routes by its "
                                 "next hop, 0 while its traffic is refused (node status says why)")
         self.m_bfd = m.gauge("tortie_bfd_up", "Per BFD peer (an egress next hop or a BGP peer): 1 while Up")
+        self.m_vxlan = m.gauge("tortie_vxlan_up", "Per VXLAN device this node wants: 1 while the device and its "
+                               "FDB and neighbour entries are in place, 0 while the kernel refuses them")
         self.m_sessions = m.gauge("tortie_bgp_session_up", "Per BGP peer: 1 while the session is established")
         self.egress_status: list[dict] = []  # per egress pool: up, and why not (published)
         self._egress_routes: dict = {}  # the route manager's word on the egress routes
@@ -139,7 +148,7 @@ class Agent:
         if not self.in_sync:
             return
         t0 = time.thread_time()
-        msgs = self.calc.take_messages()
+        msgs = self._take()
         self.m_calc_cpu.inc(time.thread_time() - t0, input="take")
         if msgs:
             self.m_sent.inc(len(msgs))
@@ -148,6 +157,38 @@ class Agent:
         if self.bgp is not None:  # what the speaker sets apart for egress pools (fromPeers)
             self.bgp.set_egress_imports(self.calc.egress_imports)
         self._check_speaker()
+
+    def _take(self) -> list:
+        """The calculation's messages, and the overlay's (its device before its routes)."""
+        if self.vxlan.dirty:
+            self._check_tunnel()
+        return [*self.vxlan.update(self.state), *self.calc.take_messages()]
+
+    def _check_tunnel(self) -> None:
+        """The node's VTEP address follows the VXLAN pools (etcd: off the loop, one at a time)."""
+        if self._tunnel_task is not None and not self._tunnel_task.done():
+            self._tunnel_again = True
+            return
+        self._tunnel_again = False
+        me, pools = self.state.nodes.get(self.node), list(self.state.pools.values())
+        inputs = vxlan_addr.inputs(me, pools)
+        if inputs == self._tunnel_done:
+            return  # nothing it reads changed (a pod came or went): no etcd round trip
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(vxlan_addr.reconcile, self.store, self.ipam, me, pools)
+                self._tunnel_done = inputs
+                self.health.condition("vxlan-address", None)
+            except errors.TortieError as exc:
+                log.error("VXLAN tunnel address not set", error=str(exc))
+                self.health.condition("vxlan-address", f"no VXLAN tunnel address: {exc}")
+                await asyncio.sleep(RETRY_DELAY)
+                self._tunnel_again = True
+            if self._tunnel_again:
+                self._loop.call_soon(self._check_tunnel)
+
+        self._tunnel_task = asyncio.create_task(run(), name="vxlan-address")
 
     def _on_learned_changes(self, changed: dict[str, tuple[str, ...]], removed: frozenset[str]) -> None:
         self._calc("learned", self.calc.on_learned, changed, removed)
@@ -178,6 +219,7 @@ class Agent:
         try:
             async for event in syncer.events():
                 if isinstance(event, Snapshot):
+                    self.vxlan.dirty = True
                     self._calc("snapshot", self.calc.on_snapshot, event.items)
                     self.m_events.inc(type="snapshot")
                     log.info("datastore snapshot", revision=event.revision, keys=len(event.items))
@@ -185,6 +227,7 @@ class Agent:
                         self.in_sync = True
                         self._first_sync()
                 else:
+                    self.vxlan.note(self.state.relative(event.key))
                     self._calc("update", self.calc.on_update, event.key, event.value)
                     self.m_events.inc(type="update")
         finally:
@@ -198,7 +241,7 @@ class Agent:
             loop.call_soon_threadsafe(self._first_applied, errs)
 
         self._flush_scheduled = False
-        msgs = self.calc.take_messages()
+        msgs = self._take()
         self.driver.send(msgs, done=applied)
         self.driver.start()
         self._check_speaker()
@@ -215,7 +258,7 @@ class Agent:
     # --- the BGP speaker (its identity comes from the datastore) ---------------------
 
     def _check_speaker(self) -> None:
-        if not (self.cfg.bgp_enabled and self.cfg.node_address):
+        if not (self.cfg.bgp_enabled and (self.cfg.node_address or self.cfg.node_ip6)):
             return
         if self._speaker_task is not None and not self._speaker_task.done():
             return  # a (re)start is under way; it checks again when done
@@ -241,8 +284,11 @@ class Agent:
             old, self.bgp = self.bgp, None
             await old.stop()
         local_as, cluster_id, port, log_severity = identity
+        rid, source = router_id.derive(self.node, self.cfg.node_address, self.cfg.router_id)
+        if source == "hash":
+            log.info("router ID derived from the node name (no IPv4 address)", router_id=rid)
         speaker = BGPSpeaker(
-            node_name=self.node, router_id=self.cfg.node_address, local_as=local_as,
+            node_name=self.node, router_id=rid, local_as=local_as,
             local_address=self.cfg.node_address, state_dir=self.cfg.state_dir,
             listen_port=port, cluster_id=cluster_id,
             on_route_changes=self._on_learned_changes, on_released=self._on_released,
@@ -272,6 +318,7 @@ class Agent:
         from tortie.policy.nftables import NftMonitor
         from tortie.routing.monitor import Monitor
         from tortie.routing.sysctl_mgr import SysctlManager
+        from tortie.routing.vxlan_mgr import VxlanManager, VxlanMonitor
 
         loop = self._loop
         self.bgp_exports = BGPExportManager(loop, lambda: self.bgp)
@@ -282,13 +329,18 @@ class Agent:
         def on_applied(name: str, seconds: float) -> None:
             self.m_apply.observe(seconds, manager=name)
 
+        # The VXLAN devices first: the routes through them wait for them.
+        self.vxlan_mgr = VxlanManager()
+        self.vxlan_mgr.on_repair = routes.request_resync
         self.driver = DataplaneDriver(
-            [routes, rules, SysctlManager(), nat, filt, *proxy, self.bgp_exports],
+            [self.vxlan_mgr, routes, rules, SysctlManager(), nat, filt, *proxy, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
             on_status=on_status, on_applied=on_applied,
             on_round=lambda ok: self._round_done(ok, routes))
         self.monitor = Monitor(route_mgr=routes, rule_mgr=rules)
         self.driver.watch(self.monitor, self.monitor.drain)
+        self.vxlan_monitor = VxlanMonitor(self.vxlan_mgr)
+        self.driver.watch(self.vxlan_monitor, self.vxlan_monitor.drain)
         # Someone else changed the ruleset (our own commits are recognised and ignored):
         # both nftables managers compare the kernel with what they want and repair.
         self.nft_monitor = NftMonitor()
@@ -356,8 +408,9 @@ class Agent:
     def _update_bfd(self) -> None:
         """BFD sessions to the egress next hops and BGP peers that ask for them (started on
         first use: it listens on UDP 3784)."""
-        want = {h: bfd.Timers(tx / 1000, rx / 1000, mult) for plan in self.calc.egress for h, tx, rx, mult in plan.bfd}
-        want.update((a, bfd.Timers(tx / 1000, rx / 1000, mult)) for a, (tx, rx, mult) in self.calc.bfd_peers.items())
+        asks = [(h, tx, rx, mult) for plan in self.calc.egress for h, tx, rx, mult in plan.bfd]
+        asks += [(a, *timers) for a, timers in self.calc.bfd_peers.items()]
+        want = bfd.fastest((a, bfd.Timers(tx / 1000, rx / 1000, mult)) for a, tx, rx, mult in asks)
         if want == self._bfd_want:
             return
         self._bfd_want = want
@@ -436,6 +489,13 @@ class Agent:
         for cls in ("blocks", "workloads", "bgp"):
             self.m_routes.set(self.calc.route_count(cls), **{"class": cls})
         self.m_refused.set(len(self.calc.refused))
+        self.m_vxlan.values.clear()
+        for d in self._vxlan_status():
+            self.m_vxlan.set(1 if d["up"] else 0, device=d["device"])
+
+    def _vxlan_status(self) -> list[dict]:
+        st = self.driver.states.get("vxlan") if self.driver is not None else None
+        return self.vxlan.status(st.error if st is not None else "not applied yet")
 
     async def _sample_lag(self) -> None:
         """Event-loop lag at a scrape: how long a callback made ready now waits for the loop.
@@ -460,6 +520,7 @@ class Agent:
                 continue
             refused = dict(sorted(self.calc.refused.items())[:STATUS_REFUSED_MAX])
             body = json.dumps({**self.bgp.status_json(), "egress": self.egress_status, "refused": refused,
+                               "vxlan": self._vxlan_status(),
                                "bfd": {p: st["state"] for p, st in self.bfd.states().items()} if self.bfd else {}},
                               sort_keys=True).encode()
             try:
@@ -524,6 +585,7 @@ class Agent:
             except errors.DatastoreUnavailable as exc:
                 log.warning("datastore unavailable; retrying", error=str(exc))
                 await asyncio.sleep(RETRY_DELAY)
+        self.vxlan.uplink_mtu = await asyncio.to_thread(vxlan_addr.uplink_mtu, self.cfg.node_ip)
         routes, rules = RouteManager(), RuleManager()
         # Adopt what a previous agent left in the kernel before anything is applied: learned
         # routes stay as they are until the peers' full tables arrive.
@@ -536,6 +598,7 @@ class Agent:
                              publish_routes=self._publish_routes, datastore_up=lambda: self.datastore.up,
                              datastore_failed=self.datastore.report,
                              state_dir=self.cfg.state_dir)
+        self.cni.pod_mtu = lambda ips: self.vxlan.pod_mtu(self.state, ips)
         await self.cni.start()
         self._tasks = [
             asyncio.create_task(self._follow_datastore(), name="syncer"),
@@ -578,6 +641,8 @@ class Agent:
             self.monitor.close()
         if getattr(self, "nft_monitor", None) is not None:
             self.nft_monitor.close()
+        if getattr(self, "vxlan_monitor", None) is not None:
+            self.vxlan_monitor.close()
         if self.bfd is not None:
             self.bfd.stop()
         if self.bgp is not None:
@@ -588,6 +653,7 @@ class Agent:
 
 
 NODE_ADDRESS_TYPE = "CalicoNodeIP"  # the Node.spec.addresses entries the agent owns
+VXLAN_DEVICES = frozenset(VXLAN_DEVICE.values())
 
 
 def local_addresses() -> list[str]:
@@ -599,8 +665,10 @@ def local_addresses() -> list[str]:
     if proc.returncode != 0:
         log.warning("cannot list the node's addresses", error=proc.stderr.strip())
         return []
+    # not the VXLAN devices' tunnel addresses: those are the pools', handed out by IPAM
     found = {str(ipaddress.ip_interface(f"{a['local']}/{a.get('prefixlen', 128 if ':' in a['local'] else 32)}"))
-             for link in json.loads(proc.stdout or "[]") for a in link.get("addr_info", []) if a.get("local")}
+             for link in json.loads(proc.stdout or "[]") if link.get("ifname") not in VXLAN_DEVICES
+             for a in link.get("addr_info", []) if a.get("local")}
     return sorted(found, key=lambda a: (ipaddress.ip_interface(a).version, ipaddress.ip_interface(a)))
 
 

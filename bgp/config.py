@@ -47,7 +47,7 @@ REACTOR_SPEED = "20"
 class LocalSettings:
     router_id: str
     local_as: int
-    local_address: str
+    local_address: str | None  # None on an IPv6-only node
     local_address6: str | None = None
     listen_port: int = 179
     graceful_restart: int = GRACEFUL_RESTART_TIME

@@ -100,7 +100,7 @@ PREFIX_LIMIT_HOLD = 300.0  # seconds a peer over its maxPrefixes stays shut befo
 
 
 class BGPSpeaker:
-    def __init__(self, *, node_name: str, router_id: str, local_as: int, local_address: str,
+    def __init__(self, *, node_name: str, router_id: str, local_as: int, local_address: str | None,
                  state_dir: str, listen_port: int = 179, on_routes: RoutesCallback | None = None,
                  local_address6: str | None = None, graceful_restart: int = cfg.GRACEFUL_RESTART_TIME,
                  batch: int = 500, settle_time: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
@@ -330,7 +330,8 @@ class BGPSpeaker:
         """The status document to publish (JSON-ready dict: `json.dumps` it)."""
         return document(self.node_name, self.status(), {
             "router_id": self.local.router_id, "as_number": self.local.local_as,
-            "address": self.local.local_address, "exabgp_pid": self.pid, "restarts": self.restarts})
+            "address": self.local.local_address or self.local.local_address6,
+            "address6": self.local.local_address6, "exabgp_pid": self.pid, "restarts": self.restarts})
 
     @property
     def pid(self) -> int | None:

@@ -24,9 +24,14 @@ def parse_update(update: dict, router_id: str, cluster: str | None) -> tuple[dic
             continue
         for next_hop, nlris in by_nh.items():
             path = (next_hop, originator, clusters)
+            local = _link_local(next_hop)
             for nlri in nlris:
                 prefix = nlri.get("nlri") if isinstance(nlri, dict) else nlri
-                if prefix:
+                # RFC 2545: a peer on the link sends its global IPv6 next hop and its
+                # link-local one, which ExaBGP hands over as two next hops of the same
+                # prefix. The global one is the next hop; the link-local one would need
+                # the interface too (a kernel route via fe80:: without a device is refused).
+                if prefix and not (local and prefix in announce and not _link_local(announce[prefix][0])):
                     announce[prefix] = path
     withdraw: list[str] = []
     for nlris in (update.get("withdraw") or {}).values():
@@ -35,6 +40,12 @@ def parse_update(update: dict, router_id: str, cluster: str | None) -> tuple[dic
             if prefix:
                 withdraw.append(prefix)
     return announce, withdraw
+
+
+def _link_local(next_hop: str) -> bool:
+    """fe80::/10 (cheap: this runs for every learned route)."""
+    head = next_hop.partition(":")[0] if ":" in next_hop else ""
+    return len(head) == 4 and int(head, 16) & 0xFFC0 == 0xFE80
 
 
 def import_filter(peer: Peer | None, import_pools: tuple[str, ...],

@@ -161,6 +161,28 @@ def _ports(config: dict) -> tuple[dict, ...]:
     return tuple({"name": n, "protocol": proto, "port": port} for n, proto, port in sorted(out))
 
 
+# The least MTU a link must carry: IPv4 (RFC 791) and IPv6 (RFC 8200). Under 1280 the
+# kernel takes IPv6 off the interface without a word, so a dual-stack pod would come up
+# with its IPv6 address gone: refused instead.
+MTU_MIN = {4: 68, 6: 1280}
+
+
+def check_mtu(config: dict, ipv6: bool) -> int:
+    """The network config's `mtu` for a pod with (`ipv6`) or without an IPv6 address; 0
+    when it is not set (the kernel's default)."""
+    raw = config.get("mtu")
+    if raw is None or raw == 0:
+        return 0
+    value = int(raw) if isinstance(raw, str) and raw.isdigit() else raw
+    if type(value) is not int:
+        raise CNIError(INVALID_CONFIG, f"mtu: {raw!r} is not a number")
+    least = MTU_MIN[6 if ipv6 else 4]
+    if not least <= value <= 65535:
+        why = " (an IPv6 pool needs at least 1280, RFC 8200)" if ipv6 and value < least else ""
+        raise CNIError(INVALID_CONFIG, f"mtu: {value} is outside {least}-65535{why}")
+    return value
+
+
 @dataclass(frozen=True)
 class CNIRequest:
     command: str

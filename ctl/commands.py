@@ -352,6 +352,10 @@ def cmd_node_status(ctx, args) -> int:
             else:
                 via = f"via {e.get('nextHop')}"
             print(f"  egress of pool {e.get('pool')} (table {e.get('table')} {via}): {state}", file=ctx.out)
+        for v in doc.get("vxlan") or ():
+            state = "up" if v.get("up") else f"DOWN: {v.get('reason')}"
+            print(f"  VXLAN {v.get('device')} VNI {v.get('vni')}, tunnel address {v.get('address')}, MTU {v.get('mtu')}, "
+                  f"{v.get('vteps')} remote VTEP(s): {state}", file=ctx.out)
         for prefix, why in sorted((doc.get("refused") or {}).items()):
             print(f"  learned route {prefix} refused: {why}", file=ctx.out)
     if args.output == "json":

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import yaml
 
+from tortie.datastore.kinds import VXLAN_DEFAULT_VNI
+
 FORMATS = ("table", "wide", "yaml", "json", "name")
 
 Row = Callable[[dict], tuple[str, ...]]
@@ -48,7 +50,12 @@ def _pool_wide(res: dict) -> tuple[str, ...]:
             egress += " (fallback main)"
         if e.get("address"):
             egress += f" as {e['address']}"
-    return (*_pool(res), _bgp_export(res["spec"]), egress, _egress_state(res) if e else "-")
+    return (*_pool(res), _bgp_export(res["spec"]), egress, _egress_state(res) if e else "-", _vxlan(res["spec"]))
+
+
+def _vxlan(spec: dict) -> str:
+    mode = spec.get("vxlanMode", "Never")
+    return mode if mode == "Never" else f"{mode} (VNI {spec.get('vxlanVNI', VXLAN_DEFAULT_VNI)})"
 
 
 def _bgp_export(spec: dict) -> str:
@@ -156,7 +163,7 @@ def _endpoint_slice(res: dict) -> tuple[str, ...]:
 # kind -> (headers, row, wide headers, wide row)
 TABLES: dict[str, tuple[tuple[str, ...], Row, tuple[str, ...], Row]] = {
     "ippool": (("NAME", "CIDR", "BLOCKSIZE", "NAT", "DISABLED", "SELECTOR"), _pool,
-               ("BGP-EXPORT", "EGRESS", "EGRESS-STATE"), _pool_wide),
+               ("BGP-EXPORT", "EGRESS", "EGRESS-STATE", "VXLAN"), _pool_wide),
     "ipamconfig": (("NAME", "STRICT-AFFINITY", "AUTO-ALLOCATE", "MAX-BLOCKS-PER-HOST"), _ipam_config,
                    (), _ipam_config),
     "node": (("NAME", "IPV4", "IPV6", "ASN"), _node, ("RR-CLUSTER-ID", "LABELS"), _node_wide),

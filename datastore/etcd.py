@@ -231,8 +231,9 @@ class EtcdClient:
         if not parsed:
             raise ValidationError("no etcd endpoints given", field="etcd-endpoints")
         # time_retry 0: the library never benches a member; the adapter does (see above).
+        # An IPv6 host goes in brackets: the library joins host and port as they are.
         self._members = [
-            _Member(url, etcd3.Endpoint(host, port, secure=secure, creds=creds if secure else None,
+            _Member(url, etcd3.Endpoint(f"[{host}]" if ":" in host else host, port, secure=secure, creds=creds if secure else None,
                                         time_retry=0.0, opts=list(CHANNEL_OPTIONS)))
             for url, host, port, secure in parsed
         ]

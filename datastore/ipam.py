@@ -230,8 +230,11 @@ class IPAM:
     # --- allocation ------------------------------------------------------------------------------
 
     def auto_assign(self, handle: str, node: str, *, num_v4: int = 1, num_v6: int = 0,
-                    pools: list[str] | None = None, attrs: dict | None = None) -> list[str]:
-        """Allocate num_v4 IPv4 and num_v6 IPv6 addresses for handle on node.
+                    pools: list[str] | dict[int, list[str] | None] | None = None,
+                    attrs: dict | None = None) -> list[str]:
+        """Allocate num_v4 IPv4 and num_v6 IPv6 addresses for handle on node. `pools`: a
+        list for both families, or per IP version (Calico's ipv4_pools / ipv6_pools: a
+        version without its list takes the node's pools of that version).
 
         All or nothing: if a family cannot be served, what this call took is given back
         and PoolExhausted is raised.
@@ -247,7 +250,8 @@ class IPAM:
             try:
                 for version, n in ((4, num_v4), (6, num_v6)):
                     if n:
-                        self._assign_family(attr, node, version, n, pools, got)
+                        self._assign_family(attr, node, version, n,
+                                            pools.get(version) if isinstance(pools, dict) else pools, got)
             except Exception:
                 if got:
                     try:

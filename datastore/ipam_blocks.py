@@ -275,6 +275,18 @@ def wep_handle(spec: dict) -> str | None:
     return f"{DEFAULT_NETWORK}.{spec['containerID']}" if spec.get("containerID") else None
 
 
+TUNNEL_HANDLE = "vxlan-tunnel-addr-"  # + node: a node's VTEP address (Calico's handle name)
+
+
+def tunnel_handle(node: str) -> str:
+    return TUNNEL_HANDLE + node
+
+
+def tunnel_node(handle: str) -> str | None:
+    """The node whose VTEP address this handle holds (None: not a tunnel handle)."""
+    return handle[len(TUNNEL_HANDLE):] if handle.startswith(TUNNEL_HANDLE) else None
+
+
 def check_name(value: str, what: str) -> None:
     if not value or not isinstance(value, str) or "/" in value or value.strip() != value:
         raise ValidationError(f"{value!r} is not a valid {what} (non-empty, no '/', no spaces)", field=what)

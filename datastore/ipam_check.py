@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from tortie.datastore import keys
 from tortie.datastore.etcd import KV, Txn
-from tortie.datastore.ipam_blocks import PENDING, Block, HandleRecord, wep_handle
+from tortie.datastore.ipam_blocks import PENDING, Block, HandleRecord, tunnel_node, wep_handle
 from tortie.log import get_logger
 
 if TYPE_CHECKING:
@@ -54,7 +54,8 @@ def build_report(kvs: Iterable[KV], prefix: str, weps: set[str], nodes: set[str]
             per = actual.setdefault(held.attr.handle, {})
             per[block.cidr] = per.get(block.cidr, 0) + 1
             reasons = []
-            if held.attr.handle not in weps:
+            # A node's VTEP address has no endpoint: it lives as long as its node.
+            if held.attr.handle not in weps and tunnel_node(held.attr.handle) != held.attr.node:
                 reasons.append("no-workloadendpoint")
             if held.attr.node not in nodes:
                 reasons.append("node-gone")

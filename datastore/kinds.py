@@ -35,6 +35,7 @@ API_VERSION = "tortie.io/v1"
 MAX_ANNOTATIONS = 256 << 10  # bytes of keys and values together (Kubernetes' limit)
 
 _HANDLE = re.compile(r"[^/\s]+")  # as `ipam_blocks.check_name` takes it
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _COMMUNITY = re.compile(r"\d{1,10}:\d{1,10}(:\d{1,10})?")  # standard a:b or large a:b:c
 
 # Kubernetes bookkeeping a user may paste from a cluster: dropped, not refused.
@@ -132,8 +133,8 @@ def _pool_spec(f: Fields, meta: dict) -> None:
     _allowed_uses(f)
     f.bool("disableBGPExport", False)
     f.selector("nodeSelector", default="all()")
-    for mode in ("ipipMode", "vxlanMode"):  # accepted from Calico YAML, but tortie has no overlay
-        f.str(mode, choices=("Never",))
+    f.str("ipipMode", choices=("Never",))  # accepted from Calico YAML; this kernel has no ipip
+    vxlan_spec(f)
 
     def egress(e: Fields) -> None:
         # Main (254), local (255), default (253) and unspec (0) belong to the kernel.
@@ -234,6 +235,21 @@ def _allowed_uses(f: Fields) -> None:
         raise ValidationError("LoadBalancer cannot be combined with other uses", field="spec.allowedUses")
 
 
+VXLAN_MODES = ("Never", "Always", "CrossSubnet")
+VXLAN_DEFAULT_VNI = 4096  # Calico's default (FelixConfiguration vxlanVNI)
+MTU_RANGE = (1280, 65535)  # 1280: what IPv6 needs of every link
+
+
+def vxlan_spec(f: Fields) -> None:
+    """The pool's overlay (Calico's fields): vxlanMode, and the VNI of the node's VXLAN
+    device (every VXLAN pool of a family must agree: `store._check_pool`); vxlanMTU
+    overrides the MTU of the device and of the pool's pods (default: uplink - 50/70)."""
+    # No defaults stored (a pool written before stays byte for byte): the view fills them in.
+    f.str("vxlanMode", choices=VXLAN_MODES)
+    f.int("vxlanVNI", 1, (1 << 24) - 1)
+    f.int("vxlanMTU", *MTU_RANGE)
+
+
 _COMMUNITY_MAX = {1: 0xFFFF, 2: 0xFFFFFFFF}  # by the number of ':': standard a:b, large a:b:c
 
 
@@ -275,6 +291,18 @@ def _node_spec(f: Fields, meta: dict) -> None:
 
     f.obj_field("bgp", bgp)
     f.list("addresses", address)
+    # The node's VTEP, as Calico keeps it: the tunnel address (the agent takes it from a
+    # VXLAN pool's IPAM), an optional fixed MAC (else derived from the node name), and an
+    # MTU that overrides the pools' for this node's device and pods.
+    f.ip("ipv4VXLANTunnelAddr", version=4)
+    f.ip("ipv6VXLANTunnelAddr", version=6)
+    mac = f.str("vxlanTunnelMACAddr", pattern=_MAC)
+    if mac is not None:
+        if int(mac[:2], 16) & 1:
+            raise ValidationError("must be a unicast MAC (the low bit of the first byte clear)",
+                                  field="spec.vxlanTunnelMACAddr")
+        f.keep("vxlanTunnelMACAddr", mac.lower())
+    f.int("vxlanMTU", *MTU_RANGE)
 
 
 _PEER_IP = re.compile(r"(?P<ip>[0-9.]+|\[[0-9a-fA-F:.]+\]|[0-9a-fA-F:.]+?)(?::(?P<port>\d+))?")

@@ -18,7 +18,7 @@ from functools import partial
 
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient, Txn
-from tortie.datastore.kinds import KINDS, Kind, key_for, kind_for, validate
+from tortie.datastore.kinds import KINDS, VXLAN_DEFAULT_VNI, Kind, key_for, kind_for, validate
 from tortie.datastore.views import VIEWS
 from tortie.errors import AlreadyExists, Conflict, NotFound, ValidationError
 from tortie.log import get_logger
@@ -215,9 +215,22 @@ def _check_pool(new: dict, old: dict | None, pools: list[dict]) -> None:
         if mine and ipaddress.ip_address(mine) in theirs:
             raise ValidationError(f"{mine} is inside IPPool {other['metadata']['name']!r} ({theirs})",
                                   field="spec.egress.address")
+        # One VXLAN device per family on every node: the pools that use it share its VNI.
+        if _vni(new) and _vni(other) and theirs.version == net.version and _vni(new) != _vni(other):
+            raise ValidationError(f"{_vni(new)} differs from IPPool {other['metadata']['name']!r}'s "
+                                  f"{_vni(other)} (VXLAN pools of a family share the node's device)",
+                                  field="spec.vxlanVNI")
         if (addr := (other["spec"].get("egress") or {}).get("address")) and ipaddress.ip_address(addr) in net:
             raise ValidationError(f"{net} holds {addr}, the egress address of IPPool "
                                   f"{other['metadata']['name']!r}", field="spec.cidr")
+
+
+def _vni(pool: dict) -> int | None:
+    """The VNI of a pool that uses VXLAN (None for one that does not)."""
+    spec = pool["spec"]
+    if spec.get("vxlanMode", "Never") == "Never":
+        return None
+    return spec.get("vxlanVNI", VXLAN_DEFAULT_VNI)
 
 
 def _check_pool_nodes(pool: dict, nodes: list) -> None:

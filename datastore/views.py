@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from tortie.datastore import selector
 from tortie.datastore.fields import IPNetwork
-from tortie.datastore.kinds import split_peer_ip, validate
+from tortie.datastore.kinds import VXLAN_DEFAULT_VNI, split_peer_ip, validate
 from tortie.errors import ValidationError
 
 
@@ -122,6 +122,9 @@ class IPPool(View):
     node_selector: str = "all()"
     egress: Egress | None = None
     bgp: PoolBGP | None = None
+    vxlan_mode: str = "Never"  # Never | Always | CrossSubnet
+    vxlan_vni: int = VXLAN_DEFAULT_VNI
+    vxlan_mtu: int | None = None  # None: the uplink's MTU minus the encapsulation
     allowed_uses: tuple[str, ...] = ("Workload", "Tunnel")
 
     @property
@@ -136,7 +139,9 @@ class IPPool(View):
                     allowed_uses=tuple(spec.get("allowedUses", ("Workload", "Tunnel"))),
                     disabled=spec["disabled"], disable_bgp_export=spec["disableBGPExport"],
                     node_selector=spec["nodeSelector"],
-                    egress=Egress.from_spec(e) if e else None, bgp=PoolBGP.from_spec(b) if b else None)
+                    egress=Egress.from_spec(e) if e else None, bgp=PoolBGP.from_spec(b) if b else None,
+                    vxlan_mode=spec.get("vxlanMode", "Never"), vxlan_vni=spec.get("vxlanVNI", VXLAN_DEFAULT_VNI),
+                    vxlan_mtu=spec.get("vxlanMTU"))
 
     @property
     def network(self) -> IPNetwork:
@@ -172,13 +177,19 @@ class Node(View):
     as_number: int | None = None  # None: the cluster's default AS
     route_reflector_cluster_id: str | None = None
     addresses: tuple[str, ...] = ()
+    vxlan_tunnel_addr: str | None = None  # ipv4VXLANTunnelAddr
+    vxlan_tunnel_addr6: str | None = None  # ipv6VXLANTunnelAddr
+    vxlan_mac: str | None = None  # vxlanTunnelMACAddr (None: derived from the name)
+    vxlan_mtu: int | None = None
 
     @staticmethod
     def _spec(meta: dict, spec: dict) -> dict:
         bgp = spec.get("bgp", {})
         return dict(ipv4_address=bgp.get("ipv4Address"), ipv6_address=bgp.get("ipv6Address"),
                     as_number=bgp.get("asNumber"), route_reflector_cluster_id=bgp.get("routeReflectorClusterID"),
-                    addresses=tuple(a["address"] for a in spec.get("addresses", ())))
+                    addresses=tuple(a["address"] for a in spec.get("addresses", ())),
+                    vxlan_tunnel_addr=spec.get("ipv4VXLANTunnelAddr"), vxlan_tunnel_addr6=spec.get("ipv6VXLANTunnelAddr"),
+                    vxlan_mac=spec.get("vxlanTunnelMACAddr"), vxlan_mtu=spec.get("vxlanMTU"))
 
     @property
     def ipv4(self) -> str | None:

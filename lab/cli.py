@@ -1,6 +1,6 @@
 """`tortie-lab`: a whole tortie cluster on one machine, in network namespaces.
 
-    tortie-lab up [--nodes N] [--tor none] [--name LAB]
+    tortie-lab up [--nodes N] [--tor none] [--name LAB] [--ip-family ipv4|ipv6|dual]
     tortie-lab pod add NODE NS/NAME [--label k=v ...] [--pool P] [--port NAME=PORT[/PROTO] ...]
     tortie-lab pod del NS/NAME
     tortie-lab pod label NS/NAME k=v ... [k- ...]
@@ -9,8 +9,8 @@
     tortie-lab link down|up NODE IFNAME
     tortie-lab etcd stop|start [MEMBER|leader] [--kill] | etcd pause|resume
     tortie-lab exec NS/NAME -- CMD ...
-    tortie-lab probe SRC DST_POD|IP PORT [--udp]
-    tortie-lab matrix [--port P]
+    tortie-lab probe SRC DST_POD|IP PORT [--udp] [--family 4|6 | -6]
+    tortie-lab matrix [--port P] [--family 4|6 | -6]
     tortie-lab ctl -- TORTIECTL_ARGS ...
     tortie-lab status [-o json]
     tortie-lab down
@@ -30,7 +30,7 @@ import sys
 
 from tortie.datastore.fields import PORT_NAME
 from tortie.errors import TortieError, ValidationError
-from tortie.lab import services, topology
+from tortie.lab import family, services, topology
 from tortie.lab.cluster import AGENT_MODES, CNI_MODES, Lab
 from tortie.lab.teardown import teardown
 
@@ -55,6 +55,12 @@ def _kv(items: list[str], what: str) -> dict[str, str]:
             raise ValidationError(f"{what} {item!r}: want key=value", field=what)
         out[k] = v
     return out
+
+
+def _family_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", type=int, choices=(4, 6), default=None,
+                   help="probe the pods' IPv4 (default where the lab has it) or IPv6 addresses")
+    p.add_argument("-6", dest="family", action="store_const", const=6, help="short for --family 6")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,8 +88,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="mesh off; the last N nodes are route reflectors, the others their clients (--tor none)")
     up.add_argument("--etcd-members", type=int, default=1, choices=topology.ETCD_MEMBER_COUNTS,
                     help="etcd members, each in its own namespace when more than one")
+    up.add_argument("--subnets", type=int, default=1, choices=(1, 2),
+                    help="2: the nodes on two segments joined by a router that does not peer with tortie "
+                         "(--tor none); only VXLAN (IPPool vxlanMode) connects pods across it")
     up.add_argument("--etcd-tls", action="store_true",
                     help="etcd over TLS (clients and peers), certificates of a lab CA")
+    up.add_argument("--ip-family", default=family.DEFAULT_FAMILY, choices=family.FAMILIES,
+                    help="the lab's address families: every link, router session and pod")
+    up.add_argument("--pool6", default=family.DEFAULT_POOL6_CIDR, help="the default IPv6 pool's CIDR")
 
     pod = sub.add_parser("pod", parents=[common], help="add, delete, label pods")
     psub = pod.add_subparsers(dest="pod_cmd", required=True)
@@ -91,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("node")
     add.add_argument("pod", metavar="NAMESPACE/NAME")
     add.add_argument("--label", action="append", default=[], metavar="K=V")
-    add.add_argument("--pool")
+    add.add_argument("--pool", help="the pod's IPPool(s), comma-separated; with IPv6 each goes to its family "
+                     "(a family without one takes the default pool)")
     add.add_argument("--port", action="append", default=[], metavar="NAME=PORT[/PROTO]",
                      help="a named container port (PROTO: TCP, UDP or SCTP; default TCP); repeatable")
     dele = psub.add_parser("del", parents=[common])
@@ -133,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("port", type=int)
     pr.add_argument("--udp", action="store_true")
     pr.add_argument("--timeout", type=float, default=1.0)
+    _family_args(pr)
     pr.add_argument("--show", action="store_true", help="print the answer (<pod> <client address as seen>)")
     services.add_parser(sub, common)
 
@@ -140,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     mx.add_argument("--port", type=int, default=80)
     mx.add_argument("--no-nodes", action="store_true", help="pods as sources only")
     mx.add_argument("-o", "--output", choices=("grid", "json"), default="grid")
+    _family_args(mx)
 
     sub.add_parser("ctl", parents=[common], help="tortiectl against the lab's etcd: ctl -- ARGS")
 
@@ -199,7 +214,8 @@ def run(argv: list[str]) -> int:
         Lab.up(name, args.nodes, args.tor, uplinks=args.uplinks, cni=args.cni, agent=args.agent,
                agent_env=_kv(args.agent_env, "agent-env"), pool=args.pool, block_size=args.block_size,
                timeout=args.timeout, bfd=args.bfd, reflectors=args.reflectors, etcd_members=args.etcd_members,
-               etcd_tls=args.etcd_tls, echo=print)
+               etcd_tls=args.etcd_tls, subnets=args.subnets, ip_family=args.ip_family, pool6=args.pool6,
+               echo=print)
         print(f"next: tortie-lab pod add node1 default/a   (then: tortie-lab matrix; tortie-lab down"
               f"{'' if name == topology.DEFAULT_LAB else ' --name ' + name})")
         return 0
@@ -217,8 +233,9 @@ def run(argv: list[str]) -> int:
     lab = Lab(name)
     if args.cmd == "pod":
         if args.pod_cmd == "add":
-            print(lab.pod_add(args.node, args.pod, labels=_kv(args.label, "label"), pool=args.pool,
-                              ports=[parse_port(p) for p in args.port]))
+            lab.pod_add(args.node, args.pod, labels=_kv(args.label, "label"), pool=args.pool,
+                        ports=[parse_port(p) for p in args.port])
+            print("\n".join(lab.pod(args.pod).addresses))  # every address, one a line, IPv4 first
         elif args.pod_cmd == "del":
             lab.pod_del(args.pod)
         else:
@@ -275,7 +292,7 @@ def run(argv: list[str]) -> int:
             raise ValidationError("exec NAMESPACE/NAME -- CMD ...: no command given", field="cmd")
         return lab.exec(args.pod, rest).returncode
     if args.cmd == "probe":
-        r = lab.probe(args.src, args.dst, args.port, udp=args.udp, timeout=args.timeout)
+        r = lab.probe(args.src, args.dst, args.port, udp=args.udp, timeout=args.timeout, family=args.family)
         if args.show and r.ok:
             print(r.reply)
         detail = f"answered {r.reply!r}" if r.ok else (r.error or "no answer")
@@ -283,7 +300,7 @@ def run(argv: list[str]) -> int:
               f"{detail}, {r.ms} ms")
         return 0 if r.ok else 1
     if args.cmd == "matrix":
-        m = lab.matrix(args.port, nodes=not args.no_nodes)
+        m = lab.matrix(args.port, nodes=not args.no_nodes, family=args.family)
         if args.output == "json":
             print(json.dumps({"port": m.port, "ok": m.ok, "results": [r.__dict__ for r in m.results]}, indent=2))
         else:

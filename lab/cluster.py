@@ -32,7 +32,8 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from tortie.errors import AlreadyExists, DataplaneError, NotFound, TortieError, ValidationError
-from tortie.lab import cniexec, nsutil, pki, podserver, routers, state, topology
+from tortie.lab import cniexec, family, nsutil, pki, podserver, routers, state, topology
+from tortie.lab import subnets as lab_subnets
 from tortie.lab.cniexec import PTP_SUBNET
 from tortie.lab.etcd_server import EtcdServer
 from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
@@ -91,14 +92,20 @@ class Lab(LabServices):
            uplinks: int = 1, cni: str = "tortie", agent: str = "auto", agent_env: Mapping[str, str] | None = None,
            pool: str = topology.DEFAULT_POOL_CIDR, block_size: int = topology.DEFAULT_BLOCK_SIZE,
            timeout: float = 60.0, bfd: bool = False, reflectors: int = 0, etcd_members: int = 1,
-           etcd_tls: bool = False, echo: Echo = quiet) -> Lab:
+           etcd_tls: bool = False, subnets: int = 1, ip_family: str = family.DEFAULT_FAMILY,
+           pool6: str = family.DEFAULT_POOL6_CIDR, echo: Echo = quiet) -> Lab:
         """Build the lab and wait until it is ready; on any failure tear down what was made.
         `bfd`: the routers run BFD with every node (for egress next hops that ask for it).
         `reflectors`: the mesh is off and the last that many nodes are route reflectors
         (one cluster id), every other node their client.
         `etcd_members` 3: a cluster, each member in its own namespace; `etcd_tls`: every
-        client and peer link over TLS with certificates of a lab CA."""
-        plan = topology.make_plan(name, nodes, tor, uplinks, etcd_members=etcd_members, etcd_tls=etcd_tls)
+        client and peer link over TLS with certificates of a lab CA.
+        `ip_family` ipv6 or dual: IPv6 on every link and in every pod (lab/family.py), the
+        pods' IPv6 addresses from the pool `pool6` (default-ipv6, blocks of /122)."""
+        plan = topology.make_plan(name, nodes, tor, uplinks, etcd_members=etcd_members, etcd_tls=etcd_tls,
+                                  subnets=subnets, ip_family=ip_family)
+        if ip_family != "ipv4" and cni != "tortie":
+            raise ValidationError(f"--cni {cni} with --ip-family {ip_family} is not supported yet", field="cni")
         if bfd and tor == "none":
             raise ValidationError("--bfd needs routers (--tor bird or frr)", field="bfd")
         if reflectors and (tor != "none" or not 0 < reflectors < nodes):
@@ -121,7 +128,7 @@ class Lab(LabServices):
             os.makedirs(os.path.join(st.dir, "logs"), exist_ok=True)
             state.save(st)
         try:
-            lab._build(plan, pool, block_size, timeout, echo)
+            lab._build(plan, {4: pool, 6: pool6}, block_size, timeout, echo)
         except BaseException:
             echo(f"lab {name}: up failed, tearing down")
             teardown(name)
@@ -133,7 +140,7 @@ class Lab(LabServices):
             fn(st)
         return st
 
-    def _build(self, plan: Plan, pool: str, block_size: int, timeout: float, echo: Echo) -> None:
+    def _build(self, plan: Plan, pools: dict[int, str], block_size: int, timeout: float, echo: Echo) -> None:
         deadline = time.monotonic() + timeout
         st = self.state()
         t0 = time.monotonic()
@@ -162,12 +169,20 @@ class Lab(LabServices):
                  f"{' (TLS)' if plan.etcd_tls else ''}")
 
         if st.cni == "tortie":
-            resources = (routers.bgp_resources(plan, pool, st.router_bfd) + reflector_resources(plan, st.reflectors)
-                         + lab_resources())
+            pool = pools[4]
+            resources = routers.bgp_resources(plan, pool, st.router_bfd, pools[6]) + \
+                reflector_resources(plan, st.reflectors) + lab_resources()
+            if 6 in plan.versions:
+                resources.insert(0, family.pool6_resource(pools[6]))
             extra = [a for r in resources for a in ("--resource", json.dumps(r))]
-            created = self._dsops("bootstrap", "--cidr", pool, "--block-size", str(block_size), *extra)
-            echo(f"IPPool default-ipv4 {pool} blockSize {block_size} "
-                 f"({'created' if created.get('ippool') else 'exists'}); IPAMConfig default")
+            v4 = ["--cidr", pool, "--block-size", str(block_size)] if 4 in plan.versions else []
+            created = self._dsops("bootstrap", *v4, *extra)
+            if v4:
+                echo(f"IPPool default-ipv4 {pool} blockSize {block_size} "
+                     f"({'created' if created.get('ippool') else 'exists'}); IPAMConfig default")
+            if 6 in plan.versions:
+                echo(f"IPPool default-ipv6 {pools[6]} blockSize {family.DEFAULT_BLOCK_SIZE6} "
+                     f"({'created' if created.get('ippool/default-ipv6') else 'exists'})")
             self._install_cni(st, echo)
 
         if st.cni == "ptp":
@@ -179,6 +194,8 @@ class Lab(LabServices):
         self._start_podserver(st)
         for node in plan.nodes:
             nsutil.sysctl(node.netns, "net.ipv4.ip_forward", "1")
+            if 6 in plan.versions:
+                nsutil.sysctl(node.netns, "net.ipv6.conf.all.forwarding", "1")
             if st.agent != "none":
                 self._start_agent(st, plan, node)
         self._wait_ready(plan, st.agent, deadline)
@@ -208,7 +225,8 @@ class Lab(LabServices):
             scheme = "https" if plan.etcd_tls else "http"
             cluster = ",".join(f"{m.name}={scheme}://{m.ip}:{topology.ETCD_PORT + 1}" for m in plan.members)
         data = self._etcd_dir(plan, member)
-        return EtcdServer(host=member.ip, client_port=topology.ETCD_PORT, peer_port=topology.ETCD_PORT + 1,
+        host = family.bracket(family.of(member.ip, plan.versions[0]))  # IPv6-only: over IPv6
+        return EtcdServer(host=host, client_port=topology.ETCD_PORT, peer_port=topology.ETCD_PORT + 1,
                           data_dir=data, netns=member.netns, name=member.name, initial_cluster=cluster,
                           pki=pki.Pki(self._pki_dir()) if plan.etcd_tls else None, log_path=data + ".log")
 
@@ -333,10 +351,13 @@ class Lab(LabServices):
         self._record(lambda s: s.netns.extend(names))  # recorded first: teardown finds them
         for ns in names:
             nsutil.netns_add(ns)
+            if 6 in plan.versions:  # a link cut and restored (router stop, link down) keeps its IPv6 addresses
+                nsutil.sysctl(ns, "net.ipv6.conf.all.keep_addr_on_down", "1")
         bridges = [plan.bridge, *(seg.bridge for seg in plan.segments)]
         nsutil.ip_batch(plan.net_netns, [
             line for br in bridges for line in (f"link add {br} type bridge forward_delay 0 stp_state 0",
                                                 f"link set {br} up")])
+        lab_subnets.build_router(plan)  # --subnets 2: the second segment and its router
         # The core segment: etcd, the routers' core side, the outside host.
         core = [(plan.ctl_netns, "ctl", "eth0", plan.ctl_address, plan.bridge)]
         core += [(m.netns, f"etcd{m.name[1:]}", "eth0", m.address, plan.bridge)
@@ -353,11 +374,18 @@ class Lab(LabServices):
                       f"link set {port} master {bridge} up"]
         nsutil.ip_batch(plan.net_netns, lines)
         router_ns = {t.netns for t in plan.tors}
+        fam = plan.ip_family
         for ns, _, ifname, addr, _ in core:
-            default = [] if ns in router_ns or not plan.core_gateways else [_default_route(plan.core_gateways)]
-            nsutil.ip_batch(ns, [f"addr add {addr} dev {ifname}", f"link set {ifname} up", *default])
+            default = [] if ns in router_ns or not plan.core_gateways else family.default_lines(plan.core_gateways, fam)
+            if default and len(plan.core_gateways) > 1:  # --uplinks 2: replies go back the way they came
+                default += [f"route add {family.of(t.segment.subnet, v)} via {family.of(t.ip, v)}"
+                            for v in plan.versions for t in plan.tors if t.segment]
+                nsutil.multipath_failover(ns, [ifname])
+            nsutil.ip_batch(ns, [*family.addr_lines(addr, ifname, fam), f"link set {ifname} up", *default])
         for t in plan.tors:
             nsutil.sysctl(t.netns, "net.ipv4.ip_forward", "1")
+            if 6 in plan.versions:
+                nsutil.sysctl(t.netns, "net.ipv6.conf.all.forwarding", "1")
             nsutil.ip_batch(t.netns, _cross_routes(plan, t))
         # The nodes' uplinks: onto a bridge, or point to point into a router.
         far: dict[str, list[str]] = {}
@@ -368,15 +396,19 @@ class Lab(LabServices):
                 if u.bridge:
                     cmds.append(f"link set {u.far_ifname} master {u.bridge}")
                 if u.far_address:
-                    cmds.append(f"addr add {u.far_address} dev {u.far_ifname}")
+                    cmds += family.addr_lines(u.far_address, u.far_ifname, fam)
                 cmds.append(f"link set {u.far_ifname} up")
         for ns, cmds in far.items():
             nsutil.ip_batch(ns, cmds)
         for n in plan.nodes:
-            cmds = [c for u in n.uplinks for c in (f"addr add {u.address} dev {u.ifname}", f"link set {u.ifname} up")]
+            cmds = [c for u in n.uplinks for c in (*family.addr_lines(u.address, u.ifname, fam),
+                                                    f"link set {u.ifname} up")]
             if n.gateways:
-                cmds.append(_default_route(n.gateways))
+                cmds += family.default_lines(n.gateways, fam)
             nsutil.ip_batch(n.netns, cmds)
+            if len(n.gateways) > 1:
+                nsutil.multipath_failover(n.netns, [u.ifname for u in n.uplinks])
+        lab_subnets.add_routes(plan)
 
     def _router(self, tor: TorPlan, st: LabState | None = None) -> routers.RouterRun:
         lab_dir = state.lab_dir(self.name)
@@ -447,7 +479,8 @@ class Lab(LabServices):
         if on:
             for tor in plan.tors:
                 self._router(tor, st).set_bfd(plan, st.bgp_passwords, on)
-        names = {f"{tor.name}-{n.name}" for tor in plan.tors for n, _ in plan.links_of(tor.name)}
+        names = {f"{tor.name}-{n.name}{sfx}" for tor in plan.tors for n, _ in plan.links_of(tor.name)
+                 for sfx in ("", "-v6")}  # each family's BGPPeer (-v6: labs with IPv6)
         peers = [p for p in json.loads(self.ctl("get", "bgppeers", "-o", "json").stdout)["items"]
                  if p["metadata"]["name"] in names]
         for p in peers:
@@ -479,7 +512,8 @@ class Lab(LabServices):
         except ValueError:
             raise ValidationError(f"{prefix!r} is not a CIDR", field="prefix") from None
         if net.version != 4:
-            raise ValidationError(f"{prefix}: the lab's routers speak IPv4 only", field="prefix")
+            raise ValidationError(f"{prefix}: the routers announce IPv4 prefixes only (IPv6 is not supported yet)",
+                                  field="prefix")
 
         def put(s: LabState) -> None:
             have = [p for p in s.router_announce.get(tor.name, []) if p != str(net)]
@@ -561,7 +595,7 @@ class Lab(LabServices):
         env = {
             "TORTIE_NODENAME": node.name,
             **self._etcd_env(st, plan),
-            "TORTIE_NODE_IP": node.address,
+            **family.node_env(node.address, plan.ip_family),
             "TORTIE_AS_NUMBER": str(node.as_number),
             "TORTIE_CNI_SOCKET": sock,
             "TORTIE_STATE_DIR": ndir,
@@ -719,6 +753,7 @@ class Lab(LabServices):
         st = self.state()
         plan = _plan_from(st)
         procs = {p.role: p for p in st.procs}
+        doc = family.status_view  # the plan's addresses as the lab's families have them
         nodes = []
         for n in plan.nodes:
             agent = procs.get(f"agent:{n.name}")
@@ -730,7 +765,7 @@ class Lab(LabServices):
                 "agent": {"kind": st.agent, "pid": agent.pid, "alive": state.alive(agent), "log": agent.log}
                 if agent else None,
             })
-        return {
+        return doc({
             "name": st.name,
             "phase": st.phase,
             "tor_kind": st.tor,
@@ -752,15 +787,17 @@ class Lab(LabServices):
                                 for n, u in plan.links_of(t.name)}}
                      for t in plan.tors],
             "uplink_segments": [{"namespace": plan.net_netns, **asdict(seg)} for seg in plan.segments],
+            "subnets": lab_subnets.status(plan),
             "outside": {"namespace": plan.ext_netns, "address": plan.ext_address,
                         "ip": plan.ext_address.split("/")[0]} if plan.ext_netns and plan.ext_address else None,
             "pods": [
                 {"name": p.ref, "namespace": p.namespace, "pod": p.name, "node": p.node, "netns": p.netns,
-                 "netns_path": nsutil.netns_path(p.netns), "address": p.address, "labels": p.labels}
+                 "netns_path": nsutil.netns_path(p.netns), "address": p.address, "labels": p.labels,
+                 "addresses": p.addresses or [a for a in (p.address,) if a]}
                 for p in sorted(st.pods.values(), key=lambda p: p.ref)
             ],
             "services": self.svc_list() if st.phase == "ready" else [],
-        }
+        }, plan)
 
     # --- pods -----------------------------------------------------------------------
 
@@ -786,15 +823,19 @@ class Lab(LabServices):
         st = self._record(claim)
         try:
             nsutil.netns_add(netns)
-            result = self._cni(st, pod, "ADD")
+            versions = None  # a dual-stack pod's pools go to their family's list
+            if pool and _plan_from(st).ip_family != "ipv4":
+                versions = self._dsops("pool-versions", *[x for x in pool.split(",") if x])
+            result = self._cni(st, pod, "ADD", versions)
             ips = result.get("ips") or []
             if not ips:
                 raise DataplaneError(f"CNI ADD for {pod.ref} returned no address: {result}")
-            cidr = ips[0]["address"]
+            cidrs = sorted((i["address"] for i in ips), key=lambda c: ":" in c)  # IPv4 first
             host_if = next((i.get("name") for i in result.get("interfaces", [])
                             if not i.get("sandbox")), None)
             podserver.request(self._podserver_sock(), {"op": "add", "pod": pod.ref, "netns": netns})
-            done = replace(pod, address=cidr.split("/")[0], address_cidr=cidr, host_ifname=host_if)
+            done = replace(pod, address=cidrs[0].split("/")[0], address_cidr=cidrs[0], host_ifname=host_if,
+                           addresses=[c.split("/")[0] for c in cidrs])
             self._record(lambda s: s.pods.__setitem__(pod.ref, done))
         except BaseException:
             self._remove_pod(pod, st)
@@ -846,9 +887,9 @@ class Lab(LabServices):
     def _podserver_sock(self) -> str:
         return os.path.join(state.lab_dir(self.name), "podserver.sock")
 
-    def _cni(self, st: LabState, pod: Pod, command: str) -> dict:
+    def _cni(self, st: LabState, pod: Pod, command: str, pool_versions: dict[str, int] | None = None) -> dict:
         """Exec the CNI plugin inside the pod's node namespace, as a container runtime does."""
-        return cniexec.run_plugin(st, _plan_from(st), pod, command, self.cni_socket(pod.node))
+        return cniexec.run_plugin(st, _plan_from(st), pod, command, self.cni_socket(pod.node), pool_versions)
 
     # --- using the lab --------------------------------------------------------------
 
@@ -870,28 +911,33 @@ class Lab(LabServices):
         return self.pod(who).netns
 
     def probe(self, src: str, dst: str, port: int = 80, *, udp: bool = False,
-              timeout: float = DEFAULT_TIMEOUT) -> ProbeResult:
-        """From node or pod src to pod dst (or an IP address); .ok iff it answered."""
+              timeout: float = DEFAULT_TIMEOUT, family: int | None = None) -> ProbeResult:
+        """From node or pod src to pod dst (or an IP address); .ok iff it answered.
+        `family` 4 or 6: which of the pod's addresses (default: IPv4, where the lab has it)."""
         src_ns = self.netns_of(src)
         expect = None
         if dst.startswith("svc:"):  # a Service: its cluster IP; any of its pods may answer
             return probe(src_ns, self.svc_address(dst[4:]), port, udp=udp, timeout=timeout, src=src, dst=dst)
         try:
-            socket.inet_aton(dst)
-            addr = dst
-        except OSError:
+            addr = str(ipaddress.ip_address(dst))
+        except ValueError:
             p = self.pod(dst)
-            if not p.address:
-                raise NotFound(f"pod {p.ref} has no address") from None
-            addr, expect, dst = p.address, p.ref, p.ref
+            version = family or self.plan().versions[0]
+            addr = p.address_of(version)
+            if not addr:
+                raise NotFound(f"pod {p.ref} has no IPv{version} address") from None
+            expect, dst = p.ref, p.ref
         return probe(src_ns, addr, port, udp=udp, timeout=timeout, expect=expect, src=src, dst=dst)
 
-    def matrix(self, port: int = 80, *, nodes: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Matrix:
-        """Every node and pod to every pod, TCP and UDP, in parallel."""
+    def matrix(self, port: int = 80, *, nodes: bool = True, timeout: float = DEFAULT_TIMEOUT,
+               family: int | None = None) -> Matrix:
+        """Every node and pod to every pod, TCP and UDP, in parallel; over IPv4, or IPv6
+        with `family` 6 (default: IPv4 where the lab has it)."""
         st = self.state()
-        pods = [Endpoint(p.ref, p.netns, p.address) for p in sorted(st.pods.values(), key=lambda p: p.ref)
-                if p.address]
         plan = _plan_from(st)
+        version = family or plan.versions[0]
+        pods = [Endpoint(p.ref, p.netns, p.address_of(version)) for p in sorted(st.pods.values(), key=lambda p: p.ref)
+                if p.address_of(version)]
         sources = [Endpoint(n.name, n.netns, None) for n in plan.nodes] if nodes else []
         if nodes and plan.ext_netns:
             sources.append(Endpoint("ext", plan.ext_netns, None))
@@ -934,13 +980,8 @@ class Lab(LabServices):
 def _cross_routes(plan: Plan, tor: TorPlan) -> list[str]:
     """Each router reaches the other routers' uplink segments over the core, so a reply that
     the ECMP hash sends through the other router still finds its way back."""
-    return [f"route replace {o.segment.subnet} via {o.ip}" for o in plan.tors if o is not tor and o.segment]
-
-
-def _default_route(gateways: Sequence[str]) -> str:
-    if len(gateways) == 1:
-        return f"route add default via {gateways[0]}"
-    return "route add default " + " ".join(f"nexthop via {g}" for g in gateways)
+    return [f"route replace {family.of(o.segment.subnet, v)} via {family.of(o.ip, v)}"
+            for v in plan.versions for o in plan.tors if o is not tor and o.segment]
 
 
 def _tail(path: str, lines: int = 15) -> str:

@@ -8,7 +8,7 @@ import json
 import os
 
 from tortie.errors import DataplaneError, NotFound
-from tortie.lab import nsutil
+from tortie.lab import family, nsutil
 from tortie.lab.state import LabState, Pod
 from tortie.lab.topology import Plan
 
@@ -16,9 +16,11 @@ REF_CNI_DIR = "/usr/lib/cni"
 PTP_SUBNET = "10.66.{i}.0/24"  # the reference plugins' host-local range for node i
 
 
-def run_plugin(st: LabState, plan: Plan, pod: Pod, command: str, agent_socket: str) -> dict:
+def run_plugin(st: LabState, plan: Plan, pod: Pod, command: str, agent_socket: str,
+               pool_versions: dict[str, int] | None = None) -> dict:
     """CNI `command` (ADD, DEL, CHECK) for `pod`; its result, or DataplaneError. `agent_socket`:
-    the node agent's CNI socket (tortie's plugin only)."""
+    the node agent's CNI socket (tortie's plugin only). `pool_versions`: the pod's pools
+    with their IP versions (labs with IPv6)."""
     node = next(n for n in plan.nodes if n.name == pod.node)
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -48,8 +50,10 @@ def run_plugin(st: LabState, plan: Plan, pod: Pod, command: str, agent_socket: s
             "agentSocket": agent_socket,
             "args": {"cni": {"labels": pod.labels, **({"ports": pod.ports} if pod.ports else {})}},
         }
-        if pod.pool:
+        if pod.pool and plan.ip_family == "ipv4":
             config["ipam"] = {"type": "tortie-ipam", "ipv4_pools": [pod.pool]}
+        elif plan.ip_family != "ipv4":
+            config["ipam"] = family.ipam_config(plan.ip_family, pool_versions)
         plugin = os.path.join(st.bin_dir, "tortie")
         env["CNI_PATH"] = f"{st.bin_dir}:{REF_CNI_DIR}"
     r = nsutil.run(["ip", "netns", "exec", node.netns, plugin], check=False,

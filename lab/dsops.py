@@ -29,13 +29,14 @@ def _create_if_absent(store: ResourceStore, resource: dict) -> bool:
     return True
 
 
-def bootstrap(store: ResourceStore, cidr: str, block_size: int, extra: list[dict] = ()) -> dict:
-    """The default IPPool and IPAMConfig (and `extra` resources), unless they exist already."""
+def bootstrap(store: ResourceStore, cidr: str | None, block_size: int, extra: list[dict] = ()) -> dict:
+    """The default IPPool (none without `cidr`: an IPv6-only lab) and IPAMConfig (and
+    `extra` resources), unless they exist already."""
     pool = {"apiVersion": API_VERSION, "kind": "IPPool", "metadata": {"name": "default-ipv4"},
             "spec": {"cidr": cidr, "blockSize": block_size, "natOutgoing": False, "disabled": False}}
     ipam = {"apiVersion": API_VERSION, "kind": "IPAMConfig", "metadata": {"name": "default"},
             "spec": {"strictAffinity": False, "autoAllocateBlocks": True}}
-    out = {"ippool": _create_if_absent(store, pool), "ipamconfig": _create_if_absent(store, ipam)}
+    out = {"ippool": bool(cidr) and _create_if_absent(store, pool), "ipamconfig": _create_if_absent(store, ipam)}
     for res in extra:
         out[f"{res['kind'].lower()}/{res['metadata']['name']}"] = _create_if_absent(store, res)
     return out
@@ -70,14 +71,27 @@ def set_labels(store: ResourceStore, namespace: str, pod: str,
     raise Conflict(f"gave up labelling {namespace}/{pod} after {retries} conflicting writes")
 
 
+def pool_versions(store: ResourceStore, names: list[str]) -> dict[str, int]:
+    """The IP version of each named IPPool (a pod's pools, sorted into ipv4_pools and
+    ipv6_pools); NotFound names the first that does not exist."""
+    out = {}
+    for name in names:
+        try:
+            cidr = store.get("IPPool", name)["spec"]["cidr"]
+        except NotFound:
+            raise NotFound(f"no IPPool {name!r}") from None
+        out[name] = 6 if ":" in cidr else 4
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tortie-lab-dsops")
     ap.add_argument("--endpoints", required=True)
     ap.add_argument("--prefix", default="/tortie/")
     sub = ap.add_subparsers(dest="op", required=True)
     b = sub.add_parser("bootstrap")
-    b.add_argument("--cidr", required=True)
-    b.add_argument("--block-size", type=int, required=True)
+    b.add_argument("--cidr", help="the default IPv4 pool's CIDR (none: no IPv4 pool)")
+    b.add_argument("--block-size", type=int, default=26)
     b.add_argument("--resource", action="append", default=[], type=json.loads, metavar="JSON",
                    help="another resource to create if absent")
     w = sub.add_parser("wep")
@@ -89,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--set", action="append", default=[], metavar="K=V")
     lb.add_argument("--remove", action="append", default=[], metavar="K")
     sub.add_parser("members", help="each member's id and the leader it follows")
+    pv = sub.add_parser("pool-versions", help="the IP version of each named pool")
+    pv.add_argument("pools", nargs="+")
     args = ap.parse_args(argv)
     # TLS files (TORTIE_ETCD_CA/_CERT/_KEY) come from the environment the lab gives us.
     config = EtcdConfig.from_env(endpoints=args.endpoints, prefix=args.prefix)
@@ -99,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = client.member_status()
             elif args.op == "bootstrap":
                 out = bootstrap(store, args.cidr, args.block_size, args.resource)
+            elif args.op == "pool-versions":
+                out = pool_versions(store, args.pools)
             elif args.op == "wep":
                 out = find_wep(store, args.namespace, args.pod)
             else:

@@ -94,6 +94,18 @@ def sysctl(netns: str, key: str, value: str) -> None:
     run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{key}={value}"])
 
 
+def multipath_failover(netns: str, ifnames: Sequence[str]) -> None:
+    """A host with an ECMP default route over several routers stops using a dead one, as a
+    real dual-homed host must: the kernel skips a next hop whose neighbour entry failed
+    (fib_multipath_use_neigh), which short neighbour timers make happen within seconds
+    of the first unanswered packet. Only inside the lab's own namespaces."""
+    keys = ["net.ipv4.fib_multipath_use_neigh=1"]
+    for ifname in ifnames:
+        keys += [f"net.ipv4.neigh.{ifname}.base_reachable_time_ms=2000",
+                 f"net.ipv4.neigh.{ifname}.delay_first_probe_time=1"]
+    run(["ip", "netns", "exec", netns, "sysctl", "-qw", *keys])
+
+
 def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()

@@ -1,10 +1,11 @@
 """One process per lab that serves TCP and UDP on ports 80 and 81 in every pod.
 
 Cheaper than a server process per pod: for each pod it switches its thread into the
-pod's namespace, creates the four listening sockets there, and switches back (a
-socket stays in the namespace it was made in). TCP answers each connection, UDP each
-datagram, with `<pod name> <client address as the pod saw it>`: a probe learns which pod
-answered and whether the source address survived (a Service's masquerade, or not).
+pod's namespace, creates the listening sockets there (TCP and UDP, IPv4 and IPv6), and
+switches back (a socket stays in the namespace it was made in). TCP answers each
+connection, UDP each datagram, with `<pod name> <client address as the pod saw it>`: a
+probe learns which pod answered and whether the source address survived (a Service's
+masquerade, or not).
 
 Pods are added and removed over a control socket (one JSON object per line):
     {"op": "add", "pod": "ns/name", "netns": "<netns name>"}  -> {"ok": true}
@@ -28,6 +29,9 @@ from tortie.lab import nsutil
 from tortie.log import configure, get_logger
 
 PORTS = (80, 81)
+# TCP and UDP over both families: a dual-stack pod answers on each of its addresses
+_SOCKETS = [(fam, kind) for fam in (socket.AF_INET, socket.AF_INET6) if fam != socket.AF_INET6 or socket.has_ipv6
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)]
 log = get_logger("lab.podserver")
 
 
@@ -55,11 +59,13 @@ class PodServer:
         try:
             with nsutil.in_netns(netns):
                 for port in PORTS:
-                    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                        s = socket.socket(socket.AF_INET, kind)
+                    for fam, kind in _SOCKETS:
+                        s = socket.socket(fam, kind)
                         socks.append(s)
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                        s.bind(("0.0.0.0", port))
+                        if fam == socket.AF_INET6:  # its own socket: IPv4 keeps the one above
+                            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", port))
                         s.setblocking(False)
         except BaseException:
             for s in socks:

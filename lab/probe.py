@@ -70,6 +70,10 @@ def probe(src_netns: str, addr: str, port: int, *, udp: bool = False, timeout: f
                        reply=reply, error=error, ms=round((time.monotonic() - t0) * 1000, 1))
 
 
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
 def _left(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
@@ -81,7 +85,7 @@ def _tcp(netns: str, addr: str, port: int, deadline: float) -> str:
     # A new SYN every RETRY seconds rather than the kernel's 1 s first retransmission: a
     # first packet lost while a fresh veth's carrier or ARP settles must not fail the probe.
     while True:
-        with nsutil.socket_in(netns, socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with nsutil.socket_in(netns, _family(addr), socket.SOCK_STREAM) as sock:
             sock.settimeout(min(_left(deadline), RETRY))
             try:
                 sock.connect((addr, port))
@@ -99,7 +103,7 @@ def _tcp(netns: str, addr: str, port: int, deadline: float) -> str:
 
 def _udp(netns: str, addr: str, port: int, deadline: float) -> str:
     # Resend every RETRY seconds inside the timeout, for the same reason.
-    with nsutil.socket_in(netns, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with nsutil.socket_in(netns, _family(addr), socket.SOCK_DGRAM) as sock:
         sock.connect((addr, port))
         while True:
             sock.send(b"probe\n")

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tortie.errors import DataplaneError, ValidationError
-from tortie.lab import nsutil
+from tortie.lab import family, nsutil
 from tortie.lab.services import CLUSTER_CIDR, LB_CIDR
 from tortie.lab.topology import Plan, TorPlan
 
@@ -30,6 +30,14 @@ HOLD_TIME = 9  # seconds: a lab wants quick failure detection
 # node that is gone for good is withdrawn within the hold time.
 GRACEFUL_RESTART = 6
 KERNEL_PROTO = {"bird": "bird", "frr": "bgp"}  # the route protocol each puts on learned routes
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_password(password: str) -> str:
@@ -69,7 +77,9 @@ def bird_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str,
     ]
     if announce:
         lines.append("protocol static announced { ipv4; " + "".join(f"route {p} blackhole; " for p in announce) + "}")
-    for node, link in plan.links_of(tor.name):
+    if 6 in plan.versions:
+        lines += bird_ipv6_lines(plan, tor, passwords)
+    for node, link in plan.links_of(tor.name) if 4 in plan.versions else ():
         lines += [
             f"protocol bgp {node.name} from node {{",
             f"  local {link.gateway} as {tor.as_number};",
@@ -80,9 +90,43 @@ def bird_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str,
     if bfd:
         lines += ["protocol bfd {",
                   '  interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; };',
-                  *(f"  neighbor {link.ip};" for _node, link in plan.links_of(tor.name)),
+                  *(f"  neighbor {ip};" for _node, ip, _local in sessions_of(plan, tor)),
                   "}"]
     return "\n".join(lines) + "\n"
+
+
+def bird_ipv6_lines(plan: Plan, tor: TorPlan, passwords: Mapping[str, str] | None = None) -> list[str]:
+    """BIRD's IPv6 half: a session over IPv6 per node (`nodeI_v6`, IPv6 routes only), its
+    learned routes to the kernel. The IPv4 half stays as it is (Calico peers per family)."""
+    lines = ["protocol direct direct6 { ipv6; }",
+             "protocol kernel kernel6 {",
+             "  ipv6 { import none; export where source = RTS_BGP; };",
+             "  merge paths on;",
+             "}",
+             "template bgp node6 {",
+             f"  local as {tor.as_number};",
+             f"  hold time {HOLD_TIME};",
+             "  connect retry time 1;",
+             "  error wait time 1, 10;",
+             "  ipv6 { import all; export where source = RTS_BGP; next hop self; };",
+             "}"]
+    for node, link in plan.links_of(tor.name):
+        lines += [f"protocol bgp {node.name}{V6_SUFFIX} from node6 {{",
+                  f"  local {family.v6(link.gateway)} as {tor.as_number};",
+                  f"  neighbor {family.v6(link.ip)} as {node.as_number};",
+                  *([f'  password "{check_password(pw)}";'] if (pw := (passwords or {}).get(node.name)) else []),
+                  "}"]
+    return lines
+
+
+V6_SUFFIX = "_v6"  # a node's IPv6 session, as the routers name it (node1_v6)
+
+
+def sessions_of(plan: Plan, tor: TorPlan) -> list[tuple]:
+    """(node, its address, the router's address) of each session the router has, per link
+    and per family of the lab, IPv4 first."""
+    return [(node, family.of(link.ip, v), family.of(link.gateway, v))
+            for v in plan.versions for node, link in plan.links_of(tor.name)]
 
 
 def bird_command(conf: str, control: str) -> list[str]:
@@ -134,7 +178,16 @@ def frr_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, 
         " no bgp ebgp-requires-policy",
         " bgp bestpath as-path multipath-relax",
     ]
-    for node, link in plan.links_of(tor.name):
+    v6 = [(node, family.v6(link.ip), family.v6(link.gateway)) for node, link in plan.links_of(tor.name)
+          if 6 in plan.versions]
+    for node, ip6, local6 in v6:
+        lines += [f" neighbor {ip6} remote-as {node.as_number}", f" neighbor {ip6} update-source {local6}",
+                  f" neighbor {ip6} timers 3 {HOLD_TIME}", f" neighbor {ip6} timers connect 1"]
+        if pw := (passwords or {}).get(node.name):
+            lines.append(f" neighbor {ip6} password {check_password(pw)}")
+        if bfd:
+            lines.append(f" neighbor {ip6} bfd profile {FRR_BFD_PROFILE}")
+    for node, link in plan.links_of(tor.name) if 4 in plan.versions else ():
         lines += [f" neighbor {link.ip} remote-as {node.as_number}",
                   f" neighbor {link.ip} update-source {link.gateway}",
                   f" neighbor {link.ip} timers 3 {HOLD_TIME}",
@@ -143,7 +196,11 @@ def frr_config(plan: Plan, tor: TorPlan, log_path: str, passwords: Mapping[str, 
             lines.append(f" neighbor {link.ip} password {check_password(pw)}")
         if bfd:
             lines.append(f" neighbor {link.ip} bfd profile {FRR_BFD_PROFILE}")
-    lines += [" address-family ipv4 unicast", "  maximum-paths 16", " exit-address-family"]
+    lines += [" address-family ipv4 unicast", "  maximum-paths 16",
+              *(f"  no neighbor {ip6} activate" for _n, ip6, _l in v6), " exit-address-family"]
+    if v6:  # IPv6 routes over the IPv6 sessions only (MP-BGP, as the nodes' ExaBGP speaks it)
+        lines += [" address-family ipv6 unicast", "  maximum-paths 16",
+                  *(f"  neighbor {ip6} activate" for _n, ip6, _l in v6), " exit-address-family"]
     if bfd:  # last: every daemon reads the whole file, and bgpd stops at bfdd's top-level `exit`
         lines += frr_bfd_lines(plan, tor)
     return "\n".join(lines) + "\n"
@@ -157,8 +214,8 @@ def frr_bfd_lines(plan: Plan, tor: TorPlan) -> list[str]:
     lines = ["bfd", f" profile {FRR_BFD_PROFILE}",
              f"  receive-interval {LAB_BFD['minRx']}", f"  transmit-interval {LAB_BFD['minTx']}",
              f"  detect-multiplier {LAB_BFD['multiplier']}", " exit"]
-    for _node, link in plan.links_of(tor.name):
-        lines += [f" peer {link.ip} local-address {link.gateway}", f"  profile {FRR_BFD_PROFILE}", " exit"]
+    for _node, ip, local in sessions_of(plan, tor):
+        lines += [f" peer {ip} local-address {local}", f"  profile {FRR_BFD_PROFILE}", " exit"]
     return [*lines, "exit"]
 
 
@@ -204,10 +261,12 @@ def frr_ready(netns: str, rdir: str) -> bool:
 def frr_sessions(netns: str, rdir: str, plan: Plan, tor_name: str) -> dict[str, str]:
     r = vtysh(netns, rdir, "show bgp summary json")
     try:
-        peers = json.loads(r.stdout).get("ipv4Unicast", {}).get("peers", {})
+        doc = json.loads(r.stdout)
     except ValueError:
         return {}
+    peers = {**doc.get("ipv4Unicast", {}).get("peers", {}), **doc.get("ipv6Unicast", {}).get("peers", {})}
     by_ip = {link.ip: n.name for n, link in plan.links_of(tor_name)}
+    by_ip.update({family.v6(link.ip): n.name + V6_SUFFIX for n, link in plan.links_of(tor_name)})
     return {by_ip.get(ip, ip): p.get("state", "?") for ip, p in peers.items()}
 
 
@@ -246,14 +305,14 @@ class RouterRun:
             self.reconfigure(plan, passwords, on)
             return
         self._write_config(plan, passwords, on)
-        links = plan.links_of(self.tor.name)
+        links = sessions_of(plan, self.tor)
         if on:
             cmds = [line.strip() for line in frr_bfd_lines(plan, self.tor)]
             cmds += [f"router bgp {self.tor.as_number}",
-                     *(f"neighbor {link.ip} bfd profile {FRR_BFD_PROFILE}" for _n, link in links), "exit"]
+                     *(f"neighbor {ip} bfd profile {FRR_BFD_PROFILE}" for _n, ip, _l in links), "exit"]
         else:
-            cmds = [f"router bgp {self.tor.as_number}", *(f"no neighbor {link.ip} bfd" for _n, link in links),
-                    "exit", "bfd", *(f"no peer {link.ip} local-address {link.gateway}" for _n, link in links),
+            cmds = [f"router bgp {self.tor.as_number}", *(f"no neighbor {ip} bfd" for _n, ip, _l in links),
+                    "exit", "bfd", *(f"no peer {ip} local-address {local}" for _n, ip, local in links),
                     f"no profile {FRR_BFD_PROFILE}", "exit"]
         self._vtysh_config(cmds)
 
@@ -270,7 +329,7 @@ class RouterRun:
         if self.tor.kind == "bird":
             out = birdc(self.tor.netns, self.control, "show", "bfd", "sessions")
             return {cols[0]: cols[2] for line in out.splitlines() if len(cols := line.split()) >= 3
-                    and cols[0][0].isdigit()}
+                    and _is_ip(cols[0])}
         r = vtysh(self.tor.netns, self.rdir, "show bfd peers json")
         try:
             peers = json.loads(r.stdout or "[]")
@@ -309,10 +368,9 @@ class RouterRun:
         self._write_config(plan, passwords, bfd)
         pw = passwords.get(node)
         cmds = []
-        for n, link in plan.links_of(self.tor.name):
+        for n, ip, _local in sessions_of(plan, self.tor):
             if n.name == node:
-                cmds.append(f"neighbor {link.ip} password {check_password(pw)}" if pw
-                            else f"no neighbor {link.ip} password")
+                cmds.append(f"neighbor {ip} password {check_password(pw)}" if pw else f"no neighbor {ip} password")
         self._vtysh_config([f"router bgp {self.tor.as_number}", *cmds])
 
     def leftovers(self) -> list[str]:
@@ -335,22 +393,26 @@ class RouterRun:
 # need from the router are the /32s other nodes borrowed from their own blocks, which
 # would otherwise hit the block's blackhole.
 POD_SPACE = "10.64.0.0/10"
+POD_SPACE6 = "fd60::/12"  # the same for IPv6 (the lab's default IPv6 pool fd65::/48 is in it)
 
 
 LAB_BFD = {"minTx": 100, "minRx": 100, "multiplier": 3}  # the routers' BFD timers (bird_config)
 
 
-def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False) -> list[dict]:
+def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False, pool6: str | None = None) -> list[dict]:
     """Mesh off; each node peers with each router on its link to it, and keeps its own AS.
 
     Nodes accept from the routers what lies in POD_SPACE or in `pool` (the lab's pool).
-    Each BGPPeer carries the label `router: <router name>`.
+    Each BGPPeer carries the label `router: <router name>`. IPv6 labs: a BGPPeer per node
+    and router over IPv6 too (`<router>-<node>-v6`, accepting POD_SPACE6 or `pool6`).
     `bfd`: the BGPPeers ask for BFD (the routers run it: `bird_config(bfd=True)`)."""
     if not plan.tors:
         return []
-    accept = [POD_SPACE]
-    if pool and not ipaddress.ip_network(pool, strict=False).subnet_of(ipaddress.ip_network(POD_SPACE)):
-        accept.append(pool)
+    accept = {4: [POD_SPACE], 6: [POD_SPACE6]}
+    for space, p in ((POD_SPACE, pool), (POD_SPACE6, pool6)):
+        net = ipaddress.ip_network(p, strict=False) if p else None
+        if net and net.version == ipaddress.ip_network(space).version and not net.subnet_of(ipaddress.ip_network(space)):
+            accept[net.version].append(p)
     res: list[dict] = [{
         "apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": "default"},
         "spec": {"nodeToNodeMeshEnabled": False, "asNumber": plan.nodes[0].as_number - 1,
@@ -362,8 +424,9 @@ def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False) -> lis
     for tor in plan.tors:
         # labelled with the router's name, for IPPool.spec.bgp.peers and egress.fromPeers
         res += [{"apiVersion": API_VERSION, "kind": "BGPPeer",
-                 "metadata": {"name": f"{tor.name}-{n.name}", "labels": {"router": tor.name}},
-                 "spec": {"node": n.name, "peerIP": link.gateway, "asNumber": tor.as_number,
-                          "holdTime": f"{HOLD_TIME}s", "acceptPrefixes": accept, **({"bfd": LAB_BFD} if bfd else {})}}
-                for n, link in plan.links_of(tor.name)]
+                 "metadata": {"name": f"{tor.name}-{n.name}{'-v6' if v == 6 else ''}", "labels": {"router": tor.name}},
+                 "spec": {"node": n.name, "peerIP": family.of(link.gateway, v), "asNumber": tor.as_number,
+                          "holdTime": f"{HOLD_TIME}s", "acceptPrefixes": accept[v],
+                          **({"bfd": LAB_BFD} if bfd else {})}}
+                for v in plan.versions for n, link in plan.links_of(tor.name)]
     return res

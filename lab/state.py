@@ -55,12 +55,17 @@ class Pod:
     node: str
     netns: str
     container_id: str
-    address: str | None = None        # the pod's IPv4 address (no prefix length)
+    address: str | None = None        # the pod's first address, IPv4 if it has one (no prefix length)
     address_cidr: str | None = None   # as the CNI result gave it
     host_ifname: str | None = None
     pool: str | None = None           # the IPPool the pod asked for (--pool), if any
     labels: dict[str, str] = field(default_factory=dict)
     ports: list[dict] = field(default_factory=list)  # named ports: {name, protocol, port}
+    addresses: list[str] = field(default_factory=list)  # every address, IPv4 first (dual-stack labs)
+
+    def address_of(self, version: int) -> str | None:
+        """The pod's address of IP version 4 or 6 (None when it has none)."""
+        return next((a for a in self.addresses or [self.address] if a and (":" in a) == (version == 6)), None)
 
     @property
     def ref(self) -> str:

@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass
 
 from tortie.errors import ValidationError
+from tortie.lab import family
+from tortie.lab import subnets as lab_subnets
 
 TOR_KINDS = ("none", "bird", "frr")
 DEFAULT_LAB = "tortie"
@@ -144,6 +146,12 @@ class Plan:
     uplinks: int = 1
     etcd_members: tuple[EtcdMember, ...] = ()  # empty in records of older labs: one, in ctl
     etcd_tls: bool = False
+    subnets: int = 1  # 2: the nodes on two segments behind <lab>-gw (lab.subnets)
+    ip_family: str = family.DEFAULT_FAMILY  # ipv4 | ipv6 | dual (lab/family.py)
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return family.versions(self.ip_family)
 
     @property
     def members(self) -> tuple[EtcdMember, ...]:
@@ -152,7 +160,9 @@ class Plan:
     @property
     def etcd_endpoints(self) -> tuple[str, ...]:
         scheme = "https" if self.etcd_tls else "http"
-        return tuple(f"{scheme}://{m.ip}:{ETCD_PORT}" for m in self.members)
+        # etcd is reached over IPv4 wherever the lab has it (an IPv6-only lab: over IPv6)
+        v = self.versions[0]
+        return tuple(f"{scheme}://{family.bracket(family.of(m.ip, v))}:{ETCD_PORT}" for m in self.members)
 
     @property
     def etcd_endpoint(self) -> str:
@@ -167,6 +177,7 @@ class Plan:
         """Every namespace of the plan, in build order (teardown goes in reverse)."""
         extra = [t.netns for t in self.tors] + ([self.ext_netns] if self.ext_netns else [])
         extra += [m.netns for m in self.members if m.netns != self.ctl_netns]
+        extra += [f"{self.lab}-gw"] if self.subnets == 2 else []
         return [self.net_netns, self.ctl_netns, *extra, *(n.netns for n in self.nodes)]
 
     def links_of(self, router: str) -> list[tuple[NodePlan, Uplink]]:
@@ -183,8 +194,16 @@ def check_lab_name(name: str) -> str:
 
 
 def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1, *,
-              etcd_members: int = 1, etcd_tls: bool = False) -> Plan:
+              etcd_members: int = 1, etcd_tls: bool = False, subnets: int = 1,
+              ip_family: str = family.DEFAULT_FAMILY) -> Plan:
     check_lab_name(lab)
+    lab_subnets.check(subnets, nodes, tor, uplinks)
+    family.check(ip_family)
+    if ip_family == "ipv6" and uplinks > 1:
+        raise ValidationError(f"--uplinks {uplinks} with --ip-family ipv6 is not supported yet", field="uplinks")
+    if ip_family == "ipv6" and (etcd_members > 1 or etcd_tls):
+        raise ValidationError("--etcd-members 3 and --etcd-tls with --ip-family ipv6 are not supported yet",
+                              field="ip-family")
     if etcd_members not in ETCD_MEMBER_COUNTS:
         raise ValidationError(f"--etcd-members {etcd_members}: want one of "
                               f"{', '.join(map(str, ETCD_MEMBER_COUNTS))}", field="etcd-members")
@@ -203,13 +222,15 @@ def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1, *,
         EtcdMember(f"n{i}", f"{lab}-etcd{i}", f"{base + 5 + i}/{plen}") for i in range(1, etcd_members + 1))
     common = dict(lab=lab, tor=tor, ctl_netns=f"{lab}-ctl", ctl_address=f"{base + 2}/{plen}",
                   net_netns=net_netns, bridge="br0", subnet=str(net), uplinks=uplinks,
-                  etcd_members=members, etcd_tls=etcd_tls)
+                  etcd_members=members, etcd_tls=etcd_tls, subnets=subnets, ip_family=ip_family)
     if tor == "none":
         # No router: the outside host sits on the segment and enters through node1 (a
         # gateway node, which knows every block over the mesh); pods answer it directly.
+        second = lab_subnets.on_second(nodes) if subnets == 2 else ()
         flat = tuple(
             NodePlan(name=f"node{i}", netns=f"{lab}-node{i}", as_number=NODE_AS, uplinks=(
-                Uplink("eth0", f"{base + 10 + i}/{plen}", None, None, net_netns, f"n{i}", bridge="br0"),))
+                Uplink("eth0", f"{base + 10 + i}/{plen}", None, None, net_netns, f"n{i}", bridge="br0")
+                if i not in second else _second_uplink(i, net_netns),))
             for i in range(1, nodes + 1))
         return Plan(**common, nodes=flat, ext_netns=f"{lab}-ext", ext_address=f"{base + 3}/{plen}",
                     core_gateways=(flat[0].ip,))
@@ -238,6 +259,11 @@ def make_plan(lab: str, nodes: int, tor: str = "none", uplinks: int = 1, *,
             for i in range(1, nodes + 1))
     return Plan(**common, nodes=node_plans, tors=tors, ext_netns=f"{lab}-ext",
                 ext_address=f"{base + 3}/{plen}", core_gateways=tuple(t.ip for t in tors))
+
+
+def _second_uplink(i: int, net_netns: str) -> Uplink:
+    u = lab_subnets.second_uplink(i)
+    return Uplink("eth0", u["address"], u["gateway"], None, net_netns, f"n{i}", bridge=u["bridge"])
 
 
 def plan_from_dict(d: dict) -> Plan:
@@ -272,4 +298,4 @@ def pod_netns(lab: str, namespace: str, name: str) -> str:
 
 def is_lab_netns(lab: str, netns: str) -> bool:
     """Whether a namespace name belongs to lab `lab` (by the naming scheme alone)."""
-    return bool(re.match(rf"^{re.escape(lab)}-(ctl|net|ext|tor\d*|etcd\d+|node\d+|pod-.+)$", netns))
+    return bool(re.match(rf"^{re.escape(lab)}-(ctl|net|ext|gw|tor\d*|etcd\d+|node\d+|pod-.+)$", netns))

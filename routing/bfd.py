@@ -28,7 +28,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from tortie.log import get_logger
@@ -54,6 +54,18 @@ class Timers:
     min_tx: float = 0.3  # seconds: how often we would like to send
     min_rx: float = 0.3  # seconds: how often we can take packets
     multiplier: int = 3
+
+
+def fastest(asks: Iterable[tuple[str, Timers]]) -> dict[str, Timers]:
+    """One session per address (RFC 5880 allows no more): where an egress next hop and a
+    BGP peer (or two pools) share an address with different timers, the quickest detection
+    (min_rx x multiplier, then min_tx) wins, so nobody's failover gets slower than asked."""
+    out: dict[str, Timers] = {}
+    for addr, t in asks:
+        have = out.get(addr)
+        if have is None or (t.min_rx * t.multiplier, t.min_tx) < (have.min_rx * have.multiplier, have.min_tx):
+            out[addr] = t
+    return out
 
 
 def encode(state: int, diag: int, mult: int, my_disc: int, your_disc: int, min_tx: float, min_rx: float,

@@ -300,6 +300,16 @@ def _extack_msg(buf: bytes, off: int, length: int, flags: int) -> str:
 
 
 # -- iterating messages -------------------------------------------------------------------
+def iter_attrs(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload offset, payload length) of each attribute between pos and end."""
+    while pos + 4 <= end:
+        alen, atype = _ATTR.unpack_from(buf, pos)
+        if alen < 4:
+            return
+        yield atype, pos + 4, alen - 4
+        pos += (alen + 3) & ~3
+
+
 def iter_messages(buf: bytes) -> Iterator[tuple[int, int, int]]:
     """(offset, length, type) of each message in a buffer."""
     off, n = 0, len(buf)

@@ -7,6 +7,8 @@ desired route for a key (family, table, dst) is the one from the first class in
     workloads      a local pod's /32 (/128) to its veth: the most specific truth there is
                    (the calculation's, and the CNI server's for a pod it just wired)
     blocks         blackholes for the node's own blocks
+    vxlan          other nodes' blocks of VXLAN pools, through the tunnel (or, with
+                   CrossSubnet, straight to a node on this node's subnet)
     bgp            routes learned from peers
     egress         per-pool egress tables (policy routing)
     (other classes after these, by name)
@@ -67,7 +69,7 @@ from .model import TORTIE_PROTO, Route, route_key
 
 log = get_logger("routes")
 
-CLASS_PRIORITY = ("workloads", "blocks", "bgp", "egress")
+CLASS_PRIORITY = ("workloads", "blocks", "vxlan", "bgp", "egress")
 
 # Errors that mean "the device is not there (or not up) yet": wait for a link event.
 _WAIT_FOR_LINK = (errno.ENODEV, errno.ENETDOWN, errno.ENETUNREACH)

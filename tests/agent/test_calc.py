@@ -241,6 +241,16 @@ def test_egress_address_is_exported_while_a_local_pod_of_the_pool_lives():
         in calc.take_messages()  # the last pod gone: withdrawn
 
 
+def test_egress_address_of_a_pool_that_exports_nothing_is_not_announced():
+    s = make_state()
+    pool(s, "quiet", "10.70.0.0/16", disableBGPExport=True,
+         egress={"table": 101, "nextHop": "10.0.0.251", "address": "192.0.2.9"})
+    affinity(s, "n1", "10.70.1.0/26")
+    wep(s, "default", "p", "n1", "10.70.1.5/32", "tor1")
+    d = desired(s, "n1")
+    assert not d.exports  # neither the block nor the egress address: disableBGPExport holds for both
+
+
 
 def _peer(state, name, ip, labels, **spec):
     put(state, f"resources/bgppeer/{name}", {

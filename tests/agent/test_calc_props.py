@@ -251,7 +251,8 @@ def learned_event(draw):
     # others' blocks, our blocks coming back, a more specific of ours, pods' /32s (ours,
     # other nodes', or nobody's), outside every pool
     prefix = draw(st.sampled_from(["10.65.0.0/26", "10.65.0.64/26", "10.65.9.0/26", "10.65.0.16/28",
-                                   "10.65.0.1/32", "10.65.0.3/32", "10.65.0.2/32", "10.70.0.1/32"]))
+                                   "10.65.0.1/32", "10.65.0.3/32", "10.65.0.2/32", "10.70.0.1/32",
+                                   "10.65.0.70/32"]))
     if draw(st.booleans()):
         return ("learned", {}, [prefix])
     hops = tuple(sorted(set(draw(st.lists(st.sampled_from(["10.99.0.2", "10.99.0.3", OWN_ADDR]),

@@ -6,7 +6,9 @@ those packages exist the tests are skipped with the reason.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,7 +52,31 @@ def test_two_nodes_behind_routers_and_the_outside_host(lab_factory, tor, uplinks
     assert m.ok, m.render()
     assert "ext" in m.sources
     assert {st for t in lab.status()["tors"] for st in t["sessions"].values()} == {"Established"}
+    if uplinks == 2:
+        _dead_router_is_routed_around(lab)
     lab.down()
+
+
+def _dead_router_is_routed_around(lab):
+    """The router that carries node1's etcd connection dies: node1's own traffic (a pod ADD
+    writes etcd) goes by the other uplink within seconds, as on a real dual-homed host."""
+    plan = lab.plan()
+    conns = lab.exec("node1", ["ss", "-Htn", "state", "established", "dst", plan.ctl_address.split("/")[0]],
+                     capture_output=True, text=True, check=True).stdout
+    segment = {t.name: t.segment.subnet for t in plan.tors}
+    sources = {ipaddress.ip_address(re.findall(r"(\d+\.\d+\.\d+\.\d+)\]?:\d+", c)[0]) for c in conns.splitlines()}
+    victim = next(name for name, subnet in segment.items()
+                  if any(a in ipaddress.ip_network(subnet) for a in sources))
+    lab.router_stop(victim)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            lab.pod_add("node1", f"default/after-{victim}")
+            break
+        except Exception:
+            assert time.monotonic() < deadline, f"node1 could not write etcd 20 s after {victim} died"
+            time.sleep(1)
+    lab.router_start(victim)
 
 
 def test_make_demo_runs_and_cleans_up(new_lab_name):

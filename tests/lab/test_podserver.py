@@ -82,3 +82,12 @@ def test_matrix_across_a_veth(server, netns):
     netns.run(b, "ip", "link", "set", "v", "down")
     m = run_matrix(eps, eps, port=81, timeout=0.3)
     assert m.cell("ns/a", "ns/b") == "FAIL" and m.cell("ns/b", "ns/b") == "ok"
+
+
+def test_serves_ipv6_too(server, netns):
+    pod = netns.new("pod")
+    podserver.request(server, {"op": "add", "pod": "default/a6", "netns": pod})
+    for addr in ("::1", "127.0.0.1"):  # one socket per family, both answer
+        for udp in (False, True):
+            r = probe(pod, addr, 80, udp=udp, expect="default/a6")
+            assert r.ok, r

@@ -219,3 +219,15 @@ def test_frr_bfdd_as_the_peer(pair):
     finally:
         for d in (rdir, os.path.join("/var/run/frr", nb)):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_one_session_per_address_takes_the_quickest_detection():
+    from tortie.routing.bfd import Timers, fastest
+
+    egress = Timers(0.3, 0.3, 3)  # 0.9 s detection
+    peer = Timers(0.1, 0.1, 5)  # 0.5 s
+    other = Timers(1.0, 1.0, 3)
+    assert fastest([("10.0.0.1", egress), ("10.0.0.1", peer), ("10.0.0.2", other)]) == {
+        "10.0.0.1": peer, "10.0.0.2": other}
+    assert fastest([("10.0.0.1", peer), ("10.0.0.1", egress)]) == {"10.0.0.1": peer}  # order does not matter
+    assert fastest([("a", Timers(0.5, 0.3, 3)), ("a", Timers(0.2, 0.3, 3))]) == {"a": Timers(0.2, 0.3, 3)}
