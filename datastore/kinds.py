@@ -233,6 +233,11 @@ def _allowed_uses(f: Fields) -> None:
         raise ValidationError("must name distinct uses, at least one", field="spec.allowedUses")
     elif "LoadBalancer" in uses and len(uses) > 1:
         raise ValidationError("LoadBalancer cannot be combined with other uses", field="spec.allowedUses")
+    elif set(uses) in ({"Workload"}, {"Tunnel"}):
+        # IPAM has one path for pods and VTEP addresses (agent.vxlan_addr): one without the other
+        # cannot be honoured yet
+        raise ValidationError("Workload and Tunnel apart are not supported yet (give both, or LoadBalancer)",
+                              field="spec.allowedUses")
 
 
 VXLAN_MODES = ("Never", "Always", "CrossSubnet")

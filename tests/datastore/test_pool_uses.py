@@ -28,7 +28,8 @@ def test_a_load_balancer_pool_never_gives_a_pod_an_address(etcd):
 
 
 @pytest.mark.parametrize("uses,msg", [(["LoadBalancer", "Workload"], "cannot be combined"),
-                                      (["Gateway"], "is not one of"), ([], "at least one")])
+                                      (["Gateway"], "is not one of"), ([], "at least one"),
+                                      (["Tunnel"], "not supported yet"), (["Workload"], "not supported yet")])
 def test_bad_uses_are_refused_in_one_line(uses, msg):
     with pytest.raises(ValidationError) as err:
         res.validate({"apiVersion": "tortie.io/v1", "kind": "IPPool", "metadata": {"name": "x"},
