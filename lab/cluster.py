@@ -171,7 +171,7 @@ class Lab(LabServices):
         if st.cni == "tortie":
             pool = pools[4]
             resources = routers.bgp_resources(plan, pool, st.router_bfd, pools[6]) + \
-                reflector_resources(plan, st.reflectors) + lab_resources()
+                reflector_resources(plan, st.reflectors) + (lab_resources() if 4 in plan.versions else [])
             if 6 in plan.versions:
                 resources.insert(0, family.pool6_resource(pools[6]))
             extra = [a for r in resources for a in ("--resource", json.dumps(r))]

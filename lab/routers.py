@@ -416,8 +416,9 @@ def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False, pool6:
     res: list[dict] = [{
         "apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": "default"},
         "spec": {"nodeToNodeMeshEnabled": False, "asNumber": plan.nodes[0].as_number - 1,
-                 # the lab's Service ranges (lab.services), announced to the routers by every node
-                 "serviceClusterIPs": [{"cidr": CLUSTER_CIDR}], "serviceLoadBalancerIPs": [{"cidr": LB_CIDR}]},
+                 # the lab's Service ranges (lab.services, IPv4 only), announced to the routers by every node
+                 **({"serviceClusterIPs": [{"cidr": CLUSTER_CIDR}], "serviceLoadBalancerIPs": [{"cidr": LB_CIDR}]}
+                    if 4 in plan.versions else {})},
     }]
     res += [{"apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": f"node.{n.name}"},
              "spec": {"asNumber": n.as_number}} for n in plan.nodes]
