@@ -176,10 +176,8 @@ class ProxyManager(TablesManager):
         p = st.protocol
         out = []
         if st.has_endpoints:
-            out += [("service-ips", f"{a} . {p} . {st.port}", f"goto {svc_chain(st)}") for a in st.cluster_ips
-                    if st.cluster_backends]
-            out += [("no-endpoints", f"{a} . {p} . {st.port}", "goto reject-chain") for a in st.cluster_ips
-                    if not st.cluster_backends]
+            # (internalTrafficPolicy Local with none here: the svc chain drops, as kube-proxy does)
+            out += [("service-ips", f"{a} . {p} . {st.port}", f"goto {svc_chain(st)}") for a in st.cluster_ips]
             out += [("service-ips", f"{a} . {p} . {st.port}", f"goto {ext_chain(st)}") for a in st.external_ips]
             if st.node_port:
                 out.append(("node-ports", f"{p} . {st.node_port}", f"goto {ext_chain(st)}"))
@@ -195,8 +193,7 @@ class ProxyManager(TablesManager):
         out: dict[str, Chain] = {}
         if not st.has_endpoints:
             return out
-        if st.cluster_backends:
-            out[svc_chain(st)] = Chain(_spread(st, fam, st.cluster_backends))
+        out[svc_chain(st)] = Chain(_spread(st, fam, st.cluster_backends) if st.cluster_backends else ("drop",))
         if st.external_ips or st.node_port:
             if not st.external_local:
                 rules = ("jump mark-for-masquerade", *_spread(st, fam, st.external_backends)) \

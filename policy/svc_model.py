@@ -40,10 +40,13 @@ class ServicePortState:
     external_backends: tuple[Backend, ...] = ()  # traffic from outside (to external IPs, node ports)
     external_local: bool = False  # externalTrafficPolicy Local: source kept, local backends only
     affinity: int = 0  # sessionAffinity ClientIP timeout in seconds; 0: none
+    # usable endpoints on other nodes that a Local policy keeps this node from using: its
+    # traffic is then dropped ("no local endpoints"), not refused as for a Service with none
+    elsewhere: bool = False
 
     @property
     def has_endpoints(self) -> bool:
-        return bool(self.cluster_backends or self.external_backends)
+        return bool(self.cluster_backends or self.external_backends or self.elsewhere)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +119,8 @@ def service_ports(svc: Service, slices: Iterable[EndpointSlice], node: str) -> d
                 node_port=sp.node_port if svc.type in ("NodePort", "LoadBalancer") else None,
                 cluster_backends=_pick(local if svc.internal_local else cands),
                 external_backends=_pick(local if svc.external_local else cands),
-                external_local=svc.external_local, affinity=svc.affinity_timeout)
+                external_local=svc.external_local, affinity=svc.affinity_timeout,
+                elsewhere=bool(_pick(cands)))
     return out
 
 

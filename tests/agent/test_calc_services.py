@@ -100,6 +100,13 @@ def test_backend_choice_follows_kube_proxy():
     calc.on_update(_svc_key("shop", "web"), None)
     _fold(calc, emitted, health)
     assert emitted == {} and health == {}
+    # internalTrafficPolicy Local, the only endpoint elsewhere: none here, but not "no endpoints"
+    calc.on_update(_svc_key("shop", "web"), json.dumps(service("web", itp="Local", kind="ClusterIP")).encode())
+    calc.on_update(_slice_key("shop", "web-1"), json.dumps(endpoint_slice(
+        "web-1", "web", [("10.65.1.1", "node2", True, True, False)])).encode())
+    _fold(calc, emitted, health)
+    st_ = emitted["shop/web/tcp/80/v4"]
+    assert st_.cluster_backends == () and st_.elsewhere and st_.has_endpoints
 
 
 SERVICES = st.sampled_from(["web", "db"])

@@ -240,3 +240,13 @@ def test_ipv6_service_is_programmed_in_its_own_table(topo):
     assert list_table(ns["node"], "ip", TABLE) is not None  # the IPv4 Services are untouched
     put(mgr, None, key)
     assert list_table(ns["node"], "ip6", TABLE) is None
+
+
+def test_internal_local_without_a_local_endpoint_drops_rather_than_refuses(topo):
+    """internalTrafficPolicy Local, endpoints only on other nodes: kube-proxy drops ("has no
+    local endpoints"); a Service with no endpoints at all is refused instead."""
+    netns, mgr, ns = topo
+    put(mgr, state(backends=(), elsewhere=True))
+    answers, _ = run(netns, ns["c"], "tcp", CIP, 80, 1)
+    assert answers == ["timeout"], answers
+    put(mgr, state())
