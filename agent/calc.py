@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from tortie.agent.block_index import BlockIndex
 from tortie.agent.calc_policy import PolicyCalculator
+from tortie.agent.calc_services import ServiceCalculator, service_export_policies, service_exports
 from tortie.agent.state import ClusterState
 from tortie.bgp.messages import BGPConfigUpdate, ExportDelta, ExportPolicy
 from tortie.bgp.peers import compute_peers
@@ -220,7 +221,7 @@ def desired(
             if pool is not None and not pool.disable_bgp_export:
                 exports.add(str(net))  # borrowed: the owner's block route is less specific
 
-    exports |= egress_exports(state, node)
+    exports |= egress_exports(state, node) | service_exports(state, node)
     own = set(blocks)
     bgp_routes = set()
     refused = {}
@@ -485,6 +486,7 @@ class Calculation:
         st = self.state
         self.policy = PolicyCalculator(node, st.weps, st.policies, st.namespaces, st.calico_policies,
                                        st.global_policies, st.tiers, st.host_endpoints)
+        self.services = ServiceCalculator(node, self.state)
         self.learned: dict[str, tuple[str, ...]] = {}
         self._out = {c: _RouteOut(c) for c in (BLOCKS, WORKLOADS, BGP, ADOPTED, EGRESS)}
         self._blocks: list[tuple[str, ipaddress._BaseNetwork]] = []  # own confirmed blocks
@@ -552,7 +554,16 @@ class Calculation:
             self.policy.on_tier()
         elif kind == "namespace":
             self.policy.on_namespace(name)
+        elif kind in ("service", "endpointslice"):
+            before = self.services.exports
+            if kind == "service":
+                self.services.on_service(namespace, name)
+            else:
+                self.services.on_slice(namespace, name, old, new)
+            if self.services.exports != before:
+                self._exports_recompute()
         elif kind == "ippool":
+            self.services.on_pools()
             self._exports_recompute()
             self._policy_routing()
             self._nat_recompute()
@@ -562,6 +573,8 @@ class Calculation:
             self._bgp_recompute()
             self._peers_changed()
         elif kind in ("bgppeer", "bgpconfiguration"):
+            self.services.on_bgp_config()
+            self._exports_recompute()
             self._bgp_recompute()
             self._peers_changed()
         return True
@@ -612,6 +625,7 @@ class Calculation:
             out.append(self._nat_msg)
             self._nat_msg = None
         out += self.policy.take()
+        out += self.services.take()
         if self._bgp_msg is not None:
             out.append(self._bgp_msg)
             self._bgp_msg = None
@@ -657,6 +671,7 @@ class Calculation:
         self.egress = egress_plan(st, self.bfd_up, self.node, self.egress_learned)
         self.egress_imports = egress_imports(st, self.node)
         self._set_rules(want.rules)
+        self.services.recompute()  # before the exports: they hold the Services' announcements
         self._exports_recompute()  # builds the borrowed index; equals want.exports (tested)
         self._nat_recompute()
         self._bgp_recompute()
@@ -696,7 +711,7 @@ class Calculation:
                 _count(self._borrowed, before, after)
                 _count(self._pool_pods, pools_before, pools_after)
                 self._egress_exports = self._held_egress()
-                self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports)
+                self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports | self.services.exports)
         self.policy.on_wep(old, new)
 
     def _pools_of(self, wep: res.WorkloadEndpoint | None) -> set[str]:
@@ -758,7 +773,7 @@ class Calculation:
             _count(self._borrowed, (), self._borrowed_of(wep))
             _count(self._pool_pods, (), self._pools_of(wep))
         self._egress_exports = self._held_egress()
-        self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports)
+        self._set_exports(self._block_exports | self._borrowed.keys() | self._egress_exports | self.services.exports)
 
     def _set_exports(self, exports: set[str]) -> None:
         for p in exports - self._exports:
@@ -833,7 +848,8 @@ class Calculation:
         conf = st.bgp_config(self.node)
         peers = bgp_peers(st, self.node)
         msg = BGPConfigUpdate(peers, frozenset(p.cidr for p in st.pools.values()),
-                              tuple(getattr(conf, "communities", ()) or ()), export_policies(st, peers))
+                              tuple(getattr(conf, "communities", ()) or ()),
+                              export_policies(st, peers) + service_export_policies(st, self.node, peers))
         if msg != self._bgp:
             self._bgp = self._bgp_msg = msg
         self.bfd_peers = {p.address: p.bfd for p in peers if p.bfd}

@@ -558,7 +558,7 @@ class CNIServer:
             if not isinstance(_datastore_error(exc), errors.DatastoreUnavailable):
                 raise
             raise p.CNIError(p.NOT_AVAILABLE, "plugin not available: datastore unreachable", str(exc)) from None
-        if not any(not pool.disabled and pool.selects(labels) for pool in pools):
+        if not any(not pool.disabled and pool.for_workloads and pool.selects(labels) for pool in pools):
             raise p.CNIError(p.NOT_AVAILABLE, f"plugin not available: no usable IP pool for node {self.node}")
 
     async def _gc(self, req: p.CNIRequest) -> None:

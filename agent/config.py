@@ -38,6 +38,9 @@ class AgentConfig:
     # policies say ("tcp:22,udp:68", or "none"); the health port is added to the inbound ones
     failsafe_inbound_host_ports: str = FAILSAFE_INBOUND
     failsafe_outbound_host_ports: str = FAILSAFE_OUTBOUND
+    # Which Service proxy runs on this node: tortie's own (nftables) or none (a cluster that
+    # keeps kube-proxy: only the advertisement of Service addresses runs).
+    proxy_mode: str = "none"
 
     @property
     def node_address(self) -> str | None:
@@ -51,7 +54,9 @@ _KEYS = (
     "nodename", "node_ip", "node_ip6", "router_id", "as_number", "cni_socket", "state_dir", "health_host",
     "health_port", "metrics_host", "metrics_port", "resync_interval", "bgp_enabled", "bgp_graceful_restart", "log_format",
     "failsafe_inbound_host_ports", "failsafe_outbound_host_ports",
+    "proxy_mode",
 )
+PROXY_MODES = ("tortie", "none")
 
 
 def _coerce(key: str, value: str):
@@ -119,6 +124,9 @@ def load(env: dict[str, str] | None = None) -> AgentConfig:
             raise ValidationError(f"not an IP address: {getattr(cfg, key)!r}", field=f"TORTIE_{key.upper()}") from None
     for key in ("failsafe_inbound_host_ports", "failsafe_outbound_host_ports"):
         parse_ports(getattr(cfg, key), f"TORTIE_{key.upper()}")
+    if cfg.proxy_mode not in PROXY_MODES:
+        raise ValidationError(f"must be one of {', '.join(PROXY_MODES)}, not {cfg.proxy_mode!r}",
+                              field="TORTIE_PROXY_MODE")
     for key, version in (("node_ip", 4), ("node_ip6", 6)):
         value = getattr(cfg, key)
         try:

@@ -337,7 +337,7 @@ class Agent:
 
     # --- the dataplane driver --------------------------------------------------------
 
-    def _make_driver(self, routes, rules, nat, filt) -> None:
+    def _make_driver(self, routes, rules, nat, filt, proxy=()) -> None:
         from tortie.agent.driver import DataplaneDriver
         from tortie.bgp.export_mgr import BGPExportManager
         from tortie.policy.antispoof_mgr import AntiSpoofManager
@@ -363,7 +363,7 @@ class Agent:
         self.vxlan_mgr = VxlanManager()
         self.vxlan_mgr.on_repair = routes.request_resync
         self.driver = DataplaneDriver(
-            [self.vxlan_mgr, routes, rules, SysctlManager(), nat, spoof, filt, self.bgp_exports],
+            [self.vxlan_mgr, routes, rules, SysctlManager(), nat, spoof, filt, *proxy, self.bgp_exports],
             retry_delay=RETRY_DELAY, resync_interval=self.cfg.resync_interval,
             on_status=on_status, on_applied=on_applied,
             on_round=lambda ok: self._round_done(ok, routes))
@@ -377,9 +377,8 @@ class Agent:
 
         def nft_changed() -> None:
             if self.nft_monitor.drain():
-                nat.resync()
-                spoof.resync()
-                filt.resync()
+                for mgr in (nat, spoof, filt, *proxy):
+                    mgr.resync()
 
         self.driver.watch(self.nft_monitor, nft_changed)
 
@@ -661,7 +660,8 @@ class Agent:
         # routes stay as they are until the peers' full tables arrive.
         await asyncio.to_thread(routes.resync)
         self.calc.adopt(r for r in routes.actual().values() if r.gateways and r.table == MAIN_TABLE)
-        self._make_driver(routes, rules, NatManager(), FilterManager(**failsafe_ports(self.cfg)))
+        self._make_driver(routes, rules, NatManager(), FilterManager(**failsafe_ports(self.cfg)),
+                          self._proxy_managers())
         self._start_policy_log()
         await start_http(self.health, self.metrics, self.cfg.health_host, self.cfg.health_port,
                          self.cfg.metrics_host, self.cfg.metrics_port, on_scrape=self._on_scrape)
@@ -685,6 +685,19 @@ class Agent:
         await self.shutdown()
         if stop not in done:
             raise errors.TortieError("a component of the agent died; see the log")
+
+    def _proxy_managers(self) -> tuple:
+        """tortie's Service proxy and its health check node ports (TORTIE_PROXY_MODE=tortie),
+        or none (kube-proxy serves Services)."""
+        if self.cfg.proxy_mode != "tortie":
+            return ()
+        from tortie.policy.healthcheck import HealthCheckManager
+        from tortie.policy.proxy_mgr import ProxyManager
+
+        managers = (ProxyManager(), HealthCheckManager())
+        for m in managers:
+            self.health.register(m.name, deadline=max(3 * self.cfg.resync_interval, 30))
+        return managers
 
     async def shutdown(self) -> None:
         """Stop serving; leave the kernel as it is so pods keep working (the next agent adopts it)."""

@@ -37,6 +37,8 @@ class ClusterState:
     global_policies: dict[str, res.GlobalNetworkPolicy] = field(default_factory=dict)
     tiers: dict[str, res.Tier] = field(default_factory=dict)
     host_endpoints: dict[str, res.HostEndpoint] = field(default_factory=dict)
+    services: dict[tuple[str, str], res.Service] = field(default_factory=dict)
+    slices: dict[tuple[str, str], res.EndpointSlice] = field(default_factory=dict)
 
     KINDS = {
         "ippool": ("pools", res.IPPool),
@@ -52,11 +54,14 @@ class ClusterState:
         "workloadendpoint": ("weps", res.WorkloadEndpoint),
         "networkpolicy": ("policies", res.NetworkPolicy),
         "networkpolicy.tortie.io": ("calico_policies", res.CalicoNetworkPolicy),
+        "service": ("services", res.Service),
+        "endpointslice": ("slices", res.EndpointSlice),
     }
 
     def clear(self) -> None:
         for name in ("pools", "nodes", "bgp_peers", "bgp_configs", "weps", "affinities", "policies",
-                     "namespaces", "calico_policies", "global_policies", "tiers", "host_endpoints"):
+                     "namespaces", "calico_policies", "global_policies", "tiers", "host_endpoints",
+                     "services", "slices"):
             getattr(self, name).clear()
 
     def relative(self, key: str) -> str | None:

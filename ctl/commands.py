@@ -116,7 +116,8 @@ def _same(current: dict, wanted: dict) -> bool:
     """Whether applying `wanted` would change nothing the user controls."""
     def mine(r: dict) -> tuple:
         meta = r["metadata"]
-        return (r["spec"], meta.get("labels") or {}, meta.get("annotations") or {})
+        body = {k: v for k, v in r.items() if k != "metadata"}  # spec, or an EndpointSlice's fields
+        return (body, meta.get("labels") or {}, meta.get("annotations") or {})
     return mine(current) == mine(wanted)
 
 

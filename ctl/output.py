@@ -147,6 +147,23 @@ def _namespace(res: dict) -> tuple[str, ...]:
 
 _CALICO_HEADERS = ("NAME", "TIER", "ORDER", "SELECTOR", "TYPES")
 
+
+def _service(res: dict) -> tuple[str, ...]:
+    s = res["spec"]
+    ingress = ((res.get("status") or {}).get("loadBalancer") or {}).get("ingress") or ()
+    external = [*(i["ip"] for i in ingress if i.get("ip")), *s.get("externalIPs", ())]
+    ports = ",".join(f"{p['port']}{':' + str(p['nodePort']) if 'nodePort' in p else ''}/{p['protocol']}"
+                     for p in s.get("ports", ()))
+    return (res["metadata"]["name"], s["type"], s.get("clusterIP") or "-", ",".join(external) or "-", ports)
+
+
+def _endpoint_slice(res: dict) -> tuple[str, ...]:
+    addrs = [a for e in res.get("endpoints", ()) for a in e["addresses"]]
+    ports = ",".join(str(p.get("port", "-")) for p in res.get("ports") or ())
+    return (res["metadata"]["name"], res["addressType"], ports or "-",
+            ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more" if len(addrs) > 3 else "") or "-")
+
+
 # kind -> (headers, row, wide headers, wide row)
 TABLES: dict[str, tuple[tuple[str, ...], Row, tuple[str, ...], Row]] = {
     "ippool": (("NAME", "CIDR", "BLOCKSIZE", "NAT", "DISABLED", "SELECTOR"), _pool,
@@ -168,6 +185,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Row, tuple[str, ...], Row]] = {
     "hostendpoint": (("NAME", "NODE", "INTERFACE", "EXPECTED-IPS", "LABELS"), policy_output.host_endpoint, (),
                      policy_output.host_endpoint),
     "namespace": (("NAME", "LABELS"), _namespace, (), _namespace),
+    "service": (("NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORTS"), _service, (), _service),
+    "endpointslice": (("NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS"), _endpoint_slice, (), _endpoint_slice),
 }
 
 

@@ -212,7 +212,7 @@ class IPAM:
         is used whatever its nodeSelector says (as in Calico); a disabled one never is."""
         out = []
         for pool in ctx.pools:
-            if pool.disabled or _version(pool) != version:
+            if pool.disabled or not pool.for_workloads or _version(pool) != version:
                 continue
             if requested is not None:
                 if pool.name in requested or pool.cidr in requested:
@@ -427,6 +427,9 @@ class IPAM:
                     raise ValidationError(f"{addr} is not in any IPPool", field="ip")
                 if pool.disabled:
                     raise ValidationError(f"{addr} is in disabled IPPool {pool.name}", field="ip")
+                if not pool.for_workloads:
+                    raise ValidationError(f"{addr} is in IPPool {pool.name}, whose allowedUses exclude Workload",
+                                          field="ip")
                 cidr = block_of(addr, pool.cidr, pool.block_size)
                 found = [(b, r) for b, r in self._all_blocks()
                          if b.network.version == addr.version and b.network.overlaps(ipaddress.ip_network(cidr))]

@@ -28,6 +28,7 @@ from tortie.datastore.fields import (
     parse_ip,
     string,
 )
+from tortie.datastore.kinds_service import endpoint_slice_body, service_spec, service_status
 from tortie.errors import ValidationError
 
 API_VERSION = "tortie.io/v1"
@@ -77,6 +78,10 @@ class Kind:
     spec_required: bool = True
     serialized: bool = False  # writes of this kind are linearized by a serial key
     store_name: str = ""  # the key segment when the lower-case name is taken by another API's kind
+    # Kinds whose content is not under spec (EndpointSlice): validates the top-level fields
+    # given (resource, metadata) and returns them, replacing spec.
+    body: Callable[[dict, dict], dict] | None = None
+    status: Callable[[Any], dict | None] | None = None  # kinds whose status is kept (Service)
 
     @property
     def key(self) -> str:
@@ -126,6 +131,7 @@ def _pool_spec(f: Fields, meta: dict) -> None:
                               field="spec.blockSize")
     f.bool("natOutgoing", False)
     f.bool("disabled", False)
+    _allowed_uses(f)
     f.bool("disableBGPExport", False)
     f.selector("nodeSelector", default="all()")
     f.str("ipipMode", choices=("Never",))  # accepted from Calico YAML; this kernel has no ipip
@@ -207,6 +213,32 @@ def _pool_spec(f: Fields, meta: dict) -> None:
         b.int("asPathPrepend", 0, 10, default=0)
 
     f.obj_field("bgp", bgp)
+
+
+POOL_USES = ("Workload", "Tunnel", "LoadBalancer")
+
+
+def _allowed_uses(f: Fields) -> None:
+    """Calico's allowedUses: what the pool's addresses are for (default Workload, Tunnel).
+    A LoadBalancer pool gives Services their load-balancer addresses and never a pod one;
+    as in Calico it has no other use."""
+    def use(v: Any, where: str) -> str:
+        if v not in POOL_USES:
+            raise ValidationError(f"{v!r} is not one of {', '.join(POOL_USES)}", field=where)
+        return v
+
+    uses = f.list("allowedUses", use)  # unset: the default, not stored (pools written before stay equal)
+    if uses is None:
+        pass
+    elif not uses or len(set(uses)) != len(uses):
+        raise ValidationError("must name distinct uses, at least one", field="spec.allowedUses")
+    elif "LoadBalancer" in uses and len(uses) > 1:
+        raise ValidationError("LoadBalancer cannot be combined with other uses", field="spec.allowedUses")
+    elif set(uses) in ({"Workload"}, {"Tunnel"}):
+        # IPAM has one path for pods and VTEP addresses (agent.vxlan_addr): one without the other
+        # cannot be honoured yet
+        raise ValidationError("Workload and Tunnel apart are not supported yet (give both, or LoadBalancer)",
+                              field="spec.allowedUses")
 
 
 VXLAN_MODES = ("Never", "Always", "CrossSubnet")
@@ -341,9 +373,7 @@ def _bgp_config_spec(f: Fields, meta: dict) -> None:
         return c.done()
 
     for name in ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs"):
-        if f.list(name, cidr_item):  # Services (issue 9) will advertise them
-            raise ValidationError("is not supported yet (Service addresses are not advertised)",
-                                  field=f"spec.{name}")
+        f.list(name, cidr_item)  # announced to the routers (agent.calc_services.service_exports)
 
     f.list("communities", community)  # attached to every prefix this node exports
 
@@ -470,6 +500,10 @@ KINDS: dict[str, Kind] = {
              ("globalnetworkpolicies", "gnp", "gnps")),
         Kind("Tier", API_VERSION, False, calico_policy.tier_spec, ("tiers",), spec_required=False),
         Kind("HostEndpoint", API_VERSION, False, calico_policy.host_endpoint_spec, ("hostendpoints", "hep", "heps")),
+        Kind("Service", "v1", True, service_spec, ("services", "svc"), name_pattern=DNS_LABEL,
+             status=service_status),
+        Kind("EndpointSlice", "discovery.k8s.io/v1", True, lambda f, meta: None,
+             ("endpointslices", "endpointslice", "eps"), spec_required=False, body=endpoint_slice_body),
     )
 }
 _ALIASES = {a: k for k in KINDS.values() for a in (k.key, *k.aliases)}
@@ -504,16 +538,23 @@ def validate(resource: Any) -> dict:
     if resource.get("apiVersion") != kind.api_version:
         raise ValidationError(f"{kind.name} is {kind.api_version!r}, not {resource.get('apiVersion')!r}",
                               field="apiVersion")
-    unknown = set(resource) - {"apiVersion", "kind", "metadata", "spec", "status"}
+    top = {"addressType", "endpoints", "ports"} if kind.body else {"spec"}
+    unknown = set(resource) - {"apiVersion", "kind", "metadata", "status"} - top
     if unknown:
         field = sorted(unknown)[0]
         raise ValidationError(f"unknown field {field!r}", field=field)
     meta = _metadata(kind, resource.get("metadata"))
+    if kind.body is not None:
+        return {"apiVersion": kind.api_version, "kind": kind.name, "metadata": meta, **kind.body(resource, meta)}
     if resource.get("spec") is None and kind.spec_required:
         raise ValidationError("is required", field="spec")
     spec = Fields(resource.get("spec"), "spec")
     kind.spec(spec, meta)
-    return {"apiVersion": kind.api_version, "kind": kind.name, "metadata": meta, "spec": spec.done()}
+    out = {"apiVersion": kind.api_version, "kind": kind.name, "metadata": meta, "spec": spec.done()}
+    status = kind.status(resource.get("status")) if kind.status else None
+    if status:
+        out["status"] = status
+    return out
 
 
 def key_for(kind: Kind, name: str, namespace: str | None = None) -> str:

@@ -53,12 +53,14 @@ from tortie.datastore.views import (
     WorkloadEndpoint,
     effective_bgp_config,
 )
+from tortie.datastore.views_service import Endpoint, EndpointSlice, Service, ServicePort, SlicePort
 
 VIEWS = {**VIEWS, **_CALICO_VIEWS}
 
 __all__ = [
     "API_VERSION", "DEFAULT_AS", "KINDS", "VIEWS", "BGPConfiguration", "BGPPeer", "CalicoNetworkPolicy", "CalicoRule",
-    "Egress", "EndpointPort", "FrozenLabels", "GlobalNetworkPolicy", "HostEndpoint", "IPAMConfig", "IPPool", "Kind", "Namespace",
-    "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort", "PolicyRule", "PoolBGP", "Tier", "View", "WorkloadEndpoint",
+    "Egress", "Endpoint", "EndpointPort", "EndpointSlice", "FrozenLabels", "GlobalNetworkPolicy", "HostEndpoint",
+    "IPAMConfig", "IPPool", "Kind", "Namespace", "NetworkPolicy", "Node", "PolicyPeer", "PolicyPort", "PolicyRule",
+    "PoolBGP", "Service", "ServicePort", "SlicePort", "Tier", "View", "WorkloadEndpoint",
     "effective_bgp_config", "key_for", "kind_for", "kind_of", "parse_key", "split_peer_ip", "validate",
 ]

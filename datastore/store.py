@@ -154,6 +154,8 @@ class ResourceStore:
         blind = likely_new and wanted_rev is None and not kind.serialized and kind.key not in CHECKS
         if kind.key == "ippool":
             _check_pool_nodes(res, self.views("Node"))
+        elif kind.key == "endpointslice":
+            _check_slice_addresses(res, self.list("IPPool"), self.views("Node"))
         for _ in range(self.retries):
             if blind:  # guarded by "absent": a create that fails is simply a replace below
                 blind = False
@@ -270,6 +272,21 @@ def _check_egress_next_hop(pool: dict, nodes: list) -> None:
             log.warning("egress next hop is on no subnet of any known node: where it is not reachable the "
                         "pool's traffic is refused", pool=pool["metadata"]["name"], next_hop=hop,
                         subnets=sorted({str(s) for s in subnets}))
+
+
+def _check_slice_addresses(eps: dict, pools: list[dict], nodes: list) -> None:
+    """An endpoint is a pod (inside a pool) or a host-network pod (a node's address): any
+    other address is most likely a typo that would send the Service's traffic off the cluster."""
+    nets = [ipaddress.ip_network(p["spec"]["cidr"]) for p in pools
+            if "Workload" in p["spec"].get("allowedUses", ("Workload",))]
+    hosts = {ipaddress.ip_interface(a).ip for n in nodes
+             for a in (n.ipv4_address, n.ipv6_address, *n.addresses) if a}
+    for i, endpoint in enumerate(eps.get("endpoints", ())):
+        for j, addr in enumerate(endpoint["addresses"]):
+            ip = ipaddress.ip_address(addr)
+            if ip not in hosts and not any(ip in net for net in nets):
+                raise ValidationError(f"{addr} is outside every workload IPPool and is no node's address",
+                                      field=f"endpoints[{i}].addresses[{j}]")
 
 
 CHECKS: dict[str, Callable[[dict, dict | None, list[dict]], None]] = {"ippool": _check_pool}

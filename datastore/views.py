@@ -46,10 +46,16 @@ class View:
             object.__setattr__(self, "labels", FrozenLabels(self.labels))
 
     @classmethod
-    def from_resource(cls, resource: Mapping):
+    def checked(cls, resource: Mapping) -> dict:
+        """The validated resource, which must be of this view's kind."""
         res = validate(resource)
         if res["kind"] != cls.KIND or (cls.API and res["apiVersion"] != cls.API):
             raise ValidationError(f"expected a {cls.KIND}, got {res['kind']}", field="kind")
+        return res
+
+    @classmethod
+    def from_resource(cls, resource: Mapping):
+        res = cls.checked(resource)
         meta, spec = res["metadata"], res["spec"]
         return cls(name=meta["name"], labels=FrozenLabels(meta.get("labels", {})),
                    resource_version=int(meta.get("resourceVersion", 0)), **cls._spec(meta, spec))
@@ -120,11 +126,18 @@ class IPPool(View):
     vxlan_mode: str = "Never"  # Never | Always | CrossSubnet
     vxlan_vni: int = VXLAN_DEFAULT_VNI
     vxlan_mtu: int | None = None  # None: the uplink's MTU minus the encapsulation
+    allowed_uses: tuple[str, ...] = ("Workload", "Tunnel")
+
+    @property
+    def for_workloads(self) -> bool:
+        """Whether pods get addresses from it (a LoadBalancer pool's are Services')."""
+        return "Workload" in self.allowed_uses
 
     @staticmethod
     def _spec(meta: dict, spec: dict) -> dict:
         e, b = spec.get("egress"), spec.get("bgp")
         return dict(cidr=spec["cidr"], block_size=spec["blockSize"], nat_outgoing=spec["natOutgoing"],
+                    allowed_uses=tuple(spec.get("allowedUses", ("Workload", "Tunnel"))),
                     disabled=spec["disabled"], disable_bgp_export=spec["disableBGPExport"],
                     node_selector=spec["nodeSelector"],
                     egress=Egress.from_spec(e) if e else None, bgp=PoolBGP.from_spec(b) if b else None,

@@ -1,6 +1,7 @@
 """tortie-controller: Kubernetes -> datastore mirroring and IPAM garbage collection.
 
-One reflector thread per Kubernetes kind (Nodes, Namespaces, NetworkPolicies, Pods)
+One reflector thread per Kubernetes kind (Nodes, Namespaces, NetworkPolicies, Services,
+EndpointSlices, Pods)
 lists, then watches from the list's resourceVersion, and hands raw objects to the main
 loop through one queue. A dropped stream is re-watched from the last resourceVersion
 seen; `410 Gone` (history compacted) means a fresh list. A datastore Syncer thread does
@@ -58,6 +59,7 @@ from tortie.errors import Conflict, DatastoreUnavailable, NotFound, TortieError,
 from tortie.health import Health
 from tortie.kube import mirror
 from tortie.kube.gc import IPAMGarbageCollector
+from tortie.kube.lb_assign import LoadBalancerAssigner
 from tortie.kube.leader import LeaderElectionConfig, LeaderElector
 from tortie.kube.podinfo import api_client
 from tortie.log import get_logger
@@ -65,8 +67,8 @@ from tortie.metrics import Registry
 
 log = get_logger("controller")
 
-KINDS = ("Node", "Namespace", "NetworkPolicy", "Pod")
-MIRRORED = ("Namespace", "NetworkPolicy")
+KINDS = ("Node", "Namespace", "NetworkPolicy", "Service", "EndpointSlice", "Pod")
+MIRRORED = ("Namespace", "NetworkPolicy", "Service", "EndpointSlice")
 
 
 @dataclass(frozen=True)
@@ -334,7 +336,10 @@ class Controller:
         core, net = k8s.CoreV1Api(self.api), k8s.NetworkingV1Api(self.api)
         list_fns = {"Node": core.list_node, "Namespace": core.list_namespace,
                     "NetworkPolicy": net.list_network_policy_for_all_namespaces,
+                    "Service": core.list_service_for_all_namespaces,
+                    "EndpointSlice": k8s.DiscoveryV1Api(self.api).list_endpoint_slice_for_all_namespaces,
                     "Pod": core.list_pod_for_all_namespaces}
+        self.lb = LoadBalancerAssigner(core)  # Services' load-balancer addresses (leader only)
         self.reflectors = {kind: Reflector(kind, list_fns[kind], self.queue, watch_timeout=config.watch_timeout,
                                            retry_interval=config.retry_interval, health=self.health)
                            for kind in KINDS}
@@ -432,6 +437,8 @@ class Controller:
                         self.health.ok("datastore")
                     if scanning and not self.scan and retry_at is None:
                         self.resyncs += 1
+                if leading and "Service" in self.listed:
+                    self.lb.assign(self.objects["Service"], lambda: self.store.list("IPPool"))
                 # In sync: the leader once its first pass wrote the difference; a standby
                 # once its view is complete and it knows it does not lead.
                 decided = self.elector is None or self.elector.decided.is_set()

@@ -2,9 +2,10 @@
 
 What the controller keeps in the datastore, and how it is derived:
 
-- Namespaces and NetworkPolicies: the object as the user wrote it (kind, apiVersion,
+- Namespaces, NetworkPolicies, Services and EndpointSlices: the object as the user wrote it (kind, apiVersion,
   name, namespace, labels, annotations, spec), without the API server's bookkeeping
-  (status, managedFields, uid, resourceVersion, ...). Each mirrored copy carries the
+  (status, managedFields, uid, resourceVersion, ...; a Service keeps
+  status.loadBalancer.ingress, which the proxy serves). Each mirrored copy carries the
   annotation `tortie.io/mirrored-from: kubernetes`, so a resync deletes only what the
   controller wrote and never a policy a user applied with tortiectl.
 - Nodes: only metadata.labels of the tortie Node come from Kubernetes; the rest (the
@@ -32,7 +33,10 @@ SYSTEM_LABEL_PREFIXES = ("tortie.io/", "projectcalico.org/")
 # Written by the datastore on every write; not part of what the object says.
 _STORE_META = ("resourceVersion", "uid", "creationTimestamp")
 
-MIRRORED_KINDS = {"Namespace": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
+MIRRORED_KINDS = {"Namespace": "v1", "NetworkPolicy": "networking.k8s.io/v1", "Service": "v1",
+                  "EndpointSlice": "discovery.k8s.io/v1"}
+NAMESPACED_KINDS = ("NetworkPolicy", "Service", "EndpointSlice")
+_SLICE_FIELDS = ("addressType", "endpoints", "ports")
 
 
 @dataclass(frozen=True)
@@ -93,15 +97,21 @@ def mirrored(obj: Mapping[str, Any], kind: str) -> dict:
     """The datastore copy of a Namespace or NetworkPolicy."""
     meta = obj.get("metadata") or {}
     out_meta: dict[str, Any] = {"name": meta["name"]}
-    if kind == "NetworkPolicy":
+    if kind in NAMESPACED_KINDS:
         out_meta["namespace"] = meta.get("namespace") or "default"
     if meta.get("labels"):
         out_meta["labels"] = dict(meta["labels"])
     annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k not in _DROPPED_ANNOTATIONS}
     annotations[MIRROR_ANNOTATION] = MIRROR_SOURCE
     out_meta["annotations"] = annotations
-    return {"apiVersion": MIRRORED_KINDS[kind], "kind": kind, "metadata": out_meta,
-            "spec": dict(obj.get("spec") or {})}
+    out = {"apiVersion": MIRRORED_KINDS[kind], "kind": kind, "metadata": out_meta}
+    if kind == "EndpointSlice":  # no spec: its content is top-level
+        return {**out, **{k: obj[k] for k in _SLICE_FIELDS if obj.get(k) is not None}}
+    out["spec"] = dict(obj.get("spec") or {})
+    lb = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress")
+    if kind == "Service" and lb:  # the addresses a load balancer (or tortie) gave it
+        out["status"] = {"loadBalancer": {"ingress": lb}}
+    return out
 
 
 def is_mirrored(resource: Mapping[str, Any]) -> bool:

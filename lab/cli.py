@@ -30,7 +30,7 @@ import sys
 
 from tortie.datastore.fields import PORT_NAME
 from tortie.errors import TortieError, ValidationError
-from tortie.lab import family, topology
+from tortie.lab import family, services, topology
 from tortie.lab.cluster import AGENT_MODES, CNI_MODES, Lab
 from tortie.lab.teardown import teardown
 
@@ -142,11 +142,13 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", parents=[common], help="exit 0 iff SRC reaches DST:PORT")
     pr.add_argument("src", metavar="SRC_POD|NODE")
-    pr.add_argument("dst", metavar="DST_POD|IP")
+    pr.add_argument("dst", metavar="DST_POD|IP|svc:NAMESPACE/NAME")
     pr.add_argument("port", type=int)
     pr.add_argument("--udp", action="store_true")
     pr.add_argument("--timeout", type=float, default=1.0)
     _family_args(pr)
+    pr.add_argument("--show", action="store_true", help="print the answer (<pod> <client address as seen>)")
+    services.add_parser(sub, common)
 
     mx = sub.add_parser("matrix", parents=[common], help="every node and pod to every pod")
     mx.add_argument("--port", type=int, default=80)
@@ -241,6 +243,8 @@ def run(argv: list[str]) -> int:
             labels = lab.pod_label(args.pod, _kv([x for x in args.labels if "=" in x], "label"), remove)
             print(json.dumps(labels, sort_keys=True))
         return 0
+    if args.cmd == "svc":
+        return services.run(lab, args)
     if args.cmd == "agent":
         if args.action in ("stop", "restart"):
             lab.agent_stop(args.node, signal.SIGKILL if args.kill else signal.SIGTERM)
@@ -289,6 +293,8 @@ def run(argv: list[str]) -> int:
         return lab.exec(args.pod, rest).returncode
     if args.cmd == "probe":
         r = lab.probe(args.src, args.dst, args.port, udp=args.udp, timeout=args.timeout, family=args.family)
+        if args.show and r.ok:
+            print(r.reply)
         detail = f"answered {r.reply!r}" if r.ok else (r.error or "no answer")
         print(f"{r.src} -> {r.dst} ({r.addr}) {r.proto}/{r.port}: {'ok' if r.ok else 'FAIL'}, "
               f"{detail}, {r.ms} ms")

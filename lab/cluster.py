@@ -37,6 +37,7 @@ from tortie.lab import subnets as lab_subnets
 from tortie.lab.cniexec import PTP_SUBNET
 from tortie.lab.etcd_server import EtcdServer
 from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
+from tortie.lab.services import LabServices, lab_resources
 from tortie.lab.state import LabState, Pod, Proc
 from tortie.lab.teardown import Echo, quiet, teardown
 from tortie.lab.topology import NodePlan, Plan, TorPlan
@@ -78,7 +79,7 @@ def resolve_agent(mode: str) -> str:
     return "agent" if mode == "auto" else mode
 
 
-class Lab:
+class Lab(LabServices):
     """A handle on a running lab; every method re-reads its state file."""
 
     def __init__(self, name: str = topology.DEFAULT_LAB) -> None:
@@ -170,7 +171,7 @@ class Lab:
         if st.cni == "tortie":
             pool = pools[4]
             resources = routers.bgp_resources(plan, pool, st.router_bfd, pools[6]) + \
-                reflector_resources(plan, st.reflectors)
+                reflector_resources(plan, st.reflectors) + (lab_resources() if 4 in plan.versions else [])
             if 6 in plan.versions:
                 resources.insert(0, family.pool6_resource(pools[6]))
             extra = [a for r in resources for a in ("--resource", json.dumps(r))]
@@ -602,6 +603,7 @@ class Lab:
             "TORTIE_METRICS_PORT": str(METRICS_PORT),
             "TORTIE_LOG_FORMAT": "json",
             "TORTIE_BGP_GRACEFUL_RESTART": str(routers.GRACEFUL_RESTART),
+            "TORTIE_PROXY_MODE": "tortie",  # the lab has no kube-proxy: tortie serves Services
             **st.agent_env,
         }
         if st.agent == "agent":
@@ -794,6 +796,7 @@ class Lab:
                  "addresses": p.addresses or [a for a in (p.address,) if a]}
                 for p in sorted(st.pods.values(), key=lambda p: p.ref)
             ],
+            "services": self.svc_list() if st.phase == "ready" else [],
         }, plan)
 
     # --- pods -----------------------------------------------------------------------
@@ -837,11 +840,13 @@ class Lab:
         except BaseException:
             self._remove_pod(pod, st)
             raise
+        self.svc_sync()
         return done.address or ""
 
     def pod_del(self, ref: str) -> None:
         pod = self.pod(ref)
         err = self._remove_pod(pod, self.state())
+        self.svc_sync()
         if err:
             raise err
 
@@ -871,6 +876,7 @@ class Lab:
         labels = self._dsops(*args)
         self._record(lambda s: s.pods.__setitem__(pod.ref, replace(s.pods[pod.ref], labels=labels))
                      if pod.ref in s.pods else None)
+        self.svc_sync()
         return labels
 
     def wep(self, ref: str) -> dict | None:
@@ -910,6 +916,8 @@ class Lab:
         `family` 4 or 6: which of the pod's addresses (default: IPv4, where the lab has it)."""
         src_ns = self.netns_of(src)
         expect = None
+        if dst.startswith("svc:"):  # a Service: its cluster IP; any of its pods may answer
+            return probe(src_ns, self.svc_address(dst[4:]), port, udp=udp, timeout=timeout, src=src, dst=dst)
         try:
             addr = str(ipaddress.ip_address(dst))
         except ValueError:
@@ -953,10 +961,10 @@ class Lab:
             raise TortieError(f"tortiectl {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
         return r
 
-    def _dsops(self, *args: str):
+    def _dsops(self, *args: str, module: str = "tortie.lab.dsops"):
         st = self.state()
         plan = _plan_from(st)
-        r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-m", "tortie.lab.dsops",
+        r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-m", module,
                         "--endpoints", ",".join(plan.etcd_endpoints), "--prefix", st.etcd_prefix, *args],
                        check=False, env=self._env({**self._etcd_env(st, plan), "TORTIE_LOG_LEVEL": "warning"}))
         if r.returncode != 0:

@@ -2,8 +2,10 @@
 
 Cheaper than a server process per pod: for each pod it switches its thread into the
 pod's namespace, creates the listening sockets there (TCP and UDP, IPv4 and IPv6), and
-switches back (a socket stays in the namespace it was made in). TCP answers each connection with the
-pod's name and closes; UDP answers each datagram with the pod's name.
+switches back (a socket stays in the namespace it was made in). TCP answers each
+connection, UDP each datagram, with `<pod name> <client address as the pod saw it>`: a
+probe learns which pod answered and whether the source address survived (a Service's
+masquerade, or not).
 
 Pods are added and removed over a control socket (one JSON object per line):
     {"op": "add", "pod": "ns/name", "netns": "<netns name>"}  -> {"ok": true}
@@ -34,8 +36,8 @@ log = get_logger("lab.podserver")
 
 
 class _Echo(asyncio.DatagramProtocol):
-    def __init__(self, reply: bytes) -> None:
-        self.reply = reply
+    def __init__(self, pod: str) -> None:
+        self.pod = pod
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport) -> None:
@@ -43,7 +45,7 @@ class _Echo(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr) -> None:
         if self.transport is not None:
-            self.transport.sendto(self.reply, addr)
+            self.transport.sendto(f"{self.pod} {addr[0]}\n".encode(), addr)
 
 
 class PodServer:
@@ -53,7 +55,6 @@ class PodServer:
     async def add(self, pod: str, netns: str) -> None:
         if pod in self.pods:
             await self.remove(pod)
-        reply = f"{pod}\n".encode()
         socks: list[socket.socket] = []
         try:
             with nsutil.in_netns(netns):
@@ -75,7 +76,8 @@ class PodServer:
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
-                writer.write(reply)
+                peer = writer.get_extra_info("peername") or ("?",)
+                writer.write(f"{pod} {peer[0]}\n".encode())
                 await writer.drain()
             writer.close()
 
@@ -84,7 +86,7 @@ class PodServer:
                 s.listen(128)
                 handles.append(await asyncio.start_server(answer, sock=s))
             else:
-                transport, _ = await loop.create_datagram_endpoint(lambda: _Echo(reply), sock=s)
+                transport, _ = await loop.create_datagram_endpoint(lambda: _Echo(pod), sock=s)
                 handles.append(transport)
         self.pods[pod] = handles
         log.info("pod served", pod=pod, netns=netns)

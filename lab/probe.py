@@ -34,6 +34,17 @@ class ProbeResult:
     error: str = ""
     ms: float = 0.0
 
+    @property
+    def answered_by(self) -> str:
+        """The pod that answered (lab pods answer `<pod> <client address as seen>`)."""
+        return self.reply.split(" ")[0] if self.reply else ""
+
+    @property
+    def seen_as(self) -> str:
+        """The client's address as the answering pod saw it ("" if the reply did not say)."""
+        parts = self.reply.split(" ")
+        return parts[1] if len(parts) > 1 else ""
+
 
 def probe(src_netns: str, addr: str, port: int, *, udp: bool = False, timeout: float = DEFAULT_TIMEOUT,
           expect: str | None = None, src: str | None = None, dst: str | None = None) -> ProbeResult:
@@ -51,7 +62,7 @@ def probe(src_netns: str, addr: str, port: int, *, udp: bool = False, timeout: f
     except OSError as exc:
         error = exc.strerror or type(exc).__name__
     ok = bool(reply) and not error
-    if ok and expect is not None and reply != expect:
+    if ok and expect is not None and reply.split(" ")[0] != expect:
         ok, error = False, f"answered by {reply!r}, expected {expect!r}"
     elif not ok and not error:
         error = "no reply"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from tortie.errors import DataplaneError, ValidationError
 from tortie.lab import family, nsutil
+from tortie.lab.services import CLUSTER_CIDR, LB_CIDR
 from tortie.lab.topology import Plan, TorPlan
 
 API_VERSION = "tortie.io/v1"
@@ -414,7 +415,10 @@ def bgp_resources(plan: Plan, pool: str | None = None, bfd: bool = False, pool6:
             accept[net.version].append(p)
     res: list[dict] = [{
         "apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": "default"},
-        "spec": {"nodeToNodeMeshEnabled": False, "asNumber": plan.nodes[0].as_number - 1},
+        "spec": {"nodeToNodeMeshEnabled": False, "asNumber": plan.nodes[0].as_number - 1,
+                 # the lab's Service ranges (lab.services, IPv4 only), announced to the routers by every node
+                 **({"serviceClusterIPs": [{"cidr": CLUSTER_CIDR}], "serviceLoadBalancerIPs": [{"cidr": LB_CIDR}]}
+                    if 4 in plan.versions else {})},
     }]
     res += [{"apiVersion": API_VERSION, "kind": "BGPConfiguration", "metadata": {"name": f"node.{n.name}"},
              "spec": {"asNumber": n.as_number}} for n in plan.nodes]

@@ -177,13 +177,15 @@ class Obj:
     type: str = ""
     data: str = ""
     flags: tuple[str, ...] = ()
+    timeout: int = 0  # seconds: elements added by the packet path expire (a dynamic set)
 
     def spec(self) -> str:
         if self.kind == "counter":
             return ""
         typ = f"type {self.type} : {self.data};" if self.kind == "map" else f"type {self.type};"
         flags = f" flags {', '.join(self.flags)};" if self.flags else ""
-        return f"{{ {typ}{flags} }}"
+        timeout = f" timeout {self.timeout}s;" if self.timeout else ""
+        return f"{{ {typ}{flags}{timeout} }}"
 
     def element(self, key: str, value: str | None) -> str:
         """How nft writes an element (`value` None: the key alone, for a delete)."""
@@ -284,10 +286,11 @@ class NftTable:
             elif kind in ("set", "map", "counter") and not o["name"].startswith("__"):
                 typ, flags = o.get("type", ""), o.get("flags", ())
                 obj = Obj(kind, typ if isinstance(typ, str) else " . ".join(typ), o.get("map", ""),
-                          (flags,) if isinstance(flags, str) else tuple(flags))
+                          (flags,) if isinstance(flags, str) else tuple(flags), o.get("timeout", 0))
                 objects[o["name"]] = obj
                 want = self.objects.desired.get(o["name"])
-                if kind != "counter" and want is not None and want == obj:
+                # a dynamic set's elements are the packet path's (affinity), never ours to diff
+                if kind != "counter" and want is not None and want == obj and "dynamic" not in obj.flags:
                     for raw in o.get("elem", ()):
                         if kind == "map":
                             k, v = _canon_elem(obj, raw[0]), _canon_verdict(raw[1])

@@ -90,9 +90,19 @@ def netns():
         ns.cleanup()
 
 
+@pytest.fixture(scope="module")
+def netns_module():
+    """Like `netns`, shared by a module's tests (a topology built once)."""
+    ns = Netns()
+    try:
+        yield ns
+    finally:
+        ns.cleanup()
+
+
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="needs root for network namespaces")
         for item in items:
-            if "netns" in getattr(item, "fixturenames", ()):
+            if {"netns", "netns_module"} & set(getattr(item, "fixturenames", ())):
                 item.add_marker(skip)

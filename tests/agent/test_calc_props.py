@@ -21,6 +21,7 @@ from tortie.bgp.messages import BGPConfigUpdate, ExportDelta
 from tortie.datastore import keys
 from tortie.datastore import resources as res
 from tortie.policy.messages import EndpointFilterUpdate, NatUpdate, PolicyUpdate
+from tortie.policy.svc_model import HealthCheckUpdate, ProxyConfigUpdate, ServicePortUpdate
 from tortie.routing.messages import RouteDelta, RulesUpdate
 
 P = "/tortie/"
@@ -39,6 +40,8 @@ class Accumulated:
         self.pods: dict = {}
         self.bgp: BGPConfigUpdate | None = None
         self.exports: set[str] = set()
+        self.proxy: dict = {}  # Services (their own property test: tests/agent/test_calc_services.py)
+        self.pod_cidrs: frozenset[str] | None = None
 
     def feed(self, msgs: list) -> None:
         for m in msgs:
@@ -74,12 +77,16 @@ class Accumulated:
                 assert m.removed <= self.exports, "export removed that was never added"
                 self.exports |= m.added
                 self.exports -= m.removed
+            elif isinstance(m, ProxyConfigUpdate):
+                self.pod_cidrs = m.pod_cidrs
+            elif isinstance(m, (ServicePortUpdate, HealthCheckUpdate)):
+                self.proxy[m] = True
             else:
                 raise AssertionError(f"unknown message {m!r}")
 
     def view(self):
         return ({c: r for c, r in self.routes.items() if r}, {c: r for c, r in self.rules.items() if r},
-                self.nat, self.policies, self.pods, self.bgp, self.exports)
+                self.nat, self.policies, self.pods, self.bgp, self.exports, self.proxy, self.pod_cidrs or frozenset())
 
 
 # --- resources ------------------------------------------------------------------------------

@@ -29,10 +29,6 @@ _WEP = {"apiVersion": "tortie.io/v1", "kind": "WorkloadEndpoint", "metadata": {"
 @pytest.mark.parametrize(("resource", "field"), [
     ({**_PEER, "spec": {**_PEER["spec"], "keepOriginalNextHop": True}}, "spec.keepOriginalNextHop"),
     ({**_PEER, "spec": {**_PEER["spec"], "holdTime": 90, "keepAliveTime": 20}}, "spec.keepAliveTime"),
-    ({**_BGPCONF, "spec": {"serviceClusterIPs": [{"cidr": "10.96.0.0/12"}]}}, "spec.serviceClusterIPs"),
-    ({**_BGPCONF, "spec": {"serviceExternalIPs": [{"cidr": "192.0.2.0/24"}]}}, "spec.serviceExternalIPs"),
-    ({**_BGPCONF, "spec": {"serviceLoadBalancerIPs": [{"cidr": "198.51.100.0/24"}]}},
-     "spec.serviceLoadBalancerIPs"),
     ({**_WEP, "spec": {"node": "n", "profiles": ["kns.default"]}}, "spec.profiles"),
 ])
 def test_settings_tortie_would_ignore_are_refused(resource, field):
@@ -41,6 +37,17 @@ def test_settings_tortie_would_ignore_are_refused(resource, field):
         r.validate(resource)
     assert err.value.field == field and "is not supported yet" in str(err.value), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_service_ranges_are_accepted_now_that_they_are_announced():
+    """Issue 9: the Service ranges work (agent.calc_services.service_exports), so they are kept."""
+    doc = r.validate({**_BGPCONF, "spec": {"serviceClusterIPs": [{"cidr": "10.96.0.0/12"}],
+                                           "serviceExternalIPs": [{"cidr": "192.0.2.0/24"}],
+                                           "serviceLoadBalancerIPs": [{"cidr": "198.51.100.0/24"}]}})
+    assert doc["spec"]["serviceLoadBalancerIPs"] == [{"cidr": "198.51.100.0/24"}]
+    with pytest.raises(ValidationError) as err:
+        r.validate({**_BGPCONF, "spec": {"serviceClusterIPs": [{"cidr": "10.96.0.1/12"}]}})
+    assert err.value.field == "spec.serviceClusterIPs[0].cidr"
 
 
 def test_unsupported_settings_at_their_default_are_accepted():

@@ -65,6 +65,8 @@ RESOURCES = {r.plural: r for r in (
     Resource("namespaces", "Namespace", "v1", False),
     Resource("pods", "Pod", "v1", True),
     Resource("networkpolicies", "NetworkPolicy", "networking.k8s.io/v1", True),
+    Resource("services", "Service", "v1", True),
+    Resource("endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True),
     Resource("leases", "Lease", "coordination.k8s.io/v1", True, unconditional_update=False, create_on_update=True),
 )}
 _BASES = tuple(sorted({r.base + "/" for r in RESOURCES.values()}))
@@ -298,6 +300,20 @@ class FakeAPIServer:
             self.writes.append(Write(time.monotonic(), time.time(), "PUT", res.plural, copy.deepcopy(out)))
             return code, out
 
+    def http_replace_status(self, res: Resource, ns: str | None, name: str, obj: dict) -> tuple[int, dict]:
+        """PUT of the status subresource: only `status` changes (409 on a stale resourceVersion)."""
+        with self._cond:
+            obj = self._checked_body(res, ns, name, obj)
+            cur = self._objects[res.plural].get((ns, name))
+            if cur is None:
+                raise APIError(404, "NotFound", f'{res.plural}.{_group(res)} "{name}" not found')
+            rv = obj["metadata"].get("resourceVersion")
+            if rv and rv != cur["metadata"]["resourceVersion"]:
+                raise APIError(409, "Conflict", _conflict(res, name))
+            out = self.modify({**copy.deepcopy(cur), "status": obj.get("status") or {}})
+            self.writes.append(Write(time.monotonic(), time.time(), "PUT", f"{res.plural}/status", copy.deepcopy(out)))
+            return 200, out
+
     def _checked_body(self, res: Resource, ns: str | None, name: str | None, obj: dict) -> dict:
         if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
             raise APIError(400, "BadRequest", "the body is not an object with metadata")
@@ -465,6 +481,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if collection:
                 self._json(201, self.api.http_create(res, ns, body))
+            elif self.subresource == "status":
+                self._json(*self.api.http_replace_status(res, ns, name, body))
             else:
                 self._json(*self.api.http_replace(res, ns, name, body))
         except APIError as exc:
@@ -506,6 +524,9 @@ class _Handler(BaseHTTPRequestHandler):
         ns = None
         if len(parts) >= 3 and parts[0] == "namespaces":
             ns, parts = parts[1], parts[2:]
+        self.subresource = None
+        if len(parts) == 3 and parts[2] == "status" and self.command == "PUT":
+            self.subresource, parts = "status", parts[:2]  # PUT .../NAME/status: the status alone
         if not parts or len(parts) > 2 or parts[0] not in RESOURCES:
             return None
         res = RESOURCES[parts[0]]

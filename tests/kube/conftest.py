@@ -8,7 +8,7 @@ from doubles.apiserver_fake import FakeAPIServer
 from kubehelpers import RunningController
 from kubernetes import client as k8s
 
-from tortie.kube.controller import Controller, ControllerConfig
+from tortie.kube.controller import KINDS, Controller, ControllerConfig
 
 
 @pytest.fixture
@@ -39,8 +39,8 @@ def run_controller(etcd, etcd_config, fake_api):
         running.append(rc)
         if wait_synced:
             assert rc.controller.synced.wait(15), "controller never got in sync"
-            # Every reflector's first watch is open, so a test that cuts them cuts all four.
-            assert fake_api.wait_for_watches(watches + 4)
+            # Every reflector's first watch is open, so a test that cuts them cuts them all.
+            assert fake_api.wait_for_watches(watches + len(KINDS))
         return rc.controller
 
     yield start

@@ -15,7 +15,7 @@ def test_lab_api_on_reference_plugins(lab_factory):
     ip_a = lab.pod_add("node1", "default/a")
     ip_b = lab.pod_add("node2", "default/b")
     assert lab.probe("default/a", "default/b", 80).ok
-    assert lab.probe("default/b", "default/a", 81, udp=True).reply == "default/a"
+    assert lab.probe("default/b", "default/a", 81, udp=True).answered_by == "default/a"
     assert lab.probe("node2", ip_a, 80).ok
     assert not lab.probe("default/a", "10.66.9.9", 80, timeout=0.3).ok
 

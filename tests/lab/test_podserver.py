@@ -38,7 +38,8 @@ def test_serves_tcp_and_udp_on_80_and_81_inside_the_pod_only(server, netns):
     for port in (80, 81):
         for udp in (False, True):
             r = probe(pod, "127.0.0.1", port, udp=udp, expect="default/a")
-            assert r.ok and r.reply == "default/a", r
+            assert r.ok and r.answered_by == "default/a", r
+            assert r.seen_as == "127.0.0.1" and r.reply == "default/a 127.0.0.1", r  # the client as seen
     # The sockets live in the pod's namespace: nothing listens in another one.
     assert not probe(other, "127.0.0.1", 80).ok
     assert not probe(other, "127.0.0.1", 80, udp=True, timeout=0.3).ok

@@ -40,3 +40,14 @@ def counter(netns: str, family: str, table: str, name: str) -> tuple[int, int]:
     assert r.returncode == 0, r.stderr
     c = next(o["counter"] for o in json.loads(r.stdout)["nftables"] if "counter" in o)
     return c["packets"], c["bytes"]
+
+
+def wire(node: str, ns: str, host_if: str, net: str) -> None:
+    """A veth from `node` (host_if, <net>.1/24) to `ns` (eth0, <net>.2/24, default via .1)."""
+    for args in (("-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns),
+                 ("-n", node, "addr", "add", f"{net}.1/24", "dev", host_if),
+                 ("-n", ns, "addr", "add", f"{net}.2/24", "dev", "eth0"),
+                 ("-n", node, "link", "set", host_if, "up"),
+                 ("-n", ns, "link", "set", "eth0", "up"),
+                 ("-n", ns, "route", "add", "default", "via", f"{net}.1")):
+        subprocess.run(["ip", *args], check=True)

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from nfthelpers import counter, handles, list_table, nft
+from nfthelpers import counter, handles, list_table, nft, wire
 
 from tortie.datastore import resources as res
 from tortie.errors import DataplaneError
@@ -44,15 +44,9 @@ A_IP, B_IP, EXT_IP = "10.65.1.2", "10.65.2.2", "192.0.2.2"
 def topo(netns):
     """node with host veths tora/torb to pods a/b and n-ext to an outside host; servers on 80/81."""
     node, a, b, ext = netns.new("node"), netns.new("pa"), netns.new("pb"), netns.new("ext")
-    sh = lambda *args: subprocess.run(["ip", *args], check=True)  # noqa: E731
     servers = []
     for ns, host_if, net in ((a, "tora", "10.65.1"), (b, "torb", "10.65.2"), (ext, "n-ext", "192.0.2")):
-        sh("-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("-n", node, "addr", "add", f"{net}.1/24", "dev", host_if)
-        sh("-n", ns, "addr", "add", f"{net}.2/24", "dev", "eth0")
-        sh("-n", node, "link", "set", host_if, "up")
-        sh("-n", ns, "link", "set", "eth0", "up")
-        sh("-n", ns, "route", "add", "default", "via", f"{net}.1")
+        wire(node, ns, host_if, net)
         servers.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER],
                                         stdout=subprocess.PIPE, text=True))
     netns.run(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
