@@ -209,13 +209,18 @@ def run(argv: list[str]) -> int:
         raise ValidationError(f"'--' is only for exec and ctl, not {args.cmd}", field="--")
 
     if args.cmd == "up":
-        # Ctrl-C or a TERM while building still tears down what was made.
-        signal.signal(signal.SIGTERM, _interrupt)
-        Lab.up(name, args.nodes, args.tor, uplinks=args.uplinks, cni=args.cni, agent=args.agent,
-               agent_env=_kv(args.agent_env, "agent-env"), pool=args.pool, block_size=args.block_size,
-               timeout=args.timeout, bfd=args.bfd, reflectors=args.reflectors, etcd_members=args.etcd_members,
-               etcd_tls=args.etcd_tls, subnets=args.subnets, ip_family=args.ip_family, pool6=args.pool6,
-               echo=print)
+        # Ctrl-C or a TERM while building still tears down what was made. Only while
+        # building: a caller that runs this in-process (a test) keeps its own handler, and
+        # children it forks later (pyroute2 forks one per namespace) die of TERM as usual.
+        before = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            Lab.up(name, args.nodes, args.tor, uplinks=args.uplinks, cni=args.cni, agent=args.agent,
+                   agent_env=_kv(args.agent_env, "agent-env"), pool=args.pool, block_size=args.block_size,
+                   timeout=args.timeout, bfd=args.bfd, reflectors=args.reflectors, etcd_members=args.etcd_members,
+                   etcd_tls=args.etcd_tls, subnets=args.subnets, ip_family=args.ip_family, pool6=args.pool6,
+                   echo=print)
+        finally:
+            signal.signal(signal.SIGTERM, before)
         print(f"next: tortie-lab pod add node1 default/a   (then: tortie-lab matrix; tortie-lab down"
               f"{'' if name == topology.DEFAULT_LAB else ' --name ' + name})")
         return 0

@@ -4,6 +4,7 @@ BGPPeers and the pods' IPAM config (pure: no kernel)."""
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 
 import pytest
@@ -120,7 +121,9 @@ def test_up_refuses_what_ipv6_does_not_support_yet_in_one_line_and_makes_nothing
     from tortie.lab import cli, nsutil, state
 
     name = f"fam{uuid.uuid4().hex[:8]}"
+    handler = signal.getsignal(signal.SIGTERM)
     assert cli.main(["up", "--name", name, *args]) == 2
+    assert signal.getsignal(signal.SIGTERM) is handler  # not left raising KeyboardInterrupt in this process
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"tortie-lab: {field}: ") and "\n" not in err, err
     assert not os.path.exists(state.lab_dir(name))
