@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := ipset etcd-server etcd-client bird2 frr nftables python3-nftables iproute2 iputils-ping \
+APT_PACKAGES := ipset iptables etcd-server etcd-client bird2 frr nftables python3-nftables iproute2 iputils-ping \
 	containernetworking-plugins tcpdump procps psmisc
 # Debian's libnftables binding (python3-nftables) lives outside any virtualenv; the venv
 # gets a symlink of just that package (not the whole dist-packages directory).
