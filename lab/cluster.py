@@ -24,7 +24,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -49,13 +48,6 @@ AGENT_MODES = ("auto", "agent", "cni-server", "none")
 CNI_MODES = ("tortie", "ptp")
 HEALTH_PORT = 9099
 METRICS_PORT = 9091
-def _python() -> str:
-    return sys.executable
-
-
-def _plan_from(st: LabState) -> Plan:
-    return topology.plan_from_dict(st.plan)
-
 
 RR_CLUSTER_ID = "244.0.0.1"  # the lab's reflectors share one cluster id, as redundant reflectors do
 
@@ -300,7 +292,7 @@ class Lab(LabServices):
             raise AlreadyExists(f"etcd member {m.name} of lab {self.name} is running; stop it first")
         self._record(lambda s: s.procs.remove(old) if old in s.procs else None)  # one that died
         st = self.state()
-        self._start_etcd(st, _plan_from(st), timeout, only=m.name)
+        self._start_etcd(st, topology.plan_of(st), timeout, only=m.name)
 
     def _running_members(self) -> list[Proc]:
         plan = self.plan()
@@ -323,7 +315,7 @@ class Lab(LabServices):
         """Each member: name, namespace, address, endpoint, running, paused, leader (a bool;
         each running member is asked whom it follows)."""
         st = self.state()
-        plan = _plan_from(st)
+        plan = topology.plan_of(st)
         out = []
         for m, endpoint in zip(plan.members, plan.etcd_endpoints, strict=True):
             proc = st.proc(self._etcd_role(plan, m))
@@ -425,7 +417,7 @@ class Lab(LabServices):
         self._record(lambda s: s.procs.append(proc))
         while not run.ready():
             if state.exited(proc) is not None:
-                raise DataplaneError(f"{tor.kind} in {tor.netns} exited; log: {proc.log}\n" + _tail(proc.log))
+                raise DataplaneError(f"{tor.kind} in {tor.netns} exited; log: {proc.log}\n" + state.log_tail(proc.log))
             if time.monotonic() > deadline:
                 raise DataplaneError(f"{tor.kind} in {tor.netns} not up in time; log: {proc.log}")
             time.sleep(0.05)
@@ -460,7 +452,7 @@ class Lab(LabServices):
                 s.bgp_passwords[n.name] = password
 
         st = self._record(put)
-        plan = _plan_from(st)
+        plan = topology.plan_of(st)
         if not plan.tors:
             raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
         for tor in plan.tors:
@@ -470,7 +462,7 @@ class Lab(LabServices):
         """BFD (100 ms x 3) on every router with every node's address on its links, for
         egress next hops that ask for it (IPPool nextHops[].bfd); kept across router restarts."""
         st = self._record(lambda s: setattr(s, "router_bfd", on))
-        plan = _plan_from(st)
+        plan = topology.plan_of(st)
         if not plan.tors:
             raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
         # On: the routers first, then the lab's BGPPeers ask for it. Off: the other way round,
@@ -521,7 +513,7 @@ class Lab(LabServices):
 
         st = self._record(put)
         if st.proc(tor.name) is not None:  # a stopped router takes it when it starts
-            self._router(tor, st).reconfigure(_plan_from(st), st.bgp_passwords, st.router_bfd)
+            self._router(tor, st).reconfigure(topology.plan_of(st), st.bgp_passwords, st.router_bfd)
 
     def bfd_sessions(self, router: str) -> dict[str, str]:
         """A router's BFD sessions: node address -> state (Up, Down, Init)."""
@@ -555,17 +547,17 @@ class Lab(LabServices):
 
     def _install_cni(self, st: LabState, echo: Echo) -> None:
         bin_dir = os.path.join(st.dir, "bin")
-        nsutil.run([_python(), "-m", "tortie.cni.install", "--bin-dir", bin_dir])
+        nsutil.run([state.python(), "-m", "tortie.cni.install", "--bin-dir", bin_dir])
         self._record(lambda s: setattr(s, "bin_dir", bin_dir))
 
     def _start_podserver(self, st: LabState) -> None:
         control = os.path.join(st.dir, "podserver.sock")
         proc = state.spawn(
             "podserver",
-            [_python(), "-m", "tortie.lab.podserver", "--control", control,
+            [state.python(), "-m", "tortie.lab.podserver", "--control", control,
              "--state", state.state_path(self.name)],
             log_path=os.path.join(st.dir, "logs", "podserver.log"),
-            netns=_plan_from(st).ctl_netns, env=self._env())
+            netns=topology.plan_of(st).ctl_netns, env=self._env())
         self._record(lambda s: s.procs.append(proc))
         for _ in range(200):
             with contextlib.suppress(OSError, DataplaneError, ValueError):
@@ -607,9 +599,9 @@ class Lab(LabServices):
             **st.agent_env,
         }
         if st.agent == "agent":
-            cmd = [_python(), "-m", "tortie.agent.main"]
+            cmd = [state.python(), "-m", "tortie.agent.main"]
         else:
-            cmd = [_python(), "-m", "tortie.agent.cni_server", "--socket", sock, "--node", node.name]
+            cmd = [state.python(), "-m", "tortie.agent.cni_server", "--socket", sock, "--node", node.name]
         proc = state.spawn(f"agent:{node.name}", cmd, netns=node.netns, env=self._env(env),
                            log_path=os.path.join(st.dir, "logs", f"agent-{node.name}.log"))
         self._record(lambda s: (s.procs.append(proc),
@@ -628,7 +620,7 @@ class Lab(LabServices):
                 code = state.exited(proc)
                 if code is not None:
                     raise DataplaneError(f"{agent} on {name} exited ({code}); log: {proc.log}\n"
-                                         + _tail(proc.log))
+                                         + state.log_tail(proc.log))
                 if self._agent_ready(node, agent):
                     del pending[name]
             if not pending:
@@ -661,7 +653,7 @@ class Lab(LabServices):
 
     def _tor(self, name: str) -> tuple[LabState, Plan, TorPlan]:
         st = self.state()
-        plan = _plan_from(st)
+        plan = topology.plan_of(st)
         tor = next((t for t in plan.tors if t.name == name), None)
         if tor is None:
             raise NotFound(f"lab {self.name} has no router {name!r} (has: {', '.join(t.name for t in plan.tors) or 'none'})")
@@ -712,8 +704,8 @@ class Lab(LabServices):
             raise ValidationError(f"lab {self.name} runs no agents (cni {st.cni})", field="agent")
         if st.proc(f"agent:{n.name}") is not None:
             raise AlreadyExists(f"the agent on {n.name} is running; stop it first")
-        self._start_agent(st, _plan_from(st), n)
-        self._wait_ready(_plan_from(st), st.agent, time.monotonic() + timeout, only=[n.name])
+        self._start_agent(st, topology.plan_of(st), n)
+        self._wait_ready(topology.plan_of(st), st.agent, time.monotonic() + timeout, only=[n.name])
 
     def http_get(self, node: str, port: int, path: str, timeout: float = 1.0) -> tuple[int, str]:
         """GET http://127.0.0.1:port/path inside the node's namespace (the agent's health
@@ -729,7 +721,7 @@ class Lab(LabServices):
         return state.load(self.name)
 
     def plan(self) -> Plan:
-        return _plan_from(self.state())
+        return topology.plan_of(self.state())
 
     def node(self, name: str) -> NodePlan:
         for n in self.plan().nodes:
@@ -751,7 +743,7 @@ class Lab(LabServices):
     def status(self) -> dict:
         """The lab's map (design.md, "The lab"): the document `status -o json` prints."""
         st = self.state()
-        plan = _plan_from(st)
+        plan = topology.plan_of(st)
         procs = {p.role: p for p in st.procs}
         doc = family.status_view  # the plan's addresses as the lab's families have them
         nodes = []
@@ -824,7 +816,7 @@ class Lab(LabServices):
         try:
             nsutil.netns_add(netns)
             versions = None  # a dual-stack pod's pools go to their family's list
-            if pool and _plan_from(st).ip_family != "ipv4":
+            if pool and topology.plan_of(st).ip_family != "ipv4":
                 versions = self._dsops("pool-versions", *[x for x in pool.split(",") if x])
             result = self._cni(st, pod, "ADD", versions)
             ips = result.get("ips") or []
@@ -889,7 +881,7 @@ class Lab(LabServices):
 
     def _cni(self, st: LabState, pod: Pod, command: str, pool_versions: dict[str, int] | None = None) -> dict:
         """Exec the CNI plugin inside the pod's node namespace, as a container runtime does."""
-        return cniexec.run_plugin(st, _plan_from(st), pod, command, self.cni_socket(pod.node), pool_versions)
+        return cniexec.run_plugin(st, topology.plan_of(st), pod, command, self.cni_socket(pod.node), pool_versions)
 
     # --- using the lab --------------------------------------------------------------
 
@@ -934,7 +926,7 @@ class Lab(LabServices):
         """Every node and pod to every pod, TCP and UDP, in parallel; over IPv4, or IPv6
         with `family` 6 (default: IPv4 where the lab has it)."""
         st = self.state()
-        plan = _plan_from(st)
+        plan = topology.plan_of(st)
         version = family or plan.versions[0]
         pods = [Endpoint(p.ref, p.netns, p.address_of(version)) for p in sorted(st.pods.values(), key=lambda p: p.ref)
                 if p.address_of(version)]
@@ -952,9 +944,9 @@ class Lab(LabServices):
         """tortiectl ARGS inside the control namespace, against the lab's etcd (every
         member, and the client certificate with TLS); `env` overrides (tests)."""
         st = self.state()
-        plan = _plan_from(st)
+        plan = topology.plan_of(st)
         env = self._env({**self._etcd_env(st, plan), **(env or {})})
-        r = subprocess.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-c",
+        r = subprocess.run(["ip", "netns", "exec", plan.ctl_netns, state.python(), "-c",
                             "import sys; from tortie.ctl.main import main; sys.exit(main())", *args],
                            input=input, capture_output=True, text=True, env=env)
         if check and r.returncode != 0:
@@ -963,8 +955,8 @@ class Lab(LabServices):
 
     def _dsops(self, *args: str, module: str = "tortie.lab.dsops"):
         st = self.state()
-        plan = _plan_from(st)
-        r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-m", module,
+        plan = topology.plan_of(st)
+        r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, state.python(), "-m", module,
                         "--endpoints", ",".join(plan.etcd_endpoints), "--prefix", st.etcd_prefix, *args],
                        check=False, env=self._env({**self._etcd_env(st, plan), "TORTIE_LOG_LEVEL": "warning"}))
         if r.returncode != 0:
@@ -983,10 +975,3 @@ def _cross_routes(plan: Plan, tor: TorPlan) -> list[str]:
     return [f"route replace {family.of(o.segment.subnet, v)} via {family.of(o.ip, v)}"
             for v in plan.versions for o in plan.tors if o is not tor and o.segment]
 
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
