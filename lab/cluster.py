@@ -31,9 +31,8 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from tortie.errors import AlreadyExists, DataplaneError, NotFound, TortieError, ValidationError
-from tortie.lab import cniexec, family, nsutil, pki, podserver, routers, state, topology
+from tortie.lab import cniexec, family, nsutil, pki, podserver, routers, state, topology, underlay
 from tortie.lab import subnets as lab_subnets
-from tortie.lab.cniexec import PTP_SUBNET
 from tortie.lab.etcd_server import EtcdServer
 from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
 from tortie.lab.services import LabServices, lab_resources
@@ -136,7 +135,9 @@ class Lab(LabServices):
         deadline = time.monotonic() + timeout
         st = self.state()
         t0 = time.monotonic()
-        self._build_underlay(plan)
+        names = plan.netns_names()
+        self._record(lambda s: s.netns.extend(names))  # recorded first: teardown finds them
+        underlay.build(plan)
         if plan.segments:
             echo(f"core segment {plan.subnet} on {plan.bridge} in {plan.net_netns}; outside host {plan.ext_netns}; "
                  f"{len(plan.nodes)} node(s) on {len(plan.segments)} uplink segments "
@@ -178,7 +179,7 @@ class Lab(LabServices):
             self._install_cni(st, echo)
 
         if st.cni == "ptp":
-            self._ptp_routes(plan)
+            underlay.ptp_routes(plan)
         for tor in plan.tors:
             self._start_router(st, plan, tor, deadline)
             echo(f"{tor.kind} running in {tor.netns}, AS {tor.as_number}, "
@@ -338,70 +339,6 @@ class Lab(LabServices):
     def etcd_leader(self) -> str | None:
         return next((m["name"] for m in self.etcd_members() if m["leader"]), None)
 
-    def _build_underlay(self, plan: Plan) -> None:
-        names = plan.netns_names()
-        self._record(lambda s: s.netns.extend(names))  # recorded first: teardown finds them
-        for ns in names:
-            nsutil.netns_add(ns)
-            if 6 in plan.versions:  # a link cut and restored (router stop, link down) keeps its IPv6 addresses
-                nsutil.sysctl(ns, "net.ipv6.conf.all.keep_addr_on_down", "1")
-        bridges = [plan.bridge, *(seg.bridge for seg in plan.segments)]
-        nsutil.ip_batch(plan.net_netns, [
-            line for br in bridges for line in (f"link add {br} type bridge forward_delay 0 stp_state 0",
-                                                f"link set {br} up")])
-        lab_subnets.build_router(plan)  # --subnets 2: the second segment and its router
-        # The core segment: etcd, the routers' core side, the outside host.
-        core = [(plan.ctl_netns, "ctl", "eth0", plan.ctl_address, plan.bridge)]
-        core += [(m.netns, f"etcd{m.name[1:]}", "eth0", m.address, plan.bridge)
-                 for m in plan.members if m.netns != plan.ctl_netns]
-        core += [(t.netns, t.name, "eth0", t.address, plan.bridge) for t in plan.tors]
-        if plan.ext_netns and plan.ext_address:
-            core.append((plan.ext_netns, "ext", "eth0", plan.ext_address, plan.bridge))
-        # Routers on their shared uplink segments (--uplinks 2).
-        core += [(t.netns, f"{t.name}s", "eth1", t.segment_address, t.segment.bridge)
-                 for t in plan.tors if t.segment and t.segment_address]
-        lines = []
-        for ns, port, ifname, _, bridge in core:
-            lines += [f"link add {port} type veth peer name {ifname} netns {ns}",
-                      f"link set {port} master {bridge} up"]
-        nsutil.ip_batch(plan.net_netns, lines)
-        router_ns = {t.netns for t in plan.tors}
-        fam = plan.ip_family
-        for ns, _, ifname, addr, _ in core:
-            default = [] if ns in router_ns or not plan.core_gateways else family.default_lines(plan.core_gateways, fam)
-            if default and len(plan.core_gateways) > 1:  # --uplinks 2: replies go back the way they came
-                default += [f"route add {family.of(t.segment.subnet, v)} via {family.of(t.ip, v)}"
-                            for v in plan.versions for t in plan.tors if t.segment]
-                nsutil.multipath_failover(ns, [ifname])
-            nsutil.ip_batch(ns, [*family.addr_lines(addr, ifname, fam), f"link set {ifname} up", *default])
-        for t in plan.tors:
-            nsutil.sysctl(t.netns, "net.ipv4.ip_forward", "1")
-            if 6 in plan.versions:
-                nsutil.sysctl(t.netns, "net.ipv6.conf.all.forwarding", "1")
-            nsutil.ip_batch(t.netns, _cross_routes(plan, t))
-        # The nodes' uplinks: onto a bridge, or point to point into a router.
-        far: dict[str, list[str]] = {}
-        for n in plan.nodes:
-            for u in n.uplinks:
-                cmds = far.setdefault(u.far_netns, [])
-                cmds.append(f"link add {u.far_ifname} type veth peer name {u.ifname} netns {n.netns}")
-                if u.bridge:
-                    cmds.append(f"link set {u.far_ifname} master {u.bridge}")
-                if u.far_address:
-                    cmds += family.addr_lines(u.far_address, u.far_ifname, fam)
-                cmds.append(f"link set {u.far_ifname} up")
-        for ns, cmds in far.items():
-            nsutil.ip_batch(ns, cmds)
-        for n in plan.nodes:
-            cmds = [c for u in n.uplinks for c in (*family.addr_lines(u.address, u.ifname, fam),
-                                                    f"link set {u.ifname} up")]
-            if n.gateways:
-                cmds += family.default_lines(n.gateways, fam)
-            nsutil.ip_batch(n.netns, cmds)
-            if len(n.gateways) > 1:
-                nsutil.multipath_failover(n.netns, [u.ifname for u in n.uplinks])
-        lab_subnets.add_routes(plan)
-
     def _router(self, tor: TorPlan, st: LabState | None = None) -> routers.RouterRun:
         lab_dir = state.lab_dir(self.name)
         announce = tuple((st or self.state()).router_announce.get(tor.name, ()))
@@ -531,19 +468,6 @@ class Lab(LabServices):
         """Per router: its BGP sessions' states by node name (Established, Active, ...)."""
         plan = self.plan()
         return {t.name: self._router(t).sessions(plan) for t in plan.tors}
-
-    def _ptp_routes(self, plan: Plan) -> None:
-        """The reference-plugin baseline routes node i's pod range via node i (static, no BGP)."""
-        index = {n.name: i for i, n in enumerate(plan.nodes, 1)}
-        for tor in plan.tors:  # nodes reach each other through the routers' static routes
-            nsutil.ip_batch(tor.netns, [f"route add {PTP_SUBNET.format(i=index[n.name])} via {u.ip}"
-                                        for n, u in plan.links_of(tor.name)])
-        if plan.tors:
-            return
-        for i, node in enumerate(plan.nodes, 1):
-            nsutil.ip_batch(node.netns, [
-                f"route add {PTP_SUBNET.format(i=j)} via {other.ip}"
-                for j, other in enumerate(plan.nodes, 1) if j != i])
 
     def _install_cni(self, st: LabState, echo: Echo) -> None:
         bin_dir = os.path.join(st.dir, "bin")
@@ -684,7 +608,7 @@ class Lab(LabServices):
         if st.proc(tor.name) is not None:
             raise AlreadyExists(f"router {name} is running; stop it first")
         self._router_links(tor, up=True)
-        nsutil.ip_batch(tor.netns, _cross_routes(plan, tor))  # its links going down took them
+        nsutil.ip_batch(tor.netns, underlay.cross_routes(plan, tor))  # its links going down took them
         self._start_router(st, plan, tor, time.monotonic() + timeout)
 
     def agent_stop(self, node: str, sig: signal.Signals = signal.SIGTERM) -> None:
@@ -967,11 +891,3 @@ class Lab(LabServices):
             cls = NotFound if err.get("type") == "NotFound" else TortieError
             raise cls(f"datastore {args[0]}: {err.get('error')}")
         return json.loads(r.stdout)
-
-
-def _cross_routes(plan: Plan, tor: TorPlan) -> list[str]:
-    """Each router reaches the other routers' uplink segments over the core, so a reply that
-    the ECMP hash sends through the other router still finds its way back."""
-    return [f"route replace {family.of(o.segment.subnet, v)} via {family.of(o.ip, v)}"
-            for v in plan.versions for o in plan.tors if o is not tor and o.segment]
-

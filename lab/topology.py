@@ -1,5 +1,5 @@
 """The lab's address plan: pure functions from (name, nodes, tor, uplinks) to namespaces,
-links and addresses. The builder (cluster.py) only walks the plan.
+links and addresses. The builder (underlay.py) only walks the plan.
 
 `--tor none` (issue 3): one L2 segment, the nodes peer in a full mesh.
 
