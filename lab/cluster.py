@@ -13,6 +13,10 @@ What runs where:
     <lab>-pod-*  pods, wired by the real CNI plugin exec'd inside their node
 Everything the lab makes is written to /run/tortie-lab/<lab>/state.json before it is
 made, so `teardown()` can always finish the job, also after a crash part way.
+Here: building the lab (`up`), lookups, status, probes and tortiectl. The rest of `Lab`
+comes from a mixin per concern: `LabEtcd` (etcd_members.py), `LabRouters`
+(router_control.py), `LabAgents` (agents.py), `LabPods` (pods.py), `LabServices`
+(services.py); the namespaces and links are built by underlay.py.
 """
 
 from __future__ import annotations
