@@ -42,7 +42,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -57,6 +57,7 @@ from tortie.datastore.watch import Snapshot, Syncer, Update
 from tortie.errors import Conflict, DatastoreUnavailable, NotFound, TortieError, ValidationError
 from tortie.health import Health
 from tortie.kube import mirror
+from tortie.kube.fence import IPAM_WRITES, STORE_WRITES, Fenced, NotLeader
 from tortie.kube.gc import IPAMGarbageCollector
 from tortie.kube.lb_assign import LoadBalancerAssigner
 from tortie.kube.leader import LeaderElectionConfig, LeaderElector
@@ -108,39 +109,6 @@ class ControllerConfig:
 def kube_api_client(config: ControllerConfig) -> k8s.ApiClient:
     """An ApiClient from TORTIE_K8S_API, else the kubeconfig, else in-cluster config."""
     return api_client(config.k8s_api, config.kubeconfig)
-
-
-# --- only the leader writes -------------------------------------------------------------
-
-
-class NotLeader(Exception):
-    """A write refused because this replica does not lead (now)."""
-
-
-STORE_WRITES = frozenset({"create", "replace", "apply", "delete"})
-IPAM_WRITES = frozenset({"release_node", "release_from_report", "release_handle", "release_ips"})
-
-
-class Fenced:
-    """The target with its writing methods (`writes`) let through only while `allowed()`
-    is true at the moment of the call; `on_write(method, args)` sees each one let through."""
-
-    def __init__(self, target: Any, writes: frozenset[str], allowed: Callable[[], bool],
-                 on_write: Callable[[str, tuple], None]) -> None:
-        self._target, self._writes, self._allowed, self._on_write = target, writes, allowed, on_write
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._target, name)
-        if name not in self._writes:
-            return attr
-
-        def guarded(*args, **kwargs):
-            if not self._allowed():
-                raise NotLeader(f"{name} refused: this replica does not lead")
-            self._on_write(name, args)
-            return attr(*args, **kwargs)
-
-        return guarded
 
 
 def _what(args: tuple) -> str:
