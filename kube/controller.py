@@ -1,7 +1,7 @@
 """tortie-controller: Kubernetes -> datastore mirroring and IPAM garbage collection.
 
 One reflector thread per Kubernetes kind (Nodes, Namespaces, NetworkPolicies, Services,
-EndpointSlices, Pods)
+EndpointSlices, Pods; `reflector.py`)
 lists, then watches from the list's resourceVersion, and hands raw objects to the main
 loop through one queue. A dropped stream is re-watched from the last resourceVersion
 seen; `410 Gone` (history compacted) means a fresh list. A datastore Syncer thread does
@@ -9,7 +9,7 @@ the same for WorkloadEndpoints, which the CNI server creates and the controller 
 and gives the pod's named container ports.
 
 The main loop is level-triggered: events only update the in-memory view of Kubernetes
-and mark keys dirty; `_reconcile` then computes each dirty key's desired datastore
+and mark keys dirty; `_reconcile` (`reconcile.py`) then computes each dirty key's desired datastore
 state (`mirror.py`), compares it with what is stored and writes only the difference,
 each write a compare-and-swap on the revision it read. A failed write leaves the key
 dirty for a retry. A full list of a kind also scans the datastore for copies of that
@@ -18,7 +18,7 @@ that scan (drift repair); another runs the IPAM garbage collector (`gc.py`).
 
 Replicas elect a leader through a Lease (`leader.py`); every replica lists, watches and
 keeps its view current (a hot standby), but only the leader writes: the datastore store
-and IPAM are wrapped in a fence that refuses each write unless this replica leads at that
+and IPAM are wrapped in a fence (`fence.py`) that refuses each write unless this replica leads at that
 moment (fail closed: a replica that lost the Lease, or could not renew it before its
 renew deadline, writes nothing more, even in the middle of a pass). A new leader starts
 by comparing everything with the datastore.
@@ -42,33 +42,32 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kubernetes import client as k8s
-from kubernetes import watch as k8s_watch
 
 from tortie.datastore import resources as res
 from tortie.datastore.etcd import EtcdClient, EtcdConfig
 from tortie.datastore.ipam import IPAM
 from tortie.datastore.store import ResourceStore
 from tortie.datastore.watch import Snapshot, Syncer, Update
-from tortie.errors import Conflict, DatastoreUnavailable, NotFound, TortieError, ValidationError
+from tortie.errors import TortieError, ValidationError
 from tortie.health import Health
 from tortie.kube import mirror
+from tortie.kube.fence import IPAM_WRITES, STORE_WRITES, Fenced
 from tortie.kube.gc import IPAMGarbageCollector
 from tortie.kube.lb_assign import LoadBalancerAssigner
 from tortie.kube.leader import LeaderElectionConfig, LeaderElector
 from tortie.kube.podinfo import api_client
+from tortie.kube.reconcile import KINDS, MIRRORED, ControllerReconcile
+from tortie.kube.reflector import Changed, Listed, Reflector, Resync, WepChange
 from tortie.log import get_logger
 from tortie.metrics import Registry
 
 log = get_logger("controller")
-
-KINDS = ("Node", "Namespace", "NetworkPolicy", "Service", "EndpointSlice", "Pod")
-MIRRORED = ("Namespace", "NetworkPolicy", "Service", "EndpointSlice")
 
 
 @dataclass(frozen=True)
@@ -110,175 +109,6 @@ def kube_api_client(config: ControllerConfig) -> k8s.ApiClient:
     return api_client(config.k8s_api, config.kubeconfig)
 
 
-# --- events from the reflectors to the main loop ------------------------------------------
-
-
-@dataclass(frozen=True)
-class Listed:
-    """A full list of one kind: replaces everything known of it."""
-
-    kind: str
-    items: list[dict]
-    resource_version: str
-
-
-@dataclass(frozen=True)
-class Changed:
-    kind: str
-    type: str  # ADDED, MODIFIED, DELETED
-    obj: dict
-
-
-@dataclass(frozen=True)
-class WepChange:
-    event: Snapshot | Update
-
-
-@dataclass(frozen=True)
-class Resync:
-    """Compare everything with the datastore now (the slow timer's work, on demand)."""
-
-
-class _RawWatch(k8s_watch.Watch):
-    """A Watch that hands over events' objects as plain dicts: the controller mirrors
-    objects as they are, including fields this client version has no model for."""
-
-    def get_return_type(self, func):
-        return None
-
-
-class Reflector:
-    """List, then watch from the list's resourceVersion, one kind, in a thread of its own."""
-
-    def __init__(self, kind: str, list_fn: Callable, out: queue.Queue, *, watch_timeout: int,
-                 retry_interval: float, health: Health | None = None) -> None:
-        self.kind = kind
-        self.health = health
-        self.component = f"watch-{kind.lower()}"
-        if health is not None:
-            health.register(self.component, deadline=watch_timeout + 60.0)
-        self.list_fn = list_fn
-        self.out = out
-        self.watch_timeout = watch_timeout
-        self.retry_interval = retry_interval
-        self.lists = 0  # full lists made: 1 + one per 410 Gone
-        self.reconnects = 0  # watches resumed after a broken stream or API error
-        self._stop = threading.Event()
-        self._watch: _RawWatch | None = None
-        self._thread = threading.Thread(target=self._run, name=f"reflector {kind}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Ask the thread to end (join() waits for it)."""
-        self._stop.set()
-        w = self._watch
-        if w is not None:
-            w.stop()  # shuts the socket down, so a blocked read returns now
-
-    def join(self, timeout: float = 5.0) -> None:
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        rv: str | None = None
-        delay = self.retry_interval
-        while not self._stop.is_set():
-            try:
-                if rv is None:
-                    rv = self._list()
-                rv = self._watch_from(rv)
-                delay = self.retry_interval
-                self._ok()
-            except k8s.ApiException as exc:
-                if exc.status == 410:
-                    log.info("watch history expired; relisting", kind=self.kind, resource_version=rv)
-                    rv = None
-                    continue
-                self._pause(exc, rv, delay)
-                delay = min(delay * 2, 30.0)
-            except Exception as exc:  # urllib3/socket errors: a broken stream or connection
-                if self._stop.is_set():
-                    break
-                self._pause(exc, rv, delay)
-                delay = min(delay * 2, 30.0)
-
-    def _ok(self) -> None:
-        if self.health is not None:
-            self.health.ok(self.component)
-
-    def _pause(self, exc: BaseException, rv: str | None, delay: float) -> None:
-        self.reconnects += 1
-        if self.health is not None:
-            self.health.failed(self.component, f"{type(exc).__name__}: {exc}"[:200])
-        log.warning("kubernetes watch lost; reconnecting", kind=self.kind, resource_version=rv,
-                    retry_in=delay, error=f"{type(exc).__name__}: {exc}"[:300])
-        self._stop.wait(delay)
-
-    def _list(self) -> str:
-        resp = self.list_fn(_preload_content=False, _request_timeout=(10, 60))
-        if not 200 <= resp.status <= 299:
-            raise k8s.ApiException(status=resp.status, reason=resp.reason)
-        data = json.loads(resp.data)
-        rv = str(data["metadata"]["resourceVersion"])
-        self.lists += 1
-        self.out.put(Listed(self.kind, list(data.get("items") or ()), rv))
-        self._ok()
-        log.info("listed", kind=self.kind, items=len(data.get("items") or ()), resource_version=rv)
-        return rv
-
-    def _watch_from(self, rv: str) -> str:
-        """Deliver changes after rv until the server ends the stream; the last rv seen."""
-        w = _RawWatch()
-        self._watch = w
-        try:
-            for ev in w.stream(self.list_fn, resource_version=rv, timeout_seconds=self.watch_timeout,
-                               allow_watch_bookmarks=True, _request_timeout=(10, self.watch_timeout + 30)):
-                obj = ev.get("raw_object") or {}
-                rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
-                if ev["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                    self.out.put(Changed(self.kind, ev["type"], obj))
-                self._ok()
-                if self._stop.is_set():
-                    break
-        finally:
-            self._watch = None
-        return rv
-
-
-# --- only the leader writes -------------------------------------------------------------
-
-
-class NotLeader(Exception):
-    """A write refused because this replica does not lead (now)."""
-
-
-STORE_WRITES = frozenset({"create", "replace", "apply", "delete"})
-IPAM_WRITES = frozenset({"release_node", "release_from_report", "release_handle", "release_ips"})
-
-
-class Fenced:
-    """The target with its writing methods (`writes`) let through only while `allowed()`
-    is true at the moment of the call; `on_write(method, args)` sees each one let through."""
-
-    def __init__(self, target: Any, writes: frozenset[str], allowed: Callable[[], bool],
-                 on_write: Callable[[str, tuple], None]) -> None:
-        self._target, self._writes, self._allowed, self._on_write = target, writes, allowed, on_write
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._target, name)
-        if name not in self._writes:
-            return attr
-
-        def guarded(*args, **kwargs):
-            if not self._allowed():
-                raise NotLeader(f"{name} refused: this replica does not lead")
-            self._on_write(name, args)
-            return attr(*args, **kwargs)
-
-        return guarded
-
-
 def _what(args: tuple) -> str:
     """A short name for what a write touches, for the debug log."""
     first = args[0] if args else None
@@ -300,7 +130,7 @@ class WepInfo:
     ports: tuple[dict, ...] = ()  # `mirror.wep_ports`
 
 
-class Controller:
+class Controller(ControllerReconcile):
     def __init__(self, config: ControllerConfig, *, etcd: EtcdClient | None = None,
                  api: k8s.ApiClient | None = None) -> None:
         self.config = config
@@ -617,180 +447,6 @@ class Controller:
         self.weps[key] = info
         self.weps_by_pod.setdefault((info.namespace, info.pod), set()).add(key)
         self.dirty["Pod"].add((info.namespace, info.pod))
-
-    # --- reconcile ------------------------------------------------------------------------
-
-    def _reconcile(self) -> bool:
-        """Write the difference for every dirty key of the kinds listed so far; False if
-        something must be retried (its key stays dirty)."""
-        ok = True
-        for kind in KINDS:
-            if kind not in self.listed or (kind == "Pod" and not self.weps_synced):
-                continue
-            try:
-                # After a list (or on the resync timer) one datastore read serves the whole pass.
-                stored = self._scan_store(kind) if kind in self.scan else None
-                self.scan.discard(kind)
-                failures = 0
-                for key in sorted(self.dirty[kind], key=str):
-                    try:
-                        self._sync(kind, key, stored)
-                        self.dirty[kind].discard(key)
-                    except NotLeader:
-                        raise
-                    except Conflict as exc:
-                        log.info("write conflict; will retry", kind=kind, key=str(key), error=str(exc))
-                        ok = False
-                    except ValidationError as exc:  # Kubernetes accepted what tortie cannot: skip it
-                        log.warning("object not mirrored", kind=kind, key=str(key), error=str(exc))
-                        self.dirty[kind].discard(key)
-                    except DatastoreUnavailable:
-                        raise
-                    except Exception as exc:
-                        # One odd object must not hold up the others; several in a row are
-                        # not about the objects: give up this pass and retry it.
-                        failures += 1
-                        if failures >= 3:
-                            raise
-                        log.warning("sync failed; will retry", kind=kind, key=str(key),
-                                    error=f"{type(exc).__name__}: {exc}")
-                        ok = False
-            except NotLeader:  # the term ended mid-pass: what is left stays dirty for the next leader
-                self._m_refused.inc()
-                return False
-            except Exception as exc:  # DatastoreUnavailable, or an error the adapter does not map
-                error = f"{type(exc).__name__}: {exc}"
-                log.warning("datastore write pass failed; will retry", kind=kind, error=error)
-                log.debug("datastore write pass failed", exc_info=True)
-                self.health.failed("datastore", error)
-                return False
-        return ok
-
-    def _scan_store(self, kind: str) -> dict | None:
-        """Read the datastore's copies of a kind at once; mark dirty every key whose copy
-        differs from what Kubernetes says (drift) or that Kubernetes no longer has.
-        Returns the copies by key, for the pass that follows (None for pods)."""
-        if kind == "Pod":  # endpoints are in memory, kept current by the syncer
-            self.dirty[kind] |= set(self.weps_by_pod) & set(self.pods)
-            return None
-        if kind == "Node":
-            stored = {r["metadata"]["name"]: r for r in self.store.list("Node")}
-            self.dirty[kind] |= {name for name, r in stored.items()
-                                 if self.nodes.get(name) != mirror.labels_of(r)}
-            self.dirty[kind] |= set(self.nodes) - set(stored)
-            return stored
-        stored = {(r["metadata"].get("namespace"), r["metadata"]["name"]): r for r in self.store.list(kind)}
-        for key, r in stored.items():
-            if mirror.is_mirrored(r) and key not in self.objects[kind]:
-                self.dirty[kind].add(key)
-        for key, obj in self.objects[kind].items():
-            try:
-                if not mirror.same(stored.get(key), res.validate(mirror.mirrored(obj, kind))):
-                    self.dirty[kind].add(key)
-            except ValidationError:
-                self.dirty[kind].add(key)  # the sync logs it
-        return stored
-
-    def _stored(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
-        try:
-            return self.store.get(kind, name, namespace)
-        except NotFound:
-            return None
-
-    def _sync(self, kind: str, key, listing: dict | None) -> None:
-        if kind == "Pod":
-            self._sync_pod(key)
-            return
-        if listing is not None:
-            stored = listing.get(key)
-        else:
-            stored = self._stored(kind, key[1], key[0]) if kind in MIRRORED else self._stored(kind, key)
-        if kind in MIRRORED:
-            self._sync_mirrored(kind, key, stored)
-        else:
-            self._sync_node(key, stored)
-
-    def _sync_mirrored(self, kind: str, key: tuple[str | None, str], stored: dict | None) -> None:
-        obj = self.objects[kind].get(key)
-        if obj is None:
-            if stored is not None and mirror.is_mirrored(stored):
-                self._delete(kind, stored)
-            return
-        desired = res.validate(mirror.mirrored(obj, kind))
-        if mirror.same(stored, desired):
-            return
-        if stored is not None:  # replace exactly what was read
-            desired["metadata"]["resourceVersion"] = stored["metadata"]["resourceVersion"]
-        self.store.apply(desired)
-        self.writes += 1
-
-    def _delete(self, kind: str, stored: dict) -> None:
-        meta = stored["metadata"]
-        try:
-            self.store.delete(kind, meta["name"], meta.get("namespace"), resource_version=meta["resourceVersion"])
-            self.writes += 1
-        except NotFound:
-            pass
-
-    def _sync_node(self, name: str, stored: dict | None) -> None:
-        labels = self.nodes.get(name)
-        if labels is None:  # deleted from Kubernetes: its addresses and its record go
-            self.gc.release_node(name)
-            if stored is not None:
-                self._delete("Node", stored)
-            log.info("node removed", node=name)
-            return
-        if stored is not None and mirror.labels_of(stored) == labels:
-            return
-        self.store.apply(mirror.node_resource(name, labels, stored))
-        self.writes += 1
-
-    def _sync_pod(self, key: tuple[str, str]) -> None:
-        pod = self.pods.get(key)
-        if pod is None:
-            return  # the CNI DEL removes its endpoints; the GC catches what it misses
-        for wep_key in sorted(self.weps_by_pod.get(key, ())):
-            wep = self.weps[wep_key]
-            want = mirror.wep_labels(wep.labels, pod.labels)
-            if want == dict(wep.labels) and pod.ports == wep.ports:
-                continue
-            stored = self._stored("WorkloadEndpoint", wep.name, wep.namespace)
-            if stored is None:
-                continue
-            want = mirror.wep_labels(mirror.labels_of(stored), pod.labels)
-            if want != mirror.labels_of(stored) or list(pod.ports) != mirror.wep_ports(stored):
-                # guarded by its resourceVersion
-                self.store.apply(mirror.with_ports(mirror.with_labels(stored, want), list(pod.ports)))
-                self.writes += 1
-            # The syncer will report the write; until then the index holds what was written.
-            self.weps[wep_key] = replace(wep, labels=want, ports=pod.ports)
-
-    def _collect(self) -> None:
-        try:
-            self._delete_stale_endpoints()
-            self.gc.collect(set(self.pods), set(self.nodes))
-            self.gc_rounds += 1
-        except NotLeader:
-            self._m_refused.inc()
-        except Exception as exc:  # next round retries; the controller keeps running
-            log.warning("IPAM garbage collection failed; next round will retry",
-                        error=f"{type(exc).__name__}: {exc}")
-
-
-    def _delete_stale_endpoints(self) -> None:
-        orphans = [key for key, w in self.weps.items() if (w.namespace, w.pod) not in self.pods]
-        for key in self.gc.stale_endpoints(orphans):
-            wep = self.weps.get(key)
-            if wep is None:
-                continue
-            stored = self._stored("WorkloadEndpoint", wep.name, wep.namespace)
-            if stored is None or (stored.get("spec") or {}).get("pod") != wep.pod:
-                continue
-            try:
-                self._delete("WorkloadEndpoint", stored)  # guarded by the revision just read
-            except Conflict:
-                continue  # rewritten meanwhile: someone still cares; the next round decides
-            log.info("endpoint of a deleted pod removed", namespace=wep.namespace, endpoint=wep.name, pod=wep.pod)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,49 +13,40 @@ What runs where:
     <lab>-pod-*  pods, wired by the real CNI plugin exec'd inside their node
 Everything the lab makes is written to /run/tortie-lab/<lab>/state.json before it is
 made, so `teardown()` can always finish the job, also after a crash part way.
+Here: building the lab (`up`), lookups, status, probes and tortiectl. The rest of `Lab`
+comes from a mixin per concern: `LabEtcd` (etcd_members.py), `LabRouters`
+(router_control.py), `LabAgents` (agents.py), `LabPods` (pods.py), `LabServices`
+(services.py); the namespaces and links are built by underlay.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, replace
-from typing import Any
+from dataclasses import asdict
 
-from tortie.errors import AlreadyExists, DataplaneError, NotFound, TortieError, ValidationError
-from tortie.lab import cniexec, family, nsutil, pki, podserver, routers, state, topology
+from tortie.errors import AlreadyExists, NotFound, TortieError, ValidationError
+from tortie.lab import family, nsutil, pki, routers, state, topology, underlay
 from tortie.lab import subnets as lab_subnets
-from tortie.lab.cniexec import PTP_SUBNET
-from tortie.lab.etcd_server import EtcdServer
+from tortie.lab.agents import LabAgents
+from tortie.lab.etcd_members import LabEtcd
+from tortie.lab.pods import LabPods
 from tortie.lab.probe import DEFAULT_TIMEOUT, Endpoint, Matrix, ProbeResult, probe, run_matrix
+from tortie.lab.router_control import LabRouters
 from tortie.lab.services import LabServices, lab_resources
-from tortie.lab.state import LabState, Pod, Proc
+from tortie.lab.state import LabState, Pod
 from tortie.lab.teardown import Echo, quiet, teardown
-from tortie.lab.topology import NodePlan, Plan, TorPlan
+from tortie.lab.topology import NodePlan, Plan
 from tortie.log import get_logger
 
 log = get_logger("lab")
 
 AGENT_MODES = ("auto", "agent", "cni-server", "none")
 CNI_MODES = ("tortie", "ptp")
-HEALTH_PORT = 9099
-METRICS_PORT = 9091
-def _python() -> str:
-    return sys.executable
-
-
-def _plan_from(st: LabState) -> Plan:
-    return topology.plan_from_dict(st.plan)
-
 
 RR_CLUSTER_ID = "244.0.0.1"  # the lab's reflectors share one cluster id, as redundant reflectors do
 
@@ -79,7 +70,7 @@ def resolve_agent(mode: str) -> str:
     return "agent" if mode == "auto" else mode
 
 
-class Lab(LabServices):
+class Lab(LabEtcd, LabRouters, LabAgents, LabPods, LabServices):
     """A handle on a running lab; every method re-reads its state file."""
 
     def __init__(self, name: str = topology.DEFAULT_LAB) -> None:
@@ -144,7 +135,9 @@ class Lab(LabServices):
         deadline = time.monotonic() + timeout
         st = self.state()
         t0 = time.monotonic()
-        self._build_underlay(plan)
+        names = plan.netns_names()
+        self._record(lambda s: s.netns.extend(names))  # recorded first: teardown finds them
+        underlay.build(plan)
         if plan.segments:
             echo(f"core segment {plan.subnet} on {plan.bridge} in {plan.net_netns}; outside host {plan.ext_netns}; "
                  f"{len(plan.nodes)} node(s) on {len(plan.segments)} uplink segments "
@@ -186,7 +179,7 @@ class Lab(LabServices):
             self._install_cni(st, echo)
 
         if st.cni == "ptp":
-            self._ptp_routes(plan)
+            underlay.ptp_routes(plan)
         for tor in plan.tors:
             self._start_router(st, plan, tor, deadline)
             echo(f"{tor.kind} running in {tor.netns}, AS {tor.as_number}, "
@@ -206,450 +199,11 @@ class Lab(LabServices):
         self._record(lambda s: setattr(s, "phase", "ready"))
         echo(f"lab {self.name} ready in {time.monotonic() - t0:.1f}s")
 
-    # --- etcd: one member in <lab>-ctl, or three in namespaces of their own ---------------
-
-    def _pki_dir(self) -> str:
-        return os.path.join(state.lab_dir(self.name), "pki")
-
-    def _etcd_dir(self, plan: Plan, member: topology.EtcdMember) -> str:
-        name = "etcd" if len(plan.members) == 1 else f"etcd-{member.name}"
-        return os.path.join(state.lab_dir(self.name), name)
-
-    @staticmethod
-    def _etcd_role(plan: Plan, member: topology.EtcdMember) -> str:
-        return "etcd" if len(plan.members) == 1 else f"etcd:{member.name}"
-
-    def _etcd_server(self, plan: Plan, member: topology.EtcdMember) -> EtcdServer:
-        cluster = None
-        if len(plan.members) > 1:
-            scheme = "https" if plan.etcd_tls else "http"
-            cluster = ",".join(f"{m.name}={scheme}://{m.ip}:{topology.ETCD_PORT + 1}" for m in plan.members)
-        data = self._etcd_dir(plan, member)
-        host = family.bracket(family.of(member.ip, plan.versions[0]))  # IPv6-only: over IPv6
-        return EtcdServer(host=host, client_port=topology.ETCD_PORT, peer_port=topology.ETCD_PORT + 1,
-                          data_dir=data, netns=member.netns, name=member.name, initial_cluster=cluster,
-                          pki=pki.Pki(self._pki_dir()) if plan.etcd_tls else None, log_path=data + ".log")
-
-    def _etcd_env(self, st: LabState, plan: Plan) -> dict[str, str]:
-        """What every component needs to reach the lab's etcd: all members, and the
-        client certificate with TLS (set empty otherwise, so a caller's own is not used)."""
-        env = {"TORTIE_ETCD_ENDPOINTS": ",".join(plan.etcd_endpoints), "TORTIE_ETCD_PREFIX": st.etcd_prefix,
-               "TORTIE_ETCD_CA": "", "TORTIE_ETCD_CERT": "", "TORTIE_ETCD_KEY": ""}
-        if plan.etcd_tls:
-            p = pki.Pki(self._pki_dir())
-            env.update(TORTIE_ETCD_CA=p.ca, TORTIE_ETCD_CERT=p.client[0], TORTIE_ETCD_KEY=p.client[1])
-        return env
-
-    def _start_etcd(self, st: LabState, plan: Plan, timeout: float, only: str | None = None) -> None:
-        """Start the members (all, or `only`) together, then wait until each is healthy: a
-        member of a cluster is healthy only once a quorum runs."""
-        servers = [self._etcd_server(plan, m) for m in plan.members if only in (None, m.name)]
-        for etcd, member in zip(servers, [m for m in plan.members if only in (None, m.name)], strict=True):
-            etcd.launch()
-            assert etcd.proc is not None
-            state._children[etcd.proc.pid] = etcd.proc
-            proc = Proc(role=self._etcd_role(plan, member), pid=etcd.proc.pid, start=state.start_time(etcd.proc.pid),
-                        netns=member.netns, log=etcd.log_path or "", cmd=("etcd", member.name))
-            self._record(lambda s, proc=proc: s.procs.append(proc))
-        try:
-            for etcd in servers:
-                etcd.wait_healthy(timeout)
-        except RuntimeError as exc:
-            raise DataplaneError(str(exc)) from exc
-
-    def _member(self, member: str | None) -> topology.EtcdMember:
-        plan = self.plan()
-        names = [m.name for m in plan.members]
-        if member in (None, "etcd") and len(names) == 1:
-            return plan.members[0]
-        if member == "leader":
-            name = self.etcd_leader()
-            if name is None:
-                raise NotFound(f"the etcd cluster of lab {self.name} has no leader now")
-            member = name
-        for m in plan.members:
-            if m.name == member:
-                return m
-        if member is None:
-            raise ValidationError(f"lab {self.name} runs {len(names)} etcd members: name one "
-                                  f"({', '.join(names)}, or leader)", field="member")
-        raise NotFound(f"lab {self.name} has no etcd member {member!r} (has: {', '.join(names)}, or leader)")
-
-    def _etcd_proc(self, member: str | None = None, *, running: bool = True) -> Proc | None:
-        m = self._member(member)
-        proc = self.state().proc(self._etcd_role(self.plan(), m))
-        if running and (proc is None or not state.alive(proc)):
-            raise NotFound(f"etcd member {m.name} of lab {self.name} is not running")
-        return proc
-
-    def etcd_stop(self, member: str | None = None, sig: signal.Signals = signal.SIGTERM) -> str:
-        """Stop one etcd member (SIGKILL: as a crash); its data stays for etcd_start. Its name."""
-        m = self._member(member)
-        proc = self._etcd_proc(m.name)
-        os.killpg(proc.pid, signal.SIGCONT)  # a paused member takes the signal too
-        state.stop(proc, first=sig)
-        self._record(lambda s: s.procs.remove(proc) if proc in s.procs else None)
-        return m.name
-
-    def etcd_start(self, member: str | None = None, timeout: float = 30.0) -> None:
-        """Start a stopped etcd member again on its data; returns once it is healthy (a
-        member of a cluster: once it has a leader again, so also once a quorum runs)."""
-        m = self._member(member)
-        old = self._etcd_proc(m.name, running=False)
-        if old is not None and state.alive(old):
-            raise AlreadyExists(f"etcd member {m.name} of lab {self.name} is running; stop it first")
-        self._record(lambda s: s.procs.remove(old) if old in s.procs else None)  # one that died
-        st = self.state()
-        self._start_etcd(st, _plan_from(st), timeout, only=m.name)
-
-    def _running_members(self) -> list[Proc]:
-        plan = self.plan()
-        st = self.state()
-        procs = [p for m in plan.members if (p := st.proc(self._etcd_role(plan, m))) and state.alive(p)]
-        if not procs:
-            raise NotFound(f"no etcd member of lab {self.name} is running")
-        return procs
-
-    def etcd_pause(self) -> None:
-        """Freeze every running etcd member (SIGSTOP): connections stay open, nothing answers."""
-        for proc in self._running_members():
-            os.killpg(proc.pid, signal.SIGSTOP)
-
-    def etcd_resume(self) -> None:
-        for proc in self._running_members():
-            os.killpg(proc.pid, signal.SIGCONT)
-
-    def etcd_members(self) -> list[dict]:
-        """Each member: name, namespace, address, endpoint, running, paused, leader (a bool;
-        each running member is asked whom it follows)."""
-        st = self.state()
-        plan = _plan_from(st)
-        out = []
-        for m, endpoint in zip(plan.members, plan.etcd_endpoints, strict=True):
-            proc = st.proc(self._etcd_role(plan, m))
-            alive = proc is not None and state.alive(proc)
-            out.append({"name": m.name, "namespace": m.netns, "address": m.address, "endpoint": endpoint,
-                        "pid": proc.pid if alive else None, "running": alive,
-                        "paused": alive and state.proc_state(proc.pid) == "T", "leader": False})
-        if len(out) == 1:  # a lone running member leads itself: no need to ask
-            out[0]["leader"] = out[0]["running"] and not out[0]["paused"]
-            return out
-        if not any(m["running"] and not m["paused"] for m in out):
-            return out
-        said = {s["endpoint"]: s for s in self._dsops("members")}
-        ids = {s["id"]: s["endpoint"] for s in said.values() if s.get("id")}
-        leaders = {ids.get(s["leader"]) for s in said.values() if s.get("leader") and s["leader"] != "0"}
-        for m in out:
-            m["leader"] = m["endpoint"] in leaders and len(leaders) == 1
-        return out
-
-    def etcd_leader(self) -> str | None:
-        return next((m["name"] for m in self.etcd_members() if m["leader"]), None)
-
-    def _build_underlay(self, plan: Plan) -> None:
-        names = plan.netns_names()
-        self._record(lambda s: s.netns.extend(names))  # recorded first: teardown finds them
-        for ns in names:
-            nsutil.netns_add(ns)
-            if 6 in plan.versions:  # a link cut and restored (router stop, link down) keeps its IPv6 addresses
-                nsutil.sysctl(ns, "net.ipv6.conf.all.keep_addr_on_down", "1")
-        bridges = [plan.bridge, *(seg.bridge for seg in plan.segments)]
-        nsutil.ip_batch(plan.net_netns, [
-            line for br in bridges for line in (f"link add {br} type bridge forward_delay 0 stp_state 0",
-                                                f"link set {br} up")])
-        lab_subnets.build_router(plan)  # --subnets 2: the second segment and its router
-        # The core segment: etcd, the routers' core side, the outside host.
-        core = [(plan.ctl_netns, "ctl", "eth0", plan.ctl_address, plan.bridge)]
-        core += [(m.netns, f"etcd{m.name[1:]}", "eth0", m.address, plan.bridge)
-                 for m in plan.members if m.netns != plan.ctl_netns]
-        core += [(t.netns, t.name, "eth0", t.address, plan.bridge) for t in plan.tors]
-        if plan.ext_netns and plan.ext_address:
-            core.append((plan.ext_netns, "ext", "eth0", plan.ext_address, plan.bridge))
-        # Routers on their shared uplink segments (--uplinks 2).
-        core += [(t.netns, f"{t.name}s", "eth1", t.segment_address, t.segment.bridge)
-                 for t in plan.tors if t.segment and t.segment_address]
-        lines = []
-        for ns, port, ifname, _, bridge in core:
-            lines += [f"link add {port} type veth peer name {ifname} netns {ns}",
-                      f"link set {port} master {bridge} up"]
-        nsutil.ip_batch(plan.net_netns, lines)
-        router_ns = {t.netns for t in plan.tors}
-        fam = plan.ip_family
-        for ns, _, ifname, addr, _ in core:
-            default = [] if ns in router_ns or not plan.core_gateways else family.default_lines(plan.core_gateways, fam)
-            if default and len(plan.core_gateways) > 1:  # --uplinks 2: replies go back the way they came
-                default += [f"route add {family.of(t.segment.subnet, v)} via {family.of(t.ip, v)}"
-                            for v in plan.versions for t in plan.tors if t.segment]
-                nsutil.multipath_failover(ns, [ifname])
-            nsutil.ip_batch(ns, [*family.addr_lines(addr, ifname, fam), f"link set {ifname} up", *default])
-        for t in plan.tors:
-            nsutil.sysctl(t.netns, "net.ipv4.ip_forward", "1")
-            if 6 in plan.versions:
-                nsutil.sysctl(t.netns, "net.ipv6.conf.all.forwarding", "1")
-            nsutil.ip_batch(t.netns, _cross_routes(plan, t))
-        # The nodes' uplinks: onto a bridge, or point to point into a router.
-        far: dict[str, list[str]] = {}
-        for n in plan.nodes:
-            for u in n.uplinks:
-                cmds = far.setdefault(u.far_netns, [])
-                cmds.append(f"link add {u.far_ifname} type veth peer name {u.ifname} netns {n.netns}")
-                if u.bridge:
-                    cmds.append(f"link set {u.far_ifname} master {u.bridge}")
-                if u.far_address:
-                    cmds += family.addr_lines(u.far_address, u.far_ifname, fam)
-                cmds.append(f"link set {u.far_ifname} up")
-        for ns, cmds in far.items():
-            nsutil.ip_batch(ns, cmds)
-        for n in plan.nodes:
-            cmds = [c for u in n.uplinks for c in (*family.addr_lines(u.address, u.ifname, fam),
-                                                    f"link set {u.ifname} up")]
-            if n.gateways:
-                cmds += family.default_lines(n.gateways, fam)
-            nsutil.ip_batch(n.netns, cmds)
-            if len(n.gateways) > 1:
-                nsutil.multipath_failover(n.netns, [u.ifname for u in n.uplinks])
-        lab_subnets.add_routes(plan)
-
-    def _router(self, tor: TorPlan, st: LabState | None = None) -> routers.RouterRun:
-        lab_dir = state.lab_dir(self.name)
-        announce = tuple((st or self.state()).router_announce.get(tor.name, ()))
-        return routers.RouterRun(tor, os.path.join(lab_dir, tor.name), os.path.join(lab_dir, "logs"), announce)
-
-    def _start_router(self, st: LabState, plan: Plan, tor: TorPlan, deadline: float) -> None:
-        run = self._router(tor, st)
-        os.makedirs(run.rdir, exist_ok=True)
-        self._record(lambda s: s.data_dirs.extend(run.leftovers()))
-        cmd = run.prepare(plan, st.bgp_passwords, st.router_bfd)
-        proc = state.spawn(tor.name, cmd, netns=tor.netns,
-                           log_path=os.path.join(st.dir, "logs", f"{tor.name}.log"))
-        self._record(lambda s: s.procs.append(proc))
-        while not run.ready():
-            if state.exited(proc) is not None:
-                raise DataplaneError(f"{tor.kind} in {tor.netns} exited; log: {proc.log}\n" + _tail(proc.log))
-            if time.monotonic() > deadline:
-                raise DataplaneError(f"{tor.kind} in {tor.netns} not up in time; log: {proc.log}")
-            time.sleep(0.05)
-
-    def _wait_sessions(self, seconds: float) -> str:
-        """Wait a while for every router session to be Established; a line saying how they are."""
-        deadline = time.monotonic() + seconds
-        while True:
-            sessions = self.bgp_sessions()
-            states = [st for per in sessions.values() for st in per.values()]
-            if (states and all(st == "Established" for st in states)) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        up = sum(st == "Established" for st in states)
-        detail = "; ".join(f"{t}: " + ", ".join(f"{n} {st}" for n, st in sorted(per.items()))
-                           for t, per in sessions.items())
-        return f"BGP sessions established {up}/{len(states)} ({detail})"
-
-    def router_password(self, node: str, password: str | None) -> None:
-        """Set (None: remove) the TCP MD5 password every router uses for `node`'s session.
-
-        The router is reconfigured at once, which restarts that session; the node's side is
-        the password of its BGPPeer, set with `ctl apply` like any other resource."""
-        n = self.node(node)
-        if password is not None:
-            routers.check_password(password)
-
-        def put(s: LabState) -> None:
-            if password is None:
-                s.bgp_passwords.pop(n.name, None)
-            else:
-                s.bgp_passwords[n.name] = password
-
-        st = self._record(put)
-        plan = _plan_from(st)
-        if not plan.tors:
-            raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
-        for tor in plan.tors:
-            self._router(tor, st).set_password(plan, st.bgp_passwords, n.name, st.router_bfd)
-
-    def router_bfd(self, on: bool) -> None:
-        """BFD (100 ms x 3) on every router with every node's address on its links, for
-        egress next hops that ask for it (IPPool nextHops[].bfd); kept across router restarts."""
-        st = self._record(lambda s: setattr(s, "router_bfd", on))
-        plan = _plan_from(st)
-        if not plan.tors:
-            raise ValidationError(f"lab {self.name} has no routers (--tor none)", field="tor")
-        # On: the routers first, then the lab's BGPPeers ask for it. Off: the other way round,
-        # and the routers only once the nodes have ended their sessions (AdminDown), so that
-        # neither side takes BFD going away for a dead path.
-        if on:
-            for tor in plan.tors:
-                self._router(tor, st).set_bfd(plan, st.bgp_passwords, on)
-        names = {f"{tor.name}-{n.name}{sfx}" for tor in plan.tors for n, _ in plan.links_of(tor.name)
-                 for sfx in ("", "-v6")}  # each family's BGPPeer (-v6: labs with IPv6)
-        peers = [p for p in json.loads(self.ctl("get", "bgppeers", "-o", "json").stdout)["items"]
-                 if p["metadata"]["name"] in names]
-        for p in peers:
-            p["metadata"] = {k: v for k, v in p["metadata"].items() if k in ("name", "labels")}
-            p["spec"].pop("bfd", None)
-            if on:
-                p["spec"]["bfd"] = routers.LAB_BFD
-        if peers:
-            self.ctl("apply", "-f", "-", input="\n---\n".join(json.dumps(p) for p in peers))
-        if not on:
-            # (a node's egress next hops may keep a session Up: then this just waits 3 s)
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline and any(
-                    "Up" in self._router(tor, st).bfd_sessions(plan).values() for tor in plan.tors):
-                time.sleep(0.1)
-            for tor in plan.tors:
-                self._router(tor, st).set_bfd(plan, st.bgp_passwords, on)
-
-    def router_announce(self, name: str, prefix: str, on: bool = True) -> None:
-        """The router originates `prefix` to every node it peers with (on), or withdraws it;
-        kept across router restarts. For IPPool egress.fromPeers: `0.0.0.0/0` is the default
-        route an uplink router gives its nodes."""
-        _, _, tor = self._tor(name)
-        if tor.kind != "bird":
-            raise ValidationError("announcing from the lab's FRR routers is not supported yet (use --tor bird)",
-                                  field="router")
-        try:
-            net = ipaddress.ip_network(prefix)
-        except ValueError:
-            raise ValidationError(f"{prefix!r} is not a CIDR", field="prefix") from None
-        if net.version != 4:
-            raise ValidationError(f"{prefix}: the routers announce IPv4 prefixes only (IPv6 is not supported yet)",
-                                  field="prefix")
-
-        def put(s: LabState) -> None:
-            have = [p for p in s.router_announce.get(tor.name, []) if p != str(net)]
-            s.router_announce[tor.name] = [*have, str(net)] if on else have
-
-        st = self._record(put)
-        if st.proc(tor.name) is not None:  # a stopped router takes it when it starts
-            self._router(tor, st).reconfigure(_plan_from(st), st.bgp_passwords, st.router_bfd)
-
-    def bfd_sessions(self, router: str) -> dict[str, str]:
-        """A router's BFD sessions: node address -> state (Up, Down, Init)."""
-        _, _, tor = self._tor(router)
-        return self._router(tor).bfd_sessions(self.plan())
-
-    def birdc(self, router: str, *args: str) -> str:
-        """A BIRD router's answer to `birdc ARGS` (e.g. "show", "route", "all")."""
-        _, _, tor = self._tor(router)
-        if tor.kind != "bird":
-            raise ValidationError(f"router {router} is {tor.kind}, not bird", field="router")
-        return routers.birdc(tor.netns, self._router(tor).control, *args)
-
-    def bgp_sessions(self) -> dict[str, dict[str, str]]:
-        """Per router: its BGP sessions' states by node name (Established, Active, ...)."""
-        plan = self.plan()
-        return {t.name: self._router(t).sessions(plan) for t in plan.tors}
-
-    def _ptp_routes(self, plan: Plan) -> None:
-        """The reference-plugin baseline routes node i's pod range via node i (static, no BGP)."""
-        index = {n.name: i for i, n in enumerate(plan.nodes, 1)}
-        for tor in plan.tors:  # nodes reach each other through the routers' static routes
-            nsutil.ip_batch(tor.netns, [f"route add {PTP_SUBNET.format(i=index[n.name])} via {u.ip}"
-                                        for n, u in plan.links_of(tor.name)])
-        if plan.tors:
-            return
-        for i, node in enumerate(plan.nodes, 1):
-            nsutil.ip_batch(node.netns, [
-                f"route add {PTP_SUBNET.format(i=j)} via {other.ip}"
-                for j, other in enumerate(plan.nodes, 1) if j != i])
-
-    def _install_cni(self, st: LabState, echo: Echo) -> None:
-        bin_dir = os.path.join(st.dir, "bin")
-        nsutil.run([_python(), "-m", "tortie.cni.install", "--bin-dir", bin_dir])
-        self._record(lambda s: setattr(s, "bin_dir", bin_dir))
-
-    def _start_podserver(self, st: LabState) -> None:
-        control = os.path.join(st.dir, "podserver.sock")
-        proc = state.spawn(
-            "podserver",
-            [_python(), "-m", "tortie.lab.podserver", "--control", control,
-             "--state", state.state_path(self.name)],
-            log_path=os.path.join(st.dir, "logs", "podserver.log"),
-            netns=_plan_from(st).ctl_netns, env=self._env())
-        self._record(lambda s: s.procs.append(proc))
-        for _ in range(200):
-            with contextlib.suppress(OSError, DataplaneError, ValueError):
-                podserver.request(control, {"op": "list"}, timeout=1.0)
-                return
-            if state.exited(proc) is not None:
-                raise DataplaneError(f"pod server exited; log: {proc.log}")
-            time.sleep(0.05)
-        raise DataplaneError(f"pod server not answering on {control}; log: {proc.log}")
-
     def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env.update(extra or {})
         return env
-
-    def node_dir(self, node: str) -> str:
-        return os.path.join(state.lab_dir(self.name), node)
-
-    def cni_socket(self, node: str) -> str:
-        return os.path.join(self.node_dir(node), "cni.sock")
-
-    def _start_agent(self, st: LabState, plan: Plan, node: NodePlan) -> None:
-        ndir = self.node_dir(node.name)
-        os.makedirs(ndir, exist_ok=True)
-        sock = self.cni_socket(node.name)
-        env = {
-            "TORTIE_NODENAME": node.name,
-            **self._etcd_env(st, plan),
-            **family.node_env(node.address, plan.ip_family),
-            "TORTIE_AS_NUMBER": str(node.as_number),
-            "TORTIE_CNI_SOCKET": sock,
-            "TORTIE_STATE_DIR": ndir,
-            "TORTIE_HEALTH_PORT": str(HEALTH_PORT),
-            "TORTIE_METRICS_PORT": str(METRICS_PORT),
-            "TORTIE_LOG_FORMAT": "json",
-            "TORTIE_BGP_GRACEFUL_RESTART": str(routers.GRACEFUL_RESTART),
-            "TORTIE_PROXY_MODE": "tortie",  # the lab has no kube-proxy: tortie serves Services
-            **st.agent_env,
-        }
-        if st.agent == "agent":
-            cmd = [_python(), "-m", "tortie.agent.main"]
-        else:
-            cmd = [_python(), "-m", "tortie.agent.cni_server", "--socket", sock, "--node", node.name]
-        proc = state.spawn(f"agent:{node.name}", cmd, netns=node.netns, env=self._env(env),
-                           log_path=os.path.join(st.dir, "logs", f"agent-{node.name}.log"))
-        self._record(lambda s: (s.procs.append(proc),
-                                None if ndir in s.data_dirs else s.data_dirs.append(ndir)))
-
-    def _wait_ready(self, plan: Plan, agent: str, deadline: float, only: Sequence[str] | None = None) -> None:
-        if agent == "none":
-            return
-        pending = {n.name: n for n in plan.nodes if only is None or n.name in only}
-        while pending:
-            st = self.state()
-            for name, node in list(pending.items()):
-                proc = st.proc(f"agent:{name}")
-                if proc is None:
-                    raise DataplaneError(f"no agent recorded for {name}")
-                code = state.exited(proc)
-                if code is not None:
-                    raise DataplaneError(f"{agent} on {name} exited ({code}); log: {proc.log}\n"
-                                         + _tail(proc.log))
-                if self._agent_ready(node, agent):
-                    del pending[name]
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                logs = "; ".join(f"{n}: {st.proc('agent:' + n).log}" for n in pending)
-                raise DataplaneError(f"{agent} not ready on {', '.join(sorted(pending))} in time ({logs})")
-            time.sleep(0.1)
-
-    def _agent_ready(self, node: NodePlan, agent: str) -> bool:
-        if agent == "cni-server":
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.settimeout(0.5)
-                    s.connect(self.cni_socket(node.name))
-                return True
-            except OSError:
-                return False
-        return self.http_get(node.name, HEALTH_PORT, "/readiness")[0] == 200
-
-    # --- a node's agent: kill it, start it again (it must adopt what it left in the kernel) ---
 
     def link_set(self, node: str, ifname: str, *, up: bool) -> None:
         """A node's link down or up, as a cut cable would (the other end stays up)."""
@@ -658,67 +212,6 @@ class Lab(LabServices):
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise ValidationError(f"{node} has no link {ifname!r}: {r.stderr.strip()}", field="ifname")
-
-    def _tor(self, name: str) -> tuple[LabState, Plan, TorPlan]:
-        st = self.state()
-        plan = _plan_from(st)
-        tor = next((t for t in plan.tors if t.name == name), None)
-        if tor is None:
-            raise NotFound(f"lab {self.name} has no router {name!r} (has: {', '.join(t.name for t in plan.tors) or 'none'})")
-        return st, plan, tor
-
-    def _router_links(self, tor: TorPlan, up: bool) -> None:
-        out = nsutil.run(["ip", "-n", tor.netns, "-o", "link", "show"], timeout=10).stdout
-        names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
-        nsutil.ip_batch(tor.netns, [f"link set {n} {'up' if up else 'down'}" for n in names if n != "lo"])
-
-    def router_stop(self, name: str) -> None:
-        """A router powered off: its daemon killed, its links down (it forwards nothing);
-        the nodes' own links stay up, as with a real switch port whose far end died."""
-        _, _, tor = self._tor(name)
-        proc = self.state().proc(tor.name)
-        if proc is None:
-            raise NotFound(f"router {name} is not running")
-        # Links first: a daemon killed while they are up has its kernel close the sessions
-        # (FIN/RST), which a router losing power never sends; its peers must find out by
-        # themselves (hold time, BFD, neighbour state).
-        self._router_links(tor, up=False)
-        state.stop(proc, first=signal.SIGKILL)
-        self._record(lambda s: s.procs.remove(proc) if proc in s.procs else None)
-
-    def router_start(self, name: str, timeout: float = 30.0) -> None:
-        """The router back: links up, its daemon started with the lab's configuration."""
-        st, plan, tor = self._tor(name)
-        if st.proc(tor.name) is not None:
-            raise AlreadyExists(f"router {name} is running; stop it first")
-        self._router_links(tor, up=True)
-        nsutil.ip_batch(tor.netns, _cross_routes(plan, tor))  # its links going down took them
-        self._start_router(st, plan, tor, time.monotonic() + timeout)
-
-    def agent_stop(self, node: str, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Stop the node's agent (its whole process group) with sig; SIGKILL after 5 s."""
-        n = self.node(node)
-        proc = self.state().proc(f"agent:{n.name}")
-        if proc is None:
-            raise NotFound(f"no agent running on {n.name}")
-        state.stop(proc, first=sig)
-        self._record(lambda s: s.procs.remove(proc) if proc in s.procs else None)
-
-    def agent_start(self, node: str, timeout: float = 30.0) -> None:
-        """Start the node's agent again with the environment of `up`; wait until it is ready."""
-        n = self.node(node)
-        st = self.state()
-        if st.agent == "none":
-            raise ValidationError(f"lab {self.name} runs no agents (cni {st.cni})", field="agent")
-        if st.proc(f"agent:{n.name}") is not None:
-            raise AlreadyExists(f"the agent on {n.name} is running; stop it first")
-        self._start_agent(st, _plan_from(st), n)
-        self._wait_ready(_plan_from(st), st.agent, time.monotonic() + timeout, only=[n.name])
-
-    def http_get(self, node: str, port: int, path: str, timeout: float = 1.0) -> tuple[int, str]:
-        """GET http://127.0.0.1:port/path inside the node's namespace (the agent's health
-        listens on loopback only): (status, body); 0 if no answer."""
-        return nsutil.http_get(self.node(node).netns, "127.0.0.1", port, path, timeout)
 
     def down(self) -> None:
         teardown(self.name)
@@ -729,7 +222,7 @@ class Lab(LabServices):
         return state.load(self.name)
 
     def plan(self) -> Plan:
-        return _plan_from(self.state())
+        return topology.plan_of(self.state())
 
     def node(self, name: str) -> NodePlan:
         for n in self.plan().nodes:
@@ -751,7 +244,7 @@ class Lab(LabServices):
     def status(self) -> dict:
         """The lab's map (design.md, "The lab"): the document `status -o json` prints."""
         st = self.state()
-        plan = _plan_from(st)
+        plan = topology.plan_of(st)
         procs = {p.role: p for p in st.procs}
         doc = family.status_view  # the plan's addresses as the lab's families have them
         nodes = []
@@ -799,98 +292,6 @@ class Lab(LabServices):
             "services": self.svc_list() if st.phase == "ready" else [],
         }, plan)
 
-    # --- pods -----------------------------------------------------------------------
-
-    def pod_add(self, node: str, ref: str, labels: Mapping[str, str] | None = None,
-                pool: str | None = None, ports: Sequence[Mapping[str, Any]] = ()) -> str:
-        """Create a pod namespace, wire it with the CNI plugin inside its node, serve 80/81; its IP.
-        `ports`: its named container ports ({name, protocol, port}), handed to the CNI
-        plugin in args.cni.ports as a runtime would (they become the endpoint's spec.ports)."""
-        ns, name = topology.split_pod(ref)
-        n = self.node(node)
-        netns = topology.pod_netns(self.name, ns, name)
-        pod = Pod(namespace=ns, name=name, node=n.name, netns=netns,
-                  container_id=uuid.uuid4().hex, labels=dict(labels or {}), pool=pool,
-                  ports=[dict(p) for p in ports])
-
-        def claim(s: LabState) -> None:
-            if s.phase != "ready":
-                raise TortieError(f"lab {self.name} is {s.phase}, not ready")
-            if pod.ref in s.pods or nsutil.netns_exists(netns):
-                raise AlreadyExists(f"pod {pod.ref} exists in lab {self.name}")
-            s.pods[pod.ref] = pod  # recorded before it exists, so teardown finds it
-
-        st = self._record(claim)
-        try:
-            nsutil.netns_add(netns)
-            versions = None  # a dual-stack pod's pools go to their family's list
-            if pool and _plan_from(st).ip_family != "ipv4":
-                versions = self._dsops("pool-versions", *[x for x in pool.split(",") if x])
-            result = self._cni(st, pod, "ADD", versions)
-            ips = result.get("ips") or []
-            if not ips:
-                raise DataplaneError(f"CNI ADD for {pod.ref} returned no address: {result}")
-            cidrs = sorted((i["address"] for i in ips), key=lambda c: ":" in c)  # IPv4 first
-            host_if = next((i.get("name") for i in result.get("interfaces", [])
-                            if not i.get("sandbox")), None)
-            podserver.request(self._podserver_sock(), {"op": "add", "pod": pod.ref, "netns": netns})
-            done = replace(pod, address=cidrs[0].split("/")[0], address_cidr=cidrs[0], host_ifname=host_if,
-                           addresses=[c.split("/")[0] for c in cidrs])
-            self._record(lambda s: s.pods.__setitem__(pod.ref, done))
-        except BaseException:
-            self._remove_pod(pod, st)
-            raise
-        self.svc_sync()
-        return done.address or ""
-
-    def pod_del(self, ref: str) -> None:
-        pod = self.pod(ref)
-        err = self._remove_pod(pod, self.state())
-        self.svc_sync()
-        if err:
-            raise err
-
-    def _remove_pod(self, pod: Pod, st: LabState) -> TortieError | None:
-        """Undo a pod step by step, going on past failures; the first error is returned."""
-        first: TortieError | None = None
-        with contextlib.suppress(OSError, TortieError):
-            podserver.request(self._podserver_sock(), {"op": "del", "pod": pod.ref})
-        if nsutil.netns_exists(pod.netns):
-            try:
-                self._cni(st, pod, "DEL")
-            except TortieError as exc:
-                first = exc
-        nsutil.netns_del(pod.netns)
-        self._record(lambda s: s.pods.pop(pod.ref, None))
-        return first
-
-    def pod_label(self, ref: str, set_labels: Mapping[str, str] | None = None,
-                  remove: Sequence[str] = ()) -> dict[str, str]:
-        """Set / remove labels on the pod's WorkloadEndpoint (and in the lab's record)."""
-        pod = self.pod(ref)
-        args = ["label", pod.namespace, pod.name]
-        for k, v in (set_labels or {}).items():
-            args += ["--set", f"{k}={v}"]
-        for k in remove:
-            args += ["--remove", k]
-        labels = self._dsops(*args)
-        self._record(lambda s: s.pods.__setitem__(pod.ref, replace(s.pods[pod.ref], labels=labels))
-                     if pod.ref in s.pods else None)
-        self.svc_sync()
-        return labels
-
-    def wep(self, ref: str) -> dict | None:
-        """The pod's WorkloadEndpoint resource from etcd, or None."""
-        ns, name = topology.split_pod(ref)
-        return self._dsops("wep", ns, name)
-
-    def _podserver_sock(self) -> str:
-        return os.path.join(state.lab_dir(self.name), "podserver.sock")
-
-    def _cni(self, st: LabState, pod: Pod, command: str, pool_versions: dict[str, int] | None = None) -> dict:
-        """Exec the CNI plugin inside the pod's node namespace, as a container runtime does."""
-        return cniexec.run_plugin(st, _plan_from(st), pod, command, self.cni_socket(pod.node), pool_versions)
-
     # --- using the lab --------------------------------------------------------------
 
     def netns_of(self, who: str) -> str:
@@ -934,7 +335,7 @@ class Lab(LabServices):
         """Every node and pod to every pod, TCP and UDP, in parallel; over IPv4, or IPv6
         with `family` 6 (default: IPv4 where the lab has it)."""
         st = self.state()
-        plan = _plan_from(st)
+        plan = topology.plan_of(st)
         version = family or plan.versions[0]
         pods = [Endpoint(p.ref, p.netns, p.address_of(version)) for p in sorted(st.pods.values(), key=lambda p: p.ref)
                 if p.address_of(version)]
@@ -952,9 +353,9 @@ class Lab(LabServices):
         """tortiectl ARGS inside the control namespace, against the lab's etcd (every
         member, and the client certificate with TLS); `env` overrides (tests)."""
         st = self.state()
-        plan = _plan_from(st)
+        plan = topology.plan_of(st)
         env = self._env({**self._etcd_env(st, plan), **(env or {})})
-        r = subprocess.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-c",
+        r = subprocess.run(["ip", "netns", "exec", plan.ctl_netns, state.python(), "-c",
                             "import sys; from tortie.ctl.main import main; sys.exit(main())", *args],
                            input=input, capture_output=True, text=True, env=env)
         if check and r.returncode != 0:
@@ -963,8 +364,8 @@ class Lab(LabServices):
 
     def _dsops(self, *args: str, module: str = "tortie.lab.dsops"):
         st = self.state()
-        plan = _plan_from(st)
-        r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, _python(), "-m", module,
+        plan = topology.plan_of(st)
+        r = nsutil.run(["ip", "netns", "exec", plan.ctl_netns, state.python(), "-m", module,
                         "--endpoints", ",".join(plan.etcd_endpoints), "--prefix", st.etcd_prefix, *args],
                        check=False, env=self._env({**self._etcd_env(st, plan), "TORTIE_LOG_LEVEL": "warning"}))
         if r.returncode != 0:
@@ -975,18 +376,3 @@ class Lab(LabServices):
             cls = NotFound if err.get("type") == "NotFound" else TortieError
             raise cls(f"datastore {args[0]}: {err.get('error')}")
         return json.loads(r.stdout)
-
-
-def _cross_routes(plan: Plan, tor: TorPlan) -> list[str]:
-    """Each router reaches the other routers' uplink segments over the core, so a reply that
-    the ECMP hash sends through the other router still finds its way back."""
-    return [f"route replace {family.of(o.segment.subnet, v)} via {family.of(o.ip, v)}"
-            for v in plan.versions for o in plan.tors if o is not tor and o.segment]
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""

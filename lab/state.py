@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -193,6 +194,20 @@ def group_members(pgid: int, not_before: int) -> list[int]:
         if st and st[0] != "Z" and int(st[2]) == pgid and int(st[19]) >= not_before:
             pids.append(int(entry))
     return pids
+
+
+def python() -> str:
+    """The interpreter the lab runs its Python components with (the one running the lab)."""
+    return sys.executable
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    """The last lines of a process's log ("" if it cannot be read), for an error message."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def spawn(role: str, cmd: Sequence[str], *, log_path: str, netns: str | None = None,

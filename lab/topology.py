@@ -1,5 +1,5 @@
 """The lab's address plan: pure functions from (name, nodes, tor, uplinks) to namespaces,
-links and addresses. The builder (cluster.py) only walks the plan.
+links and addresses. The builder (underlay.py) only walks the plan.
 
 `--tor none` (issue 3): one L2 segment, the nodes peer in a full mesh.
 
@@ -34,10 +34,14 @@ import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tortie.errors import ValidationError
 from tortie.lab import family
 from tortie.lab import subnets as lab_subnets
+
+if TYPE_CHECKING:
+    from tortie.lab.state import LabState
 
 TOR_KINDS = ("none", "bird", "frr")
 DEFAULT_LAB = "tortie"
@@ -274,6 +278,11 @@ def plan_from_dict(d: dict) -> Plan:
     p["core_gateways"] = tuple(p.get("core_gateways", ()))
     p["etcd_members"] = tuple(EtcdMember(**m) for m in p.get("etcd_members", ()))
     return Plan(**p)
+
+
+def plan_of(st: LabState) -> Plan:
+    """The plan of a lab from its record (`state.LabState.plan`)."""
+    return plan_from_dict(st.plan)
 
 
 def split_pod(ref: str) -> tuple[str, str]:

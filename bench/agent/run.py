@@ -59,6 +59,7 @@ import time
 import uuid
 
 from tortie.lab import nsutil, routers, state
+from tortie.lab.agents import METRICS_PORT
 from tortie.lab.benchutil import (
     AgentCPU,
     Profiler,
@@ -72,7 +73,7 @@ from tortie.lab.benchutil import (
     pct,
     thread_names,
 )
-from tortie.lab.cluster import METRICS_PORT, Lab
+from tortie.lab.cluster import Lab
 from tortie.routing.model import TORTIE_PROTO
 
 TARGET_MB = 80.0
