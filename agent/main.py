@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import signal
 import sys
@@ -27,18 +26,17 @@ from dataclasses import replace
 from tortie import errors
 from tortie import log as tlog
 from tortie.agent import config as agent_config
-from tortie.agent import router_id, vxlan_addr
-from tortie.agent.calc import EGRESS, WORKLOADS, Calculation, host_prefix
-from tortie.agent.calc_vxlan import DEVICE as VXLAN_DEVICE
+from tortie.agent import node_registration, router_id, vxlan_addr
+from tortie.agent.calc import EGRESS, WORKLOADS, Calculation
 from tortie.agent.calc_vxlan import VXLAN_CLASS, VxlanCalc, vxlan_refused
 from tortie.agent.cni_server import ETCD_TIMEOUT as CNI_ETCD_TIMEOUT
+from tortie.agent.egress_status import EgressStatus
 from tortie.datastore import keys
 from tortie.datastore.etcd import EtcdClient
 from tortie.datastore.monitor import DatastoreMonitor
 from tortie.health import Health, start_http
 from tortie.metrics import Registry
-from tortie.routing import bfd
-from tortie.routing.messages import RouteDelta, SysctlUpdate
+from tortie.routing.messages import RouteDelta
 from tortie.routing.model import MAIN_TABLE
 
 log = tlog.get_logger("agent")
@@ -48,10 +46,6 @@ STATUS_PUBLISH_INTERVAL = 2.0  # at most one BGP status write per interval while
 # unchanged, the status is written again this often: `tortiectl node status` calls one older
 # than 30 s stale (the agent is probably down)
 STATUS_REFRESH_INTERVAL = 10.0
-# per family: only what an egress pool of that family needs (a host without IPv6 has no
-# net/ipv6 settings at all)
-ECMP_SYSCTLS = {4: frozenset({("net/ipv4/fib_multipath_use_neigh", "1"), ("net/ipv4/fib_multipath_hash_policy", "1")}),
-                6: frozenset({("net/ipv6/fib_multipath_hash_policy", "1")})}
 RETRY_DELAY = 1.0
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                0.1, 0.25, 0.5, 1.0)
@@ -70,7 +64,7 @@ def failsafe_ports(cfg) -> dict:
     return {"failsafe_in": tuple(sorted({*inbound, ("tcp", cfg.health_port)})),
             "failsafe_out": parse_ports(cfg.failsafe_outbound_host_ports, "TORTIE_FAILSAFE_OUTBOUND_HOST_PORTS")}
 
-class Agent:
+class Agent(EgressStatus):
     def __init__(self, cfg: agent_config.AgentConfig) -> None:
         from tortie.datastore.ipam import IPAM
         from tortie.datastore.store import ResourceStore
@@ -400,81 +394,6 @@ class Agent:
         self.health.condition("vxlan", refused)
         self._status_dirty.set()
 
-    def _on_egress_routes(self, status: dict) -> None:
-        self._egress_routes = status
-        self._update_egress()
-
-    def _update_egress(self) -> None:
-        """Each egress pool up or down, and why: node status, readiness, tortie_egress_up.
-        Down means refused (the unreachable rule under its table), never rerouted."""
-        self._update_bfd()
-        out = []
-        for plan in self.calc.egress:
-            if not plan.routes:
-                why = plan.problem
-            else:  # fromPeers with several prefixes: up while any of its routes is in
-                whys = [self._egress_routes.get(r.key, "not written yet") for r in plan.routes]
-                why = None if None in whys else whys[0]
-            if why is not None and plan.fallback == "main":
-                why += " (fallback: the main table's routes)"
-            down = sorted({b[0] for b in plan.bfd} - self.calc.bfd_up)
-            entry = {"pool": plan.pool, "table": plan.table, "nextHop": ",".join(plan.next_hops),
-                     "up": why is None, "reason": why, "bfdDown": down}
-            if plan.from_peers is not None:  # the next hops are the ones learned just now
-                entry.update(fromPeers=plan.from_peers, notAnnounced=list(plan.missing))
-            if plan.address:
-                entry.update(address=plan.address, advertised=host_prefix(plan.address) in self.calc.exports)
-            out.append(entry)
-        if out == self.egress_status:
-            return
-        for o in out:
-            if o not in self.egress_status:
-                (log.info if o["up"] else log.error)(
-                    "egress " + ("up" if o["up"] else "down"),
-                    pool=o["pool"], table=o["table"], next_hop=o["nextHop"], reason=o["reason"])
-        self.egress_status = out
-        self.m_egress.values.clear()
-        for o in out:
-            self.m_egress.set(1 if o["up"] else 0, pool=o["pool"])
-        # ECMP over several next hops: the kernel skips one whose neighbour failed, and
-        # spreads flows by their ports (not only by addresses: one pod, one server).
-        families = {6 if ":" in p.cidr else 4 for p in self.calc.egress if len(p.next_hops) > 1}
-        self.driver.send([SysctlUpdate("egress", frozenset().union(*(ECMP_SYSCTLS[f] for f in families)))])
-        down = [f"pool {o['pool']}: {o['reason']}" for o in out if not o["up"]]
-        self.health.condition("egress", "; ".join(down) or None)
-        self._status_dirty.set()
-
-    def _update_bfd(self) -> None:
-        """BFD sessions to the egress next hops and BGP peers that ask for them (started on
-        first use: it listens on UDP 3784)."""
-        asks = [(h, tx, rx, mult) for plan in self.calc.egress for h, tx, rx, mult in plan.bfd]
-        asks += [(a, *timers) for a, timers in self.calc.bfd_peers.items()]
-        want = bfd.fastest((a, bfd.Timers(tx / 1000, rx / 1000, mult)) for a, tx, rx, mult in asks)
-        if want == self._bfd_want:
-            return
-        self._bfd_want = want
-        if want and self.bfd is None:
-            loop = self._loop
-
-            def changed(peer: str, up: bool) -> None:  # on BFD's thread
-                loop.call_soon_threadsafe(self._on_bfd, peer, up)
-
-            self.bfd = bfd.BFD(on_change=changed)
-            self.bfd.start()
-        if self.bfd is not None:
-            self.bfd.set_sessions(want)
-            for key in [k for k in self.m_bfd.values if dict(k).get("peer") not in want]:
-                del self.m_bfd.values[key]
-
-    def _on_bfd(self, peer: str, up: bool) -> None:
-        self.m_bfd.set(1 if up else 0, peer=peer)
-        self._status_dirty.set()
-        self._calc("bfd", self.calc.on_bfd, peer, up)
-        if not up and peer in self.calc.bfd_peers and self.bgp is not None:
-            # the calculation already leaves the peer's routes out; closing the session also
-            # tells the peer, and a session that comes back re-sends its table from scratch
-            self.bgp.teardown(peer, "BFD Down")
-
     def _manager_status(self, name: str, error: str | None) -> None:
         if name not in self.health.components:
             return
@@ -614,26 +533,7 @@ class Agent:
 
     def register_node(self) -> None:
         """Create or update this node's Node resource, keeping labels set by others."""
-        try:
-            node = self.store.get("node", self.node)
-        except errors.NotFound:
-            node = {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": self.node}, "spec": {}}
-        bgp = node.setdefault("spec", {}).setdefault("bgp", {})
-        if self.cfg.node_ip:
-            bgp["ipv4Address"] = str(ipaddress.ip_interface(self.cfg.node_ip))
-        if self.cfg.node_ip6:
-            bgp["ipv6Address"] = str(ipaddress.ip_interface(self.cfg.node_ip6))
-        if self.cfg.as_number:
-            bgp["asNumber"] = self.cfg.as_number
-        if not bgp:
-            del node["spec"]["bgp"]
-        # All of this node's own addresses (every uplink), so other nodes' natOutgoing
-        # never translates traffic to any of them; entries of other types are kept.
-        mine = local_addresses()
-        others = [a for a in node["spec"].get("addresses", []) if a.get("type") != NODE_ADDRESS_TYPE]
-        if mine or others:
-            node["spec"]["addresses"] = others + [{"address": a, "type": NODE_ADDRESS_TYPE} for a in mine]
-        self.store.apply(node)
+        node_registration.register_node(self.store, self.node, self.cfg)
 
     async def run(self) -> None:
         from tortie.agent.cni_server import CNIServer
@@ -721,26 +621,6 @@ class Agent:
         self.client.close()
         self.cni_client.close()
         log.info("agent stopped")
-
-
-NODE_ADDRESS_TYPE = "CalicoNodeIP"  # the Node.spec.addresses entries the agent owns
-VXLAN_DEVICES = frozenset(VXLAN_DEVICE.values())
-
-
-def local_addresses() -> list[str]:
-    """The global-scope addresses on this namespace's interfaces (pod veths carry none),
-    with their prefix ("10.0.1.5/24": the subnet each uplink is on)."""
-    import subprocess
-
-    proc = subprocess.run(["ip", "-j", "address", "show", "scope", "global"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        log.warning("cannot list the node's addresses", error=proc.stderr.strip())
-        return []
-    # not the VXLAN devices' tunnel addresses: those are the pools', handed out by IPAM
-    found = {str(ipaddress.ip_interface(f"{a['local']}/{a.get('prefixlen', 128 if ':' in a['local'] else 32)}"))
-             for link in json.loads(proc.stdout or "[]") if link.get("ifname") not in VXLAN_DEVICES
-             for a in link.get("addr_info", []) if a.get("local")}
-    return sorted(found, key=lambda a: (ipaddress.ip_interface(a).version, ipaddress.ip_interface(a)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from tortie.datastore import keys, selector
 from tortie.datastore import resources as res
-from tortie.datastore.etcd import KV, EtcdClient, Txn
+from tortie.datastore.etcd import EtcdClient, Txn
 from tortie.datastore.ipam_blocks import (
     CONFIRMED,
     DEFAULT_NETWORK,
@@ -53,8 +53,10 @@ from tortie.datastore.ipam_blocks import (
     check_name,
     net_key,
     parse_ip,
+    usage_report,
 )
 from tortie.datastore.ipam_check import build_report, release_report, wep_handles
+from tortie.datastore.ipam_config import changed_config, read_config
 from tortie.datastore.store import decode
 from tortie.errors import (
     AlreadyExists,
@@ -140,13 +142,7 @@ class IPAM:
             revs[pool.name] = kv.mod_revision
         pools.sort(key=lambda p: p.name)
         cfg_kv = self.client.get(self._config_key)
-        config = Config()
-        if cfg_kv is not None:
-            try:
-                view = res.IPAMConfig.from_resource(decode(cfg_kv.value, cfg_kv.mod_revision))
-                config = Config(view.strict_affinity, view.max_blocks_per_host, view.auto_allocate_blocks)
-            except (TortieError, ValueError, KeyError, TypeError) as exc:
-                log.warning("invalid IPAMConfig ignored", error=str(exc))
+        config = read_config(cfg_kv)
         node_kv = self.client.get(self._node_key(node)) if node else None
         labels: dict[str, str] = {}
         if node_kv is not None:
@@ -593,22 +589,7 @@ class IPAM:
 
     def usage(self) -> dict:
         """Per pool and per block: total, in_use, free (numbers)."""
-        ctx = self._read_ctx("")
-        blocks = [b for b, _ in self._all_blocks()]
-        pools = []
-        for pool in ctx.pools:
-            mine = [b for b in blocks if b.pool == pool.name]
-            total = ipaddress.ip_network(pool.cidr).num_addresses
-            in_use = sum(b.in_use for b in mine)
-            pools.append({"name": pool.name, "cidr": pool.cidr, "blockSize": pool.block_size,
-                          "disabled": pool.disabled, "total": total, "in_use": in_use,
-                          "free": total - in_use, "blocks": len(mine)})
-        return {
-            "pools": pools,
-            "blocks": [{"cidr": b.cidr, "pool": b.pool, "node": b.node, "state": b.state,
-                        "total": b.total, "in_use": b.in_use, "free": b.free}
-                       for b in sorted(blocks, key=lambda b: net_key(b.cidr))],
-        }
+        return usage_report(self._read_ctx("").pools, [b for b, _ in self._all_blocks()])
 
     # --- nodes --------------------------------------------------------------------------------
 
@@ -653,21 +634,8 @@ class IPAM:
         if max_blocks_per_host is not None and (not isinstance(max_blocks_per_host, int)
                                                 or max_blocks_per_host < 0):
             raise ValidationError("must be a whole number >= 0 (0: unlimited)", field="maxBlocksPerHost")
-
-        def change(cur: KV | None) -> bytes:
-            doc = json.loads(cur.value) if cur else {
-                "apiVersion": res.API_VERSION, "kind": "IPAMConfig", "metadata": {"name": "default"},
-                "spec": {}}
-            spec = doc.setdefault("spec", {})
-            if strict_affinity is not None:
-                spec["strictAffinity"] = bool(strict_affinity)
-            if max_blocks_per_host is not None:
-                spec["maxBlocksPerHost"] = max_blocks_per_host
-            res.validate(decode(json.dumps(doc).encode(), 0))
-            return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-
         with self._lock:
-            self.client.update(self._config_key, change)
+            self.client.update(self._config_key, lambda cur: changed_config(cur, strict_affinity, max_blocks_per_host))
             self._ctx.clear()
         cfg = self.config()
         log.info("ipam configured", strict_affinity=cfg.strict_affinity,

@@ -266,6 +266,25 @@ def net_key(cidr: str) -> tuple[int, int, int]:
     return net.version, int(net.network_address), net.prefixlen
 
 
+def usage_report(pools: Iterable, blocks: list[Block]) -> dict:
+    """Per pool (`res.IPPool`, in the order given) and per block: total, in_use, free
+    (numbers); what `IPAM.usage()` returns."""
+    out = []
+    for pool in pools:
+        mine = [b for b in blocks if b.pool == pool.name]
+        total = ipaddress.ip_network(pool.cidr).num_addresses
+        in_use = sum(b.in_use for b in mine)
+        out.append({"name": pool.name, "cidr": pool.cidr, "blockSize": pool.block_size,
+                    "disabled": pool.disabled, "total": total, "in_use": in_use,
+                    "free": total - in_use, "blocks": len(mine)})
+    return {
+        "pools": out,
+        "blocks": [{"cidr": b.cidr, "pool": b.pool, "node": b.node, "state": b.state,
+                    "total": b.total, "in_use": b.in_use, "free": b.free}
+                   for b in sorted(blocks, key=lambda b: net_key(b.cidr))],
+    }
+
+
 def wep_handle(spec: dict) -> str | None:
     """The IPAM handle of a WorkloadEndpoint spec: its `ipamHandle` (written by the CNI
     server, whatever the network's name), else -- for an endpoint written without one --

@@ -221,7 +221,8 @@ def full_recompute(node: str, prefix: str, items: dict[str, bytes], learned: dic
             times.append(time.thread_time() - t)
             what = f"Calculation.on_snapshot + on_learned + take_messages ({len(msgs)} messages)"
         else:  # the calculation before the delta Calculation: what every agent round recomputed
-            from tortie.agent.calc import ClusterState, desired, network_policy
+            from tortie.agent.calc import ClusterState
+            from tortie.agent.calc_desired import desired, network_policy
 
             t = time.thread_time()
             cs = ClusterState(prefix=prefix)

@@ -239,7 +239,7 @@ class StandIn:
     async def publish_status(self, interval: float) -> None:
         """The agent's status refresh: its BGP status document, every `interval` seconds,
         started at a random phase (agents do not start in step)."""
-        from tortie.agent.calc import bgp_peers
+        from tortie.agent.calc_desired import bgp_peers
         from tortie.bgp.status import PeerStatus, document
         from tortie.datastore import keys
         from tortie.errors import DatastoreUnavailable

@@ -2,7 +2,8 @@
 
 import json
 
-from tortie.agent.calc import ClusterState, desired
+from tortie.agent.calc import ClusterState
+from tortie.agent.calc_desired import desired
 from tortie.routing.model import Route
 
 P = "/tortie/"
@@ -126,7 +127,7 @@ def test_unreadable_values_are_skipped_not_fatal():
 
 
 def test_policy_routing_only_while_a_pool_has_egress():
-    from tortie.agent.calc import PRIO_EGRESS, PRIO_EGRESS_FLOOR, PRIO_TO_POOLS, egress_plan
+    from tortie.agent.calc_desired import PRIO_EGRESS, PRIO_EGRESS_FLOOR, PRIO_TO_POOLS, egress_plan
     from tortie.routing.model import Rule
 
     s = make_state()
@@ -160,7 +161,7 @@ def test_policy_routing_only_while_a_pool_has_egress():
 
 
 def test_node_addresses_are_the_bgp_ones_and_every_listed_one():
-    from tortie.agent.calc import node_addresses
+    from tortie.agent.calc_desired import node_addresses
 
     s = make_state()
     put(s, "resources/node/n1", {"apiVersion": "tortie.io/v1", "kind": "Node", "metadata": {"name": "n1"},
@@ -185,7 +186,7 @@ def bgp_peer(state, name, ip, labels=None):
 
 
 def test_pool_bgp_peers_narrow_the_external_peers_and_keep_the_mesh():
-    from tortie.agent.calc import bgp_peers, export_policies
+    from tortie.agent.calc_desired import bgp_peers, export_policies
     from tortie.bgp.messages import ExportPolicy
 
     s = make_state()
@@ -259,7 +260,12 @@ def _peer(state, name, ip, labels, **spec):
 
 
 def test_from_peers_takes_what_the_selected_peers_announce_into_the_pools_table_only():
-    from tortie.agent.calc import PRIO_EGRESS, PRIO_EGRESS_FLOOR, egress_imports, egress_plan
+    from tortie.agent.calc_desired import (
+        PRIO_EGRESS,
+        PRIO_EGRESS_FLOOR,
+        egress_imports,
+        egress_plan,
+    )
     from tortie.routing.model import Rule
 
     s = make_state()

@@ -16,7 +16,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tortie.agent.calc import Calculation, desired, network_policy
+from tortie.agent.calc import Calculation
+from tortie.agent.calc_desired import desired, network_policy
 from tortie.bgp.messages import BGPConfigUpdate, ExportDelta
 from tortie.datastore import keys
 from tortie.datastore import resources as res

@@ -9,7 +9,8 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tortie.agent.calc import Calculation, desired
+from tortie.agent.calc import Calculation
+from tortie.agent.calc_desired import desired
 from tortie.datastore import keys
 from tortie.policy.svc_model import HealthCheckUpdate, ServicePortUpdate, health_checks, proxy_state
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 
-from tortie.agent.calc import Calculation, network_policy
+from tortie.agent.calc import Calculation
+from tortie.agent.calc_desired import network_policy
 from tortie.datastore import keys
 from tortie.datastore import resources as res
 from tortie.policy.messages import EndpointFilterUpdate, PolicyUpdate

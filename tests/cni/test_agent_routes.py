@@ -8,7 +8,8 @@ import uuid
 
 from cni_helpers import tcp_reachable
 
-from tortie.agent.calc import ClusterState, desired
+from tortie.agent.calc import ClusterState
+from tortie.agent.calc_desired import desired
 from tortie.agent.cni_routes import ROUTE_CLASS
 from tortie.routing.model import Route
 from tortie.routing.route_mgr import RouteManager

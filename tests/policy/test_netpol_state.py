@@ -2,7 +2,8 @@
 
 import json
 
-from tortie.agent.calc import ClusterState, network_policy
+from tortie.agent.calc import ClusterState
+from tortie.agent.calc_desired import network_policy
 from tortie.policy.netpol import INGRESS, allows
 
 P = "/tortie/"
