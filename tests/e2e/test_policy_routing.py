@@ -26,6 +26,7 @@ import pytest
 from lab_fixtures import agent_metric
 
 from tortie.lab import nsutil
+from tortie.lab.services import LB_CIDR
 
 pytestmark = pytest.mark.slow
 
@@ -167,7 +168,9 @@ def expected_rules(a_egress: bool, b_egress: bool = True) -> set[str]:
     egress |= {f"111: from {cidr} unreachable proto 77" for cidr, _ in pools}
     if not egress:
         return set()
-    return egress | {f"100: from all to {c} lookup main proto 77" for c in ("10.65.0.0/16", POOL_A, POOL_B)}
+    # every pool, the lab's LoadBalancer pool too: traffic to a Service's LB address stays
+    # in the cluster's routing, whatever the sender's egress
+    return egress | {f"100: from all to {c} lookup main proto 77" for c in ("10.65.0.0/16", POOL_A, POOL_B, LB_CIDR)}
 
 
 def lab_cli(lab, *args: str) -> str:
