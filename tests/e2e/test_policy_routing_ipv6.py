@@ -23,6 +23,7 @@ import time
 import pytest
 
 from tortie.lab import family, nsutil
+from tortie.lab.services import LB_CIDR
 
 pytestmark = pytest.mark.slow
 
@@ -116,9 +117,11 @@ def test_ipv6_rules_and_egress_tables_on_every_node(lab):
             f"default via {TOR1} dev eth0 proto 77 metric 1024 pref medium"}
         assert lines(lab, node, "-6", "route", "show", "table", str(TABLE_B)) == {
             f"default via {TOR2} dev eth1 proto 77 metric 1024 pref medium"}
-        # IPv4 has no egress pool: its pool keeps the main table (rule 100), nothing more
-        assert [r for r in lines(lab, node, "-4", "rule") if r[:3].isdigit() and 100 <= int(r.split(":")[0]) < 200] \
-            == ["100: from all to 10.65.0.0/16 lookup main proto 77"]
+        # IPv4 has no egress pool: its pools (the pods' and the lab's LoadBalancer pool) keep
+        # the main table (rule 100), nothing more
+        assert sorted(r for r in lines(lab, node, "-4", "rule") if r[:3].isdigit()
+                      and 100 <= int(r.split(":")[0]) < 200) == [
+            "100: from all to 10.65.0.0/16 lookup main proto 77", f"100: from all to {LB_CIDR} lookup main proto 77"]
 
 
 def test_nat66_pool_leaves_masqueraded_through_its_uplink(lab):
