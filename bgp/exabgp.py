@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -22,6 +21,9 @@ import time
 from collections.abc import Callable
 
 from tortie.log import get_logger
+from tortie.process import (
+    die_with_parent,  # must not outlive a killed agent: the next one binds 179
+)
 
 log = get_logger("bgp")
 
@@ -29,13 +31,6 @@ log = get_logger("bgp")
 def exabgp_binary() -> str:
     here = os.path.join(os.path.dirname(sys.executable), "exabgp")
     return here if os.path.exists(here) else (shutil.which("exabgp") or "exabgp")
-
-
-def _die_with_parent() -> None:
-    # ExaBGP must not outlive a killed agent: the next agent starts its own on port 179
-    PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class ExaBGPProcess:
@@ -84,7 +79,7 @@ class ExaBGPProcess:
                 self.proc = await asyncio.create_subprocess_exec(
                     self.binary, self.conf_path, env=env, cwd=self.state_dir,
                     stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                    preexec_fn=_die_with_parent, start_new_session=True)
+                    preexec_fn=die_with_parent, start_new_session=True)
             log.info("exabgp started", pid=self.proc.pid)
             rc = await self.proc.wait()
             on_exit(rc)

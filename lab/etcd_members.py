@@ -40,7 +40,8 @@ class LabEtcd:
         host = family.bracket(family.of(member.ip, plan.versions[0]))  # IPv6-only: over IPv6
         return EtcdServer(host=host, client_port=topology.ETCD_PORT, peer_port=topology.ETCD_PORT + 1,
                           data_dir=data, netns=member.netns, name=member.name, initial_cluster=cluster,
-                          pki=pki.Pki(self._pki_dir()) if plan.etcd_tls else None, log_path=data + ".log")
+                          pki=pki.Pki(self._pki_dir()) if plan.etcd_tls else None, log_path=data + ".log",
+                          die_with_owner=False)
 
     def _etcd_env(self, st: LabState, plan: Plan) -> dict[str, str]:
         """What every component needs to reach the lab's etcd: all members, and the

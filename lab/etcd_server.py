@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from tortie.lab.nsutil import stop_group
 from tortie.lab.pki import Pki, issue, make_ca
+from tortie.process import die_with_parent
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 # A cluster elects a new leader within about a second of losing one (the defaults, 100 ms
@@ -47,6 +48,9 @@ class EtcdServer:
     initial_cluster: str | None = None  # name=peer URL,...; None: this member alone
     pki: Pki | None = None  # TLS for clients and peers; certs named after the member
     log_path: str | None = None
+    # an etcd of a test or benchmark goes with the process that started it, however that
+    # ends; a lab's outlives `tortie-lab up` (it goes with `tortie-lab down`)
+    die_with_owner: bool = True
     proc: subprocess.Popen | None = field(default=None, repr=False)
     _own_dir: bool = False
 
@@ -100,7 +104,8 @@ class EtcdServer:
         cmd = self.command()
         self.log_path = self.log_path or os.path.join(self.data_dir, "..", f"{os.path.basename(self.data_dir)}.log")
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, start_new_session=True,
+                                     preexec_fn=die_with_parent if self.die_with_owner else None)
         return self
 
     def wait_healthy(self, timeout: float = 15.0) -> EtcdServer:

@@ -4,6 +4,7 @@ and network namespaces that are always removed."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -98,6 +99,21 @@ def netns_module():
         yield ns
     finally:
         ns.cleanup()
+
+
+_PYTEST_PID = os.getpid()
+
+
+def _terminated(signum, frame) -> None:
+    if os.getpid() != _PYTEST_PID:  # a forked child (pyroute2 forks per namespace): just go
+        os._exit(128 + signum)
+    raise KeyboardInterrupt  # pytest then tears down: labs, namespaces, etcd
+
+
+def pytest_configure(config):
+    """A run stopped by SIGTERM (a CI or `timeout` deadline) cleans up as Ctrl-C does: by
+    default TERM ends pytest at once and leaves the session's etcd and labs behind."""
+    signal.signal(signal.SIGTERM, _terminated)
 
 
 def pytest_collection_modifyitems(config, items):
