@@ -99,6 +99,9 @@ def service_spec(f: Fields, meta: dict) -> None:
     if cluster_ips and len({ipaddress.ip_address(a).version for a in cluster_ips if a != "None"}) < \
             len([a for a in cluster_ips if a != "None"]):
         raise ValidationError("may hold one address per family", field="spec.clusterIPs")
+    # ipFamilies/ipFamilyPolicy, publishNotReadyAddresses and allocateLoadBalancerNodePorts
+    # steer the API server's allocation and the EndpointSlice controller; the proxy follows
+    # their results (clusterIPs, nodePorts, the slices' conditions), as kube-proxy does
     f.list("ipFamilies", lambda v, where: _choice(v, where, ("IPv4", "IPv6")))
     f.str("ipFamilyPolicy", choices=("SingleStack", "PreferDualStack", "RequireDualStack"))
     f.list("externalIPs", ip)
